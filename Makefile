@@ -1,0 +1,26 @@
+# The two quick-start commands: `make demo` (train + test on the synthetic motion dataset) and
+# `make test` (lint + test suite). Both create .venv on first use via scripts/setup_env.sh.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_CONFIG ?= configs/demo_sifa_synthetic.yaml
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml scripts/setup_env.sh
+	bash scripts/setup_env.sh $(VENV)
+	@touch $@
+
+demo: setup
+	$(VENV)/bin/vmm demo --config $(DEMO_CONFIG)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache lightning_logs
