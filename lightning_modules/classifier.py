@@ -1,0 +1,515 @@
+"""`VideoClassifier`: the one LightningModule, wrapping any network with `forward_heads`.
+
+Data arrive as uint8 clips (`datamodules` batches); normalisation happens here, on the device, so
+loader workers never build float32 clips. Validation and test aggregate every view of a video
+(mean of softmax) after gathering the clips of all ranks, and drop the duplicate clips that a
+distributed sampler pads with, so metrics do not depend on the number of processes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.functional.classification import multiclass_accuracy, multiclass_confusion_matrix
+
+__all__ = ["VideoClassifier", "EvalResult"]
+
+# Kinetics RGB statistics on [0, 1] pixels (as in SlowFast/PyTorchVideo); any dataset works with them.
+KINETICS_MEAN = (0.45, 0.45, 0.45)
+KINETICS_STD = (0.225, 0.225, 0.225)
+
+
+def _gather_objects(obj: Any) -> list[Any]:
+    """All ranks' `obj` in rank order (a one-element list outside torch.distributed)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class EvalResult(dict):
+    """Metrics of one validation/test epoch (plain floats/ints, JSON-serialisable) plus tensors.
+
+    Keys: `top1`, `top5`, `mean_class` (video level, views averaged), `clip_top1`, `clip_top5`,
+    `clip_mean_class`, `loss` (clip mean of the summed head losses), `num_videos`, `num_clips`,
+    `excluded_videos` (videos that failed to decode and so are not in the metrics). The video-level
+    `confusion` matrix [num_classes, num_classes] (rows = true class) is the attribute `confusion`.
+    """
+
+    confusion: Tensor
+
+
+class _EvalAccumulator:
+    """Per-rank store of one evaluation epoch's clips (CPU, float32 probabilities)."""
+
+    def __init__(self) -> None:
+        self.video_ids: list[Tensor] = []
+        self.views: list[Tensor] = []
+        self.labels: list[Tensor] = []
+        self.probs: list[Tensor] = []
+        self.losses: list[Tensor] = []
+        self.bad_ids: list[Tensor] = []
+
+    def add(self, video_id: Tensor, view: Tensor, label: Tensor, probs: Tensor, loss: Tensor) -> None:
+        self.video_ids.append(video_id.detach().to("cpu", torch.int64))
+        self.views.append(view.detach().to("cpu", torch.int64))
+        self.labels.append(label.detach().to("cpu", torch.int64))
+        self.probs.append(probs.detach().to("cpu", torch.float32))
+        self.losses.append(loss.detach().to("cpu", torch.float32))
+
+    def add_bad(self, bad_ids: Tensor) -> None:
+        self.bad_ids.append(bad_ids.detach().to("cpu", torch.int64).reshape(-1))
+
+    def compute(self, num_classes: int, top_k: int = 5) -> EvalResult:
+        """Gather across ranks, de-duplicate clips by (video_id, view) and compute the metrics.
+
+        Only small tensors travel: first the clip keys, then per-clip labels/predictions of the
+        clips a rank owns (first occurrence over ranks), then per-video probability sums.
+        """
+        cat = self._cat
+        vid, view, label = cat(self.video_ids), cat(self.views), cat(self.labels)
+        probs = cat(self.probs, (0, num_classes), torch.float32)
+        loss = cat(self.losses, dtype=torch.float32)
+        if vid.numel() and int(view.min()) < 0:
+            raise ValueError(f"batch['view'] must be >= 0, got min {int(view.min())}")
+
+        # 1. Ownership: a clip counts once, on the lowest rank (and first position) that holds it.
+        all_keys = _gather_objects(torch.stack([vid, view], 1))
+        rank = dist.get_rank() if len(all_keys) > 1 else 0
+        keys = torch.cat(all_keys)
+        max_view = int(keys[:, 1].max()) + 1 if keys.numel() else 1
+        flat = keys[:, 0] * max_view + keys[:, 1]
+        order = torch.sort(flat, stable=True).indices
+        first = torch.ones_like(flat, dtype=torch.bool)
+        sorted_flat = flat[order]
+        first_sorted = torch.ones_like(sorted_flat, dtype=torch.bool)
+        first_sorted[1:] = sorted_flat[1:] != sorted_flat[:-1]
+        first[order] = first_sorted
+        start = sum(len(k) for k in all_keys[:rank])
+        own = first[start : start + len(vid)]
+        vid, view, label, probs, loss = vid[own], view[own], label[own], probs[own], loss[own]
+
+        # 2. Clip level: labels, probabilities' top-k and losses of owned clips.
+        k = min(top_k, num_classes)
+        clip_topk = probs.topk(k, dim=1).indices if len(probs) else torch.zeros(0, k, dtype=torch.int64)
+        clips = _gather_objects((label, clip_topk, loss))
+        c_label = torch.cat([c[0] for c in clips])
+        c_topk = torch.cat([c[1] for c in clips])
+        c_loss = torch.cat([c[2] for c in clips])
+
+        # 3. Video level: sum of softmax over owned views, merged over ranks.
+        uvid, inv = torch.unique(vid, return_inverse=True)
+        psum = torch.zeros(len(uvid), num_classes).index_add_(0, inv, probs)
+        count = torch.zeros(len(uvid), dtype=torch.int64).index_add_(0, inv, torch.ones_like(inv))
+        vlabel = torch.full((len(uvid),), -1, dtype=torch.int64).scatter_(0, inv, label)
+        videos = _gather_objects((uvid, psum, count, vlabel))
+        all_vid = torch.cat([v[0] for v in videos])
+        gvid, ginv = torch.unique(all_vid, return_inverse=True)
+        g_psum = torch.zeros(len(gvid), num_classes).index_add_(0, ginv, torch.cat([v[1] for v in videos]))
+        g_count = torch.zeros(len(gvid), dtype=torch.int64).index_add_(0, ginv, torch.cat([v[2] for v in videos]))
+        g_label = torch.full((len(gvid),), -1, dtype=torch.int64).scatter_(
+            0, ginv, torch.cat([v[3] for v in videos])
+        )
+        g_prob = g_psum / g_count.clamp_min(1).unsqueeze(1)
+
+        bad = torch.unique(torch.cat(_gather_objects(cat(self.bad_ids))))
+        excluded = int((~torch.isin(bad, gvid)).sum())
+
+        res = EvalResult(
+            num_videos=len(gvid),
+            num_clips=len(c_label),
+            excluded_videos=excluded,
+            loss=float(c_loss.mean()) if len(c_loss) else float("nan"),
+        )
+        res.update(_accuracies(g_prob, g_label, num_classes, k, prefix=""))
+        # Clip-level top-k from the gathered top-k indices (the full probabilities never travel).
+        if len(c_label):
+            hit = c_topk == c_label.unsqueeze(1)
+            res["clip_top1"] = float(hit[:, 0].float().mean())
+            res["clip_top5"] = float(hit.any(1).float().mean())
+            res["clip_mean_class"] = float(
+                multiclass_accuracy(c_topk[:, 0], c_label, num_classes=num_classes, average="macro")
+            )
+        else:
+            res.update(clip_top1=float("nan"), clip_top5=float("nan"), clip_mean_class=float("nan"))
+        res.confusion = (
+            multiclass_confusion_matrix(g_prob.argmax(1), g_label, num_classes=num_classes)
+            if len(gvid)
+            else torch.zeros(num_classes, num_classes, dtype=torch.int64)
+        )
+        return res
+
+    @staticmethod
+    def _cat(parts: list[Tensor], empty_shape: tuple[int, ...] = (0,), dtype=torch.int64) -> Tensor:
+        return torch.cat(parts) if parts else torch.zeros(empty_shape, dtype=dtype)
+
+
+def _accuracies(probs: Tensor, target: Tensor, num_classes: int, k: int, prefix: str) -> dict[str, float]:
+    if len(target) == 0:
+        return {f"{prefix}top1": float("nan"), f"{prefix}top5": float("nan"), f"{prefix}mean_class": float("nan")}
+    acc = {
+        f"{prefix}top1": multiclass_accuracy(probs, target, num_classes=num_classes, average="micro", top_k=1),
+        f"{prefix}top5": multiclass_accuracy(probs, target, num_classes=num_classes, average="micro", top_k=k),
+        f"{prefix}mean_class": multiclass_accuracy(probs, target, num_classes=num_classes, average="macro"),
+    }
+    return {name: float(v) for name, v in acc.items()}
+
+
+class VideoClassifier(pl.LightningModule):
+    """Video action classifier around a network with `forward_heads(x) -> list[logits]`.
+
+    Args:
+        net: network taking normalised float clips [N, 3, T, H, W]; `forward_heads` returns one
+            logits tensor [N, num_classes] per head, `forward` returns log(mean softmax over heads).
+        num_classes: number of classes; defaults to `net.num_classes`. The CLI links it (and the
+            network's) to the datamodule's `num_classes`.
+        class_names: names indexed by class id, stored in checkpoints so `vmm predict` can name
+            classes; taken from the datamodule at setup when not given.
+        optimizer: "sgd" (momentum, optional Nesterov) or "adamw".
+        lr: peak learning rate (after warm-up) for a batch of `batch_size × devices` clips.
+        weight_decay: L2 (SGD) / decoupled (AdamW) weight decay.
+        decay_norm_and_bias: also decay 0-/1-d parameters (BN/GN scales and shifts, biases, FlowLayer
+            scalars); off by default.
+        flow_lr_scale: learning-rate factor for `ops.FlowLayer` parameters (Representation Flow's
+            recipe trains them at 0.01× lr).
+        scheduler: "cosine" (linear warm-up, then cosine to `min_lr`, stepped every optimizer step)
+            or "constant" (warm-up, then constant).
+        warmup_epochs: warm-up length in epochs (fractions allowed), linear from lr/steps to lr.
+        min_lr: final learning rate of the cosine schedule (scaled like `lr` for flow parameters).
+        label_smoothing: cross-entropy label smoothing, applied to every head.
+        mean, std: per-channel normalisation of [0, 1] pixels, applied on the device.
+        top_k: number of classes returned by `predict_step` (and the "top5" metrics' k, capped at
+            num_classes).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        num_classes: int | None = None,
+        class_names: list[str] | None = None,
+        optimizer: Literal["sgd", "adamw"] = "sgd",
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        weight_decay: float = 1e-4,
+        decay_norm_and_bias: bool = False,
+        flow_lr_scale: float = 1.0,
+        scheduler: Literal["cosine", "constant"] = "cosine",
+        warmup_epochs: float = 0.0,
+        min_lr: float = 0.0,
+        label_smoothing: float = 0.0,
+        mean: Sequence[float] = KINETICS_MEAN,
+        std: Sequence[float] = KINETICS_STD,
+        top_k: int = 5,
+    ) -> None:
+        super().__init__()
+        with warnings.catch_warnings():
+            # Built by the CLI, `net` is saved as its class_path config (so load_from_checkpoint can
+            # rebuild it); built in Python it is a module, which checkpoints already hold.
+            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
+            self.save_hyperparameters()
+        if isinstance(self.hparams.get("net"), nn.Module):
+            del self.hparams["net"]
+        if not isinstance(net, nn.Module) or not callable(getattr(net, "forward_heads", None)):
+            raise TypeError(f"net must be an nn.Module with forward_heads(x) -> list[logits], got {type(net)}")
+        if num_classes is None:
+            num_classes = getattr(net, "num_classes", None)
+            if num_classes is None:
+                raise ValueError("num_classes must be given when net has no num_classes attribute")
+        if int(num_classes) < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"class_names must have num_classes={num_classes} entries, got {len(class_names)}")
+        if optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
+        if scheduler not in ("cosine", "constant"):
+            raise ValueError(f"scheduler must be 'cosine' or 'constant', got {scheduler!r}")
+        if lr <= 0 or min_lr < 0 or min_lr > lr:
+            raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={lr}, min_lr={min_lr}")
+        if warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+        if flow_lr_scale <= 0:
+            raise ValueError(f"flow_lr_scale must be > 0, got {flow_lr_scale}")
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"mean and std must have 3 entries (RGB) with std > 0, got mean={mean}, std={std}")
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        self.net = net
+        self.num_classes = int(num_classes)
+        self.class_names: list[str] | None = list(class_names) if class_names is not None else None
+        # Buffers, so they follow the module to its device; not persistent (they are hyperparameters).
+        self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1, 1), False)
+        self._eval: _EvalAccumulator | None = None
+        self.last_eval: dict[str, EvalResult] = {}
+
+    # ---------------------------------------------------------------- data on the device
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalised float clips [N, 3, T, H, W] -> log(mean softmax over heads) [N, num_classes]."""
+        return self.net(x)
+
+    def normalize(self, video: Tensor) -> Tensor:
+        """uint8 clips [N, 3, T, H, W] (RGB, 0..255) -> float32 (x/255 - mean)/std, same device."""
+        if not isinstance(video, Tensor) or video.dtype != torch.uint8:
+            raise TypeError(
+                f"batch['video'] must be a uint8 tensor [N,3,T,H,W], got "
+                f"{getattr(video, 'dtype', type(video))} of shape {tuple(getattr(video, 'shape', ()))}"
+            )
+        if video.dim() != 5 or video.shape[1] != 3:
+            raise ValueError(f"batch['video'] must have shape [N,3,T,H,W], got {tuple(video.shape)}")
+        x = video.to(torch.float32).div_(255.0)
+        return x.sub_(self.pixel_mean).div_(self.pixel_std)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if isinstance(batch, dict) and "video" in batch:
+            batch = dict(batch)
+            batch["video"] = self.normalize(batch["video"])
+        return batch
+
+    # ---------------------------------------------------------------- training
+
+    def _heads(self, x: Tensor) -> list[Tensor]:
+        heads = self.net.forward_heads(x)
+        if isinstance(heads, Tensor):
+            heads = [heads]
+        return list(heads)
+
+    def _loss(self, heads: list[Tensor], label: Tensor) -> Tensor:
+        """Sum over heads of cross-entropy (SIFA trains its two heads this way)."""
+        ls = self.hparams.label_smoothing
+        return sum(F.cross_entropy(h.float(), label, label_smoothing=ls) for h in heads)
+
+    @staticmethod
+    def _probs(heads: list[Tensor]) -> Tensor:
+        return torch.stack([h.float().softmax(-1) for h in heads]).mean(0)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch["video"], batch["label"]
+        heads = self._heads(x)
+        loss = self._loss(heads, y)
+        with torch.no_grad():
+            acc = (self._probs(heads).argmax(1) == y).float().mean()
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(y))
+        self.log("train/top1", acc, prog_bar=True, batch_size=len(y))
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=len(y))
+        return loss
+
+    # ---------------------------------------------------------------- validation / test
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if self.class_names is None and dm is not None and getattr(dm, "class_names", None) is not None:
+            if len(dm.class_names) == self.num_classes:
+                self.class_names = list(dm.class_names)
+
+    def _eval_step(self, batch: dict[str, Tensor]) -> None:
+        assert self._eval is not None
+        if "bad_video_ids" in batch:
+            self._eval.add_bad(batch["bad_video_ids"])
+        x, y = batch["video"], batch["label"]
+        if len(y) == 0:  # every video of the batch failed to decode
+            return
+        heads = self._heads(x)
+        losses = sum(
+            F.cross_entropy(h.float(), y, reduction="none", label_smoothing=self.hparams.label_smoothing)
+            for h in heads
+        )
+        self._eval.add(batch["video_id"], batch["view"], y, self._probs(heads), losses)
+
+    def _eval_epoch_end(self, stage: str) -> EvalResult:
+        assert self._eval is not None
+        res = self._eval.compute(self.num_classes, self.hparams.top_k)
+        self._eval = None
+        self.last_eval[stage] = res
+        for name, value in res.items():
+            # Values are already global (gathered above), so no sync_dist reduction.
+            self.log(f"{stage}/{name}", float(value), sync_dist=False)
+        return res
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval = _EvalAccumulator()
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._eval = _EvalAccumulator()
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        res = self._eval_epoch_end("test")
+        if self.trainer.is_global_zero:
+            self._write_test_report(res)
+
+    def _write_test_report(self, res: EvalResult) -> None:
+        """test_results.json, the confusion matrix as CSV and PNG in the log directory; figure to TensorBoard."""
+        if res["excluded_videos"]:
+            print(f"[vmm] {res['excluded_videos']} test video(s) failed to decode and are excluded from the metrics")
+        log_dir = self.trainer.log_dir
+        names = self.class_names or [str(i) for i in range(self.num_classes)]
+        fig = _confusion_figure(res.confusion, names)
+        for logger in self.loggers:
+            add_figure = getattr(getattr(logger, "experiment", None), "add_figure", None)
+            if fig is not None and callable(add_figure):
+                add_figure("test/confusion_matrix", fig, global_step=self.global_step)
+        if log_dir is None:
+            return
+        out = Path(log_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "test_results.json").write_text(json.dumps(dict(res), indent=2) + "\n")
+        rows = [",".join(["true\\pred", *names])]
+        rows += [",".join([names[i], *map(str, r.tolist())]) for i, r in enumerate(res.confusion)]
+        (out / "confusion_matrix_test.csv").write_text("\n".join(rows) + "\n")
+        if fig is not None:
+            fig.savefig(out / "confusion_matrix_test.png", dpi=100)
+
+    # ---------------------------------------------------------------- prediction
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        """Per video of the batch (its views averaged): top-k class ids, names and probabilities.
+
+        Returns a dict with `video_id` [V], `num_views` [V], `probs` [V, num_classes] (mean softmax
+        over the batch's views), `topk_ids` [V, k], `topk_probs` [V, k], `topk_names` (V lists of k
+        names) and `bad_video_ids` [M]. A video whose views span batches appears in each; the
+        `PredictionWriter` merges them (weighted by `num_views`).
+        """
+        x, vid = batch["video"], batch["video_id"]
+        bad = batch.get("bad_video_ids", vid.new_zeros(0)).cpu()
+        if len(vid) == 0:
+            probs = torch.zeros(0, self.num_classes)
+            uvid = count = torch.zeros(0, dtype=torch.int64)
+        else:
+            clip_probs = self._probs(self._heads(x)).cpu()
+            uvid, inv = torch.unique(vid.cpu(), return_inverse=True)
+            probs = torch.zeros(len(uvid), self.num_classes).index_add_(0, inv, clip_probs)
+            count = torch.zeros(len(uvid), dtype=torch.int64).index_add_(0, inv, torch.ones_like(inv))
+            probs = probs / count.unsqueeze(1)
+        return {"video_id": uvid, "num_views": count, "probs": probs, "bad_video_ids": bad, **self.topk(probs)}
+
+    def topk(self, probs: Tensor) -> dict[str, Any]:
+        """probs [V, num_classes] -> `topk_ids` [V, k], `topk_probs` [V, k], `topk_names` (lists)."""
+        k = min(self.hparams.top_k, self.num_classes)
+        p, i = probs.topk(k, dim=1)
+        names = self.class_names or [str(c) for c in range(self.num_classes)]
+        return {"topk_ids": i, "topk_probs": p, "topk_names": [[names[c] for c in row] for row in i.tolist()]}
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["class_names"] = self.class_names
+        checkpoint["num_classes"] = self.num_classes
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if checkpoint.get("class_names") is not None:
+            self.class_names = list(checkpoint["class_names"])
+
+    # ---------------------------------------------------------------- optimisation
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Parameter groups: (flow-layer or not) × (decayed or not), each with its own lr."""
+        hp = self.hparams
+        flow_ids: set[int] = set()
+        if hp.flow_lr_scale != 1.0:
+            from ops import FlowLayer
+
+            for m in self.net.modules():
+                if isinstance(m, FlowLayer):
+                    flow_ids.update(id(p) for p in m.parameters())
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        for p in self.net.parameters():
+            if not p.requires_grad:
+                continue
+            decay = hp.decay_norm_and_bias or p.ndim > 1
+            groups.setdefault((id(p) in flow_ids, decay), []).append(p)
+        out = []
+        for (is_flow, decay), params in sorted(groups.items()):
+            lr = hp.lr * (hp.flow_lr_scale if is_flow else 1.0)
+            out.append({"params": params, "lr": lr, "weight_decay": hp.weight_decay if decay else 0.0})
+        return out
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        groups = self.param_groups()
+        if hp.optimizer == "sgd":
+            opt = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov)
+        else:
+            opt = torch.optim.AdamW(groups, lr=hp.lr)
+        total = self.trainer.estimated_stepping_batches
+        max_epochs = self.trainer.max_epochs
+        if max_epochs is not None and max_epochs > 0 and math.isfinite(total):
+            per_epoch = max(1.0, total / max_epochs)
+        else:
+            per_epoch = max(1.0, self.trainer.num_training_batches / self.trainer.accumulate_grad_batches)
+        if hp.scheduler == "cosine" and not math.isfinite(total):
+            raise ValueError("scheduler='cosine' needs a finite trainer.max_epochs or trainer.max_steps")
+        fn = _warmup_cosine(
+            warmup_steps=int(round(hp.warmup_epochs * per_epoch)),
+            total_steps=int(total) if math.isfinite(total) else 0,
+            min_ratio=hp.min_lr / hp.lr,
+            cosine=hp.scheduler == "cosine",
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+
+def _warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float, cosine: bool) -> Callable[[int], float]:
+    """lr factor at optimizer step s: linear (s+1)/warmup, then cosine from 1 to min_ratio at total."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if not cosine:
+            return 1.0
+        span = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _confusion_figure(confusion: Tensor, names: list[str]):
+    """A matplotlib Figure of the row-normalised confusion matrix, or None without matplotlib.
+
+    Built without pyplot, so it neither needs nor changes a global backend (notebooks keep theirs).
+    """
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    c = confusion.float()
+    norm = c / c.sum(1, keepdim=True).clamp_min(1)
+    n = len(names)
+    size = min(3 + 0.35 * n, 20)
+    fig = Figure(figsize=(size, size))
+    ax = fig.subplots()
+    ax.imshow(norm.numpy(), cmap="Blues", vmin=0, vmax=1)
+    if n <= 60:
+        ax.set_xticks(range(n), names, rotation=90, fontsize=7)
+        ax.set_yticks(range(n), names, fontsize=7)
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                color = "white" if norm[i, j] > 0.5 else "black"
+                ax.text(j, i, int(c[i, j]), ha="center", va="center", fontsize=7, color=color)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("test confusion (video level, rows normalised)")
+    fig.tight_layout()
+    return fig
