@@ -1,0 +1,6 @@
+"""SIFA (sifa.md §1–2): deformable inter-frame correlation / aggregation and the SIFA block."""
+
+from .functional import deform_aggregation, deform_correlation
+from .layer import SIFA
+
+__all__ = ["SIFA", "deform_aggregation", "deform_correlation"]

@@ -1,0 +1,135 @@
+"""``deform_correlation`` and ``deform_aggregation`` (sifa.md §1): validation and backend dispatch."""
+
+from __future__ import annotations
+
+import torch
+
+from ..kernel_loader import cupy_available
+from .reference import deform_aggregation_reference, deform_correlation_reference
+from .validation import check_backend, check_int, check_same_dtype_device, check_shape, check_tensor
+
+
+def _check_window(kernel_size: int, dilation: int, groups: int, channels: int) -> None:
+    check_int("kernel_size", kernel_size, minimum=1, odd=True)
+    check_int("dilation", dilation, minimum=1)
+    check_int("groups", groups, minimum=1)
+    if channels < 1 or channels % groups != 0:
+        raise ValueError(f"groups ({groups}) must divide the channel count C = {channels} (C >= 1)")
+
+
+def use_cupy(backend: str, t: torch.Tensor) -> bool:
+    """Whether ``backend`` runs the CUDA kernels for tensors like ``t`` (DESIGN.md's backend rule)."""
+    backend = check_backend(backend)
+    if backend == "torch":
+        return False
+    if backend == "auto":
+        return t.device.type == "cuda" and cupy_available()
+    if t.device.type != "cuda":
+        raise ValueError(f"backend 'cupy' needs CUDA tensors, got tensors on {t.device}")
+    if not cupy_available():
+        raise RuntimeError("backend 'cupy' needs CuPy: pip install 'video-motion-modules[cuda12]' (or [cuda13])")
+    return True
+
+
+def _empty_result(shape: tuple[int, ...], *inputs: torch.Tensor) -> torch.Tensor:
+    # An empty output still joins the graph, so backward yields (empty) zero gradients for every input.
+    out = inputs[0].new_zeros(shape)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        out = out + sum(t.sum() for t in inputs).to(out.dtype) * 0
+    return out
+
+
+def validate_correlation(
+    query: torch.Tensor, key: torch.Tensor, offset: torch.Tensor, kernel_size: int, dilation: int, groups: int
+) -> None:
+    """ValueError naming the argument unless the shapes/dtypes/devices fit ``deform_correlation``."""
+    check_tensor("query", query, ndim=4, layout="[B,C,H,W]")
+    check_tensor("key", key, ndim=4, layout="[B,C,H,W]")
+    check_tensor("offset", offset, ndim=4, layout="[B,2K²,H,W]")
+    check_same_dtype_device(query=query, key=key, offset=offset)
+    batch, channels, height, width = query.shape
+    _check_window(kernel_size, dilation, groups, channels)
+    check_shape("key", key, tuple(query.shape), "[B,C,H,W] of query")
+    check_shape("offset", offset, (batch, 2 * kernel_size**2, height, width), "[B,2K²,H,W]")
+
+
+def validate_aggregation(
+    value: torch.Tensor, attn: torch.Tensor, offset: torch.Tensor, kernel_size: int, dilation: int, groups: int
+) -> None:
+    """ValueError naming the argument unless the shapes/dtypes/devices fit ``deform_aggregation``."""
+    check_tensor("value", value, ndim=4, layout="[B,C,H,W]")
+    check_tensor("attn", attn, ndim=4, layout="[B,G·K²,H,W]")
+    check_tensor("offset", offset, ndim=4, layout="[B,2K²,H,W]")
+    check_same_dtype_device(value=value, attn=attn, offset=offset)
+    batch, channels, height, width = value.shape
+    _check_window(kernel_size, dilation, groups, channels)
+    check_shape("attn", attn, (batch, groups * kernel_size**2, height, width), "[B,G·K²,H,W]")
+    check_shape("offset", offset, (batch, 2 * kernel_size**2, height, width), "[B,2K²,H,W]")
+
+
+def deform_correlation(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    offset: torch.Tensor,
+    kernel_size: int = 3,
+    dilation: int = 1,
+    groups: int = 1,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Deformable inter-frame correlation (sifa.md §1).
+
+    ``attn[b, g·K²+k, h, w] = 1/|g| · Σ_{c∈g} query[b,c,h,w] · bilinear(key[b,c], y_k, x_k)`` with
+    ``y_k = h - pad + kh·dil + offset[b,2k,h,w]``, ``x_k = w - pad + kw·dil + offset[b,2k+1,h,w]``
+    (k = kh·K + kw, pad = dil·(K-1)//2, zero padding outside the map).
+
+    Args:
+        query, key: ``[B,C,H,W]``; the query is read at integer pixels, the key is sampled.
+        offset: ``[B,2K²,H,W]`` in pixels, Δy then Δx per tap (DCN layout), shared by all groups.
+        kernel_size: K, odd. dilation: spacing of the taps. groups: G, divides C.
+        backend: "torch" (reference), "cupy" (CUDA kernels) or "auto" (cupy for CUDA tensors when
+            CuPy imports).
+
+    Returns:
+        attn ``[B, G·K², H, W]`` in the input dtype (no softmax).
+    """
+    validate_correlation(query, key, offset, kernel_size, dilation, groups)
+    batch, _, height, width = query.shape
+    out_shape = (batch, groups * kernel_size**2, height, width)
+    cupy = use_cupy(backend, query)
+    if batch * height * width == 0:
+        return _empty_result(out_shape, query, key, offset)
+    if cupy:
+        raise RuntimeError("the CuPy kernels for deform_correlation are not available yet")
+    return deform_correlation_reference(query, key, offset, kernel_size, dilation, groups)
+
+
+def deform_aggregation(
+    value: torch.Tensor,
+    attn: torch.Tensor,
+    offset: torch.Tensor,
+    kernel_size: int = 3,
+    dilation: int = 1,
+    groups: int = 1,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Deformable aggregation (sifa.md §1).
+
+    ``out[b, c, h, w] = Σ_k attn[b, g(c)·K²+k, h, w] · bilinear(value[b,c], y_k, x_k)`` with the sample
+    points of :func:`deform_correlation`; g(c) = c // (C/G).
+
+    Args:
+        value: ``[B,C,H,W]``, sampled. attn: ``[B,G·K²,H,W]`` (e.g. from :func:`deform_correlation`).
+        offset: ``[B,2K²,H,W]`` in pixels, Δy then Δx per tap.
+        kernel_size, dilation, groups, backend: as :func:`deform_correlation`.
+
+    Returns:
+        out ``[B,C,H,W]`` in the input dtype.
+    """
+    validate_aggregation(value, attn, offset, kernel_size, dilation, groups)
+    batch, _, height, width = value.shape
+    cupy = use_cupy(backend, value)
+    if batch * height * width == 0:
+        return _empty_result(tuple(value.shape), value, attn, offset)
+    if cupy:
+        raise RuntimeError("the CuPy kernels for deform_aggregation are not available yet")
+    return deform_aggregation_reference(value, attn, offset, kernel_size, dilation, groups)

@@ -1,0 +1,104 @@
+"""``SIFA``: the stand-alone inter-frame attention block of sifa.md §2."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .functional import deform_aggregation, deform_correlation
+from .validation import check_backend, check_int, check_tensor
+
+OFFSET_INITS: tuple[str, ...] = ("zeros", "kaiming", "default")
+
+
+class SIFA(nn.Module):
+    """Deformable inter-frame attention from each frame t to frame t+1, added to frame t (sifa.md §2).
+
+    1. Motion map ``M[t] = (1 + sigmoid(x[t] - x[t-1])) · x[t]`` with ``x[-1] := x[0]``.
+    2. ``offset = conv_offset(M)``: Conv3d(C, 2K², (1,3,3), padding (0,1,1), no bias).
+    3. Each pair (t, t+1), flattened into the batch: ``attn = deform_correlation(x[t], x[t+1],
+       offset[t+1])``, ``agg = deform_aggregation(x[t+1], attn, offset[t+1])``.
+    4. ``y[t] = x[t] + agg[t]`` for t < T-1; ``y[T-1] = x[T-1]``.
+
+    Args:
+        channels: C of the input ``[N,C,T,H,W]``.
+        kernel_size, dilation, groups: the window of the two ops (K odd, G divides C).
+        offset_init: "zeros" (default: the block starts as plain K×K inter-frame attention),
+            "kaiming" (Kaiming-normal, fan_out, as the released network-wide init leaves it) or
+            "default" (PyTorch's Conv3d init). A network-wide init that touches every Conv3d should
+            call :meth:`reset_parameters` afterwards to restore this choice.
+        backend: passed to the ops ("auto", "torch" or "cupy").
+
+    Shapes: x ``[N,C,T,H,W]`` -> ``[N,C,T,H,W]``, any T >= 1 (T = 1 returns x unchanged).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int = 3,
+        dilation: int = 1,
+        groups: int = 1,
+        offset_init: str = "zeros",
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        check_int("channels", channels, minimum=1)
+        check_int("kernel_size", kernel_size, minimum=1, odd=True)
+        check_int("dilation", dilation, minimum=1)
+        check_int("groups", groups, minimum=1)
+        if channels % groups != 0:
+            raise ValueError(f"groups ({groups}) must divide channels ({channels})")
+        if offset_init not in OFFSET_INITS:
+            raise ValueError(f"offset_init must be one of {OFFSET_INITS}, got {offset_init!r}")
+        self.channels = channels
+        self.kernel_size = kernel_size
+        self.dilation = dilation
+        self.groups = groups
+        self.offset_init = offset_init
+        self.backend = check_backend(backend)
+        self.conv_offset = nn.Conv3d(
+            channels, 2 * kernel_size * kernel_size, kernel_size=(1, 3, 3), padding=(0, 1, 1), bias=False
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise ``conv_offset`` as ``offset_init`` says."""
+        if self.offset_init == "zeros":
+            nn.init.zeros_(self.conv_offset.weight)
+        elif self.offset_init == "kaiming":
+            nn.init.kaiming_normal_(self.conv_offset.weight, mode="fan_out", nonlinearity="relu")
+        else:
+            self.conv_offset.reset_parameters()
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.channels}, kernel_size={self.kernel_size}, dilation={self.dilation}, groups={self.groups}, "
+            f"offset_init={self.offset_init!r}"
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_tensor("x", x, ndim=5, layout="[N,C,T,H,W]")
+        n, c, t, h, w = x.shape
+        if c != self.channels:
+            raise ValueError(f"x must have {self.channels} channels ([N,C,T,H,W]), got shape {tuple(x.shape)}")
+        if t < 1:
+            raise ValueError(f"x must have T >= 1 frames ([N,C,T,H,W]), got shape {tuple(x.shape)}")
+        if t == 1:
+            return x
+        # torch.cat, not an overlapping in-place slice copy (sifa.md §2.1).
+        previous = torch.cat((x[:, :, :1], x[:, :, :-1]), dim=2)
+        motion = (1 + torch.sigmoid(x - previous)) * x
+        # Under autocast the conv may return another dtype than x; the ops want one dtype.
+        offset = self.conv_offset(motion).to(x.dtype)
+
+        def pairs(v: torch.Tensor) -> torch.Tensor:  # [N,C',T-1,H,W] -> [N·(T-1),C',H,W]
+            return v.transpose(1, 2).reshape(n * (t - 1), v.shape[1], h, w)
+
+        query = pairs(x[:, :, :-1])
+        key = pairs(x[:, :, 1:])
+        off = pairs(offset[:, :, 1:])  # the key frame's offsets
+        k, d, g = self.kernel_size, self.dilation, self.groups
+        attn = deform_correlation(query, key, off, k, d, g, backend=self.backend)
+        agg = deform_aggregation(key, attn, off, k, d, g, backend=self.backend)
+        agg = agg.reshape(n, t - 1, c, h, w).transpose(1, 2)
+        return torch.cat((x[:, :, :-1] + agg, x[:, :, -1:]), dim=2)

@@ -1,0 +1,84 @@
+"""Pure-PyTorch reference of SIFA's two ops (sifa.md §1): any device, any float dtype, autograd.
+
+Bilinear sampling is ``F.grid_sample(mode="bilinear", padding_mode="zeros")``: each of the four
+integer corners outside the map contributes 0, exactly the spec's ``bilinear``. Pixel coordinates
+are mapped with ``align_corners=False`` (``g = (2·x + 1) / W - 1``) because that mapping is defined
+for maps of width or height 1, where the ``align_corners=True`` one divides by zero.
+
+Memory: the ops loop over the K² taps, so a forward without autograd keeps one sampled map
+``[B,C,H,W]`` live at a time instead of ``[B,C,K²,H,W]``. With autograd recording, each tap's
+sampled map is saved for the backward (the correlation needs it for d/dquery, the aggregation for
+d/dattn), i.e. K² feature maps per op in the compute dtype — the reason the CUDA kernels exist.
+16-bit inputs are computed in float32 (sample coordinates in 16 bits would be off by up to
+~0.03 px at 56²) and the result is cast back to the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for the 16-bit types, else ``dtype`` itself."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def tap_grids(offset: torch.Tensor, kernel_size: int, dilation: int) -> list[torch.Tensor]:
+    """One ``grid_sample`` grid ``[B,H,W,2]`` (x, y in [-1, 1]) per tap k = kh·K + kw.
+
+    Tap k samples at ``y = h - pad + kh·dil + offset[:, 2k]``, ``x = w - pad + kw·dil + offset[:, 2k+1]``
+    (pixel units, pad = dil·(K-1)//2), the DCN offset layout of sifa.md §1.
+    """
+    _, _, height, width = offset.shape
+    pad = dilation * (kernel_size - 1) // 2
+    ys = torch.arange(height, dtype=offset.dtype, device=offset.device).view(1, height, 1)
+    xs = torch.arange(width, dtype=offset.dtype, device=offset.device).view(1, 1, width)
+    grids = []
+    for k in range(kernel_size * kernel_size):
+        kh, kw = divmod(k, kernel_size)
+        y = ys + (kh * dilation - pad) + offset[:, 2 * k]
+        x = xs + (kw * dilation - pad) + offset[:, 2 * k + 1]
+        grids.append(torch.stack(((2 * x + 1) / width - 1, (2 * y + 1) / height - 1), dim=-1))
+    return grids
+
+
+def _sample(img: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    return F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def deform_correlation_reference(
+    query: torch.Tensor, key: torch.Tensor, offset: torch.Tensor, kernel_size: int, dilation: int, groups: int
+) -> torch.Tensor:
+    """attn ``[B, G·K², H, W]``: ``attn[b, g·K²+k] = mean_{c ∈ g} query[b,c] · bilinear(key[b,c], y_k, x_k)``.
+
+    Inputs already validated: query, key ``[B,C,H,W]``, offset ``[B,2K²,H,W]``, one dtype and device.
+    """
+    batch, channels, height, width = query.shape
+    dtype = compute_dtype(query.dtype)
+    q = query.to(dtype).reshape(batch, groups, channels // groups, height, width)
+    kv = key.to(dtype)
+    taps = [
+        (q * _sample(kv, grid).view_as(q)).mean(dim=2)  # [B,G,H,W]
+        for grid in tap_grids(offset.to(dtype), kernel_size, dilation)
+    ]
+    attn = torch.stack(taps, dim=2)  # [B,G,K²,H,W]: channel g·K²+k after the reshape
+    return attn.reshape(batch, groups * kernel_size * kernel_size, height, width).to(query.dtype)
+
+
+def deform_aggregation_reference(
+    value: torch.Tensor, attn: torch.Tensor, offset: torch.Tensor, kernel_size: int, dilation: int, groups: int
+) -> torch.Tensor:
+    """out ``[B,C,H,W]``: ``out[b,c] = Σ_k attn[b, g(c)·K²+k] · bilinear(value[b,c], y_k, x_k)``.
+
+    Inputs already validated: value ``[B,C,H,W]``, attn ``[B,G·K²,H,W]``, offset ``[B,2K²,H,W]``.
+    """
+    batch, channels, height, width = value.shape
+    dtype = compute_dtype(value.dtype)
+    v = value.to(dtype)
+    a = attn.to(dtype).reshape(batch, groups, kernel_size * kernel_size, 1, height, width)
+    out = None
+    for k, grid in enumerate(tap_grids(offset.to(dtype), kernel_size, dilation)):
+        term = a[:, :, k] * _sample(v, grid).view(batch, groups, channels // groups, height, width)
+        out = term if out is None else out + term
+    return out.reshape(batch, channels, height, width).to(value.dtype)

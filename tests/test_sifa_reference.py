@@ -1,0 +1,289 @@
+"""SIFA ops, pure-PyTorch reference (sifa.md §1–2): against naive loops, gradcheck, edge cases, validation,
+and the ``ops.SIFA`` block."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ops
+
+
+def naive_bilinear(img: list[list[float]], y: float, x: float) -> float:
+    """Bilinear interpolation with zero padding, written out corner by corner."""
+    height, width = len(img), len(img[0])
+    y0, x0 = math.floor(y), math.floor(x)
+    total = 0.0
+    for yy, wy in ((y0, 1 - (y - y0)), (y0 + 1, y - y0)):
+        for xx, wx in ((x0, 1 - (x - x0)), (x0 + 1, x - x0)):
+            if 0 <= yy < height and 0 <= xx < width:
+                total += wy * wx * img[yy][xx]
+    return total
+
+
+def naive_sample_points(offset, b, k, h, w, kernel_size, dilation):
+    pad = dilation * (kernel_size - 1) // 2
+    kh, kw = divmod(k, kernel_size)
+    return h - pad + kh * dilation + offset[b][2 * k][h][w], w - pad + kw * dilation + offset[b][2 * k + 1][h][w]
+
+
+def naive_correlation(query, key, offset, kernel_size, dilation, groups):
+    batch, channels, height, width = query.shape
+    q, kk, off = query.tolist(), key.tolist(), offset.tolist()
+    per_group = channels // groups
+    out = torch.zeros(batch, groups * kernel_size**2, height, width, dtype=torch.float64)
+    for b in range(batch):
+        for g in range(groups):
+            for k in range(kernel_size**2):
+                for h in range(height):
+                    for w in range(width):
+                        y, x = naive_sample_points(off, b, k, h, w, kernel_size, dilation)
+                        acc = 0.0
+                        for c in range(g * per_group, (g + 1) * per_group):
+                            acc += q[b][c][h][w] * naive_bilinear(kk[b][c], y, x)
+                        out[b, g * kernel_size**2 + k, h, w] = acc / per_group
+    return out
+
+
+def naive_aggregation(value, attn, offset, kernel_size, dilation, groups):
+    batch, channels, height, width = value.shape
+    v, a, off = value.tolist(), attn.tolist(), offset.tolist()
+    per_group = channels // groups
+    out = torch.zeros(batch, channels, height, width, dtype=torch.float64)
+    for b in range(batch):
+        for c in range(channels):
+            g = c // per_group
+            for h in range(height):
+                for w in range(width):
+                    acc = 0.0
+                    for k in range(kernel_size**2):
+                        y, x = naive_sample_points(off, b, k, h, w, kernel_size, dilation)
+                        acc += a[b][g * kernel_size**2 + k][h][w] * naive_bilinear(v[b][c], y, x)
+                    out[b, c, h, w] = acc
+    return out
+
+
+def fractional_offsets(batch, kernel_size, height, width, spread=2.0, dtype=torch.float64):
+    """Offsets whose fractional part stays in [0.2, 0.8]: sample points away from integer coordinates,
+    where bilinear interpolation is not differentiable."""
+    whole = torch.randint(-int(spread), int(spread) + 1, (batch, 2 * kernel_size**2, height, width))
+    frac = 0.2 + 0.6 * torch.rand(batch, 2 * kernel_size**2, height, width, dtype=torch.float64)
+    return (whole + frac).to(dtype)
+
+
+CASES = [  # (C, groups, kernel_size, dilation)
+    (4, 1, 3, 1),
+    (4, 2, 3, 1),
+    (6, 3, 3, 2),
+    (3, 1, 1, 1),
+    (2, 1, 5, 1),
+]
+
+
+@pytest.mark.parametrize(("channels", "groups", "kernel_size", "dilation"), CASES)
+def test_reference_matches_naive_loops(channels, groups, kernel_size, dilation):
+    batch, height, width = 2, 4, 5
+    query = torch.randn(batch, channels, height, width, dtype=torch.float64)
+    key = torch.randn(batch, channels, height, width, dtype=torch.float64)
+    # spread 6 pushes some sample points partly and some wholly off the 4x5 map
+    offset = 6 * (2 * torch.rand(batch, 2 * kernel_size**2, height, width, dtype=torch.float64) - 1)
+    attn = ops.deform_correlation(query, key, offset, kernel_size, dilation, groups, backend="torch")
+    expected = naive_correlation(query, key, offset, kernel_size, dilation, groups)
+    torch.testing.assert_close(attn, expected, rtol=1e-10, atol=1e-12)
+    out = ops.deform_aggregation(key, attn, offset, kernel_size, dilation, groups, backend="torch")
+    torch.testing.assert_close(out, naive_aggregation(key, attn, offset, kernel_size, dilation, groups))
+
+
+def test_samples_wholly_off_the_map_give_zero():
+    query = torch.randn(1, 2, 3, 3, dtype=torch.float64)
+    offset = torch.full((1, 18, 3, 3), 10.0, dtype=torch.float64)
+    attn = ops.deform_correlation(query, query, offset, backend="torch")
+    assert torch.count_nonzero(attn) == 0
+    out = ops.deform_aggregation(query, torch.ones_like(attn), offset, backend="torch")
+    assert torch.count_nonzero(out) == 0
+
+
+def test_map_of_width_one():
+    value = torch.randn(1, 2, 3, 1, dtype=torch.float64)
+    offset = torch.zeros(1, 2, 3, 1, dtype=torch.float64)
+    offset[:, 1] = -0.25  # a quarter pixel left: weight 0.75 on column 0, the rest in padding
+    attn = torch.ones(1, 1, 3, 1, dtype=torch.float64)
+    out = ops.deform_aggregation(value, attn, offset, kernel_size=1, backend="torch")
+    torch.testing.assert_close(out, 0.75 * value)
+
+
+@pytest.mark.parametrize(("channels", "groups", "kernel_size", "dilation"), [(4, 2, 3, 1), (2, 1, 3, 2)])
+def test_reference_gradcheck(channels, groups, kernel_size, dilation):
+    batch, height, width = 1, 3, 4
+    query = torch.randn(batch, channels, height, width, dtype=torch.float64, requires_grad=True)
+    key = torch.randn(batch, channels, height, width, dtype=torch.float64, requires_grad=True)
+    offset = fractional_offsets(batch, kernel_size, height, width).requires_grad_()
+    attn = torch.randn(batch, groups * kernel_size**2, height, width, dtype=torch.float64, requires_grad=True)
+
+    def corr(q, k, o):
+        return ops.deform_correlation(q, k, o, kernel_size, dilation, groups, backend="torch")
+
+    def agg(v, a, o):
+        return ops.deform_aggregation(v, a, o, kernel_size, dilation, groups, backend="torch")
+
+    assert torch.autograd.gradcheck(corr, (query, key, offset))
+    assert torch.autograd.gradcheck(agg, (key, attn, offset))
+
+
+def test_non_contiguous_inputs():
+    base = torch.randn(2, 5, 4, 3, dtype=torch.float64)
+    query = base.transpose(2, 3)  # [2,5,3,4], non-contiguous
+    key = torch.randn(2, 5, 3, 8, dtype=torch.float64)[..., ::2]
+    offset = fractional_offsets(2, 3, 4, 3).transpose(2, 3)
+    assert not (query.is_contiguous() or key.is_contiguous() or offset.is_contiguous())
+    attn = ops.deform_correlation(query, key, offset, backend="torch")
+    torch.testing.assert_close(attn, ops.deform_correlation(query.contiguous(), key.contiguous(), offset.contiguous()))
+    out = ops.deform_aggregation(key, attn.transpose(2, 3).contiguous().transpose(2, 3), offset, backend="torch")
+    torch.testing.assert_close(out, naive_aggregation(key, attn, offset, 3, 1, 1))
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 3, 3), (2, 4, 0, 3), (2, 4, 3, 0)])
+def test_empty_inputs(shape):
+    b, c, h, w = shape
+    query = torch.randn(shape, requires_grad=True)
+    offset = torch.zeros(b, 18, h, w, requires_grad=True)
+    attn = ops.deform_correlation(query, query, offset, groups=2)
+    assert attn.shape == (b, 18, h, w)
+    out = ops.deform_aggregation(query, attn, offset, groups=2)
+    assert out.shape == shape
+    out.sum().backward()
+    assert query.grad.shape == shape and offset.grad.shape == offset.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_reference_low_precision_dtypes(dtype):
+    query = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    offset = fractional_offsets(2, 3, 5, 5)
+    expected_attn = ops.deform_correlation(query, query, offset, groups=2)
+    expected_out = ops.deform_aggregation(query, expected_attn, offset, groups=2)
+    q, o = query.to(dtype), offset.to(dtype)
+    attn = ops.deform_correlation(q, q, o, groups=2)
+    out = ops.deform_aggregation(q, attn, o, groups=2)
+    assert attn.dtype == dtype and out.dtype == dtype
+    tol = {torch.float16: 2e-2, torch.bfloat16: 1e-1, torch.float32: 1e-5}[dtype]
+    torch.testing.assert_close(attn.double(), expected_attn, rtol=tol, atol=tol)
+    torch.testing.assert_close(out.double(), expected_out, rtol=tol, atol=tol)
+
+
+def _good():
+    q = torch.randn(2, 4, 3, 5)
+    return q, q.clone(), torch.zeros(2, 18, 3, 5), torch.zeros(2, 18, 3, 5)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda a: {**a, "key": torch.randn(2, 4, 3, 4)}, r"key must have shape .*\(2, 4, 3, 4\)"),
+        (lambda a: {**a, "offset": torch.zeros(2, 16, 3, 5)}, r"offset must have shape .*\(2, 16, 3, 5\)"),
+        (lambda a: {**a, "groups": 3}, r"groups \(3\) must divide .*C = 4"),
+        (lambda a: {**a, "kernel_size": 2}, "kernel_size must be odd"),
+        (lambda a: {**a, "kernel_size": 0}, "kernel_size must be >= 1"),
+        (lambda a: {**a, "dilation": 0}, "dilation must be >= 1"),
+        (lambda a: {**a, "query": a["query"].long()}, "query must have a floating dtype.*int64"),
+        (lambda a: {**a, "key": a["key"].double()}, "key must have the dtype of query"),
+        (lambda a: {**a, "offset": a["offset"].to("meta")}, "offset must be on the device of query"),
+        (lambda a: {**a, "query": a["query"][:, :, None]}, r"query must be 4-D .*\(2, 4, 1, 3, 5\)"),
+        (lambda a: {**a, "backend": "cuda"}, "backend must be one of"),
+    ],
+)
+def test_correlation_validation(change, match):
+    q, k, o, _ = _good()
+    args = change({"query": q, "key": k, "offset": o, "kernel_size": 3, "dilation": 1, "groups": 1})
+    with pytest.raises(ValueError, match=match):
+        ops.deform_correlation(**args)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda a: {**a, "attn": torch.zeros(2, 9, 3, 5), "groups": 2}, r"attn must have shape .*\(2, 9, 3, 5\)"),
+        (lambda a: {**a, "offset": torch.zeros(1, 18, 3, 5)}, r"offset must have shape .*\(1, 18, 3, 5\)"),
+        (lambda a: {**a, "value": a["value"].to(torch.int32)}, "value must have a floating dtype"),
+        (lambda a: {**a, "attn": a["attn"].half()}, "attn must have the dtype of value"),
+        (lambda a: {**a, "value": a["value"][None]}, "value must be 4-D"),
+    ],
+)
+def test_aggregation_validation(change, match):
+    v, _, o, a = _good()
+    args = change({"value": v, "attn": a[:, :9], "offset": o, "kernel_size": 3, "dilation": 1, "groups": 1})
+    with pytest.raises(ValueError, match=match):
+        ops.deform_aggregation(**args)
+
+
+def test_cupy_backend_rejects_cpu_tensors():
+    q, k, o, _ = _good()
+    with pytest.raises(ValueError, match="backend 'cupy' needs CUDA tensors"):
+        ops.deform_correlation(q, k, o, backend="cupy")
+
+
+# ------------------------------------------------------------------------------------------- SIFA block
+
+
+def plain_inter_frame_attention(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """The SIFA block with zero offsets, by hand: unfold frame t+1 into its K×K neighbourhoods."""
+    n, c, t, h, w = x.shape
+    y = x.clone()
+    for i in range(t - 1):
+        q, k = x[:, :, i], x[:, :, i + 1]
+        neigh = F.unfold(k, kernel_size, padding=kernel_size // 2).view(n, c, kernel_size**2, h, w)
+        attn = (q[:, :, None] * neigh).mean(dim=1, keepdim=True)  # [N,1,K²,H,W]
+        y[:, :, i] = q + (attn * neigh).sum(dim=2)
+    return y
+
+
+@pytest.mark.parametrize("frames", [1, 2, 4])
+def test_sifa_zero_offsets_is_plain_inter_frame_attention(frames):
+    block = ops.SIFA(4).double()
+    x = torch.randn(2, 4, frames, 5, 6, dtype=torch.float64)
+    y = block(x)
+    assert y.shape == x.shape
+    torch.testing.assert_close(y[:, :, -1], x[:, :, -1])  # last frame unchanged
+    torch.testing.assert_close(y, plain_inter_frame_attention(x, 3))
+
+
+def test_sifa_gradients_reach_conv_offset():
+    block = ops.SIFA(4, groups=2).double()
+    assert torch.count_nonzero(block.conv_offset.weight) == 0  # zero-initialised
+    x = torch.randn(1, 4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    block(x).square().sum().backward()
+    assert block.conv_offset.weight.grad is not None
+    assert torch.count_nonzero(block.conv_offset.weight.grad) > 0
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_sifa_nonzero_offsets_use_the_key_frames_motion_map():
+    torch.manual_seed(1)
+    block = ops.SIFA(3, offset_init="kaiming").double()
+    assert torch.count_nonzero(block.conv_offset.weight) > 0
+    x = torch.randn(1, 3, 3, 4, 4, dtype=torch.float64)
+    previous = torch.cat((x[:, :, :1], x[:, :, :-1]), dim=2)
+    offset = block.conv_offset((1 + torch.sigmoid(x - previous)) * x)
+    y = block(x)
+    for t in range(2):
+        attn = ops.deform_correlation(x[:, :, t], x[:, :, t + 1], offset[:, :, t + 1])
+        agg = ops.deform_aggregation(x[:, :, t + 1], attn, offset[:, :, t + 1])
+        torch.testing.assert_close(y[:, :, t], x[:, :, t] + agg)
+    torch.testing.assert_close(y[:, :, 2], x[:, :, 2])
+
+
+def test_sifa_init_options_and_validation():
+    assert "offset_init='zeros'" in repr(ops.SIFA(8, groups=2))
+    block = ops.SIFA(2, offset_init="default")
+    assert torch.count_nonzero(block.conv_offset.weight) > 0
+    assert block.conv_offset.weight.shape == (18, 2, 1, 3, 3) and block.conv_offset.bias is None
+    with pytest.raises(ValueError, match="offset_init"):
+        ops.SIFA(2, offset_init="ones")
+    with pytest.raises(ValueError, match="groups"):
+        ops.SIFA(6, groups=4)
+    with pytest.raises(ValueError, match=r"x must be 5-D .*\(2, 2, 3, 3\)"):
+        ops.SIFA(2)(torch.zeros(2, 2, 3, 3))
+    with pytest.raises(ValueError, match="x must have 2 channels"):
+        ops.SIFA(2)(torch.zeros(1, 3, 2, 3, 3))
