@@ -1,0 +1,10 @@
+"""Representation Flow (Piergiovanni & Ryoo, CVPR 2019): the TV-L1 layer as a differentiable op.
+
+``tvl1_flow`` (functional, reference + fused kernels), ``FlowLayer`` and ``FCFBlock`` (modules);
+the math is repflow.md.
+"""
+
+from .functional import FlowStencils, default_stencils, tvl1_flow
+from .modules import FCFBlock, FlowLayer
+
+__all__ = ["FCFBlock", "FlowLayer", "FlowStencils", "default_stencils", "tvl1_flow"]

@@ -1,0 +1,145 @@
+"""``tvl1_flow``: the TV-L1 iteration of Representation Flow (repflow.md §1), with validation and backends."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .reference import tvl1_reference
+
+BACKENDS = ("auto", "torch", "cupy")
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+class FlowStencils(NamedTuple):
+    """The six per-channel filters of the TV-L1 layer, each ``[C, taps]`` (or ``[taps]``, shared by all channels).
+
+    ``image_x``/``image_y`` (3 taps, default ``[-0.5, 0, 0.5]``): gradient of i1 along W / H.
+    ``fwd_x``/``fwd_y`` (2 taps, default ``[-1, 1]``): forward difference of the flow along W / H.
+    ``div_x``/``div_y`` (2 taps, default ``[-1, 1]``): divergence of the dual field along W / H.
+    """
+
+    image_x: Tensor
+    image_y: Tensor
+    fwd_x: Tensor
+    fwd_y: Tensor
+    div_x: Tensor
+    div_y: Tensor
+
+
+STENCIL_TAPS = (3, 3, 2, 2, 2, 2)
+DEFAULT_TAPS = ((-0.5, 0.0, 0.5), (-0.5, 0.0, 0.5), (-1.0, 1.0), (-1.0, 1.0), (-1.0, 1.0), (-1.0, 1.0))
+
+
+def default_stencils(
+    channels: int, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+) -> FlowStencils:
+    """The spec's default stencils, repeated per channel: ``[C,3]`` ×2 then ``[C,2]`` ×4."""
+    return FlowStencils(
+        *(torch.tensor(t, dtype=dtype, device=device).repeat(channels, 1) for t in DEFAULT_TAPS)
+    )
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; float32, float16 and bfloat16 compute in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_images(i0: Tensor, i1: Tensor) -> None:
+    for name, t in (("i0", i0), ("i1", i1)):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name} must be a tensor [B,C,H,W], got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B,C,H,W], got shape {tuple(t.shape)}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name} must be a float tensor (float32/64, float16, bfloat16), got {t.dtype}")
+    if i0.shape != i1.shape:
+        raise ValueError(f"i0 and i1 must have the same shape, got i0 {tuple(i0.shape)} and i1 {tuple(i1.shape)}")
+    if i0.dtype != i1.dtype:
+        raise ValueError(f"i0 and i1 must have the same dtype, got i0 {i0.dtype} and i1 {i1.dtype}")
+    if i0.device != i1.device:
+        raise ValueError(f"i0 and i1 must be on the same device, got i0 on {i0.device} and i1 on {i1.device}")
+
+
+def _check_scalar(name: str, value: Tensor | float, like: Tensor, dtype: torch.dtype) -> Tensor | float:
+    if isinstance(value, Tensor):
+        if value.dim() != 0:
+            raise ValueError(f"{name} must be a Python float or a 0-d tensor, got shape {tuple(value.shape)}")
+        if not value.is_floating_point():
+            raise ValueError(f"{name} must be a float tensor, got {value.dtype}")
+        if value.device != like.device:
+            raise ValueError(f"{name} must be on the inputs' device {like.device}, got {value.device}")
+        return value.to(dtype)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a Python float or a 0-d tensor, got {type(value).__name__}")
+    return float(value)
+
+
+def _check_stencils(stencils: Sequence[Tensor] | None, like: Tensor, dtype: torch.dtype) -> tuple[Tensor, ...]:
+    channels = like.shape[1]
+    if stencils is None:
+        return tuple(default_stencils(channels, dtype=dtype, device=like.device))
+    if isinstance(stencils, Tensor) or len(stencils) != 6:
+        raise ValueError(
+            "stencils must be None or a sequence of six tensors (image_x, image_y, fwd_x, fwd_y, div_x, div_y)"
+        )
+    out = []
+    for name, s, taps in zip(FlowStencils._fields, stencils, STENCIL_TAPS, strict=True):
+        if not isinstance(s, Tensor):
+            raise ValueError(f"stencils.{name} must be a tensor [C,{taps}] or [{taps}], got {type(s).__name__}")
+        if not s.is_floating_point():
+            raise ValueError(f"stencils.{name} must be a float tensor, got {s.dtype}")
+        if s.device != like.device:
+            raise ValueError(f"stencils.{name} must be on the inputs' device {like.device}, got {s.device}")
+        if s.dim() == 1 and s.shape[0] == taps:
+            s = s.expand(channels, taps)
+        elif s.shape != (channels, taps):
+            raise ValueError(
+                f"stencils.{name} must have shape [C={channels},{taps}] or [{taps}], got {tuple(s.shape)}"
+            )
+        out.append(s.to(dtype))
+    return tuple(out)
+
+
+def tvl1_flow(
+    i0: Tensor,
+    i1: Tensor,
+    n_iter: int = 10,
+    theta: Tensor | float = 0.3,
+    lam: Tensor | float = 0.15,
+    tau: Tensor | float = 0.25,
+    stencils: Sequence[Tensor] | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """TV-L1 flow from ``i0`` to ``i1`` by ``n_iter`` unrolled iterations (repflow.md §1), per channel.
+
+    Args:
+        i0, i1: ``[B,C,H,W]`` feature maps of frames t and t+1 (same shape, dtype, device).
+        n_iter: number of iterations, ≥ 1.
+        theta, lam, tau: θ (used as ``|θ| + 1e-12``), λ, τ; Python floats or 0-d tensors (may require grad).
+        stencils: six per-channel filters (see :class:`FlowStencils`), ``None`` for the spec's defaults.
+        backend: ``"torch"`` (reference, any device), ``"cupy"`` (fused CUDA kernels; CUDA tensors and
+            CuPy needed) or ``"auto"`` (cupy when both hold, else torch).
+
+    Returns:
+        ``[B, 2C, H, W]`` = ``cat([u1, u2], 1)``: u1 the x (column) displacement, u2 the y (row)
+        displacement, in pixels, in the inputs' dtype (16-bit inputs are computed in float32).
+    """
+    _check_images(i0, i1)
+    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
+        raise ValueError(f"n_iter must be an int >= 1, got {n_iter!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    dtype = compute_dtype(i0.dtype)
+    theta = _check_scalar("theta", theta, i0, dtype)
+    lam = _check_scalar("lam", lam, i0, dtype)
+    tau = _check_scalar("tau", tau, i0, dtype)
+    taps = _check_stencils(stencils, i0, dtype)
+    b, c, h, w = i0.shape
+    if i0.numel() == 0:
+        return i0.new_zeros((b, 2 * c, h, w))
+    out = tvl1_reference(i0.to(dtype), i1.to(dtype), n_iter, theta, lam, tau, taps)
+    return out.to(i0.dtype)
