@@ -1,7 +1,7 @@
 """`VideoClassifier`: the one LightningModule, wrapping any network with `forward_heads`.
 
-Data arrive as uint8 clips (`datamodules` batches); normalisation happens here, on the device, so
-loader workers never build float32 clips. Validation and test aggregate every view of a video
+Data arrive as uint8 clips (`datamodules` batches); normalisation happens here, on the device, in
+every step, so loader workers never build float32 clips. Validation and test aggregate every view of a video
 (mean of softmax) after gathering the clips of all ranks, and drop the duplicate clips that a
 distributed sampler pads with, so metrics do not depend on the number of processes.
 """
@@ -272,11 +272,10 @@ class VideoClassifier(pl.LightningModule):
         x = video.to(torch.float32).div_(255.0)
         return x.sub_(self.pixel_mean).div_(self.pixel_std)
 
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if isinstance(batch, dict) and "video" in batch:
-            batch = dict(batch)
-            batch["video"] = self.normalize(batch["video"])
-        return batch
+    def _video(self, batch: dict[str, Tensor]) -> Tensor:
+        # Normalised inside the steps rather than in `on_after_batch_transfer`: Lightning skips the
+        # module's hook when the datamodule defines one, and a skipped normalisation would go unnoticed.
+        return self.normalize(batch["video"])
 
     # ---------------------------------------------------------------- training
 
@@ -296,7 +295,7 @@ class VideoClassifier(pl.LightningModule):
         return torch.stack([h.float().softmax(-1) for h in heads]).mean(0)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch["video"], batch["label"]
+        x, y = self._video(batch), batch["label"]
         heads = self._heads(x)
         loss = self._loss(heads, y)
         with torch.no_grad():
@@ -318,10 +317,10 @@ class VideoClassifier(pl.LightningModule):
         assert self._eval is not None
         if "bad_video_ids" in batch:
             self._eval.add_bad(batch["bad_video_ids"])
-        x, y = batch["video"], batch["label"]
+        y = batch["label"]
         if len(y) == 0:  # every video of the batch failed to decode
             return
-        heads = self._heads(x)
+        heads = self._heads(self._video(batch))
         losses = sum(
             F.cross_entropy(h.float(), y, reduction="none", label_smoothing=self.hparams.label_smoothing)
             for h in heads
@@ -390,13 +389,13 @@ class VideoClassifier(pl.LightningModule):
         names) and `bad_video_ids` [M]. A video whose views span batches appears in each; the
         `PredictionWriter` merges them (weighted by `num_views`).
         """
-        x, vid = batch["video"], batch["video_id"]
+        vid = batch["video_id"]
         bad = batch.get("bad_video_ids", vid.new_zeros(0)).cpu()
         if len(vid) == 0:
             probs = torch.zeros(0, self.num_classes)
             uvid = count = torch.zeros(0, dtype=torch.int64)
         else:
-            clip_probs = self._probs(self._heads(x)).cpu()
+            clip_probs = self._probs(self._heads(self._video(batch))).cpu()
             uvid, inv = torch.unique(vid.cpu(), return_inverse=True)
             probs = torch.zeros(len(uvid), self.num_classes).index_add_(0, inv, clip_probs)
             count = torch.zeros(len(uvid), dtype=torch.int64).index_add_(0, inv, torch.ones_like(inv))
