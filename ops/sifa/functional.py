@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..kernel_loader import cupy_available
+from .kernels import deform_aggregation_kernels, deform_correlation_kernels
 from .reference import deform_aggregation_reference, deform_correlation_reference
 from .validation import check_backend, check_int, check_same_dtype_device, check_shape, check_tensor
 
@@ -99,7 +100,7 @@ def deform_correlation(
     if batch * height * width == 0:
         return _empty_result(out_shape, query, key, offset)
     if cupy:
-        raise RuntimeError("the CuPy kernels for deform_correlation are not available yet")
+        return deform_correlation_kernels(query, key, offset, kernel_size, dilation, groups)
     return deform_correlation_reference(query, key, offset, kernel_size, dilation, groups)
 
 
@@ -131,5 +132,5 @@ def deform_aggregation(
     if batch * height * width == 0:
         return _empty_result(tuple(value.shape), value, attn, offset)
     if cupy:
-        raise RuntimeError("the CuPy kernels for deform_aggregation are not available yet")
+        return deform_aggregation_kernels(value, attn, offset, kernel_size, dilation, groups)
     return deform_aggregation_reference(value, attn, offset, kernel_size, dilation, groups)

@@ -1,0 +1,238 @@
+// SIFA's deformable correlation / aggregation (sifa.md §1): forward and backward as four kernels.
+//
+// Notation shared by every kernel: maps are contiguous [B, C, H, W]; attention-like tensors A are
+// [B, G·K², H, W]; offsets are [B, 2K², H, W] with Δy at channel 2k and Δx at 2k+1 (DCN layout).
+// Tap k = kh·K + kw samples channel c of `img` at
+//     y = h - pad + kh·dil + Δy[b,k,h,w],   x = w - pad + kw·dil + Δx[b,k,h,w]
+// with bilinear interpolation whose corners outside the map count as 0. g(c) = c / (C/G).
+//
+//   sifa_correlate   out[b,g·K²+k,h,w] = scale · Σ_{c∈g} Q[b,c,h,w] · bilinear(img[b,c], y_k, x_k)
+//                    (correlation forward with scale 1/|g|; d attn of the aggregation with scale 1)
+//   sifa_aggregate   out[b,c,h,w] = scale · Σ_k A[b,g(c)·K²+k,h,w] · bilinear(img[b,c], y_k, x_k)
+//                    (aggregation forward; d query of the correlation with scale 1/|g|)
+//   sifa_offset_grad d offset of either op: scale · Σ_c A[b,g(c)·K²+k,h,w] · Q[b,c,h,w] · ∇bilinear
+//   sifa_scatter     d img of either op: the transpose of bilinear sampling. Scatters through the four
+//                    corners with atomicAdd into an accumulation-type buffer, so on a GPU the summation
+//                    order (and the last bits of float gradients) varies from run to run.
+//
+// Every kernel reads 16-bit storage and accumulates in float (double for double). All batch
+// elements run in one launch; threads are laid out with w fastest so loads of Q, A, offsets and the
+// outputs are coalesced and the bilinear corners of neighbouring threads are neighbours too.
+#include "vmm_common.cuh"
+
+VMM_INLINE float sifa_floor(float v) { return floorf(v); }
+VMM_INLINE double sifa_floor(double v) { return floor(v); }
+
+// The four corners of one sample point: flat indices within an [H, W] map (valid only where the
+// matching `in` flag is set) and the fractional position inside the cell.
+template <typename A>
+struct sifa_cell {
+    vmm_i64 i00, i01, i10, i11;
+    bool in00, in01, in10, in11;
+    A ly, lx;
+    bool any;  // some corner lies inside the map
+};
+
+// Locate (y, x). Points outside [-1, H] × [-1, W] (and NaN) have no corner inside the map; the
+// range check also keeps the float -> integer conversion below in range.
+template <typename A>
+VMM_INLINE sifa_cell<A> sifa_locate(A y, A x, vmm_i64 height, vmm_i64 width) {
+    sifa_cell<A> p;
+    p.any = (y >= (A)-1) && (y <= (A)height) && (x >= (A)-1) && (x <= (A)width);
+    if (!p.any) {
+        p.i00 = p.i01 = p.i10 = p.i11 = 0;
+        p.in00 = p.in01 = p.in10 = p.in11 = false;
+        p.ly = p.lx = (A)0;
+        return p;
+    }
+    const A fy = sifa_floor(y);
+    const A fx = sifa_floor(x);
+    const vmm_i64 y0 = (vmm_i64)fy;
+    const vmm_i64 x0 = (vmm_i64)fx;
+    p.ly = y - fy;
+    p.lx = x - fx;
+    const bool y0_in = y0 >= 0 && y0 < height;
+    const bool y1_in = y0 + 1 < height;  // y0 >= -1 here
+    const bool x0_in = x0 >= 0 && x0 < width;
+    const bool x1_in = x0 + 1 < width;
+    p.in00 = y0_in && x0_in;
+    p.in01 = y0_in && x1_in;
+    p.in10 = y1_in && x0_in;
+    p.in11 = y1_in && x1_in;
+    p.i00 = y0 * width + x0;
+    p.i01 = p.i00 + 1;
+    p.i10 = p.i00 + width;
+    p.i11 = p.i10 + 1;
+    p.any = p.in00 || p.in01 || p.in10 || p.in11;
+    return p;
+}
+
+template <typename T, typename A>
+VMM_INLINE void sifa_corners(const T* __restrict__ map, const sifa_cell<A>& p, A& v00, A& v01, A& v10, A& v11) {
+    v00 = p.in00 ? (A)vmm_load(map, p.i00) : (A)0;
+    v01 = p.in01 ? (A)vmm_load(map, p.i01) : (A)0;
+    v10 = p.in10 ? (A)vmm_load(map, p.i10) : (A)0;
+    v11 = p.in11 ? (A)vmm_load(map, p.i11) : (A)0;
+}
+
+template <typename A>
+VMM_INLINE A sifa_blend(const sifa_cell<A>& p, A v00, A v01, A v10, A v11) {
+    const A hy = (A)1 - p.ly;
+    const A hx = (A)1 - p.lx;
+    return hy * (hx * v00 + p.lx * v01) + p.ly * (hx * v10 + p.lx * v11);
+}
+
+// Sample point of tap k at pixel hw (= h·W + w) of batch element b.
+template <typename T, typename A>
+VMM_INLINE sifa_cell<A> sifa_tap(const T* __restrict__ offset, vmm_i64 b, vmm_i64 k, vmm_i64 h, vmm_i64 w,
+                                 vmm_i64 kk, vmm_i64 ksize, vmm_i64 dil, vmm_i64 pad, vmm_i64 height,
+                                 vmm_i64 width) {
+    const vmm_i64 hw_size = height * width;
+    const vmm_i64 base = (b * 2 * kk + 2 * k) * hw_size + h * width + w;
+    const vmm_i64 kh = k / ksize;
+    const vmm_i64 kw = k - kh * ksize;
+    const A y = (A)(h - pad + kh * dil) + (A)vmm_load(offset, base);
+    const A x = (A)(w - pad + kw * dil) + (A)vmm_load(offset, base + hw_size);
+    return sifa_locate<A>(y, x, height, width);
+}
+
+// One thread per output element (b, g, k, h, w); loops over the C/G channels of group g.
+template <typename T>
+__global__ void sifa_correlate(const T* __restrict__ q, const T* __restrict__ img, const T* __restrict__ offset,
+                               T* __restrict__ out, vmm_i64 batch, vmm_i64 channels, vmm_i64 groups,
+                               vmm_i64 height, vmm_i64 width, vmm_i64 ksize, vmm_i64 dil, double scale) {
+    typedef typename vmm_acc<T>::type A;
+    const vmm_i64 kk = ksize * ksize;
+    const vmm_i64 hw_size = height * width;
+    const vmm_i64 per_group = channels / groups;
+    const vmm_i64 pad = dil * (ksize - 1) / 2;
+    VMM_KERNEL_LOOP(i, batch * groups * kk * hw_size) {
+        const vmm_i64 hw = i % hw_size;
+        const vmm_i64 k = (i / hw_size) % kk;
+        const vmm_i64 bg = i / (hw_size * kk);
+        const vmm_i64 g = bg % groups;
+        const vmm_i64 b = bg / groups;
+        const vmm_i64 h = hw / width;
+        const vmm_i64 w = hw - h * width;
+        const sifa_cell<A> p = sifa_tap<T, A>(offset, b, k, h, w, kk, ksize, dil, pad, height, width);
+        A acc = (A)0;
+        if (p.any) {
+            for (vmm_i64 c = g * per_group; c < (g + 1) * per_group; ++c) {
+                const vmm_i64 base = (b * channels + c) * hw_size;
+                A v00, v01, v10, v11;
+                sifa_corners<T, A>(img + base, p, v00, v01, v10, v11);
+                acc += vmm_load(q, base + hw) * sifa_blend<A>(p, v00, v01, v10, v11);
+            }
+        }
+        vmm_store(out + i, acc * (A)scale);
+    }
+}
+
+// One thread per output element (b, c, h, w); loops over the K² taps.
+template <typename T>
+__global__ void sifa_aggregate(const T* __restrict__ img, const T* __restrict__ attn, const T* __restrict__ offset,
+                               T* __restrict__ out, vmm_i64 batch, vmm_i64 channels, vmm_i64 groups,
+                               vmm_i64 height, vmm_i64 width, vmm_i64 ksize, vmm_i64 dil, double scale) {
+    typedef typename vmm_acc<T>::type A;
+    const vmm_i64 kk = ksize * ksize;
+    const vmm_i64 hw_size = height * width;
+    const vmm_i64 per_group = channels / groups;
+    const vmm_i64 pad = dil * (ksize - 1) / 2;
+    VMM_KERNEL_LOOP(i, batch * channels * hw_size) {
+        const vmm_i64 hw = i % hw_size;
+        const vmm_i64 bc = i / hw_size;
+        const vmm_i64 c = bc % channels;
+        const vmm_i64 b = bc / channels;
+        const vmm_i64 h = hw / width;
+        const vmm_i64 w = hw - h * width;
+        const T* map = img + bc * hw_size;
+        const vmm_i64 attn_base = (b * groups + c / per_group) * kk * hw_size + hw;
+        A acc = (A)0;
+        for (vmm_i64 k = 0; k < kk; ++k) {
+            const sifa_cell<A> p = sifa_tap<T, A>(offset, b, k, h, w, kk, ksize, dil, pad, height, width);
+            if (!p.any) continue;
+            A v00, v01, v10, v11;
+            sifa_corners<T, A>(map, p, v00, v01, v10, v11);
+            acc += vmm_load(attn, attn_base + k * hw_size) * sifa_blend<A>(p, v00, v01, v10, v11);
+        }
+        vmm_store(out + i, acc * (A)scale);
+    }
+}
+
+// One thread per (b, k, h, w): writes d/dΔy and d/dΔx of tap k, looping over all C channels.
+template <typename T>
+__global__ void sifa_offset_grad(const T* __restrict__ attn, const T* __restrict__ q, const T* __restrict__ img,
+                                 const T* __restrict__ offset, T* __restrict__ grad_offset, vmm_i64 batch,
+                                 vmm_i64 channels, vmm_i64 groups, vmm_i64 height, vmm_i64 width, vmm_i64 ksize,
+                                 vmm_i64 dil, double scale) {
+    typedef typename vmm_acc<T>::type A;
+    const vmm_i64 kk = ksize * ksize;
+    const vmm_i64 hw_size = height * width;
+    const vmm_i64 per_group = channels / groups;
+    const vmm_i64 pad = dil * (ksize - 1) / 2;
+    VMM_KERNEL_LOOP(i, batch * kk * hw_size) {
+        const vmm_i64 hw = i % hw_size;
+        const vmm_i64 k = (i / hw_size) % kk;
+        const vmm_i64 b = i / (hw_size * kk);
+        const vmm_i64 h = hw / width;
+        const vmm_i64 w = hw - h * width;
+        const sifa_cell<A> p = sifa_tap<T, A>(offset, b, k, h, w, kk, ksize, dil, pad, height, width);
+        A gy = (A)0;
+        A gx = (A)0;
+        if (p.any) {
+            const A hy = (A)1 - p.ly;
+            const A hx = (A)1 - p.lx;
+            for (vmm_i64 g = 0; g < groups; ++g) {
+                const A a = vmm_load(attn, ((b * groups + g) * kk + k) * hw_size + hw);
+                for (vmm_i64 c = g * per_group; c < (g + 1) * per_group; ++c) {
+                    const vmm_i64 base = (b * channels + c) * hw_size;
+                    const A coef = a * vmm_load(q, base + hw);
+                    A v00, v01, v10, v11;
+                    sifa_corners<T, A>(img + base, p, v00, v01, v10, v11);
+                    gy += coef * (hx * (v10 - v00) + p.lx * (v11 - v01));
+                    gx += coef * (hy * (v01 - v00) + p.ly * (v11 - v10));
+                }
+            }
+        }
+        const vmm_i64 o = (b * 2 * kk + 2 * k) * hw_size + hw;
+        vmm_store(grad_offset + o, gy * (A)scale);
+        vmm_store(grad_offset + o + hw_size, gx * (A)scale);
+    }
+}
+
+// One thread per source element (b, c, h, w): for each tap adds scale · A[b,g(c)·K²+k,h,w] · Q[b,c,h,w]
+// times each corner's bilinear weight into grad_img (zero-filled by the caller, accumulation type).
+// atomicAdd: the order of the additions into one pixel is not deterministic on a GPU.
+template <typename T>
+__global__ void sifa_scatter(const T* __restrict__ attn, const T* __restrict__ q, const T* __restrict__ offset,
+                             typename vmm_acc<T>::type* __restrict__ grad_img, vmm_i64 batch, vmm_i64 channels,
+                             vmm_i64 groups, vmm_i64 height, vmm_i64 width, vmm_i64 ksize, vmm_i64 dil,
+                             double scale) {
+    typedef typename vmm_acc<T>::type A;
+    const vmm_i64 kk = ksize * ksize;
+    const vmm_i64 hw_size = height * width;
+    const vmm_i64 per_group = channels / groups;
+    const vmm_i64 pad = dil * (ksize - 1) / 2;
+    VMM_KERNEL_LOOP(i, batch * channels * hw_size) {
+        const vmm_i64 hw = i % hw_size;
+        const vmm_i64 bc = i / hw_size;
+        const vmm_i64 c = bc % channels;
+        const vmm_i64 b = bc / channels;
+        const vmm_i64 h = hw / width;
+        const vmm_i64 w = hw - h * width;
+        const A qv = vmm_load(q, i) * (A)scale;
+        A* map = grad_img + bc * hw_size;
+        const vmm_i64 attn_base = (b * groups + c / per_group) * kk * hw_size + hw;
+        for (vmm_i64 k = 0; k < kk; ++k) {
+            const sifa_cell<A> p = sifa_tap<T, A>(offset, b, k, h, w, kk, ksize, dil, pad, height, width);
+            if (!p.any) continue;
+            const A coef = qv * vmm_load(attn, attn_base + k * hw_size);
+            const A hy = (A)1 - p.ly;
+            const A hx = (A)1 - p.lx;
+            if (p.in00) atomicAdd(map + p.i00, coef * hy * hx);
+            if (p.in01) atomicAdd(map + p.i01, coef * hy * p.lx);
+            if (p.in10) atomicAdd(map + p.i10, coef * p.ly * hx);
+            if (p.in11) atomicAdd(map + p.i11, coef * p.ly * p.lx);
+        }
+    }
+}

@@ -1,0 +1,174 @@
+"""The SIFA ops on the CUDA kernels of ``kernels/sifa.cu``, as autograd Functions.
+
+CUDA tensors launch through CuPy; CPU tensors run the same kernels through host emulation (the test
+suite's way of executing them without a GPU — slow, not a CPU backend). Four kernels serve both ops
+and their backward passes (see the header of ``sifa.cu``):
+
+* correlation: forward ``sifa_correlate``; backward d query = ``sifa_aggregate`` of d attn,
+  d key = ``sifa_scatter``, d offset = ``sifa_offset_grad``.
+* aggregation: forward ``sifa_aggregate``; backward d attn = ``sifa_correlate`` of d out,
+  d value = ``sifa_scatter``, d offset = ``sifa_offset_grad``.
+
+Memory: the forward saves only its inputs, and no kernel allocates more than its output, so the
+backward needs no tensor larger than the inputs (the reference saves K² sampled maps). d key / d value
+are accumulated with atomicAdd into a float32 (float64 for float64) buffer, so on a GPU their last
+bits are not deterministic from run to run; every other gradient is written once per element.
+Double backward is not supported (the backward is not itself differentiable).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from ..kernel_loader import KernelSource
+from .reference import compute_dtype
+
+SIFA_SOURCE = KernelSource("sifa.cu", ("sifa_correlate", "sifa_aggregate", "sifa_offset_grad", "sifa_scatter"))
+
+
+def _geometry(x: torch.Tensor, groups: int, kernel_size: int, dilation: int) -> tuple[int, ...]:
+    batch, channels, height, width = x.shape
+    return (batch, channels, groups, height, width, kernel_size, dilation)
+
+
+def correlate(
+    q: torch.Tensor, img: torch.Tensor, offset: torch.Tensor, kernel_size: int, dilation: int, groups: int, scale: float
+) -> torch.Tensor:
+    """``[B,G·K²,H,W]``: scale · Σ_{c∈g} q · bilinear(img) per tap (contiguous inputs of one dtype)."""
+    batch, _, height, width = q.shape
+    out = q.new_empty((batch, groups * kernel_size**2, height, width))
+    SIFA_SOURCE.launch(
+        "sifa_correlate",
+        (q, img, offset, out, *_geometry(q, groups, kernel_size, dilation), float(scale)),
+        dtype=q.dtype,
+        numel=out.numel(),
+    )
+    return out
+
+
+def aggregate(
+    img: torch.Tensor,
+    attn: torch.Tensor,
+    offset: torch.Tensor,
+    kernel_size: int,
+    dilation: int,
+    groups: int,
+    scale: float,
+) -> torch.Tensor:
+    """``[B,C,H,W]``: scale · Σ_k attn[g(c), k] · bilinear(img[c]) (contiguous inputs of one dtype)."""
+    out = torch.empty_like(img)
+    SIFA_SOURCE.launch(
+        "sifa_aggregate",
+        (img, attn, offset, out, *_geometry(img, groups, kernel_size, dilation), float(scale)),
+        dtype=img.dtype,
+        numel=out.numel(),
+    )
+    return out
+
+
+def offset_grad(
+    attn: torch.Tensor,
+    q: torch.Tensor,
+    img: torch.Tensor,
+    offset: torch.Tensor,
+    kernel_size: int,
+    dilation: int,
+    groups: int,
+    scale: float,
+) -> torch.Tensor:
+    """``[B,2K²,H,W]``: scale · Σ_c attn[g(c),k] · q[c] · ∇_(Δy,Δx) bilinear(img[c]) per tap."""
+    out = torch.empty_like(offset)
+    SIFA_SOURCE.launch(
+        "sifa_offset_grad",
+        (attn, q, img, offset, out, *_geometry(q, groups, kernel_size, dilation), float(scale)),
+        dtype=q.dtype,
+        numel=out.numel() // 2,
+    )
+    return out
+
+
+def scatter(
+    attn: torch.Tensor,
+    q: torch.Tensor,
+    offset: torch.Tensor,
+    kernel_size: int,
+    dilation: int,
+    groups: int,
+    scale: float,
+) -> torch.Tensor:
+    """``[B,C,H,W]``: the transpose of sampling — each (b,c,h,w) sends scale · attn · q through the
+    bilinear corners of its K² sample points (atomicAdd into an accumulation-type buffer)."""
+    buf = torch.zeros(q.shape, dtype=compute_dtype(q.dtype), device=q.device)
+    SIFA_SOURCE.launch(
+        "sifa_scatter",
+        (attn, q, offset, buf, *_geometry(q, groups, kernel_size, dilation), float(scale)),
+        dtype=q.dtype,
+        numel=q.numel(),
+    )
+    return buf.to(q.dtype)
+
+
+class DeformCorrelationFunction(torch.autograd.Function):
+    """``deform_correlation`` on the kernels; inputs validated by the caller (one dtype and device)."""
+
+    @staticmethod
+    def forward(ctx, query, key, offset, kernel_size: int, dilation: int, groups: int):
+        query, key, offset = query.contiguous(), key.contiguous(), offset.contiguous()
+        ctx.save_for_backward(query, key, offset)
+        ctx.window = (kernel_size, dilation, groups)
+        scale = groups / query.shape[1]  # the channel mean within a group
+        return correlate(query, key, offset, kernel_size, dilation, groups, scale)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_attn):
+        query, key, offset = ctx.saved_tensors
+        kernel_size, dilation, groups = ctx.window
+        grad_attn = grad_attn.contiguous()
+        scale = groups / query.shape[1]
+        window = (kernel_size, dilation, groups, scale)
+        need_q, need_k, need_o = ctx.needs_input_grad[:3]
+        grad_q = aggregate(key, grad_attn, offset, *window) if need_q else None
+        grad_k = scatter(grad_attn, query, offset, *window) if need_k else None
+        grad_o = offset_grad(grad_attn, query, key, offset, *window) if need_o else None
+        return grad_q, grad_k, grad_o, None, None, None
+
+
+class DeformAggregationFunction(torch.autograd.Function):
+    """``deform_aggregation`` on the kernels; inputs validated by the caller (one dtype and device)."""
+
+    @staticmethod
+    def forward(ctx, value, attn, offset, kernel_size: int, dilation: int, groups: int):
+        value, attn, offset = value.contiguous(), attn.contiguous(), offset.contiguous()
+        ctx.save_for_backward(value, attn, offset)
+        ctx.window = (kernel_size, dilation, groups)
+        return aggregate(value, attn, offset, kernel_size, dilation, groups, 1.0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        value, attn, offset = ctx.saved_tensors
+        kernel_size, dilation, groups = ctx.window
+        grad_out = grad_out.contiguous()
+        window = (kernel_size, dilation, groups, 1.0)
+        need_v, need_a, need_o = ctx.needs_input_grad[:3]
+        grad_v = scatter(attn, grad_out, offset, *window) if need_v else None
+        grad_a = correlate(grad_out, value, offset, *window) if need_a else None
+        grad_o = offset_grad(attn, grad_out, value, offset, *window) if need_o else None
+        return grad_v, grad_a, grad_o, None, None, None
+
+
+def deform_correlation_kernels(
+    query: torch.Tensor, key: torch.Tensor, offset: torch.Tensor, kernel_size: int, dilation: int, groups: int
+) -> torch.Tensor:
+    """The kernel path of ``deform_correlation`` for validated, non-empty inputs on any device the
+    loader runs (CUDA through CuPy, CPU through host emulation)."""
+    return DeformCorrelationFunction.apply(query, key, offset, kernel_size, dilation, groups)
+
+
+def deform_aggregation_kernels(
+    value: torch.Tensor, attn: torch.Tensor, offset: torch.Tensor, kernel_size: int, dilation: int, groups: int
+) -> torch.Tensor:
+    """The kernel path of ``deform_aggregation`` (see :func:`deform_correlation_kernels`)."""
+    return DeformAggregationFunction.apply(value, attn, offset, kernel_size, dilation, groups)

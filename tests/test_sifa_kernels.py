@@ -1,0 +1,253 @@
+"""SIFA's CUDA kernels (ops/kernels/sifa.cu) against the pure-PyTorch reference.
+
+Without a GPU the kernels run through host emulation: the autograd Functions are called directly with
+CPU tensors (the public ``backend="cupy"`` insists on CUDA tensors). The ``gpu`` tests launch the same
+sources through CuPy.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ops
+from ops.sifa.kernels import deform_aggregation_kernels, deform_correlation_kernels
+from ops.sifa.reference import deform_aggregation_reference, deform_correlation_reference
+
+CASES = [  # (C, groups, kernel_size, dilation)
+    (4, 1, 3, 1),
+    (4, 2, 3, 1),
+    (6, 3, 3, 2),
+    (3, 1, 1, 1),
+    (2, 2, 5, 1),
+]
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def fractional_offsets(batch, kernel_size, height, width, spread=2, dtype=torch.float64, device="cpu"):
+    """Offsets with fractional part in [0.2, 0.8]: sample points away from the integer coordinates where
+    bilinear interpolation is not differentiable (and where two correct implementations may pick
+    different one-sided derivatives). ``spread`` 6 on a small map pushes points partly and wholly off it."""
+    shape = (batch, 2 * kernel_size**2, height, width)
+    whole = torch.randint(-spread, spread + 1, shape)
+    return (whole + 0.2 + 0.6 * torch.rand(shape, dtype=torch.float64)).to(dtype=dtype, device=device)
+
+
+def random_inputs(
+    channels, groups, kernel_size, batch=2, height=4, width=5, spread=2, dtype=torch.float64, device="cpu"
+):
+    def rnd(*shape):
+        return torch.randn(*shape, dtype=torch.float64).to(dtype=dtype, device=device)
+
+    query = rnd(batch, channels, height, width)
+    key = rnd(batch, channels, height, width)
+    offset = fractional_offsets(batch, kernel_size, height, width, spread, dtype, device)
+    attn = rnd(batch, groups * kernel_size**2, height, width)
+    return query, key, offset, attn
+
+
+def both_ops(fns, query, key, offset, attn, window):
+    """Outputs and all six input gradients of both ops through ``fns`` = (correlation, aggregation)."""
+    corr_fn, agg_fn = fns
+    inputs = [t.detach().clone().requires_grad_() for t in (query, key, offset, attn)]
+    q, k, o, a = inputs
+    out_c = corr_fn(q, k, o, *window)
+    g_c = torch.autograd.grad(out_c, (q, k, o), _cotangent(out_c))
+    out_a = agg_fn(k, a, o, *window)
+    g_a = torch.autograd.grad(out_a, (k, a, o), _cotangent(out_a))
+    return (out_c, *g_c, out_a, *g_a)
+
+
+def _cotangent(t: torch.Tensor) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(t.numel())
+    return torch.randn(t.shape, generator=gen, dtype=torch.float64).to(dtype=t.dtype, device=t.device)
+
+
+KERNELS = (deform_correlation_kernels, deform_aggregation_kernels)
+REFERENCE = (deform_correlation_reference, deform_aggregation_reference)
+NAMES = ("attn", "d query", "d key", "d offset (corr)", "out", "d value", "d attn", "d offset (agg)")
+
+
+def assert_all_close(got, expected, dtype):
+    tol = TOL[dtype]
+    for name, g, e in zip(NAMES, got, expected, strict=True):
+        assert g.dtype == e.dtype == dtype, name
+        torch.testing.assert_close(g.double(), e.double(), rtol=tol, atol=tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize(("channels", "groups", "kernel_size", "dilation"), CASES)
+@pytest.mark.parametrize("spread", [2, 6])
+def test_emulated_kernels_match_reference_values_and_gradients(channels, groups, kernel_size, dilation, spread):
+    inputs = random_inputs(channels, groups, kernel_size, spread=spread)
+    window = (kernel_size, dilation, groups)
+    assert_all_close(both_ops(KERNELS, *inputs, window), both_ops(REFERENCE, *inputs, window), torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_emulated_kernels_low_precision(dtype):
+    # Both sides read the same 16-bit inputs and compute in float32; they differ by summation order and
+    # the final rounding, so the tolerance is a few units in the last place of the storage type.
+    inputs = random_inputs(4, 2, 3, dtype=dtype)
+    window = (3, 1, 2)
+    assert_all_close(both_ops(KERNELS, *inputs, window), both_ops(REFERENCE, *inputs, window), dtype)
+
+
+@pytest.mark.parametrize(("channels", "groups", "kernel_size", "dilation"), [(4, 2, 3, 1), (2, 1, 3, 2)])
+def test_emulated_kernels_gradcheck(channels, groups, kernel_size, dilation):
+    query, key, offset, attn = random_inputs(channels, groups, kernel_size, batch=1, height=3, width=4)
+    query, key, offset, attn = (t.requires_grad_() for t in (query, key, offset, attn))
+
+    def corr(q, k, o):
+        return deform_correlation_kernels(q, k, o, kernel_size, dilation, groups)
+
+    def agg(v, a, o):
+        return deform_aggregation_kernels(v, a, o, kernel_size, dilation, groups)
+
+    assert torch.autograd.gradcheck(corr, (query, key, offset))
+    assert torch.autograd.gradcheck(agg, (key, attn, offset))
+
+
+def test_emulated_kernels_zero_offsets_and_integer_sample_points():
+    # Zero offsets put every sample point on the pixel grid (including y = -1 / x = W at the border):
+    # values must match exactly what the reference gives there.
+    query, key, _, attn = random_inputs(4, 1, 3)
+    offset = torch.zeros(2, 18, 4, 5, dtype=torch.float64)
+    torch.testing.assert_close(
+        deform_correlation_kernels(query, key, offset, 3, 1, 1),
+        deform_correlation_reference(query, key, offset, 3, 1, 1),
+    )
+    torch.testing.assert_close(
+        deform_aggregation_kernels(key, attn, offset, 3, 1, 1), deform_aggregation_reference(key, attn, offset, 3, 1, 1)
+    )
+
+
+def test_emulated_kernels_non_contiguous_inputs_and_partial_gradients():
+    query, key, offset, attn = random_inputs(4, 1, 3, height=5, width=5)
+    q_nc, o_nc = query.transpose(2, 3), offset.transpose(2, 3)
+    k_nc = torch.cat((key, key.flip(3)), dim=3)[..., ::2]  # strided along W
+    assert not (q_nc.is_contiguous() or o_nc.is_contiguous() or k_nc.is_contiguous())
+    k_nc.requires_grad_()
+    out = deform_correlation_kernels(q_nc, k_nc, o_nc, 3, 1, 1)
+    expected = deform_correlation_reference(q_nc.contiguous(), k_nc.detach().contiguous(), o_nc.contiguous(), 3, 1, 1)
+    torch.testing.assert_close(out, expected)
+    # only key requires grad: the Function must return None for the others and a correct d key
+    (g_key,) = torch.autograd.grad(out, (k_nc,), _cotangent(out))
+    k_ref = k_nc.detach().clone().requires_grad_()
+    ref = deform_correlation_reference(q_nc, k_ref, o_nc, 3, 1, 1)
+    (g_ref,) = torch.autograd.grad(ref, (k_ref,), _cotangent(ref))
+    torch.testing.assert_close(g_key, g_ref)
+
+
+def test_emulated_kernels_batch_zero():
+    query, key, offset, attn = (t[:0] for t in random_inputs(4, 2, 3))
+    query.requires_grad_()
+    attn_out = deform_correlation_kernels(query, key, offset, 3, 1, 2)
+    assert attn_out.shape == (0, 18, 4, 5)
+    out = deform_aggregation_kernels(key, attn_out, offset, 3, 1, 2)
+    assert out.shape == (0, 4, 4, 5)
+    out.sum().backward()
+    assert query.grad.shape == query.shape
+
+
+def test_backend_auto_uses_reference_on_cpu():
+    # On CPU "auto" is the differentiable reference: its graph has no kernel Function in it.
+    query, key, offset, _ = random_inputs(2, 1, 3)
+    attn = ops.deform_correlation(query.requires_grad_(), key, offset)
+    assert "DeformCorrelationFunction" not in type(attn.grad_fn).__name__
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+
+
+def _cuda_inputs(dtype, device="cuda", **kw):
+    return random_inputs(16, 2, 3, batch=3, height=9, width=11, dtype=dtype, device=device, **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("spread", [2, 6])
+def test_cupy_matches_reference(dtype, spread):
+    inputs = _cuda_inputs(dtype, spread=spread)
+    window = (3, 1, 2)
+    cupy = (
+        lambda q, k, o, *w: ops.deform_correlation(q, k, o, *w, backend="cupy"),
+        lambda v, a, o, *w: ops.deform_aggregation(v, a, o, *w, backend="cupy"),
+    )
+    got = both_ops(cupy, *inputs, window)
+    # 16-bit: the reference is evaluated on the same 16-bit inputs in float32, summation order differs.
+    tol = {torch.float16: 5e-3, torch.bfloat16: 3e-2}.get(dtype, TOL[dtype])
+    expected = both_ops(REFERENCE, *inputs, window)
+    for name, g, e in zip(NAMES, got, expected, strict=True):
+        assert g.dtype == dtype and g.device == inputs[0].device, name
+        torch.testing.assert_close(g.double(), e.double(), rtol=tol, atol=tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.gpu
+def test_cupy_auto_backend_and_gradcheck():
+    query, key, offset, attn = random_inputs(4, 2, 3, batch=1, height=3, width=4, device="cuda")
+    out = ops.deform_correlation(query.requires_grad_(), key, offset, groups=2)
+    assert "DeformCorrelationFunction" in type(out.grad_fn).__name__
+    key.requires_grad_()
+    offset.requires_grad_()
+    attn.requires_grad_()
+    assert torch.autograd.gradcheck(lambda q, k, o: ops.deform_correlation(q, k, o, groups=2), (query, key, offset))
+    assert torch.autograd.gradcheck(lambda v, a, o: ops.deform_aggregation(v, a, o, groups=2), (key, attn, offset))
+
+
+@pytest.mark.gpu
+def test_cupy_non_default_stream():
+    inputs = _cuda_inputs(torch.float32)
+    expected = both_ops(REFERENCE, *inputs, (3, 1, 2))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        got = both_ops(KERNELS, *inputs, (3, 1, 2))
+    stream.synchronize()
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_cupy_second_device():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    inputs = _cuda_inputs(torch.float32, device="cuda:1")
+    got = both_ops(KERNELS, *inputs, (3, 1, 2))
+    expected = both_ops(REFERENCE, *inputs, (3, 1, 2))
+    for g, e in zip(got, expected, strict=True):
+        assert g.device == torch.device("cuda:1")
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_cupy_under_autocast_keeps_input_dtype():
+    block = ops.SIFA(16, groups=2, offset_init="kaiming").cuda()
+    x = torch.randn(2, 16, 3, 8, 8, device="cuda", dtype=torch.float16)
+    with torch.autocast("cuda", dtype=torch.float16):
+        y = block(x)
+    assert y.dtype == torch.float16
+    ref = ops.SIFA(16, groups=2, backend="torch").cuda()
+    ref.load_state_dict(block.state_dict())
+    with torch.autocast("cuda", dtype=torch.float16):
+        y_ref = ref(x)
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_cupy_beyond_int32_indexing():
+    # value has 2^31 elements (4 GiB in float16): flat indices and channel offsets overflow 32 bits.
+    # With groups = C/2 and K = 1 every output channel depends on two input channels only, so the last
+    # ones can be checked against the reference on a slice.
+    channels, size = 2**15, 256
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    value = torch.randn(1, channels, size, size, device="cuda", dtype=torch.float16, generator=gen)
+    offset = (torch.rand(1, 2, size, size, device="cuda", generator=gen) * 4 - 2).half()
+    groups = channels // 2
+    attn = deform_correlation_kernels(value, value, offset, 1, 1, groups)
+    out = deform_aggregation_kernels(value, attn, offset, 1, 1, groups)
+    tail = value[:, -4:].float()
+    attn_ref = deform_correlation_reference(tail, tail, offset.float(), 1, 1, 2)
+    torch.testing.assert_close(attn[:, -2:].float(), attn_ref, rtol=5e-3, atol=5e-3)
+    out_ref = deform_aggregation_reference(tail, attn[:, -2:].float(), offset.float(), 1, 1, 2)
+    torch.testing.assert_close(out[:, -4:].float(), out_ref, rtol=5e-3, atol=5e-3)
