@@ -242,3 +242,20 @@ def test_warmup_cosine_per_iteration_and_no_decay_groups(tmp_path):
     decays = {g["weight_decay"]: sum(p.numel() for p in g["params"]) for g in opt.param_groups}
     n_low = sum(p.numel() for p in model.net.parameters() if p.ndim <= 1)
     assert decays == {0.0: n_low, 1e-3: sum(p.numel() for p in model.net.parameters()) - n_low}
+
+
+def test_flow_layer_parameters_get_their_own_lr():
+    import ops
+
+    net = TinyNet(2)
+    net.flow = ops.FlowLayer(4, n_iter=1)
+    model = VideoClassifier(net, lr=0.2, flow_lr_scale=0.01, weight_decay=1e-4)
+    groups = model.param_groups()
+    flow_ids = {id(p) for p in net.flow.parameters()}
+    for g in groups:
+        is_flow = {id(p) in flow_ids for p in g["params"]}
+        assert len(is_flow) == 1  # a group is all flow or all non-flow
+        assert g["lr"] == pytest.approx(0.002 if is_flow.pop() else 0.2)
+        assert g["weight_decay"] == (1e-4 if all(p.ndim > 1 for p in g["params"]) else 0.0)
+    assert sum(len(g["params"]) for g in groups) == len(list(net.parameters()))
+    assert {id(p) for g in groups for p in g["params"] if g["lr"] < 0.1} == flow_ids
