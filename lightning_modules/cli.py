@@ -29,6 +29,7 @@ from .classifier import VideoClassifier, _gather_objects
 __all__ = ["VMMCLI", "VMMTrainer", "PredictionWriter", "main", "predict_files"]
 
 DATA_CONFIG_KEY = "vmm_data_config"
+PREDICT_SETTINGS_KEY = "vmm_test_settings"
 
 
 class VMMTrainer(Trainer):
@@ -73,11 +74,8 @@ class VMMTrainer(Trainer):
 
 
 class _StoreDataConfig(Callback):
-    """Puts the datamodule's config (class_path + init_args) into every checkpoint.
-
-    `vmm predict <files>` reads it to decode new videos the way the model was trained and tested
-    (clip length, frame stride, crop size, views).
-    """
+    """Puts the datamodule's config (class_path + init_args) and its test-view settings into every
+    checkpoint, so `vmm predict <files>` decodes new videos the way the model was tested."""
 
     def __init__(self, data_config: dict[str, Any] | None) -> None:
         self.data_config = data_config
@@ -85,6 +83,9 @@ class _StoreDataConfig(Callback):
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         if self.data_config is not None:
             checkpoint[DATA_CONFIG_KEY] = self.data_config
+        settings = getattr(trainer.datamodule, "test_settings", None)
+        if isinstance(settings, dict):
+            checkpoint[PREDICT_SETTINGS_KEY] = dict(settings)
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -203,7 +204,7 @@ def predict_files(
     *,
     output: str | Path | None = None,
     top_k: int | None = None,
-    batch_size: int = 4,
+    batch_size: int = 1,
     num_workers: int = 0,
     accelerator: str = "auto",
     devices: int | str = 1,
@@ -212,11 +213,12 @@ def predict_files(
     """Top-k classes of each video file with a `vmm fit` checkpoint; prints them and writes JSON.
 
     The network is rebuilt from the checkpoint's hyperparameters, the class names come from the
-    checkpoint, and clips are decoded with the clip settings of the datamodule it was trained with
-    (see `datamodules.VideoFilesDataset.from_data_config`). Returns one dict per decoded video
+    checkpoint, and clips are decoded with the test-view settings (clip length, frame interval,
+    clips x crops, short side, crop size) of the datamodule it was trained with. Returns one dict per decoded video
     (`video`, `views`, `top_k` = list of {class_id, class_name, prob}); failures are printed.
     """
-    from datamodules import VideoFilesDataset  # lazily: `vmm --help` must not need the data stack
+    # Imported here: `vmm --help` must not need the data stack.
+    from datamodules.dataset import VideoFilesDataset, collate_clips
 
     ckpt_path = Path(ckpt_path)
     if not ckpt_path.is_file():
@@ -235,9 +237,12 @@ def predict_files(
     model = VideoClassifier.load_from_checkpoint(ckpt_path, map_location="cpu")
     if top_k is not None:
         model.hparams.top_k = top_k
-    dataset = VideoFilesDataset.from_data_config([str(v) for v in videos], ckpt.get(DATA_CONFIG_KEY))
+    settings = ckpt.get(PREDICT_SETTINGS_KEY)
+    if settings is None:
+        raise ValueError(f"{ckpt_path} has no test-view settings ({PREDICT_SETTINGS_KEY}); was it written by vmm fit?")
+    dataset = VideoFilesDataset([str(v) for v in videos], **settings)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=getattr(dataset, "collate", None)
+        dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_clips
     )
     writer = PredictionWriter(str(output) if output else None, video_names=[str(v) for v in videos])
     trainer_kwargs: dict[str, Any] = {"accelerator": accelerator, "devices": devices, "logger": False}
@@ -263,7 +268,7 @@ def _predict_files_main(argv: list[str]) -> None:
     p.add_argument("--ckpt_path", required=True, help="checkpoint written by vmm fit")
     p.add_argument("--output", default=None, help="JSON output (default: <ckpt>.predictions.json)")
     p.add_argument("--top_k", type=int, default=5)
-    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--batch_size", type=int, default=1, help="videos per batch (each with all its views)")
     p.add_argument("--num_workers", type=int, default=0)
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--devices", default="1")
