@@ -8,6 +8,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ..kernel_loader import cupy_available
+from .fused import tvl1_fused
 from .reference import tvl1_reference
 
 BACKENDS = ("auto", "torch", "cupy")
@@ -129,10 +131,38 @@ def tvl1_flow(
         displacement, in pixels, in the inputs' dtype (16-bit inputs are computed in float32).
     """
     _check_images(i0, i1)
-    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
-        raise ValueError(f"n_iter must be an int >= 1, got {n_iter!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "cupy":
+        if i0.device.type != "cuda":
+            raise ValueError(f"backend 'cupy' needs CUDA tensors, got i0 on {i0.device}")
+        if not cupy_available():
+            raise RuntimeError(
+                "backend 'cupy' needs CuPy: pip install 'video-motion-modules[cuda12]' (or [cuda13])"
+            )
+    use_kernels = backend == "cupy" or (backend == "auto" and i0.device.type == "cuda" and cupy_available())
+    return _tvl1_flow(i0, i1, n_iter, theta, lam, tau, stencils, kernels=use_kernels)
+
+
+def _tvl1_flow(
+    i0: Tensor,
+    i1: Tensor,
+    n_iter: int,
+    theta: Tensor | float,
+    lam: Tensor | float,
+    tau: Tensor | float,
+    stencils: Sequence[Tensor] | None,
+    *,
+    kernels: bool,
+) -> Tensor:
+    """Validate, cast to the compute dtype, run the reference (``kernels=False``) or the fused kernels.
+
+    With ``kernels=True`` and CPU tensors the kernels run through host emulation: the tests' way of
+    executing the CUDA path without a GPU (slow; tiny shapes only).
+    """
+    _check_images(i0, i1)
+    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
+        raise ValueError(f"n_iter must be an int >= 1, got {n_iter!r}")
     dtype = compute_dtype(i0.dtype)
     theta = _check_scalar("theta", theta, i0, dtype)
     lam = _check_scalar("lam", lam, i0, dtype)
@@ -141,5 +171,6 @@ def tvl1_flow(
     b, c, h, w = i0.shape
     if i0.numel() == 0:
         return i0.new_zeros((b, 2 * c, h, w))
-    out = tvl1_reference(i0.to(dtype), i1.to(dtype), n_iter, theta, lam, tau, taps)
+    impl = tvl1_fused if kernels else tvl1_reference
+    out = impl(i0.to(dtype), i1.to(dtype), n_iter, theta, lam, tau, taps)
     return out.to(i0.dtype)

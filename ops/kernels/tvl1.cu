@@ -1,0 +1,289 @@
+// The TV-L1 iteration of Representation Flow (repflow.md §1), fused, and its hand-written adjoint.
+//
+// Layouts (all contiguous, T = the compute type, float or double in practice):
+//   gx, gy, rho_c   [B,C,H,W]    image gradient of i1 and i1 - i0 (computed by torch, once per call)
+//   u               [B,2C,H,W]   u1 (channels 0..C-1) then u2 (C..2C-1): exactly the op's output
+//   p               [B,4C,H,W]   p11, p12, p21, p22 (p_m1 along W, p_m2 along H, for component m)
+//   params          [3]          theta_e = |theta| + 1e-12, lt = lambda * theta_e, r = tau / theta_e
+//   st              [C,8]        fwd_x (2 taps), fwd_y, div_x, div_y, per channel
+//
+// One forward iteration is two launches: tvl1_primal (threshold + divergence + u update; it reads
+// p of the left/upper neighbour) and tvl1_dual (forward difference + p update; it reads the new u
+// of the right/lower neighbour). Each thread owns one pixel of one (b, c) plane and handles both
+// flow components, so both launches update in place without races.
+//
+// The adjoint of one iteration is two launches as well, in gather form (no atomics): tvl1_dual_adj
+// writes the adjoint of the forward differences (gbar) and scales pbar, tvl1_primal_adj gathers
+// gbar and the divergence's transpose from the neighbours. Gradients of the scalars and stencils
+// are sums over (B, H, W) (per channel): each thread walks a strip of K pixels of one plane (pixel
+// j, j+J, j+2J, ... so a warp still reads consecutive addresses), sums in registers, and adds its
+// sums to its own slot of acc [11, n_slots]; torch reduces acc at the end. Slots are owned by one
+// thread and the mapping is the same in every launch, so the result is deterministic.
+#include "vmm_common.cuh"
+
+#define TVL1_EPS 1e-12
+
+// Accumulator rows of acc [11, n_slots].
+#define ACC_R 0      // d/dr
+#define ACC_FX0 1    // fwd_x taps, fwd_y taps (4 rows)
+#define ACC_THETA 5  // d/dtheta_e through theta_e * div(p)
+#define ACC_LT 6     // d/d(lambda * theta_e)
+#define ACC_DX0 7    // div_x taps, div_y taps (4 rows)
+#define ACC_ROWS 11
+
+template <typename T>
+__global__ void tvl1_primal(const T* __restrict__ gx, const T* __restrict__ gy, const T* __restrict__ rho_c,
+                            const T* __restrict__ params, const T* __restrict__ st,
+                            const T* u_in, T* u_out, const T* __restrict__ p,
+                            vmm_i64 B, vmm_i64 C, vmm_i64 H, vmm_i64 W) {
+    typedef typename vmm_acc<T>::type acc_t;
+    const vmm_i64 HW = H * W;
+    const vmm_i64 CHW = C * HW;
+    const acc_t eps = (acc_t)TVL1_EPS;
+    const acc_t theta = vmm_load(params, 0);
+    const acc_t lt = vmm_load(params, 1);
+    VMM_KERNEL_LOOP(i, B * CHW) {
+        const vmm_i64 b = i / CHW;
+        const vmm_i64 c = (i - b * CHW) / HW;
+        const vmm_i64 hw = i - (b * C + c) * HW;
+        const vmm_i64 h = hw / W;
+        const vmm_i64 w = hw - h * W;
+        const vmm_i64 iu = i + b * CHW;        // u1 at [b, c]; u2 at [b, C + c]
+        const vmm_i64 ip = i + 3 * b * CHW;    // p11 at [b, c]; p12, p21, p22 at +CHW, +2CHW, +3CHW
+        const acc_t dx0 = vmm_load(st, c * 8 + 4), dx1 = vmm_load(st, c * 8 + 5);
+        const acc_t dy0 = vmm_load(st, c * 8 + 6), dy1 = vmm_load(st, c * 8 + 7);
+
+        const acc_t g1 = vmm_load(gx, i), g2 = vmm_load(gy, i);
+        const acc_t grad = g1 * g1 + g2 * g2 + eps;
+        const acc_t u1 = vmm_load(u_in, iu), u2 = vmm_load(u_in, iu + CHW);
+        const acc_t rho = vmm_load(rho_c, i) + g1 * u1 + g2 * u2;
+        acc_t v1 = 0, v2 = 0;
+        if (rho < -(lt * grad)) {
+            v1 = lt * g1;
+            v2 = lt * g2;
+        } else if (rho > lt * grad) {
+            v1 = -lt * g1;
+            v2 = -lt * g2;
+        } else if (grad > eps) {
+            const acc_t step = -rho / grad;
+            v1 = step * g1;
+            v2 = step * g2;
+        }
+        acc_t div[2];
+        for (int m = 0; m < 2; ++m) {
+            const vmm_i64 q = ip + 2 * m * CHW;  // p_m1; p_m2 at q + CHW
+            // p~ along W: last column is 0, column -1 is 0; along H likewise with rows.
+            const acc_t a_left = (w > 0) ? vmm_load(p, q - 1) : (acc_t)0;
+            const acc_t a_here = (w < W - 1) ? vmm_load(p, q) : (acc_t)0;
+            const acc_t b_up = (h > 0) ? vmm_load(p, q + CHW - W) : (acc_t)0;
+            const acc_t b_here = (h < H - 1) ? vmm_load(p, q + CHW) : (acc_t)0;
+            div[m] = (dx0 * a_left + dx1 * a_here) + (dy0 * b_up + dy1 * b_here);
+        }
+        vmm_store(u_out + iu, u1 + v1 + theta * div[0]);
+        vmm_store(u_out + iu + CHW, u2 + v2 + theta * div[1]);
+    }
+}
+
+template <typename T>
+__global__ void tvl1_dual(const T* __restrict__ params, const T* __restrict__ st, const T* __restrict__ u,
+                          T* __restrict__ p, vmm_i64 B, vmm_i64 C, vmm_i64 H, vmm_i64 W) {
+    typedef typename vmm_acc<T>::type acc_t;
+    const vmm_i64 HW = H * W;
+    const vmm_i64 CHW = C * HW;
+    const acc_t eps = (acc_t)TVL1_EPS;
+    const acc_t r = vmm_load(params, 2);
+    VMM_KERNEL_LOOP(i, B * CHW) {
+        const vmm_i64 b = i / CHW;
+        const vmm_i64 c = (i - b * CHW) / HW;
+        const vmm_i64 hw = i - (b * C + c) * HW;
+        const vmm_i64 h = hw / W;
+        const vmm_i64 w = hw - h * W;
+        const acc_t fx0 = vmm_load(st, c * 8 + 0), fx1 = vmm_load(st, c * 8 + 1);
+        const acc_t fy0 = vmm_load(st, c * 8 + 2), fy1 = vmm_load(st, c * 8 + 3);
+        for (int m = 0; m < 2; ++m) {
+            const vmm_i64 iu = i + b * CHW + m * CHW;
+            const vmm_i64 q = i + 3 * b * CHW + 2 * m * CHW;
+            const acc_t z = vmm_load(u, iu);
+            const acc_t zx = (w < W - 1) ? fx0 * z + fx1 * vmm_load(u, iu + 1) : (acc_t)0;
+            const acc_t zy = (h < H - 1) ? fy0 * z + fy1 * vmm_load(u, iu + W) : (acc_t)0;
+            const acc_t s = 1 + r * sqrt(zx * zx + zy * zy + eps);
+            vmm_store(p + q, (vmm_load(p, q) + r * zx) / s);
+            vmm_store(p + q + CHW, (vmm_load(p, q + CHW) + r * zy) / s);
+        }
+    }
+}
+
+// Adjoint of tvl1_dual. In: u = u_k (after the primal step), p = p_{k-1} (before the dual step),
+// pbar = adjoint of p_k. Out: pbar := adjoint of p_{k-1} through the dual step (pbar / s); gbar
+// [B,4C,H,W] = adjoints of (u1x, u1y, u2x, u2y), zero where the difference is identically zero;
+// acc rows ACC_R and ACC_FX0..+3 += this strip's sums.
+template <typename T>
+__global__ void tvl1_dual_adj(const T* __restrict__ params, const T* __restrict__ st, const T* __restrict__ u,
+                              const T* __restrict__ p, T* __restrict__ pbar, T* __restrict__ gbar,
+                              T* __restrict__ acc, vmm_i64 B, vmm_i64 C, vmm_i64 H, vmm_i64 W, vmm_i64 J,
+                              vmm_i64 n_slots) {
+    typedef typename vmm_acc<T>::type acc_t;
+    const vmm_i64 HW = H * W;
+    const vmm_i64 CHW = C * HW;
+    const acc_t eps = (acc_t)TVL1_EPS;
+    const acc_t r = vmm_load(params, 2);
+    VMM_KERNEL_LOOP(slot, n_slots) {
+        const vmm_i64 bc = slot / J;
+        const vmm_i64 b = bc / C;
+        const vmm_i64 c = bc - b * C;
+        const acc_t fx0 = vmm_load(st, c * 8 + 0), fx1 = vmm_load(st, c * 8 + 1);
+        const acc_t fy0 = vmm_load(st, c * 8 + 2), fy1 = vmm_load(st, c * 8 + 3);
+        acc_t s_r = 0, s_fx0 = 0, s_fx1 = 0, s_fy0 = 0, s_fy1 = 0;
+        for (vmm_i64 hw = slot - bc * J; hw < HW; hw += J) {
+            const vmm_i64 h = hw / W;
+            const vmm_i64 w = hw - h * W;
+            const vmm_i64 i = bc * HW + hw;
+            for (int m = 0; m < 2; ++m) {
+                const vmm_i64 iu = i + b * CHW + m * CHW;
+                const vmm_i64 q = i + 3 * b * CHW + 2 * m * CHW;
+                const bool has_x = w < W - 1, has_y = h < H - 1;
+                const acc_t z = vmm_load(u, iu);
+                const acc_t z_right = has_x ? vmm_load(u, iu + 1) : (acc_t)0;
+                const acc_t z_down = has_y ? vmm_load(u, iu + W) : (acc_t)0;
+                const acc_t zx = has_x ? fx0 * z + fx1 * z_right : (acc_t)0;
+                const acc_t zy = has_y ? fy0 * z + fy1 * z_down : (acc_t)0;
+                const acc_t n = sqrt(zx * zx + zy * zy + eps);
+                const acc_t s = 1 + r * n;
+                const acc_t pa = (vmm_load(p, q) + r * zx) / s;
+                const acc_t pb = (vmm_load(p, q + CHW) + r * zy) / s;
+                const acc_t ba = vmm_load(pbar, q), bb = vmm_load(pbar, q + CHW);
+                // p_new = (p_old + r z') / s with s = 1 + r n: dp_new/ds = -p_new / s, ds/dz' = r z' / n.
+                const acc_t qs = ba * pa + bb * pb;
+                const acc_t zxbar = has_x ? (r * ba - qs * r * zx / n) / s : (acc_t)0;
+                const acc_t zybar = has_y ? (r * bb - qs * r * zy / n) / s : (acc_t)0;
+                s_r += (ba * zx + bb * zy - qs * n) / s;
+                s_fx0 += zxbar * z;
+                s_fx1 += zxbar * z_right;
+                s_fy0 += zybar * z;
+                s_fy1 += zybar * z_down;
+                vmm_store(pbar + q, ba / s);
+                vmm_store(pbar + q + CHW, bb / s);
+                vmm_store(gbar + q, zxbar);
+                vmm_store(gbar + q + CHW, zybar);
+            }
+        }
+        const acc_t sums[5] = {s_r, s_fx0, s_fx1, s_fy0, s_fy1};
+        for (int k = 0; k < 5; ++k) {
+            T* a = acc + (ACC_R + k) * n_slots + slot;
+            vmm_store(a, vmm_load(a, 0) + sums[k]);
+        }
+    }
+}
+
+// Adjoint of u_k at pixel (h, w) of component m: the adjoint arriving from iteration k+1 plus, when
+// the dual step ran, the transpose of the forward differences applied to gbar.
+template <typename T>
+__device__ __forceinline__ typename vmm_acc<T>::type tvl1_full_ubar(
+    const T* ubar_in, const T* gbar, bool has_dual, vmm_i64 iu, vmm_i64 q, vmm_i64 CHW, vmm_i64 h, vmm_i64 w,
+    vmm_i64 W, typename vmm_acc<T>::type fx0, typename vmm_acc<T>::type fx1, typename vmm_acc<T>::type fy0,
+    typename vmm_acc<T>::type fy1) {
+    typedef typename vmm_acc<T>::type acc_t;
+    acc_t v = vmm_load(ubar_in, iu);
+    if (has_dual) {
+        v += fx0 * vmm_load(gbar, q) + fy0 * vmm_load(gbar, q + CHW);
+        if (w > 0) v += fx1 * vmm_load(gbar, q - 1);
+        if (h > 0) v += fy1 * vmm_load(gbar, q + CHW - W);
+    }
+    return v;
+}
+
+// Adjoint of tvl1_primal. In: u = u_{k-1}, p = p_{k-1}, ubar_in = adjoint of u_k from iteration
+// k+1, gbar from tvl1_dual_adj (if has_dual), pbar = adjoint of p_{k-1} through the dual step.
+// Out: ubar_out = adjoint of u_{k-1} (a different buffer from ubar_in: neighbours read ubar_in);
+// pbar += theta * div^T(ubar_k); ggx, ggy, grho += this iteration's adjoints of gx, gy, rho_c;
+// acc rows ACC_THETA, ACC_LT, ACC_DX0..+3 += this strip's sums. Gradients follow the selected
+// threshold branch, not the selection.
+template <typename T>
+__global__ void tvl1_primal_adj(const T* __restrict__ gx, const T* __restrict__ gy, const T* __restrict__ rho_c,
+                                const T* __restrict__ params, const T* __restrict__ st, const T* __restrict__ u,
+                                const T* __restrict__ p, const T* __restrict__ ubar_in, const T* __restrict__ gbar,
+                                vmm_i64 has_dual, T* __restrict__ ubar_out, T* __restrict__ pbar,
+                                T* __restrict__ ggx, T* __restrict__ ggy, T* __restrict__ grho, T* __restrict__ acc,
+                                vmm_i64 B, vmm_i64 C, vmm_i64 H, vmm_i64 W, vmm_i64 J, vmm_i64 n_slots) {
+    typedef typename vmm_acc<T>::type acc_t;
+    const vmm_i64 HW = H * W;
+    const vmm_i64 CHW = C * HW;
+    const acc_t eps = (acc_t)TVL1_EPS;
+    const acc_t theta = vmm_load(params, 0);
+    const acc_t lt = vmm_load(params, 1);
+    const bool dual = has_dual != 0;
+    VMM_KERNEL_LOOP(slot, n_slots) {
+        const vmm_i64 bc = slot / J;
+        const vmm_i64 b = bc / C;
+        const vmm_i64 c = bc - b * C;
+        const acc_t fx0 = vmm_load(st, c * 8 + 0), fx1 = vmm_load(st, c * 8 + 1);
+        const acc_t fy0 = vmm_load(st, c * 8 + 2), fy1 = vmm_load(st, c * 8 + 3);
+        const acc_t dx0 = vmm_load(st, c * 8 + 4), dx1 = vmm_load(st, c * 8 + 5);
+        const acc_t dy0 = vmm_load(st, c * 8 + 6), dy1 = vmm_load(st, c * 8 + 7);
+        acc_t s_theta = 0, s_lt = 0, s_dx0 = 0, s_dx1 = 0, s_dy0 = 0, s_dy1 = 0;
+        for (vmm_i64 hw = slot - bc * J; hw < HW; hw += J) {
+            const vmm_i64 h = hw / W;
+            const vmm_i64 w = hw - h * W;
+            const vmm_i64 i = bc * HW + hw;
+            const bool has_x = w < W - 1, has_y = h < H - 1;
+            acc_t U[2];
+            for (int m = 0; m < 2; ++m) {
+                const vmm_i64 iu = i + b * CHW + m * CHW;
+                const vmm_i64 q = i + 3 * b * CHW + 2 * m * CHW;
+                U[m] = tvl1_full_ubar(ubar_in, gbar, dual, iu, q, CHW, h, w, W, fx0, fx1, fy0, fy1);
+                // The divergence's transpose: p~_m1[h,w] feeds div at (h,w) (tap 1) and (h,w+1) (tap 0).
+                const acc_t u_right = has_x ? tvl1_full_ubar(ubar_in, gbar, dual, iu + 1, q + 1, CHW, h, w + 1, W,
+                                                             fx0, fx1, fy0, fy1)
+                                            : (acc_t)0;
+                const acc_t u_down = has_y ? tvl1_full_ubar(ubar_in, gbar, dual, iu + W, q + W, CHW, h + 1, w, W,
+                                                            fx0, fx1, fy0, fy1)
+                                           : (acc_t)0;
+                if (has_x) vmm_store(pbar + q, vmm_load(pbar, q) + theta * (dx0 * u_right + dx1 * U[m]));
+                if (has_y) vmm_store(pbar + q + CHW, vmm_load(pbar, q + CHW) + theta * (dy0 * u_down + dy1 * U[m]));
+                // The divergence itself, for the gradients of theta_e and the divergence taps.
+                const acc_t a_left = (w > 0) ? vmm_load(p, q - 1) : (acc_t)0;
+                const acc_t a_here = has_x ? vmm_load(p, q) : (acc_t)0;
+                const acc_t b_up = (h > 0) ? vmm_load(p, q + CHW - W) : (acc_t)0;
+                const acc_t b_here = has_y ? vmm_load(p, q + CHW) : (acc_t)0;
+                s_theta += U[m] * ((dx0 * a_left + dx1 * a_here) + (dy0 * b_up + dy1 * b_here));
+                s_dx0 += theta * U[m] * a_left;
+                s_dx1 += theta * U[m] * a_here;
+                s_dy0 += theta * U[m] * b_up;
+                s_dy1 += theta * U[m] * b_here;
+            }
+            // The threshold step v(rho(u_{k-1})).
+            const vmm_i64 iu = i + b * CHW;
+            const acc_t g1 = vmm_load(gx, i), g2 = vmm_load(gy, i);
+            const acc_t grad = g1 * g1 + g2 * g2 + eps;
+            const acc_t u1 = vmm_load(u, iu), u2 = vmm_load(u, iu + CHW);
+            const acc_t rho = vmm_load(rho_c, i) + g1 * u1 + g2 * u2;
+            acc_t g1bar = 0, g2bar = 0, rhobar = 0;
+            if (rho < -(lt * grad)) {  // v = lt * g
+                s_lt += U[0] * g1 + U[1] * g2;
+                g1bar = lt * U[0];
+                g2bar = lt * U[1];
+            } else if (rho > lt * grad) {  // v = -lt * g
+                s_lt -= U[0] * g1 + U[1] * g2;
+                g1bar = -lt * U[0];
+                g2bar = -lt * U[1];
+            } else if (grad > eps) {  // v = step * g, step = -rho / grad
+                const acc_t step = -rho / grad;
+                const acc_t stepbar = U[0] * g1 + U[1] * g2;
+                rhobar = -stepbar / grad;
+                const acc_t gradbar = -step * stepbar / grad;  // d step / d grad = rho / grad^2
+                g1bar = step * U[0] + 2 * g1 * gradbar + rhobar * u1;
+                g2bar = step * U[1] + 2 * g2 * gradbar + rhobar * u2;
+            }
+            vmm_store(ubar_out + iu, U[0] + rhobar * g1);
+            vmm_store(ubar_out + iu + CHW, U[1] + rhobar * g2);
+            vmm_store(ggx + i, vmm_load(ggx, i) + g1bar);
+            vmm_store(ggy + i, vmm_load(ggy, i) + g2bar);
+            vmm_store(grho + i, vmm_load(grho, i) + rhobar);
+        }
+        const acc_t sums[6] = {s_theta, s_lt, s_dx0, s_dx1, s_dy0, s_dy1};
+        for (int k = 0; k < 6; ++k) {
+            T* a = acc + (ACC_THETA + k) * n_slots + slot;
+            vmm_store(a, vmm_load(a, 0) + sums[k]);
+        }
+    }
+}

@@ -1,0 +1,220 @@
+"""The fused TV-L1 kernels: host emulation against the reference (values, gradients, float64 gradcheck),
+checkpointing, backend selection, and CuPy-vs-reference on a GPU (``gpu`` marker)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import ops
+from ops.repflow import FlowStencils, default_stencils
+from ops.repflow.functional import _tvl1_flow
+from ops.repflow.fused import TVL1Iterations, segment_length
+from ops.repflow.modules import FlowLayer
+
+
+def random_stencils(channels, generator=None, dtype=torch.float64, device=None):
+    base = default_stencils(channels, dtype=dtype, device=device)
+    return FlowStencils(
+        *(s + 0.2 * torch.randn(s.shape, dtype=dtype, generator=generator).to(s.device) for s in base)
+    )
+
+
+def both(i0, i1, n_iter, *args, **kwargs):
+    """(reference, kernels) on the same inputs; CPU tensors run the kernels through host emulation."""
+    ref = _tvl1_flow(i0, i1, n_iter, *args, kernels=False, **kwargs)
+    ker = _tvl1_flow(i0, i1, n_iter, *args, kernels=True, **kwargs)
+    return ref, ker
+
+
+# ------------------------------------------------------------------------ emulated values
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 6), (1, 2, 1, 7), (1, 1, 6, 1), (3, 1, 2, 2)])
+@pytest.mark.parametrize("n_iter", [1, 2, 5])
+def test_emulated_kernels_match_reference_float64(shape, n_iter):
+    g = torch.Generator().manual_seed(1)
+    i0 = torch.randn(shape, dtype=torch.float64, generator=g) * 20
+    i1 = torch.randn(shape, dtype=torch.float64, generator=g) * 20
+    ref, ker = both(i0, i1, n_iter, 0.4, 0.2, 0.3, random_stencils(shape[1], g))
+    torch.testing.assert_close(ker, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_emulated_kernels_match_reference_float32_defaults():
+    i0 = torch.randn(2, 4, 7, 8) * 30
+    i1 = i0 + torch.randn(2, 4, 7, 8) * 5
+    ref, ker = both(i0, i1, 10, 0.3, 0.15, 0.25, None)
+    assert ker.dtype == torch.float32
+    torch.testing.assert_close(ker, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_emulated_kernels_16bit_inputs_compute_in_float32(dtype):
+    i0 = (torch.randn(1, 2, 6, 6) * 30).to(dtype)
+    i1 = (torch.randn(1, 2, 6, 6) * 30).to(dtype)
+    ref, ker = both(i0, i1, 4, 0.3, 0.15, 0.25, None)
+    assert ker.dtype == dtype and ref.dtype == dtype
+    # Both compute in float32 and round once at the end: equal up to one unit in the last 16-bit place.
+    expected = _tvl1_flow(i0.float(), i1.float(), 4, 0.3, 0.15, 0.25, None, kernels=False)
+    ulp = {torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    torch.testing.assert_close(ker.float(), expected, rtol=ulp, atol=ulp)
+    torch.testing.assert_close(ker, ref, rtol=ulp, atol=ulp)
+
+
+def test_emulated_kernels_non_contiguous_and_empty():
+    i0 = torch.randn(2, 5, 6, 3, dtype=torch.float64).permute(0, 3, 1, 2)
+    i1 = torch.randn(2, 5, 6, 3, dtype=torch.float64).permute(0, 3, 1, 2)
+    ref, ker = both(i0, i1, 3, 0.3, 0.15, 0.25, None)
+    torch.testing.assert_close(ker, ref, rtol=1e-12, atol=1e-12)
+    empty = torch.zeros(0, 2, 3, 3)
+    assert _tvl1_flow(empty, empty, 3, 0.3, 0.15, 0.25, None, kernels=True).shape == (0, 4, 3, 3)
+
+
+def test_emulated_kernels_known_answers():
+    i0 = torch.randn(1, 2, 5, 5)
+    assert torch.equal(_tvl1_flow(i0, i0, 5, 0.3, 0.15, 0.25, None, kernels=True), torch.zeros(1, 4, 5, 5))
+    const0, const1 = torch.full((1, 1, 4, 4), 2.0), torch.full((1, 1, 4, 4), 9.0)
+    flow = _tvl1_flow(const0, const1, 5, 0.3, 0.15, 0.25, None, kernels=True)
+    assert torch.isfinite(flow).all() and torch.equal(flow, torch.zeros_like(flow))
+
+
+# ------------------------------------------------------------------------ emulated gradients
+
+
+def _leaves(channels, generator, h=4, w=5):
+    i0 = (torch.randn(1, channels, h, w, dtype=torch.float64, generator=generator) * 3).requires_grad_()
+    i1 = (torch.randn(1, channels, h, w, dtype=torch.float64, generator=generator) * 3).requires_grad_()
+    scalars = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in (0.35, 0.4, 0.3)]
+    stencils = [s.requires_grad_() for s in random_stencils(channels, generator)]
+    return i0, i1, scalars, stencils
+
+
+@pytest.mark.parametrize("n_iter", [1, 4])
+def test_emulated_kernels_gradcheck_every_input(n_iter):
+    # n_iter = 4: checkpoint spacing 2, so the backward recomputes a segment from a stored checkpoint.
+    g = torch.Generator().manual_seed(3)
+    i0, i1, scalars, stencils = _leaves(2, g)
+
+    def f(i0, i1, theta, lam, tau, *st):
+        return _tvl1_flow(i0, i1, n_iter, theta, lam, tau, st, kernels=True)
+
+    assert torch.autograd.gradcheck(f, (i0, i1, *scalars, *stencils), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_emulated_kernel_gradients_match_reference_over_many_iterations():
+    # 10 iterations = segments of 4, 4 and 2; every branch of the threshold occurs (random images).
+    g = torch.Generator().manual_seed(5)
+    i0, i1, scalars, stencils = _leaves(3, g, h=6, w=7)
+    leaves = (i0, i1, *scalars, *stencils)
+    weight = torch.randn(1, 6, 6, 7, dtype=torch.float64, generator=g)
+    grads = []
+    for kernels in (False, True):
+        out = _tvl1_flow(i0, i1, 10, *scalars, stencils, kernels=kernels)
+        grads.append(torch.autograd.grad((out * weight).sum(), leaves))
+    for name, ref, ker in zip(["i0", "i1", "theta", "lam", "tau", *FlowStencils._fields], *grads, strict=True):
+        torch.testing.assert_close(ker, ref, rtol=1e-9, atol=1e-9, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_emulated_kernel_gradients_float32_and_negative_theta():
+    i0 = (torch.randn(2, 2, 5, 5) * 20).requires_grad_()
+    i1 = (torch.randn(2, 2, 5, 5) * 20).requires_grad_()
+    theta = torch.tensor(-0.3, requires_grad=True)
+    grads = []
+    for kernels in (False, True):
+        out = _tvl1_flow(i0, i1, 6, theta, 0.15, 0.25, None, kernels=kernels)
+        grads.append(torch.autograd.grad(out.square().sum(), (i0, i1, theta)))
+    for ref, ker in zip(*grads, strict=True):
+        torch.testing.assert_close(ker, ref, rtol=2e-3, atol=2e-3)
+
+
+# ------------------------------------------------------------------------ memory and backends
+
+
+def test_checkpoints_grow_like_sqrt_n_iter_and_not_without_grad():
+    i0 = torch.randn(1, 1, 3, 3, requires_grad=True)
+    i1 = torch.randn(1, 1, 3, 3)
+    for n_iter in (10, 20, 100):
+        out = _tvl1_flow(i0, i1, n_iter, 0.3, 0.15, 0.25, None, kernels=True)
+        node = out.grad_fn
+        while not isinstance(node, TVL1Iterations._backward_cls):
+            node = node.next_functions[0][0]
+        seg = segment_length(n_iter)
+        assert len(node.checkpoints) == math.ceil(n_iter / seg) - 1 <= math.isqrt(n_iter) + 1
+    with torch.no_grad():
+        assert _tvl1_flow(i0, i1, 10, 0.3, 0.15, 0.25, None, kernels=True).grad_fn is None
+
+
+def test_backend_selection_on_cpu():
+    i0, i1 = torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 4)
+    assert torch.equal(ops.tvl1_flow(i0, i1, 3), ops.tvl1_flow(i0, i1, 3, backend="torch"))
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        ops.tvl1_flow(i0, i1, 3, backend="cupy")
+
+
+# ------------------------------------------------------------------------ GPU (CuPy)
+
+
+def _cuda_inputs(dtype, shape=(3, 4, 14, 14), scale=30.0):
+    g = torch.Generator().manual_seed(7)
+    i0 = torch.randn(shape, generator=g) * scale
+    i1 = i0 + torch.randn(shape, generator=g) * scale / 4
+    return i0.to("cuda", dtype), i1.to("cuda", dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cupy_matches_reference_values_and_gradients(dtype):
+    i0, i1 = _cuda_inputs(dtype)
+    i0.requires_grad_()
+    i1.requires_grad_()
+    theta = torch.tensor(0.3, device="cuda", dtype=dtype, requires_grad=True)
+    stencils = [s.requires_grad_() for s in random_stencils(4, dtype=dtype, device="cuda")]
+    leaves = (i0, i1, theta, *stencils)
+    weight = torch.randn(3, 8, 14, 14, device="cuda", dtype=dtype)
+    outs, grads = [], []
+    for backend in ("torch", "cupy"):
+        out = ops.tvl1_flow(i0, i1, 10, theta, 0.15, 0.25, stencils=stencils, backend=backend)
+        outs.append(out)
+        grads.append(torch.autograd.grad((out * weight).sum(), leaves))
+    tol = 1e-9 if dtype == torch.float64 else 2e-3
+    torch.testing.assert_close(outs[1], outs[0], rtol=tol, atol=tol)
+    for ref, ker in zip(*grads, strict=True):
+        torch.testing.assert_close(ker, ref, rtol=tol, atol=tol * max(1.0, ref.abs().max().item()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cupy_16bit_matches_float32_reference(dtype):
+    i0, i1 = _cuda_inputs(dtype)
+    ker = ops.tvl1_flow(i0, i1, 10, backend="cupy")
+    ref = ops.tvl1_flow(i0.float(), i1.float(), 10, backend="torch")
+    assert ker.dtype == dtype
+    tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(ker.float(), ref, rtol=tol, atol=tol * max(1.0, ref.abs().max().item()))
+
+
+@pytest.mark.gpu
+def test_cupy_on_non_default_stream_and_auto_backend():
+    i0, i1 = _cuda_inputs(torch.float32)
+    i0.requires_grad_()
+    expected = ops.tvl1_flow(i0, i1, 5, backend="torch")
+    (g_expected,) = torch.autograd.grad(expected.sum(), i0)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        out = ops.tvl1_flow(i0, i1, 5, backend="auto")
+        (g,) = torch.autograd.grad(out.sum(), i0)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.testing.assert_close(out, expected, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(g, g_expected, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.gpu
+def test_cupy_flow_layer_non_contiguous_and_empty_batch():
+    layer = FlowLayer(4, n_iter=5).cuda()
+    x = torch.randn(2, 10, 3, 8, 4, device="cuda").permute(0, 4, 2, 3, 1)  # [2,4,3,8,10], non-contiguous
+    ref_layer = FlowLayer(4, n_iter=5, backend="torch").cuda()
+    torch.testing.assert_close(layer(x), ref_layer(x), rtol=2e-3, atol=2e-3)
+    assert layer(torch.zeros(0, 4, 3, 8, 8, device="cuda")).shape == (0, 8, 2, 8, 8)
