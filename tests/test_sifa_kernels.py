@@ -11,7 +11,14 @@ import pytest
 import torch
 
 import ops
-from ops.sifa.kernels import deform_aggregation_kernels, deform_correlation_kernels
+from ops.sifa.kernels import (
+    MIN_CHUNK,
+    correlate,
+    deform_aggregation_kernels,
+    deform_correlation_kernels,
+    offset_grad,
+    split_channels,
+)
 from ops.sifa.reference import deform_aggregation_reference, deform_correlation_reference
 
 CASES = [  # (C, groups, kernel_size, dilation)
@@ -147,6 +154,30 @@ def test_emulated_kernels_batch_zero():
     assert out.shape == (0, 4, 4, 5)
     out.sum().backward()
     assert query.grad.shape == query.shape
+
+
+@pytest.mark.parametrize("chunks", [2, 3, 5])
+def test_split_channel_sums_match_one_chunk(chunks):
+    # The channel-split reductions (what a GPU uses for deep layers) against one chunk per group; 5 chunks of
+    # 10 channels per group in 2 groups do not divide evenly.
+    query, key, offset, attn = random_inputs(20, 2, 3, spread=4)
+    window = (3, 2, 2, 0.1)
+    torch.testing.assert_close(
+        correlate(query, key, offset, *window, chunks=chunks), correlate(query, key, offset, *window, chunks=1)
+    )
+    torch.testing.assert_close(
+        offset_grad(attn, query, key, offset, *window, chunks=chunks),
+        offset_grad(attn, query, key, offset, *window, chunks=1),
+    )
+
+
+def test_split_channels_heuristic():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert split_channels(24 * 9 * 196, 256, cpu) == (1, 256)
+    chunks, chunk = split_channels(24 * 9 * 196, 256, cuda)  # SIFA-R50 layer3, 8 clips: few outputs
+    assert chunks > 1 and chunk >= MIN_CHUNK and (chunks - 1) * chunk < 256 <= chunks * chunk
+    assert split_channels(96 * 9 * 784, 128, cuda) == (1, 128)  # enough outputs already
+    assert split_channels(10, 8, cuda) == (1, 8)  # too few channels to split
 
 
 def test_backend_auto_uses_reference_on_cpu():

@@ -7,10 +7,12 @@
 // with bilinear interpolation whose corners outside the map count as 0. g(c) = c / (C/G).
 //
 //   sifa_correlate   out[b,g·K²+k,h,w] = scale · Σ_{c∈g} Q[b,c,h,w] · bilinear(img[b,c], y_k, x_k)
-//                    (correlation forward with scale 1/|g|; d attn of the aggregation with scale 1)
+//                    (correlation forward with scale 1/|g|; d attn of the aggregation with scale 1);
+//                    partial sums over channel chunks, added up by the caller
 //   sifa_aggregate   out[b,c,h,w] = scale · Σ_k A[b,g(c)·K²+k,h,w] · bilinear(img[b,c], y_k, x_k)
 //                    (aggregation forward; d query of the correlation with scale 1/|g|)
 //   sifa_offset_grad d offset of either op: scale · Σ_c A[b,g(c)·K²+k,h,w] · Q[b,c,h,w] · ∇bilinear
+//                    (partial sums over channel chunks, like sifa_correlate)
 //   sifa_scatter     d img of either op: the transpose of bilinear sampling. Scatters through the four
 //                    corners with atomicAdd into an accumulation-type buffer, so on a GPU the summation
 //                    order (and the last bits of float gradients) varies from run to run.
@@ -96,35 +98,43 @@ VMM_INLINE sifa_cell<A> sifa_tap(const T* __restrict__ offset, vmm_i64 b, vmm_i6
     return sifa_locate<A>(y, x, height, width);
 }
 
-// One thread per output element (b, g, k, h, w); loops over the C/G channels of group g.
+// One thread per (chunk s, b, g, k, h, w): the partial sum over channel chunk s of group g (`chunk`
+// channels each) goes to out[s, b, g·K²+k, h, w] in the accumulation type; the caller sums over s.
+// Splitting the channel sum gives a GPU enough threads when B·G·K²·H·W alone is small (deep layers).
 template <typename T>
 __global__ void sifa_correlate(const T* __restrict__ q, const T* __restrict__ img, const T* __restrict__ offset,
-                               T* __restrict__ out, vmm_i64 batch, vmm_i64 channels, vmm_i64 groups,
-                               vmm_i64 height, vmm_i64 width, vmm_i64 ksize, vmm_i64 dil, double scale) {
+                               typename vmm_acc<T>::type* __restrict__ out, vmm_i64 batch, vmm_i64 channels,
+                               vmm_i64 groups, vmm_i64 height, vmm_i64 width, vmm_i64 ksize, vmm_i64 dil,
+                               vmm_i64 chunks, vmm_i64 chunk, double scale) {
     typedef typename vmm_acc<T>::type A;
     const vmm_i64 kk = ksize * ksize;
     const vmm_i64 hw_size = height * width;
     const vmm_i64 per_group = channels / groups;
     const vmm_i64 pad = dil * (ksize - 1) / 2;
-    VMM_KERNEL_LOOP(i, batch * groups * kk * hw_size) {
+    const vmm_i64 n_out = batch * groups * kk * hw_size;
+    VMM_KERNEL_LOOP(i, chunks * n_out) {
         const vmm_i64 hw = i % hw_size;
         const vmm_i64 k = (i / hw_size) % kk;
-        const vmm_i64 bg = i / (hw_size * kk);
+        const vmm_i64 bg = (i % n_out) / (hw_size * kk);
         const vmm_i64 g = bg % groups;
         const vmm_i64 b = bg / groups;
+        const vmm_i64 s = i / n_out;
         const vmm_i64 h = hw / width;
         const vmm_i64 w = hw - h * width;
+        const vmm_i64 c_begin = g * per_group + s * chunk;
+        const vmm_i64 c_group_end = (g + 1) * per_group;
+        const vmm_i64 c_end = c_begin + chunk < c_group_end ? c_begin + chunk : c_group_end;
         const sifa_cell<A> p = sifa_tap<T, A>(offset, b, k, h, w, kk, ksize, dil, pad, height, width);
         A acc = (A)0;
         if (p.any) {
-            for (vmm_i64 c = g * per_group; c < (g + 1) * per_group; ++c) {
+            for (vmm_i64 c = c_begin; c < c_end; ++c) {
                 const vmm_i64 base = (b * channels + c) * hw_size;
                 A v00, v01, v10, v11;
                 sifa_corners<T, A>(img + base, p, v00, v01, v10, v11);
                 acc += vmm_load(q, base + hw) * sifa_blend<A>(p, v00, v01, v10, v11);
             }
         }
-        vmm_store(out + i, acc * (A)scale);
+        out[i] = acc * (A)scale;
     }
 }
 
@@ -159,44 +169,48 @@ __global__ void sifa_aggregate(const T* __restrict__ img, const T* __restrict__ 
     }
 }
 
-// One thread per (b, k, h, w): writes d/dΔy and d/dΔx of tap k, looping over all C channels.
+// One thread per (chunk s, b, k, h, w): the partial sums over channels [s·chunk, (s+1)·chunk) of d/dΔy and
+// d/dΔx of tap k go to out[s, b, 2k, h, w] and out[s, b, 2k+1, h, w] (accumulation type; the caller
+// sums over s).
 template <typename T>
 __global__ void sifa_offset_grad(const T* __restrict__ attn, const T* __restrict__ q, const T* __restrict__ img,
-                                 const T* __restrict__ offset, T* __restrict__ grad_offset, vmm_i64 batch,
-                                 vmm_i64 channels, vmm_i64 groups, vmm_i64 height, vmm_i64 width, vmm_i64 ksize,
-                                 vmm_i64 dil, double scale) {
+                                 const T* __restrict__ offset, typename vmm_acc<T>::type* __restrict__ out,
+                                 vmm_i64 batch, vmm_i64 channels, vmm_i64 groups, vmm_i64 height, vmm_i64 width,
+                                 vmm_i64 ksize, vmm_i64 dil, vmm_i64 chunks, vmm_i64 chunk, double scale) {
     typedef typename vmm_acc<T>::type A;
     const vmm_i64 kk = ksize * ksize;
     const vmm_i64 hw_size = height * width;
     const vmm_i64 per_group = channels / groups;
     const vmm_i64 pad = dil * (ksize - 1) / 2;
-    VMM_KERNEL_LOOP(i, batch * kk * hw_size) {
+    const vmm_i64 n_pix = batch * kk * hw_size;
+    VMM_KERNEL_LOOP(i, chunks * n_pix) {
         const vmm_i64 hw = i % hw_size;
         const vmm_i64 k = (i / hw_size) % kk;
-        const vmm_i64 b = i / (hw_size * kk);
+        const vmm_i64 b = (i % n_pix) / (hw_size * kk);
+        const vmm_i64 s = i / n_pix;
         const vmm_i64 h = hw / width;
         const vmm_i64 w = hw - h * width;
+        const vmm_i64 c_begin = s * chunk;
+        const vmm_i64 c_end = c_begin + chunk < channels ? c_begin + chunk : channels;
         const sifa_cell<A> p = sifa_tap<T, A>(offset, b, k, h, w, kk, ksize, dil, pad, height, width);
         A gy = (A)0;
         A gx = (A)0;
         if (p.any) {
             const A hy = (A)1 - p.ly;
             const A hx = (A)1 - p.lx;
-            for (vmm_i64 g = 0; g < groups; ++g) {
-                const A a = vmm_load(attn, ((b * groups + g) * kk + k) * hw_size + hw);
-                for (vmm_i64 c = g * per_group; c < (g + 1) * per_group; ++c) {
-                    const vmm_i64 base = (b * channels + c) * hw_size;
-                    const A coef = a * vmm_load(q, base + hw);
-                    A v00, v01, v10, v11;
-                    sifa_corners<T, A>(img + base, p, v00, v01, v10, v11);
-                    gy += coef * (hx * (v10 - v00) + p.lx * (v11 - v01));
-                    gx += coef * (hy * (v01 - v00) + p.ly * (v11 - v10));
-                }
+            for (vmm_i64 c = c_begin; c < c_end; ++c) {
+                const vmm_i64 base = (b * channels + c) * hw_size;
+                const A a = vmm_load(attn, ((b * groups + c / per_group) * kk + k) * hw_size + hw);
+                const A coef = a * vmm_load(q, base + hw);
+                A v00, v01, v10, v11;
+                sifa_corners<T, A>(img + base, p, v00, v01, v10, v11);
+                gy += coef * (hx * (v10 - v00) + p.lx * (v11 - v01));
+                gx += coef * (hy * (v01 - v00) + p.ly * (v11 - v10));
             }
         }
-        const vmm_i64 o = (b * 2 * kk + 2 * k) * hw_size + hw;
-        vmm_store(grad_offset + o, gy * (A)scale);
-        vmm_store(grad_offset + o + hw_size, gx * (A)scale);
+        const vmm_i64 o = ((s * batch + b) * 2 * kk + 2 * k) * hw_size + hw;
+        out[o] = gy * (A)scale;
+        out[o + hw_size] = gx * (A)scale;
     }
 }
 

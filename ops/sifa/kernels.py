@@ -32,19 +32,58 @@ def _geometry(x: torch.Tensor, groups: int, kernel_size: int, dilation: int) -> 
     return (batch, channels, groups, height, width, kernel_size, dilation)
 
 
+#: Threads a reduction kernel aims for: about one full wave of a large GPU (132 SMs × 2048 threads).
+TARGET_THREADS = 1 << 18
+#: Fewest channels a chunk of a split channel sum gets (below that the partial sums cost more than they save).
+MIN_CHUNK = 16
+
+
+def split_channels(outputs: int, channels: int, device: torch.device) -> tuple[int, int]:
+    """(chunks, chunk): how to split a sum over ``channels`` computed for ``outputs`` output elements, so a
+    GPU runs about TARGET_THREADS threads. One chunk off CUDA (host emulation gains nothing by it)."""
+    if device.type != "cuda" or channels <= MIN_CHUNK:
+        return 1, channels
+    wanted = min(-(-TARGET_THREADS // max(outputs, 1)), channels // MIN_CHUNK)
+    chunk = -(-channels // max(wanted, 1))
+    return -(-channels // chunk), chunk
+
+
+def _chunked(chunks: int | None, channels: int, outputs: int, device: torch.device) -> tuple[int, int]:
+    if chunks is None:
+        return split_channels(outputs, channels, device)
+    chunk = -(-channels // chunks)
+    return -(-channels // chunk), chunk
+
+
+def _sum_partials(buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (buf[0] if buf.shape[0] == 1 else buf.sum(0)).to(dtype)
+
+
 def correlate(
-    q: torch.Tensor, img: torch.Tensor, offset: torch.Tensor, kernel_size: int, dilation: int, groups: int, scale: float
+    q: torch.Tensor,
+    img: torch.Tensor,
+    offset: torch.Tensor,
+    kernel_size: int,
+    dilation: int,
+    groups: int,
+    scale: float,
+    chunks: int | None = None,
 ) -> torch.Tensor:
-    """``[B,G·K²,H,W]``: scale · Σ_{c∈g} q · bilinear(img) per tap (contiguous inputs of one dtype)."""
-    batch, _, height, width = q.shape
-    out = q.new_empty((batch, groups * kernel_size**2, height, width))
+    """``[B,G·K²,H,W]``: scale · Σ_{c∈g} q · bilinear(img) per tap (contiguous inputs of one dtype).
+
+    ``chunks`` splits each group's channel sum into that many partial sums (None: chosen for the device).
+    """
+    batch, channels, height, width = q.shape
+    shape = (batch, groups * kernel_size**2, height, width)
+    n_chunks, chunk = _chunked(chunks, channels // groups, shape[0] * shape[1] * height * width, q.device)
+    buf = torch.empty((n_chunks, *shape), dtype=compute_dtype(q.dtype), device=q.device)
     SIFA_SOURCE.launch(
         "sifa_correlate",
-        (q, img, offset, out, *_geometry(q, groups, kernel_size, dilation), float(scale)),
+        (q, img, offset, buf, *_geometry(q, groups, kernel_size, dilation), n_chunks, chunk, float(scale)),
         dtype=q.dtype,
-        numel=out.numel(),
+        numel=buf.numel(),
     )
-    return out
+    return _sum_partials(buf, q.dtype)
 
 
 def aggregate(
@@ -76,16 +115,22 @@ def offset_grad(
     dilation: int,
     groups: int,
     scale: float,
+    chunks: int | None = None,
 ) -> torch.Tensor:
-    """``[B,2K²,H,W]``: scale · Σ_c attn[g(c),k] · q[c] · ∇_(Δy,Δx) bilinear(img[c]) per tap."""
-    out = torch.empty_like(offset)
+    """``[B,2K²,H,W]``: scale · Σ_c attn[g(c),k] · q[c] · ∇_(Δy,Δx) bilinear(img[c]) per tap.
+
+    ``chunks`` splits the channel sum into that many partial sums (None: chosen for the device).
+    """
+    batch, channels, height, width = q.shape
+    n_chunks, chunk = _chunked(chunks, channels, batch * kernel_size**2 * height * width, q.device)
+    buf = torch.empty((n_chunks, *offset.shape), dtype=compute_dtype(q.dtype), device=q.device)
     SIFA_SOURCE.launch(
         "sifa_offset_grad",
-        (attn, q, img, offset, out, *_geometry(q, groups, kernel_size, dilation), float(scale)),
+        (attn, q, img, offset, buf, *_geometry(q, groups, kernel_size, dilation), n_chunks, chunk, float(scale)),
         dtype=q.dtype,
-        numel=out.numel() // 2,
+        numel=buf.numel() // 2,
     )
-    return out
+    return _sum_partials(buf, q.dtype)
 
 
 def scatter(

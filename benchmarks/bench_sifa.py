@@ -1,0 +1,236 @@
+"""SIFA ops benchmark: deform_correlation + deform_aggregation, forward and forward+backward, per backend.
+
+One step is what the SIFA block runs per layer: ``attn = deform_correlation(q, k, offset)``,
+``out = deform_aggregation(k, attn, offset)``, then ``backward`` of ``<out, cotangent>`` into q, k and
+offset. Shapes are SIFA-ResNet-50's at 16×224² (T = 4 after the stem, so B = 3·N frame pairs):
+layer2 C=128 at 28², layer3 C=256 at 14², layer4 C=512 at 7², N = 8 and 32 clips.
+
+CUDA (when available): the reference ("torch") and the kernels ("cupy") run in this process on the
+same inputs; times from CUDA events (median of --iters after --warmup), peak memory of the step above
+what the inputs occupy (torch.cuda.max_memory_allocated), and the ratios reference/cupy. The forward
+is also compared with the memory-bandwidth bound: the bytes the two ops must at least read and write
+(q, k twice, offsets twice, attn written and read, out written), divided by the device bandwidth
+(measured here with a device-to-device copy, or --bandwidth-gbs).
+
+CPU (always): the reference's forward and forward+backward time on a small shape, and the bytes
+autograd saves for the backward with each backend (the kernels run through host emulation for that
+count; their CPU time is not a benchmark).
+
+    python benchmarks/bench_sifa.py [--iters 20] [--warmup 5] [--dtype float32] [--clips 8 32]
+                                    [--bandwidth-gbs X] [--cpu-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import ops
+from ops.sifa.kernels import deform_aggregation_kernels, deform_correlation_kernels
+from ops.sifa.reference import deform_aggregation_reference, deform_correlation_reference
+
+LAYERS = {"layer2": (128, 28), "layer3": (256, 14), "layer4": (512, 7)}
+FRAMES = 4
+K = 3
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def make_inputs(batch, channels, size, dtype, device, requires_grad=True):
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def rnd(*shape, scale=1.0):
+        t = torch.randn(*shape, generator=gen, device=device, dtype=torch.float32) * scale
+        return t.to(dtype).requires_grad_(requires_grad)
+
+    q = rnd(batch, channels, size, size)
+    k = rnd(batch, channels, size, size)
+    off = rnd(batch, 2 * K * K, size, size, scale=1.5)
+    cot = rnd(batch, channels, size, size).detach()
+    return q, k, off, cot
+
+
+def forward(backend, q, k, off):
+    attn = ops.deform_correlation(q, k, off, K, backend=backend)
+    return ops.deform_aggregation(k, attn, off, K, backend=backend)
+
+
+def step(backend, q, k, off, cot):
+    out = forward(backend, q, k, off)
+    torch.autograd.backward(out, cot)
+
+
+def fwd_bytes(batch, channels, size, element_size, groups=1):
+    """Minimum bytes moved by the two forward ops: corr reads q, k, offset and writes attn; agg reads
+    value (= k), attn, offset and writes out."""
+    hw = size * size
+    maps = batch * channels * hw
+    attn = batch * groups * K * K * hw
+    offset = batch * 2 * K * K * hw
+    return element_size * (2 * maps + offset + attn) + element_size * (2 * maps + attn + offset)
+
+
+# ----------------------------------------------------------------------------------------------- CUDA
+
+
+def cuda_time_ms(fn, iters, warmup):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def cuda_peak_bytes(fn):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def measure_bandwidth_gbs(device, nbytes=1 << 30):
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = cuda_time_ms(lambda: dst.copy_(src), iters=10, warmup=3)
+    return 2 * nbytes / (ms * 1e-3) / 1e9  # read + write
+
+
+def measure_backend(backend, inputs, iters, warmup):
+    """(forward ms, forward+backward ms, peak bytes of forward+backward above the inputs) on CUDA."""
+    q, k, off, cot = inputs
+    with torch.no_grad():
+        fwd_ms = cuda_time_ms(lambda: forward(backend, q, k, off), iters, warmup)
+
+    def train():
+        q.grad = k.grad = off.grad = None
+        step(backend, q, k, off, cot)
+
+    train_ms = cuda_time_ms(train, iters, warmup)
+    q.grad = k.grad = off.grad = None
+    return fwd_ms, train_ms, cuda_peak_bytes(train)
+
+
+def run_cuda(args) -> list[dict]:
+    device = torch.device("cuda")
+    dtype = DTYPES[args.dtype]
+    bandwidth = args.bandwidth_gbs or measure_bandwidth_gbs(device)
+    source = "given" if args.bandwidth_gbs else "measured d2d copy"
+    print(
+        f"device: {torch.cuda.get_device_name(device)}, dtype {args.dtype}, bandwidth {bandwidth:.0f} GB/s ({source})"
+    )
+    print(
+        f"{'shape':<26}{'backend':<8}{'fwd ms':>9}{'fwd+bwd ms':>12}{'peak MiB':>10}"
+        f"{'fwd bound ms':>14}{'of bound':>10}"
+    )
+    rows = []
+    for clips in args.clips:
+        for layer, (channels, size) in LAYERS.items():
+            batch = clips * (FRAMES - 1)
+            inputs = make_inputs(batch, channels, size, dtype, device)
+            bound_ms = fwd_bytes(batch, channels, size, inputs[0].element_size()) / (bandwidth * 1e9) * 1e3
+            result = {b: measure_backend(b, inputs, args.iters, args.warmup) for b in ("torch", "cupy")}
+            name = f"{layer} N={clips} B={batch}"
+            for backend, (fwd_ms, train_ms, peak) in result.items():
+                print(
+                    f"{name:<26}{backend:<8}{fwd_ms:>9.3f}{train_ms:>12.3f}{peak / 2**20:>10.1f}"
+                    f"{bound_ms:>14.4f}{bound_ms / fwd_ms:>9.0%}"
+                )
+            (tf, tt, tp), (cf, ct, cp) = result["torch"], result["cupy"]
+            print(f"{'':<26}{'ratio':<8}{tf / cf:>8.1f}x{tt / ct:>11.1f}x{tp / max(cp, 1):>9.1f}x   (torch / cupy)")
+            rows.append({"layer": layer, "clips": clips, "batch": batch, **result, "fwd_bound_ms": bound_ms})
+            del inputs
+            torch.cuda.empty_cache()
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ CPU
+
+
+def saved_bytes(corr_fn, agg_fn, q, k, off):
+    """Bytes of distinct tensors autograd saves for the backward of one (corr, agg) pair."""
+    seen: dict[int, int] = {}
+    inputs = {t.untyped_storage().data_ptr() for t in (q, k, off)}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in inputs:  # the inputs exist anyway; count what the op adds
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        attn = corr_fn(q, k, off, K, 1, 1)
+        agg_fn(k, attn, off, K, 1, 1)
+    return sum(seen.values())
+
+
+def run_cpu(args) -> dict:
+    clips, channels, size = 2, 64, 28
+    batch = clips * (FRAMES - 1)
+    torch.set_num_threads(args.threads)
+    q, k, off, cot = make_inputs(batch, channels, size, torch.float32, "cpu")
+
+    def timed(fn):
+        for _ in range(2):
+            fn()
+        times = []
+        for _ in range(args.cpu_iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times) * 1e3
+
+    with torch.no_grad():
+        fwd_ms = timed(lambda: forward("torch", q, k, off))
+
+    def train():
+        q.grad = k.grad = off.grad = None
+        step("torch", q, k, off, cot)
+
+    train_ms = timed(train)
+    ref_saved = saved_bytes(deform_correlation_reference, deform_aggregation_reference, q, k, off)
+    ker_saved = saved_bytes(deform_correlation_kernels, deform_aggregation_kernels, q, k, off)
+    input_bytes = q.numel() * q.element_size()
+    print(
+        f"CPU reference, float32, B={batch} (N={clips}, T={FRAMES}), C={channels}, {size}x{size}, "
+        f"{torch.get_num_threads()} threads: forward {fwd_ms:.1f} ms, forward+backward {train_ms:.1f} ms"
+    )
+    print(
+        f"bytes saved for backward beyond the inputs: reference {ref_saved / 2**20:.2f} MiB "
+        f"({ref_saved / input_bytes:.1f}x one feature map), kernels {ker_saved / 2**20:.2f} MiB "
+        f"({ker_saved / input_bytes:.1f}x)"
+    )
+    return {"fwd_ms": fwd_ms, "train_ms": train_ms, "saved_reference": ref_saved, "saved_kernels": ker_saved}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    ap.add_argument("--clips", type=int, nargs="+", default=[8, 32])
+    ap.add_argument("--bandwidth-gbs", type=float, default=None, help="device bandwidth; measured when omitted")
+    ap.add_argument("--cpu-only", action="store_true")
+    ap.add_argument("--cpu-iters", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads for the reference")
+    args = ap.parse_args(argv)
+    results: dict = {"cpu": run_cpu(args)}
+    if not args.cpu_only:
+        if torch.cuda.is_available() and ops.kernel_loader.cupy_available():
+            results["cuda"] = run_cuda(args)
+        else:
+            print("CUDA part skipped: needs a CUDA device and CuPy")
+    return results
+
+
+if __name__ == "__main__":
+    main()
