@@ -16,6 +16,7 @@ from lightning_modules.networks import (
     fcf_r2plus1d_18,
     fcf_r2plus1d_34,
     fcf_r2plus1d_50,
+    frame_resnet,
     inflate_2d_state_dict,
     r2plus1d_50,
     sifa_resnet18,
@@ -534,3 +535,53 @@ def test_networks_build_from_class_path_config():
     )
     net = instantiate(cfg).net
     assert isinstance(net, FCFR2Plus1D) and net.fcf_stages == (2,)
+
+
+# -- options passed to the ops, mixed precision --------------------------------------------------------
+
+
+def test_motion_module_options_reach_the_ops():
+    sifa = SIFAResNet(K, depth=18, width_mult=NARROW, sifa_offset_init="kaiming", backend="torch", sifa_dilation=2)
+    modules = motion_modules(sifa)
+    assert modules and all(m.backend == "torch" and m.dilation == 2 for m in modules)
+    assert all(torch.count_nonzero(m.conv_offset.weight) > 0 for m in modules)
+    fcf = fcf_2d(backend="torch", fcf_n_iter=3, fcf_learnable=(True, False, True, False, True), fcf_bottleneck=5)
+    flows = [m for m in motion_modules(fcf) if type(m).__name__ == "FlowLayer"]
+    assert len(flows) == 2 and all(f.backend == "torch" and f.n_iter == 3 for f in flows)
+    assert all(tuple(f.learnable) == (True, False, True, False, True) for f in flows)
+    assert fcf.fcf["layer2"].channels == fcf.stage_channels[1]
+
+
+@pytest.mark.parametrize("make", [lambda: plain_2d(sifa=True), fcf_2d], ids=["sifa", "fcf"])
+def test_bf16_autocast_forward_backward_on_cpu(make):
+    net = make()
+    x = torch.randn(2, 3, 5, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        heads = net.forward_heads(x)
+        loss = sum(F.cross_entropy(h, torch.tensor([0, 1])) for h in heads)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+def test_frame_resnet_builds_the_three_probe_arms_from_one_options_dict():
+    options = dict(width_mult=NARROW, dropout=0.2, sifa_stages=(3, 4), fcf_stages=(3,), fcf_bottleneck=4, fcf_n_iter=2)
+    nets = {}
+    for motion in ("none", "sifa", "fcf"):
+        torch.manual_seed(11)
+        nets[motion] = frame_resnet(K, motion, **options)
+    assert motion_modules(nets["none"]) == []
+    assert [n for n, m in nets["sifa"].named_modules() if m in motion_modules(nets["sifa"])] == [
+        "layer3.1.motion",
+        "layer4.1.motion",
+    ]
+    assert list(nets["fcf"].fcf) == ["layer3"]
+    plain = nets["none"].state_dict()
+    for motion in ("sifa", "fcf"):
+        sd = nets[motion].state_dict()
+        backbone = {k: v for k, v in sd.items() if ".motion." not in k and not k.startswith("fcf.")}
+        assert backbone.keys() == plain.keys()
+        assert all(torch.equal(v, plain[k]) for k, v in backbone.items()), motion
+    assert all(net.dropout.p == 0.2 for net in nets.values())
+    with pytest.raises(ValueError, match="motion"):
+        frame_resnet(K, "flow")

@@ -15,12 +15,16 @@ Builders: `sifa_resnet18/34/50/101`, `c2d_resnet18/50` (SIFA off), `fcf_r2plus1d
 `r2plus1d_18/34/50` (FCF off); each is `(num_classes, **kwargs)` with the class's keyword arguments.
 
 Motion probe (one per-frame 2D ResNet-18 backbone, temporal average pooling; only the module differs;
-with the same seed the three arms also start from identical backbone weights):
+with the same seed the three arms also start from identical backbone weights).
+`frame_resnet(K, motion="none"|"sifa"|"fcf", **options)` builds each arm; spelled out:
 
 - plain: `SIFAResNet(K, depth=18, stem_temporal_kernel=1, stem_temporal_stride=1, sifa=False,
   global_context=False, dual_path=False)` (identical to `FCFR2Plus1D(K, depth=18, temporal=False, fcf=False)`)
 - + SIFA: the same with `sifa=True` (optionally `sifa_stages=...`)
 - + FCF: `FCFR2Plus1D(K, depth=18, temporal=False, fcf=True)` (optionally `fcf_stages=...`)
+
+Where the modules live (for hooks and visualisation): SIFA blocks are `<layerN>.<i>.motion`
+(`ops.SIFA`, odd i), FCF blocks are `fcf["layerN"]` (`ops.FCFBlock`, applied after layerN).
 
 ImageNet weights: `pretrained=<path to a torchvision-layout 2D ResNet state dict>`; see
 `lightning_modules.networks.pretrained`.
@@ -37,6 +41,7 @@ from .fcf_r2plus1d import (
     r2plus1d_34,
     r2plus1d_50,
 )
+from .frame import frame_resnet
 from .pretrained import InflationReport, inflate_2d_state_dict, load_pretrained_2d
 from .sifa_resnet import (
     SIFAResNet,
@@ -62,6 +67,7 @@ __all__ = [
     "fcf_r2plus1d_18",
     "fcf_r2plus1d_34",
     "fcf_r2plus1d_50",
+    "frame_resnet",
     "inflate_2d_state_dict",
     "load_pretrained_2d",
     "r2plus1d_18",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 from torch import Tensor, nn
 
@@ -34,6 +35,7 @@ class FCFR2Plus1D(VideoResNet):
     - `pretrained`: torchvision-layout 2D ResNet state dict, spatial kernels inflated (see
       `pretrained.inflate_2d_state_dict`); temporal convs of the basic (2+1)D blocks have no 2D
       counterpart and keep their Kaiming init.
+    - `backend`: the flow layers' TV-L1 backend ("auto": CuPy kernels for CUDA tensors when CuPy imports).
 
     `forward_heads(x)` returns `[logits]` `[N, num_classes]`.
     """
@@ -54,6 +56,7 @@ class FCFR2Plus1D(VideoResNet):
         dropout: float = 0.5,
         zero_init_residual: bool = True,
         pretrained: str | None = None,
+        backend: Literal["auto", "torch", "cupy"] = "auto",
     ) -> None:
         check_choice("depth", depth, FCF_DEPTHS)
         check_pretrained_path(pretrained)
@@ -62,6 +65,7 @@ class FCFR2Plus1D(VideoResNet):
         stages = check_stages("fcf_stages", fcf_stages)
         check_int("fcf_bottleneck", fcf_bottleneck, 1)
         check_int("fcf_n_iter", fcf_n_iter, 1)
+        check_choice("backend", backend, ("auto", "torch", "cupy"))
         learnable = tuple(fcf_learnable)
         if len(learnable) != 5 or not all(isinstance(v, bool) for v in learnable):
             raise ValueError(
@@ -95,7 +99,7 @@ class FCFR2Plus1D(VideoResNet):
                 channels = self.stage_channels[stage - 1]
                 self.fcf[f"layer{stage}"] = build_forked(
                     lambda c=channels: ops.FCFBlock(
-                        c, bottleneck=fcf_bottleneck, n_iter=fcf_n_iter, learnable=learnable
+                        c, bottleneck=fcf_bottleneck, n_iter=fcf_n_iter, learnable=learnable, backend=backend
                     )
                 )
         self.pretrained_report = None

@@ -13,13 +13,18 @@ from .blocks import MotionFactory, build_forked, make_layer
 from .pretrained import check_pretrained_path, load_pretrained_2d
 
 
-def _sifa_factory(kernel_size: int, dilation: int, groups: int, offset_init: str) -> MotionFactory:
+def _sifa_factory(kernel_size: int, dilation: int, groups: int, offset_init: str, backend: str) -> MotionFactory:
     def factory(channels: int) -> nn.Module:
         import ops  # the ops package is only needed when a SIFA block is built
 
         return build_forked(
             lambda: ops.SIFA(
-                channels, kernel_size=kernel_size, dilation=dilation, groups=groups, offset_init=offset_init
+                channels,
+                kernel_size=kernel_size,
+                dilation=dilation,
+                groups=groups,
+                offset_init=offset_init,
+                backend=backend,
             )
         )
 
@@ -45,6 +50,7 @@ class SIFAResNet(VideoResNet):
     - `width_mult` scales every channel count (rounded to a multiple of `sifa_groups` when SIFA is on).
     - `pretrained`: path to a torchvision-layout 2D ResNet state dict, inflated as in sifa.md §3
       (see `pretrained.inflate_2d_state_dict`); the report is kept in `self.pretrained_report`.
+    - `backend`: the SIFA ops' backend ("auto": CuPy kernels for CUDA tensors when CuPy imports).
 
     `forward_heads(x)` returns `[main_logits]` or `[main_logits, dual_logits]`, each `[N, num_classes]`.
     """
@@ -70,6 +76,7 @@ class SIFAResNet(VideoResNet):
         dropout: float = 0.5,
         zero_init_residual: bool = True,
         pretrained: str | None = None,
+        backend: Literal["auto", "torch", "cupy"] = "auto",
     ) -> None:
         check_choice("depth", depth, tuple(RESNET_SPECS))
         check_pretrained_path(pretrained)
@@ -85,8 +92,11 @@ class SIFAResNet(VideoResNet):
         check_int("sifa_groups", sifa_groups, 1)
         check_int("gc_reduction", gc_reduction, 1)
         check_choice("sifa_offset_init", sifa_offset_init, ("zeros", "kaiming", "default"))
+        check_choice("backend", backend, ("auto", "torch", "cupy"))
 
-        sifa_factory = _sifa_factory(sifa_kernel_size, sifa_dilation, sifa_groups, sifa_offset_init) if sifa else None
+        sifa_factory = (
+            _sifa_factory(sifa_kernel_size, sifa_dilation, sifa_groups, sifa_offset_init, backend) if sifa else None
+        )
 
         def motion_at(stage: int, index: int) -> MotionFactory | None:
             return sifa_factory if stage in stages and index % 2 == 1 else None
