@@ -265,6 +265,19 @@ def test_cupy_under_autocast_keeps_input_dtype():
 
 
 @pytest.mark.gpu
+def test_cupy_backward_alerts_in_deterministic_mode():
+    query, key, offset, _ = random_inputs(4, 1, 3, device="cuda", dtype=torch.float32)
+    attn = ops.deform_correlation(query, key.requires_grad_(), offset)
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        with pytest.raises(RuntimeError, match="not deterministic"):
+            attn.sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+@pytest.mark.gpu
 @pytest.mark.slow
 def test_cupy_beyond_int32_indexing():
     # value has 2^31 elements (4 GiB in float16): flat indices and channel offsets overflow 32 bits.

@@ -274,6 +274,19 @@ def test_sifa_nonzero_offsets_use_the_key_frames_motion_map():
     torch.testing.assert_close(y[:, :, 2], x[:, :, 2])
 
 
+def test_sifa_under_cpu_autocast_keeps_the_input_dtype():
+    block = ops.SIFA(4, groups=2, offset_init="kaiming")
+    x = torch.randn(1, 4, 3, 5, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y32 = block(x)
+        y16 = block(x.bfloat16())
+    assert y32.dtype == torch.float32 and y16.dtype == torch.bfloat16
+    y16.float().sum().backward()
+    assert torch.isfinite(block.conv_offset.weight.grad).all()
+    # bf16 offsets (the conv runs in bf16) move sample points by up to ~1% of their size
+    torch.testing.assert_close(y16.float(), block(x), rtol=0.1, atol=0.1)
+
+
 def test_sifa_init_options_and_validation():
     assert "offset_init='zeros'" in repr(ops.SIFA(8, groups=2))
     block = ops.SIFA(2, offset_init="default")

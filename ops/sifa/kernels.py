@@ -18,6 +18,8 @@ Double backward is not supported (the backward is not itself differentiable).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -133,6 +135,16 @@ def offset_grad(
     return _sum_partials(buf, q.dtype)
 
 
+def _alert_not_deterministic(what: str) -> None:
+    # The same contract as torch's own atomicAdd backwards (e.g. grid_sample's on CUDA).
+    if torch.are_deterministic_algorithms_enabled():
+        message = f"{what} uses atomicAdd and is not deterministic (nor is the reference's grid_sample on CUDA)"
+        if torch.is_deterministic_algorithms_warn_only_enabled():
+            warnings.warn(message, stacklevel=3)
+        else:
+            raise RuntimeError(message)
+
+
 def scatter(
     attn: torch.Tensor,
     q: torch.Tensor,
@@ -144,6 +156,8 @@ def scatter(
 ) -> torch.Tensor:
     """``[B,C,H,W]``: the transpose of sampling — each (b,c,h,w) sends scale · attn · q through the
     bilinear corners of its K² sample points (atomicAdd into an accumulation-type buffer)."""
+    if q.device.type == "cuda":
+        _alert_not_deterministic("the CuPy backward of deform_correlation / deform_aggregation (d key, d value)")
     buf = torch.zeros(q.shape, dtype=compute_dtype(q.dtype), device=q.device)
     SIFA_SOURCE.launch(
         "sifa_scatter",
