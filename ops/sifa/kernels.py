@@ -9,10 +9,12 @@ and their backward passes (see the header of ``sifa.cu``):
 * aggregation: forward ``sifa_aggregate``; backward d attn = ``sifa_correlate`` of d out,
   d value = ``sifa_scatter``, d offset = ``sifa_offset_grad``.
 
-Memory: the forward saves only its inputs, and no kernel allocates more than its output, so the
-backward needs no tensor larger than the inputs (the reference saves K² sampled maps). d key / d value
-are accumulated with atomicAdd into a float32 (float64 for float64) buffer, so on a GPU their last
-bits are not deterministic from run to run; every other gradient is written once per element.
+Memory: the forward saves only its inputs (the reference saves K² sampled maps per op), and the
+backward's temporaries are one accumulation-type map for d key / d value and the partial sums of the
+channel-split reductions (output-sized, or about 2·TARGET_THREADS elements when split), so no tensor larger than
+the inputs is needed. d key / d value are accumulated with atomicAdd, so on a GPU their last bits vary from run
+to run (and ``torch.use_deterministic_algorithms(True)`` raises, as for grid_sample's CUDA backward);
+every other gradient is written once per element by one thread, in a fixed order.
 Double backward is not supported (the backward is not itself differentiable).
 """
 
