@@ -55,8 +55,8 @@ class _Launcher:
         args = (self.gx, self.gy, self.rho_c, self.params, self.st, u_in, u_out, p, *self.shape_args)
         TVL1_SOURCE.launch("tvl1_primal", args, dtype=self.dtype, numel=self.numel)
 
-    def dual(self, u: Tensor, p: Tensor) -> None:
-        args = (self.params, self.st, u, p, *self.shape_args)
+    def dual(self, u: Tensor, p_in: Tensor, p_out: Tensor) -> None:
+        args = (self.params, self.st, u, p_in, p_out, *self.shape_args)
         TVL1_SOURCE.launch("tvl1_dual", args, dtype=self.dtype, numel=self.numel)
 
     def dual_adj(self, u: Tensor, p: Tensor, pbar: Tensor, gbar: Tensor, acc: Tensor) -> None:
@@ -74,11 +74,13 @@ class _Launcher:
         b, c, h, w = self.gx.shape
         return self.gx.new_zeros((b, 2 * c, h, w)), self.gx.new_zeros((b, 4 * c, h, w))
 
-    def step(self, u: Tensor, p: Tensor, dual: bool = True) -> None:
-        """One forward iteration in place on (u, p); ``dual=False`` skips the dual update."""
-        self.primal(u, u, p)
+    def step(self, u: Tensor, p: Tensor, out: tuple[Tensor, Tensor] | None = None, dual: bool = True) -> None:
+        """One forward iteration from (u, p) into ``out`` (default: in place); ``dual=False`` skips the
+        dual update, which cannot change the u it returns."""
+        u_out, p_out = (u, p) if out is None else out
+        self.primal(u, u_out, p)
         if dual:
-            self.dual(u, p)
+            self.dual(u_out, p, p_out)
 
 
 class TVL1Iterations(torch.autograd.Function):
@@ -98,11 +100,19 @@ class TVL1Iterations(torch.autograd.Function):
         u, p = run.zero_state()
         seg = segment_length(n_iter)
         checkpoints: dict[int, tuple[Tensor, Tensor]] = {}
+        state = (u, p)  # where the current state lives: the work buffers (u, p) or the latest checkpoint
         for k in range(1, n_iter + 1):
-            # The last dual update cannot change the returned u, so it is skipped.
-            run.step(u, p, dual=k < n_iter)
             if keep and k % seg == 0 and k < n_iter:
-                checkpoints[k] = (u.clone(), p.clone())
+                # Step into fresh buffers and keep them as the checkpoint (no copy); the next step reads
+                # from them and writes back into the work buffers.
+                out = (torch.empty_like(u), torch.empty_like(p))
+                run.step(*state, out)
+                state = checkpoints[k] = out
+            else:
+                # The last dual update cannot change the returned u, so it is skipped.
+                run.step(*state, (u, p), dual=k < n_iter)
+                state = (u, p)
+        u = state[0]
         if keep:
             ctx.save_for_backward(gx, gy, rho_c, params, st)
             # Intermediate tensors (not inputs or outputs) may live on ctx. They are kept through backward
@@ -130,9 +140,9 @@ class TVL1Iterations(torch.autograd.Function):
             # states[j] = (u, p) after start + j iterations, recomputed from the segment's checkpoint.
             states = [ctx.checkpoints[start] if start else run.zero_state()]
             for _ in range(start + 1, end):
-                u, p = (t.clone() for t in states[-1])
-                run.step(u, p)
-                states.append((u, p))
+                out = (torch.empty_like(states[-1][0]), torch.empty_like(states[-1][1]))
+                run.step(*states[-1], out)
+                states.append(out)
             for k in range(end, start, -1):
                 u_old, p_old = states.pop()
                 has_dual = k < n_iter
