@@ -52,6 +52,10 @@ __device__ __forceinline__ void tvl1_split(vmm_i64 i, vmm_i64 HW, vmm_i64 W, boo
     }
 }
 
+// Square root in the accumulation type (sqrtf for float, so a float kernel never promotes to double).
+__device__ __forceinline__ float tvl1_sqrt(float x) { return sqrtf(x); }
+__device__ __forceinline__ double tvl1_sqrt(double x) { return sqrt(x); }
+
 __device__ __forceinline__ vmm_i64 tvl1_div(vmm_i64 a, vmm_i64 b, bool narrow) {
     return narrow ? (vmm_i64)((unsigned int)a / (unsigned int)b) : a / b;
 }
@@ -132,7 +136,7 @@ __global__ void tvl1_dual(const T* __restrict__ params, const T* __restrict__ st
             const acc_t z = vmm_load(u, iu);
             const acc_t zx = (w < W - 1) ? fx0 * z + fx1 * vmm_load(u, iu + 1) : (acc_t)0;
             const acc_t zy = (h < H - 1) ? fy0 * z + fy1 * vmm_load(u, iu + W) : (acc_t)0;
-            const acc_t s = 1 + r * sqrt(zx * zx + zy * zy + eps);
+            const acc_t s = 1 + r * tvl1_sqrt(zx * zx + zy * zy + eps);
             const acc_t pa = vmm_load(p_in, q), pb = vmm_load(p_in, q + CHW);
             vmm_store(p_out + q, (pa + r * zx) / s);
             vmm_store(p_out + q + CHW, (pb + r * zy) / s);
@@ -175,7 +179,7 @@ __global__ void tvl1_dual_adj(const T* __restrict__ params, const T* __restrict_
                 const acc_t z_down = has_y ? vmm_load(u, iu + W) : (acc_t)0;
                 const acc_t zx = has_x ? fx0 * z + fx1 * z_right : (acc_t)0;
                 const acc_t zy = has_y ? fy0 * z + fy1 * z_down : (acc_t)0;
-                const acc_t n = sqrt(zx * zx + zy * zy + eps);
+                const acc_t n = tvl1_sqrt(zx * zx + zy * zy + eps);
                 const acc_t s = 1 + r * n;
                 const acc_t pa = (vmm_load(p, q) + r * zx) / s;
                 const acc_t pb = (vmm_load(p, q + CHW) + r * zy) / s;

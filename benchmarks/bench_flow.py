@@ -1,0 +1,252 @@
+"""Representation-flow benchmark: FlowLayer forward and forward+backward, reference ("torch") vs fused kernels ("cupy").
+
+Shapes are FCF-(2+1)D-50's (repflow.md §3): the flow layers of an FCF block run on the bottleneck
+(32 channels) after layer2, i.e. 28×28 at 224² input and 14×14 at 112²; clips of 8 and 16 frames,
+8 clips per batch (so 8·(T-1) frame pairs), n_iter 10 and 20. All learnable switches as the paper's
+best (image stencils fixed, the rest learnable), so the backward produces every gradient the block
+trains with.
+
+CUDA (when available): both backends run in this process on the same inputs; times from CUDA events
+(median of --iters after --warmup), peak memory of forward+backward above what the inputs occupy
+(torch.cuda.max_memory_allocated), and the ratios torch/cupy. The fused forward is also compared with
+its memory-traffic bound: per iteration the primal kernel reads gx, gy, rho_c, u (2 maps), p (4) and
+writes u (2), the dual kernel reads u (2) and p (4) and writes p (4), i.e. 21 map passes (11 for the
+last iteration, which skips the dual step), plus 5 for the image gradient and rho_c; divided by the
+device bandwidth (measured with a device-to-device copy, or --bandwidth-gbs).
+
+CPU (always): the reference's forward and forward+backward time on a small shape, and the number of
+[B,C,H,W] maps each backend keeps for the backward (the kernels run through host emulation for that
+count: autograd's saved tensors plus the kernels' checkpoints; their CPU time is not a benchmark).
+
+    python benchmarks/bench_flow.py [--iters 10] [--warmup 3] [--dtype float32] [--n-iter 10 20]
+                                    [--frames 8 16] [--sizes 28 14] [--clips 8] [--bandwidth-gbs X] [--cpu-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from ops.repflow.functional import _tvl1_flow
+from ops.repflow.fused import TVL1Iterations, segment_length
+from ops.repflow.modules import FlowLayer
+
+CHANNELS = 32  # FCF bottleneck
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def make_input(clips, frames, size, dtype, device, requires_grad=True):
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(clips, CHANNELS, frames, size, size, generator=gen, device=device, dtype=torch.float32)
+    # A moving pattern rather than pure noise, so the threshold branches are mixed as in a network.
+    x = x + torch.roll(x, shifts=1, dims=-1).cumsum(2) * 0.1
+    return x.to(dtype).requires_grad_(requires_grad)
+
+
+def make_layers(n_iter, device):
+    torch.manual_seed(0)
+    ref = FlowLayer(CHANNELS, n_iter, backend="torch").to(device)
+    fused = FlowLayer(CHANNELS, n_iter, backend="cupy").to(device)
+    fused.load_state_dict(ref.state_dict())
+    return {"torch": ref, "cupy": fused}
+
+
+def step(layer, x, cot):
+    layer.zero_grad(set_to_none=True)
+    x.grad = None
+    torch.autograd.backward(layer(x), cot)
+
+
+def fwd_bytes(pairs, size, n_iter, element_size=4):
+    """Lower bound of the fused forward's memory traffic (see the module docstring); the state is
+    always float32 (16-bit inputs compute in float32)."""
+    map_bytes = pairs * CHANNELS * size * size * max(element_size, 4)
+    return map_bytes * (21 * (n_iter - 1) + 11 + 5)
+
+
+# ----------------------------------------------------------------------------------------------- CUDA
+
+
+def cuda_time_ms(fn, iters, warmup):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def cuda_peak_bytes(fn):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def measure_bandwidth_gbs(device, nbytes=1 << 30):
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = cuda_time_ms(lambda: dst.copy_(src), iters=10, warmup=3)
+    return 2 * nbytes / (ms * 1e-3) / 1e9  # read + write
+
+
+def measure(layer, x, cot, args) -> tuple[float, float, int]:
+    """(forward ms, forward+backward ms, peak bytes of forward+backward above the inputs) on CUDA."""
+    with torch.no_grad():
+        fwd_ms = cuda_time_ms(lambda: layer(x), args.iters, args.warmup)
+    train_ms = cuda_time_ms(lambda: step(layer, x, cot), args.iters, args.warmup)
+    layer.zero_grad(set_to_none=True)
+    x.grad = None
+    return fwd_ms, train_ms, cuda_peak_bytes(lambda: step(layer, x, cot))
+
+
+def run_cuda(args) -> list[dict]:
+    device = torch.device("cuda")
+    dtype = DTYPES[args.dtype]
+    bandwidth = args.bandwidth_gbs or measure_bandwidth_gbs(device)
+    source = "given" if args.bandwidth_gbs else "measured d2d copy"
+    name = torch.cuda.get_device_name(device)
+    print(f"device: {name}, dtype {args.dtype}, bandwidth {bandwidth:.0f} GB/s ({source})")
+    print(
+        f"{'shape':<34}{'backend':<8}{'fwd ms':>9}{'fwd+bwd ms':>12}{'peak MiB':>10}"
+        f"{'fwd bound ms':>14}{'of bound':>10}"
+    )
+    rows = []
+    for n_iter in args.n_iter:
+        layers = make_layers(n_iter, device)
+        for size in args.sizes:
+            for frames in args.frames:
+                x = make_input(args.clips, frames, size, dtype, device)
+                pairs = args.clips * (frames - 1)
+                with torch.no_grad():
+                    cot = torch.randn_like(layers["torch"](x))
+                bound_ms = fwd_bytes(pairs, size, n_iter, x.element_size()) / (bandwidth * 1e9) * 1e3
+                result = {backend: measure(layer, x, cot, args) for backend, layer in layers.items()}
+                name = f"{size}x{size} T={frames} N={args.clips} n_iter={n_iter}"
+                for backend, (fwd_ms, train_ms, peak) in result.items():
+                    of_bound = f"{bound_ms / fwd_ms:>9.0%}" if backend == "cupy" else f"{'':>9}"
+                    print(
+                        f"{name:<34}{backend:<8}{fwd_ms:>9.3f}{train_ms:>12.3f}{peak / 2**20:>10.1f}"
+                        f"{bound_ms:>14.4f}{of_bound}"
+                    )
+                (tf, tt, tp), (cf, ct, cp) = result["torch"], result["cupy"]
+                print(f"{'':<34}{'ratio':<8}{tf / cf:>8.1f}x{tt / ct:>11.1f}x{tp / max(cp, 1):>9.1f}x   (torch / cupy)")
+                rows.append({"size": size, "frames": frames, "n_iter": n_iter, **result, "fwd_bound_ms": bound_ms})
+                del x, cot
+                torch.cuda.empty_cache()
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ CPU
+
+
+def stored_maps(n_iter, kernels, pairs=2, size=8):
+    """[B,C,H,W] maps (B = frame pairs) one tvl1_flow call with FlowLayer's learnable parameters keeps
+    for its backward: distinct tensors autograd saves (the inputs excluded) plus the fused kernels'
+    checkpoints, which live on the Function's context."""
+    layer = FlowLayer(CHANNELS, n_iter)
+    i0 = torch.randn(pairs, CHANNELS, size, size, requires_grad=True) * 50
+    i1 = torch.randn(pairs, CHANNELS, size, size, requires_grad=True) * 50
+    seen: dict[int, int] = {}
+    inputs = {t.untyped_storage().data_ptr() for t in (i0, i1)}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in inputs and t.numel() > CHANNELS * 8:  # maps, not the stencils or scalars
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = _tvl1_flow(i0, i1, n_iter, layer.theta, layer.lam, layer.tau, layer.stencils(), kernels=kernels)
+    stack, visited = [out.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in visited:
+            continue
+        visited.add(node)
+        if isinstance(node, TVL1Iterations._backward_cls):
+            for state in node.checkpoints.values():
+                for t in state:
+                    seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        stack.extend(fn for fn, _ in node.next_functions)
+    return sum(seen.values()) / (pairs * CHANNELS * size * size * 4)
+
+
+def run_cpu(args) -> dict:
+    torch.set_num_threads(args.threads)
+    clips, frames, size, n_iter = 1, 8, 14, 10
+    x = make_input(clips, frames, size, torch.float32, "cpu")
+    layer = FlowLayer(CHANNELS, n_iter, backend="torch")
+    with torch.no_grad():
+        cot = torch.randn_like(layer(x))
+
+    def timed(fn):
+        for _ in range(2):
+            fn()
+        times = []
+        for _ in range(args.cpu_iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times) * 1e3
+
+    with torch.no_grad():
+        fwd_ms = timed(lambda: layer(x))
+    train_ms = timed(lambda: step(layer, x, cot))
+    print(
+        f"CPU ({torch.get_num_threads()} threads), reference FlowLayer, N={clips} C={CHANNELS} T={frames} "
+        f"{size}x{size} n_iter={n_iter}: forward {fwd_ms:.1f} ms, forward+backward {train_ms:.1f} ms"
+    )
+    # Maps kept for the backward, per backend; the kernels' path runs through host emulation here.
+    print("tvl1_flow: maps of [pairs, C, H, W] kept for backward (reference: autograd; kernels: + checkpoints):")
+    counts = {}
+    for n in args.n_iter:
+        ref = stored_maps(n, kernels=False)
+        fused = stored_maps(n, kernels=True)
+        counts[n] = (ref, fused)
+        print(
+            f"  n_iter={n:>3}: reference {ref:6.1f}, kernels {fused:5.1f} "
+            f"(checkpoint every {segment_length(n)} iterations), ratio {ref / fused:.1f}x"
+        )
+    print(
+        "  (the kernels' backward adds a fixed working set of about 20 maps plus one segment of "
+        "recomputed states; the GPU peak-memory column measures everything)"
+    )
+    return {"fwd_ms": fwd_ms, "train_ms": train_ms, "maps": counts}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--n-iter", type=int, nargs="+", default=[10, 20])
+    parser.add_argument("--frames", type=int, nargs="+", default=[8, 16])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[28, 14])
+    parser.add_argument("--clips", type=int, default=8)
+    parser.add_argument("--bandwidth-gbs", type=float, default=None)
+    parser.add_argument("--cpu-only", action="store_true")
+    parser.add_argument("--cpu-iters", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    run_cpu(args)
+    if args.cpu_only:
+        return
+    if not torch.cuda.is_available():
+        print("CUDA not available: GPU part skipped")
+        return
+    run_cuda(args)
+
+
+if __name__ == "__main__":
+    main()
