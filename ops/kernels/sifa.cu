@@ -84,15 +84,15 @@ VMM_INLINE A sifa_blend(const sifa_cell<A>& p, A v00, A v01, A v10, A v11) {
     return hy * (hx * v00 + p.lx * v01) + p.ly * (hx * v10 + p.lx * v11);
 }
 
-// Sample point of tap k at pixel hw (= h·W + w) of batch element b.
+// Sample point of tap k = kh·K + kw at pixel (h, w) of batch element b. Callers that loop over the taps
+// pass kh, kw from nested loops: 64-bit integer division is slow on GPUs.
 template <typename T, typename A>
-VMM_INLINE sifa_cell<A> sifa_tap(const T* __restrict__ offset, vmm_i64 b, vmm_i64 k, vmm_i64 h, vmm_i64 w,
-                                 vmm_i64 kk, vmm_i64 ksize, vmm_i64 dil, vmm_i64 pad, vmm_i64 height,
+VMM_INLINE sifa_cell<A> sifa_tap(const T* __restrict__ offset, vmm_i64 b, vmm_i64 kh, vmm_i64 kw, vmm_i64 h,
+                                 vmm_i64 w, vmm_i64 ksize, vmm_i64 dil, vmm_i64 pad, vmm_i64 height,
                                  vmm_i64 width) {
     const vmm_i64 hw_size = height * width;
-    const vmm_i64 base = (b * 2 * kk + 2 * k) * hw_size + h * width + w;
-    const vmm_i64 kh = k / ksize;
-    const vmm_i64 kw = k - kh * ksize;
+    const vmm_i64 kk = ksize * ksize;
+    const vmm_i64 base = (b * 2 * kk + 2 * (kh * ksize + kw)) * hw_size + h * width + w;
     const A y = (A)(h - pad + kh * dil) + (A)vmm_load(offset, base);
     const A x = (A)(w - pad + kw * dil) + (A)vmm_load(offset, base + hw_size);
     return sifa_locate<A>(y, x, height, width);
@@ -124,7 +124,8 @@ __global__ void sifa_correlate(const T* __restrict__ q, const T* __restrict__ im
         const vmm_i64 c_begin = g * per_group + s * chunk;
         const vmm_i64 c_group_end = (g + 1) * per_group;
         const vmm_i64 c_end = c_begin + chunk < c_group_end ? c_begin + chunk : c_group_end;
-        const sifa_cell<A> p = sifa_tap<T, A>(offset, b, k, h, w, kk, ksize, dil, pad, height, width);
+        const vmm_i64 kh = k / ksize;
+        const sifa_cell<A> p = sifa_tap<T, A>(offset, b, kh, k - kh * ksize, h, w, ksize, dil, pad, height, width);
         A acc = (A)0;
         if (p.any) {
             for (vmm_i64 c = c_begin; c < c_end; ++c) {
@@ -158,12 +159,14 @@ __global__ void sifa_aggregate(const T* __restrict__ img, const T* __restrict__ 
         const T* map = img + bc * hw_size;
         const vmm_i64 attn_base = (b * groups + c / per_group) * kk * hw_size + hw;
         A acc = (A)0;
-        for (vmm_i64 k = 0; k < kk; ++k) {
-            const sifa_cell<A> p = sifa_tap<T, A>(offset, b, k, h, w, kk, ksize, dil, pad, height, width);
-            if (!p.any) continue;
-            A v00, v01, v10, v11;
-            sifa_corners<T, A>(map, p, v00, v01, v10, v11);
-            acc += vmm_load(attn, attn_base + k * hw_size) * sifa_blend<A>(p, v00, v01, v10, v11);
+        for (vmm_i64 kh = 0, k = 0; kh < ksize; ++kh) {
+            for (vmm_i64 kw = 0; kw < ksize; ++kw, ++k) {
+                const sifa_cell<A> p = sifa_tap<T, A>(offset, b, kh, kw, h, w, ksize, dil, pad, height, width);
+                if (!p.any) continue;
+                A v00, v01, v10, v11;
+                sifa_corners<T, A>(map, p, v00, v01, v10, v11);
+                acc += vmm_load(attn, attn_base + k * hw_size) * sifa_blend<A>(p, v00, v01, v10, v11);
+            }
         }
         vmm_store(out + i, acc * (A)scale);
     }
@@ -192,20 +195,26 @@ __global__ void sifa_offset_grad(const T* __restrict__ attn, const T* __restrict
         const vmm_i64 w = hw - h * width;
         const vmm_i64 c_begin = s * chunk;
         const vmm_i64 c_end = c_begin + chunk < channels ? c_begin + chunk : channels;
-        const sifa_cell<A> p = sifa_tap<T, A>(offset, b, k, h, w, kk, ksize, dil, pad, height, width);
+        const vmm_i64 kh = k / ksize;
+        const sifa_cell<A> p = sifa_tap<T, A>(offset, b, kh, k - kh * ksize, h, w, ksize, dil, pad, height, width);
         A gy = (A)0;
         A gx = (A)0;
         if (p.any) {
             const A hy = (A)1 - p.ly;
             const A hx = (A)1 - p.lx;
-            for (vmm_i64 c = c_begin; c < c_end; ++c) {
-                const vmm_i64 base = (b * channels + c) * hw_size;
-                const A a = vmm_load(attn, ((b * groups + c / per_group) * kk + k) * hw_size + hw);
-                const A coef = a * vmm_load(q, base + hw);
-                A v00, v01, v10, v11;
-                sifa_corners<T, A>(img + base, p, v00, v01, v10, v11);
-                gy += coef * (hx * (v10 - v00) + p.lx * (v11 - v01));
-                gx += coef * (hy * (v01 - v00) + p.ly * (v11 - v10));
+            // Group by group: one division per group met, not per channel.
+            for (vmm_i64 c = c_begin; c < c_end;) {
+                const vmm_i64 g = c / per_group;
+                const vmm_i64 g_end = (g + 1) * per_group < c_end ? (g + 1) * per_group : c_end;
+                const A a = vmm_load(attn, ((b * groups + g) * kk + k) * hw_size + hw);
+                for (; c < g_end; ++c) {
+                    const vmm_i64 base = (b * channels + c) * hw_size;
+                    const A coef = a * vmm_load(q, base + hw);
+                    A v00, v01, v10, v11;
+                    sifa_corners<T, A>(img + base, p, v00, v01, v10, v11);
+                    gy += coef * (hx * (v10 - v00) + p.lx * (v11 - v01));
+                    gx += coef * (hy * (v01 - v00) + p.ly * (v11 - v10));
+                }
             }
         }
         const vmm_i64 o = ((s * batch + b) * 2 * kk + 2 * k) * hw_size + hw;
@@ -237,16 +246,18 @@ __global__ void sifa_scatter(const T* __restrict__ attn, const T* __restrict__ q
         const A qv = vmm_load(q, i) * (A)scale;
         A* map = grad_img + bc * hw_size;
         const vmm_i64 attn_base = (b * groups + c / per_group) * kk * hw_size + hw;
-        for (vmm_i64 k = 0; k < kk; ++k) {
-            const sifa_cell<A> p = sifa_tap<T, A>(offset, b, k, h, w, kk, ksize, dil, pad, height, width);
-            if (!p.any) continue;
-            const A coef = qv * vmm_load(attn, attn_base + k * hw_size);
-            const A hy = (A)1 - p.ly;
-            const A hx = (A)1 - p.lx;
-            if (p.in00) atomicAdd(map + p.i00, coef * hy * hx);
-            if (p.in01) atomicAdd(map + p.i01, coef * hy * p.lx);
-            if (p.in10) atomicAdd(map + p.i10, coef * p.ly * hx);
-            if (p.in11) atomicAdd(map + p.i11, coef * p.ly * p.lx);
+        for (vmm_i64 kh = 0, k = 0; kh < ksize; ++kh) {
+            for (vmm_i64 kw = 0; kw < ksize; ++kw, ++k) {
+                const sifa_cell<A> p = sifa_tap<T, A>(offset, b, kh, kw, h, w, ksize, dil, pad, height, width);
+                if (!p.any) continue;
+                const A coef = qv * vmm_load(attn, attn_base + k * hw_size);
+                const A hy = (A)1 - p.ly;
+                const A hx = (A)1 - p.lx;
+                if (p.in00) atomicAdd(map + p.i00, coef * hy * hx);
+                if (p.in01) atomicAdd(map + p.i01, coef * hy * p.lx);
+                if (p.in10) atomicAdd(map + p.i10, coef * p.ly * hx);
+                if (p.in11) atomicAdd(map + p.i11, coef * p.ly * p.lx);
+            }
         }
     }
 }
