@@ -249,6 +249,16 @@ def test_sifa_zero_offsets_is_plain_inter_frame_attention(frames):
     torch.testing.assert_close(y, plain_inter_frame_attention(x, 3))
 
 
+@pytest.mark.parametrize("shape", [(0, 4, 3, 5, 5), (2, 4, 3, 1, 1), (1, 4, 2, 1, 7)])
+def test_sifa_empty_batch_and_tiny_maps(shape):
+    block = ops.SIFA(4, offset_init="kaiming")
+    x = torch.randn(shape, requires_grad=True)
+    y = block(x)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape and torch.isfinite(x.grad).all()
+
+
 def test_sifa_gradients_reach_conv_offset():
     block = ops.SIFA(4, groups=2).double()
     assert torch.count_nonzero(block.conv_offset.weight) == 0  # zero-initialised
