@@ -117,6 +117,28 @@ def test_emulated_kernel_gradients_match_reference_over_many_iterations():
         torch.testing.assert_close(ker, ref, rtol=1e-9, atol=1e-9, msg=lambda m, name=name: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("max_strip", [3, 8])
+def test_emulated_kernel_gradients_with_multi_pixel_strips(monkeypatch, max_strip):
+    # Large inputs sum several pixels per thread in the per-channel reductions; force that on a tiny
+    # input (H·W = 35 is not a multiple of either strip length).
+    from ops.repflow import fused
+
+    monkeypatch.setattr(fused, "MIN_THREADS", 1)
+    monkeypatch.setattr(fused, "MAX_STRIP", max_strip)
+    assert fused.strip_length(2 * 3 * 35) == max_strip
+    g = torch.Generator().manual_seed(11)
+    i0, i1, scalars, stencils = _leaves(3, g, h=5, w=7)
+    i0, i1 = (torch.cat([t.detach(), t.detach() * 0.5]).requires_grad_() for t in (i0, i1))
+    leaves = (i0, i1, *scalars, *stencils)
+    weight = torch.randn(2, 6, 5, 7, dtype=torch.float64, generator=g)
+    grads = []
+    for kernels in (False, True):
+        out = _tvl1_flow(i0, i1, 5, *scalars, stencils, kernels=kernels)
+        grads.append(torch.autograd.grad((out * weight).sum(), leaves))
+    for ref, ker in zip(*grads, strict=True):
+        torch.testing.assert_close(ker, ref, rtol=1e-9, atol=1e-9)
+
+
 def test_emulated_kernel_gradients_float32_and_negative_theta():
     i0 = (torch.randn(2, 2, 5, 5) * 20).requires_grad_()
     i1 = (torch.randn(2, 2, 5, 5) * 20).requires_grad_()

@@ -26,8 +26,15 @@ from .reference import EPS, image_gradient
 
 TVL1_SOURCE = KernelSource("tvl1.cu", ("tvl1_primal", "tvl1_dual", "tvl1_dual_adj", "tvl1_primal_adj"))
 
-#: Pixels summed per thread in the adjoint kernels' per-channel reductions (acc holds numel / STRIP slots).
-STRIP = 4
+#: Pixels summed per thread in the adjoint kernels' per-channel reductions (acc holds numel / strip
+#: slots): up to MAX_STRIP, but never so many that fewer than MIN_THREADS threads run.
+MAX_STRIP = 8
+MIN_THREADS = 1 << 18
+
+
+def strip_length(numel: int) -> int:
+    return max(1, min(MAX_STRIP, numel // MIN_THREADS))
+
 ACC_ROWS = 11
 # Rows of acc (kernels/tvl1.cu): r, fwd taps (4), theta_e, lt, div taps (4).
 _ACC_STENCIL_ROWS = [1, 2, 3, 4, 7, 8, 9, 10]
@@ -48,7 +55,7 @@ class _Launcher:
         self.numel = gx.numel()
         self.shape_args = (self.b, self.c, self.h, self.w)
         hw = self.h * self.w
-        self.j = -(-hw // STRIP)  # strip slots per (b, c) plane
+        self.j = -(-hw // strip_length(self.numel))  # strip slots per (b, c) plane
         self.n_slots = self.b * self.c * self.j
 
     def primal(self, u_in: Tensor, u_out: Tensor, p: Tensor) -> None:
@@ -129,8 +136,9 @@ class TVL1Iterations(torch.autograd.Function):
         run = _Launcher(gx, gy, rho_c, params, st)
         seg = segment_length(n_iter)
         ubar = grad_u.to(gx.dtype).contiguous().clone()
-        ubar_next = torch.empty_like(ubar)
-        u_tmp = torch.empty_like(ubar)
+        # Holds u_k for the dual adjoint, then receives the adjoint of u_{k-1} (it cannot be written over
+        # ubar: neighbours read ubar); the two buffers swap roles every iteration.
+        spare = torch.empty_like(ubar)
         pbar = gx.new_zeros((run.b, 4 * run.c, run.h, run.w))
         gbar = torch.empty_like(pbar)
         ggx, ggy, grho = torch.zeros_like(gx), torch.zeros_like(gx), torch.zeros_like(gx)
@@ -147,10 +155,10 @@ class TVL1Iterations(torch.autograd.Function):
                 u_old, p_old = states.pop()
                 has_dual = k < n_iter
                 if has_dual:
-                    run.primal(u_old, u_tmp, p_old)  # u_k
-                    run.dual_adj(u_tmp, p_old, pbar, gbar, acc)
-                run.primal_adj(u_old, p_old, ubar, gbar, has_dual, ubar_next, pbar, ggx, ggy, grho, acc)
-                ubar, ubar_next = ubar_next, ubar
+                    run.primal(u_old, spare, p_old)  # u_k
+                    run.dual_adj(spare, p_old, pbar, gbar, acc)
+                run.primal_adj(u_old, p_old, ubar, gbar, has_dual, spare, pbar, ggx, ggy, grho, acc)
+                ubar, spare = spare, ubar
         sums = acc.view(ACC_ROWS, run.b, run.c, run.j).sum(dim=(1, 3))  # [11, C]
         grad_params = torch.stack([sums[5].sum(), sums[6].sum(), sums[0].sum()]).to(params.dtype)
         grad_st = sums[_ACC_STENCIL_ROWS].t().contiguous().to(st.dtype)
