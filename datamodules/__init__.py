@@ -1,0 +1,50 @@
+"""LightningDataModules for video action recognition: PyAV decoding, clip sampling, uint8 transforms.
+
+Batches: {"video": uint8 [N,3,T,H,W], "label": int64 [N], "video_id": int64 [N], "view": int64 [N],
+"bad_video_ids": int64 [M]}; normalisation happens on the device, in the LightningModule.
+"""
+
+from .annotations import AnnotationError, VideoRecord
+from .base import VideoDataModule
+from .dataset import (
+    ClipSettings,
+    TooMuchBadData,
+    UnpaddedDistributedSampler,
+    VideoClipDataset,
+    VideoFilesDataset,
+    collate_clips,
+)
+from .decode import VideoDecodeError, VideoIndex, VideoReader, build_index, decode_frames
+from .layouts import (
+    HMDB51DataModule,
+    KineticsDataModule,
+    UCF101DataModule,
+    VideoFolderDataModule,
+    VideoListDataModule,
+)
+from .synthetic_datamodule import SyntheticMotionDataModule
+from .transforms import ClipTransform
+
+__all__ = [
+    "AnnotationError",
+    "ClipSettings",
+    "ClipTransform",
+    "HMDB51DataModule",
+    "KineticsDataModule",
+    "SyntheticMotionDataModule",
+    "TooMuchBadData",
+    "UCF101DataModule",
+    "UnpaddedDistributedSampler",
+    "VideoClipDataset",
+    "VideoDataModule",
+    "VideoDecodeError",
+    "VideoFilesDataset",
+    "VideoFolderDataModule",
+    "VideoIndex",
+    "VideoListDataModule",
+    "VideoReader",
+    "VideoRecord",
+    "build_index",
+    "collate_clips",
+    "decode_frames",
+]

@@ -1,0 +1,252 @@
+"""Annotation layouts -> lists of VideoRecord. Every parser raises AnnotationError (a ValueError)
+naming the file and line for a malformed row or an unknown class.
+
+Conventions (those of the official releases and of the usual toolkits):
+- folders: class ids are the sorted class-folder names;
+- `path label` lists: 0-based integer labels, paths relative to a root;
+- Kinetics CSV: class ids are the sorted unique labels of the training CSV;
+- HMDB-51: `<class>_test_split{1,2,3}.txt` with flag 1 = train, 2 = test, 0 = unused; class ids are
+  the sorted class names;
+- UCF-101: `classInd.txt` with 1-based ids (stored 0-based here), `trainlist0N.txt` with a label,
+  `testlist0N.txt` without (label from the class folder).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".ogv")
+
+__all__ = [
+    "AnnotationError",
+    "VIDEO_EXTENSIONS",
+    "VideoRecord",
+    "index_video_files",
+    "parse_folder",
+    "parse_hmdb51",
+    "parse_kinetics_csv",
+    "parse_path_label_list",
+    "parse_ucf101",
+    "read_class_names",
+]
+
+
+class AnnotationError(ValueError):
+    """A malformed annotation file; the message names the file and line."""
+
+    def __init__(self, file: str | os.PathLike, line: int | None, message: str):
+        where = f"{file}:{line}" if line is not None else str(file)
+        super().__init__(f"{where}: {message}")
+        self.file, self.line = str(file), line
+
+
+@dataclass(frozen=True)
+class VideoRecord:
+    """One video of a split: file, 0-based label (-1 if unknown) and optional time window (seconds)."""
+
+    path: str
+    label: int
+    start: float | None = None
+    end: float | None = None
+
+
+def _lines(file: Path) -> Iterable[tuple[int, str]]:
+    if not file.is_file():
+        raise AnnotationError(file, None, "annotation file not found")
+    with open(file, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, start=1):
+            line = line.strip()
+            if line and not line.startswith("#"):
+                yield n, line
+
+
+def _is_video(p: Path) -> bool:
+    return p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file()
+
+
+def parse_folder(split_dir: Path, class_names: list[str] | None = None) -> tuple[list[VideoRecord], list[str]]:
+    """`split_dir/<class>/<video>`: records and the class names (sorted folder names unless given)."""
+    split_dir = Path(split_dir)
+    if not split_dir.is_dir():
+        raise AnnotationError(split_dir, None, "split folder not found")
+    found = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+    names = list(class_names) if class_names is not None else found
+    ids = {n: i for i, n in enumerate(names)}
+    records = []
+    for cls in found:
+        if cls not in ids:
+            raise AnnotationError(split_dir / cls, None, f"class folder {cls!r} is not one of the {len(names)} classes")
+        for p in sorted((split_dir / cls).iterdir()):
+            if _is_video(p):
+                records.append(VideoRecord(str(p), ids[cls]))
+    return records, names
+
+
+def read_class_names(file: Path) -> list[str]:
+    """One class name per line (ids in file order); `N name` lines (UCF classInd style) also accepted."""
+    names = []
+    for n, line in _lines(Path(file)):
+        parts = line.split(maxsplit=1)
+        if len(parts) == 2 and parts[0].isdigit():
+            if int(parts[0]) != len(names) + 1:
+                raise AnnotationError(file, n, f"expected class id {len(names) + 1}, got {parts[0]}")
+            names.append(parts[1].strip())
+        else:
+            names.append(line)
+    if len(set(names)) != len(names):
+        raise AnnotationError(file, None, "duplicate class names")
+    return names
+
+
+def parse_path_label_list(file: Path, root: Path, num_classes: int | None = None) -> list[VideoRecord]:
+    """`path label` lines (space separated, path may contain spaces); paths relative to `root`."""
+    records = []
+    for n, line in _lines(Path(file)):
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2:
+            raise AnnotationError(file, n, f"expected 'path label', got {line!r}")
+        try:
+            label = int(parts[1])
+        except ValueError:
+            raise AnnotationError(file, n, f"label must be an integer, got {parts[1]!r}") from None
+        if label < 0 or (num_classes is not None and label >= num_classes):
+            bound = f"[0, {num_classes})" if num_classes is not None else ">= 0"
+            raise AnnotationError(file, n, f"unknown class {label}: expected a label in {bound}")
+        records.append(VideoRecord(str(Path(root) / parts[0].strip()), label))
+    return records
+
+
+_KINETICS_COLUMNS = ("label", "youtube_id", "time_start", "time_end")
+
+
+def index_video_files(root: Path) -> dict[str, str]:
+    """Map file stem -> path for every video file under `root` (recursively; first found wins)."""
+    found: dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for f in sorted(filenames):
+            stem, ext = os.path.splitext(f)
+            if ext.lower() in VIDEO_EXTENSIONS:
+                found.setdefault(stem, os.path.join(dirpath, f))
+    return found
+
+
+def parse_kinetics_csv(
+    file: Path, files: dict[str, str], class_to_id: dict[str, int] | None
+) -> tuple[list[VideoRecord], list[str], list[str]]:
+    """Official Kinetics CSV (`label,youtube_id,time_start,time_end,split[,...]`, header required).
+
+    `files` maps file stems to paths (see `index_video_files`). A row resolves to the trimmed file
+    `{youtube_id}_{start:06d}_{end:06d}` (whole file) or else the untrimmed `{youtube_id}` (window
+    [time_start, time_end) honoured). `class_to_id=None` accepts any label (the training CSV, whose
+    sorted labels define the ids; records then get label -1). Returns (records, the labels of all
+    rows, names of the listed videos not found).
+    """
+    file = Path(file)
+    if not file.is_file():
+        raise AnnotationError(file, None, "annotation file not found")
+    records, labels, missing = [], [], []
+    with open(file, encoding="utf-8", newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if header is None:
+            raise AnnotationError(file, 1, "empty CSV (a header row is required)")
+        cols = [h.strip() for h in header]
+        absent = [c for c in _KINETICS_COLUMNS if c not in cols]
+        if absent:
+            raise AnnotationError(file, 1, f"header lacks column(s) {absent}; got {cols}")
+        pos = {c: cols.index(c) for c in _KINETICS_COLUMNS}
+        for row in reader:
+            n = reader.line_num
+            if not row or all(not c.strip() for c in row):
+                continue
+            if len(row) < len(cols):
+                raise AnnotationError(file, n, f"expected {len(cols)} columns, got {len(row)}: {row}")
+            label = row[pos["label"]].strip()
+            yid = row[pos["youtube_id"]].strip()
+            try:
+                t0, t1 = float(row[pos["time_start"]]), float(row[pos["time_end"]])
+            except ValueError:
+                raise AnnotationError(file, n, f"time_start/time_end must be numbers, got {row}") from None
+            if not yid or t1 <= t0:
+                raise AnnotationError(file, n, f"expected a youtube_id and time_end > time_start, got {row}")
+            if class_to_id is not None and label not in class_to_id:
+                raise AnnotationError(file, n, f"unknown class {label!r} (not in the training CSV)")
+            trimmed = f"{yid}_{int(t0):06d}_{int(t1):06d}"
+            labels.append(label)
+            label_id = -1 if class_to_id is None else class_to_id[label]
+            if trimmed in files:
+                records.append(VideoRecord(files[trimmed], label_id))
+            elif yid in files:
+                records.append(VideoRecord(files[yid], label_id, t0, t1))
+            else:
+                missing.append(trimmed)
+    return records, labels, missing
+
+
+def parse_hmdb51(split_dir: Path, video_root: Path, split: int) -> tuple[dict[str, list[VideoRecord]], list[str]]:
+    """HMDB-51 `<class>_test_split{split}.txt` files -> ({"train": [...], "test": [...]}, class names)."""
+    split_dir = Path(split_dir)
+    if split not in (1, 2, 3):
+        raise ValueError(f"split: expected 1, 2 or 3, got {split}")
+    suffix = f"_test_split{split}.txt"
+    files = sorted(split_dir.glob(f"*{suffix}")) if split_dir.is_dir() else []
+    if not files:
+        raise AnnotationError(split_dir, None, f"no '*{suffix}' files found")
+    names = sorted(f.name[: -len(suffix)] for f in files)
+    out: dict[str, list[VideoRecord]] = {"train": [], "test": []}
+    for label, cls in enumerate(names):
+        file = split_dir / f"{cls}{suffix}"
+        for n, line in _lines(file):
+            parts = line.split()
+            if len(parts) != 2 or parts[1] not in ("0", "1", "2"):
+                raise AnnotationError(file, n, f"expected '<video> <0|1|2>', got {line!r}")
+            if parts[1] == "0":
+                continue
+            path = Path(video_root) / cls / parts[0]
+            if not path.exists() and (Path(video_root) / parts[0]).exists():
+                path = Path(video_root) / parts[0]
+            out["train" if parts[1] == "1" else "test"].append(VideoRecord(str(path), label))
+    return out, names
+
+
+def parse_ucf101(
+    list_dir: Path, video_root: Path, split: int
+) -> tuple[dict[str, list[VideoRecord]], list[str]]:
+    """UCF-101 `classInd.txt`, `trainlist0N.txt`, `testlist0N.txt` -> ({"train", "test"}, class names)."""
+    list_dir = Path(list_dir)
+    if split not in (1, 2, 3):
+        raise ValueError(f"split: expected 1, 2 or 3, got {split}")
+    names = read_class_names(list_dir / "classInd.txt")
+    ids = {n: i for i, n in enumerate(names)}
+    lower = {n.lower(): i for i, n in enumerate(names)}
+    out: dict[str, list[VideoRecord]] = {"train": [], "test": []}
+    for kind in ("train", "test"):
+        file = list_dir / f"{kind}list{split:02d}.txt"
+        for n, line in _lines(file):
+            parts = line.split()
+            if len(parts) not in (1, 2):
+                raise AnnotationError(file, n, f"expected '<class>/<video> [label]', got {line!r}")
+            rel = parts[0]
+            folder = rel.replace("\\", "/").split("/")[0] if "/" in rel.replace("\\", "/") else None
+            folder_id = None if folder is None else ids.get(folder, lower.get(folder.lower()))
+            if len(parts) == 2:
+                try:
+                    label = int(parts[1]) - 1  # classInd ids are 1-based
+                except ValueError:
+                    raise AnnotationError(file, n, f"label must be an integer, got {parts[1]!r}") from None
+                if not 0 <= label < len(names):
+                    raise AnnotationError(file, n, f"unknown class id {parts[1]}: expected 1..{len(names)}")
+            elif folder_id is not None:
+                label = folder_id
+            else:
+                raise AnnotationError(file, n, f"cannot tell the class of {rel!r} (no label, no known class folder)")
+            out[kind].append(VideoRecord(str(Path(video_root) / rel), label))
+    return out, names

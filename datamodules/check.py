@@ -1,0 +1,189 @@
+"""Dataset check: decode every video of a DataModule once, in parallel, and report what was found.
+
+    python -m datamodules.check --config configs/some.yaml [--splits train val] [--num-workers 4]
+
+reads the `data:` section (class_path + init_args) of a vmm config. From code:
+`check_datamodule(dm, num_workers=...)` returns a DataCheckReport and prints its table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from torch.utils.data import DataLoader, Dataset
+
+from .annotations import VideoRecord
+from .base import SPLITS, VideoDataModule
+from .decode import VideoDecodeError, probe_full_decode
+
+__all__ = ["DataCheckReport", "SplitReport", "check_datamodule", "load_datamodule", "main"]
+
+
+@dataclass
+class SplitReport:
+    """What decoding every video of one split found. Durations in seconds, rates in frames/s."""
+
+    split: str
+    videos: int = 0
+    readable: int = 0
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    missing_listed: int = 0  # listed in the annotations but absent on disk (Kinetics layout)
+    durations: list[float] = field(default_factory=list)
+    fps: list[float] = field(default_factory=list)
+    frames: list[int] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        def stats(xs):
+            return (min(xs), statistics.median(xs), max(xs)) if xs else (float("nan"),) * 3
+
+        return {
+            "split": self.split,
+            "videos": self.videos,
+            "readable": self.readable,
+            "unreadable": len(self.unreadable),
+            "missing_listed": self.missing_listed,
+            "duration_min_med_max": stats(self.durations),
+            "fps_min_med_max": stats(self.fps),
+            "frames_min_med_max": stats(self.frames),
+        }
+
+
+@dataclass
+class DataCheckReport:
+    splits: dict[str, SplitReport]
+    seconds: float
+
+    @property
+    def unreadable(self) -> list[tuple[str, str]]:
+        return [u for r in self.splits.values() for u in r.unreadable]
+
+    @property
+    def ok(self) -> bool:
+        return not self.unreadable
+
+    def table(self, max_listed: int = 20) -> str:
+        head = (
+            f"{'split':<6} {'videos':>7} {'ok':>7} {'bad':>5} {'missing':>7}  "
+            f"{'duration s (min/med/max)':<26} {'fps (min/med/max)':<22}"
+        )
+        rows = [head, "-" * len(head)]
+        for r in self.splits.values():
+            s = r.summary()
+            d, f = s["duration_min_med_max"], s["fps_min_med_max"]
+            rows.append(
+                f"{r.split:<6} {r.videos:>7} {r.readable:>7} {len(r.unreadable):>5} {r.missing_listed:>7}  "
+                f"{d[0]:>7.2f} {d[1]:>8.2f} {d[2]:>8.2f}  {f[0]:>6.2f} {f[1]:>6.2f} {f[2]:>6.2f}"
+            )
+        bad = self.unreadable
+        if bad:
+            rows.append(f"\nunreadable videos ({len(bad)}):")
+            rows += [f"  {p}: {why}" for p, why in bad[:max_listed]]
+            if len(bad) > max_listed:
+                rows.append(f"  ... and {len(bad) - max_listed} more")
+        rows.append(f"\nchecked in {self.seconds:.1f} s")
+        return "\n".join(rows)
+
+
+class _ProbeDataset(Dataset):
+    def __init__(self, records: Sequence[VideoRecord], threads: int):
+        self.paths = sorted({r.path for r in records})
+        self.threads = threads
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[str, dict | None, str | None]:
+        path = self.paths[i]
+        try:
+            return path, probe_full_decode(path, threads=self.threads), None
+        except VideoDecodeError as exc:
+            return path, None, exc.reason
+
+
+def _identity(batch):
+    return batch
+
+
+def check_datamodule(
+    dm: VideoDataModule,
+    *,
+    splits: Sequence[str] = SPLITS,
+    num_workers: int = 2,
+    decoder_threads: int = 1,
+    out: TextIO | None = sys.stdout,
+) -> DataCheckReport:
+    """Decode every video of `splits` once (`num_workers` processes) and report unreadable files,
+    durations and frame rates. Splits the layout does not have are skipped. Prints the table to
+    `out` (None: silent)."""
+    if not isinstance(dm, VideoDataModule):
+        raise TypeError(f"dm: expected a datamodules.VideoDataModule, got {type(dm).__name__}")
+    t0 = time.perf_counter()
+    if hasattr(dm, "prepare_data"):
+        dm.prepare_data()
+    reports: dict[str, SplitReport] = {}
+    for split in splits:
+        try:
+            records = dm.records(split)
+        except ValueError as exc:
+            if "has no" in str(exc):
+                continue
+            raise
+        report = SplitReport(split, videos=len({r.path for r in records}))
+        report.missing_listed = len(getattr(dm, "missing_videos", {}).get(split, []))
+        loader = DataLoader(
+            _ProbeDataset(records, decoder_threads), batch_size=1, num_workers=num_workers, collate_fn=_identity
+        )
+        for [(path, info, reason)] in loader:
+            if info is None:
+                report.unreadable.append((path, reason))
+                continue
+            report.readable += 1
+            report.durations.append(info["duration"])
+            report.fps.append(info["fps"])
+            report.frames.append(info["frames"])
+        reports[split] = report
+    result = DataCheckReport(reports, time.perf_counter() - t0)
+    if out is not None:
+        print(result.table(), file=out)
+    return result
+
+
+def load_datamodule(config: str | Path) -> VideoDataModule:
+    """Instantiate the `data:` section (class_path + init_args) of a vmm YAML config."""
+    import yaml
+
+    with open(config, encoding="utf-8") as fh:
+        cfg = yaml.safe_load(fh) or {}
+    data = cfg.get("data")
+    if not isinstance(data, dict) or "class_path" not in data:
+        raise ValueError(f"config: {config} has no 'data:' section with a class_path")
+    class_path = data["class_path"]
+    module_name, _, cls_name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module_name or "datamodules"), cls_name)
+    return cls(**(data.get("init_args") or {}))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m datamodules.check", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", required=True, help="vmm YAML config with a data: section")
+    ap.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS)
+    ap.add_argument("--num-workers", type=int, default=2)
+    ap.add_argument("--decoder-threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    dm = load_datamodule(args.config)
+    report = check_datamodule(
+        dm, splits=args.splits, num_workers=args.num_workers, decoder_threads=args.decoder_threads
+    )
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,391 @@
+"""The synthetic motion dataset (specs/synthetic_motion.md): real h264 files in which only the
+direction of motion carries the label.
+
+Classes come in time-reversal pairs (2i, 2i+1): translate right/left, down/up, rotate cw/ccw,
+zoom in/out, and the two diagonals. Every clip is parameterised by its *middle* frame: an object's
+centre, angle and scale at t_mid = (T-1)/2 are drawn from distributions that do not depend on the
+class, and the class sets only the sign/direction of the velocity. Reversing a class-2i clip in
+time therefore gives a clip with exactly the distribution of class 2i+1, so any order-blind model
+is capped at 2/K. Translation wraps around the frame (torus), so the region an object visits does
+not depend on the direction either. Appearance (background texture, object shape, size, colour
+and texture) is drawn independently of the class.
+
+Files are written once into a cache directory in the Kinetics layout (class folders + CSVs) by
+`generate_dataset`, atomically (a temporary directory renamed into place).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import multiprocessing
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+CLASS_PAIRS: tuple[tuple[str, str], ...] = (
+    ("translate_right", "translate_left"),
+    ("translate_down", "translate_up"),
+    ("rotate_cw", "rotate_ccw"),
+    ("zoom_in", "zoom_out"),
+    ("translate_down_right", "translate_up_left"),
+    ("translate_down_left", "translate_up_right"),
+)
+# Unit direction (x right, y down) of each translation class.
+_DIRECTIONS = {
+    "translate_right": (1.0, 0.0),
+    "translate_left": (-1.0, 0.0),
+    "translate_down": (0.0, 1.0),
+    "translate_up": (0.0, -1.0),
+    "translate_down_right": (math.sqrt(0.5), math.sqrt(0.5)),
+    "translate_up_left": (-math.sqrt(0.5), -math.sqrt(0.5)),
+    "translate_down_left": (-math.sqrt(0.5), math.sqrt(0.5)),
+    "translate_up_right": (math.sqrt(0.5), -math.sqrt(0.5)),
+}
+SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+_FORMAT_VERSION = 1
+H264_ENCODERS = ("libx264", "libopenh264", "h264")
+
+__all__ = [
+    "CLASS_PAIRS",
+    "SyntheticSpec",
+    "class_names_for",
+    "generate_dataset",
+    "pick_encoder",
+    "render_video",
+    "reverse_class",
+    "write_video",
+]
+
+
+def class_names_for(num_classes: int) -> list[str]:
+    """The first num_classes/2 pairs, partners adjacent: class 2i reversed in time is class 2i+1."""
+    if num_classes < 2 or num_classes % 2 or num_classes > 2 * len(CLASS_PAIRS):
+        raise ValueError(f"num_classes: expected an even number in [2, {2 * len(CLASS_PAIRS)}], got {num_classes}")
+    return [name for pair in CLASS_PAIRS[: num_classes // 2] for name in pair]
+
+
+def reverse_class(label: int) -> int:
+    """The class whose clips are this class's clips played backwards."""
+    return label ^ 1
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """Generation parameters (everything that changes the files; hashed into the cache path).
+
+    speed_range: pixels per frame at the stored resolution (translation speed; the same speed at
+    the object's rim for rotation; a quarter of it, capped at a 3x total zoom, for zoom).
+    """
+
+    num_classes: int = 8
+    train_per_class: int = 40
+    val_per_class: int = 8
+    test_per_class: int = 16
+    video_frames: int = 20
+    frame_size: int = 80
+    fps: int = 10
+    speed_range: tuple[float, float] = (2.0, 6.0)
+    max_objects: int = 2
+    crf: int = 12
+    seed: int = 0
+    encoder: str = "libx264"
+
+    def __post_init__(self):
+        class_names_for(self.num_classes)
+        if self.frame_size < 16 or self.frame_size % 2:
+            raise ValueError(f"frame_size: expected an even int >= 16, got {self.frame_size}")
+        if self.video_frames < 2:
+            raise ValueError(f"video_frames: expected >= 2, got {self.video_frames}")
+        lo, hi = self.speed_range
+        if not 0 <= lo <= hi:
+            raise ValueError(f"speed_range: expected 0 <= min <= max, got {self.speed_range}")
+        if self.fps < 1:
+            raise ValueError(f"fps: expected >= 1, got {self.fps}")
+        for name in ("train_per_class", "val_per_class", "test_per_class"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        if self.max_objects < 1:
+            raise ValueError(f"max_objects: expected >= 1, got {self.max_objects}")
+
+    @property
+    def class_names(self) -> list[str]:
+        return class_names_for(self.num_classes)
+
+    def per_class(self, split: str) -> int:
+        return {"train": self.train_per_class, "val": self.val_per_class, "test": self.test_per_class}[split]
+
+    def digest(self) -> str:
+        blob = json.dumps({"version": _FORMAT_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+    def duration_s(self) -> int:
+        """Whole seconds used as the Kinetics time_end (file names need integers)."""
+        return max(1, math.ceil(self.video_frames / self.fps))
+
+
+# -- rendering -------------------------------------------------------------------------------------
+def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    """Value noise in [0, 1]: a random `cells` x `cells` grid, bilinearly upsampled to size x size."""
+    grid = rng.random((cells + 1, cells + 1))
+    pos = np.linspace(0, cells, size, endpoint=False)
+    i = pos.astype(int)
+    f = pos - i
+    a = grid[i][:, i] * (1 - f)[None, :] + grid[i][:, i + 1] * f[None, :]
+    b = grid[i + 1][:, i] * (1 - f)[None, :] + grid[i + 1][:, i + 1] * f[None, :]
+    return a * (1 - f)[:, None] + b * f[:, None]
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """float32 [H,W,3] in [0,1]: a mix of noise, a gradient and stripes with random colours."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) / size
+    noise = _smooth_noise(rng, size, int(rng.integers(3, 9)))
+    ang = rng.uniform(0, 2 * np.pi)
+    grad = (xx * np.cos(ang) + yy * np.sin(ang)) * 0.7
+    s_ang = rng.uniform(0, np.pi)
+    stripes = 0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(2, 8) * (xx * np.cos(s_ang) + yy * np.sin(s_ang)))
+    w = rng.dirichlet(np.ones(3))
+    pattern = w[0] * noise + w[1] * (grad - grad.min()) / max(np.ptp(grad), 1e-6) + w[2] * stripes
+    c0, c1 = rng.random(3), rng.random(3)
+    return (c0[None, None] * (1 - pattern[..., None]) + c1[None, None] * pattern[..., None]).astype(np.float32)
+
+
+def _object_params(rng: np.random.Generator, size: int) -> dict:
+    return {
+        "kind": int(rng.integers(0, 2)),  # 0 superellipse, 1 regular polygon
+        "p": rng.uniform(1.2, 4.0),
+        "aspect": rng.uniform(0.55, 1.0),
+        "sides": int(rng.integers(3, 7)),
+        "radius": rng.uniform(0.11, 0.2) * size,
+        "tex_freq": rng.uniform(1.0, 2.5),
+        "tex_angle": rng.uniform(0, np.pi),
+        "tex_kind": int(rng.integers(0, 2)),  # 0 stripes, 1 checker
+        "col0": rng.random(3),
+        "col1": rng.random(3),
+        "center": rng.uniform(0, size, 2),  # (x, y) at the middle frame
+        "angle": rng.uniform(0, 2 * np.pi),  # at the middle frame
+        "log_scale": rng.uniform(-0.25, 0.25),  # at the middle frame
+    }
+
+
+def _trajectory(name: str, speed: float, obj: dict, spec: SyntheticSpec) -> tuple[np.ndarray, ...]:
+    """Per-frame centre (x, y), angle and scale: middle-frame values plus class velocity * (t - t_mid)."""
+    t = np.arange(spec.video_frames) - (spec.video_frames - 1) / 2
+    cx = np.full(t.shape, obj["center"][0])
+    cy = np.full(t.shape, obj["center"][1])
+    angle = np.full(t.shape, obj["angle"])
+    log_scale = np.full(t.shape, obj["log_scale"])
+    if name in _DIRECTIONS:
+        dx, dy = _DIRECTIONS[name]
+        cx = (cx + speed * dx * t) % spec.frame_size
+        cy = (cy + speed * dy * t) % spec.frame_size
+    elif name.startswith("rotate"):
+        omega = speed / obj["radius"]  # rim speed = speed px/frame
+        angle = angle + (omega if name == "rotate_cw" else -omega) * t
+    elif name.startswith("zoom"):
+        rate = min(0.25 * speed / obj["radius"], math.log(3.0) / (spec.video_frames - 1))
+        log_scale = log_scale + (rate if name == "zoom_in" else -rate) * t
+    else:
+        raise ValueError(f"unknown class {name!r}")
+    return cx, cy, angle, np.exp(log_scale)
+
+
+def _draw_object(frames: np.ndarray, obj: dict, cx, cy, angle, scale, size: int) -> None:
+    """Alpha-blend the object into frames [T,H,W,3] (float32, in place)."""
+    coords = np.arange(size, dtype=np.float32) + 0.5
+    for k in range(frames.shape[0]):
+        r = obj["radius"] * scale[k]
+        # Wrapped offsets: the frame is a torus, so translation never changes what is visible.
+        dx = (coords[None, :] - cx[k] + size / 2) % size - size / 2
+        dy = (coords[:, None] - cy[k] + size / 2) % size - size / 2
+        ca, sa = math.cos(angle[k]), math.sin(angle[k])
+        u = (ca * dx + sa * dy) / r
+        v = (-sa * dx + ca * dy) / r
+        if obj["kind"] == 0:
+            rho = (np.abs(u) ** obj["p"] + np.abs(v / obj["aspect"]) ** obj["p"]) ** (1 / obj["p"])
+        else:
+            n = obj["sides"]
+            phi = np.arctan2(v, u)
+            seg = 2 * np.pi / n
+            rho = np.hypot(u, v) * np.cos(np.mod(phi, seg) - seg / 2) / math.cos(math.pi / n)
+        alpha = np.clip((1.0 - rho) * r + 0.5, 0.0, 1.0)[..., None]  # ~1 px anti-aliased rim
+        ta = obj["tex_angle"]
+        w = u * math.cos(ta) + v * math.sin(ta)
+        if obj["tex_kind"] == 0:
+            pat = 0.5 + 0.5 * np.sin(2 * np.pi * obj["tex_freq"] * w)
+        else:
+            w2 = -u * math.sin(ta) + v * math.cos(ta)
+            pat = 0.5 + 0.5 * np.tanh(4 * np.sin(np.pi * obj["tex_freq"] * w) * np.sin(np.pi * obj["tex_freq"] * w2))
+        colour = obj["col0"] * (1 - pat[..., None]) + obj["col1"] * pat[..., None]
+        frames[k] = frames[k] * (1 - alpha) + colour * alpha
+
+
+def render_video(spec: SyntheticSpec, split: str, index: int) -> tuple[np.ndarray, int]:
+    """Frames uint8 [T,H,W,3] of video `index` of `split`, and its label (index mod num_classes)."""
+    label = index % spec.num_classes
+    name = spec.class_names[label]
+    rng = np.random.default_rng(np.random.SeedSequence([spec.seed, SPLIT_CODES[split], index]))
+    size = spec.frame_size
+    bg = _background(rng, size)
+    frames = np.repeat(bg[None], spec.video_frames, axis=0)
+    for _ in range(int(rng.integers(1, spec.max_objects + 1))):
+        obj = _object_params(rng, size)
+        speed = rng.uniform(*spec.speed_range)
+        _draw_object(frames, obj, *_trajectory(name, speed, obj, spec), size)
+    return (frames * 255.0 + 0.5).clip(0, 255).astype(np.uint8), label
+
+
+# -- encoding -------------------------------------------------------------------------------------
+def pick_encoder(preferred: tuple[str, ...] = H264_ENCODERS) -> str:
+    """The first H.264 encoder of this PyAV build that encodes a test frame; else "mpeg4" (with a
+    warning); RuntimeError if neither works."""
+    tried = []
+    for name in (*preferred, "mpeg4"):
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                _encode(Path(tmp) / "probe.mp4", np.zeros((2, 16, 16, 3), np.uint8), 10, name, 23)
+        except Exception as exc:  # an encoder listed by FFmpeg may still fail to open (hardware, licence)
+            tried.append(f"{name}: {type(exc).__name__}: {exc}")
+            continue
+        if name == "mpeg4":
+            log.warning("no working H.264 encoder in this PyAV build (%s); using mpeg4", "; ".join(tried))
+        return name
+    raise RuntimeError(
+        "cannot write the synthetic dataset: no H.264 (libx264, libopenh264) or mpeg4 encoder works in "
+        f"this PyAV build ({'; '.join(tried)}). Install the PyAV wheel from PyPI (it bundles libx264)."
+    )
+
+
+def write_video(
+    path: str | os.PathLike,
+    frames: np.ndarray,
+    *,
+    fps: int = 25,
+    pts_ms: np.ndarray | None = None,
+    encoder: str = "libx264",
+    crf: int = 12,
+    lossless: bool = False,
+    gop: int | None = None,
+    b_frames: int | None = None,
+) -> None:
+    """Encode uint8 RGB frames [T,H,W,3] (H, W even) to `path` with PyAV.
+
+    `pts_ms`: presentation times in milliseconds for a variable frame rate file (default: 1/fps
+    steps). `lossless`: libx264rgb with qp 0, so decoded frames equal `frames` exactly. `gop` /
+    `b_frames`: keyframe interval and B-frame count (encoder defaults when None).
+    """
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames: expected uint8 [T,H,W,3], got {frames.dtype} {frames.shape}")
+    if frames.shape[1] % 2 or frames.shape[2] % 2:
+        raise ValueError(f"frames: expected even height and width, got {frames.shape[1]}x{frames.shape[2]}")
+    if pts_ms is not None and (len(pts_ms) != len(frames) or np.any(np.diff(pts_ms) <= 0)):
+        raise ValueError("pts_ms: expected one strictly increasing time (ms) per frame")
+    name = "libx264rgb" if lossless else encoder
+    with av.open(str(path), mode="w") as out:
+        stream = out.add_stream(name, rate=Fraction(fps, 1))
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "rgb24" if lossless else "yuv420p"
+        cc = stream.codec_context
+        cc.thread_count = 1
+        if pts_ms is not None:
+            cc.time_base = Fraction(1, 1000)
+        if gop is not None:
+            cc.gop_size = gop
+        if b_frames is not None:
+            cc.max_b_frames = b_frames
+        if lossless:
+            stream.options = {"qp": "0", "preset": "veryfast"}
+        elif name == "libx264":
+            stream.options = {"crf": str(crf), "preset": "veryfast"}
+        elif name == "mpeg4":
+            stream.options = {"qscale": "2"}
+        for k, img in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            frame.pts = int(pts_ms[k]) if pts_ms is not None else k
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+
+
+def _encode(path: Path, frames: np.ndarray, fps: int, encoder: str, crf: int) -> None:
+    write_video(path, frames, fps=fps, encoder=encoder, crf=crf)
+
+
+def _file_name(spec: SyntheticSpec, split: str, index: int) -> str:
+    return f"{split}{index:05d}_{0:06d}_{spec.duration_s():06d}.mp4"
+
+
+def _write_chunk(args: tuple[SyntheticSpec, str, str, list[int]]) -> None:
+    spec, tmp_root, split, indices = args
+    for i in indices:
+        frames, label = render_video(spec, split, i)
+        path = Path(tmp_root) / split / spec.class_names[label] / _file_name(spec, split, i)
+        _encode(path, frames, spec.fps, spec.encoder, spec.crf)
+
+
+def generate_dataset(spec: SyntheticSpec, cache_root: str | os.PathLike, workers: int = 1) -> Path:
+    """Write the dataset to `cache_root/synthetic_motion/<digest>` unless it is there; return the path.
+
+    Written into a temporary sibling directory and renamed into place, so concurrent callers (DDP
+    ranks) and interrupted runs never expose a partial dataset.
+    """
+    base = Path(cache_root).expanduser() / "synthetic_motion"
+    final = base / spec.digest()
+    if (final / "meta.json").is_file():
+        return final
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = base / f".tmp-{spec.digest()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        for split in SPLIT_CODES:
+            for name in spec.class_names:
+                (tmp / split / name).mkdir(parents=True)
+        (tmp / "annotations").mkdir()
+        jobs = []
+        for split in SPLIT_CODES:
+            n = spec.per_class(split) * spec.num_classes
+            chunk = max(1, math.ceil(n / max(1, workers) / 4))
+            jobs += [(spec, str(tmp), split, list(range(s, min(n, s + chunk)))) for s in range(0, n, chunk)]
+        if workers > 1:
+            ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+            with ctx.Pool(workers) as pool:
+                pool.map(_write_chunk, jobs)
+        else:
+            for job in jobs:
+                _write_chunk(job)
+        csv_names = {"train": "train.csv", "val": "validate.csv", "test": "test.csv"}
+        for split, csv_name in csv_names.items():
+            lines = ["label,youtube_id,time_start,time_end,split"]
+            for i in range(spec.per_class(split) * spec.num_classes):
+                name = spec.class_names[i % spec.num_classes]
+                lines.append(f"{name},{split}{i:05d},0,{spec.duration_s()},{split}")
+            (tmp / "annotations" / csv_name).write_text("\n".join(lines) + "\n")
+        meta = {"spec": asdict(spec), "class_names": spec.class_names,
+                "reverse_of": [reverse_class(i) for i in range(spec.num_classes)]}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "meta.json").is_file():  # not a lost race with another process
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def default_cache_root() -> Path:
+    """`$VMM_CACHE`, else `~/.cache/vmm`."""
+    return Path(os.environ.get("VMM_CACHE") or Path.home() / ".cache" / "vmm").expanduser()
