@@ -92,6 +92,11 @@ def deform_correlation(
 
     Returns:
         attn ``[B, G·K², H, W]`` in the input dtype (no softmax).
+
+    Both backends compute 16-bit inputs in float32. Bilinear sampling is not differentiable at integer
+    coordinates; there both use the one-sided derivative of ``floor``-based interpolation. On the
+    "cupy" backend the gradient w.r.t. ``key`` is accumulated with atomicAdd (last bits vary between
+    runs); the reference saves K² sampled maps for the backward, the kernels only the inputs.
     """
     validate_correlation(query, key, offset, kernel_size, dilation, groups)
     batch, _, height, width = query.shape
