@@ -305,3 +305,15 @@ def test_fcf_block_gradients_reach_both_flow_layers():
             assert p.grad.abs().sum() > 0, name
     with pytest.raises(ValueError, match="T >= 3"):
         block(torch.zeros(1, 4, 2, 5, 5))
+
+
+def test_fcf_block_under_autocast_keeps_the_activation_dtype():
+    block = FCFBlock(4, bottleneck=2, n_iter=2)
+    torch.nn.init.ones_(block.bn.weight)
+    x = torch.randn(1, 4, 3, 6, 6, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        flow = block.flow1(block.reduce1(x))  # conv output is bfloat16 under autocast
+        out = block(x)
+    assert flow.dtype == torch.bfloat16 and torch.isfinite(flow.float()).all()
+    out.float().sum().backward()
+    assert torch.isfinite(x.grad).all() and block.flow1.lam.grad is not None

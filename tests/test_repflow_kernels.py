@@ -117,6 +117,24 @@ def test_emulated_kernel_gradients_match_reference_over_many_iterations():
         torch.testing.assert_close(ker, ref, rtol=1e-9, atol=1e-9, msg=lambda m, name=name: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("shape", [(1, 2, 1, 7), (2, 1, 6, 1), (1, 1, 1, 1)])
+def test_emulated_kernel_gradients_single_row_or_column(shape):
+    # Degenerate borders: one row has no vertical differences, one column no horizontal ones. The
+    # cotangent of .sum() is an expanded (stride-0) tensor, which the backward must accept.
+    g = torch.Generator().manual_seed(2)
+    i0 = (torch.randn(shape, dtype=torch.float64, generator=g) * 10).requires_grad_()
+    i1 = (torch.randn(shape, dtype=torch.float64, generator=g) * 10).requires_grad_()
+    stencils = [s.requires_grad_() for s in random_stencils(shape[1], g)]
+    theta = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    leaves = (i0, i1, theta, *stencils)
+    grads = []
+    for kernels in (False, True):
+        out = _tvl1_flow(i0, i1, 4, theta, 0.15, 0.25, stencils, kernels=kernels)
+        grads.append(torch.autograd.grad(out.sum(), leaves, allow_unused=True, materialize_grads=True))
+    for ref, ker in zip(*grads, strict=True):
+        torch.testing.assert_close(ker, ref, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("max_strip", [3, 8])
 def test_emulated_kernel_gradients_with_multi_pixel_strips(monkeypatch, max_strip):
     # Large inputs sum several pixels per thread in the per-channel reductions; force that on a tiny
