@@ -231,9 +231,16 @@ def _draw_object(frames: np.ndarray, obj: dict, cx, cy, angle, scale, size: int)
         frames[k] = frames[k] * (1 - alpha) + colour * alpha
 
 
-def render_video(spec: SyntheticSpec, split: str, index: int) -> tuple[np.ndarray, int]:
-    """Frames uint8 [T,H,W,3] of video `index` of `split`, and its label (index mod num_classes)."""
-    label = index % spec.num_classes
+def render_video(spec: SyntheticSpec, split: str, index: int, label: int | None = None) -> tuple[np.ndarray, int]:
+    """Frames uint8 [T,H,W,3] of video `index` of `split`, and its label (index mod num_classes).
+
+    `label` overrides the class while keeping every other random draw (appearance, positions,
+    speed): rendering class 2i+1 gives exactly the class-2i video played backwards.
+    """
+    if label is None:
+        label = index % spec.num_classes
+    if not 0 <= label < spec.num_classes:
+        raise ValueError(f"label: expected a class id in [0, {spec.num_classes}), got {label}")
     name = spec.class_names[label]
     rng = np.random.default_rng(np.random.SeedSequence([spec.seed, SPLIT_CODES[split], index]))
     size = spec.frame_size

@@ -1,0 +1,122 @@
+"""The synthetic motion dataset: time-reversal pairs, cache layout, atomic generation, determinism."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import multiprocessing
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from datamodules import SyntheticMotionDataModule
+from datamodules.synthetic import SyntheticSpec, class_names_for, generate_dataset, pick_encoder, render_video
+
+TINY = dict(
+    num_classes=4, train_per_class=3, val_per_class=1, test_per_class=2, video_frames=10, frame_size=32,
+    fps=5, speed_range=(1.0, 3.0), num_frames=8, frame_interval=1, train_short_side=(32, 36), eval_short_side=32,
+    crop_size=24, batch_size=4, generate_workers=1, pin_memory=False,
+)
+
+
+def test_class_pairs_are_exact_time_reversals():
+    spec = SyntheticSpec(num_classes=12, video_frames=9, frame_size=32)
+    assert spec.class_names[:4] == ["translate_right", "translate_left", "translate_down", "translate_up"]
+    for c in range(0, 12, 2):
+        for index in (0, 5):
+            a, la = render_video(spec, "train", index, label=c)
+            b, lb = render_video(spec, "train", index, label=c + 1)
+            assert (la, lb) == (c, c + 1)
+            np.testing.assert_array_equal(a[::-1], b, err_msg=spec.class_names[c])
+            assert not np.array_equal(a, b)  # there is motion to reverse
+    with pytest.raises(ValueError, match="num_classes"):
+        class_names_for(5)
+
+
+def test_motion_size_follows_speed_range():
+    slow = SyntheticSpec(num_classes=2, video_frames=6, frame_size=48, speed_range=(1.0, 1.0), max_objects=1)
+    fast = SyntheticSpec(num_classes=2, video_frames=6, frame_size=48, speed_range=(4.0, 4.0), max_objects=1)
+    # Mean absolute frame difference grows with speed (same appearance draws).
+    diff = [np.abs(np.diff(render_video(s, "train", 3, label=0)[0].astype(np.int16), axis=0)).mean()
+            for s in (slow, fast)]
+    assert diff[1] > 1.5 * diff[0]
+
+
+def test_datamodule_generates_once_and_reads_through_kinetics(tmp_path):
+    dm = SyntheticMotionDataModule(root=str(tmp_path), **TINY)
+    # Available before any file exists (the CLI links num_classes into the network first).
+    assert dm.class_names == ["translate_right", "translate_left", "translate_down", "translate_up"]
+    assert dm.num_classes == 4 and dm.reverse_of == [1, 0, 3, 2] and dm.reverse_class(2) == 3
+    dm.prepare_data()
+    root = tmp_path / "synthetic_motion" / dm.spec.digest()
+    assert (root / "meta.json").is_file()
+    with open(root / "annotations" / "train.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 12 and rows[1]["label"] == "translate_left"
+    assert [p.name for p in (tmp_path / "synthetic_motion").iterdir()] == [dm.spec.digest()]  # no temp dirs
+    dm.setup("fit")
+    train = dm.records("train")
+    assert [r.label for r in train] == [i % 4 for i in range(12)]
+    assert all(f"/train/{dm.class_names[r.label]}/" in r.path for r in train)
+    assert len(dm.records("val")) == 4 and len(dm.records("test")) == 8
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["video"].shape == (4, 3, 8, 24, 24) and batch["video"].dtype == torch.uint8
+    stamp = os.stat(root / "meta.json").st_mtime_ns
+    again = SyntheticMotionDataModule(root=str(tmp_path), **TINY)
+    again.prepare_data()
+    assert os.stat(root / "meta.json").st_mtime_ns == stamp  # cached, not regenerated
+    other = SyntheticMotionDataModule(root=str(tmp_path), **{**TINY, "seed": 1})
+    assert other.spec.digest() != dm.spec.digest()
+    with pytest.raises(ValueError, match="flip"):
+        SyntheticMotionDataModule(root=str(tmp_path), flip=True)
+
+
+def test_default_cache_root_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("VMM_CACHE", str(tmp_path / "cache"))
+    dm = SyntheticMotionDataModule(**TINY)
+    assert str(dm.root).startswith(str(tmp_path / "cache" / "synthetic_motion"))
+
+
+def _generate(args):
+    spec, root = args
+    return str(generate_dataset(spec, root, workers=1))
+
+
+def test_concurrent_generation_is_atomic(tmp_path):
+    spec = SyntheticSpec(num_classes=2, train_per_class=4, val_per_class=1, test_per_class=1, video_frames=4,
+                         frame_size=16, encoder=pick_encoder())
+    base = tmp_path / "synthetic_motion"
+    base.mkdir()
+    (base / f".tmp-{spec.digest()}-1-deadbeef").mkdir()  # an interrupted earlier run
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(2) as pool:
+        paths = pool.map(_generate, [(spec, tmp_path), (spec, tmp_path)])
+    assert paths[0] == paths[1]
+    final = base / spec.digest()
+    assert sorted(p.name for p in base.iterdir()) == sorted([spec.digest(), f".tmp-{spec.digest()}-1-deadbeef"])
+    assert len(list(final.rglob("*.mp4"))) == 2 * 4 + 2 + 2
+
+
+def test_encoder_fallback(caplog):
+    assert pick_encoder() in ("libx264", "libopenh264", "h264", "mpeg4")
+    with caplog.at_level(logging.WARNING):
+        assert pick_encoder(preferred=("no_such_encoder",)) == "mpeg4"
+    assert "no working H.264 encoder" in caplog.text
+
+
+def _batches(dm, seed):
+    torch.manual_seed(seed)
+    return [b for b in dm.train_dataloader()]
+
+
+def test_two_workers_give_identical_batches_for_the_same_seed(tmp_path):
+    dm = SyntheticMotionDataModule(root=str(tmp_path), **{**TINY, "num_workers": 2})
+    dm.setup("fit")
+    a, b, c = _batches(dm, 0), _batches(dm, 0), _batches(dm, 1)
+    assert len(a) == 3
+    for x, y in zip(a, b, strict=True):
+        for key in ("video", "label", "video_id", "view"):
+            assert torch.equal(x[key], y[key]), key
+    assert not all(torch.equal(x["video"], y["video"]) for x, y in zip(a, c, strict=True))
