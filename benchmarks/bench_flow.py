@@ -219,8 +219,8 @@ def run_cpu(args) -> dict:
             f"(checkpoint every {segment_length(n)} iterations), ratio {ref / fused:.1f}x"
         )
     print(
-        "  (the kernels' backward adds a fixed working set of about 20 maps plus one segment of "
-        "recomputed states; the GPU peak-memory column measures everything)"
+        "  (the kernels' backward adds a fixed working set of about 23 maps, including one recomputed "
+        "state; the GPU peak-memory column measures everything)"
     )
     return {"fwd_ms": fwd_ms, "train_ms": train_ms, "maps": counts}
 

@@ -5,10 +5,12 @@ by torch once per call (cheap, and autograd takes them back to i0, i1, the image
 τ); the n_iter iterations run in :class:`TVL1Iterations`, two kernel launches per iteration.
 
 Memory: the forward keeps only the state ``(u, p)`` (6 maps of ``[B,C,H,W]``) every
-``L = ceil(sqrt(n_iter))`` iterations; the backward walks the segments from the last to the first,
-recomputes each segment's states from its checkpoint, and runs the adjoint of each iteration in
-reverse (two launches). Peak extra memory is therefore about ``6·(n_iter/L + L)`` maps plus a fixed
-working set of about 20 maps, against ≈ 26·n_iter saved maps for the autograd reference.
+``L = ceil(sqrt(n_iter))`` iterations, plus gx, gy, rho_c. The backward runs the adjoint of each
+iteration in reverse (two launches, three with the recomputed u_k); the state before each
+iteration is recomputed from its segment's checkpoint into one work state (at most L - 1 extra
+steps each, about n_iter·(L-1)/2 in all). Peak memory is therefore about ``6·n_iter/L + 3`` saved
+maps plus a fixed working set of about 23 maps (work state, adjoints, gradient accumulators),
+against ≈ 26·n_iter maps the autograd reference saves.
 
 CUDA tensors launch through CuPy; CPU tensors run the same kernels through the host emulation, which
 is how the tests check this path (values and float64 gradcheck) without a GPU.
@@ -81,6 +83,24 @@ class _Launcher:
         b, c, h, w = self.gx.shape
         return self.gx.new_zeros((b, 2 * c, h, w)), self.gx.new_zeros((b, 4 * c, h, w))
 
+    def state_after(
+        self, k: int, start: int, checkpoint: tuple[Tensor, Tensor] | None, work: tuple[Tensor, Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """The state after ``k`` iterations, from the checkpoint after ``start`` (None: the zero state at
+        start 0); recomputed into ``work`` unless it is the checkpoint itself."""
+        steps = k - start
+        if checkpoint is not None and steps == 0:
+            return checkpoint
+        if checkpoint is None:
+            for t in work:
+                t.zero_()
+        else:
+            self.step(*checkpoint, work)
+            steps -= 1
+        for _ in range(steps):
+            self.step(*work)
+        return work
+
     def step(self, u: Tensor, p: Tensor, out: tuple[Tensor, Tensor] | None = None, dual: bool = True) -> None:
         """One forward iteration from (u, p) into ``out`` (default: in place); ``dual=False`` skips the
         dual update, which cannot change the u it returns."""
@@ -143,16 +163,14 @@ class TVL1Iterations(torch.autograd.Function):
         gbar = torch.empty_like(pbar)
         ggx, ggy, grho = torch.zeros_like(gx), torch.zeros_like(gx), torch.zeros_like(gx)
         acc = gx.new_zeros((ACC_ROWS, run.n_slots))
+        # One work state: the state before iteration k is recomputed from its segment's checkpoint for
+        # every k (at most L - 1 steps), so the backward holds one state rather than a segment of them.
+        work = run.zero_state()
         for start in reversed(range(0, n_iter, seg)):
             end = min(start + seg, n_iter)
-            # states[j] = (u, p) after start + j iterations, recomputed from the segment's checkpoint.
-            states = [ctx.checkpoints[start] if start else run.zero_state()]
-            for _ in range(start + 1, end):
-                out = (torch.empty_like(states[-1][0]), torch.empty_like(states[-1][1]))
-                run.step(*states[-1], out)
-                states.append(out)
+            checkpoint = ctx.checkpoints.get(start)
             for k in range(end, start, -1):
-                u_old, p_old = states.pop()
+                u_old, p_old = run.state_after(k - 1, start, checkpoint, work)
                 has_dual = k < n_iter
                 if has_dual:
                     run.primal(u_old, spare, p_old)  # u_k
