@@ -118,11 +118,12 @@ def check_datamodule(
     splits: Sequence[str] = SPLITS,
     num_workers: int = 2,
     decoder_threads: int = 1,
-    out: TextIO | None = sys.stdout,
+    out: TextIO | None = None,
+    print_table: bool = True,
 ) -> DataCheckReport:
     """Decode every video of `splits` once (`num_workers` processes) and report unreadable files,
     durations and frame rates. Splits the layout does not have are skipped. Prints the table to
-    `out` (None: silent)."""
+    `out` (default: sys.stdout) unless `print_table` is False."""
     if not isinstance(dm, VideoDataModule):
         raise TypeError(f"dm: expected a datamodules.VideoDataModule, got {type(dm).__name__}")
     t0 = time.perf_counter()
@@ -151,8 +152,8 @@ def check_datamodule(
             report.frames.append(info["frames"])
         reports[split] = report
     result = DataCheckReport(reports, time.perf_counter() - t0)
-    if out is not None:
-        print(result.table(), file=out)
+    if print_table:
+        print(result.table(), file=out if out is not None else sys.stdout)
     return result
 
 
