@@ -133,6 +133,31 @@ def test_reference_gradcheck(channels, groups, kernel_size, dilation):
     assert torch.autograd.gradcheck(agg, (key, attn, offset))
 
 
+@pytest.mark.parametrize(("height", "width"), [(3, 4), (7, 7), (5, 13)])
+def test_reference_offset_gradient_at_integer_points_is_the_right_derivative(height, width):
+    # All sample points on the pixel grid (zero offsets, as SIFA starts): bilinear is not differentiable
+    # there, and the reference must give the one-sided derivative of floor-based interpolation (the
+    # cell to the bottom-right), the same on every map size. A step with positive components stays in
+    # that cell, where f(offset + eps·d) is a quadratic in eps (bilinear in each tap's (Δy, Δx)), so the
+    # Richardson combination of two difference quotients is its exact slope at 0, up to rounding.
+    query = torch.randn(1, 4, height, width, dtype=torch.float64)
+    key = torch.randn(1, 4, height, width, dtype=torch.float64)
+    cot = torch.randn(1, 9, height, width, dtype=torch.float64)
+    zero = torch.zeros(1, 18, height, width, dtype=torch.float64)
+    direction = torch.rand_like(zero) + 0.5
+
+    def f(o):
+        return (ops.deform_correlation(query, key, o, backend="torch") * cot).sum()
+
+    def quotient(eps):
+        return (f(zero + eps * direction) - f(zero)) / eps
+
+    offset = zero.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(f(offset), offset)
+    slope = 2 * quotient(1e-3) - quotient(2e-3)
+    torch.testing.assert_close(slope, (grad * direction).sum(), rtol=1e-9, atol=1e-9)
+
+
 def test_non_contiguous_inputs():
     base = torch.randn(2, 5, 4, 3, dtype=torch.float64)
     query = base.transpose(2, 3)  # [2,5,3,4], non-contiguous

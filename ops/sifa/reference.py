@@ -1,9 +1,13 @@
 """Pure-PyTorch reference of SIFA's two ops (sifa.md §1): any device, any float dtype, autograd.
 
 Bilinear sampling is ``F.grid_sample(mode="bilinear", padding_mode="zeros")``: each of the four
-integer corners outside the map contributes 0, exactly the spec's ``bilinear``. Pixel coordinates
-are mapped with ``align_corners=False`` (``g = (2·x + 1) / W - 1``) because that mapping is defined
-for maps of width or height 1, where the ``align_corners=True`` one divides by zero.
+integer corners outside the map contributes 0, exactly the spec's ``bilinear``. Bilinear is not
+differentiable at integer coordinates (where every sample point sits while SIFA's zero-initialised
+offsets are zero), and which one-sided derivative grid_sample takes there depends on the rounding of
+its [-1, 1] normalisation. So the map is first zero-padded (bottom/right) to a power-of-two canvas
+``Hp × Wp``: with ``g = (2·x + 1) / Wp - 1`` (``align_corners=False``, defined for maps of size 1 too)
+an integer x survives the round trip exactly, and the derivative is the one of ``floor``-based
+interpolation, as in the CUDA kernels. The zeros of the canvas are the zero padding of the spec.
 
 Memory: the ops loop over the K² taps, so a forward without autograd keeps one sampled map
 ``[B,C,H,W]`` live at a time instead of ``[B,C,K²,H,W]``. With autograd recording, each tap's
@@ -24,13 +28,27 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def canvas_size(n: int) -> int:
+    """The power of two >= n: the padded size of a map dimension of size n (n >= 1)."""
+    return 1 << (n - 1).bit_length()
+
+
+def to_canvas(img: torch.Tensor) -> torch.Tensor:
+    """``img [B,C,H,W]`` zero-padded at the bottom and right to ``[B,C,Hp,Wp]`` (powers of two)."""
+    height, width = img.shape[-2:]
+    extra_h, extra_w = canvas_size(height) - height, canvas_size(width) - width
+    return F.pad(img, (0, extra_w, 0, extra_h)) if extra_h or extra_w else img
+
+
 def tap_grids(offset: torch.Tensor, kernel_size: int, dilation: int) -> list[torch.Tensor]:
-    """One ``grid_sample`` grid ``[B,H,W,2]`` (x, y in [-1, 1]) per tap k = kh·K + kw.
+    """One ``grid_sample`` grid ``[B,H,W,2]`` (x, y in [-1, 1] of the :func:`to_canvas` canvas) per tap
+    k = kh·K + kw.
 
     Tap k samples at ``y = h - pad + kh·dil + offset[:, 2k]``, ``x = w - pad + kw·dil + offset[:, 2k+1]``
     (pixel units, pad = dil·(K-1)//2), the DCN offset layout of sifa.md §1.
     """
     _, _, height, width = offset.shape
+    canvas_h, canvas_w = canvas_size(height), canvas_size(width)
     pad = dilation * (kernel_size - 1) // 2
     ys = torch.arange(height, dtype=offset.dtype, device=offset.device).view(1, height, 1)
     xs = torch.arange(width, dtype=offset.dtype, device=offset.device).view(1, 1, width)
@@ -39,7 +57,7 @@ def tap_grids(offset: torch.Tensor, kernel_size: int, dilation: int) -> list[tor
         kh, kw = divmod(k, kernel_size)
         y = ys + (kh * dilation - pad) + offset[:, 2 * k]
         x = xs + (kw * dilation - pad) + offset[:, 2 * k + 1]
-        grids.append(torch.stack(((2 * x + 1) / width - 1, (2 * y + 1) / height - 1), dim=-1))
+        grids.append(torch.stack(((2 * x + 1) / canvas_w - 1, (2 * y + 1) / canvas_h - 1), dim=-1))
     return grids
 
 
@@ -57,7 +75,7 @@ def deform_correlation_reference(
     batch, channels, height, width = query.shape
     dtype = compute_dtype(query.dtype)
     q = query.to(dtype).reshape(batch, groups, channels // groups, height, width)
-    kv = key.to(dtype)
+    kv = to_canvas(key.to(dtype))
     taps = [
         (q * _sample(kv, grid).view_as(q)).mean(dim=2)  # [B,G,H,W]
         for grid in tap_grids(offset.to(dtype), kernel_size, dilation)
@@ -75,7 +93,7 @@ def deform_aggregation_reference(
     """
     batch, channels, height, width = value.shape
     dtype = compute_dtype(value.dtype)
-    v = value.to(dtype)
+    v = to_canvas(value.to(dtype))
     a = attn.to(dtype).reshape(batch, groups, kernel_size * kernel_size, 1, height, width)
     out = None
     for k, grid in enumerate(tap_grids(offset.to(dtype), kernel_size, dilation)):
