@@ -12,8 +12,9 @@
 // of the right/lower neighbour). Each thread owns one pixel of one (b, c) plane and handles both
 // flow components, so both launches update in place without races.
 //
-// The adjoint of one iteration is two launches as well, in gather form (no atomics): tvl1_dual_adj
-// writes the adjoint of the forward differences (gbar) and scales pbar, tvl1_primal_adj gathers
+// The adjoint of one iteration is two launches as well, in gather form (no atomics), given the
+// state (u_{k-1}, p_{k-1}) before the iteration: tvl1_dual_adj recomputes u_k where it needs it,
+// writes the adjoint of the forward differences (gbar) and scales pbar; tvl1_primal_adj gathers
 // gbar and the divergence's transpose from the neighbours. Gradients of the scalars and stencils
 // are sums over (B, H, W) (per channel): each thread walks a strip of K pixels of one plane (pixel
 // j, j+J, j+2J, ... so a warp still reads consecutive addresses), sums in registers, and adds its
@@ -60,6 +61,65 @@ __device__ __forceinline__ vmm_i64 tvl1_div(vmm_i64 a, vmm_i64 b, bool narrow) {
     return narrow ? (vmm_i64)((unsigned int)a / (unsigned int)b) : a / b;
 }
 
+template <typename A>
+struct tvl1_taps {
+    A fx0, fx1, fy0, fy1, dx0, dx1, dy0, dy1;
+};
+
+template <typename T>
+__device__ __forceinline__ tvl1_taps<typename vmm_acc<T>::type> tvl1_load_taps(const T* st, vmm_i64 c) {
+    tvl1_taps<typename vmm_acc<T>::type> k;
+    k.fx0 = vmm_load(st, c * 8 + 0);
+    k.fx1 = vmm_load(st, c * 8 + 1);
+    k.fy0 = vmm_load(st, c * 8 + 2);
+    k.fy1 = vmm_load(st, c * 8 + 3);
+    k.dx0 = vmm_load(st, c * 8 + 4);
+    k.dx1 = vmm_load(st, c * 8 + 5);
+    k.dy0 = vmm_load(st, c * 8 + 6);
+    k.dy1 = vmm_load(st, c * 8 + 7);
+    return k;
+}
+
+// The primal step at one pixel: u_k = u_{k-1} + v(rho(u_{k-1})) + theta * div(p_{k-1}) for both
+// components, from u = u_{k-1} and p = p_{k-1}. i indexes [B,C,H,W]; iu = u1's index in
+// [B,2C,H,W] (u2 at iu + CHW); ip = p11's index in [B,4C,H,W] (p12, p21, p22 at +CHW, +2CHW, +3CHW).
+template <typename T, typename A>
+__device__ __forceinline__ void tvl1_primal_px(const T* gx, const T* gy, const T* rho_c, const T* u, const T* p,
+                                               A theta, A lt, const tvl1_taps<A>& k, vmm_i64 i, vmm_i64 iu,
+                                               vmm_i64 ip, vmm_i64 CHW, vmm_i64 h, vmm_i64 w, vmm_i64 H, vmm_i64 W,
+                                               A& out1, A& out2) {
+    const A eps = (A)TVL1_EPS;
+    const A g1 = vmm_load(gx, i), g2 = vmm_load(gy, i);
+    const A grad = g1 * g1 + g2 * g2 + eps;
+    const A u1 = vmm_load(u, iu), u2 = vmm_load(u, iu + CHW);
+    const A rho = vmm_load(rho_c, i) + g1 * u1 + g2 * u2;
+    A v1 = 0, v2 = 0;
+    if (rho < -(lt * grad)) {
+        v1 = lt * g1;
+        v2 = lt * g2;
+    } else if (rho > lt * grad) {
+        v1 = -lt * g1;
+        v2 = -lt * g2;
+    } else if (grad > eps) {
+        const A step = -rho / grad;
+        v1 = step * g1;
+        v2 = step * g2;
+    }
+    A div[2];
+    for (int m = 0; m < 2; ++m) {
+        const vmm_i64 q = ip + 2 * m * CHW;  // p_m1; p_m2 at q + CHW
+        // p~ along W: last column is 0, column -1 is 0; along H likewise with rows.
+        const A a_left = (w > 0) ? vmm_load(p, q - 1) : (A)0;
+        const A a_here = (w < W - 1) ? vmm_load(p, q) : (A)0;
+        const A b_up = (h > 0) ? vmm_load(p, q + CHW - W) : (A)0;
+        const A b_here = (h < H - 1) ? vmm_load(p, q + CHW) : (A)0;
+        div[m] = (k.dx0 * a_left + k.dx1 * a_here) + (k.dy0 * b_up + k.dy1 * b_here);
+    }
+    out1 = u1 + v1 + theta * div[0];
+    out2 = u2 + v2 + theta * div[1];
+}
+
+// u_out may be u_in (in place: each thread reads and writes only its own pixel of u).
 template <typename T>
 __global__ void tvl1_primal(const T* __restrict__ gx, const T* __restrict__ gy, const T* __restrict__ rho_c,
                             const T* __restrict__ params, const T* __restrict__ st,
@@ -68,7 +128,6 @@ __global__ void tvl1_primal(const T* __restrict__ gx, const T* __restrict__ gy, 
     typedef typename vmm_acc<T>::type acc_t;
     const vmm_i64 HW = H * W;
     const vmm_i64 CHW = C * HW;
-    const acc_t eps = (acc_t)TVL1_EPS;
     const acc_t theta = vmm_load(params, 0);
     const acc_t lt = vmm_load(params, 1);
     const bool narrow = B * CHW <= 0xffffffffLL;
@@ -76,40 +135,12 @@ __global__ void tvl1_primal(const T* __restrict__ gx, const T* __restrict__ gy, 
         vmm_i64 bc, h, w;
         tvl1_split(i, HW, W, narrow, bc, h, w);
         const vmm_i64 b = tvl1_div(bc, C, narrow);
-        const vmm_i64 c = bc - b * C;
-        const vmm_i64 iu = i + b * CHW;        // u1 at [b, c]; u2 at [b, C + c]
-        const vmm_i64 ip = i + 3 * b * CHW;    // p11 at [b, c]; p12, p21, p22 at +CHW, +2CHW, +3CHW
-        const acc_t dx0 = vmm_load(st, c * 8 + 4), dx1 = vmm_load(st, c * 8 + 5);
-        const acc_t dy0 = vmm_load(st, c * 8 + 6), dy1 = vmm_load(st, c * 8 + 7);
-
-        const acc_t g1 = vmm_load(gx, i), g2 = vmm_load(gy, i);
-        const acc_t grad = g1 * g1 + g2 * g2 + eps;
-        const acc_t u1 = vmm_load(u_in, iu), u2 = vmm_load(u_in, iu + CHW);
-        const acc_t rho = vmm_load(rho_c, i) + g1 * u1 + g2 * u2;
-        acc_t v1 = 0, v2 = 0;
-        if (rho < -(lt * grad)) {
-            v1 = lt * g1;
-            v2 = lt * g2;
-        } else if (rho > lt * grad) {
-            v1 = -lt * g1;
-            v2 = -lt * g2;
-        } else if (grad > eps) {
-            const acc_t step = -rho / grad;
-            v1 = step * g1;
-            v2 = step * g2;
-        }
-        acc_t div[2];
-        for (int m = 0; m < 2; ++m) {
-            const vmm_i64 q = ip + 2 * m * CHW;  // p_m1; p_m2 at q + CHW
-            // p~ along W: last column is 0, column -1 is 0; along H likewise with rows.
-            const acc_t a_left = (w > 0) ? vmm_load(p, q - 1) : (acc_t)0;
-            const acc_t a_here = (w < W - 1) ? vmm_load(p, q) : (acc_t)0;
-            const acc_t b_up = (h > 0) ? vmm_load(p, q + CHW - W) : (acc_t)0;
-            const acc_t b_here = (h < H - 1) ? vmm_load(p, q + CHW) : (acc_t)0;
-            div[m] = (dx0 * a_left + dx1 * a_here) + (dy0 * b_up + dy1 * b_here);
-        }
-        vmm_store(u_out + iu, u1 + v1 + theta * div[0]);
-        vmm_store(u_out + iu + CHW, u2 + v2 + theta * div[1]);
+        const tvl1_taps<acc_t> k = tvl1_load_taps(st, bc - b * C);
+        const vmm_i64 iu = i + b * CHW;
+        acc_t u1, u2;
+        tvl1_primal_px(gx, gy, rho_c, u_in, p, theta, lt, k, i, iu, i + 3 * b * CHW, CHW, h, w, H, W, u1, u2);
+        vmm_store(u_out + iu, u1);
+        vmm_store(u_out + iu + CHW, u2);
     }
 }
 
@@ -144,12 +175,14 @@ __global__ void tvl1_dual(const T* __restrict__ params, const T* __restrict__ st
     }
 }
 
-// Adjoint of tvl1_dual. In: u = u_k (after the primal step), p = p_{k-1} (before the dual step),
-// pbar = adjoint of p_k. Out: pbar := adjoint of p_{k-1} through the dual step (pbar / s); gbar
-// [B,4C,H,W] = adjoints of (u1x, u1y, u2x, u2y), zero where the difference is identically zero;
-// acc rows ACC_R and ACC_FX0..+3 += this strip's sums.
+// Adjoint of tvl1_dual. In: u = u_{k-1}, p = p_{k-1} (the state before iteration k; u_k is
+// recomputed here at the pixel and its right and lower neighbours, which saves a launch and a
+// stored map), pbar = adjoint of p_k. Out: pbar := adjoint of p_{k-1} through the dual step
+// (pbar / s); gbar [B,4C,H,W] = adjoints of (u1x, u1y, u2x, u2y), zero where the difference is
+// identically zero; acc rows ACC_R and ACC_FX0..+3 += this strip's sums.
 template <typename T>
-__global__ void tvl1_dual_adj(const T* __restrict__ params, const T* __restrict__ st, const T* __restrict__ u,
+__global__ void tvl1_dual_adj(const T* __restrict__ gx, const T* __restrict__ gy, const T* __restrict__ rho_c,
+                              const T* __restrict__ params, const T* __restrict__ st, const T* __restrict__ u,
                               const T* __restrict__ p, T* __restrict__ pbar, T* __restrict__ gbar,
                               T* __restrict__ acc, vmm_i64 B, vmm_i64 C, vmm_i64 H, vmm_i64 W, vmm_i64 J,
                               vmm_i64 n_slots) {
@@ -157,26 +190,37 @@ __global__ void tvl1_dual_adj(const T* __restrict__ params, const T* __restrict_
     const vmm_i64 HW = H * W;
     const vmm_i64 CHW = C * HW;
     const acc_t eps = (acc_t)TVL1_EPS;
+    const acc_t theta = vmm_load(params, 0);
+    const acc_t lt = vmm_load(params, 1);
     const acc_t r = vmm_load(params, 2);
     const bool narrow = B * CHW <= 0xffffffffLL;
     VMM_KERNEL_LOOP(slot, n_slots) {
         const vmm_i64 bc = tvl1_div(slot, J, narrow);
         const vmm_i64 b = tvl1_div(bc, C, narrow);
         const vmm_i64 c = bc - b * C;
-        const acc_t fx0 = vmm_load(st, c * 8 + 0), fx1 = vmm_load(st, c * 8 + 1);
-        const acc_t fy0 = vmm_load(st, c * 8 + 2), fy1 = vmm_load(st, c * 8 + 3);
+        const tvl1_taps<acc_t> k = tvl1_load_taps(st, c);
+        const acc_t fx0 = k.fx0, fx1 = k.fx1, fy0 = k.fy0, fy1 = k.fy1;
         acc_t s_r = 0, s_fx0 = 0, s_fx1 = 0, s_fy0 = 0, s_fy1 = 0;
         for (vmm_i64 hw = slot - bc * J; hw < HW; hw += J) {
             const vmm_i64 h = tvl1_div(hw, W, narrow);
             const vmm_i64 w = hw - h * W;
             const vmm_i64 i = bc * HW + hw;
+            const vmm_i64 iu0 = i + b * CHW, ip0 = i + 3 * b * CHW;
+            const bool has_x = w < W - 1, has_y = h < H - 1;
+            // u_k here, right and below (both components), recomputed from (u_{k-1}, p_{k-1}).
+            acc_t here[2], right[2] = {0, 0}, down[2] = {0, 0};
+            tvl1_primal_px(gx, gy, rho_c, u, p, theta, lt, k, i, iu0, ip0, CHW, h, w, H, W, here[0], here[1]);
+            if (has_x)
+                tvl1_primal_px(gx, gy, rho_c, u, p, theta, lt, k, i + 1, iu0 + 1, ip0 + 1, CHW, h, w + 1, H, W,
+                               right[0], right[1]);
+            if (has_y)
+                tvl1_primal_px(gx, gy, rho_c, u, p, theta, lt, k, i + W, iu0 + W, ip0 + W, CHW, h + 1, w, H, W,
+                               down[0], down[1]);
             for (int m = 0; m < 2; ++m) {
-                const vmm_i64 iu = i + b * CHW + m * CHW;
-                const vmm_i64 q = i + 3 * b * CHW + 2 * m * CHW;
-                const bool has_x = w < W - 1, has_y = h < H - 1;
-                const acc_t z = vmm_load(u, iu);
-                const acc_t z_right = has_x ? vmm_load(u, iu + 1) : (acc_t)0;
-                const acc_t z_down = has_y ? vmm_load(u, iu + W) : (acc_t)0;
+                const vmm_i64 q = ip0 + 2 * m * CHW;
+                const acc_t z = here[m];
+                const acc_t z_right = right[m];
+                const acc_t z_down = down[m];
                 const acc_t zx = has_x ? fx0 * z + fx1 * z_right : (acc_t)0;
                 const acc_t zy = has_y ? fy0 * z + fy1 * z_down : (acc_t)0;
                 const acc_t n = tvl1_sqrt(zx * zx + zy * zy + eps);

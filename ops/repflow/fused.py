@@ -6,7 +6,7 @@ by torch once per call (cheap, and autograd takes them back to i0, i1, the image
 
 Memory: the forward keeps only the state ``(u, p)`` (6 maps of ``[B,C,H,W]``) every
 ``L = ceil(sqrt(n_iter))`` iterations, plus gx, gy, rho_c. The backward runs the adjoint of each
-iteration in reverse (two launches, three with the recomputed u_k); the state before each
+iteration in reverse (two launches; the dual adjoint recomputes u_k on the fly); the state before each
 iteration is recomputed from its segment's checkpoint into one work state (at most L - 1 extra
 steps each, about n_iter·(L-1)/2 in all). Peak memory is therefore about ``6·n_iter/L + 3`` saved
 maps plus a fixed working set of about 23 maps (work state, adjoints, gradient accumulators),
@@ -69,7 +69,10 @@ class _Launcher:
         TVL1_SOURCE.launch("tvl1_dual", args, dtype=self.dtype, numel=self.numel)
 
     def dual_adj(self, u: Tensor, p: Tensor, pbar: Tensor, gbar: Tensor, acc: Tensor) -> None:
-        args = (self.params, self.st, u, p, pbar, gbar, acc, *self.shape_args, self.j, self.n_slots)
+        args = (
+            self.gx, self.gy, self.rho_c, self.params, self.st, u, p, pbar, gbar, acc,
+            *self.shape_args, self.j, self.n_slots,
+        )
         TVL1_SOURCE.launch("tvl1_dual_adj", args, dtype=self.dtype, numel=self.n_slots)
 
     def primal_adj(self, u, p, ubar_in, gbar, has_dual, ubar_out, pbar, ggx, ggy, grho, acc) -> None:
@@ -156,8 +159,8 @@ class TVL1Iterations(torch.autograd.Function):
         run = _Launcher(gx, gy, rho_c, params, st)
         seg = segment_length(n_iter)
         ubar = grad_u.to(gx.dtype).contiguous().clone()
-        # Holds u_k for the dual adjoint, then receives the adjoint of u_{k-1} (it cannot be written over
-        # ubar: neighbours read ubar); the two buffers swap roles every iteration.
+        # Receives the adjoint of u_{k-1} (it cannot be written over ubar: neighbours read ubar); the two
+        # buffers swap roles every iteration.
         spare = torch.empty_like(ubar)
         pbar = gx.new_zeros((run.b, 4 * run.c, run.h, run.w))
         gbar = torch.empty_like(pbar)
@@ -173,8 +176,7 @@ class TVL1Iterations(torch.autograd.Function):
                 u_old, p_old = run.state_after(k - 1, start, checkpoint, work)
                 has_dual = k < n_iter
                 if has_dual:
-                    run.primal(u_old, spare, p_old)  # u_k
-                    run.dual_adj(spare, p_old, pbar, gbar, acc)
+                    run.dual_adj(u_old, p_old, pbar, gbar, acc)
                 run.primal_adj(u_old, p_old, ubar, gbar, has_dual, spare, pbar, ggx, ggy, grho, acc)
                 ubar, spare = spare, ubar
         sums = acc.view(ACC_ROWS, run.b, run.c, run.j).sum(dim=(1, 3))  # [11, C]
