@@ -30,8 +30,13 @@ import torch
 
 import ops
 from ops.sifa.kernels import deform_aggregation_kernels, deform_correlation_kernels
-from ops.sifa.reference import deform_aggregation_reference, deform_correlation_reference
+from ops.sifa.reference import (
+    deform_aggregation_reference,
+    deform_attention_reference,
+    deform_correlation_reference,
+)
 
+BACKENDS = ("torch", "torch-fused", "cupy")
 LAYERS = {"layer2": (128, 28), "layer3": (256, 14), "layer4": (512, 7)}
 FRAMES = 4
 K = 3
@@ -53,6 +58,10 @@ def make_inputs(batch, channels, size, dtype, device, requires_grad=True):
 
 
 def forward(backend, q, k, off):
+    """The two ops in turn; backend "torch-fused" is the reference path of the SIFA block, which samples
+    each tap once for both (ops.sifa.deform_attention)."""
+    if backend == "torch-fused":
+        return ops.sifa.deform_attention(q, k, off, K, backend="torch")
     attn = ops.deform_correlation(q, k, off, K, backend=backend)
     return ops.deform_aggregation(k, attn, off, K, backend=backend)
 
@@ -138,15 +147,17 @@ def run_cuda(args) -> list[dict]:
             batch = clips * (FRAMES - 1)
             inputs = make_inputs(batch, channels, size, dtype, device)
             bound_ms = fwd_bytes(batch, channels, size, inputs[0].element_size()) / (bandwidth * 1e9) * 1e3
-            result = {b: measure_backend(b, inputs, args.iters, args.warmup) for b in ("torch", "cupy")}
+            result = {b: measure_backend(b, inputs, args.iters, args.warmup) for b in BACKENDS}
             name = f"{layer} N={clips} B={batch}"
             for backend, (fwd_ms, train_ms, peak) in result.items():
                 print(
                     f"{name:<26}{backend:<8}{fwd_ms:>9.3f}{train_ms:>12.3f}{peak / 2**20:>10.1f}"
                     f"{bound_ms:>14.4f}{bound_ms / fwd_ms:>9.0%}"
                 )
-            (tf, tt, tp), (cf, ct, cp) = result["torch"], result["cupy"]
-            print(f"{'':<26}{'ratio':<8}{tf / cf:>8.1f}x{tt / ct:>11.1f}x{tp / max(cp, 1):>9.1f}x   (torch / cupy)")
+            cf, ct, cp = result["cupy"]
+            for ref in ("torch", "torch-fused"):
+                tf, tt, tp = result[ref]
+                print(f"{'':<26}{'ratio':<8}{tf / cf:>8.1f}x{tt / ct:>11.1f}x{tp / max(cp, 1):>9.1f}x   ({ref} / cupy)")
             rows.append({"layer": layer, "clips": clips, "batch": batch, **result, "fwd_bound_ms": bound_ms})
             del inputs
             torch.cuda.empty_cache()
@@ -156,21 +167,27 @@ def run_cuda(args) -> list[dict]:
 # ------------------------------------------------------------------------------------------------ CPU
 
 
-def saved_bytes(corr_fn, agg_fn, q, k, off):
-    """Bytes of distinct tensors autograd saves for the backward of one (corr, agg) pair."""
+def saved_bytes(fn, q, k, off):
+    """Bytes of distinct tensors autograd saves for the backward of ``fn(q, k, off)``, beyond the inputs."""
     seen: dict[int, int] = {}
     inputs = {t.untyped_storage().data_ptr() for t in (q, k, off)}
 
     def pack(t):
         ptr = t.untyped_storage().data_ptr()
-        if ptr not in inputs:  # the inputs exist anyway; count what the op adds
+        if ptr not in inputs:  # the inputs exist anyway; count what the ops add
             seen[ptr] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        attn = corr_fn(q, k, off, K, 1, 1)
-        agg_fn(k, attn, off, K, 1, 1)
+        fn(q, k, off)
     return sum(seen.values())
+
+
+def _pair(corr_fn, agg_fn):
+    def run(q, k, off):
+        return agg_fn(k, corr_fn(q, k, off, K, 1, 1), off, K, 1, 1)
+
+    return run
 
 
 def run_cpu(args) -> dict:
@@ -179,37 +196,45 @@ def run_cpu(args) -> dict:
     torch.set_num_threads(args.threads)
     q, k, off, cot = make_inputs(batch, channels, size, torch.float32, "cpu")
 
-    def timed(fn):
-        for _ in range(2):
-            fn()
-        times = []
-        for _ in range(args.cpu_iters):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times) * 1e3
-
-    with torch.no_grad():
-        fwd_ms = timed(lambda: forward("torch", q, k, off))
-
-    def train():
+    def train(backend):
         q.grad = k.grad = off.grad = None
-        step("torch", q, k, off, cot)
+        step(backend, q, k, off, cot)
 
-    train_ms = timed(train)
-    ref_saved = saved_bytes(deform_correlation_reference, deform_aggregation_reference, q, k, off)
-    ker_saved = saved_bytes(deform_correlation_kernels, deform_aggregation_kernels, q, k, off)
+    def no_grad_forward(backend):
+        with torch.no_grad():
+            forward(backend, q, k, off)
+
+    # Interleaved rounds, median per case: a shared machine's load drifts, and this keeps it fair.
+    cases = {
+        (b, what): fn for b in ("torch", "torch-fused") for what, fn in (("fwd", no_grad_forward), ("train", train))
+    }
+    times: dict = {case: [] for case in cases}
+    for round_ in range(args.cpu_iters + 1):
+        for case, fn in cases.items():
+            t0 = time.perf_counter()
+            fn(case[0])
+            if round_:  # the first round warms up
+                times[case].append(time.perf_counter() - t0)
+    result = {
+        b: tuple(statistics.median(times[(b, w)]) * 1e3 for w in ("fwd", "train")) for b in ("torch", "torch-fused")
+    }
+    saved = {
+        "torch": saved_bytes(_pair(deform_correlation_reference, deform_aggregation_reference), q, k, off),
+        "torch-fused": saved_bytes(lambda *a: deform_attention_reference(*a, K, 1, 1), q, k, off),
+        "kernels": saved_bytes(_pair(deform_correlation_kernels, deform_aggregation_kernels), q, k, off),
+    }
     input_bytes = q.numel() * q.element_size()
     print(
         f"CPU reference, float32, B={batch} (N={clips}, T={FRAMES}), C={channels}, {size}x{size}, "
-        f"{torch.get_num_threads()} threads: forward {fwd_ms:.1f} ms, forward+backward {train_ms:.1f} ms"
+        f"{torch.get_num_threads()} threads:"
     )
-    print(
-        f"bytes saved for backward beyond the inputs: reference {ref_saved / 2**20:.2f} MiB "
-        f"({ref_saved / input_bytes:.1f}x one feature map), kernels {ker_saved / 2**20:.2f} MiB "
-        f"({ker_saved / input_bytes:.1f}x)"
-    )
-    return {"fwd_ms": fwd_ms, "train_ms": train_ms, "saved_reference": ref_saved, "saved_kernels": ker_saved}
+    for backend, (fwd_ms, train_ms) in result.items():
+        print(f"  {backend:<12} forward {fwd_ms:7.1f} ms   forward+backward {train_ms:7.1f} ms")
+    print(f"  fused / two ops, forward+backward: {result['torch-fused'][1] / result['torch'][1]:.2f}")
+    print("bytes autograd saves for the backward beyond the inputs (kernels: emulated launch, same count on CUDA):")
+    for name, nbytes in saved.items():
+        print(f"  {name:<12} {nbytes / 2**20:7.2f} MiB = {nbytes / input_bytes:5.1f} feature maps")
+    return {"time_ms": result, "saved_bytes": saved}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -158,6 +158,26 @@ def test_reference_offset_gradient_at_integer_points_is_the_right_derivative(hei
     torch.testing.assert_close(slope, (grad * direction).sum(), rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize(("groups", "dilation"), [(1, 1), (2, 2)])
+def test_fused_attention_equals_the_two_ops(groups, dilation):
+    # The SIFA block's reference path samples each tap once for both ops; values and gradients must be
+    # those of calling the two ops in turn.
+    query = torch.randn(2, 4, 5, 6, dtype=torch.float64, requires_grad=True)
+    kv = torch.randn(2, 4, 5, 6, dtype=torch.float64, requires_grad=True)
+    offset = (3 * torch.randn(2, 18, 5, 6, dtype=torch.float64)).requires_grad_()
+    fused = ops.sifa.deform_attention(query, kv, offset, 3, dilation, groups, backend="torch")
+    attn = ops.deform_correlation(query, kv, offset, 3, dilation, groups, backend="torch")
+    two = ops.deform_aggregation(kv, attn, offset, 3, dilation, groups, backend="torch")
+    torch.testing.assert_close(fused, two)
+    cot = torch.randn_like(fused)
+    grads_fused = torch.autograd.grad(fused, (query, kv, offset), cot)
+    grads_two = torch.autograd.grad(two, (query, kv, offset), cot)
+    for g_fused, g_two in zip(grads_fused, grads_two, strict=True):
+        torch.testing.assert_close(g_fused, g_two)
+    with pytest.raises(ValueError, match="offset must have shape"):
+        ops.sifa.deform_attention(query, kv, offset[:, :8])
+
+
 def test_non_contiguous_inputs():
     base = torch.randn(2, 5, 4, 3, dtype=torch.float64)
     query = base.transpose(2, 3)  # [2,5,3,4], non-contiguous

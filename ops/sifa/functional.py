@@ -6,7 +6,7 @@ import torch
 
 from ..kernel_loader import cupy_available
 from .kernels import deform_aggregation_kernels, deform_correlation_kernels
-from .reference import deform_aggregation_reference, deform_correlation_reference
+from .reference import deform_aggregation_reference, deform_attention_reference, deform_correlation_reference
 from .validation import check_backend, check_int, check_same_dtype_device, check_shape, check_tensor
 
 
@@ -139,3 +139,30 @@ def deform_aggregation(
     if cupy:
         return deform_aggregation_kernels(value, attn, offset, kernel_size, dilation, groups)
     return deform_aggregation_reference(value, attn, offset, kernel_size, dilation, groups)
+
+
+def deform_attention(
+    query: torch.Tensor,
+    kv: torch.Tensor,
+    offset: torch.Tensor,
+    kernel_size: int = 3,
+    dilation: int = 1,
+    groups: int = 1,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``deform_aggregation(kv, deform_correlation(query, kv, offset), offset)``: SIFA's step with key =
+    value (sifa.md §2.3), ``[B,C,H,W]`` in the input dtype.
+
+    The reference samples each tap once for both ops (half the work and half the saved maps of calling
+    them in turn); the kernels run the two ops as they are (their backward saves no sampled maps).
+    Arguments as :func:`deform_correlation`.
+    """
+    validate_correlation(query, kv, offset, kernel_size, dilation, groups)
+    batch, _, height, width = query.shape
+    cupy = use_cupy(backend, query)
+    if batch * height * width == 0:
+        return _empty_result(tuple(query.shape), query, kv, offset)
+    if cupy:
+        attn = deform_correlation_kernels(query, kv, offset, kernel_size, dilation, groups)
+        return deform_aggregation_kernels(kv, attn, offset, kernel_size, dilation, groups)
+    return deform_attention_reference(query, kv, offset, kernel_size, dilation, groups)

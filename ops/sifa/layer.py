@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .functional import deform_aggregation, deform_correlation
+from .functional import deform_attention
 from .validation import check_backend, check_int, check_tensor
 
 OFFSET_INITS: tuple[str, ...] = ("zeros", "kaiming", "default")
@@ -98,7 +98,7 @@ class SIFA(nn.Module):
         key = pairs(x[:, :, 1:])
         off = pairs(offset[:, :, 1:])  # the key frame's offsets
         k, d, g = self.kernel_size, self.dilation, self.groups
-        attn = deform_correlation(query, key, off, k, d, g, backend=self.backend)
-        agg = deform_aggregation(key, attn, off, k, d, g, backend=self.backend)
+        # deform_aggregation(key, deform_correlation(query, key, off), off), fused on the reference path
+        agg = deform_attention(query, key, off, k, d, g, backend=self.backend)
         agg = agg.reshape(n, t - 1, c, h, w).transpose(1, 2)
         return torch.cat((x[:, :, :-1] + agg, x[:, :, -1:]), dim=2)

@@ -100,3 +100,25 @@ def deform_aggregation_reference(
         term = a[:, :, k] * _sample(v, grid).view(batch, groups, channels // groups, height, width)
         out = term if out is None else out + term
     return out.reshape(batch, channels, height, width).to(value.dtype)
+
+
+def deform_attention_reference(
+    query: torch.Tensor, kv: torch.Tensor, offset: torch.Tensor, kernel_size: int, dilation: int, groups: int
+) -> torch.Tensor:
+    """``deform_aggregation(kv, deform_correlation(query, kv, offset), offset)`` in one pass over the taps.
+
+    SIFA samples the same map (key = value) at the same points in both ops, so each tap's sampled map is
+    computed once and used twice: half the grid_sample work, and autograd saves K² sampled maps instead
+    of 2·K². Inputs already validated as for the two ops; returns ``[B,C,H,W]``.
+    """
+    batch, channels, height, width = query.shape
+    dtype = compute_dtype(query.dtype)
+    shape = (batch, groups, channels // groups, height, width)
+    q = query.to(dtype).reshape(shape)
+    v = to_canvas(kv.to(dtype))
+    out = None
+    for grid in tap_grids(offset.to(dtype), kernel_size, dilation):
+        sampled = _sample(v, grid).view(shape)
+        term = (q * sampled).mean(dim=2, keepdim=True) * sampled  # attn of this tap, then its aggregation term
+        out = term if out is None else out + term
+    return out.reshape(batch, channels, height, width).to(query.dtype)
