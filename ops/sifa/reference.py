@@ -12,7 +12,10 @@ interpolation, as in the CUDA kernels. The zeros of the canvas are the zero padd
 Memory: the ops loop over the K² taps, so a forward without autograd keeps one sampled map
 ``[B,C,H,W]`` live at a time instead of ``[B,C,K²,H,W]``. With autograd recording, each tap's
 sampled map is saved for the backward (the correlation needs it for d/dquery, the aggregation for
-d/dattn), i.e. K² feature maps per op in the compute dtype — the reason the CUDA kernels exist.
+d/dattn), i.e. K² feature maps per op in the compute dtype, plus the canvas (≤ 4 maps, usually
+~1.3) — the reason the CUDA kernels exist. :func:`deform_attention_reference` (the SIFA block's
+path, key = value) samples each tap once for both ops and so saves K² maps in all. Recomputing the
+samples in the backward (checkpointing) would save them too, at about +30% CPU time; not done.
 16-bit inputs are computed in float32 (sample coordinates in 16 bits would be off by up to
 ~0.03 px at 56²) and the result is cast back to the input dtype.
 """
