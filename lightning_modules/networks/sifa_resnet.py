@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import Literal
 
@@ -136,8 +135,7 @@ class SIFAResNet(VideoResNet):
                 gc_at=lambda i: gc_at(4, i),
                 zero_init_residual=zero_init_residual,
             )
-            self.fc_dual = copy.deepcopy(self.fc)
-            self.fc_dual.reset_parameters()
+            self.fc_dual = nn.Linear(self.fc.in_features, num_classes)
         self.pretrained_report = None
         if pretrained is not None:
             self.pretrained_report = load_pretrained_2d(self, pretrained)
