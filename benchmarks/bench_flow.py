@@ -9,10 +9,11 @@ trains with.
 CUDA (when available): both backends run in this process on the same inputs; times from CUDA events
 (median of --iters after --warmup), peak memory of forward+backward above what the inputs occupy
 (torch.cuda.max_memory_allocated), and the ratios torch/cupy. The fused forward is also compared with
-its memory-traffic bound: per iteration the primal kernel reads gx, gy, rho_c, u (2 maps), p (4) and
-writes u (2), the dual kernel reads u (2) and p (4) and writes p (4), i.e. 21 map passes (11 for the
-last iteration, which skips the dual step), plus 5 for the image gradient and rho_c; divided by the
-device bandwidth (measured with a device-to-device copy, or --bandwidth-gbs).
+its memory-traffic bound: the first iteration (primal step only) reads gx, gy, rho_c, u (2 maps),
+p (4) and writes u (2); every further iteration is one fused launch (dual step + next primal step)
+that reads gx, gy, rho_c, u (2), p (4) and writes u (2), p (4), i.e. 15 map passes; plus 5 for the
+image gradient and rho_c; divided by the device bandwidth (measured with a device-to-device copy,
+or --bandwidth-gbs).
 
 CPU (always): the reference's forward and forward+backward time on a small shape, and the number of
 [B,C,H,W] maps each backend keeps for the backward (the kernels run through host emulation for that
@@ -64,7 +65,7 @@ def fwd_bytes(pairs, size, n_iter, element_size=4):
     """Lower bound of the fused forward's memory traffic (see the module docstring); the state is
     always float32 (16-bit inputs compute in float32)."""
     map_bytes = pairs * CHANNELS * size * size * max(element_size, 4)
-    return map_bytes * (21 * (n_iter - 1) + 11 + 5)
+    return map_bytes * (11 + 15 * (n_iter - 1) + 5)
 
 
 # ----------------------------------------------------------------------------------------------- CUDA

@@ -7,10 +7,12 @@
 //   params          [3]          theta_e = |theta| + 1e-12, lt = lambda * theta_e, r = tau / theta_e
 //   st              [C,8]        fwd_x (2 taps), fwd_y, div_x, div_y, per channel
 //
-// One forward iteration is two launches: tvl1_primal (threshold + divergence + u update; it reads
-// p of the left/upper neighbour) and tvl1_dual (forward difference + p update; it reads the new u
-// of the right/lower neighbour). Each thread owns one pixel of one (b, c) plane and handles both
-// flow components, so both launches update in place without races.
+// A forward iteration is tvl1_primal (threshold + divergence + u update; it reads p of the
+// left/upper neighbour) then tvl1_dual (forward difference + p update; it reads the new u of the
+// right/lower neighbour); each thread owns one pixel of one (b, c) plane and both flow components,
+// so these two update in place without races. Runs of iterations use tvl1_iter instead, one launch
+// per iteration: the dual step of iteration k and the primal step of k+1 together, with the
+// neighbours' dual updates recomputed (ping-pong buffers).
 //
 // The adjoint of one iteration is two launches as well, in gather form (no atomics), given the
 // state (u_{k-1}, p_{k-1}) before the iteration: tvl1_dual_adj recomputes u_k where it needs it,
@@ -80,20 +82,17 @@ __device__ __forceinline__ tvl1_taps<typename vmm_acc<T>::type> tvl1_load_taps(c
     return k;
 }
 
-// The primal step at one pixel: u_k = u_{k-1} + v(rho(u_{k-1})) + theta * div(p_{k-1}) for both
-// components, from u = u_{k-1} and p = p_{k-1}. i indexes [B,C,H,W]; iu = u1's index in
-// [B,2C,H,W] (u2 at iu + CHW); ip = p11's index in [B,4C,H,W] (p12, p21, p22 at +CHW, +2CHW, +3CHW).
+// The threshold step v(rho(u)) at one pixel, both components (gradients of the backward follow the
+// branch selected here). i indexes [B,C,H,W]; iu = u1's index in [B,2C,H,W] (u2 at iu + CHW).
 template <typename T, typename A>
-__device__ __forceinline__ void tvl1_primal_px(const T* gx, const T* gy, const T* rho_c, const T* u, const T* p,
-                                               A theta, A lt, const tvl1_taps<A>& k, vmm_i64 i, vmm_i64 iu,
-                                               vmm_i64 ip, vmm_i64 CHW, vmm_i64 h, vmm_i64 w, vmm_i64 H, vmm_i64 W,
-                                               A& out1, A& out2) {
+__device__ __forceinline__ void tvl1_threshold(const T* gx, const T* gy, const T* rho_c, A u1, A u2, A lt,
+                                               vmm_i64 i, A& v1, A& v2) {
     const A eps = (A)TVL1_EPS;
     const A g1 = vmm_load(gx, i), g2 = vmm_load(gy, i);
     const A grad = g1 * g1 + g2 * g2 + eps;
-    const A u1 = vmm_load(u, iu), u2 = vmm_load(u, iu + CHW);
     const A rho = vmm_load(rho_c, i) + g1 * u1 + g2 * u2;
-    A v1 = 0, v2 = 0;
+    v1 = 0;
+    v2 = 0;
     if (rho < -(lt * grad)) {
         v1 = lt * g1;
         v2 = lt * g2;
@@ -105,6 +104,19 @@ __device__ __forceinline__ void tvl1_primal_px(const T* gx, const T* gy, const T
         v1 = step * g1;
         v2 = step * g2;
     }
+}
+
+// The primal step at one pixel: u_k = u_{k-1} + v(rho(u_{k-1})) + theta * div(p_{k-1}) for both
+// components, from u = u_{k-1} and p = p_{k-1}. i indexes [B,C,H,W]; iu = u1's index in
+// [B,2C,H,W] (u2 at iu + CHW); ip = p11's index in [B,4C,H,W] (p12, p21, p22 at +CHW, +2CHW, +3CHW).
+template <typename T, typename A>
+__device__ __forceinline__ void tvl1_primal_px(const T* gx, const T* gy, const T* rho_c, const T* u, const T* p,
+                                               A theta, A lt, const tvl1_taps<A>& k, vmm_i64 i, vmm_i64 iu,
+                                               vmm_i64 ip, vmm_i64 CHW, vmm_i64 h, vmm_i64 w, vmm_i64 H, vmm_i64 W,
+                                               A& out1, A& out2) {
+    const A u1 = vmm_load(u, iu), u2 = vmm_load(u, iu + CHW);
+    A v1, v2;
+    tvl1_threshold(gx, gy, rho_c, u1, u2, lt, i, v1, v2);
     A div[2];
     for (int m = 0; m < 2; ++m) {
         const vmm_i64 q = ip + 2 * m * CHW;  // p_m1; p_m2 at q + CHW
@@ -117,6 +129,20 @@ __device__ __forceinline__ void tvl1_primal_px(const T* gx, const T* gy, const T
     }
     out1 = u1 + v1 + theta * div[0];
     out2 = u2 + v2 + theta * div[1];
+}
+
+// The dual step at one pixel for one component: (p_m1, p_m2) of iteration k from u = u_k and
+// p = p_{k-1}; iu = index of u_m, q = index of p_m1 (p_m2 at q + CHW).
+template <typename T, typename A>
+__device__ __forceinline__ void tvl1_dual_px(const T* u, const T* p, A r, const tvl1_taps<A>& k, vmm_i64 iu,
+                                             vmm_i64 q, vmm_i64 CHW, vmm_i64 h, vmm_i64 w, vmm_i64 H, vmm_i64 W,
+                                             A& pa, A& pb) {
+    const A z = vmm_load(u, iu);
+    const A zx = (w < W - 1) ? k.fx0 * z + k.fx1 * vmm_load(u, iu + 1) : (A)0;
+    const A zy = (h < H - 1) ? k.fy0 * z + k.fy1 * vmm_load(u, iu + W) : (A)0;
+    const A s = 1 + r * tvl1_sqrt(zx * zx + zy * zy + (A)TVL1_EPS);
+    pa = (vmm_load(p, q) + r * zx) / s;
+    pb = (vmm_load(p, q + CHW) + r * zy) / s;
 }
 
 // u_out may be u_in (in place: each thread reads and writes only its own pixel of u).
@@ -151,27 +177,66 @@ __global__ void tvl1_dual(const T* __restrict__ params, const T* __restrict__ st
     typedef typename vmm_acc<T>::type acc_t;
     const vmm_i64 HW = H * W;
     const vmm_i64 CHW = C * HW;
-    const acc_t eps = (acc_t)TVL1_EPS;
     const acc_t r = vmm_load(params, 2);
     const bool narrow = B * CHW <= 0xffffffffLL;
     VMM_KERNEL_LOOP(i, B * CHW) {
         vmm_i64 bc, h, w;
         tvl1_split(i, HW, W, narrow, bc, h, w);
         const vmm_i64 b = tvl1_div(bc, C, narrow);
-        const vmm_i64 c = bc - b * C;
-        const acc_t fx0 = vmm_load(st, c * 8 + 0), fx1 = vmm_load(st, c * 8 + 1);
-        const acc_t fy0 = vmm_load(st, c * 8 + 2), fy1 = vmm_load(st, c * 8 + 3);
+        const tvl1_taps<acc_t> k = tvl1_load_taps(st, bc - b * C);
         for (int m = 0; m < 2; ++m) {
-            const vmm_i64 iu = i + b * CHW + m * CHW;
             const vmm_i64 q = i + 3 * b * CHW + 2 * m * CHW;
-            const acc_t z = vmm_load(u, iu);
-            const acc_t zx = (w < W - 1) ? fx0 * z + fx1 * vmm_load(u, iu + 1) : (acc_t)0;
-            const acc_t zy = (h < H - 1) ? fy0 * z + fy1 * vmm_load(u, iu + W) : (acc_t)0;
-            const acc_t s = 1 + r * tvl1_sqrt(zx * zx + zy * zy + eps);
-            const acc_t pa = vmm_load(p_in, q), pb = vmm_load(p_in, q + CHW);
-            vmm_store(p_out + q, (pa + r * zx) / s);
-            vmm_store(p_out + q + CHW, (pb + r * zy) / s);
+            acc_t pa, pb;
+            tvl1_dual_px(u, p_in, r, k, i + b * CHW + m * CHW, q, CHW, h, w, H, W, pa, pb);
+            vmm_store(p_out + q, pa);
+            vmm_store(p_out + q + CHW, pb);
         }
+    }
+}
+
+// The dual step of iteration k fused with the primal step of iteration k+1, one launch: from
+// (u_in = u_k, p_in = p_{k-1}) to (u_out = u_{k+1}, p_out = p_k). The new divergence needs p_k of
+// the left and upper neighbours, so each thread recomputes those two dual updates (cheap arithmetic
+// on cached loads) instead of waiting for a second launch. Outputs must not alias inputs.
+template <typename T>
+__global__ void tvl1_iter(const T* __restrict__ gx, const T* __restrict__ gy, const T* __restrict__ rho_c,
+                          const T* __restrict__ params, const T* __restrict__ st, const T* __restrict__ u_in,
+                          const T* __restrict__ p_in, T* __restrict__ u_out, T* __restrict__ p_out,
+                          vmm_i64 B, vmm_i64 C, vmm_i64 H, vmm_i64 W) {
+    typedef typename vmm_acc<T>::type acc_t;
+    const vmm_i64 HW = H * W;
+    const vmm_i64 CHW = C * HW;
+    const acc_t theta = vmm_load(params, 0);
+    const acc_t lt = vmm_load(params, 1);
+    const acc_t r = vmm_load(params, 2);
+    const bool narrow = B * CHW <= 0xffffffffLL;
+    VMM_KERNEL_LOOP(i, B * CHW) {
+        vmm_i64 bc, h, w;
+        tvl1_split(i, HW, W, narrow, bc, h, w);
+        const vmm_i64 b = tvl1_div(bc, C, narrow);
+        const tvl1_taps<acc_t> k = tvl1_load_taps(st, bc - b * C);
+        const vmm_i64 iu = i + b * CHW;
+        const acc_t u1 = vmm_load(u_in, iu), u2 = vmm_load(u_in, iu + CHW);
+        acc_t v1, v2;
+        tvl1_threshold(gx, gy, rho_c, u1, u2, lt, i, v1, v2);
+        acc_t div[2];
+        for (int m = 0; m < 2; ++m) {
+            const vmm_i64 ium = iu + m * CHW;
+            const vmm_i64 q = i + 3 * b * CHW + 2 * m * CHW;
+            acc_t pa, pb, unused;
+            tvl1_dual_px(u_in, p_in, r, k, ium, q, CHW, h, w, H, W, pa, pb);
+            vmm_store(p_out + q, pa);
+            vmm_store(p_out + q + CHW, pb);
+            acc_t a_left = 0, b_up = 0;
+            if (w > 0) tvl1_dual_px(u_in, p_in, r, k, ium - 1, q - 1, CHW, h, w - 1, H, W, a_left, unused);
+            if (h > 0) tvl1_dual_px(u_in, p_in, r, k, ium - W, q - W, CHW, h - 1, w, H, W, unused, b_up);
+            // p~ as in tvl1_primal_px: the last column of p_m1 and the last row of p_m2 read 0.
+            const acc_t a_here = (w < W - 1) ? pa : (acc_t)0;
+            const acc_t b_here = (h < H - 1) ? pb : (acc_t)0;
+            div[m] = (k.dx0 * a_left + k.dx1 * a_here) + (k.dy0 * b_up + k.dy1 * b_here);
+        }
+        vmm_store(u_out + iu, u1 + v1 + theta * div[0]);
+        vmm_store(u_out + iu + CHW, u2 + v2 + theta * div[1]);
     }
 }
 

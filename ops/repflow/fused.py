@@ -2,7 +2,8 @@
 
 The image gradient, ``rho_c = i1 - i0`` and the scalars ``(|θ|+ε, λ(|θ|+ε), τ/(|θ|+ε))`` are computed
 by torch once per call (cheap, and autograd takes them back to i0, i1, the image stencils and θ, λ,
-τ); the n_iter iterations run in :class:`TVL1Iterations`, two kernel launches per iteration.
+τ); the n_iter iterations run in :class:`TVL1Iterations`, one kernel launch per iteration in the
+forward (the dual step of one iteration fused with the primal step of the next).
 
 Memory: the forward keeps only the state ``(u, p)`` (6 maps of ``[B,C,H,W]``) every
 ``L = ceil(sqrt(n_iter))`` iterations, plus gx, gy, rho_c. The backward runs the adjoint of each
@@ -26,7 +27,9 @@ from torch import Tensor
 from ..kernel_loader import KernelSource
 from .reference import EPS, image_gradient
 
-TVL1_SOURCE = KernelSource("tvl1.cu", ("tvl1_primal", "tvl1_dual", "tvl1_dual_adj", "tvl1_primal_adj"))
+TVL1_SOURCE = KernelSource(
+    "tvl1.cu", ("tvl1_primal", "tvl1_dual", "tvl1_iter", "tvl1_dual_adj", "tvl1_primal_adj")
+)
 
 #: Pixels summed per thread in the adjoint kernels' per-channel reductions (acc holds numel / strip
 #: slots): up to MAX_STRIP, but never so many that fewer than MIN_THREADS threads run.
@@ -63,6 +66,11 @@ class _Launcher:
     def primal(self, u_in: Tensor, u_out: Tensor, p: Tensor) -> None:
         args = (self.gx, self.gy, self.rho_c, self.params, self.st, u_in, u_out, p, *self.shape_args)
         TVL1_SOURCE.launch("tvl1_primal", args, dtype=self.dtype, numel=self.numel)
+
+    def iterate(self, u_in: Tensor, p_in: Tensor, u_out: Tensor, p_out: Tensor) -> None:
+        """(u_k, p_{k-1}) -> (u_{k+1}, p_k) in one launch; outputs must not alias inputs."""
+        args = (self.gx, self.gy, self.rho_c, self.params, self.st, u_in, p_in, u_out, p_out, *self.shape_args)
+        TVL1_SOURCE.launch("tvl1_iter", args, dtype=self.dtype, numel=self.numel)
 
     def dual(self, u: Tensor, p_in: Tensor, p_out: Tensor) -> None:
         args = (self.params, self.st, u, p_in, p_out, *self.shape_args)
@@ -113,6 +121,10 @@ class _Launcher:
             self.dual(u_out, p, p_out)
 
 
+def _held(t: Tensor, checkpoints: dict[int, tuple[Tensor, Tensor]]) -> bool:
+    return any(t is x for state in checkpoints.values() for x in state)
+
+
 class TVL1Iterations(torch.autograd.Function):
     """``n_iter`` fused TV-L1 iterations: ``(gx, gy, rho_c, params [3], st [C,8]) -> u [B,2C,H,W]``.
 
@@ -127,22 +139,28 @@ class TVL1Iterations(torch.autograd.Function):
     ) -> Tensor:
         """``keep``: store what backward needs (False under no_grad or when nothing requires grad)."""
         run = _Launcher(gx, gy, rho_c, params, st)
-        u, p = run.zero_state()
         seg = segment_length(n_iter)
         checkpoints: dict[int, tuple[Tensor, Tensor]] = {}
-        state = (u, p)  # where the current state lives: the work buffers (u, p) or the latest checkpoint
-        for k in range(1, n_iter + 1):
-            if keep and k % seg == 0 and k < n_iter:
-                # Step into fresh buffers and keep them as the checkpoint (no copy); the next step reads
-                # from them and writes back into the work buffers.
-                out = (torch.empty_like(u), torch.empty_like(p))
-                run.step(*state, out)
-                state = checkpoints[k] = out
+        # (u, p) = (u_k, p_{k-1}): after the primal step of iteration k, before its dual step.
+        u, p = run.zero_state()
+        run.primal(u, u, p)  # k = 1 from the zero state
+        spare_u: Tensor | None = None
+        spare_p: Tensor | None = None
+        for k in range(1, n_iter):
+            # One launch: the dual step of k and the primal step of k+1, into the other buffers.
+            u_out = spare_u if spare_u is not None else torch.empty_like(u)
+            p_out = spare_p if spare_p is not None else torch.empty_like(p)
+            run.iterate(u, p, u_out, p_out)
+            if keep and k % seg == 0:
+                # The state after k iterations is (u_k, p_k) = (u, p_out): keep those buffers as the
+                # checkpoint (no copy) and let the following launches write into fresh ones.
+                checkpoints[k] = (u, p_out)
+                spare_u = None
+                spare_p = None if _held(p, checkpoints) else p
             else:
-                # The last dual update cannot change the returned u, so it is skipped.
-                run.step(*state, (u, p), dual=k < n_iter)
-                state = (u, p)
-        u = state[0]
+                spare_u = None if _held(u, checkpoints) else u
+                spare_p = None if _held(p, checkpoints) else p
+            u, p = u_out, p_out
         if keep:
             ctx.save_for_backward(gx, gy, rho_c, params, st)
             # Intermediate tensors (not inputs or outputs) may live on ctx. They are kept through backward
