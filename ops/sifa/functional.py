@@ -1,4 +1,5 @@
-"""``deform_correlation`` and ``deform_aggregation`` (sifa.md §1): validation and backend dispatch."""
+"""``deform_correlation``, ``deform_aggregation`` (sifa.md §1) and their composition ``deform_attention``
+used by the SIFA block: validation and backend dispatch."""
 
 from __future__ import annotations
 

@@ -85,18 +85,19 @@ class SIFA(nn.Module):
             raise ValueError(f"x must have T >= 1 frames ([N,C,T,H,W]), got shape {tuple(x.shape)}")
         if t == 1:
             return x
-        # torch.cat, not an overlapping in-place slice copy (sifa.md §2.1).
-        previous = torch.cat((x[:, :, :1], x[:, :, :-1]), dim=2)
-        motion = (1 + torch.sigmoid(x - previous)) * x
+        # Only the key frames t = 1..T-1 use their motion map and offsets, and conv_offset is per frame
+        # (kernel 1×3×3), so frame 0's (where x[-1] := x[0]) is never computed. Out-of-place slices, not
+        # the released code's overlapping in-place shift (sifa.md §2.1).
+        motion = (1 + torch.sigmoid(x[:, :, 1:] - x[:, :, :-1])) * x[:, :, 1:]
         # Under autocast the conv may return another dtype than x; the ops want one dtype.
-        offset = self.conv_offset(motion).to(x.dtype)
+        offset = self.conv_offset(motion).to(x.dtype)  # [N,2K²,T-1,H,W]: offsets of frames 1..T-1
 
         def pairs(v: torch.Tensor) -> torch.Tensor:  # [N,C',T-1,H,W] -> [N·(T-1),C',H,W]
             return v.transpose(1, 2).reshape(n * (t - 1), v.shape[1], h, w)
 
         query = pairs(x[:, :, :-1])
         key = pairs(x[:, :, 1:])
-        off = pairs(offset[:, :, 1:])  # the key frame's offsets
+        off = pairs(offset)  # each pair uses its key frame's offsets
         k, d, g = self.kernel_size, self.dilation, self.groups
         # deform_aggregation(key, deform_correlation(query, key, off), off), fused on the reference path
         agg = deform_attention(query, key, off, k, d, g, backend=self.backend)
