@@ -40,13 +40,15 @@ MIN_THREADS = 1 << 18
 def strip_length(numel: int) -> int:
     return max(1, min(MAX_STRIP, numel // MIN_THREADS))
 
+
 ACC_ROWS = 11
 # Rows of acc (kernels/tvl1.cu): r, fwd taps (4), theta_e, lt, div taps (4).
 _ACC_STENCIL_ROWS = [1, 2, 3, 4, 7, 8, 9, 10]
 
 
 def segment_length(n_iter: int) -> int:
-    """Checkpoint spacing: √n_iter balances stored checkpoints against a segment's recomputed states."""
+    """Checkpoint spacing: √n_iter balances the stored checkpoints (n_iter/L states) against the
+    backward's recomputation (up to L - 1 steps before each iteration's adjoint)."""
     return max(1, math.ceil(math.sqrt(n_iter)))
 
 
@@ -163,8 +165,8 @@ class TVL1Iterations(torch.autograd.Function):
             u, p = u_out, p_out
         if keep:
             ctx.save_for_backward(gx, gy, rho_c, params, st)
-            # Intermediate tensors (not inputs or outputs) may live on ctx. They are kept through backward
-            # (retain_graph may call it again); the peak is reached at the last segment anyway.
+            # Intermediate tensors (not inputs or outputs) may live on ctx. They stay until the graph is
+            # freed: backward reads them in reverse order and may be called again under retain_graph.
             ctx.checkpoints = checkpoints
             ctx.n_iter = n_iter
         return u
