@@ -26,6 +26,7 @@ from lightning_modules.networks import (
 )
 from lightning_modules.networks.blocks import r2plus1d_mid_channels
 
+MOTIONS = ("none", "sifa", "fcf")
 NARROW = 1 / 16  # stage widths 4/8/16/32 (basic) — enough to exercise every layer on a CPU in milliseconds
 K = 6
 
@@ -585,3 +586,35 @@ def test_frame_resnet_builds_the_three_probe_arms_from_one_options_dict():
     assert all(net.dropout.p == 0.2 for net in nets.values())
     with pytest.raises(ValueError, match="motion"):
         frame_resnet(K, "flow")
+
+
+# -- a real clip ---------------------------------------------------------------------------------------
+
+
+def _decode_clip(path, num_frames: int, size: tuple[int, int]) -> torch.Tensor:
+    """`num_frames` consecutive frames decoded by PyAV, resized, normalised: float `[1, 3, T, H, W]`."""
+    import av
+
+    frames = []
+    with av.open(str(path)) as container:
+        for frame in container.decode(video=0):
+            frames.append(torch.from_numpy(frame.to_ndarray(format="rgb24")))
+            if len(frames) == num_frames:
+                break
+    clip = torch.stack(frames).permute(3, 0, 1, 2).float().div(255)  # [3, T, H, W]
+    clip = F.interpolate(clip, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return ((clip - 0.45) / 0.225).unsqueeze(0)
+
+
+def test_networks_on_a_real_clip(shared_videos):
+    clip = _decode_clip(shared_videos / "kinetics_arm_wrestling.mp4", 8, (32, 40))
+    assert clip.shape == (1, 3, 8, 32, 40)
+    with torch.no_grad():
+        for net in (sifa_resnet18(K, width_mult=NARROW), fcf_r2plus1d_18(K, width_mult=NARROW, fcf_bottleneck=4)):
+            out = net.eval()(clip)
+            assert out.shape == (1, K) and torch.isfinite(out).all()
+            torch.testing.assert_close(out.exp().sum(1), torch.ones(1))
+        # On real (small) motion too: the per-frame arm ignores frame order, the SIFA and FCF arms do not.
+        arms = {m: _randomise_bn(frame_resnet(K, m, width_mult=NARROW, fcf_bottleneck=4)) for m in MOTIONS}
+        diff = {m: (net(clip) - net(clip.flip(2))).abs().max().item() for m, net in arms.items()}
+    assert diff["none"] < 1e-5 and diff["sifa"] > 1e-3 and diff["fcf"] > 1e-3, diff
