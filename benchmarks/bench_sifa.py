@@ -5,14 +5,17 @@ One step is what the SIFA block runs per layer: ``attn = deform_correlation(q, k
 offset. Shapes are SIFA-ResNet-50's at 16×224² (T = 4 after the stem, so B = 3·N frame pairs):
 layer2 C=128 at 28², layer3 C=256 at 14², layer4 C=512 at 7², N = 8 and 32 clips.
 
-CUDA (when available): the reference ("torch") and the kernels ("cupy") run in this process on the
-same inputs; times from CUDA events (median of --iters after --warmup), peak memory of the step above
-what the inputs occupy (torch.cuda.max_memory_allocated), and the ratios reference/cupy. The forward
+CUDA (when available): the reference ("torch"), the SIFA block's fused reference path ("torch-fused",
+``ops.sifa.deform_attention``: each tap sampled once for both ops) and the kernels ("cupy") run in
+this process on the same inputs; times from CUDA events (median of --iters after --warmup), peak
+memory of the step above what the inputs occupy (torch.cuda.max_memory_allocated), and the ratios
+reference/cupy. The forward
 is also compared with the memory-bandwidth bound: the bytes the two ops must at least read and write
 (q, k twice, offsets twice, attn written and read, out written), divided by the device bandwidth
 (measured here with a device-to-device copy, or --bandwidth-gbs).
 
-CPU (always): the reference's forward and forward+backward time on a small shape, and the bytes
+CPU (always): the reference's forward and forward+backward time on a small shape (two ops and fused,
+interleaved rounds), and the bytes
 autograd saves for the backward with each backend (the kernels run through host emulation for that
 count; their CPU time is not a benchmark).
 
