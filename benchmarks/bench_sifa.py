@@ -9,15 +9,13 @@ CUDA (when available): the reference ("torch"), the SIFA block's fused reference
 ``ops.sifa.deform_attention``: each tap sampled once for both ops) and the kernels ("cupy") run in
 this process on the same inputs; times from CUDA events (median of --iters after --warmup), peak
 memory of the step above what the inputs occupy (torch.cuda.max_memory_allocated), and the ratios
-reference/cupy. The forward
-is also compared with the memory-bandwidth bound: the bytes the two ops must at least read and write
-(q, k twice, offsets twice, attn written and read, out written), divided by the device bandwidth
-(measured here with a device-to-device copy, or --bandwidth-gbs).
+reference/cupy. The forward is also compared with the memory-bandwidth bound: the bytes the two ops
+must at least read and write (q, k twice, offsets twice, attn written and read, out written),
+divided by the device bandwidth (measured here with a device-to-device copy, or --bandwidth-gbs).
 
-CPU (always): the reference's forward and forward+backward time on a small shape (two ops and fused,
-interleaved rounds), and the bytes
-autograd saves for the backward with each backend (the kernels run through host emulation for that
-count; their CPU time is not a benchmark).
+CPU (always): the reference's forward and forward+backward time on a small shape (two ops and
+fused, in interleaved rounds), and the bytes autograd saves for the backward with each backend (the
+kernels run through host emulation for that count; their CPU time is not a benchmark).
 
     python benchmarks/bench_sifa.py [--iters 20] [--warmup 5] [--dtype float32] [--clips 8 32]
                                     [--bandwidth-gbs X] [--cpu-only]
