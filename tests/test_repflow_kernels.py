@@ -12,7 +12,7 @@ import ops
 from ops.repflow import FlowStencils, default_stencils
 from ops.repflow.functional import _tvl1_flow
 from ops.repflow.fused import TVL1Iterations, segment_length
-from ops.repflow.modules import FlowLayer
+from ops.repflow.modules import FCFBlock, FlowLayer
 
 
 def random_stencils(channels, generator=None, dtype=torch.float64, device=None):
@@ -196,6 +196,10 @@ def test_backend_selection_on_cpu():
 # ------------------------------------------------------------------------ GPU (CuPy)
 
 
+def _relative_error(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
 def _cuda_inputs(dtype, shape=(3, 4, 14, 14), scale=30.0):
     g = torch.Generator().manual_seed(7)
     i0 = torch.randn(shape, generator=g) * scale
@@ -218,10 +222,16 @@ def test_cupy_matches_reference_values_and_gradients(dtype):
         out = ops.tvl1_flow(i0, i1, 10, theta, 0.15, 0.25, stencils=stencils, backend=backend)
         outs.append(out)
         grads.append(torch.autograd.grad((out * weight).sum(), leaves))
-    tol = 1e-9 if dtype == torch.float64 else 2e-3
-    torch.testing.assert_close(outs[1], outs[0], rtol=tol, atol=tol)
-    for ref, ker in zip(*grads, strict=True):
-        torch.testing.assert_close(ker, ref, rtol=tol, atol=tol * max(1.0, ref.abs().max().item()))
+    if dtype == torch.float64:
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-9, atol=1e-9)
+        for ref, ker in zip(*grads, strict=True):
+            torch.testing.assert_close(ker, ref, rtol=1e-9, atol=1e-9)
+    else:
+        # float32: a pixel whose rho sits within rounding of a threshold may take the other branch in
+        # one backend (the values are continuous there, the gradients are not), so compare norms.
+        torch.testing.assert_close(outs[1], outs[0], rtol=2e-3, atol=2e-3)
+        for ref, ker in zip(*grads, strict=True):
+            assert _relative_error(ker, ref) < 1e-3
 
 
 @pytest.mark.gpu
@@ -258,3 +268,35 @@ def test_cupy_flow_layer_non_contiguous_and_empty_batch():
     ref_layer = FlowLayer(4, n_iter=5, backend="torch").cuda()
     torch.testing.assert_close(layer(x), ref_layer(x), rtol=2e-3, atol=2e-3)
     assert layer(torch.zeros(0, 4, 3, 8, 8, device="cuda")).shape == (0, 8, 2, 8, 8)
+
+
+@pytest.mark.gpu
+def test_cupy_flow_layer_gradients_at_network_shape():
+    # FCF-(2+1)D-50 at 112²: bottleneck 32 at 14×14, 8 clips of 8 frames (56 frame pairs), n_iter 10.
+    torch.manual_seed(0)
+    layers = [FlowLayer(32, n_iter=10, backend=b).cuda() for b in ("torch", "cupy")]
+    layers[1].load_state_dict(layers[0].state_dict())
+    x = torch.randn(8, 32, 8, 14, 14, device="cuda")
+    x = (x + torch.roll(x, 1, dims=-1).cumsum(2) * 0.1).requires_grad_()
+    cot = torch.randn(8, 64, 7, 14, 14, device="cuda")
+    results = []
+    for layer in layers:
+        out = layer(x)
+        params = [p for _, p in sorted(layer.named_parameters())]
+        results.append((out, torch.autograd.grad(out, [x, *params], cot)))
+    (ref_out, ref_grads), (ker_out, ker_grads) = results
+    assert _relative_error(ker_out, ref_out) < 1e-4
+    for ref, ker in zip(ref_grads, ker_grads, strict=True):
+        assert _relative_error(ker, ref) < 1e-3
+
+
+@pytest.mark.gpu
+def test_cupy_fcf_block_gradients_reach_both_flow_layers():
+    block = FCFBlock(8, bottleneck=4, n_iter=3).cuda()
+    torch.nn.init.ones_(block.bn.weight)
+    x = torch.randn(2, 8, 5, 10, 10, device="cuda")
+    block(x).square().sum().backward()
+    for layer in (block.flow1, block.flow2):
+        assert layer.backend == "auto"
+        for name, p in layer.named_parameters():
+            assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
