@@ -118,6 +118,24 @@ def test_sifa_r50_parameter_count_matches_spec():
     assert n_params(plain) - 2048 * 400 - 400 == 23_508_032 + 3 * 64 * 3 * 7 * 7
 
 
+def test_sifa_r50_multiply_accumulates_match_spec():
+    """≈ 24 GMACs per 16×224² view (sifa.md §3); counted over convs and fc on the meta device (SIFA's two
+    ops add a few hundred MMACs and are left out)."""
+    total = 0
+
+    def count(m, inputs, out):
+        nonlocal total
+        total += out.numel() * (m.weight[0].numel() if isinstance(m, nn.Conv3d) else m.in_features)
+
+    with torch.device("meta"):
+        net = sifa_resnet50(400, sifa=False)
+        for m in net.modules():
+            if isinstance(m, (nn.Conv3d, nn.Linear)):
+                m.register_forward_hook(count)
+        net.forward_heads(torch.empty(1, 3, 16, 224, 224))
+    assert abs(total / 1e9 - 24) < 1.0, total
+
+
 def test_fcf_r2plus1d50_stage_widths():
     net = FCFR2Plus1D(10, depth=50, width_mult=NARROW, fcf_stages=(1, 2, 3, 4), fcf_bottleneck=2)
     assert net.stage_channels == (16, 32, 64, 128)
