@@ -139,7 +139,7 @@ def run_cuda(args) -> list[dict]:
         f"device: {torch.cuda.get_device_name(device)}, dtype {args.dtype}, bandwidth {bandwidth:.0f} GB/s ({source})"
     )
     print(
-        f"{'shape':<26}{'backend':<8}{'fwd ms':>9}{'fwd+bwd ms':>12}{'peak MiB':>10}"
+        f"{'shape':<26}{'backend':<12}{'fwd ms':>9}{'fwd+bwd ms':>12}{'peak MiB':>10}"
         f"{'fwd bound ms':>14}{'of bound':>10}"
     )
     rows = []
@@ -152,13 +152,14 @@ def run_cuda(args) -> list[dict]:
             name = f"{layer} N={clips} B={batch}"
             for backend, (fwd_ms, train_ms, peak) in result.items():
                 print(
-                    f"{name:<26}{backend:<8}{fwd_ms:>9.3f}{train_ms:>12.3f}{peak / 2**20:>10.1f}"
+                    f"{name:<26}{backend:<12}{fwd_ms:>9.3f}{train_ms:>12.3f}{peak / 2**20:>10.1f}"
                     f"{bound_ms:>14.4f}{bound_ms / fwd_ms:>9.0%}"
                 )
             cf, ct, cp = result["cupy"]
             for ref in ("torch", "torch-fused"):
                 tf, tt, tp = result[ref]
-                print(f"{'':<26}{'ratio':<8}{tf / cf:>8.1f}x{tt / ct:>11.1f}x{tp / max(cp, 1):>9.1f}x   ({ref} / cupy)")
+                ratios = f"{tf / cf:>8.1f}x{tt / ct:>11.1f}x{tp / max(cp, 1):>9.1f}x"
+                print(f"{'':<26}{'ratio':<12}{ratios}   ({ref} / cupy)")
             rows.append({"layer": layer, "clips": clips, "batch": batch, **result, "fwd_bound_ms": bound_ms})
             del inputs
             torch.cuda.empty_cache()
