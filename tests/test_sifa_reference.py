@@ -349,6 +349,10 @@ def test_sifa_init_options_and_validation():
     assert block.conv_offset.weight.shape == (18, 2, 1, 3, 3) and block.conv_offset.bias is None
     with pytest.raises(ValueError, match="offset_init"):
         ops.SIFA(2, offset_init="ones")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.SIFA(2, backend="triton")
+    with pytest.raises(ValueError, match="kernel_size must be odd"):
+        ops.SIFA(2, kernel_size=4)
     with pytest.raises(ValueError, match="groups"):
         ops.SIFA(6, groups=4)
     with pytest.raises(ValueError, match=r"x must be 5-D .*\(2, 2, 3, 3\)"):
