@@ -7,11 +7,11 @@ forward (the dual step of one iteration fused with the primal step of the next).
 
 Memory: the forward keeps only the state ``(u, p)`` (6 maps of ``[B,C,H,W]``) every
 ``L = ceil(sqrt(n_iter))`` iterations, plus gx, gy, rho_c. The backward runs the adjoint of each
-iteration in reverse (two launches; the dual adjoint recomputes u_k on the fly); the state before each
-iteration is recomputed from its segment's checkpoint into one work state (at most L - 1 extra
-steps each, about n_iter·(L-1)/2 in all). Peak memory is therefore about ``6·n_iter/L + 3`` saved
-maps plus a fixed working set of about 23 maps (work state, adjoints, gradient accumulators),
-against ≈ 26·n_iter maps the autograd reference saves.
+iteration in reverse (two launches; the dual adjoint recomputes u_k on the fly); the state before
+each iteration is recomputed from its segment's checkpoint into one work state (at most L - 1
+extra steps each, about n_iter·(L-1)/2 in all, run as fused iterations too). Peak memory is
+therefore about ``6·n_iter/L + 3`` saved maps plus a fixed working set of about 23 maps (work
+state, adjoints, gradient accumulators), against ≈ 26·n_iter maps the autograd reference saves.
 
 CUDA tensors launch through CuPy; CPU tensors run the same kernels through the host emulation, which
 is how the tests check this path (values and float64 gradcheck) without a GPU.
@@ -97,21 +97,45 @@ class _Launcher:
         return self.gx.new_zeros((b, 2 * c, h, w)), self.gx.new_zeros((b, 4 * c, h, w))
 
     def state_after(
-        self, k: int, start: int, checkpoint: tuple[Tensor, Tensor] | None, work: tuple[Tensor, Tensor]
+        self,
+        k: int,
+        start: int,
+        checkpoint: tuple[Tensor, Tensor] | None,
+        work: tuple[Tensor, Tensor],
+        scratch: tuple[Tensor, Tensor],
     ) -> tuple[Tensor, Tensor]:
-        """The state after ``k`` iterations, from the checkpoint after ``start`` (None: the zero state at
-        start 0); recomputed into ``work`` unless it is the checkpoint itself."""
+        """The state ``(u_k, p_k)`` after ``k`` iterations, recomputed from the checkpoint after ``start``
+        (None: the zero state at start 0) into ``work``, unless it is the checkpoint itself.
+
+        ``k - start`` steps take ``k - start + 1`` launches: a primal step, fused iterations ping-ponging
+        between ``work`` and ``scratch`` (whose contents are destroyed), and a final dual step. The
+        ping-pong starts on the buffer that makes the result land in ``work``.
+        """
         steps = k - start
-        if checkpoint is not None and steps == 0:
-            return checkpoint
+        work_u, work_p = work
+        scratch_u, scratch_p = scratch
+        if steps == 0:
+            if checkpoint is not None:
+                return checkpoint
+            work_u.zero_()
+            work_p.zero_()
+            return work
+        u_bufs = (work_u, scratch_u) if (steps - 1) % 2 == 0 else (scratch_u, work_u)
+        u = u_bufs[0]
         if checkpoint is None:
-            for t in work:
-                t.zero_()
+            u.zero_()
+            scratch_p.zero_()
+            self.primal(u, u, scratch_p)
+            p = scratch_p
         else:
-            self.step(*checkpoint, work)
-            steps -= 1
-        for _ in range(steps):
-            self.step(*work)
+            self.primal(checkpoint[0], u, checkpoint[1])
+            p = checkpoint[1]
+        p_bufs = (work_p, scratch_p)
+        for j in range(1, steps):
+            u_out, p_out = u_bufs[j % 2], p_bufs[(j - 1) % 2]
+            self.iterate(u, p, u_out, p_out)
+            u, p = u_out, p_out
+        self.dual(u, p, work_p)  # in place when p is already work_p
         return work
 
     def step(self, u: Tensor, p: Tensor, out: tuple[Tensor, Tensor] | None = None, dual: bool = True) -> None:
@@ -193,7 +217,8 @@ class TVL1Iterations(torch.autograd.Function):
             end = min(start + seg, n_iter)
             checkpoint = ctx.checkpoints.get(start)
             for k in range(end, start, -1):
-                u_old, p_old = run.state_after(k - 1, start, checkpoint, work)
+                # spare and gbar are free until dual_adj/primal_adj write them: scratch for the recompute.
+                u_old, p_old = run.state_after(k - 1, start, checkpoint, work, (spare, gbar))
                 has_dual = k < n_iter
                 if has_dual:
                     run.dual_adj(u_old, p_old, pbar, gbar, acc)
