@@ -172,10 +172,24 @@ class VideoDataModule(L.LightningDataModule):
                 raise ValueError(f"{type(self).__name__}: the {split!r} split has no videos")
         return self.datasets[split]
 
+    def has_split(self, split: str) -> bool:
+        """Whether `split` has a list (after the val -> test / test -> val fallbacks)."""
+        try:
+            self.records(split)
+        except ValueError as exc:
+            if "has no" in str(exc):
+                return False
+            raise
+        return True
+
     def setup(self, stage: str | None = None) -> None:
-        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), None: SPLITS}.get(stage, ())
-        for split in splits:
+        required = {"fit": ("train",), "validate": ("val",), "test": ("test",), None: ()}.get(stage, ())
+        optional = {"fit": ("val",), None: SPLITS}.get(stage, ())
+        for split in required:
             self.dataset(split)
+        for split in optional:  # fitting without any val/test list: no validation
+            if self.has_split(split):
+                self.dataset(split)
 
     def _loader(self, dataset: VideoClipDataset, batch_size: int, shuffle: bool, sampler=None) -> DataLoader:
         workers = self.num_workers
@@ -211,7 +225,9 @@ class VideoDataModule(L.LightningDataModule):
         # harmless in training).
         return self._loader(self.dataset("train"), self.batch_size, shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.has_split("val"):
+            return []  # Lightning skips validation
         ds = self.dataset("val")
         return self._loader(ds, self.batch_size, shuffle=False, sampler=self._eval_sampler(ds))
 

@@ -71,12 +71,14 @@ class VideoClipDataset(Dataset):
 
     mode "train": one random clip per item (random crop/flip/scale from `transform`); a video that
     cannot be decoded is logged once (path and reason) and replaced by another random video, at
-    most `max_retries` times in a row; TooMuchBadData is raised when retries run out or when, after
-    at least 8 failures in this process, more than `max_bad_fraction` of the videos tried failed.
+    most `max_retries` times in a row; TooMuchBadData is raised when retries run out or when, once
+    8 distinct videos failed in this process, more than `max_bad_fraction` of the distinct videos
+    tried failed.
     mode "val": the centre clip, one view. mode "test": `test_clips` clips x the transform's crops.
     Outside training a bad video yields an item with no samples and its id in `bad_video_ids`.
     Randomness comes from (the DataLoader's per-epoch base seed, item index, attempt), so batches
-    are the same for the same seed whatever the number of workers.
+    are the same for the same seed whatever the number of workers (with persistent workers, for
+    the same number of workers).
     """
 
     def __init__(
@@ -106,8 +108,9 @@ class VideoClipDataset(Dataset):
         self.max_bad_fraction = max_bad_fraction
         self._cache = IndexCache(index_cache_size)
         self._reported: set[str] = set()
-        self.attempts = 0
-        self.failures = 0
+        self._visits: dict[int, int] = {}
+        self._tried: set[int] = set()  # distinct videos this process tried, and those that failed
+        self._bad: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.records)
@@ -130,8 +133,8 @@ class VideoClipDataset(Dataset):
             return (info.seed - info.id) % 2**64
         return int(torch.randint(0, 2**62, (1,)).item())
 
-    def _rng(self, base: int, index: int, attempt: int) -> np.random.Generator:
-        return np.random.default_rng(np.random.SeedSequence([base, index, attempt]))
+    def _rng(self, base: int, index: int, attempt: int, visit: int = 0) -> np.random.Generator:
+        return np.random.default_rng(np.random.SeedSequence([base, index, attempt, visit]))
 
     # -- items ----------------------------------------------------------------------------------
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
@@ -144,23 +147,27 @@ class VideoClipDataset(Dataset):
                 self._report(exc)
                 return self._empty([index])
         base = self._base_seed()
+        # Persistent workers keep their seed across epochs: the per-process visit count of this
+        # index gives each epoch fresh draws (0 for workers started each epoch, the default).
+        visit = self._visits.get(index, 0)
+        self._visits[index] = visit + 1
         bad: list[int] = []
         current = index
         for attempt in range(self.max_retries + 1):
-            rng = self._rng(base, index, attempt)
-            self.attempts += 1
+            rng = self._rng(base, index, attempt, visit)
+            self._tried.add(current)
             try:
                 item = self._load(current, rng, eval_mode=False)
                 item["bad_video_ids"] = torch.tensor(bad, dtype=torch.int64)
                 return item
             except VideoDecodeError as exc:
-                self.failures += 1
+                self._bad.add(current)
                 self._report(exc)
                 bad.append(current)
-                if self.failures >= 8 and self.failures > self.max_bad_fraction * self.attempts:
+                if len(self._bad) >= 8 and len(self._bad) > self.max_bad_fraction * len(self._tried):
                     raise TooMuchBadData(
-                        f"{self.failures} of {self.attempts} videos tried could not be decoded "
-                        f"(more than max_bad_fraction={self.max_bad_fraction}); last: {exc}"
+                        f"{len(self._bad)} of the {len(self._tried)} videos tried in this process could not be "
+                        f"decoded (more than max_bad_fraction={self.max_bad_fraction}); last: {exc}"
                     ) from None
                 current = int(rng.integers(0, len(self.records)))
         raise TooMuchBadData(

@@ -180,3 +180,17 @@ def test_probe_full_decode(shared_videos):
     info = probe_full_decode(shared_videos / "mpeg4_320x240.avi")
     assert info["frames"] == 164 and info["codec"] == "mpeg4"
     assert info["fps"] == pytest.approx(25, rel=1e-3)
+
+
+def test_decode_benchmark_runs(shared_videos, capsys):
+    """benchmarks/bench_decode.py stays runnable (figures come from full runs, not from here)."""
+    import importlib.util
+
+    from conftest import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_decode", REPO_ROOT / "benchmarks" / "bench_decode.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rates = bench.main(["--video", str(shared_videos / "kinetics_arm_wrestling.mp4"), "--clips", "2", "--repeats", "1"])
+    assert set(rates) == {"naive", "ours", "ours, index cached"} and all(r > 0 for r in rates.values())
+    assert "x naive" in capsys.readouterr().out

@@ -173,3 +173,46 @@ def test_lightning_trainer_fit_and_test(video_root, tmp_path):
     assert sorted(set(model.seen["test_ids"])) == list(range(6))
     assert len(model.seen["test_ids"]) == 6 * 6
     assert sorted(model.seen["test_bad"]) == sorted(BAD_IDS)
+
+
+def test_kinetics_untrimmed_window_is_honoured(tmp_path, shared_videos):
+    """An untrimmed `{youtube_id}.mp4`: only frames inside [time_start, time_end) are sampled."""
+    import av
+
+    from datamodules import KineticsDataModule
+
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / "abc.mp4").symlink_to(shared_videos / "kinetics_arm_wrestling.mp4")
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "train.csv").write_text(
+        "label,youtube_id,time_start,time_end,split\narm wrestling,abc,2,4,train\n"
+    )
+    dm = KineticsDataModule(
+        root=str(tmp_path), video_dir=str(tmp_path / "videos"), test_csv="train.csv", num_frames=8,
+        frame_interval=4, eval_short_side=256, crop_size=None, test_clips=2, test_crops=1, num_workers=0,
+        pin_memory=False,
+    )
+    [rec] = dm.records("train")
+    assert (rec.start, rec.end) == (2.0, 4.0)
+    item = dm.dataset("test")[0]
+    with av.open(str(shared_videos / "kinetics_arm_wrestling.mp4")) as c:
+        ref = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    # 28 fps: the window holds frames 56..111 (56 frames); clips of span 29 start at 0 and 27 in it.
+    window = list(range(56, 112))
+    for view, start in enumerate((0, 27)):
+        idx = [window[start + 4 * k] for k in range(8)]
+        got = item["video"][view].permute(1, 2, 3, 0).numpy()
+        for k, i in enumerate(idx):
+            np.testing.assert_array_equal(got[k], ref[i])
+
+
+def test_bad_fraction_counts_distinct_videos(tmp_path, video_root):
+    """More than max_bad_fraction of the distinct videos tried are bad: a clear error."""
+    lines = ["good0.mp4 0", "good1.mp4 1"] + [f"{tmp_path}/gone{i}.mp4 {i % 2}" for i in range(10)]
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    dm = VideoListDataModule(root=str(video_root), train_list=str(tmp_path / "list.txt"), batch_size=1,
+                             max_retries=50, max_bad_fraction=0.5, **SMALL)
+    dm.setup("fit")
+    with pytest.raises(TooMuchBadData, match=r"of the \d+ videos tried in this process could not be decoded"):
+        for _ in dm.train_dataloader():
+            pass

@@ -120,3 +120,17 @@ def test_two_workers_give_identical_batches_for_the_same_seed(tmp_path):
         for key in ("video", "label", "video_id", "view"):
             assert torch.equal(x[key], y[key]), key
     assert not all(torch.equal(x["video"], y["video"]) for x, y in zip(a, c, strict=True))
+
+
+def test_persistent_workers_draw_new_augmentations_each_epoch(tmp_path):
+    dm = SyntheticMotionDataModule(root=str(tmp_path), **{**TINY, "num_workers": 2, "persistent_workers": True})
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    torch.manual_seed(0)
+    epochs = []
+    for _ in range(2):
+        batches = list(loader)
+        ids = torch.cat([b["video_id"] for b in batches])
+        videos = torch.cat([b["video"] for b in batches])[ids.argsort()]
+        epochs.append(videos)
+    assert not torch.equal(epochs[0], epochs[1])
