@@ -207,6 +207,15 @@ def test_validation_errors_name_the_argument():
         ops.tvl1_flow(x, x, stencils=st)
     with pytest.raises(ValueError, match="six tensors"):
         ops.tvl1_flow(x, x, stencils=list(default_stencils(2))[:5])
+    # Devices: "meta" stands in for a second device on a CPU-only machine.
+    with pytest.raises(ValueError, match="same device"):
+        ops.tvl1_flow(x, x.to("meta"))
+    with pytest.raises(ValueError, match="stencils.div_y must be on"):
+        st = list(default_stencils(2))
+        st[5] = st[5].to("meta")
+        ops.tvl1_flow(x, x, stencils=st)
+    with pytest.raises(ValueError, match="lam must be on"):
+        ops.tvl1_flow(x, x, lam=torch.tensor(0.1, device="meta"))
 
 
 def test_empty_batch_and_shared_stencils_and_half():
