@@ -68,8 +68,13 @@ def test_emulated_kernels_non_contiguous_and_empty():
     i1 = torch.randn(2, 5, 6, 3, dtype=torch.float64).permute(0, 3, 1, 2)
     ref, ker = both(i0, i1, 3, 0.3, 0.15, 0.25, None)
     torch.testing.assert_close(ker, ref, rtol=1e-12, atol=1e-12)
-    empty = torch.zeros(0, 2, 3, 3)
-    assert _tvl1_flow(empty, empty, 3, 0.3, 0.15, 0.25, None, kernels=True).shape == (0, 4, 3, 3)
+    empty = torch.zeros(0, 2, 3, 3, requires_grad=True)
+    out = _tvl1_flow(empty, empty, 3, 0.3, 0.15, 0.25, None, kernels=True)
+    assert out.shape == (0, 4, 3, 3)
+    out.sum().backward()
+    assert empty.grad.shape == empty.shape
+    no_rows = torch.zeros(1, 2, 0, 3)
+    assert _tvl1_flow(no_rows, no_rows, 3, 0.3, 0.15, 0.25, None, kernels=True).shape == (1, 4, 0, 3)
 
 
 def test_emulated_kernels_known_answers():
