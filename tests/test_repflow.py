@@ -278,6 +278,14 @@ def test_flow_layer_zero_range_input_is_finite():
     assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
 
 
+def test_flow_layer_empty_batch():
+    x = torch.zeros(0, 2, 3, 4, 4, requires_grad=True)
+    out = FlowLayer(2, n_iter=2)(x)
+    assert out.shape == (0, 4, 2, 4, 4)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+
+
 def test_flow_layer_errors():
     layer = FlowLayer(2)
     with pytest.raises(ValueError, match="T >= 2"):

@@ -87,7 +87,8 @@ class FlowLayer(nn.Module):
         if not x.is_floating_point():
             raise ValueError(f"x must be a float tensor, got {x.dtype}")
         if x.numel() == 0:
-            return x.new_zeros((n, 2 * c, t - 1, h, w))
+            # Empty in, empty out; the (zero) sum keeps the result in x's autograd graph.
+            return x.new_zeros((n, 2 * c, t - 1, h, w)) + x.sum() * 0
         # Normalise each sample on its own, in at least float32 (a 16-bit eps would underflow).
         xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         flat = xf.reshape(n, -1)
