@@ -6,6 +6,7 @@ import logging
 from collections.abc import Sequence
 
 import lightning as L
+import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
@@ -39,7 +40,7 @@ class VideoDataModule(L.LightningDataModule):
     `test_batch_size` videos (None: max(1, batch_size // views)), so N = videos x views.
     `decoder_threads`: FFmpeg threads per decoding worker. `max_retries` / `max_bad_fraction`:
     how many unreadable videos in a row a training item may skip, and the fraction of bad videos
-    above which training stops with an error.
+    above which training stops with an error. `pin_memory=None` pins when CUDA is available.
     """
 
     def __init__(
@@ -60,7 +61,7 @@ class VideoDataModule(L.LightningDataModule):
         test_crops: int = 3,
         test_batch_size: int | None = None,
         decoder_threads: int = 1,
-        pin_memory: bool = True,
+        pin_memory: bool | None = None,
         persistent_workers: bool = False,
         max_retries: int = 10,
         max_bad_fraction: float = 0.5,
@@ -92,7 +93,8 @@ class VideoDataModule(L.LightningDataModule):
         self.test_clips = test_clips
         self.test_crops = test_crops
         self.test_batch_size = test_batch_size or max(1, batch_size // (test_clips * test_crops))
-        self.pin_memory = pin_memory
+        # None: pin when a CUDA device exists (pinning only helps host-to-GPU copies).
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.persistent_workers = persistent_workers
         self.max_retries = max_retries
         self.max_bad_fraction = max_bad_fraction

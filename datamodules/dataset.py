@@ -264,11 +264,10 @@ def collate_clips(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.T
     """Concatenate dataset items along the sample dimension (items with no samples contribute none)."""
     if len(items) == 0:
         raise ValueError("items: expected at least one dataset item")
-    out: dict[str, torch.Tensor] = {}
+    videos = [it["video"] for it in items if it["video"].shape[0] > 0]
+    out = {"video": torch.cat(videos) if videos else items[0]["video"]}
     for key in ("label", "video_id", "view", "bad_video_ids"):
         out[key] = torch.cat([it[key] for it in items])
-    videos = [it["video"] for it in items if it["video"].shape[0] > 0]
-    out["video"] = torch.cat(videos) if videos else items[0]["video"]
     return out
 
 

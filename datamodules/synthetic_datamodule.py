@@ -53,7 +53,7 @@ class SyntheticMotionDataModule(KineticsDataModule):
         test_crops: int = 1,
         test_batch_size: int | None = None,
         decoder_threads: int = 1,
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
         persistent_workers: bool = False,
         max_retries: int = 10,
         max_bad_fraction: float = 0.5,
