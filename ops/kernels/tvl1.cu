@@ -7,14 +7,15 @@
 //   params          [3]          theta_e = |theta| + 1e-12, lt = lambda * theta_e, r = tau / theta_e
 //   st              [C,8]        fwd_x (2 taps), fwd_y, div_x, div_y, per channel
 //
-// A forward iteration is tvl1_primal (threshold + divergence + u update; it reads p of the
-// left/upper neighbour) then tvl1_dual (forward difference + p update; it reads the new u of the
-// right/lower neighbour); each thread owns one pixel of one (b, c) plane and both flow components,
-// so these two update in place without races. Runs of iterations use tvl1_iter instead, one launch
-// per iteration: the dual step of iteration k and the primal step of k+1 together, with the
-// neighbours' dual updates recomputed (ping-pong buffers).
+// An iteration is a primal step (threshold + divergence + u update; it reads p of the left/upper
+// neighbour) then a dual step (forward difference + p update; it reads the new u of the
+// right/lower neighbour). Each thread owns one pixel of one (b, c) plane and both flow components.
+// tvl1_primal and tvl1_dual run one step each (in place is safe); tvl1_iter runs the dual step of
+// iteration k and the primal step of k+1 in one launch, recomputing the left/upper neighbours'
+// dual updates instead of waiting for them (ping-pong buffers). A run of n iterations is therefore
+// tvl1_primal, n - 1 tvl1_iter and, when the state (u_n, p_n) is wanted, tvl1_dual.
 //
-// The adjoint of one iteration is two launches as well, in gather form (no atomics), given the
+// The adjoint of one iteration is two launches, in gather form (no atomics), given the
 // state (u_{k-1}, p_{k-1}) before the iteration: tvl1_dual_adj recomputes u_k where it needs it,
 // writes the adjoint of the forward differences (gbar) and scales pbar; tvl1_primal_adj gathers
 // gbar and the divergence's transpose from the neighbours. Gradients of the scalars and stencils
