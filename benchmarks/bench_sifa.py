@@ -5,13 +5,14 @@ One step is what the SIFA block runs per layer: ``attn = deform_correlation(q, k
 offset. Shapes are SIFA-ResNet-50's at 16×224² (T = 4 after the stem, so B = 3·N frame pairs):
 layer2 C=128 at 28², layer3 C=256 at 14², layer4 C=512 at 7², N = 8 and 32 clips.
 
-CUDA (when available): the reference ("torch"), the SIFA block's fused reference path ("torch-fused",
-``ops.sifa.deform_attention``: each tap sampled once for both ops) and the kernels ("cupy") run in
-this process on the same inputs; times from CUDA events (median of --iters after --warmup), peak
-memory of the step above what the inputs occupy (torch.cuda.max_memory_allocated), and the ratios
-reference/cupy. The forward is also compared with the memory-bandwidth bound: the bytes the two ops
-must at least read and write (q, k twice, offsets twice, attn written and read, out written),
-divided by the device bandwidth (measured here with a device-to-device copy, or --bandwidth-gbs).
+CUDA (when available): the reference ("torch") and the kernels ("cupy"), and the SIFA block's fused
+paths of both ("torch-fused", "cupy-fused": ``ops.sifa.deform_attention``) run in this process on
+the same inputs; times from CUDA events (median of --iters after --warmup), peak memory of the step
+above what the inputs occupy (torch.cuda.max_memory_allocated), and the ratios reference/kernels
+(torch/cupy and torch-fused/cupy-fused). The forward is also compared with the memory-bandwidth
+bound: the bytes the two ops must at least read and write (q, k twice, offsets twice, attn written
+and read, out written), divided by the device bandwidth (measured here with a device-to-device copy,
+or --bandwidth-gbs).
 
 CPU (always): the reference's forward and forward+backward time on a small shape (two ops and
 fused, in interleaved rounds), and the bytes autograd saves for the backward with each backend (the
@@ -37,7 +38,7 @@ from ops.sifa.reference import (
     deform_correlation_reference,
 )
 
-BACKENDS = ("torch", "torch-fused", "cupy")
+BACKENDS = ("torch", "cupy", "torch-fused", "cupy-fused")
 LAYERS = {"layer2": (128, 28), "layer3": (256, 14), "layer4": (512, 7)}
 FRAMES = 4
 K = 3
@@ -59,10 +60,11 @@ def make_inputs(batch, channels, size, dtype, device, requires_grad=True):
 
 
 def forward(backend, q, k, off):
-    """The two ops in turn; backend "torch-fused" is the reference path of the SIFA block, which samples
-    each tap once for both (ops.sifa.deform_attention)."""
-    if backend == "torch-fused":
-        return ops.sifa.deform_attention(q, k, off, K, backend="torch")
+    """The two ops in turn; "<backend>-fused" is the SIFA block's path, ops.sifa.deform_attention (the
+    reference samples each tap once for both ops; the kernels' backward takes both ops' d kv and
+    d offset in one pass each)."""
+    if backend.endswith("-fused"):
+        return ops.sifa.deform_attention(q, k, off, K, backend=backend.removesuffix("-fused"))
     attn = ops.deform_correlation(q, k, off, K, backend=backend)
     return ops.deform_aggregation(k, attn, off, K, backend=backend)
 
@@ -155,11 +157,10 @@ def run_cuda(args) -> list[dict]:
                     f"{name:<26}{backend:<12}{fwd_ms:>9.3f}{train_ms:>12.3f}{peak / 2**20:>10.1f}"
                     f"{bound_ms:>14.4f}{bound_ms / fwd_ms:>9.0%}"
                 )
-            cf, ct, cp = result["cupy"]
-            for ref in ("torch", "torch-fused"):
-                tf, tt, tp = result[ref]
+            for ref, ker in (("torch", "cupy"), ("torch-fused", "cupy-fused")):
+                (tf, tt, tp), (cf, ct, cp) = result[ref], result[ker]
                 ratios = f"{tf / cf:>8.1f}x{tt / ct:>11.1f}x{tp / max(cp, 1):>9.1f}x"
-                print(f"{'':<26}{'ratio':<12}{ratios}   ({ref} / cupy)")
+                print(f"{'':<26}{'ratio':<12}{ratios}   ({ref} / {ker})")
             rows.append({"layer": layer, "clips": clips, "batch": batch, **result, "fwd_bound_ms": bound_ms})
             del inputs
             torch.cuda.empty_cache()

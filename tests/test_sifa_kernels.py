@@ -15,11 +15,16 @@ from ops.sifa.kernels import (
     MIN_CHUNK,
     correlate,
     deform_aggregation_kernels,
+    deform_attention_kernels,
     deform_correlation_kernels,
     offset_grad,
     split_channels,
 )
-from ops.sifa.reference import deform_aggregation_reference, deform_correlation_reference
+from ops.sifa.reference import (
+    deform_aggregation_reference,
+    deform_attention_reference,
+    deform_correlation_reference,
+)
 
 CASES = [  # (C, groups, kernel_size, dilation)
     (4, 1, 3, 1),
@@ -156,6 +161,40 @@ def test_emulated_kernels_batch_zero():
     assert out.shape == (0, 4, 4, 5)
     out.sum().backward()
     assert query.grad.shape == query.shape
+
+
+def fused_step(fn, query, kv, offset, window):
+    """Output and the gradients w.r.t. query, kv and offset of the fused SIFA step ``fn``."""
+    q, k, o = (t.detach().clone().requires_grad_() for t in (query, kv, offset))
+    out = fn(q, k, o, *window)
+    return (out, *torch.autograd.grad(out, (q, k, o), _cotangent(out)))
+
+
+@pytest.mark.parametrize(("channels", "groups", "kernel_size", "dilation"), CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_emulated_fused_attention_matches_reference(channels, groups, kernel_size, dilation, dtype):
+    # The kernels' fused step (two-term scatter / offset_grad in the backward) against the reference's
+    # two ops; spread 4 puts sample points partly and wholly off the 4x5 map.
+    query, kv, offset, _ = random_inputs(channels, groups, kernel_size, spread=4, dtype=dtype)
+    window = (kernel_size, dilation, groups)
+    got = fused_step(deform_attention_kernels, query, kv, offset, window)
+
+    def two_ops(q, k, o, *w):
+        return deform_aggregation_reference(k, deform_correlation_reference(q, k, o, *w), o, *w)
+
+    expected = fused_step(two_ops, query, kv, offset, window)
+    also = fused_step(deform_attention_reference, query, kv, offset, window)
+    tol = TOL[dtype] * (4 if dtype == torch.bfloat16 else 1)  # bf16: attn is rounded before the aggregation
+    for name, g, e, a in zip(("out", "d query", "d kv", "d offset"), got, expected, also, strict=True):
+        assert g.dtype == dtype, name
+        torch.testing.assert_close(g.double(), e.double(), rtol=tol, atol=tol, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(a.double(), e.double(), rtol=tol, atol=tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_emulated_fused_attention_gradcheck():
+    query, kv, offset, _ = random_inputs(4, 2, 3, batch=1, height=3, width=4)
+    inputs = tuple(t.requires_grad_() for t in (query, kv, offset))
+    assert torch.autograd.gradcheck(lambda q, k, o: deform_attention_kernels(q, k, o, 3, 2, 2), inputs)
 
 
 @pytest.mark.parametrize("chunks", [2, 3, 5])

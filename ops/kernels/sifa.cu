@@ -12,10 +12,12 @@
 //   sifa_aggregate   out[b,c,h,w] = scale · Σ_k A[b,g(c)·K²+k,h,w] · bilinear(img[b,c], y_k, x_k)
 //                    (aggregation forward; d query of the correlation with scale 1/|g|)
 //   sifa_offset_grad d offset of either op: scale · Σ_c A[b,g(c)·K²+k,h,w] · Q[b,c,h,w] · ∇bilinear
-//                    (partial sums over channel chunks, like sifa_correlate)
+//                    (partial sums over channel chunks, like sifa_correlate); optionally a second
+//                    (A2, Q2, scale2) term, so the fused SIFA step's two contributions take one pass
 //   sifa_scatter     d img of either op: the transpose of bilinear sampling. Scatters through the four
 //                    corners with atomicAdd into an accumulation-type buffer, so on a GPU the summation
-//                    order (and the last bits of float gradients) varies from run to run.
+//                    order (and the last bits of float gradients) varies from run to run. Optional
+//                    second term as sifa_offset_grad (one atomic per corner for both contributions).
 //
 // Every kernel reads 16-bit storage and accumulates in float (double for double). All batch
 // elements run in one launch; threads are laid out with w fastest so loads of Q, A, offsets and the
@@ -174,18 +176,23 @@ __global__ void sifa_aggregate(const T* __restrict__ img, const T* __restrict__ 
 
 // One thread per (chunk s, b, k, h, w): the partial sums over channels [s·chunk, (s+1)·chunk) of d/dΔy and
 // d/dΔx of tap k go to out[s, b, 2k, h, w] and out[s, b, 2k+1, h, w] (accumulation type; the caller
-// sums over s).
+// sums over s). With `pairs` = 2 the per-channel coefficient is scale·A·Q + scale2·A2·Q2 (the fused
+// SIFA step, where both ops sample the same map at the same points); with 1, attn2/q2 are not read.
+// Launch bounds: unbounded, ptxas gives this kernel 128 registers (2 blocks of 256 per SM); capped at
+// 3 blocks it fits 80 without spills (sm_80/sm_90, every dtype). Launched with the loader's 256 threads.
 template <typename T>
-__global__ void sifa_offset_grad(const T* __restrict__ attn, const T* __restrict__ q, const T* __restrict__ img,
-                                 const T* __restrict__ offset, typename vmm_acc<T>::type* __restrict__ out,
-                                 vmm_i64 batch, vmm_i64 channels, vmm_i64 groups, vmm_i64 height, vmm_i64 width,
-                                 vmm_i64 ksize, vmm_i64 dil, vmm_i64 chunks, vmm_i64 chunk, double scale) {
+__global__ void __launch_bounds__(256, 3) sifa_offset_grad(const T* __restrict__ attn, const T* __restrict__ q, const T* __restrict__ attn2,
+                                 const T* __restrict__ q2, const T* __restrict__ img, const T* __restrict__ offset,
+                                 typename vmm_acc<T>::type* __restrict__ out, vmm_i64 batch, vmm_i64 channels,
+                                 vmm_i64 groups, vmm_i64 height, vmm_i64 width, vmm_i64 ksize, vmm_i64 dil,
+                                 vmm_i64 chunks, vmm_i64 chunk, vmm_i64 pairs, double scale, double scale2) {
     typedef typename vmm_acc<T>::type A;
     const vmm_i64 kk = ksize * ksize;
     const vmm_i64 hw_size = height * width;
     const vmm_i64 per_group = channels / groups;
     const vmm_i64 pad = dil * (ksize - 1) / 2;
     const vmm_i64 n_pix = batch * kk * hw_size;
+    const bool two = pairs == 2;
     VMM_KERNEL_LOOP(i, chunks * n_pix) {
         const vmm_i64 hw = i % hw_size;
         const vmm_i64 k = (i / hw_size) % kk;
@@ -206,10 +213,13 @@ __global__ void sifa_offset_grad(const T* __restrict__ attn, const T* __restrict
             for (vmm_i64 c = c_begin; c < c_end;) {
                 const vmm_i64 g = c / per_group;
                 const vmm_i64 g_end = (g + 1) * per_group < c_end ? (g + 1) * per_group : c_end;
-                const A a = vmm_load(attn, ((b * groups + g) * kk + k) * hw_size + hw);
+                const vmm_i64 a_index = ((b * groups + g) * kk + k) * hw_size + hw;
+                const A a = (A)scale * vmm_load(attn, a_index);
+                const A a2 = two ? (A)scale2 * vmm_load(attn2, a_index) : (A)0;
                 for (; c < g_end; ++c) {
                     const vmm_i64 base = (b * channels + c) * hw_size;
-                    const A coef = a * vmm_load(q, base + hw);
+                    A coef = a * vmm_load(q, base + hw);
+                    if (two) coef += a2 * vmm_load(q2, base + hw);
                     A v00, v01, v10, v11;
                     sifa_corners<T, A>(img + base, p, v00, v01, v10, v11);
                     gy += coef * (hx * (v10 - v00) + p.lx * (v11 - v01));
@@ -218,24 +228,27 @@ __global__ void sifa_offset_grad(const T* __restrict__ attn, const T* __restrict
             }
         }
         const vmm_i64 o = ((s * batch + b) * 2 * kk + 2 * k) * hw_size + hw;
-        out[o] = gy * (A)scale;
-        out[o + hw_size] = gx * (A)scale;
+        out[o] = gy;
+        out[o + hw_size] = gx;
     }
 }
 
-// One thread per source element (b, c, h, w): for each tap adds scale · A[b,g(c)·K²+k,h,w] · Q[b,c,h,w]
-// times each corner's bilinear weight into grad_img (zero-filled by the caller, accumulation type).
+// One thread per source element (b, c, h, w): for each tap adds coef = scale · A[b,g(c)·K²+k,h,w] · Q[b,c,h,w]
+// (+ scale2 · A2 · Q2 with `pairs` = 2, as in sifa_offset_grad) times each corner's bilinear weight into
+// grad_img (zero-filled by the caller, accumulation type).
 // atomicAdd: the order of the additions into one pixel is not deterministic on a GPU.
 template <typename T>
-__global__ void sifa_scatter(const T* __restrict__ attn, const T* __restrict__ q, const T* __restrict__ offset,
+__global__ void sifa_scatter(const T* __restrict__ attn, const T* __restrict__ q, const T* __restrict__ attn2,
+                             const T* __restrict__ q2, const T* __restrict__ offset,
                              typename vmm_acc<T>::type* __restrict__ grad_img, vmm_i64 batch, vmm_i64 channels,
                              vmm_i64 groups, vmm_i64 height, vmm_i64 width, vmm_i64 ksize, vmm_i64 dil,
-                             double scale) {
+                             vmm_i64 pairs, double scale, double scale2) {
     typedef typename vmm_acc<T>::type A;
     const vmm_i64 kk = ksize * ksize;
     const vmm_i64 hw_size = height * width;
     const vmm_i64 per_group = channels / groups;
     const vmm_i64 pad = dil * (ksize - 1) / 2;
+    const bool two = pairs == 2;
     VMM_KERNEL_LOOP(i, batch * channels * hw_size) {
         const vmm_i64 hw = i % hw_size;
         const vmm_i64 bc = i / hw_size;
@@ -244,13 +257,15 @@ __global__ void sifa_scatter(const T* __restrict__ attn, const T* __restrict__ q
         const vmm_i64 h = hw / width;
         const vmm_i64 w = hw - h * width;
         const A qv = vmm_load(q, i) * (A)scale;
+        const A qv2 = two ? vmm_load(q2, i) * (A)scale2 : (A)0;
         A* map = grad_img + bc * hw_size;
         const vmm_i64 attn_base = (b * groups + c / per_group) * kk * hw_size + hw;
         for (vmm_i64 kh = 0, k = 0; kh < ksize; ++kh) {
             for (vmm_i64 kw = 0; kw < ksize; ++kw, ++k) {
                 const sifa_cell<A> p = sifa_tap<T, A>(offset, b, kh, kw, h, w, ksize, dil, pad, height, width);
                 if (!p.any) continue;
-                const A coef = qv * vmm_load(attn, attn_base + k * hw_size);
+                A coef = qv * vmm_load(attn, attn_base + k * hw_size);
+                if (two) coef += qv2 * vmm_load(attn2, attn_base + k * hw_size);
                 const A hy = (A)1 - p.ly;
                 const A hx = (A)1 - p.lx;
                 if (p.in00) atomicAdd(map + p.i00, coef * hy * hx);

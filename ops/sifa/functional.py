@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..kernel_loader import cupy_available
-from .kernels import deform_aggregation_kernels, deform_correlation_kernels
+from .kernels import deform_aggregation_kernels, deform_attention_kernels, deform_correlation_kernels
 from .reference import deform_aggregation_reference, deform_attention_reference, deform_correlation_reference
 from .validation import check_backend, check_int, check_same_dtype_device, check_shape, check_tensor
 
@@ -155,7 +155,7 @@ def deform_attention(
     value (sifa.md §2.3), ``[B,C,H,W]`` in the input dtype.
 
     The reference samples each tap once for both ops (half the work and half the saved maps of calling
-    them in turn); the kernels run the two ops as they are (their backward saves no sampled maps).
+    them in turn); the kernels' backward takes both ops' d kv and d offset in one pass each.
     Arguments as :func:`deform_correlation`.
     """
     validate_correlation(query, kv, offset, kernel_size, dilation, groups)
@@ -164,6 +164,5 @@ def deform_attention(
     if batch * height * width == 0:
         return _empty_result(tuple(query.shape), query, kv, offset)
     if cupy:
-        attn = deform_correlation_kernels(query, kv, offset, kernel_size, dilation, groups)
-        return deform_aggregation_kernels(kv, attn, offset, kernel_size, dilation, groups)
+        return deform_attention_kernels(query, kv, offset, kernel_size, dilation, groups)
     return deform_attention_reference(query, kv, offset, kernel_size, dilation, groups)

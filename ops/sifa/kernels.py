@@ -8,6 +8,8 @@ and their backward passes (see the header of ``sifa.cu``):
   d key = ``sifa_scatter``, d offset = ``sifa_offset_grad``.
 * aggregation: forward ``sifa_aggregate``; backward d attn = ``sifa_correlate`` of d out,
   d value = ``sifa_scatter``, d offset = ``sifa_offset_grad``.
+* the SIFA step (correlation then aggregation of the same map, ``DeformAttentionFunction``): the same
+  kernels, with both ops' contributions to d kv and to d offset taken in one two-term pass each.
 
 Memory: the forward saves only its inputs (the reference saves K² sampled maps per op), and the
 backward's temporaries are one accumulation-type map for d key / d value and the partial sums of the
@@ -110,6 +112,17 @@ def aggregate(
     return out
 
 
+#: An optional second (attn, q, scale) term of offset_grad / scatter (the fused SIFA step's backward).
+Second = tuple[torch.Tensor, torch.Tensor, float] | None
+
+
+def _pair_args(attn: torch.Tensor, q: torch.Tensor, scale: float, second: Second) -> tuple:
+    if second is None:  # the kernel does not read the second pair; any tensor of the right device will do
+        return (attn, q, attn, q), 1, float(scale), 0.0
+    attn2, q2, scale2 = second
+    return (attn, q, attn2, q2), 2, float(scale), float(scale2)
+
+
 def offset_grad(
     attn: torch.Tensor,
     q: torch.Tensor,
@@ -120,17 +133,21 @@ def offset_grad(
     groups: int,
     scale: float,
     chunks: int | None = None,
+    second: Second = None,
 ) -> torch.Tensor:
-    """``[B,2K²,H,W]``: scale · Σ_c attn[g(c),k] · q[c] · ∇_(Δy,Δx) bilinear(img[c]) per tap.
+    """``[B,2K²,H,W]``: Σ_c (scale · attn[g(c),k] · q[c] (+ scale2 · attn2[g(c),k] · q2[c])) ·
+    ∇_(Δy,Δx) bilinear(img[c]) per tap.
 
-    ``chunks`` splits the channel sum into that many partial sums (None: chosen for the device).
+    ``chunks`` splits the channel sum into that many partial sums (None: chosen for the device);
+    ``second`` = (attn2, q2, scale2) adds a second term in the same pass.
     """
     batch, channels, height, width = q.shape
     n_chunks, chunk = _chunked(chunks, channels, batch * kernel_size**2 * height * width, q.device)
     buf = torch.empty((n_chunks, *offset.shape), dtype=compute_dtype(q.dtype), device=q.device)
+    pair, pairs, s1, s2 = _pair_args(attn, q, scale, second)
     SIFA_SOURCE.launch(
         "sifa_offset_grad",
-        (attn, q, img, offset, buf, *_geometry(q, groups, kernel_size, dilation), n_chunks, chunk, float(scale)),
+        (*pair, img, offset, buf, *_geometry(q, groups, kernel_size, dilation), n_chunks, chunk, pairs, s1, s2),
         dtype=q.dtype,
         numel=buf.numel() // 2,
     )
@@ -155,15 +172,18 @@ def scatter(
     dilation: int,
     groups: int,
     scale: float,
+    second: Second = None,
 ) -> torch.Tensor:
-    """``[B,C,H,W]``: the transpose of sampling — each (b,c,h,w) sends scale · attn · q through the
-    bilinear corners of its K² sample points (atomicAdd into an accumulation-type buffer)."""
+    """``[B,C,H,W]``: the transpose of sampling — each (b,c,h,w) sends scale · attn · q (+ scale2 · attn2 ·
+    q2 for ``second`` = (attn2, q2, scale2)) through the bilinear corners of its K² sample points
+    (atomicAdd into an accumulation-type buffer)."""
     if q.device.type == "cuda":
         _alert_not_deterministic("the CuPy backward of deform_correlation / deform_aggregation (d key, d value)")
     buf = torch.zeros(q.shape, dtype=compute_dtype(q.dtype), device=q.device)
+    pair, pairs, s1, s2 = _pair_args(attn, q, scale, second)
     SIFA_SOURCE.launch(
         "sifa_scatter",
-        (attn, q, offset, buf, *_geometry(q, groups, kernel_size, dilation), float(scale)),
+        (*pair, offset, buf, *_geometry(q, groups, kernel_size, dilation), pairs, s1, s2),
         dtype=q.dtype,
         numel=q.numel(),
     )
@@ -220,6 +240,38 @@ class DeformAggregationFunction(torch.autograd.Function):
         return grad_v, grad_a, grad_o, None, None, None
 
 
+class DeformAttentionFunction(torch.autograd.Function):
+    """``deform_aggregation(kv, deform_correlation(query, kv, offset), offset)`` on the kernels (the SIFA
+    step, key = value). The backward takes d kv and d offset of both ops in one pass each (two-term
+    sifa_scatter / sifa_offset_grad): half the atomics and corner reads of running the two Functions."""
+
+    @staticmethod
+    def forward(ctx, query, kv, offset, kernel_size: int, dilation: int, groups: int):
+        query, kv, offset = query.contiguous(), kv.contiguous(), offset.contiguous()
+        scale = groups / query.shape[1]
+        attn = correlate(query, kv, offset, kernel_size, dilation, groups, scale)
+        ctx.save_for_backward(query, kv, offset, attn)
+        ctx.window = (kernel_size, dilation, groups)
+        return aggregate(kv, attn, offset, kernel_size, dilation, groups, 1.0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        query, kv, offset, attn = ctx.saved_tensors
+        kernel_size, dilation, groups = ctx.window
+        grad_out = grad_out.contiguous()
+        scale = groups / query.shape[1]
+        geometry = (kernel_size, dilation, groups)
+        need_q, need_kv, need_o = ctx.needs_input_grad[:3]
+        # out = Σ_k attn_k · S_k(kv): d attn through the aggregation, then the correlation's chain
+        grad_attn = correlate(grad_out, kv, offset, *geometry, 1.0)
+        direct = (attn, grad_out, 1.0)  # the aggregation's own dependence on kv and offset
+        grad_q = aggregate(kv, grad_attn, offset, *geometry, scale) if need_q else None
+        grad_kv = scatter(grad_attn, query, offset, *geometry, scale, second=direct) if need_kv else None
+        grad_o = offset_grad(grad_attn, query, kv, offset, *geometry, scale, second=direct) if need_o else None
+        return grad_q, grad_kv, grad_o, None, None, None
+
+
 def deform_correlation_kernels(
     query: torch.Tensor, key: torch.Tensor, offset: torch.Tensor, kernel_size: int, dilation: int, groups: int
 ) -> torch.Tensor:
@@ -233,3 +285,10 @@ def deform_aggregation_kernels(
 ) -> torch.Tensor:
     """The kernel path of ``deform_aggregation`` (see :func:`deform_correlation_kernels`)."""
     return DeformAggregationFunction.apply(value, attn, offset, kernel_size, dilation, groups)
+
+
+def deform_attention_kernels(
+    query: torch.Tensor, kv: torch.Tensor, offset: torch.Tensor, kernel_size: int, dilation: int, groups: int
+) -> torch.Tensor:
+    """The kernel path of ``deform_attention`` (see :func:`deform_correlation_kernels`)."""
+    return DeformAttentionFunction.apply(query, kv, offset, kernel_size, dilation, groups)
