@@ -18,15 +18,22 @@ or --bandwidth-gbs).
 CPU (always): the reference's forward and forward+backward time on a small shape, and the number of
 [B,C,H,W] maps each backend keeps for the backward (the kernels run through host emulation for that
 count: autograd's saved tensors plus the kernels' checkpoints; their CPU time is not a benchmark).
+With --cpu-peak also the rise of peak resident memory of one forward+backward per backend, each in
+a fresh process (coarse: the C allocator keeps freed blocks; a ratio, not a GPU figure).
 
     python benchmarks/bench_flow.py [--iters 10] [--warmup 3] [--dtype float32] [--n-iter 10 20]
-                                    [--frames 8 16] [--sizes 28 14] [--clips 8] [--bandwidth-gbs X] [--cpu-only]
+                                    [--frames 8 16] [--sizes 28 14] [--clips 8] [--bandwidth-gbs X]
+                                    [--cpu-only] [--cpu-peak]
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
+import subprocess
+import sys
+import threading
 import time
 
 import torch
@@ -226,6 +233,63 @@ def run_cpu(args) -> dict:
     return {"fwd_ms": fwd_ms, "train_ms": train_ms, "maps": counts}
 
 
+def peak_child(kernels: bool, n_iter: int, pairs: int = 14, size: int = 28) -> None:
+    """In a fresh process: tvl1_flow forward+backward with FlowLayer's learnable parameters on CPU, and
+    the rise of resident memory it causes at its peak, in maps of [pairs, C, H, W]."""
+    torch.set_num_threads(1)
+    layer = FlowLayer(CHANNELS, n_iter)
+
+    def run(i0, i1):
+        out = _tvl1_flow(i0, i1, n_iter, layer.theta, layer.lam, layer.tau, layer.stencils(), kernels=kernels)
+        out.backward(torch.ones_like(out))
+
+    tiny = torch.randn(1, CHANNELS, 4, 4, requires_grad=True)
+    run(tiny, tiny * 2)  # loads the emulation library, warms the allocator
+    i0 = (torch.randn(pairs, CHANNELS, size, size) * 50).requires_grad_()
+    i1 = (i0.detach() + torch.randn(pairs, CHANNELS, size, size) * 10).requires_grad_()
+    page = resource.getpagesize()
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+
+    # Sample the current resident size from a thread while the step runs (torch ops and the
+    # emulated kernels release the GIL); the process's lifetime peak would include import transients.
+    base = rss()
+    peak = [base]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.0005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    run(i0, i1)
+    done.set()
+    sampler.join()
+    peak[0] = max(peak[0], rss())
+    print((peak[0] - base) / (pairs * CHANNELS * size * size * 4))
+
+
+def run_cpu_peak(args) -> dict:
+    """Peak resident memory of tvl1_flow forward+backward, reference vs kernels (host emulation), one
+    fresh process each. RSS is coarse (the C allocator keeps freed blocks), so read it as a ratio."""
+    print("tvl1_flow forward+backward on CPU, peak rise of RSS in maps of [14, 32, 28, 28] float32:")
+    out = {}
+    for n in args.n_iter:
+        maps = {}
+        for kernels in (False, True):
+            cmd = [sys.executable, __file__, "--peak-child", "kernels" if kernels else "torch", str(n)]
+            result = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            maps[kernels] = float(result.stdout.strip().splitlines()[-1])
+        out[n] = maps
+        ratio = maps[False] / max(maps[True], 1e-9)
+        print(f"  n_iter={n:>3}: reference {maps[False]:6.0f}, kernels {maps[True]:5.0f}, ratio {ratio:.1f}x")
+    return out
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=10)
@@ -239,8 +303,15 @@ def main(argv=None) -> None:
     parser.add_argument("--cpu-only", action="store_true")
     parser.add_argument("--cpu-iters", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cpu-peak", action="store_true", help="also measure CPU peak RSS per backend (~1 min)")
+    parser.add_argument("--peak-child", nargs=2, metavar=("BACKEND", "N_ITER"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.peak_child:
+        peak_child(args.peak_child[0] == "kernels", int(args.peak_child[1]))
+        return
     run_cpu(args)
+    if args.cpu_peak:
+        run_cpu_peak(args)
     if args.cpu_only:
         return
     if not torch.cuda.is_available():
