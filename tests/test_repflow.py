@@ -298,6 +298,10 @@ def test_flow_layer_errors():
         FlowLayer(2, learnable=(True, True))
     with pytest.raises(ValueError, match="channels"):
         FlowLayer(0)
+    with pytest.raises(ValueError, match="backend"):
+        FlowLayer(2, backend="cuda")
+    with pytest.raises(ValueError, match="n_iter"):
+        FlowLayer(2, n_iter=0)
 
 
 # ----------------------------------------------------------------------------- FCFBlock
