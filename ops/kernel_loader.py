@@ -164,6 +164,8 @@ def registered_sources() -> dict[str, KernelSource]:
 # ----------------------------------------------------------------------------------------- CuPy
 
 _cupy_modules: dict[tuple[str, str, int], object] = {}
+_cupy_kernels: dict[tuple[str, str, str, int], object] = {}
+_cupy_streams: dict[tuple[int, int], object] = {}
 
 
 def cupy_available() -> bool:
@@ -175,23 +177,41 @@ def cupy_available() -> bool:
 
 
 def _cupy_function(src: KernelSource, kernel: str, ctype: str, device_index: int):
+    """The compiled kernel for (file, kernel, dtype, device), cached: CuPy's RawModule.get_function
+    builds a new RawKernel object on every call, which would cost every launch."""
+    key = (src.filename, kernel, ctype, device_index)
+    fn = _cupy_kernels.get(key)
+    if fn is not None:
+        return fn
     import cupy
 
-    key = (src.filename, ctype, device_index)
-    module = _cupy_modules.get(key)
-    if module is None:
-        with _lock:
-            module = _cupy_modules.get(key)
+    with _lock:
+        mkey = (src.filename, ctype, device_index)
+        module = _cupy_modules.get(mkey)
+        with cupy.cuda.Device(device_index):
             if module is None:
-                with cupy.cuda.Device(device_index):
-                    module = cupy.RawModule(
-                        code=expand_includes(src.path),
-                        options=("-std=c++17",),
-                        name_expressions=src.name_expressions(ctype),
-                    )
-                    module.compile()
-                _cupy_modules[key] = module
-    return module.get_function(f"{kernel}<{ctype}>")
+                module = cupy.RawModule(
+                    code=expand_includes(src.path),
+                    options=("-std=c++17",),
+                    name_expressions=src.name_expressions(ctype),
+                )
+                module.compile()
+                _cupy_modules[mkey] = module
+            fn = module.get_function(f"{kernel}<{ctype}>")
+        _cupy_kernels[key] = fn
+    return fn
+
+
+def _cupy_stream(handle: int, device_index: int):
+    """A CuPy view of torch's stream ``handle`` (cached; ExternalStream does not own the stream)."""
+    key = (handle, device_index)
+    stream = _cupy_streams.get(key)
+    if stream is None:
+        import cupy
+
+        stream = cupy.cuda.ExternalStream(handle, device_index)
+        _cupy_streams[key] = stream
+    return stream
 
 
 def _cupy_args(args: Sequence[object]) -> list[object]:
@@ -221,8 +241,9 @@ def _launch_cupy(src, kernel, ctype, device, grid, block, args) -> None:
         ) from exc
     index = device.index if device.index is not None else torch.cuda.current_device()
     fn = _cupy_function(src, kernel, ctype, index)
-    stream = torch.cuda.current_stream(index)
-    with cupy.cuda.Device(index), cupy.cuda.ExternalStream(stream.cuda_stream, index):
+    # RawKernel resolves its compiled function for the *current* device, so the device context is
+    # needed as well as the stream.
+    with cupy.cuda.Device(index), _cupy_stream(torch.cuda.current_stream(index).cuda_stream, index):
         fn(tuple(grid), tuple(block), tuple(_cupy_args(args)))
 
 
