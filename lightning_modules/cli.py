@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from .classifier import VideoClassifier, _gather_objects
 
@@ -194,6 +195,23 @@ class VMMCLI(LightningCLI):
             callbacks.append(PredictionWriter(self._get(self.config, "predictions")))
         return super().instantiate_trainer(callbacks=callbacks, **kwargs)
 
+    def predict(self, model: LightningModule, datamodule: LightningDataModule | None = None, **kwargs: Any) -> None:
+        """`vmm predict --config ...`: the datamodule's predict set, or else its test set.
+
+        The video datamodules have no predict split; predicting their test set writes per-video
+        top-k for every test video, named by file path.
+        """
+        kwargs["return_predictions"] = False  # the PredictionWriter keeps the merged per-video results
+        if datamodule is None or is_overridden("predict_dataloader", datamodule):
+            self.trainer.predict(model, datamodule=datamodule, **kwargs)
+            return
+        datamodule.setup("test")
+        writer = next(cb for cb in self.trainer.callbacks if isinstance(cb, PredictionWriter))
+        records = datamodule.records("test") if hasattr(datamodule, "records") else None
+        if records is not None:
+            writer.video_names = [str(r.path) for r in records]
+        self.trainer.predict(model, dataloaders=datamodule.test_dataloader(), **kwargs)
+
 
 # ------------------------------------------------------------------------------ predict on files
 
@@ -313,7 +331,9 @@ def main(args: Sequence[str] | None = None) -> None:
     if argv[0] == "check-data":
         from datamodules.check import main as check_main  # the data stack only when asked for
 
-        check_main(argv[1:])
+        code = check_main(argv[1:])
+        if code:
+            raise SystemExit(code)
         return
     if argv[0] == "predict" and _is_file_predict(argv[1:]):
         _predict_files_main(argv[1:])

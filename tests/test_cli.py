@@ -1,0 +1,176 @@
+"""The `vmm` CLI end to end on a tiny synthetic motion dataset with the real networks.
+
+`vmm demo` (fit + test of the best checkpoint) runs once per module; validate, test, predict (on
+the datamodule and on files), resume and bf16-mixed then use its outputs. Most runs are
+in-process (`VMMCLI(args=...)`), the console script itself runs in subprocesses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from _vmm_cli_helpers import TINY_FCF, VMM, generate_tiny_dataset, run_vmm, tiny_config, write_config
+
+from lightning_modules.cli import PREDICT_SETTINGS_KEY, VMMCLI, main
+
+CLASS_NAMES = ["translate_right", "translate_left", "translate_down", "translate_up"]
+
+
+def _cli(args: list[str]) -> VMMCLI:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
+        return VMMCLI(args=args)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.getbasetemp() / "vmm_synthetic"
+    generate_tiny_dataset(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, data_root):
+    """`vmm demo` on the tiny set: its config, stdout, log dir and best checkpoint."""
+    out = tmp_path_factory.mktemp("demo")
+    cfg = write_config(out / "tiny.yaml", tiny_config(data_root, out / "runs"))
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
+        main(["demo", "--config", str(cfg)])
+    stdout = buf.getvalue()
+    log_dir = out / "runs" / "lightning_logs" / "version_0"
+    best = next((log_dir / "checkpoints").glob("best-*.ckpt"))
+    return {"cfg": cfg, "stdout": stdout, "log_dir": log_dir, "best": best, "root": data_root, "out": out}
+
+
+def test_console_script_help(tmp_path, capsys):
+    top = run_vmm(["--help"], cwd=tmp_path).stdout  # the installed entry point
+    for cmd in ("fit", "validate", "test", "predict", "demo", "check-data"):
+        assert f"  {cmd}" in top
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--help"])
+    assert exc.value.code == 0
+    fit = capsys.readouterr().out
+    assert "--model.net" in fit and "--data" in fit and "--model.flow_lr_scale" in fit
+    with pytest.raises(SystemExit):
+        main(["predict", "--help"])
+    pred = capsys.readouterr().out
+    assert "--ckpt_path" in pred and "videos" in pred
+
+
+def test_demo_trains_tests_and_reports(demo):
+    out = demo["stdout"]
+    assert "vmm demo finished" in out and "test accuracy (video level): top-1" in out
+    assert f"checkpoint: {demo['best']}" in out or f"checkpoint: {demo['best'].resolve()}" in out
+    report = json.loads((demo["log_dir"] / "test_results.json").read_text())
+    # 4 classes x 3 test videos, 2 clips each; every view of a video averaged into one prediction
+    assert report["num_videos"] == 12 and report["num_clips"] == 24 and report["excluded_videos"] == 0
+    assert 0.0 <= report["top1"] <= report["top5"] <= 1.0
+    assert (demo["log_dir"] / "confusion_matrix_test.png").is_file()
+    assert (demo["log_dir"] / "config.yaml").is_file()
+
+    ckpt = torch.load(demo["best"], map_location="cpu", weights_only=False)
+    assert ckpt["class_names"] == CLASS_NAMES
+    hp = ckpt["hyper_parameters"]
+    assert hp["net"]["class_path"] == "lightning_modules.networks.SIFAResNet"
+    assert hp["net"]["init_args"]["num_classes"] == 4 and hp["num_classes"] == 4  # linked from the data
+    assert ckpt[PREDICT_SETTINGS_KEY]["num_frames"] == 4 and ckpt[PREDICT_SETTINGS_KEY]["test_clips"] == 2
+
+
+def test_validate_and_test_reproduce_the_demo_metrics(demo):
+    args = ["--config", str(demo["cfg"]), "--ckpt_path", str(demo["best"])]
+    val = _cli(["validate", *args]).model.last_eval["val"]
+    assert val["num_videos"] == 8 and val["num_clips"] == 8  # val: 1 centre clip per video
+    test = _cli(["test", *args]).model.last_eval["test"]
+    report = json.loads((demo["log_dir"] / "test_results.json").read_text())
+    for key in ("num_videos", "num_clips", "top1", "top5", "mean_class", "clip_top1"):
+        assert test[key] == pytest.approx(report[key], abs=1e-6), key
+    assert test["loss"] == pytest.approx(report["loss"], rel=1e-5)
+
+
+def test_predict_on_the_datamodule_writes_named_predictions(demo, tmp_path):
+    out = tmp_path / "preds.json"
+    _cli(["predict", "--config", str(demo["cfg"]), "--ckpt_path", str(demo["best"]), "--predictions", str(out)])
+    preds = json.loads(out.read_text())["predictions"]
+    assert len(preds) == 12
+    for p in preds:
+        assert Path(p["video"]).is_file() and p["views"] == 2
+        assert len(p["top_k"]) == 4  # top-5 capped at K = 4
+        assert {t["class_name"] for t in p["top_k"]} == set(CLASS_NAMES)
+        assert sum(t["prob"] for t in p["top_k"]) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_predict_files_without_a_dataset(demo, tmp_path, shared_videos):
+    test_videos = sorted((demo["root"]).rglob("*.mp4"))[:2]
+    real = shared_videos / "mpeg4_320x240.avi"
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"")
+    out = tmp_path / "files.json"
+    proc = run_vmm(
+        ["predict", "--ckpt_path", str(demo["best"]), *map(str, test_videos), str(real), str(broken),
+         "--output", str(out), "--top_k", "3"],
+        cwd=tmp_path,
+    )
+    result = json.loads(out.read_text())
+    names = [p["video"] for p in result["predictions"]]
+    assert names == [*map(str, test_videos), str(real)]
+    for p in result["predictions"]:
+        assert len(p["top_k"]) == 3 and p["top_k"][0]["class_name"] in CLASS_NAMES
+        assert p["views"] == 2  # the checkpoint's test views: 2 clips x 1 crop
+        assert p["top_k"][0]["prob"] >= p["top_k"][1]["prob"] >= p["top_k"][2]["prob"]
+    assert result["failed"] == [{"video_id": 3, "video": str(broken)}]
+    assert f"{real}: " in proc.stdout and "could not be decoded" in proc.stdout
+
+
+def test_resume_restores_step_and_optimizer_state(demo, tmp_path):
+    last = demo["log_dir"] / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    cli = _cli([
+        "fit", "--config", str(demo["cfg"]), "--ckpt_path", str(last), "--trainer.max_epochs", "3",
+        "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.callbacks+=_vmm_cli_helpers.ResumeProbe",
+    ])
+    probe = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "ResumeProbe")
+    assert probe.global_step == ckpt["global_step"] == 12  # 2 epochs x 6 steps (24 clips, batch 4)
+    assert probe.epoch == ckpt["epoch"] + 1 == 2
+    saved, resumed = ckpt["optimizer_states"][0], probe.optimizer_state
+    assert saved["param_groups"] == resumed["param_groups"]
+    assert saved["state"].keys() == resumed["state"].keys() and len(saved["state"]) > 0
+    for k, st in saved["state"].items():
+        torch.testing.assert_close(resumed["state"][k]["momentum_buffer"], st["momentum_buffer"], rtol=0, atol=0)
+    assert probe.scheduler_state["last_epoch"] == ckpt["lr_schedulers"][0]["last_epoch"]
+    assert cli.trainer.global_step == 18
+
+
+def test_fcf_network_bf16_mixed_on_cpu(demo, tmp_path):
+    """FCF-(2+1)D with flow parameters at 0.01x lr, trained under bf16 autocast on the CPU."""
+    cfg = tiny_config(demo["root"], tmp_path, net=TINY_FCF, precision="bf16-mixed", max_epochs=1,
+                      limit_train_batches=3, limit_val_batches=2)
+    cfg["model"]["flow_lr_scale"] = 0.01
+    cli = _cli(["fit", "--config", str(write_config(tmp_path / "fcf.yaml", cfg))])
+    assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
+    lrs = sorted({g["initial_lr"] for g in cli.trainer.optimizers[0].param_groups})  # before the schedule
+    assert len(lrs) == 2 and lrs[0] == pytest.approx(lrs[1] * 0.01)
+    assert cli.model.last_eval["val"]["num_videos"] > 0
+
+
+def test_check_data_command(demo, capsys):
+    main(["check-data", "--config", str(demo["cfg"]), "--num-workers", "0", "--splits", "test"])
+    out = capsys.readouterr().out
+    assert "12" in out
+
+
+def test_file_predict_rejects_bad_arguments(demo, tmp_path):
+    with pytest.raises(ValueError, match="ckpt_path"):
+        main(["predict", "--ckpt_path", str(tmp_path / "missing.ckpt"), str(demo["best"])])
+    with pytest.raises(ValueError, match="videos"):
+        main(["predict", "--ckpt_path", str(demo["best"]), str(tmp_path / "missing.mp4")])
+    assert VMM.is_file()
