@@ -19,6 +19,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 __all__ = [
     "IndexCache",
@@ -304,6 +305,8 @@ class _RangeDecoder:
 
     def __init__(self, container, stream, index: VideoIndex, slots, out, width, height):
         self.container, self.stream, self.index = container, stream, index
+        # One reformatter for all frames, so swscale's context is set up once, not per frame.
+        self.reformatter = VideoReformatter()
         self.slots, self.out, self.width, self.height = slots, out, width, height
         self.pos_of_pts = {int(p): i for i, p in enumerate(index.all_pts.tolist())}
         self.done: set[int] = set()
@@ -319,6 +322,8 @@ class _RangeDecoder:
         else:
             self.container.seek(int(index.all_pts[key]), stream=self.stream, backward=True, any_frame=False)
         counter: int | None = None  # output position, for files whose pts cannot be trusted
+        # pts of wanted frames whose packets are still to be sent (pts-reliable files only).
+        unsent = {int(index.all_pts[p]) for p in wanted} if index.pts_reliable else None
         try:
             for packet in self.container.demux(self.stream):
                 if skip_nonref:
@@ -327,7 +332,14 @@ class _RangeDecoder:
                     ts = packet.pts
                     keep = ts is None or not packet.size or self.pos_of_pts.get(ts, -1) in wanted
                     cc.skip_frame = "DEFAULT" if keep else "NONREF"
-                for frame in packet.decode():
+                frames = packet.decode()
+                if unsent is not None and packet.pts in unsent:
+                    unsent.discard(packet.pts)
+                    if not unsent:
+                        # Every wanted frame has been sent (and with it every frame it references):
+                        # drain the decoder instead of decoding the frames that follow.
+                        frames = list(frames) + list(cc.decode(None))
+                for frame in frames:
                     if index.pts_reliable:
                         pos = self.pos_of_pts.get(frame.pts if frame.pts is not None else -(2**62))
                     else:
@@ -340,9 +352,9 @@ class _RangeDecoder:
                     if pos is None:
                         continue
                     if pos in wanted:
-                        rgb = frame.to_ndarray(
-                            width=self.width, height=self.height, format="rgb24", interpolation=_INTERPOLATION
-                        )
+                        rgb = self.reformatter.reformat(
+                            frame, width=self.width, height=self.height, format="rgb24", interpolation=_INTERPOLATION
+                        ).to_ndarray()
                         for slot in self.slots[pos]:
                             self.out[slot] = rgb
                         wanted.discard(pos)
@@ -350,6 +362,8 @@ class _RangeDecoder:
                     # pos > last + 16: past any reordering delay, the frame is not in the file.
                     if not wanted or pos > last + 16:
                         return
+                if unsent is not None and not unsent:
+                    return  # drained: whatever is still missing is not in the file
         finally:
             cc.skip_frame = "DEFAULT"
 
