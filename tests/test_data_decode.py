@@ -69,9 +69,10 @@ def test_real_clip_index_and_frames_match_sequential_decode(shared_videos, name)
 def test_decoder_side_resize_and_threads(shared_videos):
     path = shared_videos / "kinetics_arm_wrestling.mp4"
     index = build_index(path)
-    one = decode_frames(index, [10, 40], short_side=128, threads=1)
-    two = decode_frames(index, [10, 40], short_side=128, threads=2)
-    assert one.shape == (2, 128, 170, 3) and one.dtype == np.uint8
+    sel = [10, 40, 200, 250, 279, 5]  # several runs from different keyframes, each drained
+    one = decode_frames(index, sel, short_side=128, threads=1)
+    two = decode_frames(index, sel, short_side=128, threads=2)
+    assert one.shape == (6, 128, 170, 3) and one.dtype == np.uint8
     np.testing.assert_array_equal(one, two)  # frame threading does not change the result
     full = decode_frames(index, [10])[0].astype(np.float32)
     # The swscale result is a downscaled version of the full frame (close in mean colour).
