@@ -161,6 +161,15 @@ def test_every_datamodule_is_exported_and_cli_constructible(tmp_path):
     assert isinstance(dm, VideoListDataModule)
     assert dm.batch_size == 3 and dm.clip.num_frames == 4 and dm.clip.sampling == "segment"
     assert dm.train_transform.short_side == (64, 80) and dm.num_classes == 4
+    extra = {"VideoListDataModule": {"train_list": "train.txt"}, "SyntheticMotionDataModule": {"speed_range": [1, 2]}}
+    for name in ("VideoFolderDataModule", "VideoListDataModule", "KineticsDataModule", "HMDB51DataModule",
+                 "UCF101DataModule", "SyntheticMotionDataModule"):
+        cfg = parser.parse_object({"data": {"class_path": f"datamodules.{name}", "init_args": {
+            "root": str(tmp_path), "batch_size": 2, **extra.get(name, {})}}})
+        dm = instantiate(cfg).data
+        assert type(dm).__name__ == name and dm.batch_size == 2
+    assert dm.spec.speed_range == (1.0, 2.0) and dm.num_classes == 8
+    assert not (tmp_path / "synthetic_motion").exists()  # nothing generated before prepare_data
     with pytest.raises(jsonargparse.ArgumentError):
         parser.parse_object({"data": {"class_path": "datamodules.VideoListDataModule",
                                       "init_args": {"root": "x", "sampling": "sparse"}}})
