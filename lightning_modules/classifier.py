@@ -354,14 +354,14 @@ class VideoClassifier(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         res = self._eval_epoch_end("test")
+        log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
         if self.trainer.is_global_zero:
-            self._write_test_report(res)
+            self._write_test_report(res, log_dir)
 
-    def _write_test_report(self, res: EvalResult) -> None:
+    def _write_test_report(self, res: EvalResult, log_dir: str | None) -> None:
         """test_results.json, the confusion matrix as CSV and PNG in the log directory; figure to TensorBoard."""
         if res["excluded_videos"]:
             print(f"[vmm] {res['excluded_videos']} test video(s) failed to decode and are excluded from the metrics")
-        log_dir = self.trainer.log_dir
         names = self.class_names or [str(i) for i in range(self.num_classes)]
         fig = _confusion_figure(res.confusion, names)
         for logger in self.loggers:

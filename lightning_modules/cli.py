@@ -54,6 +54,7 @@ class VMMTrainer(Trainer):
         best = getattr(ckpt_cb, "best_model_path", "") or getattr(ckpt_cb, "last_model_path", "") or None
         self.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
         res = dict(getattr(model, "last_eval", {}).get("test", {}))
+        log_dir = self.log_dir  # a collective under DDP: every rank must ask
         if self.is_global_zero:
             k = getattr(model, "num_classes", None)
             lines = ["", "=" * 72, "vmm demo finished"]
@@ -66,9 +67,9 @@ class VMMTrainer(Trainer):
                 lines.append(
                     f"  K = {k} classes: chance {100 / k:.1f}%; an order-blind model is capped at 2/K = {200 / k:.1f}%"
                 )
-            lines.append(f"  checkpoint: {best}")
-            if self.log_dir:
-                lines.append(f"  logs: {self.log_dir} (metrics.csv, test_results.json, confusion_matrix_test.png)")
+            lines.append(f"  checkpoint: {Path(best).resolve() if best else None}")
+            if log_dir:
+                lines.append(f"  logs: {log_dir} (metrics.csv, test_results.json, confusion_matrix_test.png)")
             lines.append("=" * 72)
             print("\n".join(lines), flush=True)
         return res

@@ -30,7 +30,7 @@ TINY_DATA = {
     "generate_workers": 1,
     "batch_size": 4,
     "num_workers": 0,
-    "num_frames": 4,
+    "num_frames": 8,
     "frame_interval": 1,
     "train_short_side": [32, 36],
     "eval_short_side": 32,

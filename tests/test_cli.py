@@ -20,6 +20,8 @@ from _vmm_cli_helpers import TINY_FCF, VMM, generate_tiny_dataset, run_vmm, tiny
 
 from lightning_modules.cli import PREDICT_SETTINGS_KEY, VMMCLI, main
 
+pytestmark = pytest.mark.slow  # trains real networks (about a minute for the module on 2 cores)
+
 CLASS_NAMES = ["translate_right", "translate_left", "translate_down", "translate_up"]
 
 
@@ -40,7 +42,7 @@ def data_root(tmp_path_factory) -> Path:
 def demo(tmp_path_factory, data_root):
     """`vmm demo` on the tiny set: its config, stdout, log dir and best checkpoint."""
     out = tmp_path_factory.mktemp("demo")
-    cfg = write_config(out / "tiny.yaml", tiny_config(data_root, out / "runs"))
+    cfg = write_config(out / "tiny.yaml", tiny_config(data_root, out / "runs", max_epochs=1))
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
@@ -69,7 +71,7 @@ def test_console_script_help(tmp_path, capsys):
 def test_demo_trains_tests_and_reports(demo):
     out = demo["stdout"]
     assert "vmm demo finished" in out and "test accuracy (video level): top-1" in out
-    assert f"checkpoint: {demo['best']}" in out or f"checkpoint: {demo['best'].resolve()}" in out
+    assert f"checkpoint: {demo['best'].resolve()}" in out
     report = json.loads((demo["log_dir"] / "test_results.json").read_text())
     # 4 classes x 3 test videos, 2 clips each; every view of a video averaged into one prediction
     assert report["num_videos"] == 12 and report["num_clips"] == 24 and report["excluded_videos"] == 0
@@ -82,7 +84,7 @@ def test_demo_trains_tests_and_reports(demo):
     hp = ckpt["hyper_parameters"]
     assert hp["net"]["class_path"] == "lightning_modules.networks.SIFAResNet"
     assert hp["net"]["init_args"]["num_classes"] == 4 and hp["num_classes"] == 4  # linked from the data
-    assert ckpt[PREDICT_SETTINGS_KEY]["num_frames"] == 4 and ckpt[PREDICT_SETTINGS_KEY]["test_clips"] == 2
+    assert ckpt[PREDICT_SETTINGS_KEY]["num_frames"] == 8 and ckpt[PREDICT_SETTINGS_KEY]["test_clips"] == 2
 
 
 def test_validate_and_test_reproduce_the_demo_metrics(demo):
@@ -134,26 +136,28 @@ def test_resume_restores_step_and_optimizer_state(demo, tmp_path):
     last = demo["log_dir"] / "checkpoints" / "last.ckpt"
     ckpt = torch.load(last, map_location="cpu", weights_only=False)
     cli = _cli([
-        "fit", "--config", str(demo["cfg"]), "--ckpt_path", str(last), "--trainer.max_epochs", "3",
+        "fit", "--config", str(demo["cfg"]), "--ckpt_path", str(last), "--trainer.max_epochs", "2",
+        "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
         "--trainer.default_root_dir", str(tmp_path),
         "--trainer.callbacks+=_vmm_cli_helpers.ResumeProbe",
     ])
     probe = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "ResumeProbe")
-    assert probe.global_step == ckpt["global_step"] == 12  # 2 epochs x 6 steps (24 clips, batch 4)
-    assert probe.epoch == ckpt["epoch"] + 1 == 2
+    assert probe.global_step == ckpt["global_step"] == 6  # 1 epoch x 6 steps (24 clips, batch 4)
+    assert probe.epoch == ckpt["epoch"] + 1 == 1
     saved, resumed = ckpt["optimizer_states"][0], probe.optimizer_state
     assert saved["param_groups"] == resumed["param_groups"]
     assert saved["state"].keys() == resumed["state"].keys() and len(saved["state"]) > 0
     for k, st in saved["state"].items():
         torch.testing.assert_close(resumed["state"][k]["momentum_buffer"], st["momentum_buffer"], rtol=0, atol=0)
     assert probe.scheduler_state["last_epoch"] == ckpt["lr_schedulers"][0]["last_epoch"]
-    assert cli.trainer.global_step == 18
+    assert cli.trainer.global_step == 8  # + 2 batches of the second epoch
 
 
 def test_fcf_network_bf16_mixed_on_cpu(demo, tmp_path):
     """FCF-(2+1)D with flow parameters at 0.01x lr, trained under bf16 autocast on the CPU."""
     cfg = tiny_config(demo["root"], tmp_path, net=TINY_FCF, precision="bf16-mixed", max_epochs=1,
-                      limit_train_batches=3, limit_val_batches=2)
+                      limit_train_batches=2, limit_val_batches=1)
+    cfg["data"]["init_args"]["num_frames"] = 4  # FCF after layer2 needs 3 frames
     cfg["model"]["flow_lr_scale"] = 0.01
     cli = _cli(["fit", "--config", str(write_config(tmp_path / "fcf.yaml", cfg))])
     assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
