@@ -37,6 +37,7 @@ import threading
 import time
 
 import torch
+from cuda_timing import cuda_peak_bytes, cuda_time_ms, measure_bandwidth_gbs
 
 from ops.repflow.functional import _tvl1_flow
 from ops.repflow.fused import TVL1Iterations, segment_length
@@ -76,36 +77,6 @@ def fwd_bytes(pairs, size, n_iter, element_size=4):
 
 
 # ----------------------------------------------------------------------------------------------- CUDA
-
-
-def cuda_time_ms(fn, iters, warmup):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def cuda_peak_bytes(fn):
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
-
-
-def measure_bandwidth_gbs(device, nbytes=1 << 30):
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    ms = cuda_time_ms(lambda: dst.copy_(src), iters=10, warmup=3)
-    return 2 * nbytes / (ms * 1e-3) / 1e9  # read + write
 
 
 def measure(layer, x, cot, args) -> tuple[float, float, int]:

@@ -29,6 +29,7 @@ import statistics
 import time
 
 import torch
+from cuda_timing import cuda_peak_bytes, cuda_time_ms, measure_bandwidth_gbs
 
 import ops
 from ops.sifa.kernels import deform_aggregation_kernels, deform_correlation_kernels
@@ -85,36 +86,6 @@ def fwd_bytes(batch, channels, size, element_size, groups=1):
 
 
 # ----------------------------------------------------------------------------------------------- CUDA
-
-
-def cuda_time_ms(fn, iters, warmup):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def cuda_peak_bytes(fn):
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
-
-
-def measure_bandwidth_gbs(device, nbytes=1 << 30):
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    ms = cuda_time_ms(lambda: dst.copy_(src), iters=10, warmup=3)
-    return 2 * nbytes / (ms * 1e-3) / 1e9  # read + write
 
 
 def measure_backend(backend, inputs, iters, warmup):
