@@ -2,7 +2,7 @@
 # `make test` (lint + test suite). Both create .venv on first use via scripts/setup_env.sh.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEMO_CONFIG ?= configs/demo_sifa_synthetic.yaml
+DEMO_CONFIG ?= configs/demo_fcf_synthetic.yaml
 PYTEST_ARGS ?=
 
 .PHONY: setup demo test lint clean

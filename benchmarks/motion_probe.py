@@ -11,8 +11,10 @@ optimiser and the budget; only the module differs:
     fcf     FCFR2Plus1D(K, temporal=False, fcf=True) (flow-conv-flow after layer2)
 
 Each arm trains for --epochs on the training split and is tested once at the end (no model
-selection) on the test split, views averaged per video. Before training, the script checks the
-premise: the plain arm's output is exactly unchanged when a clip is played backwards.
+selection) on the test split, views averaged per video. Before training, the script measures each
+fresh net's order sensitivity, max |log p(x) - log p(x reversed in time)|: exactly 0 for the plain
+arm (the premise of the probe), also 0 for SIFA at init (its residual branch starts at zero with
+the zero-initialised last BN), small but non-zero for FCF.
 
     python benchmarks/motion_probe.py                      # defaults: ~10-30 min on a 2-core CPU
     python benchmarks/motion_probe.py --epochs 3 --train-per-class 16 --arms plain sifa
