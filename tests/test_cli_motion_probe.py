@@ -1,0 +1,41 @@
+"""The motion probe's premise: its plain arm is exactly blind to frame order, its SIFA and FCF arms are not.
+
+(The training run itself is benchmarks/motion_probe.py; this checks the three arms it builds.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import pytest
+import torch
+from _vmm_cli_helpers import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+import motion_probe  # noqa: E402
+
+ARGS = argparse.Namespace(depth=18, width=0.125, dropout=0.0, fcf_n_iter=3, fcf_bottleneck=4)
+
+
+def _wake_residuals(net: torch.nn.Module) -> None:
+    """Give the zero-initialised last BN of every residual branch a non-zero scale (as training does)."""
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm3d) and not bool(m.weight.detach().abs().sum()):
+            torch.nn.init.uniform_(m.weight, 0.5, 1.0)
+
+
+@pytest.mark.parametrize("arm", motion_probe.ARMS)
+def test_only_the_plain_arm_is_order_blind(arm):
+    net = motion_probe.build_net(arm, 4, ARGS)
+    _wake_residuals(net)
+    with torch.no_grad():
+        for p in net.modules():
+            if hasattr(p, "conv_offset"):  # SIFA offsets start at zero; any learned value will do
+                torch.nn.init.normal_(p.conv_offset.weight, std=0.05)
+    clip = torch.randn(2, 3, 6, 32, 32)
+    sensitivity = motion_probe.order_sensitivity(net, clip)
+    if arm == "plain":
+        assert sensitivity < 1e-5  # per-frame features averaged over time: reversal changes nothing
+    else:
+        assert sensitivity > 1e-4, sensitivity
