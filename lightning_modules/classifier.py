@@ -355,8 +355,9 @@ class VideoClassifier(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         res = self._eval_epoch_end("test")
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
+        # Without a logger, log_dir is the working directory: report on stdout only, write no files.
         if self.trainer.is_global_zero:
-            self._write_test_report(res, log_dir)
+            self._write_test_report(res, log_dir if self.loggers else None)
 
     def _write_test_report(self, res: EvalResult, log_dir: str | None) -> None:
         """test_results.json, the confusion matrix as CSV and PNG in the log directory; figure to TensorBoard."""
