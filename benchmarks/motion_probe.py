@@ -44,7 +44,8 @@ def build_net(arm: str, num_classes: int, args: argparse.Namespace) -> torch.nn.
     if arm in ("plain", "sifa"):
         return SIFAResNet(
             num_classes, stem_temporal_kernel=1, stem_temporal_stride=1, sifa=arm == "sifa",
-            global_context=False, dual_path=False, **common,
+            global_context=False, dual_path=False, sifa_stages=tuple(args.sifa_stages),
+            sifa_dilation=args.sifa_dilation, **common,
         )
     if arm == "fcf":
         return FCFR2Plus1D(
@@ -87,6 +88,8 @@ def run_arm(arm: str, args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     trainer.fit(model, datamodule=dm)
     train_s = time.perf_counter() - start
+    # Read before testing: trainer.test replaces callback_metrics with the test metrics.
+    train_loss_last = float(trainer.callback_metrics.get("train/loss", float("nan")))
     trainer.test(model, datamodule=dm, verbose=False)
     res = model.last_eval["test"]
     return {
@@ -96,7 +99,7 @@ def run_arm(arm: str, args: argparse.Namespace) -> dict:
         "mean_class": res["mean_class"],
         "clip_top1": res["clip_top1"],
         "test_videos": res["num_videos"],
-        "train_loss_last": float(trainer.callback_metrics.get("train/loss", float("nan"))),
+        "train_loss_last": train_loss_last,
         "params_M": sum(p.numel() for p in net.parameters()) / 1e6,
         "train_seconds": train_s,
         "order_sensitivity_at_init": sensitivity,
@@ -121,6 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dropout", type=float, default=0.2)
     p.add_argument("--fcf-n-iter", type=int, default=10)
     p.add_argument("--fcf-bottleneck", type=int, default=16)
+    p.add_argument("--sifa-stages", type=int, nargs="+", default=[2, 3, 4], help="ResNet stages with SIFA blocks")
+    p.add_argument("--sifa-dilation", type=int, default=1)
     p.add_argument("--optimizer", default="adamw", choices=("sgd", "adamw"))
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
