@@ -15,7 +15,9 @@ from _vmm_cli_helpers import REPO_ROOT
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import motion_probe  # noqa: E402
 
-ARGS = argparse.Namespace(depth=18, width=0.125, dropout=0.0, fcf_n_iter=3, fcf_bottleneck=4)
+ARGS = argparse.Namespace(
+    depth=18, width=0.125, dropout=0.0, fcf_n_iter=3, fcf_bottleneck=4, sifa_stages=[2, 3, 4], sifa_dilation=1
+)
 
 
 def _wake_residuals(net: torch.nn.Module) -> None:
