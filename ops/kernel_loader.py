@@ -156,6 +156,32 @@ class KernelSource:
             raise ValueError(f"kernel {kernel}: tensors on {device}; CUDA kernels run on cuda (or cpu, emulated)")
 
 
+#: The ``backend`` argument every op takes (DESIGN.md).
+BACKENDS: tuple[str, ...] = ("auto", "torch", "cupy")
+
+
+def check_backend(backend: object) -> str:
+    """``backend`` itself when it is one of :data:`BACKENDS`, else ValueError."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend  # type: ignore[return-value]
+
+
+def use_kernels(backend: str, t: torch.Tensor) -> bool:
+    """Whether an op called with ``backend`` runs the CUDA kernels for tensors like ``t``: "torch" never,
+    "auto" for CUDA tensors when CuPy imports, "cupy" always (a clear error when it cannot)."""
+    backend = check_backend(backend)
+    if backend == "torch":
+        return False
+    if backend == "auto":
+        return t.device.type == "cuda" and cupy_available()
+    if t.device.type != "cuda":
+        raise ValueError(f"backend 'cupy' needs CUDA tensors, got tensors on {t.device}")
+    if not cupy_available():
+        raise RuntimeError("backend 'cupy' needs CuPy: pip install 'video-motion-modules[cuda12]' (or [cuda13])")
+    return True
+
+
 def registered_sources() -> dict[str, KernelSource]:
     """Every KernelSource created so far, by file name (import ``ops`` first to register all)."""
     return dict(_REGISTRY)

@@ -8,11 +8,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..kernel_loader import cupy_available
+from ..kernel_loader import use_kernels
 from .fused import tvl1_fused
 from .reference import tvl1_reference
 
-BACKENDS = ("auto", "torch", "cupy")
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -131,17 +130,8 @@ def tvl1_flow(
         displacement, in pixels, in the inputs' dtype (16-bit inputs are computed in float32).
     """
     _check_images(i0, i1)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "cupy":
-        if i0.device.type != "cuda":
-            raise ValueError(f"backend 'cupy' needs CUDA tensors, got i0 on {i0.device}")
-        if not cupy_available():
-            raise RuntimeError(
-                "backend 'cupy' needs CuPy: pip install 'video-motion-modules[cuda12]' (or [cuda13])"
-            )
-    use_kernels = backend == "cupy" or (backend == "auto" and i0.device.type == "cuda" and cupy_available())
-    return _tvl1_flow(i0, i1, n_iter, theta, lam, tau, stencils, kernels=use_kernels)
+    kernels = use_kernels(backend, i0)
+    return _tvl1_flow(i0, i1, n_iter, theta, lam, tau, stencils, kernels=kernels)
 
 
 def _tvl1_flow(

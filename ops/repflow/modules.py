@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .functional import BACKENDS, DEFAULT_TAPS, tvl1_flow
+from ..kernel_loader import check_backend
+from .functional import DEFAULT_TAPS, tvl1_flow
 
 #: Guards the per-sample normalisation's division when a sample is constant (max == min).
 NORM_EPS = 1e-6
@@ -52,8 +53,7 @@ class FlowLayer(nn.Module):
             raise ValueError(
                 f"learnable must be five bools (image stencils, fwd/div stencils, theta, lam, tau), got {learnable!r}"
             )
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_backend(backend)
         self.n_iter = n_iter
         self.learnable = tuple(bool(v) for v in learnable)
         self.backend = backend

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from ..kernel_loader import cupy_available
+from ..kernel_loader import use_kernels
 from .kernels import deform_aggregation_kernels, deform_attention_kernels, deform_correlation_kernels
 from .reference import deform_aggregation_reference, deform_attention_reference, deform_correlation_reference
-from .validation import check_backend, check_int, check_same_dtype_device, check_shape, check_tensor
+from .validation import check_int, check_same_dtype_device, check_shape, check_tensor
 
 
 def _check_window(kernel_size: int, dilation: int, groups: int, channels: int) -> None:
@@ -17,20 +17,6 @@ def _check_window(kernel_size: int, dilation: int, groups: int, channels: int) -
     check_int("groups", groups, minimum=1)
     if channels < 1 or channels % groups != 0:
         raise ValueError(f"groups ({groups}) must divide the channel count C = {channels} (C >= 1)")
-
-
-def use_cupy(backend: str, t: torch.Tensor) -> bool:
-    """Whether ``backend`` runs the CUDA kernels for tensors like ``t`` (DESIGN.md's backend rule)."""
-    backend = check_backend(backend)
-    if backend == "torch":
-        return False
-    if backend == "auto":
-        return t.device.type == "cuda" and cupy_available()
-    if t.device.type != "cuda":
-        raise ValueError(f"backend 'cupy' needs CUDA tensors, got tensors on {t.device}")
-    if not cupy_available():
-        raise RuntimeError("backend 'cupy' needs CuPy: pip install 'video-motion-modules[cuda12]' (or [cuda13])")
-    return True
 
 
 def _empty_result(shape: tuple[int, ...], *inputs: torch.Tensor) -> torch.Tensor:
@@ -102,7 +88,7 @@ def deform_correlation(
     validate_correlation(query, key, offset, kernel_size, dilation, groups)
     batch, _, height, width = query.shape
     out_shape = (batch, groups * kernel_size**2, height, width)
-    cupy = use_cupy(backend, query)
+    cupy = use_kernels(backend, query)
     if batch * height * width == 0:
         return _empty_result(out_shape, query, key, offset)
     if cupy:
@@ -134,7 +120,7 @@ def deform_aggregation(
     """
     validate_aggregation(value, attn, offset, kernel_size, dilation, groups)
     batch, _, height, width = value.shape
-    cupy = use_cupy(backend, value)
+    cupy = use_kernels(backend, value)
     if batch * height * width == 0:
         return _empty_result(tuple(value.shape), value, attn, offset)
     if cupy:
@@ -160,7 +146,7 @@ def deform_attention(
     """
     validate_correlation(query, kv, offset, kernel_size, dilation, groups)
     batch, _, height, width = query.shape
-    cupy = use_cupy(backend, query)
+    cupy = use_kernels(backend, query)
     if batch * height * width == 0:
         return _empty_result(tuple(query.shape), query, kv, offset)
     if cupy:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import torch
 
+from ..kernel_loader import BACKENDS, check_backend  # noqa: F401  (re-exported for the SIFA modules)
+
 #: Floating dtypes every op accepts (the CUDA kernels are instantiated for exactly these).
 FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-BACKENDS: tuple[str, ...] = ("auto", "torch", "cupy")
 
 
 def check_tensor(name: str, t: object, *, ndim: int, layout: str) -> torch.Tensor:
@@ -52,9 +53,3 @@ def check_int(name: str, value: object, *, minimum: int, odd: bool = False) -> i
     if odd and value % 2 == 0:
         raise ValueError(f"{name} must be odd (a centred window), got {value}")
     return value
-
-
-def check_backend(backend: object) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return backend  # type: ignore[return-value]
