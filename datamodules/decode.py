@@ -108,14 +108,26 @@ class VideoIndex:
         return replace(self, lo=lo, hi=max(lo, hi))
 
 
+# Older PyAV decodes container metadata strictly unless told to ignore bad bytes; newer releases
+# (19 at least) dropped the `metadata_errors` argument and raise TypeError on it.
+_OPEN_KWARGS: dict = {"metadata_errors": "ignore"}
+
+
 def _open(path: str | os.PathLike) -> av.container.InputContainer:
+    global _OPEN_KWARGS
     p = Path(path)
     if not p.exists():
         raise VideoDecodeError(path, "file not found")
     if p.stat().st_size == 0:
         raise VideoDecodeError(path, "zero-byte file")
     try:
-        return av.open(str(p), mode="r", metadata_errors="ignore")
+        try:
+            return av.open(str(p), mode="r", **_OPEN_KWARGS)
+        except TypeError:
+            if not _OPEN_KWARGS:
+                raise
+            _OPEN_KWARGS = {}
+            return av.open(str(p), mode="r")
     except (av.FFmpegError, UnicodeDecodeError, ValueError) as exc:
         raise VideoDecodeError(path, f"cannot open container: {exc}") from None
 

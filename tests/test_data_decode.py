@@ -210,3 +210,26 @@ def test_avi_with_b_frames_and_many_gops_matches_sequential_decode(tmp_path):
             for k, i in enumerate(sel):
                 np.testing.assert_array_equal(got[k], ref[i], err_msg=f"frame {i}")
             assert _read_ids(got) == sel
+
+
+def test_pyav_without_metadata_errors_argument(shared_videos, monkeypatch):
+    """PyAV 19 (seen on a CUDA image) rejects `av.open(..., metadata_errors=...)` with TypeError; the
+    reader must fall back to a plain open instead of failing every clip."""
+    import datamodules.decode as decode
+
+    real_open = av.open
+
+    def open_like_pyav19(*args, **kwargs):
+        if "metadata_errors" in kwargs:
+            raise TypeError("open() got an unexpected keyword argument 'metadata_errors'")
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(decode.av, "open", open_like_pyav19)
+    monkeypatch.setattr(decode, "_OPEN_KWARGS", {"metadata_errors": "ignore"})
+    path = shared_videos / "kinetics_arm_wrestling.mp4"
+    ref = _sequential(path)
+    with VideoReader(path) as reader:
+        np.testing.assert_array_equal(reader.decode([3])[0], ref[3])
+    assert decode._OPEN_KWARGS == {}  # decided once, not retried per clip
+    with VideoReader(path) as reader:
+        assert reader.index.num_frames == len(ref)
