@@ -17,6 +17,8 @@ from lightning.pytorch import Callback
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VMM = Path(sys.executable).with_name("vmm")
+# The console script when vmm is installed; from a bare checkout on PYTHONPATH, the module it runs.
+VMM_COMMAND = [str(VMM)] if VMM.is_file() else [sys.executable, "-m", "lightning_modules.cli"]
 
 # 4 classes (2 time-reversal pairs), 6/2/3 videos per class, 8 frames of 32x32.
 TINY_DATA = {
@@ -105,7 +107,7 @@ def run_vmm(args: list[str], cwd: Path, timeout: float = 300, gpu: bool = False)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     if not gpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
-    proc = subprocess.run([str(VMM), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([*VMM_COMMAND, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(
             f"vmm {' '.join(args)} exited with {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
