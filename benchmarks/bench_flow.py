@@ -23,7 +23,7 @@ a fresh process (coarse: the C allocator keeps freed blocks; a ratio, not a GPU 
 
     python benchmarks/bench_flow.py [--iters 10] [--warmup 3] [--dtype float32] [--n-iter 10 20]
                                     [--frames 8 16] [--sizes 28 14] [--clips 8] [--bandwidth-gbs X]
-                                    [--cpu-only] [--cpu-peak]
+                                    [--cpu-only | --gpu-only] [--cpu-peak]
 """
 
 from __future__ import annotations
@@ -272,6 +272,7 @@ def main(argv=None) -> None:
     parser.add_argument("--clips", type=int, default=8)
     parser.add_argument("--bandwidth-gbs", type=float, default=None)
     parser.add_argument("--cpu-only", action="store_true")
+    parser.add_argument("--gpu-only", action="store_true", help="skip the CPU timings and saved-maps count")
     parser.add_argument("--cpu-iters", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cpu-peak", action="store_true", help="also measure CPU peak RSS per backend (~1 min)")
@@ -280,7 +281,10 @@ def main(argv=None) -> None:
     if args.peak_child:
         peak_child(args.peak_child[0] == "kernels", int(args.peak_child[1]))
         return
-    run_cpu(args)
+    if args.cpu_only and args.gpu_only:
+        parser.error("--cpu-only and --gpu-only exclude each other")
+    if not args.gpu_only:
+        run_cpu(args)
     if args.cpu_peak:
         run_cpu_peak(args)
     if args.cpu_only:
