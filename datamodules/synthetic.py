@@ -6,9 +6,11 @@ zoom in/out, and the two diagonals. Every clip is parameterised by its *middle* 
 centre, angle and scale at t_mid = (T-1)/2 are drawn from distributions that do not depend on the
 class, and the class sets only the sign/direction of the velocity. Reversing a class-2i clip in
 time therefore gives a clip with exactly the distribution of class 2i+1, so any order-blind model
-is capped at 2/K. Translation wraps around the frame (torus), so the region an object visits does
-not depend on the direction either. Appearance (background texture, object shape, size, colour
-and texture) is drawn independently of the class.
+(one that sees the clip's frames as an unordered set) is capped at 1/2: at best it tells the pair,
+never the member (`ORDER_BLIND_CEILING`; specs/synthetic_motion.md says 2/K, which is the same only
+for K = 4 — for K = 8, chance is 12.5% and the ceiling 50%). Translation wraps around the frame
+(torus), so the region an object visits does not depend on the direction either. Appearance
+(background texture, object shape, size, colour and texture) is drawn independently of the class.
 
 Files are written once into a cache directory in the Kinetics layout (class folders + CSVs) by
 `generate_dataset`, atomically (a temporary directory renamed into place).
@@ -33,6 +35,9 @@ import av
 import numpy as np
 
 log = logging.getLogger(__name__)
+
+# Best accuracy of any model blind to frame order: P(pair | frames) <= 1, P(member | pair, frames) = 1/2.
+ORDER_BLIND_CEILING = 0.5
 
 CLASS_PAIRS: tuple[tuple[str, str], ...] = (
     ("translate_right", "translate_left"),
