@@ -2,9 +2,9 @@
 
 On the synthetic motion dataset classes come in time-reversal pairs, so a network that pools
 per-frame features over time without order is capped at 1/2 (it can tell the pair at best, never
-the member; chance is 1/K). Three arms share one per-frame 2D
-ResNet backbone (temporal stem 1, no temporal convolution, temporal average pooling), the data, the
-optimiser and the budget; only the module differs:
+the member; chance is 1/K). Three arms share one per-frame 2D ResNet backbone (temporal stem 1, no
+temporal convolution, temporal average pooling), the data, the optimiser and the budget; only the
+module differs:
 
     plain   SIFAResNet(K, stem_temporal_kernel=1, stem_temporal_stride=1, sifa=False,
                        global_context=False, dual_path=False)
