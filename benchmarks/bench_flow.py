@@ -271,8 +271,9 @@ def main(argv=None) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[28, 14])
     parser.add_argument("--clips", type=int, default=8)
     parser.add_argument("--bandwidth-gbs", type=float, default=None)
-    parser.add_argument("--cpu-only", action="store_true")
-    parser.add_argument("--gpu-only", action="store_true", help="skip the CPU timings and saved-maps count")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--cpu-only", action="store_true")
+    only.add_argument("--gpu-only", action="store_true", help="skip the CPU timings and saved-maps count")
     parser.add_argument("--cpu-iters", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cpu-peak", action="store_true", help="also measure CPU peak RSS per backend (~1 min)")
@@ -281,8 +282,6 @@ def main(argv=None) -> None:
     if args.peak_child:
         peak_child(args.peak_child[0] == "kernels", int(args.peak_child[1]))
         return
-    if args.cpu_only and args.gpu_only:
-        parser.error("--cpu-only and --gpu-only exclude each other")
     if not args.gpu_only:
         run_cpu(args)
     if args.cpu_peak:

@@ -218,13 +218,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     ap.add_argument("--clips", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--bandwidth-gbs", type=float, default=None, help="device bandwidth; measured when omitted")
-    ap.add_argument("--cpu-only", action="store_true")
-    ap.add_argument("--gpu-only", action="store_true", help="skip the CPU reference timings and saved-bytes count")
+    only = ap.add_mutually_exclusive_group()
+    only.add_argument("--cpu-only", action="store_true")
+    only.add_argument("--gpu-only", action="store_true", help="skip the CPU reference timings and saved-bytes count")
     ap.add_argument("--cpu-iters", type=int, default=5)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads for the reference")
     args = ap.parse_args(argv)
-    if args.cpu_only and args.gpu_only:
-        ap.error("--cpu-only and --gpu-only exclude each other")
     results: dict = {} if args.gpu_only else {"cpu": run_cpu(args)}
     if not args.cpu_only:
         if torch.cuda.is_available() and ops.kernel_loader.cupy_available():

@@ -117,10 +117,10 @@ def train_mode(mode: str, data: tuple[torch.Tensor, ...], num_classes: int, args
     opt = torch.optim.AdamW(net.parameters(), args.lr, weight_decay=0.01)
     steps_per_epoch = len(clips) // args.batch_size
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.epochs * steps_per_epoch)
-    history, losses = [], []
+    history = []
     start = time.perf_counter()
     for epoch in range(args.epochs):
-        perm = torch.randperm(len(clips)).to(device)
+        perm, losses = torch.randperm(len(clips)).to(device), []
         for i in range(steps_per_epoch):
             idx = perm[i * args.batch_size : (i + 1) * args.batch_size]
             loss = F.cross_entropy(net(to_float(clips[idx])), labels[idx])
@@ -131,7 +131,7 @@ def train_mode(mode: str, data: tuple[torch.Tensor, ...], num_classes: int, args
             losses.append(loss.detach())
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             acc = accuracy(net, test_clips, test_labels, device)
-            recent = float(torch.stack(losses[-steps_per_epoch:]).mean())
+            recent = float(torch.stack(losses).mean())
             history.append({"epoch": epoch + 1, "train_loss": recent, "test_top1": acc})
             print(f"  {mode:>12s} epoch {epoch + 1:3d}: train loss {recent:.3f}  test top-1 {100 * acc:5.1f}%",
                   flush=True)
