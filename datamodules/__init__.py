@@ -15,6 +15,7 @@ from .dataset import (
     collate_clips,
 )
 from .decode import VideoDecodeError, VideoIndex, VideoReader, build_index, decode_frames
+from .frames import FrameFolderReader, FrameIndex, FrameRecord, frame_index
 from .layouts import (
     HMDB51DataModule,
     KineticsDataModule,
@@ -29,6 +30,9 @@ __all__ = [
     "AnnotationError",
     "ClipSettings",
     "ClipTransform",
+    "FrameFolderReader",
+    "FrameIndex",
+    "FrameRecord",
     "HMDB51DataModule",
     "KineticsDataModule",
     "SyntheticMotionDataModule",
@@ -47,4 +51,5 @@ __all__ = [
     "build_index",
     "collate_clips",
     "decode_frames",
+    "frame_index",
 ]

@@ -21,7 +21,8 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler, get_worker_info
 
 from .annotations import VideoRecord
-from .decode import IndexCache, VideoDecodeError, VideoReader
+from .decode import IndexCache, VideoDecodeError
+from .frames import FrameIndexCache, FrameRecord, open_clip_reader
 from .sampling import Sampling, ShortVideo, eval_clip_indices, train_clip_indices
 from .transforms import ClipTransform
 
@@ -107,6 +108,7 @@ class VideoClipDataset(Dataset):
         self.max_retries = max_retries
         self.max_bad_fraction = max_bad_fraction
         self._cache = IndexCache(index_cache_size)
+        self._frame_cache = FrameIndexCache(index_cache_size)
         self._reported: set[str] = set()
         self._visits: dict[int, int] = {}
         self._tried: set[int] = set()  # distinct videos this process tried, and those that failed
@@ -191,6 +193,8 @@ class VideoClipDataset(Dataset):
         }
 
     def _index(self, record: VideoRecord):
+        if isinstance(record, FrameRecord):
+            return self._frame_cache.get(record)
         index = self._cache.get(record.path)
         if record.start is not None or record.end is not None:
             index = index.window(record.start, record.end)
@@ -212,7 +216,7 @@ class VideoClipDataset(Dataset):
                 n, c.num_frames, c.frame_interval, rng, sampling=c.sampling, short_video=c.short_video
             )[None]
         short_side = self.transform.decode_short_side(rng)
-        with VideoReader(record.path, threads=c.decoder_threads, index=index) as reader:
+        with open_clip_reader(record, index, threads=c.decoder_threads) as reader:
             frames = reader.decode(clips.reshape(-1), short_side=short_side)
         frames = frames.reshape(clips.shape[0], clips.shape[1], *frames.shape[1:])
         views = [v for k in range(clips.shape[0]) for v in self.transform(frames[k], rng)]

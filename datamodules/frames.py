@@ -1,0 +1,234 @@
+"""Frame-folder decoding: a clip read from a directory of images (JPEG or PNG), one file per frame.
+
+A video stored as extracted frames is a folder with files named by a template such as
+`img_{:05d}.jpg` (MMAction2 / TSN), `{:05d}.jpg` (Something-Something V1) or `frame{:06d}.png`,
+numbered from `start_index` (0 or 1). Frame index i of the clip samplers means the file
+`template.format(start_index + i)`. Only the frames a clip asks for are opened, and JPEGs are
+decoded at reduced scale when the target short side allows it (libjpeg's DCT scaling by 1/2,
+1/4 or 1/8 through Pillow's `Image.draft`), then resized to the exact size.
+
+The output and the bad-data policy are those of `datamodules.decode`: uint8 [N,H,W,3] RGB, and a
+missing folder, an empty folder, a missing frame file or an unreadable image raise
+`VideoDecodeError` naming the folder, which the datasets count, replace in training and report
+at test (docs/data.md).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import string
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from .annotations import VideoRecord
+from .decode import VideoDecodeError, VideoIndex, VideoReader, output_size
+
+__all__ = [
+    "DEFAULT_TEMPLATE",
+    "FrameFolderReader",
+    "FrameIndex",
+    "FrameIndexCache",
+    "FrameRecord",
+    "check_template",
+    "frame_index",
+    "open_clip_reader",
+]
+
+DEFAULT_TEMPLATE = "img_{:05d}.jpg"
+
+# Pillow's bilinear resize widens its filter when shrinking (antialiased), like the video path's
+# swscale resize; after DCT scaling the remaining factor is at most 2, where bilinear is enough.
+_RESAMPLE = Image.Resampling.BILINEAR
+_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def check_template(template: str, start_index: int = 1) -> str:
+    """Return `template` if it names frame files by one integer field (e.g. 'img_{:05d}.jpg').
+
+    Raises ValueError naming `template` / `start_index` otherwise.
+    """
+    if not isinstance(template, str):
+        raise ValueError(f"template: expected a str such as 'img_{{:05d}}.jpg', got {type(template).__name__}")
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        example = template.format(start_index)
+    except (ValueError, IndexError, KeyError) as exc:
+        raise ValueError(f"template: expected a file name with one integer field such as 'img_{{:05d}}.jpg', "
+                         f"got {template!r} ({exc})") from None
+    if len(fields) != 1 or fields[0] not in ("", "0"):
+        raise ValueError(
+            f"template: expected exactly one positional field such as 'img_{{:05d}}.jpg', got {template!r}"
+        )
+    if "/" in example or os.sep in example:
+        raise ValueError(f"template: expected a file name without folders, got {template!r}")
+    if start_index not in (0, 1):
+        raise ValueError(f"start_index: expected 0 or 1, got {start_index}")
+    return template
+
+
+def _template_regex(template: str) -> re.Pattern:
+    parts = []
+    for literal, field, _, _ in string.Formatter().parse(template):
+        parts.append(re.escape(literal))
+        if field is not None:
+            parts.append(r"(\d+)")
+    return re.compile("".join(parts) + r"\Z")
+
+
+@dataclass(frozen=True)
+class FrameRecord(VideoRecord):
+    """A video stored as a frame folder: `path` is the folder, frames are `template` numbered from
+    `start_index`. `num_frames` from an annotation list is trusted (no folder scan); None counts
+    the files. Time windows (`start`/`end`) do not apply to frame folders.
+    """
+
+    num_frames: int | None = None
+    template: str = DEFAULT_TEMPLATE
+    start_index: int = 1
+
+
+@dataclass(frozen=True)
+class FrameIndex:
+    """The frames of one folder: frame i (0-based, as the samplers count) is `file(i)`.
+
+    `num_frames` is 1 + the highest frame number found minus `start_index` (or the listed count):
+    a gap in the numbering shows up as a missing file when a clip asks for that frame.
+    """
+
+    path: str
+    num_frames: int
+    template: str = DEFAULT_TEMPLATE
+    start_index: int = 1
+
+    def file(self, i: int) -> str:
+        return os.path.join(self.path, self.template.format(self.start_index + int(i)))
+
+
+def frame_index(path: str | os.PathLike, template: str = DEFAULT_TEMPLATE, start_index: int = 1,
+                num_frames: int | None = None) -> FrameIndex:
+    """Index the frame folder `path` (scans it unless `num_frames` is given).
+
+    Raises VideoDecodeError for a missing folder or one without a file matching `template`.
+    """
+    check_template(template, start_index)
+    folder = str(path)
+    if num_frames is not None:
+        if num_frames < 1:
+            raise VideoDecodeError(folder, f"the annotation lists {num_frames} frames")
+        return FrameIndex(folder, int(num_frames), template, start_index)
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        raise VideoDecodeError(folder, "frame folder not found") from None
+    except NotADirectoryError:
+        raise VideoDecodeError(folder, "not a folder (expected a folder of frame images)") from None
+    except OSError as exc:
+        raise VideoDecodeError(folder, f"cannot list the frame folder: {exc}") from None
+    pattern = _template_regex(template)
+    numbers = [int(m.group(1)) for m in map(pattern.match, names) if m is not None]
+    usable = [n for n in numbers if n >= start_index]
+    if not usable:
+        hint = " (found frame number 0: set start_index=0)" if 0 in numbers else ""
+        raise VideoDecodeError(folder, f"no frame files matching {template!r} from number {start_index}{hint}")
+    return FrameIndex(folder, max(usable) - start_index + 1, template, start_index)
+
+
+class FrameIndexCache:
+    """A small per-process LRU of FrameIndex objects, so repeated clips of a folder skip the scan."""
+
+    def __init__(self, capacity: int = 512):
+        self.capacity = capacity
+        self._items: OrderedDict[tuple, FrameIndex] = OrderedDict()
+
+    def get(self, record: FrameRecord) -> FrameIndex:
+        key = (record.path, record.template, record.start_index, record.num_frames)
+        item = self._items.get(key)
+        if item is not None:
+            self._items.move_to_end(key)
+            return item
+        item = frame_index(record.path, record.template, record.start_index, record.num_frames)
+        if self.capacity > 0:
+            self._items[key] = item
+            if len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+        return item
+
+
+class FrameFolderReader:
+    """Clip decoding from a frame folder, with the interface of `VideoReader` (context manager,
+    `index.num_frames`, `decode(frame_indices, short_side=...)`). Nothing is held open.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, index: FrameIndex | None = None,
+                 template: str = DEFAULT_TEMPLATE, start_index: int = 1):
+        self.path = str(path)
+        self.index = index if index is not None else frame_index(path, template, start_index)
+
+    def __enter__(self) -> FrameFolderReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        pass
+
+    def decode(self, frame_indices: np.ndarray | Sequence[int], *, short_side: int | None = None) -> np.ndarray:
+        """Read the frames at `frame_indices` (repeats allowed, any order; each file opened once).
+
+        Returns uint8 [len(frame_indices), H, W, 3] RGB with the short side scaled to `short_side`
+        (None: full size). The size comes from the first frame read; a frame of another size is
+        resized to it. Raises VideoDecodeError for a missing or unreadable frame file.
+        """
+        want = np.asarray(frame_indices, dtype=np.int64)
+        n = self.index.num_frames
+        if want.ndim != 1 or want.size == 0:
+            raise ValueError(f"frame_indices: expected a non-empty 1-D sequence, got shape {tuple(want.shape)}")
+        if want.min() < 0 or want.max() >= n:
+            raise ValueError(f"frame_indices: expected values in [0, {n}), got [{want.min()}, {want.max()}]")
+        slots: dict[int, list[int]] = {}
+        for slot, i in enumerate(want.tolist()):
+            slots.setdefault(i, []).append(slot)
+        out: np.ndarray | None = None
+        size: tuple[int, int] | None = None
+        for i in sorted(slots):
+            rgb = self._read(i, short_side, size)
+            if out is None:
+                size = (rgb.shape[1], rgb.shape[0])
+                out = np.empty((want.size, *rgb.shape), dtype=np.uint8)
+            out[slots[i]] = rgb
+        assert out is not None
+        return out
+
+    def _read(self, i: int, short_side: int | None, size: tuple[int, int] | None) -> np.ndarray:
+        file = self.index.file(i)
+        name = os.path.basename(file)
+        try:
+            with Image.open(file) as im:
+                w, h = size if size is not None else output_size(im.width, im.height, short_side)
+                if (w, h) != im.size:
+                    # JPEG: decode at the smallest DCT scale (1, 1/2, 1/4, 1/8) still >= (w, h);
+                    # other formats ignore the request.
+                    im.draft("RGB", (w, h))
+                rgb = im.convert("RGB")
+                if rgb.size != (w, h):
+                    rgb = rgb.resize((w, h), _RESAMPLE)
+                return np.asarray(rgb, dtype=np.uint8)
+        except FileNotFoundError:
+            raise VideoDecodeError(self.path, f"frame file missing: {name} (frame {i} of {self.index.num_frames})") \
+                from None
+        except _IMAGE_ERRORS as exc:
+            raise VideoDecodeError(self.path, f"unreadable frame {name}: {exc}") from None
+
+
+def open_clip_reader(record: VideoRecord, index: VideoIndex | FrameIndex, threads: int = 1
+                     ) -> VideoReader | FrameFolderReader:
+    """The reader of `record`: a frame folder for a FrameRecord, PyAV otherwise."""
+    if isinstance(record, FrameRecord):
+        return FrameFolderReader(record.path, index=index)
+    return VideoReader(record.path, threads=threads, index=index)

@@ -1,0 +1,135 @@
+"""Frame-folder decoding (datamodules.frames) on JPEG frames extracted from the shared real clips:
+the same frames as PyAV decoding of the clip, reduced-scale JPEG decoding, templates, and the
+bad-data policy (missing folder/file, empty folder, unreadable image) inside the clip datasets.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from _frame_helpers import read_frames, write_jpeg_folder
+from PIL import Image
+
+from datamodules import ClipSettings, ClipTransform, VideoClipDataset, VideoDecodeError
+from datamodules.decode import VideoReader
+from datamodules.frames import FrameFolderReader, FrameRecord, check_template, frame_index
+
+CLIP = "h264_340x256.mp4"
+
+
+@pytest.fixture(scope="module")
+def clip_frames(request) -> list[np.ndarray]:
+    from conftest import SHARED_VIDEOS
+
+    if not (SHARED_VIDEOS / CLIP).is_file():
+        pytest.skip(f"shared test videos not found at {SHARED_VIDEOS}")
+    return read_frames(SHARED_VIDEOS / CLIP, 20)
+
+
+def test_frames_match_pyav_decoding_of_the_same_clip(clip_frames, shared_videos, tmp_path):
+    folder = write_jpeg_folder(tmp_path / "clip", clip_frames, quality=95)
+    want = [0, 7, 7, 3, 19]  # repeats and any order, as the samplers may ask
+    with FrameFolderReader(folder) as frames_reader:
+        assert frames_reader.index.num_frames == 20
+        got = frames_reader.decode(want, short_side=128)
+    with VideoReader(shared_videos / CLIP) as video_reader:
+        ref = video_reader.decode(want, short_side=128)
+    assert got.dtype == np.uint8 and got.shape == ref.shape == (5, 128, 170, 3)
+    np.testing.assert_array_equal(got[1], got[2])
+    # JPEG loss and two resize implementations: close, not equal; another frame is much further.
+    diff = np.abs(got.astype(np.int16) - ref.astype(np.int16)).mean(axis=(1, 2, 3))
+    assert diff.max() < 6, diff
+    assert np.abs(got[0].astype(np.int16) - ref[4].astype(np.int16)).mean() > 2 * diff.max()
+
+
+def test_reduced_scale_decoding_gives_the_exact_size_and_the_full_decode_content(clip_frames, tmp_path):
+    folder = write_jpeg_folder(tmp_path / "clip", clip_frames[:2], quality=95)
+    reader = FrameFolderReader(folder)
+    small = reader.decode([0], short_side=64)[0]  # 256 -> DCT scale 1/4 (64) -> no resize left
+    assert small.shape == (64, 85, 3)
+    with Image.open(folder / "img_00001.jpg") as im:
+        full = np.asarray(im.convert("RGB").resize((85, 64), Image.Resampling.BILINEAR))
+    assert np.abs(small.astype(np.int16) - full.astype(np.int16)).mean() < 4
+    assert reader.decode([1], short_side=None).shape == (1, 256, 340, 3)
+    assert reader.decode([1], short_side=200).shape == (1, 200, 266, 3)
+
+
+def test_templates_zero_based_png_and_errors(clip_frames, tmp_path):
+    small = [f[::4, ::4] for f in clip_frames[:5]]
+    folder = write_jpeg_folder(tmp_path / "png", [], template="{:06d}.png")
+    for i, f in enumerate(small):
+        Image.fromarray(f).save(folder / f"{i:06d}.png")
+    index = frame_index(folder, "{:06d}.png", start_index=0)
+    assert index.num_frames == 5
+    got = FrameFolderReader(folder, index=index).decode([4, 0])
+    np.testing.assert_array_equal(got[0], small[4])  # PNG is lossless: exact frames, exact order
+    assert frame_index(folder, "{:06d}.png", start_index=1).num_frames == 4  # 000001..000004
+    (tmp_path / "only0").mkdir()
+    Image.fromarray(small[0]).save(tmp_path / "only0" / "img_00000.jpg")
+    with pytest.raises(VideoDecodeError, match="set start_index=0"):
+        frame_index(tmp_path / "only0")
+    for bad in ("img.jpg", "img_{:05d}_{:02d}.jpg", "{name}.jpg", "sub/{:05d}.jpg"):
+        with pytest.raises(ValueError, match="template"):
+            check_template(bad)
+    with pytest.raises(ValueError, match="start_index"):
+        check_template("{:05d}.jpg", start_index=2)
+    with pytest.raises(ValueError, match="frame_indices"):
+        FrameFolderReader(folder, index=index).decode([5])
+
+
+def test_bad_frame_folders_raise_decode_errors_naming_the_folder(clip_frames, tmp_path):
+    small = [f[::4, ::4] for f in clip_frames[:6]]
+    with pytest.raises(VideoDecodeError, match="frame folder not found"):
+        frame_index(tmp_path / "absent")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(VideoDecodeError, match="no frame files"):
+        frame_index(tmp_path / "empty")
+    gap = write_jpeg_folder(tmp_path / "gap", small)
+    (gap / "img_00003.jpg").unlink()
+    assert frame_index(gap).num_frames == 6  # numbering defines the length; the gap is found on use
+    FrameFolderReader(gap).decode([0, 1, 3])
+    with pytest.raises(VideoDecodeError, match="frame file missing: img_00003.jpg") as exc:
+        FrameFolderReader(gap).decode([0, 2])
+    assert exc.value.path == str(gap)
+    broken = write_jpeg_folder(tmp_path / "broken", small)
+    (broken / "img_00002.jpg").write_bytes(b"not a jpeg at all")
+    data = (broken / "img_00004.jpg").read_bytes()
+    (broken / "img_00004.jpg").write_bytes(data[: len(data) // 2])  # a truncated file
+    with pytest.raises(VideoDecodeError, match="unreadable frame img_00002.jpg"):
+        FrameFolderReader(broken).decode([1])
+    with pytest.raises(VideoDecodeError, match="unreadable frame img_00004.jpg"):
+        FrameFolderReader(broken).decode([3], short_side=32)
+    listed = frame_index(tmp_path / "absent", num_frames=8)  # a listed count is trusted, no scan
+    with pytest.raises(VideoDecodeError, match="frame file missing"):
+        FrameFolderReader(tmp_path / "absent", index=listed).decode([0])
+
+
+def test_clip_dataset_reads_frame_records_and_counts_bad_folders(clip_frames, tmp_path):
+    small = [f[::2, ::2] for f in clip_frames[:12]]  # 128x170
+    good = [write_jpeg_folder(tmp_path / f"v{i}", small[i:]) for i in range(3)]
+    (tmp_path / "empty").mkdir()
+    records = [FrameRecord(str(p), i % 2) for i, p in enumerate(good)]
+    records += [FrameRecord(str(tmp_path / "empty"), 0), FrameRecord(str(tmp_path / "absent"), 1)]
+    clip = ClipSettings(num_frames=4, frame_interval=2)
+    test = VideoClipDataset(
+        records, mode="test", clip=clip, test_clips=2,
+        transform=ClipTransform(train=False, short_side=(64, 64), crop_size=48, num_crops=3),
+    )
+    item = test[1]
+    assert item["video"].shape == (6, 3, 4, 48, 48) and item["video"].dtype == torch.uint8
+    assert item["label"].tolist() == [1] * 6 and item["bad_video_ids"].numel() == 0
+    for bad_id in (3, 4):
+        bad = test[bad_id]
+        assert bad["video"].shape[0] == 0 and bad["bad_video_ids"].tolist() == [bad_id]
+    train = VideoClipDataset(
+        records, mode="train", clip=clip, max_retries=20,
+        transform=ClipTransform(train=True, short_side=(56, 64), crop_size=48, flip=True),
+    )
+    seen_bad: set[int] = set()
+    for idx in (3, 4, 3, 4):
+        out = train[idx]
+        assert out["video"].shape == (1, 3, 4, 48, 48)  # replaced by a readable folder
+        assert out["video_id"].item() in (0, 1, 2)
+        seen_bad |= set(out["bad_video_ids"].tolist())
+    assert {3, 4} <= seen_bad
