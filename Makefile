@@ -1,11 +1,12 @@
 # The two quick-start commands: `make demo` (train + test on the synthetic motion dataset) and
 # `make test` (lint + test suite). Both create .venv on first use via scripts/setup_env.sh.
+# `make test-fast` is the edit loop: the suite without the slow and gpu tests, no lint.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_CONFIG ?= configs/demo_fcf_synthetic.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test test-fast lint clean
 
 setup: $(VENV)/.installed
 
@@ -21,6 +22,9 @@ lint: setup
 
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache lightning_logs
