@@ -12,6 +12,12 @@ for K = 4 — for K = 8, chance is 12.5% and the ceiling 50%). Translation wraps
 (torus), so the region an object visits does not depend on the direction either. Appearance
 (background texture, object shape, size, colour and texture) is drawn independently of the class.
 
+Three tasks share the renderer (`SyntheticSpec.task`, docs/synthetic_motion.md): "direction" (the
+above, the default), "coherence" (two classes: the frames of a translating clip in order, or the
+same frames permuted — every order-blind model is at exactly 1/2, the frame sets being identical)
+and "appearance" (four classes: object shape family × texture family, every object of a clip alike,
+its motion drawn independently of the label: a per-frame task to pretrain a backbone on).
+
 Files are written once into a cache directory in the Kinetics layout (class folders + CSVs) by
 `generate_dataset`, atomically (a temporary directory renamed into place).
 """
@@ -58,12 +64,20 @@ _DIRECTIONS = {
     "translate_down_left": (-math.sqrt(0.5), math.sqrt(0.5)),
     "translate_up_right": (math.sqrt(0.5), -math.sqrt(0.5)),
 }
+_TRANSLATIONS = tuple(_DIRECTIONS)
+TASKS = ("direction", "coherence", "appearance")
+COHERENCE_CLASSES = ("ordered", "shuffled")
+# label = 2 * shape family + texture family (the object's `kind` and `tex_kind`).
+APPEARANCE_CLASSES = ("ellipse_stripes", "ellipse_checker", "polygon_stripes", "polygon_checker")
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 _FORMAT_VERSION = 1
 H264_ENCODERS = ("libx264", "libopenh264", "h264")
 
 __all__ = [
+    "APPEARANCE_CLASSES",
     "CLASS_PAIRS",
+    "COHERENCE_CLASSES",
+    "TASKS",
     "SyntheticSpec",
     "class_names_for",
     "generate_dataset",
@@ -74,16 +88,26 @@ __all__ = [
 ]
 
 
-def class_names_for(num_classes: int) -> list[str]:
-    """The first num_classes/2 pairs, partners adjacent: class 2i reversed in time is class 2i+1."""
+def class_names_for(num_classes: int, task: str = "direction") -> list[str]:
+    """Class names of `task`. "direction": the first num_classes/2 pairs, partners adjacent (class 2i
+    reversed in time is class 2i+1); "coherence": ordered, shuffled (K = 2); "appearance": shape ×
+    texture family (K = 4)."""
+    if task not in TASKS:
+        raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
+    fixed = {"coherence": COHERENCE_CLASSES, "appearance": APPEARANCE_CLASSES}.get(task)
+    if fixed is not None:
+        if num_classes != len(fixed):
+            raise ValueError(f"num_classes: the {task} task has {len(fixed)} classes, got {num_classes}")
+        return list(fixed)
     if num_classes < 2 or num_classes % 2 or num_classes > 2 * len(CLASS_PAIRS):
         raise ValueError(f"num_classes: expected an even number in [2, {2 * len(CLASS_PAIRS)}], got {num_classes}")
     return [name for pair in CLASS_PAIRS[: num_classes // 2] for name in pair]
 
 
-def reverse_class(label: int) -> int:
-    """The class whose clips are this class's clips played backwards."""
-    return label ^ 1
+def reverse_class(label: int, task: str = "direction") -> int:
+    """The class whose clips are this class's clips played backwards (itself, except for direction:
+    a reversed ordered clip is still ordered, a reversed shuffled one still shuffled)."""
+    return label ^ 1 if task == "direction" else label
 
 
 @dataclass(frozen=True)
@@ -92,6 +116,8 @@ class SyntheticSpec:
 
     speed_range: pixels per frame at the stored resolution (translation speed; the same speed at
     the object's rim for rotation; a quarter of it, capped at a 3x total zoom, for zoom).
+    task: "direction", "coherence" or "appearance" (module docstring); the default keeps the
+    digest of earlier versions, so their caches stay valid.
     """
 
     num_classes: int = 8
@@ -106,9 +132,13 @@ class SyntheticSpec:
     crf: int = 12
     seed: int = 0
     encoder: str = "libx264"
+    task: str = "direction"
 
     def __post_init__(self):
-        class_names_for(self.num_classes)
+        class_names_for(self.num_classes, self.task)
+        if self.task == "coherence" and self.video_frames < 3:
+            raise ValueError(f"video_frames: the coherence task needs >= 3 (2 frames have no non-reversing "
+                             f"permutation), got {self.video_frames}")
         if self.frame_size < 16 or self.frame_size % 2:
             raise ValueError(f"frame_size: expected an even int >= 16, got {self.frame_size}")
         if self.video_frames < 2:
@@ -126,13 +156,16 @@ class SyntheticSpec:
 
     @property
     def class_names(self) -> list[str]:
-        return class_names_for(self.num_classes)
+        return class_names_for(self.num_classes, self.task)
 
     def per_class(self, split: str) -> int:
         return {"train": self.train_per_class, "val": self.val_per_class, "test": self.test_per_class}[split]
 
     def digest(self) -> str:
-        blob = json.dumps({"version": _FORMAT_VERSION, **asdict(self)}, sort_keys=True)
+        fields = asdict(self)
+        if fields["task"] == "direction":  # added later: the default leaves earlier digests unchanged
+            del fields["task"]
+        blob = json.dumps({"version": _FORMAT_VERSION, **fields}, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
     def duration_s(self) -> int:
@@ -240,22 +273,43 @@ def render_video(spec: SyntheticSpec, split: str, index: int, label: int | None 
     """Frames uint8 [T,H,W,3] of video `index` of `split`, and its label (index mod num_classes).
 
     `label` overrides the class while keeping every other random draw (appearance, positions,
-    speed): rendering class 2i+1 gives exactly the class-2i video played backwards.
+    speed): for the direction task, rendering class 2i+1 gives exactly the class-2i video played
+    backwards; for coherence, "shuffled" gives the "ordered" video's frames permuted (never the
+    identity or the reversal); for appearance, only the shape and texture families change.
     """
     if label is None:
         label = index % spec.num_classes
     if not 0 <= label < spec.num_classes:
         raise ValueError(f"label: expected a class id in [0, {spec.num_classes}), got {label}")
-    name = spec.class_names[label]
     rng = np.random.default_rng(np.random.SeedSequence([spec.seed, SPLIT_CODES[split], index]))
+    if spec.task == "direction":
+        name = spec.class_names[label]
+    else:  # the motion is drawn like any other nuisance, independently of the label
+        name = _TRANSLATIONS[int(rng.integers(len(_TRANSLATIONS)))]
     size = spec.frame_size
     bg = _background(rng, size)
     frames = np.repeat(bg[None], spec.video_frames, axis=0)
     for _ in range(int(rng.integers(1, spec.max_objects + 1))):
         obj = _object_params(rng, size)
+        if spec.task == "appearance":
+            obj["kind"], obj["tex_kind"] = divmod(label, 2)
         speed = rng.uniform(*spec.speed_range)
         _draw_object(frames, obj, *_trajectory(name, speed, obj, spec), size)
+    if spec.task == "coherence":
+        order = _shuffled_order(rng, spec.video_frames)  # drawn for both classes: same stream after it
+        if label == 1:
+            frames = frames[order]
     return (frames * 255.0 + 0.5).clip(0, 255).astype(np.uint8), label
+
+
+def _shuffled_order(rng: np.random.Generator, n: int) -> np.ndarray:
+    """A random permutation of range(n) that is neither the identity nor the reversal (both are coherent
+    motion); n >= 3."""
+    ordered = np.arange(n)
+    while True:
+        order = rng.permutation(n)
+        if not (np.array_equal(order, ordered) or np.array_equal(order, ordered[::-1])):
+            return order
 
 
 # -- encoding -------------------------------------------------------------------------------------
@@ -385,7 +439,7 @@ def generate_dataset(spec: SyntheticSpec, cache_root: str | os.PathLike, workers
                 lines.append(f"{name},{split}{i:05d},0,{spec.duration_s()},{split}")
             (tmp / "annotations" / csv_name).write_text("\n".join(lines) + "\n")
         meta = {"spec": asdict(spec), "class_names": spec.class_names,
-                "reverse_of": [reverse_class(i) for i in range(spec.num_classes)]}
+                "reverse_of": [reverse_class(i, spec.task) for i in range(spec.num_classes)]}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         try:
             os.rename(tmp, final)

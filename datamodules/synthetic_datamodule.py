@@ -21,7 +21,11 @@ class SyntheticMotionDataModule(KineticsDataModule):
     `~/.cache/vmm`), then read through the Kinetics code path. Splits: train / val / test drawn
     from different seeds. `speed_range` is in pixels per frame at `frame_size`. Horizontal flips
     would turn right into left, so `flip` must stay False. `generate_workers`: processes used to
-    write the files (None: min(4, CPU count)).
+    write the files (None: min(4, CPU count)). `task`: "direction" (default; K even, time-reversal
+    pairs), "coherence" (K = 2: frames in order vs the same frames permuted; sample every frame —
+    `num_frames = video_frames`, `frame_interval = 1` — so both classes show the same frame set) or
+    "appearance" (K = 4: shape × texture family, motion independent of the label); each task has
+    its own cache directory.
     """
 
     def __init__(
@@ -37,6 +41,7 @@ class SyntheticMotionDataModule(KineticsDataModule):
         speed_range: tuple[float, float] = (2.0, 6.0),
         max_objects: int = 2,
         seed: int = 0,
+        task: str = "direction",
         generate_workers: int | None = None,
         batch_size: int = 16,
         num_workers: int = 2,
@@ -72,6 +77,7 @@ class SyntheticMotionDataModule(KineticsDataModule):
             max_objects=max_objects,
             seed=seed,
             encoder=pick_encoder(),
+            task=task,
         )
         self.cache_root = Path(root).expanduser() if root else default_cache_root()
         self.generate_workers = generate_workers if generate_workers is not None else min(4, os.cpu_count() or 1)
@@ -101,12 +107,12 @@ class SyntheticMotionDataModule(KineticsDataModule):
     @property
     def reverse_of(self) -> list[int]:
         """reverse_of[c]: the class whose clips are class c's clips played backwards."""
-        return [reverse_class(c) for c in range(self.spec.num_classes)]
+        return [reverse_class(c, self.spec.task) for c in range(self.spec.num_classes)]
 
     def reverse_class(self, label: int) -> int:
         if not 0 <= label < self.spec.num_classes:
             raise ValueError(f"label: expected a class id in [0, {self.spec.num_classes}), got {label}")
-        return reverse_class(label)
+        return reverse_class(label, self.spec.task)
 
     def _class_names(self) -> list[str]:
         return self.spec.class_names  # pair order, not the alphabetical order of Kinetics

@@ -32,6 +32,10 @@ def _wake_residuals(net: torch.nn.Module) -> None:
 
 @pytest.mark.parametrize("arm", motion_probe.ARMS)
 def test_only_the_plain_arm_is_order_blind(arm):
+    if arm == "sifa-corr" and not motion_probe.has_correlation_features():
+        with pytest.raises(ValueError, match="sifa_correlation_features"):
+            motion_probe.build_net(arm, 4, ARGS)
+        return
     net = motion_probe.build_net(arm, 4, ARGS)
     _wake_residuals(net)
     with torch.no_grad():
@@ -68,3 +72,67 @@ def test_motion_cue_models_see_frame_order_except_plain(mode):
 def test_motion_cue_rejects_unknown_mode():
     with pytest.raises(ValueError, match="mode must be one of"):
         motion_cue.CueNet("flow", num_classes=4)
+
+
+def test_per_pair_splits_pair_and_member():
+    # rows = true class; pair 0 = classes 0/1, pair 1 = classes 2/3
+    confusion = [[6, 2, 2, 0], [4, 4, 0, 0], [0, 0, 5, 5], [0, 0, 5, 5]]
+    pairs = motion_probe.per_pair(confusion)
+    assert [q["pair"] for q in pairs] == [(0, 1), (2, 3)]
+    assert pairs[0]["videos"] == 18 and pairs[0]["top1"] == pytest.approx(10 / 18)
+    assert pairs[0]["pair_found"] == pytest.approx(16 / 18) and pairs[0]["member_given_pair"] == pytest.approx(10 / 16)
+    assert pairs[1]["pair_found"] == 1.0 and pairs[1]["member_given_pair"] == 0.5  # order-blind on this pair
+    assert motion_probe.binomial_sd(0.5, 128) == pytest.approx(0.0442, abs=1e-4)
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_pretrained_backbone_goes_into_every_arm(freeze):
+    torch.manual_seed(0)
+    source = motion_probe.build_net("plain", 4, ARGS)
+    for p in source.parameters():
+        torch.nn.init.normal_(p)
+    state = source.state_dict()
+    for arm in ("sifa", "fcf"):
+        net = motion_probe.build_net(arm, 2, ARGS)
+        copied = motion_probe.load_backbone(net, state, freeze)
+        own = net.state_dict()
+        assert copied > 50
+        assert torch.equal(own["layer2.0.conv1.weight"], state["layer2.0.conv1.weight"])
+        assert not torch.equal(own["fc.weight"][:2], state["fc.weight"][:2])  # the classifier starts fresh
+        module_params = [n for n, _ in net.named_parameters() if "conv_offset" in n or n.startswith("fcf.")]
+        assert module_params
+        trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+        assert set(module_params) <= trainable and "fc.weight" in trainable
+        assert ("layer1.0.conv1.weight" in trainable) is not freeze
+
+
+def _run_probe(tmp_path, *extra):
+    out = tmp_path / "probe.json"
+    res = motion_probe.main([
+        "--cache", str(tmp_path / "cache"), "--train-per-class", "3", "--val-per-class", "1", "--test-per-class", "2",
+        "--epochs", "1", "--width", "0.125", "--crop", "32", "--frames", "4", "--video-frames", "8",
+        "--workers", "0", "--json", str(out), *extra,
+    ])
+    assert out.is_file()
+    return res
+
+
+def test_probe_runs_direction_with_pairs_and_pretraining(tmp_path, capsys):
+    res = _run_probe(tmp_path, "--num-classes", "4", "--arms", "plain", "sifa", "--pretrain-epochs", "1",
+                     "--freeze-backbone")
+    text = capsys.readouterr().out
+    assert "[pretrain] appearance task" in text and "frozen" in text
+    assert "translate_right / translate_left" in text and "order-blind ceiling 50%" in text
+    assert res["chance"] == 0.25 and res["ceiling"] == 0.5 and res["pretrain"]["test_videos"] == 8
+    for r in res["results"]:
+        assert len(r["per_pair"]) == 2 and r["test_videos"] == 8 and r["pretrained_tensors"] > 50
+        assert sum(map(sum, r["confusion"])) == 8
+
+
+def test_probe_runs_coherence(tmp_path, capsys):
+    res = _run_probe(tmp_path, "--num-classes", "2", "--task", "coherence", "--arms", "plain")
+    text = capsys.readouterr().out
+    assert "coherence task: K = 2 classes, chance 50.0%" in text
+    assert res["results"][0]["test_videos"] == 4 and res["results"][0]["per_pair"] == []
+    with pytest.raises(SystemExit):
+        motion_probe.main(["--task", "coherence", "--num-classes", "4"])

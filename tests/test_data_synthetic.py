@@ -134,3 +134,60 @@ def test_persistent_workers_draw_new_augmentations_each_epoch(tmp_path):
         videos = torch.cat([b["video"] for b in batches])[ids.argsort()]
         epochs.append(videos)
     assert not torch.equal(epochs[0], epochs[1])
+
+
+def test_default_task_keeps_the_earlier_cache_digest():
+    # The task field came later; direction (the default) must not move existing caches.
+    assert SyntheticSpec().digest() == "68b004c57d21"
+    assert SyntheticSpec(num_classes=2, speed_range=(1.0, 2.0)).digest() == "c7c21651389f"
+    assert SyntheticSpec(num_classes=2, task="coherence").digest() != SyntheticSpec(num_classes=2).digest()
+
+
+def test_coherence_task_shuffles_the_same_frames():
+    spec = SyntheticSpec(num_classes=2, task="coherence", video_frames=8, frame_size=32)
+    assert spec.class_names == ["ordered", "shuffled"]
+    for index in (0, 1, 7):
+        ordered, lo = render_video(spec, "train", index, label=0)
+        shuffled, ls = render_video(spec, "train", index, label=1)
+        assert (lo, ls) == (0, 1)
+        # The same frames (so the same unordered set: an order-blind model is at 1/2) in another order,
+        # and not the time reversal (a coherent motion too).
+        key = lambda frames: sorted(f.tobytes() for f in frames)  # noqa: E731
+        assert key(ordered) == key(shuffled)
+        assert not np.array_equal(ordered, shuffled) and not np.array_equal(ordered[::-1], shuffled)
+        assert np.abs(np.diff(ordered.astype(np.int16), axis=0)).mean() > 0  # it moves
+    with pytest.raises(ValueError, match="num_classes"):
+        SyntheticSpec(num_classes=4, task="coherence")
+    with pytest.raises(ValueError, match="video_frames"):
+        SyntheticSpec(num_classes=2, task="coherence", video_frames=2)
+    with pytest.raises(ValueError, match="task"):
+        SyntheticSpec(num_classes=2, task="shuffle")
+
+
+def test_appearance_task_changes_only_the_objects():
+    spec = SyntheticSpec(num_classes=4, task="appearance", video_frames=6, frame_size=48)
+    assert spec.class_names == ["ellipse_stripes", "ellipse_checker", "polygon_stripes", "polygon_checker"]
+    clips = [render_video(spec, "test", 5, label=c)[0] for c in range(4)]
+    for c in range(1, 4):
+        changed = np.any(clips[0] != clips[c], axis=-1)  # [T,H,W]: where the objects are drawn differently
+        assert changed.any() and changed.mean() < 0.5  # the background and the motion are the label-free draws
+    # The same trajectory for every label: the changed region moves identically, so its first and last
+    # frames differ alike.
+    moved = [np.any(c[0] != c[-1], axis=-1) for c in clips]
+    assert max(float(np.mean(m != moved[0])) for m in moved) < 0.1
+    with pytest.raises(ValueError, match="num_classes"):
+        SyntheticSpec(num_classes=2, task="appearance")
+
+
+def test_datamodule_task_option(tmp_path):
+    coherence = SyntheticMotionDataModule(
+        root=str(tmp_path), **{**TINY, "num_classes": 2, "task": "coherence", "video_frames": 8})
+    assert coherence.class_names == ["ordered", "shuffled"] and coherence.reverse_of == [0, 1]
+    direction = SyntheticMotionDataModule(root=str(tmp_path), **{**TINY, "num_classes": 2, "video_frames": 8})
+    assert coherence.spec.digest() != direction.spec.digest()  # its own cache directory
+    coherence.setup("fit")
+    batch = next(iter(coherence.train_dataloader()))
+    assert batch["video"].shape == (4, 3, 8, 24, 24)
+    assert sorted(r.label for r in coherence.records("train")) == [0, 0, 0, 1, 1, 1]
+    appearance = SyntheticMotionDataModule(root=str(tmp_path), **{**TINY, "task": "appearance"})
+    assert appearance.num_classes == 4 and appearance.reverse_of == [0, 1, 2, 3]
