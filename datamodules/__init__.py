@@ -23,6 +23,8 @@ from .layouts import (
     VideoFolderDataModule,
     VideoListDataModule,
 )
+from .rawframes import RawFrameListDataModule
+from .something import SomethingSomethingV1DataModule, SomethingSomethingV2DataModule
 from .synthetic_datamodule import SyntheticMotionDataModule
 from .transforms import ClipTransform
 
@@ -35,6 +37,9 @@ __all__ = [
     "FrameRecord",
     "HMDB51DataModule",
     "KineticsDataModule",
+    "RawFrameListDataModule",
+    "SomethingSomethingV1DataModule",
+    "SomethingSomethingV2DataModule",
     "SyntheticMotionDataModule",
     "TooMuchBadData",
     "UCF101DataModule",

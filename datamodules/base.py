@@ -106,6 +106,11 @@ class VideoDataModule(L.LightningDataModule):
     def _class_names(self) -> list[str]:
         raise NotImplementedError
 
+    def _train_flip_labels(self) -> list[int] | None:
+        """A class -> mirrored-class table when training flips must also swap labels (left/right
+        classes); None (the default) leaves flipping to the transform's `flip`."""
+        return None
+
     def _load_split(self, split: str) -> list[VideoRecord] | None:
         """Records of `split` ("train", "val", "test"); None if the layout has no such split."""
         raise NotImplementedError
@@ -169,6 +174,7 @@ class VideoDataModule(L.LightningDataModule):
                 test_clips=self.test_clips,
                 max_retries=self.max_retries,
                 max_bad_fraction=self.max_bad_fraction,
+                flip_labels=self._train_flip_labels() if split == "train" else None,
             )
             if len(self.datasets[split]) == 0:
                 raise ValueError(f"{type(self).__name__}: the {split!r} split has no videos")

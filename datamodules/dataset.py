@@ -80,6 +80,8 @@ class VideoClipDataset(Dataset):
     Randomness comes from (the DataLoader's per-epoch base seed, item index, attempt), so batches
     are the same for the same seed whatever the number of workers (with persistent workers, for
     the same number of workers).
+    `flip_labels` (training only): flip each clip horizontally with probability 0.5 and map its
+    label through this table (class -> class seen in the mirror: left/right pairs swapped).
     """
 
     def __init__(
@@ -93,6 +95,7 @@ class VideoClipDataset(Dataset):
         max_retries: int = 10,
         max_bad_fraction: float = 0.5,
         index_cache_size: int = 256,
+        flip_labels: Sequence[int] | None = None,
     ):
         if mode not in ("train", "val", "test"):
             raise ValueError(f"mode: expected 'train', 'val' or 'test', got {mode!r}")
@@ -107,6 +110,7 @@ class VideoClipDataset(Dataset):
         self.test_clips = test_clips if mode == "test" else 1
         self.max_retries = max_retries
         self.max_bad_fraction = max_bad_fraction
+        self.flip_labels = None if flip_labels is None or mode != "train" else [int(k) for k in flip_labels]
         self._cache = IndexCache(index_cache_size)
         self._frame_cache = FrameIndexCache(index_cache_size)
         self._reported: set[str] = set()
@@ -220,10 +224,14 @@ class VideoClipDataset(Dataset):
             frames = reader.decode(clips.reshape(-1), short_side=short_side)
         frames = frames.reshape(clips.shape[0], clips.shape[1], *frames.shape[1:])
         views = [v for k in range(clips.shape[0]) for v in self.transform(frames[k], rng)]
+        label = record.label
+        if self.flip_labels is not None and not eval_mode and rng.random() < 0.5:
+            views = [x.flip(-1) for x in views]  # [3,T,H,W]: mirror the width
+            label = self.flip_labels[label]
         v = len(views)
         return {
             "video": torch.stack(views),
-            "label": torch.full((v,), record.label, dtype=torch.int64),
+            "label": torch.full((v,), label, dtype=torch.int64),
             "video_id": torch.full((v,), vid, dtype=torch.int64),
             "view": torch.arange(v, dtype=torch.int64),
             "bad_video_ids": torch.empty(0, dtype=torch.int64),

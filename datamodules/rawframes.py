@@ -1,0 +1,92 @@
+"""Frame-folder datasets listed in MMAction2 / TSN "rawframes" files (docs/data.md).
+
+Each line of a list is `frame_dir num_frames label`: a folder of extracted frames (relative to
+`root`), its frame count and a 0-based label; the released SIFA and TSM lists use this form.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .annotations import AnnotationError, VideoRecord, _lines, read_class_names
+from .frames import DEFAULT_TEMPLATE, FrameRecord, check_template
+from .layouts import VideoListDataModule, _resolve
+
+__all__ = ["RawFrameListDataModule", "parse_rawframe_list"]
+
+
+def parse_rawframe_list(file: Path, root: Path, num_classes: int | None = None, template: str = DEFAULT_TEMPLATE,
+                        start_index: int = 1, trust_counts: bool = True) -> list[FrameRecord]:
+    """`frame_dir num_frames label` lines (the folder may contain spaces) -> FrameRecords.
+
+    With `trust_counts` the listed count is the clip's length (no folder scan); otherwise each
+    folder is scanned when first read. Raises AnnotationError naming the file and line.
+    """
+    records = []
+    for n, line in _lines(Path(file)):
+        parts = line.rsplit(maxsplit=2)
+        if len(parts) != 3:
+            raise AnnotationError(file, n, f"expected 'frame_dir num_frames label', got {line!r}")
+        try:
+            count, label = int(parts[1]), int(parts[2])
+        except ValueError:
+            raise AnnotationError(file, n, f"num_frames and label must be integers, got {line!r}") from None
+        if count < 1:
+            raise AnnotationError(file, n, f"num_frames: expected >= 1, got {count}")
+        if label < 0 or (num_classes is not None and label >= num_classes):
+            bound = f"[0, {num_classes})" if num_classes is not None else ">= 0"
+            raise AnnotationError(file, n, f"unknown class {label}: expected a label in {bound}")
+        records.append(FrameRecord(str(Path(root) / parts[0]), label, num_frames=count if trust_counts else None,
+                                   template=template, start_index=start_index))
+    return records
+
+
+class RawFrameListDataModule(VideoListDataModule):
+    """MMAction2 / TSN rawframe lists: `frame_dir num_frames label` per line, folders relative to
+    `root`, frames named `frame_template` (default "img_{:05d}.jpg") from `frame_start_index`
+    (MMAction2: 1). `trust_counts=False` scans each folder instead of using the listed count.
+    Lists, class names and the val -> test fallback: as `VideoListDataModule`.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        train_list: str | None = None,
+        test_list: str | None = None,
+        val_list: str | None = None,
+        class_names: list[str] | str | None = None,
+        num_classes: int | None = None,
+        frame_template: str = DEFAULT_TEMPLATE,
+        frame_start_index: int = 1,
+        trust_counts: bool = True,
+        **kwargs,
+    ):
+        super().__init__(root, train_list=train_list, test_list=test_list, val_list=val_list,
+                         class_names=class_names, num_classes=num_classes, **kwargs)
+        self.frame_template = check_template(frame_template, frame_start_index)
+        self.frame_start_index = frame_start_index
+        self.trust_counts = trust_counts
+
+    def _parse(self, file: Path, num_classes: int | None) -> list[FrameRecord]:
+        return parse_rawframe_list(file, self.root, num_classes, self.frame_template, self.frame_start_index,
+                                   self.trust_counts)
+
+    def _class_names(self) -> list[str]:
+        if isinstance(self._given_names, str):
+            return read_class_names(_resolve(self._given_names, self.root))
+        if self._given_names is not None:
+            return list(self._given_names)
+        k = self._given_num
+        if k is None:
+            first = next(s for s in ("train", "val", "test") if self.lists[s] is not None)
+            labels = [r.label for r in self._parse(self.lists[first], None)]
+            if not labels:
+                raise AnnotationError(self.lists[first], None, "no folders listed; cannot infer num_classes")
+            k = max(labels) + 1
+        return [str(i) for i in range(k)]
+
+    def _load_split(self, split: str) -> list[VideoRecord] | None:
+        file = self.lists[split]
+        if file is None:
+            return None
+        return self._parse(file, self.num_classes)

@@ -1,0 +1,258 @@
+"""Something-Something V1/V2 and rawframe-list datamodules on small real trees (VP9 WebM written by
+PyAV, JPEG frames from the shared clips), the left/right flip on the real SSv2 class names, and a
+2-process DDP run on a frame dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from _frame_helpers import (
+    make_ssv1_tree,
+    make_ssv2_tree,
+    source_clips,
+    ssv2_class_names,
+    video_frames,
+    write_jpeg_folder,
+)
+
+from datamodules import (
+    AnnotationError,
+    FrameRecord,
+    RawFrameListDataModule,
+    SomethingSomethingV1DataModule,
+    SomethingSomethingV2DataModule,
+)
+from datamodules.something import left_right_pairs, mirror_class_name, mirror_label_table
+
+NAMES = ssv2_class_names()
+L2R, R2L = "Pushing something from left to right", "Pushing something from right to left"
+TINY = {"batch_size": 2, "num_workers": 0, "num_frames": 4, "train_short_side": (32, 36), "eval_short_side": 32,
+        "crop_size": 32, "test_clips": 1, "test_crops": 1, "pin_memory": False}
+
+
+@pytest.fixture(scope="module")
+def clips():
+    from conftest import SHARED_VIDEOS
+
+    if not SHARED_VIDEOS.is_dir():
+        pytest.skip(f"shared test videos not found at {SHARED_VIDEOS}")
+    return source_clips(SHARED_VIDEOS)
+
+
+def test_left_right_pairs_of_the_real_ssv2_classes():
+    assert len(NAMES) == 174 and len(set(NAMES)) == 174
+    pairs = {(NAMES[i], NAMES[j]) for i, j in left_right_pairs(NAMES)}
+    assert pairs == {
+        ("Pulling something from left to right", "Pulling something from right to left"),
+        ("Pushing something from left to right", "Pushing something from right to left"),
+        ("Turning the camera left while filming something", "Turning the camera right while filming something"),
+    }
+    table = mirror_label_table(NAMES)
+    assert [table[t] for t in table] == list(range(174))  # mirroring twice is the identity
+    plug = NAMES.index("Plugging something into something but pulling it right out as you remove your hand")
+    assert table[plug] == plug  # "right out" has no mirror class
+    assert mirror_class_name("Left and right") == "Right and left"
+    assert mirror_class_name("leftover rights") == "leftover rights"  # whole words only
+
+
+def test_ssv2_webm_layout_labels_splits_and_unlabelled_test(clips, tmp_path):
+    ids = make_ssv2_tree(tmp_path, clips, {
+        "train": [L2R, R2L, "Holding something", "Approaching something with your camera"],
+        "validation": [L2R, "Putting something, something and something on the table"],
+        "test": ["", ""],
+    })
+    (tmp_path / "20bn-something-something-v2" / f"{ids['validation'][1]}.webm").write_bytes(b"\x1a\x45\xdf\xa3junk")
+    dm = SomethingSomethingV2DataModule(root=str(tmp_path), **TINY)
+    assert dm.num_classes == 174 and dm.class_names == NAMES
+    assert dm.train_transform.flip is False and dm.clip.sampling == "segment"
+    train = dm.records("train")
+    assert [r.label for r in train] == [NAMES.index(n) for n in (L2R, R2L, "Holding something",
+                                                                  "Approaching something with your camera")]
+    assert train[0].path.endswith(f"20bn-something-something-v2/{ids['train'][0]}.webm")
+    assert [r.path for r in dm.records("test")] == [r.path for r in dm.records("val")]  # test = validation
+    dm.setup("test")
+    ds = dm.dataset("test")
+    good, bad = ds[0], ds[1]
+    assert good["video"].shape == (1, 3, 4, 32, 32) and good["label"].item() == NAMES.index(L2R)
+    assert bad["video"].shape[0] == 0 and bad["bad_video_ids"].tolist() == [1]  # excluded, reported
+    item = dm.dataset("train")[2]
+    assert item["video"].shape == (1, 3, 4, 32, 32) and item["video"].dtype == torch.uint8
+
+    predict = SomethingSomethingV2DataModule(root=str(tmp_path), test_split="test", **TINY)
+    assert [r.label for r in predict.records("test")] == [-1, -1]
+    assert predict.records("val")[0].label == NAMES.index(L2R)
+
+    (tmp_path / "labels" / "train.json").write_text(json.dumps([{"id": "9", "template": "Juggling [something]"}]))
+    with pytest.raises(AnnotationError, match=r"train.json.*entry 0 \(id 9\): unknown class 'Juggling something'"):
+        SomethingSomethingV2DataModule(root=str(tmp_path), **TINY).records("train")
+    with pytest.raises(ValueError, match="test_split"):
+        SomethingSomethingV2DataModule(root=str(tmp_path), test_split="val")
+
+
+def test_ssv2_extracted_frames_option(clips, tmp_path):
+    ids = make_ssv2_tree(tmp_path, clips, {"train": [L2R, R2L], "validation": [L2R]}, frames=True)
+    dm = SomethingSomethingV2DataModule(root=str(tmp_path), frame_dir="frames", **TINY)
+    rec = dm.records("val")[0]
+    assert isinstance(rec, FrameRecord) and rec.path == str(tmp_path / "frames" / ids["validation"][0])
+    dm.setup("fit")
+    assert dm.dataset("val")[0]["video"].shape == (1, 3, 4, 32, 32)
+    with pytest.raises(ValueError, match="template"):
+        SomethingSomethingV2DataModule(root=str(tmp_path), frame_dir="frames", frame_template="img.jpg")
+
+
+def test_flip_swaps_left_right_labels_with_the_mirrored_clip(clips, tmp_path):
+    make_ssv2_tree(tmp_path, clips, {"train": [L2R, "Holding something"], "validation": [L2R]})
+    plain = SomethingSomethingV2DataModule(root=str(tmp_path), **TINY).dataset("train")
+    flipping = SomethingSomethingV2DataModule(root=str(tmp_path), flip=True, **TINY)
+    assert flipping.train_transform.flip is False  # the dataset flips, so it knows which clips it mirrored
+    assert flipping.left_right_pairs == [(NAMES.index("Pulling something from left to right"),
+                                          NAMES.index("Pulling something from right to left")),
+                                         (NAMES.index(L2R), NAMES.index(R2L)),
+                                         (166, 167)]
+    ds = flipping.dataset("train")
+    outcomes = set()
+    for seed in range(12):
+        for vid in (0, 1):
+            a = ds._load(vid, np.random.default_rng(seed), eval_mode=False)
+            b = plain._load(vid, np.random.default_rng(seed), eval_mode=False)
+            mirrored = not torch.equal(a["video"], b["video"])
+            if mirrored:
+                assert torch.equal(a["video"], b["video"].flip(-1))
+            want = mirror_label_table(NAMES)[b["label"].item()] if mirrored else b["label"].item()
+            assert a["label"].item() == want
+            outcomes.add((vid, mirrored))
+    assert outcomes == {(0, False), (0, True), (1, False), (1, True)}
+    # the swapped label really occurs for the left/right class; the symmetric class keeps its own
+    labels = {ds._load(0, np.random.default_rng(s), eval_mode=False)["label"].item() for s in range(12)}
+    assert labels == {NAMES.index(L2R), NAMES.index(R2L)}
+    # the evaluation splits are never flipped
+    assert flipping.dataset("val").flip_labels is None
+    no_swap = SomethingSomethingV2DataModule(root=str(tmp_path), flip=True, flip_swaps_left_right=False, **TINY)
+    assert no_swap.train_transform.flip is True and no_swap.dataset("train").flip_labels is None
+
+
+def test_ssv1_frame_layout_and_bad_folders(clips, tmp_path):
+    names = NAMES[:10]
+    ids = make_ssv1_tree(tmp_path, clips, names, {"train": [0, 1, 2, 3], "validation": [4, 5, 6], "test": [0, 1]})
+    empty = tmp_path / "20bn-something-something-v1" / ids["validation"][1]
+    for f in empty.iterdir():
+        f.unlink()
+    gap = tmp_path / "20bn-something-something-v1" / ids["validation"][2]
+    for f in sorted(gap.iterdir())[4:9]:
+        f.unlink()  # frames 5..9 missing: the segment sampler asks for some of them
+    dm = SomethingSomethingV1DataModule(root=str(tmp_path), **TINY)
+    assert dm.class_names == names
+    train = dm.records("train")
+    assert [r.label for r in train] == [0, 1, 2, 3]
+    assert isinstance(train[0], FrameRecord) and train[0].template == "{:05d}.jpg"
+    dm.setup("test")
+    ds = dm.dataset("test")
+    assert ds[0]["video"].shape == (1, 3, 4, 32, 32)
+    for k in (1, 2):
+        assert ds[k]["video"].shape[0] == 0 and ds[k]["bad_video_ids"].tolist() == [k]
+    assert [r.label for r in SomethingSomethingV1DataModule(root=str(tmp_path), test_split="test").records("test")] \
+        == [-1, -1]
+    (tmp_path / "something-something-v1-train.csv").write_text(f"1;{names[0]}\n2;Not a class\n")
+    with pytest.raises(AnnotationError, match=r"v1-train.csv:2: unknown class 'Not a class'"):
+        SomethingSomethingV1DataModule(root=str(tmp_path)).records("train")
+
+
+def test_rawframe_lists(clips, tmp_path):
+    lines = []
+    for k in range(4):
+        write_jpeg_folder(tmp_path / "rawframes" / f"clip {k}", video_frames(clips, k, length=10))
+        lines.append(f"rawframes/clip {k} 10 {k % 2}")
+    write_jpeg_folder(tmp_path / "rawframes" / "short", video_frames(clips, 5, length=3))
+    lines.append("rawframes/short 10 1")  # the list claims more frames than exist
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
+    dm = RawFrameListDataModule(root=str(tmp_path), train_list="train.txt", test_list="train.txt", **TINY)
+    assert dm.class_names == ["0", "1"]
+    recs = dm.records("train")
+    assert recs[1].path == str(tmp_path / "rawframes" / "clip 1") and recs[1].num_frames == 10
+    ds = dm.dataset("test")
+    assert ds[1]["video"].shape == (1, 3, 4, 32, 32) and ds[1]["label"].tolist() == [1]
+    assert ds[4]["bad_video_ids"].tolist() == [4]  # listed count trusted: the missing frames are found
+    scanned = RawFrameListDataModule(root=str(tmp_path), train_list="train.txt", trust_counts=False, **TINY)
+    assert scanned.dataset("train")._index(scanned.records("train")[4]).num_frames == 3
+    (tmp_path / "bad.txt").write_text("rawframes/clip 0 ten 1\n")
+    with pytest.raises(AnnotationError, match=r"bad.txt:1: num_frames and label must be integers"):
+        RawFrameListDataModule(root=str(tmp_path), train_list="bad.txt").records("train")
+    with pytest.raises(ValueError, match="start_index"):
+        RawFrameListDataModule(root=str(tmp_path), train_list="train.txt", frame_start_index=3)
+
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import lightning as L
+    import torch
+    from datamodules import RawFrameListDataModule
+
+    root, out = sys.argv[1], sys.argv[2]
+
+    class Recorder(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 2)
+            self.seen = {"train": [], "test": [], "test_bad": [], "shapes": []}
+
+        def training_step(self, batch, _):
+            self.seen["train"] += batch["video_id"].tolist()
+            x = batch["video"].float().mean(dim=(2, 3, 4)) / 255
+            return torch.nn.functional.cross_entropy(self.fc(x), batch["label"])
+
+        def test_step(self, batch, _):
+            self.seen["test"] += batch["video_id"].tolist()
+            self.seen["test_bad"] += batch["bad_video_ids"].tolist()
+            self.seen["shapes"].append(list(batch["video"].shape[1:]))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    L.seed_everything(0)
+    dm = RawFrameListDataModule(root=root, train_list="list.txt", test_list="list.txt", batch_size=2,
+                                num_frames=4, frame_interval=1, sampling="segment", train_short_side=(32, 32),
+                                eval_short_side=32, crop_size=24, test_clips=1, test_crops=1, test_batch_size=1,
+                                num_workers=1, pin_memory=False)
+    model = Recorder()
+    trainer = L.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_epochs=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(model, datamodule=dm)
+    trainer.test(model, datamodule=dm, verbose=False)
+    with open(f"{out}/rank{trainer.global_rank}.json", "w") as fh:
+        json.dump(model.seen, fh)
+    """
+)
+
+
+@pytest.mark.slow
+def test_ddp_on_a_frame_dataset(clips, tmp_path):
+    lines = []
+    for k in range(6):
+        write_jpeg_folder(tmp_path / f"f{k}", video_frames(clips, k, length=8))
+        lines.append(f"f{k} 8 {k % 2}")
+    (tmp_path / "empty").mkdir()
+    lines.append("empty 8 0")  # 7 folders, one unreadable: an odd count the stock sampler would pad
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    script = tmp_path / "ddp_frames.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(tmp_path)], capture_output=True,
+                          text=True, timeout=240, env=env, cwd=os.getcwd())
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert len(seen[0]["train"]) + len(seen[1]["train"]) == 8  # 7 padded to 8 by the training sampler
+    assert set(seen[0]["train"]) | set(seen[1]["train"]) <= set(range(6))
+    assert sorted(seen[0]["test"] + seen[1]["test"]) == list(range(6))  # each good folder once
+    assert not set(seen[0]["test"]) & set(seen[1]["test"])
+    assert seen[0]["test_bad"] + seen[1]["test_bad"] == [6]
+    assert all(s == [3, 4, 24, 24] for r in seen for s in r["shapes"])
