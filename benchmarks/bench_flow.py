@@ -90,8 +90,17 @@ def measure(layer, x, cot, args) -> tuple[float, float, int]:
 
 
 def run_cuda(args) -> list[dict]:
-    device = torch.device("cuda")
     dtype = DTYPES[args.dtype]
+    if dtype in (torch.float16, torch.bfloat16):
+        # 16-bit activations reach the float32 flow layers under autocast, as in a mixed-precision
+        # network (FlowLayer refuses a dtype other than its parameters' outside autocast).
+        with torch.autocast("cuda", dtype=dtype):
+            return _run_cuda(args, dtype)
+    return _run_cuda(args, dtype)
+
+
+def _run_cuda(args, dtype: torch.dtype) -> list[dict]:
+    device = torch.device("cuda")
     bandwidth = args.bandwidth_gbs or measure_bandwidth_gbs(device)
     source = "given" if args.bandwidth_gbs else "measured d2d copy"
     name = torch.cuda.get_device_name(device)

@@ -338,3 +338,58 @@ def test_fcf_block_under_autocast_keeps_the_activation_dtype():
     assert flow.dtype == torch.bfloat16 and torch.isfinite(flow.float()).all()
     out.float().sum().backward()
     assert torch.isfinite(x.grad).all() and block.flow1.lam.grad is not None
+
+
+# ----------------------------------------------------------------------------- NaN policy and dtypes
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_flow_layer_non_finite_voxel_gives_nan_not_zero_flow(value):
+    # One bad voxel used to give exactly zero flow for its sample (finite forward, NaN backward): the
+    # threshold's "grad > eps" guard sent NaN gradients to the zero branch. Now NaN propagates.
+    layer = FlowLayer(2, n_iter=3).double()
+    x = torch.randn(2, 2, 3, 5, 5, dtype=torch.float64)
+    x[0, 1, 1, 2, 2] = value
+    x.requires_grad_()
+    out = layer(x)
+    assert out[0].isnan().any(), "a non-finite voxel must not give a finite flow"
+    assert torch.isfinite(out[1]).all()  # the other sample is unaffected
+    if value != float("inf"):  # NaN and -Inf make the sample's min/max non-finite: all of it NaN
+        assert out[0].isnan().all()
+    # The backward carries NaN along the same paths, and no further: the clean sample's gradient is
+    # finite (the bad sample's entries of it are 0·NaN = NaN, as for any torch op with a NaN input).
+    (grad,) = torch.autograd.grad(out[1].sum(), x, retain_graph=True)
+    assert torch.isfinite(grad[1]).all()
+    (grad,) = torch.autograd.grad(out[0].sum(), x)
+    assert grad[0].isnan().any() and torch.equal(grad[1], torch.zeros_like(grad[1]))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("flat_i1", [False, True])
+def test_tvl1_non_finite_residual_propagates_in_every_branch(value, flat_i1):
+    # A bad value in i0 only reaches the residual: with a flat i1 (step 0) or a clipped step it used
+    # to vanish; the policy makes the flow NaN there, as torch arithmetic would.
+    i1 = torch.zeros(1, 1, 4, 4, dtype=torch.float64) if flat_i1 else smooth_images(h=4, w=4)
+    i0 = i1.clone()
+    i0[0, 0, 1, 2] = value
+    out = ops.tvl1_flow(i0, i1, 1, backend="torch")
+    assert out[0, :, 1, 2].isnan().all()
+    assert torch.isfinite(out[0, :, 3, 0]).all()  # a pixel the value cannot reach in one iteration
+
+
+def test_flow_layer_and_fcf_block_reject_a_dtype_other_than_their_parameters():
+    with pytest.raises(ValueError, match=r"x has dtype torch.float64 but the FlowLayer's parameters are torch.float32"):
+        FlowLayer(2)(torch.randn(1, 2, 3, 4, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"x has dtype torch.bfloat16 but the FlowLayer's parameters"):
+        FlowLayer(2)(torch.randn(1, 2, 3, 4, 4).bfloat16())
+    # Before: a raw conv3d RuntimeError from the block's first convolution.
+    with pytest.raises(ValueError, match=r"x has dtype torch.float64 but the FCFBlock's parameters are torch.float32"):
+        FCFBlock(4, bottleneck=2, n_iter=2)(torch.randn(1, 4, 3, 4, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="float tensor"):
+        FCFBlock(4, bottleneck=2, n_iter=2)(torch.zeros(1, 4, 3, 4, 4, dtype=torch.long))
+    # A converted module accepts its dtype; under autocast the autocast dtype is accepted as well.
+    assert FlowLayer(2).double()(torch.randn(1, 2, 3, 4, 4, dtype=torch.float64)).dtype == torch.float64
+    block = FCFBlock(4, bottleneck=2, n_iter=2).double()
+    assert block(torch.randn(1, 4, 3, 4, 4, dtype=torch.float64)).shape == (1, 4, 1, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert FlowLayer(2)(torch.randn(1, 2, 3, 4, 4).bfloat16()).dtype == torch.bfloat16

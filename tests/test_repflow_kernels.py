@@ -174,6 +174,70 @@ def test_emulated_kernel_gradients_float32_and_negative_theta():
         torch.testing.assert_close(ker, ref, rtol=2e-3, atol=2e-3)
 
 
+# ------------------------------------------------------------------------ NaN/Inf policy
+
+
+def _assert_same_with_nan(ker, ref, name):
+    assert torch.equal(ker.isnan(), ref.isnan()), f"{name}: NaN at different places"
+    torch.testing.assert_close(ker, ref, rtol=1e-9, atol=1e-9, equal_nan=True, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", ["i0", "i1", "i0 on a flat i1"])
+@pytest.mark.parametrize("n_iter", [1, 4])
+def test_emulated_kernels_match_reference_on_non_finite_inputs(value, where, n_iter):
+    # One policy for both backends (docs/repflow.md §1): NaN/Inf propagate; values and gradients equal
+    # with NaN at exactly the same places, forward and backward.
+    g = torch.Generator().manual_seed(13)
+    i0 = torch.randn(2, 2, 5, 6, dtype=torch.float64, generator=g) * 10
+    i1 = torch.randn(2, 2, 5, 6, dtype=torch.float64, generator=g) * 10
+    if where == "i0 on a flat i1":
+        i1[0, 1] = 3.0
+    (i1 if where == "i1" else i0)[0, 1, 2, 3] = value
+    weight = torch.randn(2, 4, 5, 6, dtype=torch.float64, generator=g)
+    names = ["out", "i0", "i1", "theta", "lam", "tau", *FlowStencils._fields]
+    results = []
+    for kernels in (False, True):
+        a, b = i0.clone().requires_grad_(), i1.clone().requires_grad_()
+        scalars = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in (0.3, 0.15, 0.25)]
+        stencils = [s.clone().requires_grad_() for s in random_stencils(2, torch.Generator().manual_seed(4))]
+        out = _tvl1_flow(a, b, n_iter, *scalars, stencils, kernels=kernels)
+        leaves = (a, b, *scalars, *stencils)
+        grads = torch.autograd.grad((out * weight).sum(), leaves, allow_unused=True, materialize_grads=True)
+        results.append((out, *grads))
+    ref, ker = results
+    assert ref[0][0, [1, 3], 2, 3].isnan().all(), "the flow at the bad pixel must be NaN, not silently finite"
+    assert torch.isfinite(ref[0][1]).all()  # the clean sample
+    for name, r, k in zip(names, ref, ker, strict=True):
+        _assert_same_with_nan(k, r, name)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_emulated_flow_layer_matches_reference_on_a_non_finite_voxel(monkeypatch, value):
+    # FlowLayer on the kernel path (host emulation: route the layer's tvl1_flow to the kernels on CPU).
+    from ops.repflow import modules
+
+    def tvl1_on_kernels(i0, i1, n_iter, theta, lam, tau, stencils=None, backend="auto"):
+        return _tvl1_flow(i0, i1, n_iter, theta, lam, tau, stencils, kernels=True)
+
+    torch.manual_seed(0)
+    layer = FlowLayer(2, n_iter=3).double()
+    x = torch.randn(2, 2, 3, 5, 5, dtype=torch.float64)
+    x[0, 0, 1, 2, 2] = value
+    results = []
+    for kernels in (False, True):
+        if kernels:
+            monkeypatch.setattr(modules, "tvl1_flow", tvl1_on_kernels)
+        xi = x.clone().requires_grad_()
+        out = layer(xi)
+        params = [p for _, p in sorted(layer.named_parameters())]
+        results.append((out, *torch.autograd.grad(out.sum(), [xi, *params])))
+    ref, ker = results
+    assert ref[0][0].isnan().any() and torch.isfinite(ref[0][1]).all()
+    for i, (r, k) in enumerate(zip(ref, ker, strict=True)):
+        _assert_same_with_nan(k, r, f"result {i}")
+
+
 # ------------------------------------------------------------------------ memory and backends
 
 

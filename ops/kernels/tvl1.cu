@@ -83,8 +83,19 @@ __device__ __forceinline__ tvl1_taps<typename vmm_acc<T>::type> tvl1_load_taps(c
     return k;
 }
 
-// The threshold step v(rho(u)) at one pixel, both components (gradients of the backward follow the
-// branch selected here). i indexes [B,C,H,W]; iu = u1's index in [B,2C,H,W] (u2 at iu + CHW).
+// The threshold step v(rho(u)) = coef * (g1, g2) at one pixel, both components (gradients of the
+// backward follow the branch selected here). i indexes [B,C,H,W]. NaN policy, as the reference's
+// threshold_coefficient: a NaN rho or image gradient fails both comparisons and is not flat, so it
+// takes the linear step; "+ rho * 0" makes a NaN or infinite residual a NaN step in every branch.
+template <typename A>
+__device__ __forceinline__ A tvl1_coef(A rho, A grad, A lt) {
+    const A nan_of_rho = rho * (A)0;
+    if (rho < -(lt * grad)) return lt + nan_of_rho;
+    if (rho > lt * grad) return -lt + nan_of_rho;
+    if (grad <= (A)TVL1_EPS) return (A)0 + nan_of_rho;
+    return -rho / grad + nan_of_rho;
+}
+
 template <typename T, typename A>
 __device__ __forceinline__ void tvl1_threshold(const T* gx, const T* gy, const T* rho_c, A u1, A u2, A lt,
                                                vmm_i64 i, A& v1, A& v2) {
@@ -92,19 +103,9 @@ __device__ __forceinline__ void tvl1_threshold(const T* gx, const T* gy, const T
     const A g1 = vmm_load(gx, i), g2 = vmm_load(gy, i);
     const A grad = g1 * g1 + g2 * g2 + eps;
     const A rho = vmm_load(rho_c, i) + g1 * u1 + g2 * u2;
-    v1 = 0;
-    v2 = 0;
-    if (rho < -(lt * grad)) {
-        v1 = lt * g1;
-        v2 = lt * g2;
-    } else if (rho > lt * grad) {
-        v1 = -lt * g1;
-        v2 = -lt * g2;
-    } else if (grad > eps) {
-        const A step = -rho / grad;
-        v1 = step * g1;
-        v2 = step * g2;
-    }
+    const A coef = tvl1_coef(rho, grad, lt);
+    v1 = coef * g1;
+    v2 = coef * g2;
 }
 
 // The primal step at one pixel: u_k = u_{k-1} + v(rho(u_{k-1})) + theta * div(p_{k-1}) for both
@@ -400,23 +401,26 @@ __global__ void tvl1_primal_adj(const T* __restrict__ gx, const T* __restrict__ 
             const acc_t grad = g1 * g1 + g2 * g2 + eps;
             const acc_t u1 = vmm_load(u, iu), u2 = vmm_load(u, iu + CHW);
             const acc_t rho = vmm_load(rho_c, i) + g1 * u1 + g2 * u2;
-            acc_t g1bar = 0, g2bar = 0, rhobar = 0;
-            if (rho < -(lt * grad)) {  // v = lt * g
-                s_lt += U[0] * g1 + U[1] * g2;
-                g1bar = lt * U[0];
-                g2bar = lt * U[1];
-            } else if (rho > lt * grad) {  // v = -lt * g
-                s_lt -= U[0] * g1 + U[1] * g2;
-                g1bar = -lt * U[0];
-                g2bar = -lt * U[1];
-            } else if (grad > eps) {  // v = step * g, step = -rho / grad
+            // coef as in tvl1_coef; its "+ rho * 0" (NaN policy) adds rhobar += 0 * coefbar in every branch.
+            const acc_t coefbar = U[0] * g1 + U[1] * g2;
+            const acc_t nan_of_rho = rho * (acc_t)0;
+            acc_t coef, rhobar = coefbar * (acc_t)0, gradbar = 0;
+            if (rho < -(lt * grad)) {  // coef = lt
+                coef = lt + nan_of_rho;
+                s_lt += coefbar;
+            } else if (rho > lt * grad) {  // coef = -lt
+                coef = -lt + nan_of_rho;
+                s_lt -= coefbar;
+            } else if (grad <= eps) {  // flat image: coef = 0
+                coef = (acc_t)0 + nan_of_rho;
+            } else {  // coef = -rho / grad (also where rho or grad is NaN)
                 const acc_t step = -rho / grad;
-                const acc_t stepbar = U[0] * g1 + U[1] * g2;
-                rhobar = -stepbar / grad;
-                const acc_t gradbar = -step * stepbar / grad;  // d step / d grad = rho / grad^2
-                g1bar = step * U[0] + 2 * g1 * gradbar + rhobar * u1;
-                g2bar = step * U[1] + 2 * g2 * gradbar + rhobar * u2;
+                coef = step + nan_of_rho;
+                rhobar += -coefbar / grad;
+                gradbar = -step * coefbar / grad;  // d step / d grad = rho / grad^2
             }
+            const acc_t g1bar = coef * U[0] + 2 * g1 * gradbar + rhobar * u1;
+            const acc_t g2bar = coef * U[1] + 2 * g2 * gradbar + rhobar * u2;
             vmm_store(ubar_out + iu, U[0] + rhobar * g1);
             vmm_store(ubar_out + iu + CHW, U[1] + rhobar * g2);
             vmm_store(ggx + i, vmm_load(ggx, i) + g1bar);

@@ -14,6 +14,22 @@ from .functional import DEFAULT_TAPS, tvl1_flow
 NORM_EPS = 1e-6
 
 
+def check_input_dtype(module: str, x: Tensor, param_dtype: torch.dtype) -> None:
+    """``x`` must have the module's parameter dtype, or, under ``torch.autocast`` for x's device, the
+    autocast dtype (the convolutions before a flow layer return it there). A clear ValueError
+    instead of a raw convolution error, or a silent cast of the parameters, on a mismatch.
+    """
+    if x.dtype == param_dtype:
+        return
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type) and x.dtype == torch.get_autocast_dtype(device_type):
+        return
+    raise ValueError(
+        f"x has dtype {x.dtype} but the {module}'s parameters are {param_dtype}: convert the module "
+        f"(.to({x.dtype})) or the input (.to({param_dtype})), or run under torch.autocast"
+    )
+
+
 def _check_channels(name: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -27,10 +43,20 @@ class FlowLayer(nn.Module):
     to t+1, channels ``[u1 (x) of the C channels, u2 (y) of the C channels]``.
 
     Each sample is first normalised to [0, 255] over (C,T,H,W) on its own, so a sample's flow does not
-    depend on its batch. ``learnable`` switches (image-gradient stencils, forward-difference and
-    divergence stencils, θ, λ, τ) make the corresponding tensors ``nn.Parameter`` s; the others are
-    buffers. Stencils are per channel (depthwise, spec §4); θ enters as ``|θ| + 1e-12`` so it stays
-    positive whatever the optimiser does.
+    depend on its batch.
+
+    Non-finite input (docs/repflow.md §1, both backends alike): NaN propagates as in torch ops. A NaN
+    or -Inf voxel makes that sample's normalised clip NaN (its min/max are NaN or infinite), a +Inf
+    voxel makes its own voxel NaN; the flow is then NaN wherever that value reaches, never a silent
+    zero, and the backward carries NaN along the same paths. Other samples are unaffected.
+
+    ``x`` must have the layer's parameter dtype (float32 by default), or under ``torch.autocast`` the
+    autocast dtype; 16-bit inputs are computed in float32 and returned in their dtype.
+
+    ``learnable`` switches (image-gradient stencils, forward-difference and divergence stencils, θ,
+    λ, τ) make the corresponding tensors ``nn.Parameter`` s; the others are buffers. Stencils are per
+    channel (depthwise, spec §4); θ enters as ``|θ| + 1e-12`` so it stays positive whatever the
+    optimiser does.
     """
 
     def __init__(
@@ -88,10 +114,12 @@ class FlowLayer(nn.Module):
             raise ValueError(f"x must have T >= 2 frames (flow needs a pair), got shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"x must be a float tensor, got {x.dtype}")
+        check_input_dtype("FlowLayer", x, self.theta.dtype)
         if x.numel() == 0:
             # Empty in, empty out; the (zero) sum keeps the result in x's autograd graph.
             return x.new_zeros((n, 2 * c, t - 1, h, w)) + x.sum() * 0
-        # Normalise each sample on its own, in at least float32 (a 16-bit eps would underflow).
+        # Normalise each sample on its own, in at least float32 (a 16-bit eps would underflow). amin and
+        # amax propagate NaN, so a NaN voxel makes its whole sample NaN rather than zero flow.
         xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         flat = xf.reshape(n, -1)
         lo = flat.amin(dim=1).reshape(n, 1, 1, 1, 1)
@@ -111,7 +139,8 @@ class FCFBlock(nn.Module):
 
     ``relu(avg_pool_T3(x) + BN(conv133(Flow(conv1(conv133(Flow(conv1(x))))))))`` with both flow layers
     on ``bottleneck`` channels (separate parameters) and the final BN's gamma zero-initialised, so
-    the block starts as ``relu`` of the temporally average-pooled input.
+    the block starts as ``relu`` of the temporally average-pooled input. ``x`` must have the block's
+    parameter dtype, or the autocast dtype under ``torch.autocast`` (ValueError otherwise).
     """
 
     def __init__(
@@ -141,6 +170,9 @@ class FCFBlock(nn.Module):
             raise ValueError(
                 f"x must be [N,{self.channels},T,H,W] with T >= 3, got shape {tuple(getattr(x, 'shape', ()))}"
             )
+        if not x.is_floating_point():
+            raise ValueError(f"x must be a float tensor, got {x.dtype}")
+        check_input_dtype("FCFBlock", x, self.reduce1.weight.dtype)
         res = nn.functional.avg_pool3d(x, (3, 1, 1), stride=1)
         f = self.flow1(self.reduce1(x))
         f = self.conv(f)

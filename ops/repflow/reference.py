@@ -56,6 +56,29 @@ def divergence(p1: Tensor, p2: Tensor, dx: Tensor, dy: Tensor) -> Tensor:
     return (_tap(dx, 0) * p1prev + _tap(dx, 1) * p1t) + (_tap(dy, 0) * p2prev + _tap(dy, 1) * p2t)
 
 
+def threshold_coefficient(rho: Tensor, grad: Tensor, lt: Tensor | float, zeros: Tensor) -> Tensor:
+    """The threshold step as a coefficient of ∇i1: ``v = coef·(gx, gy)`` (repflow.md §1), ``[B,C,H,W]``.
+
+    ``coef`` is ``λθ`` where ``rho < -λθ·grad``, ``-λθ`` where ``rho > λθ·grad``, 0 where the image is
+    flat (``grad <= ε``: ∇i1 = 0) and ``-rho/grad`` otherwise.
+
+    NaN policy (docs/repflow.md §1), shared with the fused kernels: non-finite values propagate as
+    in torch arithmetic. A NaN residual or image gradient fails both comparisons and is not flat, so
+    it takes the linear branch; ``+ 0·rho`` turns a NaN or ±Inf residual into a NaN step in every
+    branch (a clipped or flat step would otherwise hide it). Gradients follow the selected branch
+    only, and the unselected branch's inputs are zeroed before use (``torch.where`` on the inputs,
+    not only on the outputs), so a value that was not used never reaches the backward as ``0·NaN``.
+    """
+    lt_grad = lt * grad
+    below = rho < -lt_grad
+    above = rho > lt_grad
+    flat = grad <= EPS
+    moving = ~(below | above | flat)
+    # grad >= EPS > 0 for finite inputs, so the division is safe; rho is zeroed where the step is unused.
+    step = torch.where(moving, -torch.where(moving, rho, zeros) / grad, zeros)
+    return torch.where(below, lt, torch.where(above, -lt, step)) + rho * 0
+
+
 def tvl1_reference(
     i0: Tensor,
     i1: Tensor,
@@ -81,16 +104,9 @@ def tvl1_reference(
     u1 = u2 = p11 = p12 = p21 = p22 = zeros
     for k in range(n_iter):
         rho = rho_c + gx * u1 + gy * u2
-        lt_grad = lt * grad
-        below = rho < -lt_grad
-        above = rho > lt_grad
-        inside = grad > EPS
-        # The division is safe: grad >= EPS > 0 in float32/float64.
-        step = -rho / grad
-        v1 = torch.where(below, lt * gx, torch.where(above, -lt * gx, torch.where(inside, step * gx, zeros)))
-        v2 = torch.where(below, lt * gy, torch.where(above, -lt * gy, torch.where(inside, step * gy, zeros)))
-        u1 = u1 + v1 + theta_e * divergence(p11, p12, dx, dy)
-        u2 = u2 + v2 + theta_e * divergence(p21, p22, dx, dy)
+        coef = threshold_coefficient(rho, grad, lt, zeros)
+        u1 = u1 + coef * gx + theta_e * divergence(p11, p12, dx, dy)
+        u2 = u2 + coef * gy + theta_e * divergence(p21, p22, dx, dy)
         if k == n_iter - 1:
             break  # the last dual update cannot change the returned flow
         u1x, u1y = forward_gradient(u1, fx, fy)
