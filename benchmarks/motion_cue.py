@@ -11,6 +11,14 @@ and budget; only the frame-pair operation differs:
              with the tap identity kept
     sifa     ops.SIFA as specified (sifa.md §2): correlation-weighted aggregation added to x[t]
     sifa-kaiming, sifa-d2   SIFA with Kaiming-initialised offsets / dilation 2
+    sifa-cos  SIFA's aggregation with a normalised attention: softmax over the taps of the cosine
+             similarity / 0.1 (bounded, like a transformer's), instead of the raw dot product whose
+             added term grows like x³ — the "scale" question of docs/sifa.md §5
+    sifa-corr SIFA with correlation features (docs/sifa.md §5), when ops.SIFA has the option
+
+Motion scale is a variable: `--speed MIN MAX` (pixels per stored frame at 80 px) and `--interval`
+set the displacement between sampled frames; the pair operation sits at 1/4 resolution, where a
+±1 window reaches ±4 input pixels. `--task coherence` trains on frames in order vs permuted (K = 2).
 
     python benchmarks/motion_cue.py                          # all modes, ~25 min on a 2-core CPU
     python benchmarks/motion_cue.py --epochs 60              # on a GPU: ~10 s per mode after loading
@@ -20,6 +28,7 @@ and budget; only the frame-pair operation differs:
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 import time
@@ -31,9 +40,9 @@ from torch import nn
 
 from datamodules import SyntheticMotionDataModule
 from datamodules.synthetic import ORDER_BLIND_CEILING
-from ops import SIFA, deform_correlation
+from ops import SIFA, deform_aggregation, deform_correlation
 
-MODES = ("plain", "diff", "corr", "sifa", "sifa-kaiming", "sifa-d2")
+MODES = ("plain", "diff", "corr", "sifa", "sifa-kaiming", "sifa-d2", "sifa-cos", "sifa-corr")
 MEAN, STD = 0.45, 0.25
 
 
@@ -56,7 +65,12 @@ class CueNet(nn.Module):
         self.stem = nn.Sequential(conv_bn_relu(3, channels, 5, 2), conv_bn_relu(channels, channels, 3, 2))
         if mode.startswith("sifa"):
             offset_init = "kaiming" if mode == "sifa-kaiming" else "zeros"
-            self.sifa = SIFA(channels, dilation=2 if mode == "sifa-d2" else 1, offset_init=offset_init)
+            extra = {}
+            if mode == "sifa-corr":
+                if "correlation_features" not in inspect.signature(SIFA).parameters:
+                    raise ValueError("mode 'sifa-corr': ops.SIFA has no correlation_features option in this version")
+                extra["correlation_features"] = True
+            self.sifa = SIFA(channels, dilation=2 if mode == "sifa-d2" else 1, offset_init=offset_init, **extra)
         wide = mode in ("diff", "corr")
         self.head = nn.Sequential(
             conv_bn_relu(2 * channels if wide else channels, 2 * channels, 3, 1),
@@ -80,7 +94,27 @@ class CueNet(nn.Module):
             attn = attn.reshape(n, t - 1, 9, h, w).transpose(1, 2)
             pad = f.new_zeros(n, c - 9, t - 1, h, w)  # same head width as diff
             return torch.cat((f[:, :, :-1], attn, pad), dim=1)
+        if self.mode == "sifa-cos":
+            return self.cosine_sifa(f)
         return self.sifa(f)
+
+    def cosine_sifa(self, f: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+        """SIFA (same offsets, window and residual) with attention softmax_k(cos(x[t], x[t+1](p_k)) / τ)."""
+        n, c, t, h, w = f.shape
+        motion = (1 + torch.sigmoid(f[:, :, 1:] - f[:, :, :-1])) * f[:, :, 1:]
+        offset = self.sifa.conv_offset(motion)
+
+        def pairs(v: torch.Tensor) -> torch.Tensor:
+            return v.transpose(1, 2).reshape(n * (t - 1), v.shape[1], h, w)
+
+        unit = F.normalize(f, dim=1)
+        off = pairs(offset)
+        k, d = self.sifa.kernel_size, self.sifa.dilation
+        sim = deform_correlation(pairs(unit[:, :, :-1]), pairs(unit[:, :, 1:]), off, kernel_size=k, dilation=d)
+        cosine = sim * c  # the op averages over channels; unit vectors make that cos / C
+        agg = deform_aggregation(pairs(f[:, :, 1:]), (cosine / temperature).softmax(1), off, kernel_size=k, dilation=d)
+        agg = agg.reshape(n, t - 1, c, h, w).transpose(1, 2)
+        return torch.cat((f[:, :, :-1] + agg, f[:, :, -1:]), dim=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.head(self.pair_op(self.stem(x))).mean(dim=(2, 3, 4)))
@@ -149,6 +183,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--test-per-class", type=int, default=16)
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--interval", type=int, default=2)
+    p.add_argument("--speed", type=float, nargs=2, default=[2.0, 6.0], metavar=("MIN", "MAX"),
+                   help="object speed range, pixels per stored frame (80 px)")
+    p.add_argument("--task", default="direction", choices=("direction", "coherence"),
+                   help="coherence: ordered vs permuted frames (K = 2; every frame read, --interval scales the speed)")
     p.add_argument("--crop", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -163,10 +201,16 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    speed, interval, video_frames = tuple(args.speed), args.interval, 20
+    if args.task == "coherence":  # the whole clip, so both classes show the same frame set
+        if args.num_classes != 2:
+            p.error("--num-classes: the coherence task has 2 classes")
+        speed, interval, video_frames = (speed[0] * interval, speed[1] * interval), 1, args.frames
     dm = SyntheticMotionDataModule(
         root=args.cache, num_classes=args.num_classes, train_per_class=args.train_per_class, val_per_class=2,
         test_per_class=args.test_per_class, seed=0, batch_size=64, num_workers=args.workers, num_frames=args.frames,
-        frame_interval=args.interval, crop_size=args.crop, test_clips=1,
+        frame_interval=interval, crop_size=args.crop, test_clips=1, speed_range=speed, video_frames=video_frames,
+        task=args.task,
     )
     dm.prepare_data()
     dm.setup("fit")

@@ -59,7 +59,7 @@ from lightning_modules.networks import FCFR2Plus1D, SIFAResNet
 ARMS = ("plain", "sifa", "sifa-corr", "fcf")
 TASKS = ("direction", "coherence")
 # The network switch of SIFA's correlation features (docs/sifa.md §5).
-CORRELATION_SWITCH = "sifa_correlation_features"
+CORRELATION_SWITCH = "correlation_features"
 
 
 def has_correlation_features() -> bool:
@@ -68,7 +68,8 @@ def has_correlation_features() -> bool:
 
 
 def build_net(arm: str, num_classes: int, args: argparse.Namespace) -> torch.nn.Module:
-    common = {"depth": args.depth, "width_mult": args.width, "dropout": args.dropout}
+    common = {"depth": args.depth, "width_mult": args.width, "dropout": args.dropout,
+              "zero_init_residual": not getattr(args, "no_zero_init_residual", False)}
     if arm in ("plain", "sifa", "sifa-corr"):
         extra = {}
         if arm == "sifa-corr":
@@ -253,6 +254,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--fcf-bottleneck", type=int, default=16)
     p.add_argument("--sifa-stages", type=int, nargs="+", default=[2, 3, 4], help="ResNet stages with SIFA blocks")
     p.add_argument("--sifa-dilation", type=int, default=1)
+    p.add_argument("--no-zero-init-residual", action="store_true",
+                   help="start the last BN of every residual branch at 1, not 0 (SIFA's branch then acts from step 0)")
     p.add_argument(
         "--stem-temporal", type=int, default=1,
         help="temporal kernel = stride of the plain/SIFA arms' stem; 1 is the probe, 2+ a control that lets the "
@@ -260,6 +263,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--pretrain-epochs", type=int, default=0,
                    help="stage 1: train the plain backbone on the appearance task first (0: no pretraining)")
+    p.add_argument("--pretrained-file", default=None,
+                   help="reuse stage 1 from this file when it exists, else write it there (same settings only)")
     p.add_argument("--freeze-backbone", action="store_true",
                    help="stage 2 trains only what the pretrained backbone lacks (modules, classifier)")
     p.add_argument("--optimizer", default="adamw", choices=("sgd", "adamw"))
@@ -284,7 +289,17 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
 
     k = args.num_classes
-    pretrained, pretrain_res = (pretrain_backbone(args) if args.pretrain_epochs else (None, None))
+    pretrained, pretrain_res = None, None
+    if args.pretrain_epochs:
+        saved = Path(args.pretrained_file) if args.pretrained_file else None
+        if saved is not None and saved.is_file():  # stage 1 of an earlier run with the same settings
+            blob = torch.load(saved, map_location="cpu", weights_only=True)
+            pretrained, pretrain_res = blob["state"], blob["result"]
+            print(f"[pretrain] loaded {saved}: appearance test top-1 {100 * pretrain_res['top1']:.1f}%", flush=True)
+        else:
+            pretrained, pretrain_res = pretrain_backbone(args)
+            if saved is not None:
+                torch.save({"state": pretrained, "result": pretrain_res}, saved)
     results = []
     for arm in args.arms:
         r = run_arm(arm, args, pretrained)
