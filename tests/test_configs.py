@@ -9,6 +9,7 @@ that need GPUs are swapped for CPU ones; the rest of each config is built as wri
 from __future__ import annotations
 
 import csv
+import json
 import warnings
 from pathlib import Path
 
@@ -44,11 +45,31 @@ def _fake_hmdb51(root: Path, k: int = 51) -> None:
         (ann / f"class_{i:02d}_test_split1.txt").write_text(f"a{i}.avi 1\nb{i}.avi 2\nc{i}.avi 0\n")
 
 
+def _fake_ssv2(root: Path) -> None:
+    # the real 174 class names (tests/fixtures) and one entry per split; no videos
+    labels = root / "labels"
+    labels.mkdir(parents=True)
+    names = json.loads((REPO_ROOT / "tests" / "fixtures" / "something_something_v2_labels.json").read_text())
+    (labels / "labels.json").write_text(json.dumps(names))
+    entry = {"id": "1", "label": "holding a cup", "template": "Holding [something]", "placeholders": ["a cup"]}
+    for split in ("train", "validation"):
+        (labels / f"{split}.json").write_text(json.dumps([entry]))
+    (labels / "test.json").write_text(json.dumps([{"id": "2"}]))
+
+
+def _fake_ssv1(root: Path, k: int = 174) -> None:
+    root.mkdir(parents=True)
+    (root / "something-something-v1-labels.csv").write_text("".join(f"Doing something {i}\n" for i in range(k)))
+    for split in ("train", "validation"):
+        (root / f"something-something-v1-{split}.csv").write_text("1;Doing something 3\n")
+
+
 def test_every_config_is_covered():
     names = {p.name for p in CONFIGS}
     assert {"demo_sifa_synthetic.yaml", "demo_fcf_synthetic.yaml", "sifa_r50_kinetics400.yaml",
             "c2d_r50_kinetics400.yaml", "fcf_r2plus1d50_hmdb51.yaml", "r2plus1d50_hmdb51.yaml",
-            "fcf_r2plus1d50_kinetics400.yaml", "r2plus1d50_kinetics400.yaml"} <= names
+            "fcf_r2plus1d50_kinetics400.yaml", "r2plus1d50_kinetics400.yaml", "sifa_r50_ssv1.yaml",
+            "sifa_r50_ssv2.yaml", "c2d_r50_ssv1.yaml", "c2d_r50_ssv2.yaml", "fcf_r2plus1d50_ssv2.yaml"} <= names
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
@@ -56,9 +77,14 @@ def test_config_builds(config, tmp_path):
     raw = yaml.safe_load(config.read_text())
     data_cls = raw["data"]["class_path"].rsplit(".", 1)[1]
     args = ["--config", str(config), *CPU, "--trainer.default_root_dir", str(tmp_path)]
-    expect_k = {"KineticsDataModule": 400, "HMDB51DataModule": 51}.get(data_cls)
+    expect_k = {"KineticsDataModule": 400, "HMDB51DataModule": 51, "SomethingSomethingV1DataModule": 174,
+                "SomethingSomethingV2DataModule": 174}.get(data_cls)
     if data_cls == "KineticsDataModule":
         _fake_kinetics(tmp_path / "data")
+    elif data_cls == "SomethingSomethingV2DataModule":
+        _fake_ssv2(tmp_path / "data")
+    elif data_cls == "SomethingSomethingV1DataModule":
+        _fake_ssv1(tmp_path / "data")
     elif data_cls == "HMDB51DataModule":
         _fake_hmdb51(tmp_path / "data")
     else:
@@ -95,3 +121,6 @@ def test_config_builds(config, tmp_path):
     if raw["model"].get("flow_lr_scale", 1.0) != 1.0 and n_fcf:
         assert len({g["lr"] for g in groups}) == 2
     assert cli.trainer.max_epochs == raw["trainer"]["max_epochs"]
+    if data_cls.startswith("SomethingSomething"):
+        assert not dm.train_transform.flip and dm.dataset("train").flip_labels is None
+        assert dm.clip.sampling == "segment"
