@@ -24,6 +24,7 @@ Files are written once into a cache directory in the Kinetics layout (class fold
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -76,10 +77,12 @@ H264_ENCODERS = ("libx264", "libopenh264", "h264")
 __all__ = [
     "APPEARANCE_CLASSES",
     "CLASS_PAIRS",
+    "CacheNotWritableError",
     "COHERENCE_CLASSES",
     "TASKS",
     "SyntheticSpec",
     "class_names_for",
+    "clean_stale_temporaries",
     "generate_dataset",
     "pick_encoder",
     "render_video",
@@ -402,18 +405,134 @@ def _write_chunk(args: tuple[SyntheticSpec, str, str, list[int]]) -> None:
         _encode(path, frames, spec.fps, spec.encoder, spec.crf)
 
 
+# -- the cache directory ---------------------------------------------------------------------------
+# A `.tmp-*` directory is owned by the run writing it, which holds an flock on it until it is done;
+# one that is unlocked and older than this belongs to a run that was killed.
+_STALE_AFTER_S = 60.0
+# Where flock is unavailable (some network file systems), only this age tells a dead run.
+_STALE_UNLOCKABLE_AFTER_S = 24 * 3600.0
+
+
+class CacheNotWritableError(PermissionError):
+    """The synthetic dataset cannot be written where it was asked to go; says where and why."""
+
+
+def _not_writable(path: Path, exc: OSError) -> CacheNotWritableError:
+    return CacheNotWritableError(
+        f"cannot write the synthetic motion dataset: {path}: {exc.strerror or exc}. Point the cache at a "
+        "writable directory: set the environment variable VMM_CACHE=/some/dir, or the datamodule's "
+        "root (data.init_args.root / SyntheticMotionDataModule(root=...))"
+    )
+
+
+def _lock_dir(path: Path, blocking: bool) -> int | None:
+    """An fd holding an exclusive flock on directory `path`; None if another process holds it.
+
+    Raises OSError where flock is unsupported (the caller decides what that means)."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def clean_stale_temporaries(base: Path, now: float | None = None) -> list[Path]:
+    """Remove the `.tmp-*` directories under `base` left by killed runs; return what was removed.
+
+    A directory is stale when nobody holds its flock and it is older than `_STALE_AFTER_S` (the
+    age covers the instant between a run's mkdir and its flock); without flock support, when it
+    is older than `_STALE_UNLOCKABLE_AFTER_S`. Safe to run while other runs generate.
+    """
+    import time
+
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        entries = sorted(base.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        try:
+            if not entry.name.startswith(".tmp-") or entry.is_symlink() or not entry.is_dir():
+                continue
+            age = now - entry.stat().st_mtime
+            if age < _STALE_AFTER_S:
+                continue
+            try:
+                fd = _lock_dir(entry, blocking=False)
+            except OSError:  # no flock here: only a very old directory is surely dead
+                if age > _STALE_UNLOCKABLE_AFTER_S:
+                    shutil.rmtree(entry, ignore_errors=True)
+                    removed.append(entry)
+                continue
+            if fd is None:
+                continue  # a live run holds it
+            try:
+                shutil.rmtree(entry, ignore_errors=True)
+            finally:
+                os.close(fd)
+            removed.append(entry)
+        except OSError:  # it vanished meanwhile (another cleaner), or a read-only cache
+            continue
+    if removed:
+        log.info("removed %d stale temporary dataset folder(s) under %s", len(removed), base)
+    return removed
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temporary file in `path`'s directory, fsync it, then rename it over `path`:
+    a reader sees the old file or the whole new one, never a part."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def generate_dataset(spec: SyntheticSpec, cache_root: str | os.PathLike, workers: int = 1) -> Path:
     """Write the dataset to `cache_root/synthetic_motion/<digest>` unless it is there; return the path.
 
-    Written into a temporary sibling directory and renamed into place, so concurrent callers (DDP
-    ranks) and interrupted runs never expose a partial dataset.
+    `meta.json`, written last (atomically), marks a complete dataset. Files are written into a
+    temporary sibling `.tmp-*` directory, flock-ed by this run, and renamed into place, so
+    concurrent callers (DDP ranks) and interrupted runs never expose a partial dataset; temporary
+    directories of killed runs are removed (`clean_stale_temporaries`). A dataset directory
+    without `meta.json` (incomplete) is replaced. An unwritable cache raises
+    CacheNotWritableError naming the directory.
     """
     base = Path(cache_root).expanduser() / "synthetic_motion"
     final = base / spec.digest()
     if (final / "meta.json").is_file():
         return final
-    base.mkdir(parents=True, exist_ok=True)
-    tmp = base / f".tmp-{spec.digest()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _not_writable(Path(exc.filename or base), exc) from None
+    clean_stale_temporaries(base)
+    token = f"{spec.digest()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = base / f".tmp-{token}"
+    try:
+        tmp.mkdir()
+    except OSError as exc:
+        raise _not_writable(base, exc) from None
+    try:
+        own = _lock_dir(tmp, blocking=True)  # held until the end: tells cleaners this run is alive
+    except OSError:
+        own = None
+    aside = None
     try:
         for split in SPLIT_CODES:
             for name in spec.class_names:
@@ -437,19 +556,41 @@ def generate_dataset(spec: SyntheticSpec, cache_root: str | os.PathLike, workers
             for i in range(spec.per_class(split) * spec.num_classes):
                 name = spec.class_names[i % spec.num_classes]
                 lines.append(f"{name},{split}{i:05d},0,{spec.duration_s()},{split}")
-            (tmp / "annotations" / csv_name).write_text("\n".join(lines) + "\n")
+            _write_text_atomic(tmp / "annotations" / csv_name, "\n".join(lines) + "\n")
         meta = {"spec": asdict(spec), "class_names": spec.class_names,
                 "reverse_of": [reverse_class(i, spec.task) for i in range(spec.num_classes)]}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "meta.json").is_file():  # not a lost race with another process
-                raise
+        _write_text_atomic(tmp / "meta.json", json.dumps(meta, indent=1))
+        aside = _place(tmp, final, token)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        if own is not None:
+            os.close(own)
+        for leftover in (tmp, aside):
+            if leftover is not None and leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)
     return final
+
+
+def _place(tmp: Path, final: Path, token: str) -> Path | None:
+    """Rename the finished `tmp` to `final`, serialised between processes by an flock on the cache
+    folder. A complete `final` (another run won) is kept; an incomplete one (no meta.json) is moved
+    aside, and that path returned for removal."""
+    try:
+        lock = _lock_dir(final.parent, blocking=True)
+    except OSError:
+        lock = None  # no flock: the renames below are still atomic, only the swap is unguarded
+    aside = None
+    try:
+        if (final / "meta.json").is_file():
+            return None  # another process finished first; its files are the same
+        if final.exists():
+            aside = final.parent / f".tmp-{token}-incomplete"
+            log.warning("%s has no meta.json (an incomplete dataset): replacing it", final)
+            os.rename(final, aside)
+        os.rename(tmp, final)
+    finally:
+        if lock is not None:
+            os.close(lock)
+    return aside
 
 
 def default_cache_root() -> Path:

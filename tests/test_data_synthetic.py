@@ -3,16 +3,29 @@
 from __future__ import annotations
 
 import csv
+import fcntl
+import json
 import logging
 import multiprocessing
 import os
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from datamodules import SyntheticMotionDataModule
-from datamodules.synthetic import SyntheticSpec, class_names_for, generate_dataset, pick_encoder, render_video
+from datamodules.synthetic import (
+    CacheNotWritableError,
+    SyntheticSpec,
+    _write_text_atomic,
+    class_names_for,
+    clean_stale_temporaries,
+    generate_dataset,
+    pick_encoder,
+    render_video,
+)
 
 TINY = dict(
     num_classes=4, train_per_class=3, val_per_class=1, test_per_class=2, video_frames=10, frame_size=32,
@@ -191,3 +204,81 @@ def test_datamodule_task_option(tmp_path):
     assert sorted(r.label for r in coherence.records("train")) == [0, 0, 0, 1, 1, 1]
     appearance = SyntheticMotionDataModule(root=str(tmp_path), **{**TINY, "task": "appearance"})
     assert appearance.num_classes == 4 and appearance.reverse_of == [0, 1, 2, 3]
+
+
+# ------------------------------------------------------------------ the cache: stale, incomplete, read-only
+
+def _tiny_spec() -> SyntheticSpec:
+    return SyntheticSpec(num_classes=2, train_per_class=1, val_per_class=1, test_per_class=1, video_frames=4,
+                         frame_size=16, encoder=pick_encoder())
+
+
+def test_stale_temporaries_of_killed_runs_are_removed_live_ones_kept(tmp_path):
+    spec = _tiny_spec()
+    base = tmp_path / "synthetic_motion"
+    base.mkdir()
+    old = time.time() - 3600
+    dead, live, fresh = (base / f".tmp-{spec.digest()}-{tag}" for tag in ("1-dead", "2-live", "3-fresh"))
+    for d in (dead, live, fresh):
+        (d / "train").mkdir(parents=True)
+    for d in (dead, live):
+        os.utime(d, (old, old))
+    holder = os.open(live, os.O_RDONLY)  # a run that is still writing holds this lock
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        final = generate_dataset(spec, tmp_path)
+        assert sorted(p.name for p in base.iterdir()) == sorted([spec.digest(), live.name, fresh.name])
+    finally:
+        os.close(holder)
+    assert clean_stale_temporaries(base) == [live]  # its run ended: now it goes too
+    assert (final / "meta.json").is_file()
+
+
+def test_dataset_folder_without_meta_json_is_regenerated(tmp_path):
+    spec = _tiny_spec()
+    final = generate_dataset(spec, tmp_path)
+    (final / "meta.json").unlink()  # an incomplete dataset (e.g. a partial copy)
+    (final / "stray.txt").write_text("x")
+    assert generate_dataset(spec, tmp_path) == final
+    assert json.loads((final / "meta.json").read_text())["class_names"] == spec.class_names
+    assert not (final / "stray.txt").exists()
+    assert [p.name for p in (tmp_path / "synthetic_motion").iterdir()] == [spec.digest()]
+
+
+def _read_only_dir(tmp_path: Path) -> Path:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        (ro / "probe").mkdir()
+    except PermissionError:
+        return ro
+    (ro / "probe").rmdir()  # root ignores permission bits: use a file system that refuses writes
+    for candidate in (Path("/sys/vmm-cache"), Path("/proc/sys/vmm-cache")):
+        try:
+            candidate.mkdir()
+        except OSError:
+            return candidate
+        candidate.rmdir()
+    pytest.skip("no read-only directory available to this user")
+
+
+def test_read_only_cache_says_which_directory_and_how_to_move_it(tmp_path):
+    ro = _read_only_dir(tmp_path)
+    try:
+        with pytest.raises(CacheNotWritableError, match=r"cannot write the synthetic motion dataset: .*VMM_CACHE") as e:
+            generate_dataset(_tiny_spec(), ro)
+        assert str(ro) in str(e.value)
+    finally:
+        if ro.parent == tmp_path:
+            ro.chmod(0o755)
+
+
+def test_meta_json_and_lists_are_replaced_atomically(tmp_path):
+    target = tmp_path / "meta.json"
+    target.write_text('{"old": 1}')
+    with open(target) as reader:  # a reader that opened the file before the write
+        _write_text_atomic(target, '{"new": 2}')
+        assert reader.read() == '{"old": 1}'  # replaced by a rename, not rewritten in place
+    assert target.read_text() == '{"new": 2}'
+    assert [p.name for p in tmp_path.iterdir()] == ["meta.json"]  # no temporary left behind
