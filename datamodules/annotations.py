@@ -9,15 +9,24 @@ Conventions (those of the official releases and of the usual toolkits):
   the sorted class names;
 - UCF-101: `classInd.txt` with 1-based ids (stored 0-based here), `trainlist0N.txt` with a label,
   `testlist0N.txt` without (label from the class folder).
+
+Text files are read as UTF-8 (a leading byte-order mark is dropped); other encodings give an
+AnnotationError naming the file and line. Entries that cannot be used (a listed file that is
+missing, a dangling symbolic link, a link loop, a FIFO or other non-regular file) are kept as
+records with `problem` set, so they are counted and reported instead of vanishing
+(docs/data.md; `check_records`).
 """
 
 from __future__ import annotations
 
 import csv
+import errno
+import io
 import logging
 import os
-from collections.abc import Iterable
-from dataclasses import dataclass
+import stat
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -28,6 +37,8 @@ __all__ = [
     "AnnotationError",
     "VIDEO_EXTENSIONS",
     "VideoRecord",
+    "check_records",
+    "entry_problem",
     "index_video_files",
     "parse_folder",
     "parse_hmdb51",
@@ -35,6 +46,7 @@ __all__ = [
     "parse_path_label_list",
     "parse_ucf101",
     "read_class_names",
+    "record_problem",
 ]
 
 
@@ -49,33 +61,119 @@ class AnnotationError(ValueError):
 
 @dataclass(frozen=True)
 class VideoRecord:
-    """One video of a split: file, 0-based label (-1 if unknown) and optional time window (seconds)."""
+    """One video of a split: file, 0-based label (-1 if unknown) and optional time window (seconds).
+
+    `problem`: why the entry cannot be used (listed but missing, a dangling link, a FIFO, ...), or
+    None. Such an entry is never opened; datasets treat it as an unreadable video.
+    """
 
     path: str
     label: int
     start: float | None = None
     end: float | None = None
+    problem: str | None = field(default=None, kw_only=True)
+
+
+def entry_problem(path: str | os.PathLike, folder: bool = False) -> str | None:
+    """Why `path` cannot be used as a video file (`folder=True`: as a frame folder), or None.
+
+    Only stat/lstat/readlink are called, never open: opening a FIFO would block forever.
+    """
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symbolic link loop"
+        try:
+            is_link = stat.S_ISLNK(os.lstat(path).st_mode)
+        except OSError:
+            is_link = False
+        if is_link and exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            try:
+                target = os.readlink(path)
+            except OSError:
+                target = "?"
+            return f"dangling symbolic link (target {target} not found)"
+        if exc.errno == errno.ENOENT:
+            return "file not found"
+        return f"cannot stat: {exc.strerror or exc}"
+    mode = st.st_mode
+    if folder:
+        return None if stat.S_ISDIR(mode) else "not a folder (expected a folder of frame images)"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a directory, not a video file"
+    if stat.S_ISFIFO(mode):
+        return "not a regular file (a FIFO / named pipe; not opened)"
+    if stat.S_ISSOCK(mode):
+        return "not a regular file (a socket)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "not a regular file (a device)"
+    return "not a regular file"
+
+
+def record_problem(record: VideoRecord) -> str | None:
+    """`entry_problem` of the record's path: a video file, or a frame folder for frame records."""
+    # Frame-folder records (datamodules/frames.py) carry a `template` and name a folder.
+    return entry_problem(record.path, folder=hasattr(record, "template"))
+
+
+def check_records(records: Sequence[VideoRecord]) -> list[VideoRecord]:
+    """`records` with `problem` set on every entry that cannot be used (one stat per entry; entries
+    that already have a problem are kept as they are)."""
+    return [r if r.problem is not None else _checked(r) for r in records]
+
+
+def _checked(record: VideoRecord) -> VideoRecord:
+    problem = record_problem(record)
+    return record if problem is None else replace(record, problem=problem)
+
+
+def _read_text(file: Path) -> str:
+    """The whole text file decoded as UTF-8 (a leading byte-order mark dropped); AnnotationError
+    naming the file and line when it is not UTF-8 or not found."""
+    try:
+        data = Path(file).read_bytes()
+    except FileNotFoundError:
+        raise AnnotationError(file, None, "annotation file not found") from None
+    except IsADirectoryError:
+        raise AnnotationError(file, None, "expected an annotation file, got a directory") from None
+    except OSError as exc:
+        raise AnnotationError(file, None, f"cannot read: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise AnnotationError(
+            file, line, f"not UTF-8 text (byte 0x{data[exc.start]:02x} at column {column}); "
+            "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
 
 
 def _lines(file: Path) -> Iterable[tuple[int, str]]:
-    if not file.is_file():
+    if not Path(file).is_file():
         raise AnnotationError(file, None, "annotation file not found")
-    with open(file, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, start=1):
-            line = line.strip()
-            if line and not line.startswith("#"):
-                yield n, line
-
-
-def _is_video(p: Path) -> bool:
-    return p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file()
+    for n, line in enumerate(_read_text(file).split("\n"), start=1):
+        line = line.strip()
+        if line and not line.startswith("#"):
+            yield n, line
 
 
 def parse_folder(split_dir: Path, class_names: list[str] | None = None) -> tuple[list[VideoRecord], list[str]]:
-    """`split_dir/<class>/<video>`: records and the class names (sorted folder names unless given)."""
+    """`split_dir/<class>/<video>`: records and the class names (sorted folder names unless given).
+
+    Every entry with a video extension is a record, usable or not (a dangling link, a FIFO: see
+    `check_records`), so none vanishes from the split. A link to a class folder that does not
+    resolve is logged.
+    """
     split_dir = Path(split_dir)
     if not split_dir.is_dir():
         raise AnnotationError(split_dir, None, "split folder not found")
+    for d in sorted(split_dir.iterdir()):
+        if d.is_symlink() and not d.exists():
+            log.warning("%s: %s; the videos of this class folder cannot be listed", d, entry_problem(d))
     found = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
     names = list(class_names) if class_names is not None else found
     ids = {n: i for i, n in enumerate(names)}
@@ -84,7 +182,7 @@ def parse_folder(split_dir: Path, class_names: list[str] | None = None) -> tuple
         if cls not in ids:
             raise AnnotationError(split_dir / cls, None, f"class folder {cls!r} is not one of the {len(names)} classes")
         for p in sorted((split_dir / cls).iterdir()):
-            if _is_video(p):
+            if p.suffix.lower() in VIDEO_EXTENSIONS:
                 records.append(VideoRecord(str(p), ids[cls]))
     return records, names
 
@@ -127,7 +225,8 @@ _KINETICS_COLUMNS = ("label", "youtube_id", "time_start", "time_end")
 
 
 def index_video_files(root: Path) -> dict[str, str]:
-    """Map file stem -> path for every video file under `root` (recursively; first found wins)."""
+    """Map file stem -> path for every video file name under `root` (recursively; first found
+    wins). Names only: links and FIFOs are listed too and are checked later (`check_records`)."""
     found: dict[str, str] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
@@ -139,7 +238,7 @@ def index_video_files(root: Path) -> dict[str, str]:
 
 
 def parse_kinetics_csv(
-    file: Path, files: dict[str, str], class_to_id: dict[str, int] | None
+    file: Path, files: dict[str, str], class_to_id: dict[str, int] | None, video_dir: str | os.PathLike = "video_dir"
 ) -> tuple[list[VideoRecord], list[str], list[str]]:
     """Official Kinetics CSV (`label,youtube_id,time_start,time_end,split[,...]`, header required).
 
@@ -147,13 +246,15 @@ def parse_kinetics_csv(
     `{youtube_id}_{start:06d}_{end:06d}` (whole file) or else the untrimmed `{youtube_id}` (window
     [time_start, time_end) honoured). `class_to_id=None` accepts any label (the training CSV, whose
     sorted labels define the ids; records then get label -1). Returns (records, the labels of all
-    rows, names of the listed videos not found).
+    rows, names of the listed videos not found). A listed video not found is a record too, named
+    by its trimmed name, with `problem` saying so (it counts as unreadable, see the module doc);
+    `video_dir` is the folder named in that message.
     """
     file = Path(file)
     if not file.is_file():
         raise AnnotationError(file, None, "annotation file not found")
     records, labels, missing = [], [], []
-    with open(file, encoding="utf-8", newline="") as fh:
+    with io.StringIO(_read_text(file), newline="") as fh:
         reader = csv.reader(fh)
         header = next(reader, None)
         if header is None:
@@ -188,6 +289,8 @@ def parse_kinetics_csv(
                 records.append(VideoRecord(files[yid], label_id, t0, t1))
             else:
                 missing.append(trimmed)
+                problem = f"listed in {file.name}:{n}; no video file {trimmed}.* or {yid}.* under {video_dir}"
+                records.append(VideoRecord(trimmed, label_id, problem=problem))
     return records, labels, missing
 
 

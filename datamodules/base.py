@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from .annotations import VideoRecord
+from .annotations import VideoRecord, check_records
 from .dataset import (
     ClipSettings,
     UnpaddedDistributedSampler,
@@ -128,19 +128,42 @@ class VideoDataModule(L.LightningDataModule):
         return len(self.class_names)
 
     def records(self, split: str) -> list[VideoRecord]:
-        """The videos of `split`; "val" falls back to the test list for layouts without a val split."""
+        """Every entry of `split`, in listed order, usable or not (`unusable(split)`); "val" falls
+        back to the test list for layouts without a val split."""
         if split not in SPLITS:
             raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
         if split not in self._records:
-            recs = self._load_split(split)
+            recs = self._checked_split(split)
             if recs is None and split == "val":
                 recs = self.records("test")
             if recs is None and split == "test":
-                recs = self._load_split("val")
+                recs = self._checked_split("val")
             if recs is None:
                 raise ValueError(f"{type(self).__name__}: this dataset has no {split!r} split")
             self._records[split] = recs
         return self._records[split]
+
+    def unusable(self, split: str) -> list[VideoRecord]:
+        """The entries of `split` that cannot be used (`record.problem` says why: listed but missing,
+        a dangling link, a link loop, a FIFO, ...). They stay in the split and count as unreadable
+        videos: replaced in training, excluded from (and counted in) evaluation metrics."""
+        return [r for r in self.records(split) if r.problem is not None]
+
+    def _checked_split(self, split: str) -> list[VideoRecord] | None:
+        # One stat per entry, never an open (a FIFO would block); reported once, here.
+        recs = self._load_split(split)
+        if recs is None:
+            return None
+        recs = check_records(recs)
+        bad = [r for r in recs if r.problem is not None]
+        if bad:
+            shown = "; ".join(f"{r.path} ({r.problem})" for r in bad[:5]) + ("; ..." if len(bad) > 5 else "")
+            log.warning(
+                "%s %r split: %d of %d entries cannot be used and count as unreadable videos "
+                "(dm.unusable(%r), vmm check-data): %s",
+                type(self).__name__, split, len(bad), len(recs), split, shown,
+            )
+        return recs
 
     @property
     def test_settings(self) -> dict:

@@ -32,10 +32,11 @@ class SplitReport:
     """What decoding every video of one split found. Durations in seconds, rates in frames/s."""
 
     split: str
-    videos: int = 0
+    videos: int = 0  # distinct entries, usable or not
     readable: int = 0
-    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
-    missing_listed: int = 0  # listed in the annotations but absent on disk (Kinetics layout)
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): failed to decode
+    # (path, reason): known unusable from the listing (missing, dangling link, FIFO, ...); not opened
+    unusable: list[tuple[str, str]] = field(default_factory=list)
     durations: list[float] = field(default_factory=list)
     fps: list[float] = field(default_factory=list)
     frames: list[int] = field(default_factory=list)
@@ -49,7 +50,7 @@ class SplitReport:
             "videos": self.videos,
             "readable": self.readable,
             "unreadable": len(self.unreadable),
-            "missing_listed": self.missing_listed,
+            "unusable": len(self.unusable),
             "duration_min_med_max": stats(self.durations),
             "fps_min_med_max": stats(self.fps),
             "frames_min_med_max": stats(self.frames),
@@ -66,12 +67,16 @@ class DataCheckReport:
         return [u for r in self.splits.values() for u in r.unreadable]
 
     @property
+    def unusable(self) -> list[tuple[str, str]]:
+        return [u for r in self.splits.values() for u in r.unusable]
+
+    @property
     def ok(self) -> bool:
-        return not self.unreadable
+        return not self.unreadable and not self.unusable
 
     def table(self, max_listed: int = 20) -> str:
         head = (
-            f"{'split':<6} {'videos':>7} {'ok':>7} {'bad':>5} {'missing':>7}  "
+            f"{'split':<6} {'videos':>7} {'ok':>7} {'bad':>5} {'unusable':>8}  "
             f"{'duration s (min/med/max)':<26} {'fps (min/med/max)':<22}"
         )
         rows = [head, "-" * len(head)]
@@ -79,15 +84,15 @@ class DataCheckReport:
             s = r.summary()
             d, f = s["duration_min_med_max"], s["fps_min_med_max"]
             rows.append(
-                f"{r.split:<6} {r.videos:>7} {r.readable:>7} {len(r.unreadable):>5} {r.missing_listed:>7}  "
+                f"{r.split:<6} {r.videos:>7} {r.readable:>7} {len(r.unreadable):>5} {len(r.unusable):>8}  "
                 f"{d[0]:>7.2f} {d[1]:>8.2f} {d[2]:>8.2f}  {f[0]:>6.2f} {f[1]:>6.2f} {f[2]:>6.2f}"
             )
-        bad = self.unreadable
-        if bad:
-            rows.append(f"\nunreadable videos ({len(bad)}):")
-            rows += [f"  {p}: {why}" for p, why in bad[:max_listed]]
-            if len(bad) > max_listed:
-                rows.append(f"  ... and {len(bad) - max_listed} more")
+        for title, bad in (("unusable entries", self.unusable), ("unreadable videos", self.unreadable)):
+            if bad:
+                rows.append(f"\n{title} ({len(bad)}):")
+                rows += [f"  {p}: {why}" for p, why in bad[:max_listed]]
+                if len(bad) > max_listed:
+                    rows.append(f"  ... and {len(bad) - max_listed} more")
         rows.append(f"\nchecked in {self.seconds:.1f} s")
         return "\n".join(rows)
 
@@ -122,8 +127,9 @@ def check_datamodule(
     print_table: bool = True,
 ) -> DataCheckReport:
     """Decode every video of `splits` once (`num_workers` processes) and report unreadable files,
-    durations and frame rates. Splits the layout does not have are skipped. Prints the table to
-    `out` (default: sys.stdout) unless `print_table` is False."""
+    durations and frame rates. Entries known to be unusable from the listing (`dm.unusable`:
+    missing, dangling links, FIFOs, ...) are listed and never opened. Splits the layout does not
+    have are skipped. Prints the table to `out` (default: sys.stdout) unless `print_table` is False."""
     if not isinstance(dm, VideoDataModule):
         raise TypeError(f"dm: expected a datamodules.VideoDataModule, got {type(dm).__name__}")
     t0 = time.perf_counter()
@@ -135,9 +141,10 @@ def check_datamodule(
             continue
         records = dm.records(split)
         report = SplitReport(split, videos=len({r.path for r in records}))
-        report.missing_listed = len(getattr(dm, "missing_videos", {}).get(split, []))
+        report.unusable = sorted({(r.path, r.problem) for r in records if r.problem is not None})
+        usable = [r for r in records if r.problem is None]
         loader = DataLoader(
-            _ProbeDataset(records, decoder_threads), batch_size=1, num_workers=num_workers, collate_fn=_identity
+            _ProbeDataset(usable, decoder_threads), batch_size=1, num_workers=num_workers, collate_fn=_identity
         )
         for [(path, info, reason)] in loader:
             if info is None:

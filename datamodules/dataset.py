@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler, get_worker_info
 
-from .annotations import VideoRecord
+from .annotations import VideoRecord, record_problem
 from .decode import IndexCache, VideoDecodeError
 from .frames import FrameIndexCache, FrameRecord, open_clip_reader
 from .sampling import Sampling, ShortVideo, eval_clip_indices, train_clip_indices
@@ -113,7 +113,8 @@ class VideoClipDataset(Dataset):
         self.flip_labels = None if flip_labels is None or mode != "train" else [int(k) for k in flip_labels]
         self._cache = IndexCache(index_cache_size)
         self._frame_cache = FrameIndexCache(index_cache_size)
-        self._reported: set[str] = set()
+        # Entries found unusable when the split was listed were reported then (VideoDataModule).
+        self._reported: set[str] = {r.path for r in self.records if r.problem is not None}
         self._visits: dict[int, int] = {}
         self._tried: set[int] = set()  # distinct videos this process tried, and those that failed
         self._bad: set[int] = set()
@@ -197,6 +198,10 @@ class VideoClipDataset(Dataset):
         }
 
     def _index(self, record: VideoRecord):
+        # Checked before anything opens the path: opening a FIFO would block this worker forever.
+        problem = record.problem or record_problem(record)
+        if problem is not None:
+            raise VideoDecodeError(record.path, problem)
         if isinstance(record, FrameRecord):
             return self._frame_cache.get(record)
         index = self._cache.get(record.path)
@@ -277,6 +282,13 @@ def collate_clips(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.T
     if len(items) == 0:
         raise ValueError("items: expected at least one dataset item")
     videos = [it["video"] for it in items if it["video"].shape[0] > 0]
+    sizes = sorted({tuple(v.shape[1:]) for v in videos})
+    if len(sizes) > 1:
+        raise ValueError(
+            f"collate_clips: the clips of one batch differ in size {sizes} ([C,T,H,W]). With crop_size: null "
+            "every video keeps its own aspect ratio, so videos of different aspect ratios cannot share a "
+            "batch: set crop_size (e.g. 224), or batch_size / test_batch_size to 1"
+        )
     out = {"video": torch.cat(videos) if videos else items[0]["video"]}
     for key in ("label", "video_id", "view", "bad_video_ids"):
         out[key] = torch.cat([it[key] for it in items])

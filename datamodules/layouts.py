@@ -127,8 +127,9 @@ class KineticsDataModule(VideoDataModule):
     `annotation_dir` (default `root/annotations`), videos anywhere under `video_dir` (default
     `root`), trimmed (`{id}_{start:06d}_{end:06d}.mp4`, class folders or flat) or untrimmed
     (`{id}.mp4`, the [time_start, time_end) window is used). Class ids: sorted training labels.
-    Listed videos missing on disk are reported (count + first names) and left out
-    (`missing_videos[split]`). Validation CSV: `val_csv`, else `validate.csv`/`val.csv`; without
+    Listed videos missing on disk stay in the split as unusable entries (`unusable(split)`,
+    reported at setup, counted as excluded in test reports); their names are in
+    `missing_videos[split]`. Validation CSV: `val_csv`, else `validate.csv`/`val.csv`; without
     one, validation uses the test CSV.
     """
 
@@ -176,14 +177,8 @@ class KineticsDataModule(VideoDataModule):
         if self._files is None:
             self._files = index_video_files(self.video_dir)
         ids = {n: i for i, n in enumerate(self.class_names)}
-        records, labels, missing = parse_kinetics_csv(csv_file, self._files, ids)
-        self.missing_videos[split] = missing
-        if missing:
-            shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
-            log.warning(
-                "%s: %d of %d listed videos not found under %s and left out: %s",
-                csv_file, len(missing), len(labels), self.video_dir, shown,
-            )
+        records, _, missing = parse_kinetics_csv(csv_file, self._files, ids, self.video_dir)
+        self.missing_videos[split] = missing  # reported with the other unusable entries at setup
         return records
 
 

@@ -28,15 +28,15 @@ def test_check_datamodule_reports_bad_files_durations_and_rates(tmp_path, shared
     assert list(report.splits) == ["train"]  # a layout without a test list: skipped
     r = report.splits["train"]
     assert (r.videos, r.readable) == (5, 3)
-    reasons = dict(r.unreadable)
-    assert reasons[str(tmp_path / "zero.mp4")] == "zero-byte file"
-    assert reasons[str(tmp_path / "missing.mp4")] == "file not found"
+    assert r.unreadable == [(str(tmp_path / "zero.mp4"), "zero-byte file")]
+    assert r.unusable == [(str(tmp_path / "missing.mp4"), "file not found")]  # known from the listing
     assert sorted(r.fps) == pytest.approx([25.0, 28.0, 30.0], rel=1e-3)
     assert sorted(r.durations) == pytest.approx([6.56, 10.0, 10.0], rel=1e-3)
     assert sorted(r.frames) == [164, 280, 300]
     assert not report.ok
     text = out.getvalue()
-    assert "unreadable videos (2)" in text and "zero-byte file" in text
+    assert "unreadable videos (1)" in text and "zero-byte file" in text
+    assert "unusable entries (1)" in text and "missing.mp4: file not found" in text
 
 
 def test_check_command_line_reads_the_data_section(tmp_path, shared_videos, capsys):

@@ -92,12 +92,18 @@ def test_kinetics_csv_trimmed_untrimmed_missing(tmp_path, caplog):
     assert dm.class_names == ["abseiling", "arm wrestling", "zumba, dance"]  # sorted training labels
     with caplog.at_level(logging.WARNING):
         train = dm.records("train")
-    by_name = {Path(r.path).name: r for r in train}
+    by_name = {Path(r.path).name: r for r in train if r.problem is None}
     assert set(by_name) == {"aaa_000010_000020.mp4", "bbb_000000_000010.mp4", "ddd.mkv"}
     assert by_name["aaa_000010_000020.mp4"].label == 1 and by_name["aaa_000010_000020.mp4"].start is None
     assert (by_name["ddd.mkv"].label, by_name["ddd.mkv"].start, by_name["ddd.mkv"].end) == (2, 30.0, 40.0)
     assert dm.missing_videos["train"] == ["ccc_000005_000015", "eee_000001_000011"]
-    assert "2 of 5 listed videos not found" in caplog.text and "ccc_000005_000015" in caplog.text
+    # Missing videos stay in the split, in listed order, as unusable entries (counted, never opened).
+    assert [Path(r.path).stem for r in train] == [
+        "aaa_000010_000020", "bbb_000000_000010", "ccc_000005_000015", "ddd", "eee_000001_000011"
+    ]
+    assert [(r.path, r.label) for r in dm.unusable("train")] == [("ccc_000005_000015", 1), ("eee_000001_000011", 0)]
+    assert "listed in train.csv:4" in dm.unusable("train")[0].problem
+    assert "2 of 5 entries cannot be used" in caplog.text and "ccc_000005_000015" in caplog.text
     assert [r.label for r in dm.records("val")] == [2]
     with pytest.raises(AnnotationError, match=r"test.csv:2: unknown class 'skydiving'"):
         dm.records("test")

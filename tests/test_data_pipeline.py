@@ -67,8 +67,12 @@ def test_train_epoch_replaces_bad_videos_and_reports_them(video_root, caplog):
                 labels += batch["label"].tolist()
     assert n == 2 * 10  # bad items were replaced, not dropped
     assert BAD_IDS <= set(seen_bad) and set(seen_bad) <= BAD_IDS
-    for name in ("zero.mp4", "garbage.avi", "truncated.mp4", "missing.mp4"):
+    for name in ("zero.mp4", "garbage.avi", "truncated.mp4"):  # found when decoded: logged once
         assert sum(name in r.getMessage() for r in caplog.records) == 1, name
+    # Known unusable at setup (not on disk): reported once per split listing it, never again.
+    train_warnings = [r for r in caplog.records if "'train' split: 1 of 10 entries cannot be used" in r.getMessage()]
+    assert len(train_warnings) == 1 and "missing.mp4 (file not found)" in train_warnings[0].getMessage()
+    assert sum("missing.mp4" in r.getMessage() for r in caplog.records if r.name == "datamodules.dataset") == 0
     assert "zero-byte" in caplog.text and "file not found" in caplog.text
 
 

@@ -1,0 +1,198 @@
+"""Data-side hardening: entries that cannot be used are counted and reported (never silently dropped,
+never opened), list-file encodings, crop_size None with mixed aspect ratios. The synthetic cache's
+hardening is tested in test_data_synthetic.py."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from datamodules import (
+    AnnotationError,
+    KineticsDataModule,
+    UCF101DataModule,
+    VideoFilesDataset,
+    VideoFolderDataModule,
+    VideoListDataModule,
+    collate_clips,
+)
+from datamodules.check import check_datamodule
+from datamodules.synthetic import write_video
+
+TINY = dict(num_frames=4, frame_interval=2, eval_short_side=32, train_short_side=(32, 32), crop_size=32,
+            test_clips=1, test_crops=1, num_workers=0, pin_memory=False, batch_size=2)
+
+
+@contextlib.contextmanager
+def _no_hang(seconds: int = 120):
+    """Fail instead of waiting forever if anything opens a FIFO (open blocks until a writer comes)."""
+
+    def _alarm(signum, frame):
+        raise TimeoutError(f"blocked for {seconds} s: was a FIFO opened?")
+
+    old = signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+# ------------------------------------------------------------------ entries that cannot be used
+
+def _folder_with_broken_entries(tmp_path: Path, shared_videos: Path) -> Path:
+    root = tmp_path / "ds"
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+        (root / split / "a" / "good.mp4").symlink_to(shared_videos / "h264_340x256.mp4")
+        (root / split / "b" / "good.avi").symlink_to(shared_videos / "mpeg4_320x240.avi")
+    test = root / "test"
+    (test / "a" / "dangling.mp4").symlink_to(tmp_path / "gone.mp4")
+    (test / "b" / "loop.mp4").symlink_to(test / "b" / "loop.mp4")  # a link to itself
+    os.mkfifo(test / "a" / "pipe.mp4")
+    return root
+
+
+def test_folder_layout_counts_dangling_links_loops_and_fifos(tmp_path, shared_videos, caplog):
+    root = _folder_with_broken_entries(tmp_path, shared_videos)
+    dm = VideoFolderDataModule(root=str(root), **TINY)
+    with _no_hang():
+        test = dm.records("test")
+        assert [Path(r.path).name for r in test] == ["dangling.mp4", "good.mp4", "pipe.mp4", "good.avi", "loop.mp4"]
+        problems = {Path(r.path).name: r.problem for r in dm.unusable("test")}
+        assert set(problems) == {"dangling.mp4", "pipe.mp4", "loop.mp4"}
+        assert problems["dangling.mp4"].startswith("dangling symbolic link")
+        assert problems["loop.mp4"] == "symbolic link loop"
+        assert "FIFO" in problems["pipe.mp4"]
+        assert dm.unusable("train") == []
+        assert "'test' split: 3 of 5 entries cannot be used" in caplog.text
+        # In the test set they are videos that could not be used: no samples, their ids reported.
+        dm.setup("test")
+        batches = list(dm.test_dataloader())
+    ids = torch.cat([b["video_id"] for b in batches]).unique().tolist()
+    bad = sorted(torch.cat([b["bad_video_ids"] for b in batches]).tolist())
+    assert ids == [1, 3] and bad == [0, 2, 4]
+
+
+def test_check_data_lists_unusable_entries_without_opening_them(tmp_path, shared_videos):
+    root = _folder_with_broken_entries(tmp_path, shared_videos)
+    dm = VideoFolderDataModule(root=str(root), **TINY)
+    out = io.StringIO()
+    with _no_hang():
+        report = check_datamodule(dm, splits=["test"], num_workers=0, out=out)
+    r = report.splits["test"]
+    assert (r.videos, r.readable, r.unreadable) == (5, 2, [])
+    assert sorted(Path(p).name for p, _ in r.unusable) == ["dangling.mp4", "loop.mp4", "pipe.mp4"]
+    assert not report.ok
+    text = out.getvalue()
+    assert "unusable entries (3)" in text and "pipe.mp4: not a regular file" in text
+
+
+def test_predicting_a_fifo_does_not_block_and_says_what_it_is(tmp_path, shared_videos, caplog):
+    os.mkfifo(tmp_path / "pipe.mp4")
+    ds = VideoFilesDataset([str(tmp_path / "pipe.mp4"), str(shared_videos / "h264_340x256.mp4")], num_frames=4,
+                           short_side=32, crop_size=32)
+    with _no_hang():
+        items = [ds[0], ds[1]]
+    assert items[0]["bad_video_ids"].tolist() == [0] and items[0]["video"].shape[0] == 0
+    assert "pipe.mp4: not a regular file (a FIFO" in caplog.text  # not "zero-byte file"
+    assert items[1]["video"].shape == (1, 3, 4, 32, 32)
+
+
+class _MeanNet(nn.Module):
+    """The smallest network VideoClassifier accepts: channel means -> one linear head."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.fc = nn.Linear(3, num_classes)
+
+    def forward_heads(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [self.fc(x.mean((2, 3, 4)))]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_heads(x)[0].log_softmax(-1)
+
+
+def test_missing_kinetics_videos_are_counted_in_test_results(tmp_path, shared_videos):
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_modules.classifier import VideoClassifier
+
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / "aaa_000000_000010.mp4").symlink_to(shared_videos / "kinetics_arm_wrestling.mp4")
+    (tmp_path / "videos" / "bbb_000000_000010.mp4").symlink_to(shared_videos / "h264_340x256.mp4")
+    ann = tmp_path / "annotations"
+    ann.mkdir()
+    rows = "label,youtube_id,time_start,time_end,split\nwrestle,aaa,0,10,x\nother,bbb,0,10,x\nother,ccc,0,10,x\n"
+    (ann / "train.csv").write_text(rows)
+    (ann / "test.csv").write_text(rows)
+    dm = KineticsDataModule(root=str(tmp_path), video_dir=str(tmp_path / "videos"), **TINY)
+    assert [r.path for r in dm.unusable("test")] == ["ccc_000000_000010"]
+    model = VideoClassifier(_MeanNet(2))
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=CSVLogger(tmp_path / "logs"), enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.test(model, datamodule=dm, verbose=False)
+    [report_file] = (tmp_path / "logs").rglob("test_results.json")
+    report = json.loads(report_file.read_text())
+    assert report["num_videos"] == 2 and report["excluded_videos"] == 1
+
+
+# ------------------------------------------------------------------ list files: encodings
+
+def test_list_files_in_latin1_name_the_file_and_line(tmp_path):
+    (tmp_path / "list.txt").write_bytes("a.mp4 0\ncaf\u00e9.mp4 1\n".encode("latin-1"))
+    dm = VideoListDataModule(root=str(tmp_path), train_list="list.txt", num_classes=2)
+    with pytest.raises(AnnotationError, match=r"list.txt:2: not UTF-8 text \(byte 0xe9 at column 4\)"):
+        dm.records("train")
+    ann = tmp_path / "annotations"
+    ann.mkdir()
+    (ann / "train.csv").write_bytes("label,youtube_id,time_start,time_end,split\ncaf\u00e9,a,0,1,x\n".encode("latin-1"))
+    with pytest.raises(AnnotationError, match=r"train.csv:2: not UTF-8 text"):
+        _ = KineticsDataModule(root=str(tmp_path)).class_names
+
+
+def test_a_utf8_byte_order_mark_is_not_part_of_the_first_entry(tmp_path):
+    bom = "\ufeff"
+    (tmp_path / "list.txt").write_text(f"{bom}a.mp4 0\nb.mp4 1\n", encoding="utf-8")
+    recs = VideoListDataModule(root=str(tmp_path), train_list="list.txt").records("train")
+    assert [r.path for r in recs] == [str(tmp_path / "a.mp4"), str(tmp_path / "b.mp4")]
+    ann = tmp_path / "annotations"
+    ann.mkdir()
+    (ann / "train.csv").write_text(f"{bom}label,youtube_id,time_start,time_end,split\nrun,a,0,1,x\n", encoding="utf-8")
+    assert KineticsDataModule(root=str(tmp_path)).class_names == ["run"]
+    lists = tmp_path / "ucfTrainTestlist"
+    lists.mkdir()
+    (lists / "classInd.txt").write_text(f"{bom}1 Archery\n2 YoYo\n", encoding="utf-8")
+    (lists / "trainlist01.txt").write_text(f"{bom}YoYo/v_YoYo_g01_c01.avi 2\n", encoding="utf-8")
+    (lists / "testlist01.txt").write_text(f"{bom}Archery/v_Archery_g01_c01.avi\n", encoding="utf-8")
+    ucf = UCF101DataModule(root=str(tmp_path))
+    assert ucf.class_names == ["Archery", "YoYo"]
+    assert ucf.records("train")[0].path == str(tmp_path / "YoYo" / "v_YoYo_g01_c01.avi")
+    assert ucf.records("test")[0].label == 0
+
+
+# ------------------------------------------------------------------ crop_size None
+
+def test_crop_size_none_with_mixed_aspect_ratios_names_crop_size(tmp_path, shared_videos):
+    portrait = np.random.default_rng(0).integers(0, 256, (8, 48, 32, 3), dtype=np.uint8)
+    write_video(tmp_path / "portrait.mp4", portrait, fps=8)
+    ds = VideoFilesDataset([str(shared_videos / "h264_340x256.mp4"), str(tmp_path / "portrait.mp4")], num_frames=4,
+                           short_side=32, crop_size=None)
+    items = [ds[0], ds[1]]
+    assert items[0]["video"].shape[-2:] == (32, 42) and items[1]["video"].shape[-2:] == (48, 32)
+    with pytest.raises(ValueError, match=r"crop_size: null .* set crop_size"):
+        collate_clips(items)
+    assert collate_clips([items[0], ds[0]])["video"].shape[0] == 2  # same size: fine
