@@ -362,7 +362,8 @@ class VideoClassifier(pl.LightningModule):
     def _write_test_report(self, res: EvalResult, log_dir: str | None) -> None:
         """test_results.json, the confusion matrix as CSV and PNG in the log directory; figure to TensorBoard."""
         if res["excluded_videos"]:
-            print(f"[vmm] {res['excluded_videos']} test video(s) failed to decode and are excluded from the metrics")
+            print(f"[vmm] {res['excluded_videos']} test video(s) could not be used (missing, not a regular file or "
+                  "failed to decode) and are excluded from the metrics; `vmm check-data` lists them")
         names = self.class_names or [str(i) for i in range(self.num_classes)]
         fig = _confusion_figure(res.confusion, names)
         for logger in self.loggers:
