@@ -14,7 +14,7 @@ Text files are read as UTF-8 (a leading byte-order mark is dropped); other encod
 AnnotationError naming the file and line. Entries that cannot be used (a listed file that is
 missing, a dangling symbolic link, a link loop, a FIFO or other non-regular file) are kept as
 records with `problem` set, so they are counted and reported instead of vanishing
-(docs/data.md; `check_records`).
+(docs/data.md §5; `check_records`).
 """
 
 from __future__ import annotations

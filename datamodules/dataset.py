@@ -6,7 +6,7 @@ test_crops at test time, 0 for a video that cannot be decoded outside training):
     video  uint8 [V,3,T,H,W]   label int64 [V]   video_id int64 [V]   view int64 [V]
     bad_video_ids int64 [M]    (videos of this item that could not be decoded)
 
-`collate_clips` concatenates items along the first dimension, giving the batches of DESIGN.md.
+`collate_clips` concatenates items along the first dimension, giving the batches of docs/data.md §1.
 """
 
 from __future__ import annotations

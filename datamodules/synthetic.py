@@ -1,4 +1,4 @@
-"""The synthetic motion dataset (specs/synthetic_motion.md): real h264 files in which only the
+"""The synthetic motion dataset (docs/synthetic_motion.md): real h264 files in which only the
 direction of motion carries the label.
 
 Classes come in time-reversal pairs (2i, 2i+1): translate right/left, down/up, rotate cw/ccw,
@@ -7,8 +7,8 @@ centre, angle and scale at t_mid = (T-1)/2 are drawn from distributions that do 
 class, and the class sets only the sign/direction of the velocity. Reversing a class-2i clip in
 time therefore gives a clip with exactly the distribution of class 2i+1, so any order-blind model
 (one that sees the clip's frames as an unordered set) is capped at 1/2: at best it tells the pair,
-never the member (`ORDER_BLIND_CEILING`; specs/synthetic_motion.md says 2/K, which is the same only
-for K = 4 — for K = 8, chance is 12.5% and the ceiling 50%). Translation wraps around the frame
+never the member (`ORDER_BLIND_CEILING`; docs/synthetic_motion.md §3: an earlier note said 2/K, the
+same only for K = 4 — for K = 8, chance is 12.5% and the ceiling 50%). Translation wraps around the frame
 (torus), so the region an object visits does not depend on the direction either. Appearance
 (background texture, object shape, size, colour and texture) is drawn independently of the class.
 
