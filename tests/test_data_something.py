@@ -256,3 +256,91 @@ def test_ddp_on_a_frame_dataset(clips, tmp_path):
     assert not set(seen[0]["test"]) & set(seen[1]["test"])
     assert seen[0]["test_bad"] + seen[1]["test_bad"] == [6]
     assert all(s == [3, 4, 24, 24] for r in seen for s in r["shapes"])
+
+
+def _tiny_cli_config(out, data_class: str, data_args: dict) -> dict:
+    from _vmm_cli_helpers import tiny_config
+
+    cfg = tiny_config(out, out / "runs", max_epochs=1)
+    tiny = {**TINY, "num_frames": 8, "batch_size": 3, "train_short_side": [32, 36], "test_clips": 2}
+    cfg["data"] = {"class_path": f"datamodules.{data_class}", "init_args": {**tiny, **data_args}}
+    return cfg
+
+
+def _test_report(out) -> dict:
+    return json.loads((out / "runs" / "lightning_logs" / "version_1" / "test_results.json").read_text())
+
+
+@pytest.mark.slow
+def test_vmm_fit_test_predict_on_a_ssv2_webm_tree(clips, tmp_path, capsys):
+    """The console script `vmm fit`; then in process `vmm test` (a corrupt WebM excluded and
+    counted), `vmm predict` on the unlabelled test split, and `vmm test` refusing that split."""
+    import warnings
+
+    from _vmm_cli_helpers import run_vmm, write_config
+
+    from lightning_modules.cli import main
+
+    root = tmp_path / "ssv2"
+    ids = make_ssv2_tree(root, clips, {
+        "train": [L2R, R2L, "Holding something", L2R, R2L, "Holding something"],
+        "validation": [L2R, R2L, "Holding something"],
+        "test": ["", ""],
+    })
+    (root / "20bn-something-something-v2" / f"{ids['validation'][2]}.webm").write_bytes(b"\x1a\x45\xdf\xa3junk")
+    cfg = write_config(tmp_path / "ssv2.yaml", _tiny_cli_config(tmp_path, "SomethingSomethingV2DataModule",
+                                                                 {"root": str(root), "flip": True}))
+    run_vmm(["fit", "--config", str(cfg)], cwd=tmp_path)
+    best = next((tmp_path / "runs" / "lightning_logs" / "version_0" / "checkpoints").glob("best-*.ckpt"))
+    preds = tmp_path / "preds.json"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
+        main(["test", "--config", str(cfg), "--ckpt_path", str(best)])
+        assert "could not be used" in capsys.readouterr().out
+        report = _test_report(tmp_path)
+        assert report["num_videos"] == 2 and report["num_clips"] == 4 and report["excluded_videos"] == 1
+        main(["predict", "--config", str(cfg), "--ckpt_path", str(best), "--data.init_args.test_split", "test",
+              "--predictions", str(preds)])
+        named = [p["video"] for p in json.loads(preds.read_text())["predictions"]]
+        assert named == [str(root / "20bn-something-something-v2" / f"{i}.webm") for i in ids["test"]]
+        with pytest.raises(ValueError, match="test split has no labels"):
+            main(["test", "--config", str(cfg), "--ckpt_path", str(best), "--data.init_args.test_split", "test"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["ssv1", "rawframes"])
+def test_vmm_fit_and_test_on_frame_trees(clips, tmp_path, layout):
+    """`vmm fit` then `vmm test` (in process) on a V1 frame tree and on a rawframe list, one frame
+    folder of the test split unreadable (excluded and counted)."""
+    import warnings
+
+    from _vmm_cli_helpers import write_config
+
+    from lightning_modules.cli import main
+
+    root = tmp_path / layout
+    if layout == "ssv1":
+        ids = make_ssv1_tree(root, clips, NAMES[:6], {"train": [0, 1, 2, 3, 4, 5], "validation": [0, 1, 2]})
+        bad = root / "20bn-something-something-v1" / ids["validation"][1] / "00003.jpg"
+        args = {"root": str(root)}
+        data_class = "SomethingSomethingV1DataModule"
+    else:
+        lines = []
+        for k in range(6):
+            write_jpeg_folder(root / "frames" / f"v{k}", video_frames(clips, k))
+            lines.append(f"frames/v{k} 12 {k % 3}")
+        (root / "train.txt").write_text("\n".join(lines) + "\n")
+        (root / "val.txt").write_text("\n".join(lines[:3]) + "\n")
+        bad = root / "frames" / "v1" / "img_00003.jpg"
+        args = {"root": str(root), "train_list": "train.txt", "val_list": "val.txt", "test_list": "val.txt",
+                "class_names": ["a", "b", "c"], "sampling": "segment"}
+        data_class = "RawFrameListDataModule"
+    cfg = write_config(tmp_path / "cfg.yaml", _tiny_cli_config(tmp_path, data_class, args))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
+        main(["fit", "--config", str(cfg)])
+        best = next((tmp_path / "runs" / "lightning_logs" / "version_0" / "checkpoints").glob("best-*.ckpt"))
+        bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")  # after training: an unreadable frame at test time
+        main(["test", "--config", str(cfg), "--ckpt_path", str(best)])
+    report = _test_report(tmp_path)
+    assert report["num_videos"] == 2 and report["excluded_videos"] == 1
