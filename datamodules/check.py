@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from .annotations import VideoRecord
 from .base import SPLITS, VideoDataModule
 from .decode import VideoDecodeError, probe_full_decode
+from .frames import FrameRecord, probe_frame_folder
 
 __all__ = ["DataCheckReport", "SplitReport", "check_datamodule", "load_datamodule", "main"]
 
@@ -100,6 +101,7 @@ class DataCheckReport:
 class _ProbeDataset(Dataset):
     def __init__(self, records: Sequence[VideoRecord], threads: int):
         self.paths = sorted({r.path for r in records})
+        self.frame_records = {r.path: r for r in records if isinstance(r, FrameRecord)}
         self.threads = threads
 
     def __len__(self) -> int:
@@ -108,6 +110,8 @@ class _ProbeDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[str, dict | None, str | None]:
         path = self.paths[i]
         try:
+            if path in self.frame_records:
+                return path, probe_frame_folder(self.frame_records[path]), None
             return path, probe_full_decode(path, threads=self.threads), None
         except VideoDecodeError as exc:
             return path, None, exc.reason
@@ -151,8 +155,9 @@ def check_datamodule(
                 report.unreadable.append((path, reason))
                 continue
             report.readable += 1
-            report.durations.append(info["duration"])
-            report.fps.append(info["fps"])
+            if info["duration"] is not None:  # frame folders carry no timing
+                report.durations.append(info["duration"])
+                report.fps.append(info["fps"])
             report.frames.append(info["frames"])
         reports[split] = report
     result = DataCheckReport(reports, time.perf_counter() - t0)

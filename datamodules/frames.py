@@ -37,6 +37,7 @@ __all__ = [
     "check_template",
     "frame_index",
     "open_clip_reader",
+    "probe_frame_folder",
 ]
 
 DEFAULT_TEMPLATE = "img_{:05d}.jpg"
@@ -232,3 +233,29 @@ def open_clip_reader(record: VideoRecord, index: VideoIndex | FrameIndex, thread
     if isinstance(record, FrameRecord):
         return FrameFolderReader(record.path, index=index)
     return VideoReader(record.path, threads=threads, index=index)
+
+
+def probe_frame_folder(record: FrameRecord) -> dict:
+    """Read every frame of a frame folder once and report what was found (the frame-folder
+    counterpart of `decode.probe_full_decode`; "duration" and "fps" are None: folders carry no
+    timing). Raises VideoDecodeError for a missing/empty folder or a missing/unreadable frame.
+    """
+    index = frame_index(record.path, record.template, record.start_index, record.num_frames)
+    sizes: dict[tuple[int, int], int] = {}
+    kind = "?"
+    for i in range(index.num_frames):
+        file = index.file(i)
+        try:
+            with Image.open(file) as im:
+                kind = im.format or kind
+                sizes[im.size] = sizes.get(im.size, 0) + 1
+                # The whole entropy-coded stream is still read at 1/8 scale: truncation is found, faster.
+                im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+                im.load()
+        except FileNotFoundError:
+            raise VideoDecodeError(record.path, f"frame file missing: {os.path.basename(file)}") from None
+        except _IMAGE_ERRORS as exc:
+            raise VideoDecodeError(record.path, f"unreadable frame {os.path.basename(file)}: {exc}") from None
+    width, height = max(sizes, key=sizes.get)
+    return {"frames": index.num_frames, "index_frames": index.num_frames, "duration": None, "fps": None,
+            "width": width, "height": height, "codec": kind.lower()}

@@ -133,3 +133,23 @@ def test_clip_dataset_reads_frame_records_and_counts_bad_folders(clip_frames, tm
         assert out["video_id"].item() in (0, 1, 2)
         seen_bad |= set(out["bad_video_ids"].tolist())
     assert {3, 4} <= seen_bad
+
+
+def test_check_data_reads_every_frame_and_reports_bad_folders(clip_frames, tmp_path):
+    from datamodules import RawFrameListDataModule
+    from datamodules.check import check_datamodule
+
+    small = [f[::4, ::4] for f in clip_frames[:6]]  # 64x85
+    write_jpeg_folder(tmp_path / "good", small)
+    trunc = write_jpeg_folder(tmp_path / "trunc", small)
+    data = (trunc / "img_00006.jpg").read_bytes()
+    (trunc / "img_00006.jpg").write_bytes(data[: len(data) // 3])  # a frame no clip may ever sample
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "list.txt").write_text("good 6 0\ntrunc 6 1\nempty 6 0\nabsent 6 1\n")
+    dm = RawFrameListDataModule(root=str(tmp_path), train_list="list.txt", trust_counts=False)
+    report = check_datamodule(dm, splits=["train"], num_workers=0, print_table=False).splits["train"]
+    assert report.videos == 4 and report.readable == 1 and report.frames == [6]
+    reasons = dict(report.unreadable) | {p: r for p, r in getattr(report, "unusable", [])}
+    assert "unreadable frame img_00006.jpg" in reasons[str(tmp_path / "trunc")]
+    assert "no frame files" in reasons[str(tmp_path / "empty")]
+    assert "not found" in reasons[str(tmp_path / "absent")]
