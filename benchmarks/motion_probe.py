@@ -162,10 +162,13 @@ def fit_and_test(net: torch.nn.Module, dm: SyntheticMotionDataModule, epochs: in
 def pretrain_backbone(args: argparse.Namespace) -> tuple[dict[str, torch.Tensor], dict]:
     """Stage 1: the plain per-frame net trained on the appearance task; its state dict and test figures."""
     pl.seed_everything(args.seed, verbose=False)
-    dm = make_datamodule(args, "appearance", 4)
+    # Appearance is a per-frame property: stage 1 reads short clips (--pretrain-frames), more of them.
+    stage1 = argparse.Namespace(**{**vars(args), "frames": args.pretrain_frames,
+                                   "train_per_class": args.pretrain_per_class or args.train_per_class})
+    dm = make_datamodule(stage1, "appearance", 4)
     dm.prepare_data()
     net = build_net("plain", 4, args)
-    res = fit_and_test(net, dm, args.pretrain_epochs, args, "appear")
+    res = fit_and_test(net, dm, args.pretrain_epochs, stage1, "appear")
     print(f"[pretrain] appearance task (4 classes, chance 25%): test top-1 {100 * res['top1']:.1f}% after "
           f"{args.pretrain_epochs} epochs, {res['train_seconds']:.0f} s", flush=True)
     state = {k: v.detach().clone() for k, v in net.state_dict().items()}
@@ -263,6 +266,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--pretrain-epochs", type=int, default=0,
                    help="stage 1: train the plain backbone on the appearance task first (0: no pretraining)")
+    p.add_argument("--pretrain-frames", type=int, default=2, help="frames per stage-1 clip (appearance is per frame)")
+    p.add_argument("--pretrain-per-class", type=int, default=None,
+                   help="stage-1 training clips per appearance class (default: --train-per-class)")
     p.add_argument("--pretrained-file", default=None,
                    help="reuse stage 1 from this file when it exists, else write it there (same settings only)")
     p.add_argument("--freeze-backbone", action="store_true",
