@@ -1,0 +1,54 @@
+"""benchmarks/bench_step.py stays runnable: a --tiny train-step run on the CPU (real networks, real
+optimizer steps) reports every field for both pairs and both precisions. Figures come from GPU runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+from conftest import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+import bench_step  # noqa: E402
+
+
+@pytest.mark.slow
+def test_tiny_train_step_run_reports_every_field(tmp_path, capsys):
+    # 16 optimizer steps of depth-50 networks at width 1/16: about 15-30 s on a 2-core CPU.
+    out_json = tmp_path / "step.json"
+    argv = ["--tiny", "--device", "cpu", "--iters", "1", "--warmup", "0", "--json", str(out_json)]
+    report = bench_step.main(argv)
+    printed = capsys.readouterr().out
+    assert json.loads(out_json.read_text()) == json.loads(json.dumps(report))
+    assert report["tiny"] is True and report["environment"]["motion_ops"] == "torch reference"
+    rows = report["results"]
+    assert {(r["pair"], r["precision"]) for r in rows} == {
+        (p, q) for p in ("sifa", "fcf") for q in ("fp32", "bf16-mixed")
+    }
+    for r in rows:
+        assert r["memory_format"] == "contiguous"  # the CPU default; CUDA times both formats
+        assert (r["candidate"], r["baseline"]) == {
+            "sifa": ("sifa_resnet50", "c2d_resnet50"),
+            "fcf": ("fcf_r2plus1d_50", "r2plus1d_50"),
+        }[r["pair"]]
+        assert r["batch"] == bench_step.TINY_BATCH and r["size"] == bench_step.TINY_SIZE and r["frames"] == 16
+        for role in ("candidate", "baseline"):
+            assert r[f"{role}_ms"] > 0
+            assert r[f"{role}_clips_per_s"] == pytest.approx(r["batch"] / (r[f"{role}_ms"] / 1e3))
+        assert r["overhead"] == pytest.approx(r["candidate_ms"] / r["baseline_ms"] - 1)
+        assert math.isfinite(r["overhead_paired"])
+        assert r["candidate_peak_mib"] is None  # CUDA only
+    assert "overhead" in printed and "paired" in printed and "not a benchmark" in printed
+    assert printed.count("contiguous") >= len(rows)
+
+
+def test_full_size_without_a_gpu_is_refused_clearly(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the full size would run")
+    with pytest.raises(SystemExit) as exc:
+        bench_step.main(["--pairs", "sifa"])
+    assert exc.value.code == 2
+    assert "no CUDA device" in capsys.readouterr().err
