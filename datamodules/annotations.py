@@ -95,7 +95,7 @@ def entry_problem(path: str | os.PathLike, folder: bool = False) -> str | None:
                 target = "?"
             return f"dangling symbolic link (target {target} not found)"
         if exc.errno == errno.ENOENT:
-            return "file not found"
+            return "frame folder not found" if folder else "file not found"
         return f"cannot stat: {exc.strerror or exc}"
     mode = st.st_mode
     if folder:
