@@ -7,13 +7,20 @@ the keyframe, drop non-reference frames before the clip, convert/resize only the
 swscale. Both run in this process, one after the other, on the same random starts, with the
 decoder's thread count set explicitly; the ratio is printed.
 
-    python benchmarks/bench_decode.py [--video PATH] [--clips 60] [--repeats 3] [--threads 1]
+Frames vs video: the same clip's frames are extracted once as JPEG files (PyAV decode, Pillow encode
+at `--jpeg-quality`) into a temporary folder, and the same clips are read from them
+(datamodules.frames: only the sampled files, DCT-scaled JPEG decoding), with and without the
+reduced-scale decoding, when `--frames` is given.
+
+    python benchmarks/bench_decode.py [--video PATH] [--clips 60] [--repeats 3] [--threads 1] [--short-side 256]
+                                      [--frames [--jpeg-quality 90]]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from datamodules.decode import IndexCache, VideoReader, build_index, output_size
+from datamodules.frames import FrameFolderReader, frame_index
 
 DEFAULT_VIDEO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "videos" / "kinetics_arm_wrestling.mp4"
 
@@ -59,6 +67,24 @@ def ours_clip(path: str, start: int, num_frames: int, interval: int, short_side:
     return torch.from_numpy(frames).permute(0, 3, 1, 2)
 
 
+def extract_jpegs(path: str, folder: Path, quality: int) -> int:
+    """Write every frame of `path` as `folder/img_00001.jpg`, ... (PyAV decode, Pillow encode)."""
+    n = 0
+    with av.open(path) as container:
+        for n, frame in enumerate(container.decode(video=0), start=1):
+            frame.to_image().save(folder / f"img_{n:05d}.jpg", quality=quality)
+    return n
+
+
+def frames_clip(folder: str, start: int, num_frames: int, interval: int, short_side: int, index, dct: bool = True):
+    """datamodules.frames: open only the clip's JPEGs, decode at the smallest DCT scale >= the target."""
+    reader = FrameFolderReader(folder, index=index)
+    if not dct:  # the same reader with Pillow's reduced-scale decoding turned off, for comparison
+        reader.decode_full_scale = True
+    frames = reader.decode(np.arange(num_frames) * interval + start, short_side=short_side)
+    return torch.from_numpy(frames).permute(0, 3, 1, 2)
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--video", default=str(DEFAULT_VIDEO))
@@ -69,16 +95,21 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap.add_argument("--short-side", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1, help="decoder threads per worker")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--frames", action="store_true", help="add the frames-vs-video cases (JPEGs of the same clip)")
+    ap.add_argument("--jpeg-quality", type=int, default=90, help="quality of the extracted JPEG frames")
     args = ap.parse_args(argv)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(1)  # one DataLoader worker's share
     try:
-        return _run(args)
+        if not args.frames:
+            return _run(args, None)
+        with tempfile.TemporaryDirectory(prefix="vmm_bench_frames_") as tmp:
+            return _run(args, Path(tmp))
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _run(args: argparse.Namespace) -> dict[str, float]:
+def _run(args: argparse.Namespace, frames_dir: Path | None) -> dict[str, float]:
 
     index = build_index(args.video)
     span = (args.num_frames - 1) * args.frame_interval + 1
@@ -104,6 +135,20 @@ def _run(args: argparse.Namespace) -> dict[str, float]:
             args.video, s, args.num_frames, args.frame_interval, args.short_side, args.threads, cache
         ),
     }
+    if frames_dir is not None:
+        n_jpeg = extract_jpegs(args.video, frames_dir, args.jpeg_quality)
+        findex = frame_index(frames_dir)
+        assert findex.num_frames == n_jpeg == index.num_frames, (n_jpeg, index.num_frames)
+        c = frames_clip(str(frames_dir), int(starts[0]), args.num_frames, args.frame_interval, args.short_side, findex)
+        assert c.shape == b.shape, (c.shape, b.shape)
+        diff = (c.float() - b.float()).abs().mean().item()
+        print(f"frames vs video, first clip: mean |difference| {diff:.2f} grey levels (JPEG q{args.jpeg_quality})")
+        variants["frames (JPEG, DCT-scaled)"] = lambda s, t: frames_clip(
+            str(frames_dir), s, args.num_frames, args.frame_interval, args.short_side, findex
+        )
+        variants["frames (JPEG, full scale)"] = lambda s, t: frames_clip(
+            str(frames_dir), s, args.num_frames, args.frame_interval, args.short_side, findex, dct=False
+        )
     rates: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.repeats):
         for name, fn in variants.items():  # interleaved, so background load affects all alike
@@ -118,7 +163,7 @@ def _run(args: argparse.Namespace) -> dict[str, float]:
         f"decoder threads {args.threads}, one process, {args.clips} clips x {args.repeats} repeats (median)"
     )
     for name, rate in med.items():
-        print(f"{name:<20} {rate:8.1f} clips/s   {rate / med['naive']:5.2f}x naive")
+        print(f"{name:<26} {rate:8.1f} clips/s   {rate / med['naive']:5.2f}x naive")
     return med
 
 

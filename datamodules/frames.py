@@ -163,12 +163,14 @@ class FrameIndexCache:
 class FrameFolderReader:
     """Clip decoding from a frame folder, with the interface of `VideoReader` (context manager,
     `index.num_frames`, `decode(frame_indices, short_side=...)`). Nothing is held open.
+    `decode_full_scale = True` turns the reduced-scale JPEG decoding off (for comparisons).
     """
 
     def __init__(self, path: str | os.PathLike, *, index: FrameIndex | None = None,
                  template: str = DEFAULT_TEMPLATE, start_index: int = 1):
         self.path = str(path)
         self.index = index if index is not None else frame_index(path, template, start_index)
+        self.decode_full_scale = False
 
     def __enter__(self) -> FrameFolderReader:
         return self
@@ -212,7 +214,7 @@ class FrameFolderReader:
         try:
             with Image.open(file) as im:
                 w, h = size if size is not None else output_size(im.width, im.height, short_side)
-                if (w, h) != im.size:
+                if (w, h) != im.size and not self.decode_full_scale:
                     # JPEG: decode at the smallest DCT scale (1, 1/2, 1/4, 1/8) still >= (w, h);
                     # other formats ignore the request.
                     im.draft("RGB", (w, h))

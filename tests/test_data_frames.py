@@ -153,3 +153,19 @@ def test_check_data_reads_every_frame_and_reports_bad_folders(clip_frames, tmp_p
     assert "unreadable frame img_00006.jpg" in reasons[str(tmp_path / "trunc")]
     assert "no frame files" in reasons[str(tmp_path / "empty")]
     assert "not found" in reasons[str(tmp_path / "absent")]
+
+
+def test_decode_benchmark_frames_cases_run(shared_videos, capsys):
+    """benchmarks/bench_decode.py --frames stays runnable (figures come from full runs, not from here)."""
+    import importlib.util
+
+    from conftest import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_decode", REPO_ROOT / "benchmarks" / "bench_decode.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rates = bench.main(["--video", str(shared_videos / "mpeg4_320x240.avi"), "--clips", "2", "--repeats", "1",
+                        "--frames", "--short-side", "120"])
+    assert {"frames (JPEG, DCT-scaled)", "frames (JPEG, full scale)"} <= set(rates)
+    assert all(r > 0 for r in rates.values())
+    assert "frames vs video, first clip: mean |difference|" in capsys.readouterr().out
