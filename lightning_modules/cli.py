@@ -13,8 +13,11 @@ are given by `class_path`. `data.num_classes` is linked to the classifier's and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,18 +26,71 @@ import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from .classifier import VideoClassifier, _gather_objects
+from .io import AtomicCheckpointIO, atomic_write_json, check_writable_file, load_vmm_checkpoint
 
 __all__ = ["VMMCLI", "VMMTrainer", "PredictionWriter", "main", "predict_files"]
 
 DATA_CONFIG_KEY = "vmm_data_config"
 PREDICT_SETTINGS_KEY = "vmm_test_settings"
+INTERRUPTED_CKPT = "interrupted.ckpt"
+# Exit statuses of a run stopped by a signal, as a shell reports them (128 + signal number).
+EXIT_SIGTERM = 128 + signal.SIGTERM  # 143
+EXIT_SIGINT = 128 + signal.SIGINT  # 130
+
+
+@contextlib.contextmanager
+def _signal_exit_status(what: str) -> Any:
+    """Turn Lightning's exits after a signal into the shell's statuses: SIGTERM 143, SIGINT 130.
+
+    Lightning ends a run stopped by SIGTERM with a bare SystemExit (status 0) and one stopped by
+    Ctrl+C with status 1, after its graceful shutdown (callbacks' on_exception, loggers finalised);
+    schedulers and `fit && test` chains must see that the run did not finish.
+    """
+    try:
+        yield
+    except SIGTERMException:
+        rank_zero_info(f"[vmm] {what} stopped by SIGTERM; exiting with status {EXIT_SIGTERM}")
+        raise SystemExit(EXIT_SIGTERM) from None
+    except SystemExit as exc:
+        if isinstance(exc.__context__, KeyboardInterrupt):
+            raise SystemExit(EXIT_SIGINT) from None
+        raise
+    except KeyboardInterrupt:
+        raise SystemExit(EXIT_SIGINT) from None
 
 
 class VMMTrainer(Trainer):
-    """`lightning.Trainer` with `demo`: fit, then test the best checkpoint, then print a summary."""
+    """`lightning.Trainer` with `demo` (fit, then test the best checkpoint, then print a summary),
+    atomic checkpoint files loaded with weights_only=True (`AtomicCheckpointIO`, unless a
+    CheckpointIO plugin is given), and exit status 143/130 after SIGTERM/SIGINT."""
+
+    def __init__(self, *args: Any, plugins: Any = None, **kwargs: Any) -> None:
+        plugin_list = list(plugins) if isinstance(plugins, (list, tuple)) else ([plugins] if plugins else [])
+        if not any(isinstance(p, CheckpointIO) for p in plugin_list):
+            plugin_list.append(AtomicCheckpointIO())
+        super().__init__(*args, plugins=plugin_list, **kwargs)
+
+    def fit(self, *args: Any, **kwargs: Any) -> None:
+        with _signal_exit_status("fit"):
+            super().fit(*args, **kwargs)
+
+    def validate(self, *args: Any, **kwargs: Any) -> Any:
+        with _signal_exit_status("validate"):
+            return super().validate(*args, **kwargs)
+
+    def test(self, *args: Any, **kwargs: Any) -> Any:
+        with _signal_exit_status("test"):
+            return super().test(*args, **kwargs)
+
+    def predict(self, *args: Any, **kwargs: Any) -> Any:
+        with _signal_exit_status("predict"):
+            return super().predict(*args, **kwargs)
 
     def demo(
         self,
@@ -49,7 +105,15 @@ class VMMTrainer(Trainer):
             datamodule: the data (its train/val/test splits).
             ckpt_path: resume training from this checkpoint.
         """
-        self.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        try:
+            self.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        except SystemExit as exc:
+            if self.is_global_zero:
+                how = {EXIT_SIGTERM: "by SIGTERM", EXIT_SIGINT: "by SIGINT (Ctrl+C)"}.get(exc.code, "")
+                saved = self.checkpoint_callback and Path(self.checkpoint_callback.dirpath or "") / INTERRUPTED_CKPT
+                resume = f"; resume with --ckpt_path {saved}" if saved and saved.is_file() else ""
+                print(f"\nvmm demo interrupted {how} during training; the test was not run{resume}", flush=True)
+            raise
         ckpt_cb = self.checkpoint_callback
         best = getattr(ckpt_cb, "best_model_path", "") or getattr(ckpt_cb, "last_model_path", "") or None
         self.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
@@ -93,12 +157,28 @@ class _StoreDataConfig(Callback):
             checkpoint[PREDICT_SETTINGS_KEY] = dict(settings)
 
 
+class _InterruptCheckpoint(Callback):
+    """On SIGTERM or Ctrl+C during `fit`, saves `interrupted.ckpt` beside the ModelCheckpoint files
+    (Lightning's graceful shutdown saves nothing unless a ModelCheckpoint has save_on_exception),
+    so the run resumes with `--ckpt_path .../interrupted.ckpt` from the step it reached."""
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, (SIGTERMException, KeyboardInterrupt)) or not trainer.training:
+            return
+        ckpt_cb = trainer.checkpoint_callback
+        if ckpt_cb is None or not getattr(ckpt_cb, "dirpath", None) or trainer.sanity_checking:
+            return
+        path = Path(ckpt_cb.dirpath) / INTERRUPTED_CKPT
+        trainer.save_checkpoint(path)
+        rank_zero_info(f"[vmm] {type(exception).__name__}: saved {path} (step {trainer.global_step})")
+
+
 class PredictionWriter(BasePredictionWriter):
     """Merges `VideoClassifier.predict_step` outputs per video (across batches and ranks), prints
     the top-k classes of every video and writes them as JSON.
 
     Args:
-        output: JSON file to write; default `<trainer.log_dir>/predictions.json`.
+        output: JSON file to write (atomically); default `<trainer.log_dir>/predictions.json`.
         video_names: names (e.g. file paths) indexed by video id, shown instead of the ids.
     """
 
@@ -114,6 +194,7 @@ class PredictionWriter(BasePredictionWriter):
             flat.extend(p if isinstance(p, list) else [p])
         parts = [(o["video_id"], o["num_views"], o["probs"], o["bad_video_ids"]) for o in flat]
         parts = [x for rank_parts in _gather_objects(parts) for x in rank_parts]
+        out = Path(self.output) if self.output else Path(trainer.log_dir or ".") / "predictions.json"  # collective
         if not trainer.is_global_zero:
             return
         num_classes = pl_module.num_classes
@@ -148,9 +229,8 @@ class PredictionWriter(BasePredictionWriter):
             print(f"{r['video']}: {guesses}")
         for f in failed:
             print(f"{f['video']}: could not be decoded")
-        out = Path(self.output) if self.output else Path(trainer.log_dir or ".") / "predictions.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"predictions": self.results, "failed": failed}, indent=2) + "\n")
+        atomic_write_json(out, {"predictions": self.results, "failed": failed})
         print(f"predictions written to {out}")
 
     def _name(self, video_id: int) -> str:
@@ -191,12 +271,78 @@ class VMMCLI(LightningCLI):
             help="predict: JSON file for the per-video top-k predictions (default <log_dir>/predictions.json)",
         )
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then check `--ckpt_path` against the configured model (see `_check_ckpt_against_config`).
+
+        With `--ckpt_path` on the command line, the checkpoint's model hyperparameters are given
+        first (`--model <json>`), so a configuration without `model.net` tests the checkpoint alone,
+        and whatever the configuration and `--model.*` set afterwards can be compared with them.
+        """
+        self._ckpt: dict[str, Any] | None = None
+        argv = None if isinstance(args, (dict, argparse.Namespace)) else list(sys.argv[1:] if args is None else args)
+        if argv and argv[0] in self.subcommands() and not {"-h", "--help"} & set(argv):
+            ckpt_arg = _ckpt_path_argument(argv[1:])
+            if ckpt_arg is not None:
+                self._ckpt = load_vmm_checkpoint(ckpt_arg)
+                model_hp = _checkpoint_model_config(self._ckpt)
+                if model_hp is not None:
+                    args = [argv[0], "--model", json.dumps(model_hp), *argv[1:]]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
+            super().parse_arguments(parser, args)
+        self._check_ckpt_against_config()
+
+    def _check_ckpt_against_config(self) -> None:
+        """Refuse a checkpoint whose network class differs from the configured `model.net`; warn
+        about every configured `model.*` value that the checkpoint's hyperparameters replace.
+
+        LightningCLI rebuilds the model from the checkpoint's hyperparameters, so without this
+        `vmm test --config fcf.yaml --ckpt_path sifa.ckpt` would test SIFA under the FCF run.
+        """
+        sub = self.config.get("subcommand")
+        ckpt_path = self.config.get(sub, {}).get("ckpt_path") if sub else None
+        if not ckpt_path or ckpt_path in ("best", "last", "hpc", "registry"):
+            return
+        ckpt = self._ckpt if self._ckpt is not None else load_vmm_checkpoint(ckpt_path)
+        self._ckpt = ckpt
+        ckpt_model = _checkpoint_model_config(ckpt)
+        cfg_model = self.config[sub].get("model")
+        if ckpt_model is None or cfg_model is None:
+            return
+        cfg_model = cfg_model.as_dict() if hasattr(cfg_model, "as_dict") else dict(cfg_model)
+        ckpt_net = ckpt_model["net"]["class_path"]
+        cfg_net = (cfg_model.get("net") or {}).get("class_path")
+        if cfg_net is not None and cfg_net != ckpt_net:
+            raise ValueError(
+                f"--ckpt_path {ckpt_path} holds a {ckpt_net} network, but the configuration names model.net "
+                f"{cfg_net}; the checkpoint's network would be used under this run's settings. Give a "
+                "configuration without model.net (the checkpoint alone defines the model), or the matching "
+                "checkpoint"
+            )
+        ckpt_flat, cfg_flat = _flatten(ckpt_model), _flatten(cfg_model)
+        ignored = [
+            f"model.{k}={cfg_flat[k]!r} (checkpoint: {ckpt_flat[k]!r})"
+            for k in sorted(cfg_flat)
+            if k in ckpt_flat and cfg_flat[k] != ckpt_flat[k]
+        ]
+        if ignored:
+            rank_zero_warn(
+                f"--ckpt_path {ckpt_path}: the model is rebuilt from the checkpoint ({ckpt_net}, its "
+                f"hyperparameters); these configured values will not apply: {', '.join(ignored)}",
+                category=UserWarning,
+            )
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         self._dump_config()
         callbacks = list(self._get(self.config_init, "trainer", default={}).get("callbacks") or [])
         callbacks.append(_StoreDataConfig(self.config_dump.get("data")))
+        if self.subcommand in ("fit", "demo"):
+            callbacks.append(_InterruptCheckpoint())
         if self.subcommand == "predict":
-            callbacks.append(PredictionWriter(self._get(self.config, "predictions")))
+            predictions = self._get(self.config, "predictions")
+            if predictions is not None:
+                check_writable_file(predictions, "--predictions")
+            callbacks.append(PredictionWriter(predictions))
         return super().instantiate_trainer(callbacks=callbacks, **kwargs)
 
     def predict(self, model: LightningModule, datamodule: LightningDataModule | None = None, **kwargs: Any) -> None:
@@ -206,15 +352,62 @@ class VMMCLI(LightningCLI):
         top-k for every test video, named by file path.
         """
         kwargs["return_predictions"] = False  # the PredictionWriter keeps the merged per-video results
+        writer = next(cb for cb in self.trainer.callbacks if isinstance(cb, PredictionWriter))
+        log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
+        if writer.output is None and self.trainer.is_global_zero:
+            check_writable_file(Path(log_dir or ".") / "predictions.json", "--predictions (default <log_dir>)")
         if datamodule is None or is_overridden("predict_dataloader", datamodule):
             self.trainer.predict(model, datamodule=datamodule, **kwargs)
             return
         datamodule.setup("test")
-        writer = next(cb for cb in self.trainer.callbacks if isinstance(cb, PredictionWriter))
         records = datamodule.records("test") if hasattr(datamodule, "records") else None
         if records is not None:
             writer.video_names = [str(r.path) for r in records]
         self.trainer.predict(model, dataloaders=datamodule.test_dataloader(), **kwargs)
+
+
+def _ckpt_path_argument(argv: Sequence[str]) -> str | None:
+    """The value of `--ckpt_path` on a command line (last one wins, as in the parser), or None."""
+    value = None
+    for i, a in enumerate(argv):
+        if a == "--ckpt_path" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif a.startswith("--ckpt_path="):
+            value = a.split("=", 1)[1]
+    return value if value and value not in ("best", "last", "hpc", "registry") and "://" not in value else None
+
+
+# Model keys that the CLI links from the datamodule: never "overrides" of the checkpoint.
+_LINKED_MODEL_KEYS = ("num_classes", "class_names", "net.init_args.num_classes", "_instantiator")
+
+
+def _checkpoint_model_config(ckpt: dict[str, Any]) -> dict[str, Any] | None:
+    """The model part of a `vmm fit` checkpoint's hyperparameters as a config (no linked keys), or
+    None when it does not record its network as a class_path (a checkpoint written from Python)."""
+    hp = ckpt.get("hyper_parameters")
+    if not isinstance(hp, dict) or not isinstance(hp.get("net"), dict) or "class_path" not in hp["net"]:
+        return None
+    model = json.loads(json.dumps(hp, default=str))  # a deep copy of plain data
+    model.pop("_instantiator", None)
+    model.pop("num_classes", None)
+    model.pop("class_names", None)
+    model["net"].get("init_args", {}).pop("num_classes", None)
+    return model
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"net": {"init_args": {"depth": 18}}} -> {"net.init_args.depth": 18}, without linked keys;
+    tuples compare as lists."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if key in _LINKED_MODEL_KEYS:
+            continue
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = list(v) if isinstance(v, tuple) else v
+    return out
 
 
 # ------------------------------------------------------------------------------ predict on files
@@ -232,12 +425,17 @@ def predict_files(
     devices: int | str = 1,
     precision: str | int | None = None,
 ) -> list[dict[str, Any]]:
-    """Top-k classes of each video file with a `vmm fit` checkpoint; prints them and writes JSON.
+    """Top-k classes of each video file with a `vmm fit` checkpoint; prints them and writes JSON
+    (to `output`, default `<checkpoint name>.predictions.json` in the working directory).
 
     The network is rebuilt from the checkpoint's hyperparameters, the class names come from the
     checkpoint, and clips are decoded with the test-view settings (clip length, frame interval,
     clips x crops, short side, crop size) of the datamodule it was trained with. Returns one dict per decoded video
     (`video`, `views`, `top_k` = list of {class_id, class_name, prob}); failures are printed.
+
+    Arguments are checked, and the output location probed for writing, before any inference. The
+    checkpoint is loaded with weights_only=True: a file that needs anything beyond tensors and
+    plain containers is refused ("not a vmm checkpoint: ...") and nothing in it is run.
     """
     # Imported here: `vmm --help` must not need the data stack.
     from datamodules.dataset import VideoFilesDataset, collate_clips
@@ -250,13 +448,20 @@ def predict_files(
     missing = [str(v) for v in videos if not Path(v).is_file()]
     if missing:
         raise ValueError(f"videos must be existing files; not found: {missing}")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    # Next to the checkpoint is often a read-only mount (shared model store): default to the cwd.
+    out_path = Path(output) if output is not None else Path.cwd() / f"{ckpt_path.stem}.predictions.json"
+    check_writable_file(out_path, "output")
+    ckpt = load_vmm_checkpoint(ckpt_path)
     if "net" not in ckpt.get("hyper_parameters", {}):
         raise ValueError(
             f"{ckpt_path} does not record its network (train with `vmm fit`, or load it in Python with "
             "VideoClassifier.load_from_checkpoint(path, net=...))"
         )
-    model = VideoClassifier.load_from_checkpoint(ckpt_path, map_location="cpu")
+    model = VideoClassifier.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
     if top_k is not None:
         model.hparams.top_k = top_k
     settings = ckpt.get(PREDICT_SETTINGS_KEY)
@@ -266,13 +471,11 @@ def predict_files(
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_clips
     )
-    writer = PredictionWriter(str(output) if output else None, video_names=[str(v) for v in videos])
+    writer = PredictionWriter(str(out_path), video_names=[str(v) for v in videos])
     trainer_kwargs: dict[str, Any] = {"accelerator": accelerator, "devices": devices, "logger": False}
     if precision is not None:
         trainer_kwargs["precision"] = precision
-    trainer = Trainer(callbacks=[writer], enable_progress_bar=False, enable_model_summary=False, **trainer_kwargs)
-    if output is None:
-        writer.output = str(ckpt_path.with_suffix(".predictions.json"))
+    trainer = VMMTrainer(callbacks=[writer], enable_progress_bar=False, enable_model_summary=False, **trainer_kwargs)
     trainer.predict(model, dataloaders=loader, return_predictions=False)
     return writer.results
 
@@ -288,7 +491,10 @@ def _predict_files_main(argv: list[str]) -> None:
     )
     p.add_argument("videos", nargs="+", help="video files (any container/codec PyAV decodes)")
     p.add_argument("--ckpt_path", required=True, help="checkpoint written by vmm fit")
-    p.add_argument("--output", default=None, help="JSON output (default: <ckpt>.predictions.json)")
+    p.add_argument(
+        "--output", default=None,
+        help="JSON output file (default: <checkpoint name>.predictions.json in the working directory)",
+    )
     p.add_argument("--top_k", type=int, default=5)
     p.add_argument("--batch_size", type=int, default=1, help="videos per batch (each with all its views)")
     p.add_argument("--num_workers", type=int, default=0)

@@ -79,7 +79,7 @@ def test_demo_trains_tests_and_reports(demo):
     assert (demo["log_dir"] / "confusion_matrix_test.png").is_file()
     assert (demo["log_dir"] / "config.yaml").is_file()
 
-    ckpt = torch.load(demo["best"], map_location="cpu", weights_only=False)
+    ckpt = torch.load(demo["best"], map_location="cpu", weights_only=True)
     assert ckpt["class_names"] == CLASS_NAMES
     hp = ckpt["hyper_parameters"]
     assert hp["net"]["class_path"] == "lightning_modules.networks.SIFAResNet"
@@ -134,7 +134,7 @@ def test_predict_files_without_a_dataset(demo, tmp_path, shared_videos):
 
 def test_resume_restores_step_and_optimizer_state(demo, tmp_path):
     last = demo["log_dir"] / "checkpoints" / "last.ckpt"
-    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
     cli = _cli([
         "fit", "--config", str(demo["cfg"]), "--ckpt_path", str(last), "--trainer.max_epochs", "2",
         "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",

@@ -28,7 +28,7 @@ def test_ddp_fit_then_test_matches_single_process(tmp_path_factory, tmp_path):
     run_vmm(["fit", "--config", str(cfg), *DDP_ARGS], cwd=tmp_path)
     fit_dir = tmp_path / "runs" / "lightning_logs" / "version_0"
     last = fit_dir / "checkpoints" / "last.ckpt"
-    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
     # 24 training clips over 2 ranks x batch 4: 3 optimizer steps per epoch.
     assert ckpt["global_step"] == 3
 
@@ -58,5 +58,5 @@ def test_sync_batchnorm_fit_on_gpu(tmp_path_factory, tmp_path):
     run_vmm(["fit", "--config", str(cfg), "--trainer.accelerator", "gpu", "--trainer.devices", devices,
              "--trainer.strategy", "ddp", "--trainer.sync_batchnorm", "true"], cwd=tmp_path, gpu=True)
     ckpt = torch.load(tmp_path / "runs" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt",
-                      map_location="cpu", weights_only=False)
+                      map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 6 // int(devices)

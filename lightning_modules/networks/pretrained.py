@@ -130,9 +130,12 @@ def check_pretrained_path(pretrained: object) -> None:
 def load_pretrained_2d(net: nn.Module, path: str | os.PathLike) -> InflationReport:
     """Load a local torchvision-layout 2D ResNet checkpoint (`torch.save(model.state_dict())`, optionally
     wrapped as {"state_dict": ...}) and inflate it into `net`. Logs the report (a warning when some
-    tensors were mismatched or unused)."""
+    tensors were mismatched or unused). The file is loaded with weights_only=True: garbage or a pickle
+    that needs any Python object raises `CheckpointError` ("not a 2D ResNet state dict file ...")."""
+    from ..io import load_checkpoint_file  # the loader refuses pickles that need any Python object
+
     check_pretrained_path(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_checkpoint_file(path, "cpu", what="2D ResNet state dict file (pretrained)")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     report = inflate_2d_state_dict(net, state)

@@ -1,0 +1,234 @@
+"""Files the module and the CLI read and write: atomic writes and safe checkpoint loads.
+
+Atomic writes: every report and checkpoint is written to a temporary file in the target's own
+directory, flushed to disk, then renamed over the target (`os.replace`, atomic on one file
+system). A failed write (disk full, a signal, an error while serialising) removes the temporary
+file and leaves an older file of that name untouched; readers never see a truncated file.
+
+Safe loads: checkpoints and weight files are user input, and unpickling runs code. They are read
+with `torch.load(weights_only=True)`, which only rebuilds tensors and plain containers; anything
+else is refused with one `CheckpointError` ("not a vmm checkpoint: <path>: <why>").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+__all__ = [
+    "AtomicCheckpointIO",
+    "CheckpointError",
+    "atomic_writer",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "check_writable_file",
+    "load_checkpoint_file",
+    "load_vmm_checkpoint",
+    "to_json_safe",
+]
+
+# Globals a vmm checkpoint may hold beyond tensors and plain containers. Checkpoints written by
+# `vmm fit` need none: hyperparameters are stored as plain data (classifier.py, on_save_checkpoint).
+SAFE_GLOBALS: list[Any] = []
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would have created; mkstemp makes 0600
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike, mode: str = "w", encoding: str = "utf-8") -> Iterator[IO]:
+    """Open a temporary file next to `path` for writing; on success it replaces `path` atomically.
+
+    Args:
+        path: the file to (re)write. Its directory must exist; an existing directory of that name
+            is an error (IsADirectoryError) before anything is written.
+        mode: "w" (text) or "wb" (binary).
+        encoding: text encoding for mode "w".
+
+    On any exception inside the block the temporary file is deleted, `path` is left as it was and
+    the exception propagates.
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot write {path}: it is a directory")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    # The rename itself is durable only once the directory entry is on disk.
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` atomically (see `atomic_writer`)."""
+    with atomic_writer(path, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
+    """Write `text` to `path` atomically (see `atomic_writer`)."""
+    with atomic_writer(path, "w", encoding=encoding) as f:
+        f.write(text)
+
+
+def to_json_safe(obj: Any) -> Any:
+    """`obj` with every non-finite float (NaN, ±Inf) replaced by None, so it is valid JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: to_json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_json_safe(v) for v in obj]
+    return obj
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write `obj` as indented JSON atomically; NaN/Inf become null (strict JSON, never bare NaN)."""
+    atomic_write_text(path, json.dumps(to_json_safe(obj), indent=2, allow_nan=False) + "\n")
+
+
+def check_writable_file(path: str | os.PathLike, argument: str) -> Path:
+    """Fail early (before any inference) when `path` cannot be written as a file.
+
+    Creates missing parent directories, and probes the directory with a temporary file. Raises
+    ValueError naming `argument` when `path` is a directory or its directory is not writable.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{argument} must be a file path, got the existing directory {str(path)!r}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as exc:
+        raise ValueError(
+            f"{argument}: cannot write {str(path)!r}: directory {str(path.parent)!r} is not writable "
+            f"({exc.strerror or exc})"
+        ) from None
+    return path
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+
+class CheckpointError(ValueError):
+    """A file given as a checkpoint or weight file that cannot be loaded safely."""
+
+
+def _why_refused(exc: BaseException) -> str:
+    """A one-line reason from torch.load's error, without its advice to load unsafely."""
+    text = str(exc)
+    unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if unsafe:
+        return (
+            f"it needs the Python object {unsafe.group(1)}, which checkpoints never hold; refused without "
+            "running it (files are loaded with weights_only=True)"
+        )
+    refused = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\s*\n|Check the documentation|$)", text, re.S)
+    if refused:
+        detail = " ".join(refused.group(1).split())[:200]
+        return f"weights-only loading refused it ({detail}); nothing in it was run"
+    detail = " ".join(text.split())[:200]
+    return f"truncated or not a torch.save file ({type(exc).__name__}: {detail})"
+
+
+def load_checkpoint_file(
+    path: str | os.PathLike,
+    map_location: Any = "cpu",
+    *,
+    what: str = "vmm checkpoint",
+    require: Callable[[Any], str | None] | None = None,
+) -> Any:
+    """`torch.load(path, weights_only=True)` with one clear error for anything that is not `what`.
+
+    Args:
+        path: a local file.
+        map_location: as for torch.load.
+        what: the kind of file expected, used in the error ("not a <what>: <path>: <why>").
+        require: optional check of the loaded object; returns a reason string to refuse it.
+
+    Raises:
+        CheckpointError: missing file, garbage, a truncated file, a pickle that needs any Python
+            object beyond tensors and containers (never executed), or `require` refused it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"not a {what}: {path}: no such file")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*pickle protocol.*")  # refused or fine either way
+            obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
+        raise CheckpointError(f"not a {what}: {path}: {_why_refused(exc)}") from None
+    reason = require(obj) if require is not None else None
+    if reason:
+        raise CheckpointError(f"not a {what}: {path}: {reason}")
+    return obj
+
+
+def _is_lightning_checkpoint(obj: Any) -> str | None:
+    if not isinstance(obj, dict) or not isinstance(obj.get("state_dict"), dict):
+        return "no state_dict (not a Lightning checkpoint)"
+    return None
+
+
+def load_vmm_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """A Lightning checkpoint (a dict with `state_dict`), loaded safely; see `load_checkpoint_file`."""
+    return load_checkpoint_file(path, map_location, require=_is_lightning_checkpoint)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint IO that writes atomically in the target's directory and loads safely.
+
+    Lightning's own IO serialises into memory, writes to a temporary file in the system temp
+    directory and moves it; across file systems that move is a copy, which a full disk truncates.
+    Loads always use weights_only=True, whatever the caller asks for (`--ckpt_path` is user input).
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            super().save_checkpoint(checkpoint, path, storage_options)  # remote: Lightning's fsspec path
+            return
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_writer(path, "wb") as f:
+            torch.save(checkpoint, f)
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        if "://" in str(path):
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        if not Path(path).exists():
+            raise FileNotFoundError(f"Checkpoint file not found: {path}")
+        return load_vmm_checkpoint(path, map_location=map_location)
