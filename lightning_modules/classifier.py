@@ -9,6 +9,7 @@ distributed sampler pads with, so metrics do not depend on the number of process
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path, PurePath
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_confusion_matrix
 
+from .augment import ClipAugment, mix_clips
 from .io import atomic_write_json, atomic_write_text, atomic_writer
 
 __all__ = ["VideoClassifier", "EvalResult"]
@@ -195,7 +197,12 @@ class VideoClassifier(pl.LightningModule):
         class_names: names indexed by class id, stored in checkpoints so `vmm predict` can name
             classes; taken from the datamodule at setup when not given.
         optimizer: "sgd" (momentum, optional Nesterov) or "adamw".
-        lr: peak learning rate (after warm-up) for a batch of `batch_size × devices` clips.
+        lr: peak learning rate (after warm-up) for a global batch of `base_batch_size` clips.
+        base_batch_size: the global batch (clips per optimizer step) `lr` and `min_lr` were tuned
+            for. At fit start both are scaled linearly to the actual global batch, devices ×
+            num_nodes × the datamodule's `batch_size` × accumulate_grad_batches, so a recipe runs
+            unchanged on any number of GPUs; `lr_base` and `lr_peak` (scaled) are logged. None: no
+            scaling (`lr` is used as given).
         weight_decay: L2 (SGD) / decoupled (AdamW) weight decay.
         decay_norm_and_bias: also decay 0-/1-d parameters (BN/GN scales and shifts, biases, FlowLayer
             scalars); off by default.
@@ -209,6 +216,17 @@ class VideoClassifier(pl.LightningModule):
         mean, std: per-channel normalisation of [0, 1] pixels, applied on the device.
         top_k: number of classes returned by `predict_step` (and the "top5" metrics' k, capped at
             num_classes).
+        color_jitter, color_jitter_p, grayscale_p, blur_p, rand_augment: per-clip augmentation on the
+            device in training only (uint8 clips, before normalisation); see
+            `lightning_modules.augment.ClipAugment`. `rand_augment` is (n, m) with m on the released
+            SIFA 0–30 scale (m / 30 of each operation's maximum). All off by default.
+        mixup_alpha, cutmix_alpha: Beta parameters of mixup / CutMix between the clips of a training
+            batch (0 = off); `mix_prob`: probability that a clip is mixed; `mix_switch_prob`: CutMix
+            instead of mixup when both are on. Targets become class probabilities (every head's
+            loss uses them); `train/top1` is then measured against each clip's dominant class.
+        log_data_time: log `train/data_time`, the share of training time spent waiting for the
+            loader (between the end of one step and the start of the next, batch transfer
+            included); on CUDA this synchronises the device once per step.
     """
 
     def __init__(
@@ -230,6 +248,17 @@ class VideoClassifier(pl.LightningModule):
         mean: Sequence[float] = KINETICS_MEAN,
         std: Sequence[float] = KINETICS_STD,
         top_k: int = 5,
+        base_batch_size: int | None = None,
+        color_jitter: tuple[float, float, float, float] | None = None,
+        color_jitter_p: float = 0.8,
+        grayscale_p: float = 0.0,
+        blur_p: float = 0.0,
+        rand_augment: tuple[int, int] | None = None,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        mix_prob: float = 1.0,
+        mix_switch_prob: float = 0.5,
+        log_data_time: bool = True,
     ) -> None:
         super().__init__()
         with warnings.catch_warnings():
@@ -263,6 +292,12 @@ class VideoClassifier(pl.LightningModule):
             raise ValueError(f"mean and std must have 3 entries (RGB) with std > 0, got mean={mean}, std={std}")
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
+        if base_batch_size is not None and base_batch_size < 1:
+            raise ValueError(f"base_batch_size must be >= 1 or None (no lr scaling), got {base_batch_size}")
+        if mixup_alpha < 0 or cutmix_alpha < 0:
+            raise ValueError(f"mixup_alpha and cutmix_alpha must be >= 0, got {mixup_alpha}, {cutmix_alpha}")
+        if not (0 <= mix_prob <= 1 and 0 <= mix_switch_prob <= 1):
+            raise ValueError(f"mix_prob and mix_switch_prob must be in [0, 1], got {mix_prob}, {mix_switch_prob}")
         self.net = net
         self.num_classes = int(num_classes)
         self.class_names: list[str] | None = list(class_names) if class_names is not None else None
@@ -275,6 +310,21 @@ class VideoClassifier(pl.LightningModule):
         # is network class _class_order[j] (see on_load_checkpoint).
         self._class_order: Tensor | None = None
         self._net_class_names: list[str] | None = None
+        augment = ClipAugment(
+            color_jitter=color_jitter,
+            color_jitter_p=color_jitter_p,
+            grayscale_p=grayscale_p,
+            blur_p=blur_p,
+            rand_augment=rand_augment,
+        )
+        # No parameters or buffers: checkpoints are the same with or without augmentation.
+        self.clip_augment: ClipAugment | None = augment if augment.enabled else None
+        self.mixing = mixup_alpha > 0 or cutmix_alpha > 0
+        self.lr_scale = 1.0  # set at fit start from base_batch_size and the actual global batch
+        self._peak_lrs: list[float] = []
+        self._augment_seed = 0
+        self._step_end: float | None = None
+        self._step_start: float | None = None
 
     # ---------------------------------------------------------------- data on the device
 
@@ -324,15 +374,93 @@ class VideoClassifier(pl.LightningModule):
         return torch.stack([h.float().softmax(-1) for h in heads]).mean(0)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        x, y = self._video(batch), batch["label"]
+        y = batch["label"]
+        x, target = self.augment(batch["video"], y, batch_idx)
         heads = self._heads(x)
-        loss = self._loss(heads, y)
+        loss = self._loss(heads, target)
         with torch.no_grad():
-            acc = (self._probs(heads).argmax(1) == y).float().mean()
+            # Mixed clips count as their dominant class.
+            hard = target.argmax(1) if target.dim() == 2 else target
+            acc = (self._probs(heads).argmax(1) == hard).float().mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=len(y))
         self.log("train/top1", acc, prog_bar=True, batch_size=len(y))
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=len(y))
+        self.log("lr_base", float(self.hparams.lr), batch_size=len(y))
+        self.log("lr_peak", float(self.hparams.lr * self.lr_scale), batch_size=len(y))
         return loss
+
+    def augment(self, video: Tensor, label: Tensor, batch_idx: int = 0) -> tuple[Tensor, Tensor]:
+        """Training input: uint8 clips [N,3,T,H,W] and ids [N] -> normalised float clips, targets.
+
+        Per-clip augmentation (uint8, before normalisation), normalisation, then mixup / CutMix
+        (targets: ids [N] unmixed, class probabilities [N, num_classes] when mixing is on). The
+        random draws are seeded per (seed, rank, epoch, batch): reproducible, resumable, and
+        different on every rank; the global RNG state is left as it was.
+        """
+        if self.clip_augment is None and not self.mixing:
+            return self.normalize(video), label
+        hp = self.hparams
+        rank = self.global_rank if self._trainer is not None else 0
+        epoch = self.current_epoch if self._trainer is not None else 0
+        seed = self._augment_seed
+        for part in (rank, epoch, batch_idx):
+            seed = (seed * 1_000_003 + part) % (2**63)
+        # Parameters are drawn on the CPU only, so forking the CPU generator is enough.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            if self.clip_augment is not None:
+                video = self.clip_augment(video)
+            x = self.normalize(video)
+            if not self.mixing:
+                return x, label
+            return mix_clips(
+                x, label, self.num_classes, hp.mixup_alpha, hp.cutmix_alpha, hp.mix_prob, hp.mix_switch_prob
+            )
+
+    def on_fit_start(self) -> None:
+        # torch's seed (seed_everything's) at fit start: augmentation seeds derive from it.
+        self._augment_seed = torch.initial_seed()
+        if self.hparams.base_batch_size is not None:
+            from lightning.pytorch.utilities import rank_zero_info
+
+            rank_zero_info(
+                f"[vmm] lr {self.hparams.lr:g} for a global batch of {self.hparams.base_batch_size} -> "
+                f"{self.hparams.lr * self.lr_scale:g} for {self._global_batch_size()} "
+                f"(x{self.lr_scale:g}, linear scaling)"
+            )
+
+    def on_train_start(self) -> None:
+        # A resumed run restored the schedule of its checkpoint, whose peak lr may have been scaled
+        # for another global batch: re-apply this run's scaled peaks.
+        if self.hparams.base_batch_size is None or not self._peak_lrs:
+            return
+        for config in self.trainer.lr_scheduler_configs:
+            sched = config.scheduler
+            if isinstance(sched, torch.optim.lr_scheduler.LambdaLR) and len(sched.base_lrs) == len(self._peak_lrs):
+                sched.base_lrs = list(self._peak_lrs)
+                for group, peak, fn in zip(sched.optimizer.param_groups, self._peak_lrs, sched.lr_lambdas, strict=True):
+                    group["initial_lr"] = peak
+                    group["lr"] = peak * fn(sched.last_epoch)
+
+    # ---------------------------------------------------------------- input-bound monitor
+
+    def on_train_epoch_start(self) -> None:
+        self._step_end = time.perf_counter()
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._step_start = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Log `train/data_time`: loader wait / (loader wait + step) of this step, in [0, 1]."""
+        if not self.hparams.log_data_time or self._step_start is None or self._step_end is None:
+            return
+        if self.device.type == "cuda":  # the step's kernels are asynchronous: count them in the step
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        wait = max(0.0, self._step_start - self._step_end)
+        step = max(0.0, now - self._step_start)
+        self._step_end = now
+        self.log("train/data_time", wait / max(wait + step, 1e-12), on_step=True, on_epoch=False, batch_size=1)
 
     # ---------------------------------------------------------------- validation / test
 
@@ -494,9 +622,13 @@ class VideoClassifier(pl.LightningModule):
 
     # ---------------------------------------------------------------- optimisation
 
-    def param_groups(self) -> list[dict[str, Any]]:
-        """Parameter groups: (flow-layer or not) × (decayed or not), each with its own lr."""
+    def param_groups(self, lr: float | None = None) -> list[dict[str, Any]]:
+        """Parameter groups: (flow-layer or not) × (decayed or not), each with its own lr.
+
+        `lr`: the peak lr of the non-flow groups (default: the `lr` hyperparameter, unscaled).
+        """
         hp = self.hparams
+        base_lr = hp.lr if lr is None else lr
         flow_ids: set[int] = set()
         if hp.flow_lr_scale != 1.0:
             from ops import FlowLayer
@@ -512,18 +644,36 @@ class VideoClassifier(pl.LightningModule):
             groups.setdefault((id(p) in flow_ids, decay), []).append(p)
         out = []
         for (is_flow, decay), params in sorted(groups.items()):
-            lr = hp.lr * (hp.flow_lr_scale if is_flow else 1.0)
-            out.append({"params": params, "lr": lr, "weight_decay": hp.weight_decay if decay else 0.0})
+            group_lr = base_lr * (hp.flow_lr_scale if is_flow else 1.0)
+            out.append({"params": params, "lr": group_lr, "weight_decay": hp.weight_decay if decay else 0.0})
         return out
+
+    def _global_batch_size(self) -> int:
+        """Clips per optimizer step over all processes: world size × batch × accumulation."""
+        trainer = self.trainer
+        batch = getattr(getattr(trainer, "datamodule", None), "batch_size", None)
+        if batch is None:
+            loader = trainer.train_dataloader
+            batch = getattr(loader, "batch_size", None)
+        if not isinstance(batch, int) or batch < 1:
+            raise ValueError(
+                "base_batch_size needs the per-device batch size: give the datamodule a `batch_size` "
+                f"attribute or the train DataLoader a batch_size (found {batch!r}), or set base_batch_size=None"
+            )
+        return trainer.world_size * batch * trainer.accumulate_grad_batches
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        groups = self.param_groups()
+        total = self.trainer.estimated_stepping_batches  # loads the train dataloader when needed
+        if hp.base_batch_size is not None:
+            self.lr_scale = self._global_batch_size() / hp.base_batch_size
+        peak = hp.lr * self.lr_scale
+        groups = self.param_groups(peak)
+        self._peak_lrs = [g["lr"] for g in groups]
         if hp.optimizer == "sgd":
-            opt = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov)
+            opt = torch.optim.SGD(groups, lr=peak, momentum=hp.momentum, nesterov=hp.nesterov)
         else:
-            opt = torch.optim.AdamW(groups, lr=hp.lr)
-        total = self.trainer.estimated_stepping_batches
+            opt = torch.optim.AdamW(groups, lr=peak)
         max_epochs = self.trainer.max_epochs
         if max_epochs is not None and max_epochs > 0 and math.isfinite(total):
             per_epoch = max(1.0, total / max_epochs)
