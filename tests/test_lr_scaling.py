@@ -132,3 +132,25 @@ def test_ddp_two_processes_see_the_same_lr_per_sample(tmp_path_factory, tmp_path
         assert _column(_metrics(out), "lr_peak")[0] == pytest.approx(base_lrs[0])
         per_sample[procs] = [lr / global_batch for lr in base_lrs]
     assert per_sample[2] == pytest.approx(per_sample[1])
+
+
+PAPER_CONFIGS = {  # config: (lr, base_batch_size) of its recipe
+    "sifa_r50_kinetics400.yaml": (0.04, 384),
+    "c2d_r50_kinetics400.yaml": (0.04, 384),
+    "fcf_r2plus1d50_kinetics400.yaml": (0.1, 128),
+    "r2plus1d50_kinetics400.yaml": (0.1, 128),
+    "fcf_r2plus1d50_hmdb51.yaml": (0.01, 24),
+    "r2plus1d50_hmdb51.yaml": (0.01, 24),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_CONFIGS))
+def test_paper_configs_state_the_recipe_lr_and_its_batch(name):
+    import yaml
+    from _vmm_cli_helpers import REPO_ROOT
+
+    model = yaml.safe_load((REPO_ROOT / "configs" / name).read_text())["model"]
+    assert (model["lr"], model["base_batch_size"]) == PAPER_CONFIGS[name]
+    if name.endswith("r50_kinetics400.yaml"):  # the released SIFA Kinetics colour augmentation
+        assert model["color_jitter"] == [0.4, 0.4, 0.4, 0.1]
+        assert (model["color_jitter_p"], model["grayscale_p"], model["blur_p"]) == (0.8, 0.2, 0.5)
