@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from .annotations import AnnotationError, VideoRecord
 from .base import VideoDataModule
 from .frames import FrameRecord, check_template
+from .sampling import Sampling
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +94,6 @@ class _SomethingSomething(VideoDataModule):
                  test_split: TestSplit = "validation", **kwargs):
         if test_split not in ("validation", "test"):
             raise ValueError(f"test_split: expected 'validation' or 'test', got {test_split!r}")
-        # TSN-style segments, the usual Something-Something sampling (clips are 2-6 s long).
-        kwargs.setdefault("sampling", "segment")
-        kwargs.setdefault("num_frames", 8)
         self.flip = bool(flip)
         self.flip_swaps_left_right = bool(flip_swaps_left_right)
         # With swapping the dataset flips (it must know which clips were mirrored); else the transform.
@@ -149,10 +147,13 @@ class SomethingSomethingV2DataModule(_SomethingSomething):
         flip: bool = False,
         flip_swaps_left_right: bool = True,
         test_split: TestSplit = "validation",
+        num_frames: int = 8,
+        sampling: Sampling = "segment",
         **kwargs,
     ):
+        # TSN-style segments, the usual Something-Something sampling (clips are 2-6 s long).
         super().__init__(root, flip=flip, flip_swaps_left_right=flip_swaps_left_right, test_split=test_split,
-                         **kwargs)
+                         num_frames=num_frames, sampling=sampling, **kwargs)
         self.video_dir = self.root / video_dir
         self.label_dir = self.root / label_dir
         self.frame_dir = None if frame_dir is None else self.root / Path(frame_dir).expanduser()
@@ -243,10 +244,13 @@ class SomethingSomethingV1DataModule(_SomethingSomething):
         flip: bool = False,
         flip_swaps_left_right: bool = True,
         test_split: TestSplit = "validation",
+        num_frames: int = 8,
+        sampling: Sampling = "segment",
         **kwargs,
     ):
+        # TSN-style segments, the usual Something-Something sampling (clips are 2-6 s long).
         super().__init__(root, flip=flip, flip_swaps_left_right=flip_swaps_left_right, test_split=test_split,
-                         **kwargs)
+                         num_frames=num_frames, sampling=sampling, **kwargs)
         self.frame_dir = self.root / Path(frame_dir).expanduser()
         self.annotation_dir = self.root if annotation_dir is None else self.root / Path(annotation_dir).expanduser()
         self.frame_template = check_template(frame_template, frame_start_index)

@@ -189,6 +189,34 @@ def test_rawframe_lists(clips, tmp_path):
         RawFrameListDataModule(root=str(tmp_path), train_list="train.txt", frame_start_index=3)
 
 
+def test_cli_construction_keeps_the_something_something_defaults(tmp_path):
+    """Through jsonargparse (as `vmm` builds them) the SS modules get their own defaults: segment
+    sampling of 8 frames, no flip; the left/right option and rawframe options parse."""
+    import jsonargparse
+    import lightning as L
+
+    (tmp_path / "train.txt").write_text("f0 8 0\nf1 8 1\n")
+    parser = jsonargparse.ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(L.LightningDataModule, "data")
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
+    for name, args in [("SomethingSomethingV2DataModule", {}), ("SomethingSomethingV1DataModule", {}),
+                       ("SomethingSomethingV2DataModule", {"flip": True, "frame_dir": "frames"})]:
+        cfg = parser.parse_object({"data": {"class_path": f"datamodules.{name}",
+                                            "init_args": {"root": str(tmp_path), **args}}})
+        dm = instantiate(cfg).data
+        assert type(dm).__name__ == name
+        assert dm.clip.sampling == "segment" and dm.clip.num_frames == 8 and dm.train_transform.flip is False
+        assert dm.flip == args.get("flip", False) and dm.test_split == "validation"
+    cfg = parser.parse_object({"data": {"class_path": "datamodules.RawFrameListDataModule", "init_args": {
+        "root": str(tmp_path), "train_list": "train.txt", "frame_template": "{:06d}.png", "frame_start_index": 0}}})
+    dm = instantiate(cfg).data
+    rec = dm.records("train")[1]
+    assert isinstance(rec, FrameRecord) and (rec.template, rec.start_index, rec.num_frames) == ("{:06d}.png", 0, 8)
+    with pytest.raises(jsonargparse.ArgumentError):
+        parser.parse_object({"data": {"class_path": "datamodules.SomethingSomethingV1DataModule",
+                                      "init_args": {"root": "x", "test_split": "val"}}})
+
+
 DDP_SCRIPT = textwrap.dedent(
     """
     import json, sys
