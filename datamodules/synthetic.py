@@ -429,7 +429,10 @@ def _lock_dir(path: Path, blocking: bool) -> int | None:
     """An fd holding an exclusive flock on directory `path`; None if another process holds it.
 
     Raises OSError where flock is unsupported (the caller decides what that means)."""
-    import fcntl
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system
+        raise OSError("flock is not available on this system") from None
 
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
