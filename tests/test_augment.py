@@ -223,7 +223,7 @@ def test_classifier_trains_with_every_augmentation_and_evaluates_without(tmp_pat
         assert res["aug"][key] == pytest.approx(res["plain"][key], abs=1e-6), key
 
 
-def test_classifier_augment_is_seeded_per_step_and_rank(tmp_path):
+def test_classifier_augment_is_seeded_per_batch_and_leaves_the_global_rng():
     model = VideoClassifier(TinyNet(2), rand_augment=(2, M), cutmix_alpha=1.0)
     video, label = _static_clips(4, 2, 12, 12), torch.tensor([0, 1, 0, 1])
     state = torch.get_rng_state()

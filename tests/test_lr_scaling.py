@@ -9,6 +9,7 @@ import csv
 import time
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from _vmm_cli_helpers import generate_tiny_dataset, run_vmm, tiny_config, write_config
@@ -51,6 +52,26 @@ def test_lr_scales_to_global_batch_and_is_logged(tmp_path, accumulate):
     assert _column(rows, "lr_base") == pytest.approx([0.4] * len(_column(rows, "lr_base")))
     assert _column(rows, "lr_peak") == pytest.approx([0.4 * scale] * len(_column(rows, "lr_peak")))
     assert _column(rows, "lr") == pytest.approx([0.4 * scale] * len(_column(rows, "lr")))
+
+
+def test_resume_with_another_global_batch_rescales(tmp_path):
+    def fit(batch_size: int, epochs: int, ckpt=None) -> tuple[VideoClassifier, _LrRecorder, pl.Trainer]:
+        data = SquareData(n_train=16, n_eval=2, views=1, batch_size=batch_size)
+        model = VideoClassifier(TinyNet(2), lr=0.4, base_batch_size=16, scheduler="constant")
+        rec = _LrRecorder()
+        trainer = _trainer(tmp_path, max_epochs=epochs, callbacks=[rec], logger=False, limit_val_batches=0,
+                           enable_checkpointing=False)
+        trainer.fit(model, datamodule=data, ckpt_path=ckpt)
+        return model, rec, trainer
+
+    _, rec, trainer = fit(batch_size=4, epochs=1)
+    assert rec.lrs[0][0] == pytest.approx(0.1)
+    trainer.save_checkpoint(tmp_path / "e1.ckpt")
+    # Resumed with twice the batch: the restored schedule is re-scaled from the first resumed step.
+    model, rec, trainer = fit(batch_size=8, epochs=2, ckpt=tmp_path / "e1.ckpt")
+    assert model.lr_scale == pytest.approx(0.5)
+    assert [r[0] for r in rec.lrs] == pytest.approx([0.2] * len(rec.lrs))
+    assert trainer.lr_scheduler_configs[0].scheduler.base_lrs[0] == pytest.approx(0.2)
 
 
 def test_no_base_batch_size_means_no_scaling(tmp_path):
