@@ -228,6 +228,133 @@ def test_backend_auto_uses_reference_on_cpu():
     assert "DeformCorrelationFunction" not in type(attn.grad_fn).__name__
 
 
+# ------------------------------------------------------------- fused step returning attn (docs/sifa.md §5)
+
+
+def fused_with_attn(fn, query, kv, offset, window, use=("out", "attn")):
+    """(out, attn) of ``fn(..., return_attn=True)`` and the gradients w.r.t. query, kv and offset of a loss
+    that uses the outputs named in ``use`` (random cotangents)."""
+    q, k, o = (t.detach().clone().requires_grad_() for t in (query, kv, offset))
+    out, attn = fn(q, k, o, *window, return_attn=True)
+    used = [t for name, t in (("out", out), ("attn", attn)) if name in use]
+    loss = sum((t.double() * _cotangent(t).double()).sum() for t in used)
+    return (out, attn, *torch.autograd.grad(loss, (q, k, o)))
+
+
+FUSED_NAMES = ("out", "attn", "d query", "d kv", "d offset")
+
+
+@pytest.mark.parametrize(("channels", "groups", "kernel_size", "dilation"), CASES)
+@pytest.mark.parametrize("use", [("out", "attn"), ("attn",), ("out",)])
+def test_emulated_fused_attention_returns_attn_and_takes_its_gradient(channels, groups, kernel_size, dilation, use):
+    # attn from the fused Function is the correlation itself; a gradient on it (alone or with one on out)
+    # flows like the reference's, without a second correlation pass.
+    query, kv, offset, _ = random_inputs(channels, groups, kernel_size, spread=4)
+    window = (kernel_size, dilation, groups)
+    got = fused_with_attn(deform_attention_kernels, query, kv, offset, window, use)
+    expected = fused_with_attn(deform_attention_reference, query, kv, offset, window, use)
+    torch.testing.assert_close(got[1], deform_correlation_reference(query, kv, offset, *window), rtol=0, atol=1e-12)
+    for name, g, e in zip(FUSED_NAMES, got, expected, strict=True):
+        assert g.dtype == torch.float64, name
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_emulated_fused_attention_with_attn_low_precision(dtype):
+    query, kv, offset, _ = random_inputs(4, 2, 3, spread=4, dtype=dtype)
+    got = fused_with_attn(deform_attention_kernels, query, kv, offset, (3, 1, 2))
+    expected = fused_with_attn(deform_attention_reference, query, kv, offset, (3, 1, 2))
+    tol = TOL[dtype] * (1 if dtype == torch.float32 else 4)  # 16 bits: attn is rounded before the aggregation
+    for name, g, e in zip(FUSED_NAMES, got, expected, strict=True):
+        assert g.dtype == dtype, name
+        torch.testing.assert_close(g.double(), e.double(), rtol=tol, atol=tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_emulated_fused_attention_with_attn_gradcheck():
+    query, kv, offset, _ = random_inputs(4, 2, 3, batch=1, height=3, width=4)
+    inputs = tuple(t.requires_grad_() for t in (query, kv, offset))
+    assert torch.autograd.gradcheck(
+        lambda q, k, o: deform_attention_kernels(q, k, o, 3, 2, 2, return_attn=True), inputs
+    )
+
+
+def test_emulated_fused_attention_with_attn_non_contiguous_and_batch_zero():
+    query, kv, offset, _ = random_inputs(4, 1, 3, height=5, width=5)
+    q_nc, o_nc = query.transpose(2, 3), offset.transpose(2, 3)
+    k_nc = torch.cat((kv, kv.flip(3)), dim=3)[..., ::2]
+    assert not (q_nc.is_contiguous() or o_nc.is_contiguous() or k_nc.is_contiguous())
+    got = fused_with_attn(deform_attention_kernels, q_nc, k_nc, o_nc, (3, 1, 1))
+    expected = fused_with_attn(
+        deform_attention_reference, q_nc.contiguous(), k_nc.contiguous(), o_nc.contiguous(), (3, 1, 1)
+    )
+    for name, g, e in zip(FUSED_NAMES, got, expected, strict=True):
+        torch.testing.assert_close(g, e, msg=lambda m, n=name: f"{n}: {m}")
+    empty = [t[:0].requires_grad_() for t in (query, kv, offset)]
+    out, attn = deform_attention_kernels(*empty, 3, 1, 2, return_attn=True)
+    assert out.shape == (0, 4, 5, 5) and attn.shape == (0, 18, 5, 5)
+    (out.sum() + attn.sum()).backward()
+    assert all(t.grad.shape == t.shape for t in empty)
+
+
+# ------------------------------------------------------------------------------- NaN / Inf (docs/sifa.md §1)
+
+
+def _nan_cases():
+    """(name, tensor to corrupt, index, value): NaN and ±Inf in every input, at sample points on the map and
+    off it (the offsets of pixel (1, 1) move the taps there)."""
+    cases = []
+    for value in (float("nan"), float("inf"), float("-inf")):
+        tag = {True: "nan", False: "inf" if value > 0 else "-inf"}[value != value]
+        cases += [
+            (f"query {tag}", "query", (0, 1, 1, 1), value),
+            (f"key {tag}", "key", (1, 2, 2, 3), value),
+            (f"attn {tag}", "attn", (0, 4, 1, 1), value),
+            (f"offset dy {tag}", "offset", (0, 2, 1, 1), value),
+            (f"offset dx {tag}", "offset", (1, 9, 2, 2), value),
+        ]
+    return cases
+
+
+@pytest.mark.parametrize(("name", "which", "index", "value"), _nan_cases(), ids=lambda v: str(v))
+@pytest.mark.parametrize("off_map", [False, True])
+def test_emulated_kernels_and_reference_agree_on_nan_and_inf(name, which, index, value, off_map):
+    # One policy for both backends: NaN/Inf propagate as IEEE arithmetic on the bilinear formula (the
+    # reference's grid_sample on CPU). Values and every gradient must match, NaN for NaN and Inf for Inf.
+    query, key, offset, attn = random_inputs(4, 2, 3, spread=2)
+    if off_map:  # every tap of pixel (1, 1) of both samples wholly off the 4x5 map
+        offset[:, :, 1, 1] = 40.5
+    inputs = {"query": query, "key": key, "offset": offset, "attn": attn}
+    inputs[which][index] = value
+    args = (inputs["query"], inputs["key"], inputs["offset"], inputs["attn"])
+    window = (3, 1, 2)
+    got = both_ops(KERNELS, *args, window) + fused_with_attn(deform_attention_kernels, *args[:3], window)
+    expected = both_ops(REFERENCE, *args, window) + fused_with_attn(deform_attention_reference, *args[:3], window)
+    names = NAMES + tuple(f"fused {n}" for n in FUSED_NAMES)
+    assert any(not torch.isfinite(e).all() for e in expected), "the corrupted input must reach some output"
+    for n, g, e in zip(names, got, expected, strict=True):
+        torch.testing.assert_close(g, e, equal_nan=True, msg=lambda m, n=n: f"{name}: {n}: {m}")
+
+
+def test_kernels_nan_policy_on_offsets():
+    # The policy spelled out on the kernels: a NaN or ±Inf offset makes its tap NaN (not "off the map", 0);
+    # a huge finite offset is off the map (0); a NaN query stays NaN even against an off-map sample.
+    query, key, offset, _ = random_inputs(2, 1, 3, height=3, width=3)
+    offset.zero_()
+    for value, expected_nan in ((float("nan"), True), (float("inf"), True), (-float("inf"), True), (1e30, False)):
+        off = offset.clone()
+        off[0, 2 * 4 + 1, 1, 1] = value  # Δx of the centre tap at pixel (1, 1)
+        attn = deform_correlation_kernels(query, key, off, 3, 1, 1)
+        assert bool(attn[0, 4, 1, 1].isnan()) == expected_nan, value
+        if not expected_nan:
+            assert attn[0, 4, 1, 1] == 0
+        assert torch.isfinite(attn[0, :4]).all() and torch.isfinite(attn[1]).all()  # only that tap
+    q = query.clone()
+    q[0, 0, 1, 1] = float("nan")
+    far = torch.full_like(offset, 1e3)
+    assert deform_correlation_kernels(q, key, far, 3, 1, 1)[0, :, 1, 1].isnan().all()
+    assert (deform_correlation_kernels(query, key, far, 3, 1, 1) == 0).all()
+
+
 # ------------------------------------------------------------------------------------------------ GPU
 
 
@@ -359,3 +486,62 @@ def test_cupy_beyond_int32_indexing():
     torch.testing.assert_close(attn[:, -2:].float(), attn_ref, rtol=5e-3, atol=5e-3)
     out_ref = deform_aggregation_reference(tail, attn[:, -2:].float(), offset.float(), 1, 1, 2)
     torch.testing.assert_close(out[:, -4:].float(), out_ref, rtol=5e-3, atol=5e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+def test_cupy_fused_attention_with_attn_matches_reference(dtype):
+    query, kv, offset, _ = _cuda_inputs(dtype, spread=4)
+    cupy = fused_with_attn(
+        lambda *a, **k: ops.sifa.deform_attention(*a, **k, backend="cupy"), query, kv, offset, (3, 1, 2)
+    )
+    cpu = [t.cpu() for t in (query, kv, offset)]
+    expected = fused_with_attn(deform_attention_reference, *cpu, (3, 1, 2))
+    tol = {torch.float16: 2e-2}.get(dtype, TOL[dtype])
+    for name, g, e in zip(FUSED_NAMES, cupy, expected, strict=True):
+        assert g.dtype == dtype and g.is_cuda, name
+        torch.testing.assert_close(g.cpu().double(), e.double(), rtol=tol, atol=tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("name", "which", "index", "value"), _nan_cases(), ids=lambda v: str(v))
+def test_cupy_and_torch_on_cuda_follow_the_nan_policy(name, which, index, value):
+    # The CPU reference defines the policy; the kernels on a GPU give its values and gradients, and the torch
+    # backend on CUDA (grid_sample's CUDA kernel underneath) gives its values.
+    query, key, offset, attn = random_inputs(4, 2, 3, spread=2)
+    offset[:, :, 1, 1] = 40.5
+    inputs = {"query": query, "key": key, "offset": offset, "attn": attn}
+    inputs[which][index] = value
+    args = (inputs["query"], inputs["key"], inputs["offset"], inputs["attn"])
+    expected = both_ops(REFERENCE, *args, (3, 1, 2))
+    cuda_args = [t.cuda() for t in args]
+    got = both_ops(KERNELS, *cuda_args, (3, 1, 2))
+    for n, g, e in zip(NAMES, got, expected, strict=True):
+        torch.testing.assert_close(g.cpu(), e, equal_nan=True, msg=lambda m, n=n: f"{name}: {n}: {m}")
+    q, k, o, a = cuda_args
+    torch.testing.assert_close(
+        ops.deform_correlation(q, k, o, groups=2, backend="torch").cpu(), expected[0], equal_nan=True
+    )
+    torch.testing.assert_close(
+        ops.deform_aggregation(k, a, o, groups=2, backend="torch").cpu(), expected[4], equal_nan=True
+    )
+
+
+@pytest.mark.gpu
+def test_cupy_sifa_block_with_correlation_features_matches_reference_block():
+    torch.manual_seed(0)
+    block = ops.SIFA(8, groups=2, offset_init="kaiming", backend="cupy", correlation_features=True).double().cuda()
+    with torch.no_grad():
+        block.attn_proj.weight.normal_()
+    ref = ops.SIFA(8, groups=2, backend="torch", correlation_features=True).double().cuda()
+    ref.load_state_dict(block.state_dict())
+    x = torch.randn(2, 8, 4, 7, 9, dtype=torch.float64, device="cuda", requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    y, y_ref = block(x), ref(x_ref)
+    torch.testing.assert_close(y, y_ref)
+    cot = torch.randn_like(y)
+    y.backward(cot)
+    y_ref.backward(cot)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    for name in ("conv_offset", "attn_proj"):
+        torch.testing.assert_close(getattr(block, name).weight.grad, getattr(ref, name).weight.grad)

@@ -218,6 +218,74 @@ def test_reference_low_precision_dtypes(dtype):
     torch.testing.assert_close(out.double(), expected_out, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize(("groups", "dilation"), [(1, 1), (2, 2)])
+def test_fused_attention_returns_the_correlation_with_its_gradient(groups, dilation):
+    # return_attn gives the correlation the aggregation used; a loss on both outputs has the gradients of
+    # the two ops composed by hand (attn used twice).
+    query = torch.randn(2, 4, 5, 6, dtype=torch.float64, requires_grad=True)
+    kv = torch.randn(2, 4, 5, 6, dtype=torch.float64, requires_grad=True)
+    offset = (3 * torch.randn(2, 18, 5, 6, dtype=torch.float64)).requires_grad_()
+    out, attn = ops.sifa.deform_attention(query, kv, offset, 3, dilation, groups, backend="torch", return_attn=True)
+    attn_two = ops.deform_correlation(query, kv, offset, 3, dilation, groups, backend="torch")
+    out_two = ops.deform_aggregation(kv, attn_two, offset, 3, dilation, groups, backend="torch")
+    torch.testing.assert_close(attn, attn_two)
+    torch.testing.assert_close(out, out_two)
+    cot_out, cot_attn = torch.randn_like(out), torch.randn_like(attn)
+    fused = torch.autograd.grad((out * cot_out).sum() + (attn * cot_attn).sum(), (query, kv, offset))
+    two = torch.autograd.grad((out_two * cot_out).sum() + (attn_two * cot_attn).sum(), (query, kv, offset))
+    for g_fused, g_two in zip(fused, two, strict=True):
+        torch.testing.assert_close(g_fused, g_two)
+    assert torch.autograd.gradcheck(
+        lambda q, k, o: ops.sifa.deform_attention(q, k, o, 3, dilation, groups, backend="torch", return_attn=True),
+        (query[:1, :, :3, :4], kv[:1, :, :3, :4], offset[:1, :, :3, :4] * 0 + 0.3),
+    )
+    with pytest.raises(ValueError, match="return_attn must be a bool"):
+        ops.sifa.deform_attention(query, kv, offset, return_attn=1)
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 3, 3), (2, 4, 0, 3)])
+def test_fused_attention_with_attn_on_empty_inputs(shape):
+    b, c, h, w = shape
+    query = torch.randn(shape, requires_grad=True)
+    offset = torch.zeros(b, 18, h, w, requires_grad=True)
+    out, attn = ops.sifa.deform_attention(query, query, offset, groups=2, return_attn=True)
+    assert out.shape == shape and attn.shape == (b, 18, h, w)
+    (out.sum() + attn.sum()).backward()
+    assert query.grad.shape == shape and offset.grad.shape == offset.shape
+
+
+def test_reference_nan_and_inf_policy():
+    # docs/sifa.md §1: NaN/Inf propagate as IEEE arithmetic on the bilinear formula does. A NaN or ±Inf
+    # offset makes its tap NaN (Inf - floor(Inf) is NaN), on every device (grid_sample's CUDA kernel alone
+    # would call an Inf point off the map); a huge finite offset is off the map (0); NaN/Inf in query or
+    # attn stays NaN even against a zero (off-map) sample.
+    query = torch.randn(1, 2, 3, 3, dtype=torch.float64)
+    key = torch.randn(1, 2, 3, 3, dtype=torch.float64)
+    zero = torch.zeros(1, 18, 3, 3, dtype=torch.float64)
+    for value in (float("nan"), float("inf"), -float("inf"), 1e300):
+        offset = zero.clone()
+        offset[0, 2 * 4, 1, 1] = value  # Δy of the centre tap at pixel (1, 1)
+        attn = ops.deform_correlation(query, key, offset, backend="torch")
+        out, fused_attn = ops.sifa.deform_attention(query, key, offset, backend="torch", return_attn=True)
+        agg = ops.deform_aggregation(key, torch.ones_like(attn), offset, backend="torch")
+        bad = attn.isnan()
+        if value == 1e300:
+            assert not bad.any() and attn[0, 4, 1, 1] == 0
+        else:
+            assert bad[0, 4, 1, 1] and bad.sum() == 1, value  # that tap only
+            assert fused_attn.isnan().sum() == 1 and fused_attn[0, 4, 1, 1].isnan()
+            assert out[0, :, 1, 1].isnan().all() and out.isnan().sum() == 2  # both channels, that pixel
+            assert agg[0, :, 1, 1].isnan().all() and agg.isnan().sum() == 2
+    far = torch.full_like(zero, 10.0)
+    q_nan = query.clone()
+    q_nan[0, 1, 2, 2] = float("nan")
+    assert ops.deform_correlation(q_nan, key, far, backend="torch")[0, :, 2, 2].isnan().all()
+    a_inf = torch.ones(1, 9, 3, 3, dtype=torch.float64)
+    a_inf[0, 3, 0, 0] = float("inf")
+    out = ops.deform_aggregation(key, a_inf, far, backend="torch")
+    assert out[0, :, 0, 0].isnan().all() and out.isnan().sum() == 2  # Inf · 0 is NaN
+
+
 def _good():
     q = torch.randn(2, 4, 3, 5)
     return q, q.clone(), torch.zeros(2, 18, 3, 5), torch.zeros(2, 18, 3, 5)
@@ -359,3 +427,119 @@ def test_sifa_init_options_and_validation():
         ops.SIFA(2)(torch.zeros(2, 2, 3, 3))
     with pytest.raises(ValueError, match="x must have 2 channels"):
         ops.SIFA(2)(torch.zeros(1, 3, 2, 3, 3))
+
+
+def _block_pair(**kw):
+    """The paper's block and one with correlation features, built from the same seed."""
+    torch.manual_seed(2)
+    paper = ops.SIFA(4, groups=2, backend="torch", **kw).double()
+    torch.manual_seed(2)
+    corr = ops.SIFA(4, groups=2, backend="torch", correlation_features=True, **kw).double()
+    return paper, corr
+
+
+@pytest.mark.parametrize("offset_init", ["zeros", "kaiming"])
+def test_sifa_correlation_features_start_as_the_papers_block(offset_init):
+    # docs/sifa.md §5: P is zero-initialised, so a new block computes exactly what the paper's block does,
+    # value and gradient, while P itself gets a gradient to learn from.
+    paper, corr = _block_pair(offset_init=offset_init)
+    assert torch.equal(paper.conv_offset.weight, corr.conv_offset.weight)
+    assert corr.attn_proj.weight.shape == (4, 18, 1, 1) and corr.attn_proj.bias is None
+    assert torch.count_nonzero(corr.attn_proj.weight) == 0
+    assert paper.attn_proj is None and "correlation_features=True" in repr(corr)
+    x = torch.randn(2, 4, 3, 5, 6, dtype=torch.float64)
+    x_paper, x_corr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_paper, y_corr = paper(x_paper), corr(x_corr)
+    assert torch.equal(y_paper, y_corr)
+    cot = torch.randn_like(y_paper)
+    y_paper.backward(cot)
+    y_corr.backward(cot)
+    assert torch.equal(x_paper.grad, x_corr.grad)
+    assert torch.equal(paper.conv_offset.weight.grad, corr.conv_offset.weight.grad)
+    assert torch.count_nonzero(corr.attn_proj.weight.grad) > 0
+
+
+def test_sifa_correlation_features_add_the_projected_attention():
+    # y[t] = x[t] + agg[t] + P(attn[t]) for t < T-1, by hand from the two ops; the last frame has no pair.
+    _, block = _block_pair(offset_init="kaiming")
+    with torch.no_grad():
+        block.attn_proj.weight.normal_()
+    x = torch.randn(1, 4, 3, 4, 5, dtype=torch.float64)
+    previous = torch.cat((x[:, :, :1], x[:, :, :-1]), dim=2)
+    offset = block.conv_offset((1 + torch.sigmoid(x - previous)) * x)
+    y = block(x)
+    for t in range(2):
+        attn = ops.deform_correlation(x[:, :, t], x[:, :, t + 1], offset[:, :, t + 1], groups=2)
+        agg = ops.deform_aggregation(x[:, :, t + 1], attn, offset[:, :, t + 1], groups=2)
+        expected = x[:, :, t] + agg + torch.einsum("oc,nchw->nohw", block.attn_proj.weight[:, :, 0, 0], attn)
+        torch.testing.assert_close(y[:, :, t], expected)
+    torch.testing.assert_close(y[:, :, 2], x[:, :, 2])
+
+
+def test_sifa_correlation_features_gradcheck():
+    _, block = _block_pair(offset_init="kaiming")
+    with torch.no_grad():
+        block.attn_proj.weight.normal_()
+    x = torch.randn(1, 4, 3, 3, 4, dtype=torch.float64, requires_grad=True)
+    weights = (block.conv_offset.weight, block.attn_proj.weight)
+
+    def run(x, w_offset, w_proj):
+        return torch.func.functional_call(block, {"conv_offset.weight": w_offset, "attn_proj.weight": w_proj}, (x,))
+
+    # fast mode (random projections): ~900 inputs would take minutes on a small CPU in full mode
+    assert torch.autograd.gradcheck(run, (x, *weights), fast_mode=True)
+
+
+def test_sifa_correlation_features_state_dicts_and_validation():
+    # The paper's block has no new parameter, so its state dicts are unchanged; a block with the option
+    # loads one with only attn_proj missing and then still computes the paper's block.
+    paper, corr = _block_pair()
+    assert list(paper.state_dict()) == ["conv_offset.weight"]
+    missing = corr.load_state_dict(paper.state_dict(), strict=False).missing_keys
+    assert missing == ["attn_proj.weight"]
+    x = torch.randn(1, 4, 2, 3, 3, dtype=torch.float64)
+    assert torch.equal(paper(x), corr(x))
+    with pytest.raises(ValueError, match="correlation_features must be a bool"):
+        ops.SIFA(4, correlation_features="yes")
+
+
+@pytest.mark.parametrize("correlation_features", [False, True])
+def test_sifa_rejects_an_input_dtype_other_than_its_parameters(correlation_features):
+    # Not torch's raw conv error: the argument, the input dtype and the parameter dtype are named.
+    block = ops.SIFA(4, correlation_features=correlation_features)
+    with pytest.raises(ValueError, match=r"x has dtype torch.float64 .*parameters are torch.float32"):
+        block(torch.randn(1, 4, 3, 5, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"x has dtype torch.bfloat16 .*parameters are torch.float32"):
+        block(torch.randn(1, 4, 3, 5, 5, dtype=torch.bfloat16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts the convs itself: allowed
+        assert block(torch.randn(1, 4, 3, 5, 5, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="x has dtype torch.float64"):
+        block(torch.randn(1, 4, 3, 5, 5, dtype=torch.float64))  # autocast leaves float64 alone
+
+
+def test_sifa_correlation_features_under_autocast_and_half():
+    _, block = _block_pair(offset_init="kaiming")
+    block = block.float()
+    with torch.no_grad():
+        block.attn_proj.weight.normal_()
+    x = torch.randn(1, 4, 3, 5, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16 = block(x.bfloat16())
+    assert y16.dtype == torch.bfloat16
+    y16.float().sum().backward()
+    assert torch.isfinite(block.attn_proj.weight.grad).all()
+    torch.testing.assert_close(y16.float(), block(x), rtol=0.1, atol=0.1)
+    half = ops.SIFA(4, groups=2, correlation_features=True).half()
+    with torch.no_grad():
+        half.attn_proj.weight.normal_()
+    y = half(x.half())
+    assert y.dtype == torch.float16 and torch.isfinite(y).all()
+
+
+def test_sifa_propagates_nan():
+    block = ops.SIFA(4, correlation_features=True).double()
+    x = torch.randn(1, 4, 3, 5, 5, dtype=torch.float64)
+    x[0, 1, 1, 2, 2] = float("nan")
+    y = block(x)
+    assert y[0, :, 0, 2, 2].isnan().all()  # frame 0 attends to frame 1's NaN
+    assert torch.isfinite(y[:, :, 2]).all()  # the last frame is x itself

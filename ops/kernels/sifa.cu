@@ -22,6 +22,7 @@
 // Every kernel reads 16-bit storage and accumulates in float (double for double). All batch
 // elements run in one launch; threads are laid out with w fastest so loads of Q, A, offsets and the
 // outputs are coalesced and the bilinear corners of neighbouring threads are neighbours too.
+// NaN / Inf propagate as IEEE arithmetic on these formulas, exactly as in the reference (see sifa_locate).
 #include "vmm_common.cuh"
 
 VMM_INLINE float sifa_floor(float v) { return floorf(v); }
@@ -37,8 +38,13 @@ struct sifa_cell {
     bool any;  // some corner lies inside the map
 };
 
-// Locate (y, x). Points outside [-1, H] × [-1, W] (and NaN) have no corner inside the map; the
+// Locate (y, x). Points outside [-1, H] × [-1, W] (and NaN / ±Inf) have no corner inside the map; the
 // range check also keeps the float -> integer conversion below in range.
+// NaN policy (the reference's, i.e. IEEE arithmetic on the bilinear formula, docs/sifa.md §1): a finite
+// point off the map samples 0 (four zero corners, finite weights), so a NaN/Inf factor it meets (query,
+// attn, incoming gradient) still gives NaN (x · 0); a NaN or ±Inf coordinate has undefined weights
+// (Inf - floor(Inf) is NaN), so its sample and its offset derivative are NaN and it scatters nothing.
+// `v - v` is 0 for finite v and NaN otherwise (no fast-math in any of the three builds).
 template <typename A>
 VMM_INLINE sifa_cell<A> sifa_locate(A y, A x, vmm_i64 height, vmm_i64 width) {
     sifa_cell<A> p;
@@ -46,7 +52,8 @@ VMM_INLINE sifa_cell<A> sifa_locate(A y, A x, vmm_i64 height, vmm_i64 width) {
     if (!p.any) {
         p.i00 = p.i01 = p.i10 = p.i11 = 0;
         p.in00 = p.in01 = p.in10 = p.in11 = false;
-        p.ly = p.lx = (A)0;
+        p.ly = y - y;
+        p.lx = x - x;
         return p;
     }
     const A fy = sifa_floor(y);
@@ -129,13 +136,12 @@ __global__ void sifa_correlate(const T* __restrict__ q, const T* __restrict__ im
         const vmm_i64 kh = k / ksize;
         const sifa_cell<A> p = sifa_tap<T, A>(offset, b, kh, k - kh * ksize, h, w, ksize, dil, pad, height, width);
         A acc = (A)0;
-        if (p.any) {
-            for (vmm_i64 c = c_begin; c < c_end; ++c) {
-                const vmm_i64 base = (b * channels + c) * hw_size;
-                A v00, v01, v10, v11;
-                sifa_corners<T, A>(img + base, p, v00, v01, v10, v11);
-                acc += vmm_load(q, base + hw) * sifa_blend<A>(p, v00, v01, v10, v11);
-            }
+        // No shortcut for points off the map: q · 0 must stay NaN for a NaN/Inf q (see sifa_locate).
+        for (vmm_i64 c = c_begin; c < c_end; ++c) {
+            const vmm_i64 base = (b * channels + c) * hw_size;
+            A v00, v01, v10, v11;
+            sifa_corners<T, A>(img + base, p, v00, v01, v10, v11);
+            acc += vmm_load(q, base + hw) * sifa_blend<A>(p, v00, v01, v10, v11);
         }
         out[i] = acc * (A)scale;
     }
@@ -164,7 +170,7 @@ __global__ void sifa_aggregate(const T* __restrict__ img, const T* __restrict__ 
         for (vmm_i64 kh = 0, k = 0; kh < ksize; ++kh) {
             for (vmm_i64 kw = 0; kw < ksize; ++kw, ++k) {
                 const sifa_cell<A> p = sifa_tap<T, A>(offset, b, kh, kw, h, w, ksize, dil, pad, height, width);
-                if (!p.any) continue;
+                // No shortcut off the map: attn · 0 stays NaN for a NaN/Inf attn (see sifa_locate).
                 A v00, v01, v10, v11;
                 sifa_corners<T, A>(map, p, v00, v01, v10, v11);
                 acc += vmm_load(attn, attn_base + k * hw_size) * sifa_blend<A>(p, v00, v01, v10, v11);
@@ -206,25 +212,24 @@ __global__ void __launch_bounds__(256, 3) sifa_offset_grad(const T* __restrict__
         const sifa_cell<A> p = sifa_tap<T, A>(offset, b, kh, k - kh * ksize, h, w, ksize, dil, pad, height, width);
         A gy = (A)0;
         A gx = (A)0;
-        if (p.any) {
-            const A hy = (A)1 - p.ly;
-            const A hx = (A)1 - p.lx;
-            // Group by group: one division per group met, not per channel.
-            for (vmm_i64 c = c_begin; c < c_end;) {
-                const vmm_i64 g = c / per_group;
-                const vmm_i64 g_end = (g + 1) * per_group < c_end ? (g + 1) * per_group : c_end;
-                const vmm_i64 a_index = ((b * groups + g) * kk + k) * hw_size + hw;
-                const A a = (A)scale * vmm_load(attn, a_index);
-                const A a2 = two ? (A)scale2 * vmm_load(attn2, a_index) : (A)0;
-                for (; c < g_end; ++c) {
-                    const vmm_i64 base = (b * channels + c) * hw_size;
-                    A coef = a * vmm_load(q, base + hw);
-                    if (two) coef += a2 * vmm_load(q2, base + hw);
-                    A v00, v01, v10, v11;
-                    sifa_corners<T, A>(img + base, p, v00, v01, v10, v11);
-                    gy += coef * (hx * (v10 - v00) + p.lx * (v11 - v01));
-                    gx += coef * (hy * (v01 - v00) + p.ly * (v11 - v10));
-                }
+        const A hy = (A)1 - p.ly;
+        const A hx = (A)1 - p.lx;
+        // No shortcut off the map: a NaN/Inf coefficient times the zero slope stays NaN (see sifa_locate).
+        // Group by group: one division per group met, not per channel.
+        for (vmm_i64 c = c_begin; c < c_end;) {
+            const vmm_i64 g = c / per_group;
+            const vmm_i64 g_end = (g + 1) * per_group < c_end ? (g + 1) * per_group : c_end;
+            const vmm_i64 a_index = ((b * groups + g) * kk + k) * hw_size + hw;
+            const A a = (A)scale * vmm_load(attn, a_index);
+            const A a2 = two ? (A)scale2 * vmm_load(attn2, a_index) : (A)0;
+            for (; c < g_end; ++c) {
+                const vmm_i64 base = (b * channels + c) * hw_size;
+                A coef = a * vmm_load(q, base + hw);
+                if (two) coef += a2 * vmm_load(q2, base + hw);
+                A v00, v01, v10, v11;
+                sifa_corners<T, A>(img + base, p, v00, v01, v10, v11);
+                gy += coef * (hx * (v10 - v00) + p.lx * (v11 - v01));
+                gx += coef * (hy * (v01 - v00) + p.ly * (v11 - v10));
             }
         }
         const vmm_i64 o = ((s * batch + b) * 2 * kk + 2 * k) * hw_size + hw;
@@ -263,6 +268,7 @@ __global__ void sifa_scatter(const T* __restrict__ attn, const T* __restrict__ q
         for (vmm_i64 kh = 0, k = 0; kh < ksize; ++kh) {
             for (vmm_i64 kw = 0; kw < ksize; ++kw, ++k) {
                 const sifa_cell<A> p = sifa_tap<T, A>(offset, b, kh, kw, h, w, ksize, dil, pad, height, width);
+                // No corner on the map (nor for a NaN/Inf point): nothing to scatter, as in grid_sample's backward.
                 if (!p.any) continue;
                 A coef = qv * vmm_load(attn, attn_base + k * hw_size);
                 if (two) coef += qv2 * vmm_load(attn2, attn_base + k * hw_size);

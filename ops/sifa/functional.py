@@ -8,7 +8,7 @@ import torch
 from ..kernel_loader import use_kernels
 from .kernels import deform_aggregation_kernels, deform_attention_kernels, deform_correlation_kernels
 from .reference import deform_aggregation_reference, deform_attention_reference, deform_correlation_reference
-from .validation import check_int, check_same_dtype_device, check_shape, check_tensor
+from .validation import check_bool, check_int, check_same_dtype_device, check_shape, check_tensor
 
 
 def _check_window(kernel_size: int, dilation: int, groups: int, channels: int) -> None:
@@ -84,6 +84,13 @@ def deform_correlation(
     coordinates; there both use the one-sided derivative of ``floor``-based interpolation. On the
     "cupy" backend the gradient w.r.t. ``key`` is accumulated with atomicAdd (last bits vary between
     runs); the reference saves K² sampled maps for the backward, the kernels only the inputs.
+
+    NaN / Inf (one rule for both backends, docs/sifa.md §1): they propagate as IEEE arithmetic on the
+    formula above does, as torch ops do. A NaN/Inf in query or key reaches every output it is multiplied
+    into, also by a zero bilinear weight or a zero (off-map) sample (0 · Inf is NaN); a NaN or ±Inf
+    offset has undefined bilinear weights (Inf - floor(Inf) is NaN), so that tap's attn is NaN (never 0
+    for "off the map"), and so are the gradients that go through it. A large finite offset is simply off
+    the map (0).
     """
     validate_correlation(query, key, offset, kernel_size, dilation, groups)
     batch, _, height, width = query.shape
@@ -117,6 +124,9 @@ def deform_aggregation(
 
     Returns:
         out ``[B,C,H,W]`` in the input dtype.
+
+    NaN / Inf: as :func:`deform_correlation` (a NaN/±Inf offset makes its tap's sample NaN, so every
+    channel of out at that pixel is NaN; a NaN/Inf attn is NaN even where its sample is off the map).
     """
     validate_aggregation(value, attn, offset, kernel_size, dilation, groups)
     batch, _, height, width = value.shape
@@ -136,19 +146,32 @@ def deform_attention(
     dilation: int = 1,
     groups: int = 1,
     backend: str = "auto",
-) -> torch.Tensor:
+    return_attn: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``deform_aggregation(kv, deform_correlation(query, kv, offset), offset)``: SIFA's step with key =
     value (sifa.md §2.3), ``[B,C,H,W]`` in the input dtype.
 
     The reference samples each tap once for both ops (half the work and half the saved maps of calling
     them in turn); the kernels' backward takes both ops' d kv and d offset in one pass each.
     Arguments as :func:`deform_correlation`.
+
+    Args:
+        return_attn: also return the correlation ``attn [B,G·K²,H,W]`` (input dtype) that weighted the
+            aggregation, differentiable: ``(out, attn)``. No second correlation pass on either backend; on
+            the kernels a gradient on attn joins the aggregation's d attn before the correlation's backward
+            (the SIFA block's correlation features, docs/sifa.md §5).
+
+    NaN / Inf: as :func:`deform_correlation`.
     """
     validate_correlation(query, kv, offset, kernel_size, dilation, groups)
+    check_bool("return_attn", return_attn)
     batch, _, height, width = query.shape
     cupy = use_kernels(backend, query)
     if batch * height * width == 0:
-        return _empty_result(tuple(query.shape), query, kv, offset)
+        out = _empty_result(tuple(query.shape), query, kv, offset)
+        if not return_attn:
+            return out
+        return out, _empty_result((batch, groups * kernel_size**2, height, width), query, kv, offset)
     if cupy:
-        return deform_attention_kernels(query, kv, offset, kernel_size, dilation, groups)
-    return deform_attention_reference(query, kv, offset, kernel_size, dilation, groups)
+        return deform_attention_kernels(query, kv, offset, kernel_size, dilation, groups, return_attn)
+    return deform_attention_reference(query, kv, offset, kernel_size, dilation, groups, return_attn)

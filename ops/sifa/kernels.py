@@ -18,6 +18,10 @@ the inputs is needed. d key / d value are accumulated with atomicAdd, so on a GP
 to run (and ``torch.use_deterministic_algorithms(True)`` raises, as for grid_sample's CUDA backward);
 every other gradient is written once per element by one thread, in a fixed order.
 Double backward is not supported (the backward is not itself differentiable).
+
+NaN / Inf: the reference's rule (see ``reference.py`` and ``sifa.cu``'s ``sifa_locate``): NaN/Inf values
+propagate through every product, also with zero weights or off-map samples, and a NaN or ±Inf offset
+makes its tap's sample NaN. Kernels and reference give the same NaN pattern in values and gradients.
 """
 
 from __future__ import annotations
@@ -242,8 +246,11 @@ class DeformAggregationFunction(torch.autograd.Function):
 
 class DeformAttentionFunction(torch.autograd.Function):
     """``deform_aggregation(kv, deform_correlation(query, kv, offset), offset)`` on the kernels (the SIFA
-    step, key = value). The backward takes d kv and d offset of both ops in one pass each (two-term
-    sifa_scatter / sifa_offset_grad): half the atomics and corner reads of running the two Functions."""
+    step, key = value), returning ``(out, attn)``. The backward takes d kv and d offset of both ops in one
+    pass each (two-term sifa_scatter / sifa_offset_grad): half the atomics and corner reads of running the
+    two Functions. A gradient arriving on ``attn`` itself (e.g. from the block's correlation features) is
+    added to the aggregation's d attn before the correlation's backward, so it costs one addition, not a
+    second correlation pass."""
 
     @staticmethod
     def forward(ctx, query, kv, offset, kernel_size: int, dilation: int, groups: int):
@@ -252,20 +259,29 @@ class DeformAttentionFunction(torch.autograd.Function):
         attn = correlate(query, kv, offset, kernel_size, dilation, groups, scale)
         ctx.save_for_backward(query, kv, offset, attn)
         ctx.window = (kernel_size, dilation, groups)
-        return aggregate(kv, attn, offset, kernel_size, dilation, groups, 1.0)
+        ctx.set_materialize_grads(False)  # an unused output sends None: no zero map, no work for it
+        return aggregate(kv, attn, offset, kernel_size, dilation, groups, 1.0), attn
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, grad_attn_in):
+        if grad_out is None and grad_attn_in is None:
+            return None, None, None, None, None, None
         query, kv, offset, attn = ctx.saved_tensors
         kernel_size, dilation, groups = ctx.window
-        grad_out = grad_out.contiguous()
         scale = groups / query.shape[1]
         geometry = (kernel_size, dilation, groups)
         need_q, need_kv, need_o = ctx.needs_input_grad[:3]
-        # out = Σ_k attn_k · S_k(kv): d attn through the aggregation, then the correlation's chain
-        grad_attn = correlate(grad_out, kv, offset, *geometry, 1.0)
-        direct = (attn, grad_out, 1.0)  # the aggregation's own dependence on kv and offset
+        # out = Σ_k attn_k · S_k(kv): d attn through the aggregation (plus any d attn from outside), then
+        # the correlation's chain
+        grad_attn, direct = None, None
+        if grad_out is not None:
+            grad_out = grad_out.contiguous()
+            grad_attn = correlate(grad_out, kv, offset, *geometry, 1.0)
+            direct = (attn, grad_out, 1.0)  # the aggregation's own dependence on kv and offset
+        if grad_attn_in is not None:
+            grad_attn_in = grad_attn_in.contiguous()
+            grad_attn = grad_attn_in if grad_attn is None else grad_attn + grad_attn_in
         grad_q = aggregate(kv, grad_attn, offset, *geometry, scale) if need_q else None
         grad_kv = scatter(grad_attn, query, offset, *geometry, scale, second=direct) if need_kv else None
         grad_o = offset_grad(grad_attn, query, kv, offset, *geometry, scale, second=direct) if need_o else None
@@ -288,7 +304,15 @@ def deform_aggregation_kernels(
 
 
 def deform_attention_kernels(
-    query: torch.Tensor, kv: torch.Tensor, offset: torch.Tensor, kernel_size: int, dilation: int, groups: int
-) -> torch.Tensor:
-    """The kernel path of ``deform_attention`` (see :func:`deform_correlation_kernels`)."""
-    return DeformAttentionFunction.apply(query, kv, offset, kernel_size, dilation, groups)
+    query: torch.Tensor,
+    kv: torch.Tensor,
+    offset: torch.Tensor,
+    kernel_size: int,
+    dilation: int,
+    groups: int,
+    return_attn: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The kernel path of ``deform_attention`` (see :func:`deform_correlation_kernels`): out ``[B,C,H,W]``,
+    or with ``return_attn`` the pair (out, attn ``[B,G·K²,H,W]``) from the same correlation pass."""
+    out, attn = DeformAttentionFunction.apply(query, kv, offset, kernel_size, dilation, groups)
+    return (out, attn) if return_attn else out

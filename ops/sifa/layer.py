@@ -1,4 +1,5 @@
-"""``SIFA``: the stand-alone inter-frame attention block of sifa.md §2."""
+"""``SIFA``: the stand-alone inter-frame attention block of sifa.md §2 (docs/sifa.md §2), with the optional
+correlation features of docs/sifa.md §5."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import torch
 from torch import nn
 
 from .functional import deform_attention
-from .validation import check_backend, check_int, check_tensor
+from .validation import check_backend, check_bool, check_input_dtype, check_int, check_tensor
 
 OFFSET_INITS: tuple[str, ...] = ("zeros", "kaiming", "default")
 
@@ -20,6 +21,13 @@ class SIFA(nn.Module):
        offset[t+1])``, ``agg = deform_aggregation(x[t+1], attn, offset[t+1])``.
     4. ``y[t] = x[t] + agg[t]`` for t < T-1; ``y[T-1] = x[T-1]``.
 
+    With ``correlation_features=True`` (ours, not the paper's; docs/sifa.md §5) step 4 becomes
+    ``y[t] = x[t] + agg[t] + P(attn[t])`` for t < T-1, ``attn[t]`` the ``[N,G·K²,H,W]`` correlation of
+    pair (t, t+1) from step 3 (the same pass, not a second one) and ``P`` = ``attn_proj``, a bias-free
+    1×1 conv G·K² → C initialised to zero: a new block computes exactly the paper's block, and learns
+    to use which tap matched (the direction of motion), which the sum over taps in ``agg`` discards.
+    The last frame has no pair, so ``y[T-1] = x[T-1]`` still.
+
     Args:
         channels: C of the input ``[N,C,T,H,W]``.
         kernel_size, dilation, groups: the window of the two ops (K odd, G divides C).
@@ -28,8 +36,12 @@ class SIFA(nn.Module):
             "default" (PyTorch's Conv3d init). A network-wide init that touches every Conv3d should
             call :meth:`reset_parameters` afterwards to restore this choice.
         backend: passed to the ops ("auto", "torch" or "cupy").
+        correlation_features: add ``P(attn)`` (see above); False is the paper's block (no ``attn_proj``
+            parameter, so state dicts of either kind load into a block built the same way).
 
     Shapes: x ``[N,C,T,H,W]`` -> ``[N,C,T,H,W]``, any T >= 1 (T = 1 returns x unchanged).
+    x must have the parameters' dtype (ValueError naming both otherwise), except under torch.autocast.
+    NaN / Inf in x or in the offsets propagate as in :func:`ops.deform_correlation`.
     """
 
     def __init__(
@@ -40,6 +52,7 @@ class SIFA(nn.Module):
         groups: int = 1,
         offset_init: str = "zeros",
         backend: str = "auto",
+        correlation_features: bool = False,
     ) -> None:
         super().__init__()
         check_int("channels", channels, minimum=1)
@@ -48,6 +61,7 @@ class SIFA(nn.Module):
         check_int("groups", groups, minimum=1)
         if channels % groups != 0:
             raise ValueError(f"groups ({groups}) must divide channels ({channels})")
+        check_bool("correlation_features", correlation_features)
         if offset_init not in OFFSET_INITS:
             raise ValueError(f"offset_init must be one of {OFFSET_INITS}, got {offset_init!r}")
         self.channels = channels
@@ -56,24 +70,33 @@ class SIFA(nn.Module):
         self.groups = groups
         self.offset_init = offset_init
         self.backend = check_backend(backend)
+        self.correlation_features = correlation_features
         self.conv_offset = nn.Conv3d(
             channels, 2 * kernel_size * kernel_size, kernel_size=(1, 3, 3), padding=(0, 1, 1), bias=False
         )
+        self.attn_proj: nn.Conv2d | None = None
+        if correlation_features:
+            # P of docs/sifa.md §5, per frame pair: attn [N·(T-1), G·K², H, W] -> [N·(T-1), C, H, W]. Built
+            # under a forked RNG (its init is zero anyway) so the offset conv's init matches the paper's block.
+            with torch.random.fork_rng(devices=[]):
+                self.attn_proj = nn.Conv2d(groups * kernel_size * kernel_size, channels, kernel_size=1, bias=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Initialise ``conv_offset`` as ``offset_init`` says."""
+        """Initialise ``conv_offset`` as ``offset_init`` says, and ``attn_proj`` (if any) to zero."""
         if self.offset_init == "zeros":
             nn.init.zeros_(self.conv_offset.weight)
         elif self.offset_init == "kaiming":
             nn.init.kaiming_normal_(self.conv_offset.weight, mode="fan_out", nonlinearity="relu")
         else:
             self.conv_offset.reset_parameters()
+        if self.attn_proj is not None:
+            nn.init.zeros_(self.attn_proj.weight)
 
     def extra_repr(self) -> str:
         return (
             f"{self.channels}, kernel_size={self.kernel_size}, dilation={self.dilation}, groups={self.groups}, "
-            f"offset_init={self.offset_init!r}"
+            f"offset_init={self.offset_init!r}" + (", correlation_features=True" if self.correlation_features else "")
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,6 +106,7 @@ class SIFA(nn.Module):
             raise ValueError(f"x must have {self.channels} channels ([N,C,T,H,W]), got shape {tuple(x.shape)}")
         if t < 1:
             raise ValueError(f"x must have T >= 1 frames ([N,C,T,H,W]), got shape {tuple(x.shape)}")
+        check_input_dtype("x", x, self.conv_offset.weight)
         if t == 1:
             return x
         # Only the key frames t = 1..T-1 use their motion map and offsets, and conv_offset is per frame
@@ -100,6 +124,11 @@ class SIFA(nn.Module):
         off = pairs(offset)  # each pair uses its key frame's offsets
         k, d, g = self.kernel_size, self.dilation, self.groups
         # deform_aggregation(key, deform_correlation(query, key, off), off), fused on the reference path
-        agg = deform_attention(query, key, off, k, d, g, backend=self.backend)
+        if self.attn_proj is None:
+            agg = deform_attention(query, key, off, k, d, g, backend=self.backend)
+        else:
+            agg, attn = deform_attention(query, key, off, k, d, g, backend=self.backend, return_attn=True)
+            # agg + P(attn): with P = 0 (a new block) this is agg itself, bit for bit
+            agg = agg + self.attn_proj(attn).to(agg.dtype)
         agg = agg.reshape(n, t - 1, c, h, w).transpose(1, 2)
         return torch.cat((x[:, :, :-1] + agg, x[:, :, -1:]), dim=2)

@@ -18,6 +18,14 @@ path, key = value) samples each tap once for both ops and so saves K² maps in a
 samples in the backward (checkpointing) would save them too, at about +30% CPU time; not done.
 16-bit inputs are computed in float32 (sample coordinates in 16 bits would be off by up to
 ~0.03 px at 56²) and the result is cast back to the input dtype.
+
+NaN / Inf (docs/sifa.md §1; the kernels follow the same rule): values propagate as IEEE arithmetic on
+the bilinear formula makes them. A NaN/Inf in query, key, value or attn reaches every output that
+multiplies it, even by a zero weight or a zero (off-map) sample; a NaN or ±Inf offset has undefined
+bilinear weights (Inf - floor(Inf) is NaN), so that tap's sample, its attention value and its output
+term are NaN. grid_sample's vectorised CPU kernel computes exactly that; its CUDA and scalar kernels
+treat an Inf coordinate as off the map (0), so the forward adds :func:`undefined_taps` (0 or NaN,
+outside autograd) to each tap's attention to give the same values on every device.
 """
 
 from __future__ import annotations
@@ -64,6 +72,13 @@ def tap_grids(offset: torch.Tensor, kernel_size: int, dilation: int) -> list[tor
     return grids
 
 
+def undefined_taps(offset: torch.Tensor) -> torch.Tensor:
+    """``[B,K²,H,W]``: 0 where tap k's (Δy, Δx) are finite, NaN where either is NaN or ±Inf (detached)."""
+    offset = offset.detach()
+    nan_or_zero = offset - offset  # 0 for finite values, NaN for NaN and ±Inf
+    return nan_or_zero[:, 0::2] + nan_or_zero[:, 1::2]
+
+
 def _sample(img: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
@@ -79,9 +94,11 @@ def deform_correlation_reference(
     dtype = compute_dtype(query.dtype)
     q = query.to(dtype).reshape(batch, groups, channels // groups, height, width)
     kv = to_canvas(key.to(dtype))
+    off = offset.to(dtype)
+    undefined = undefined_taps(off).unsqueeze(1)  # [B,1,K²,H,W]
     taps = [
-        (q * _sample(kv, grid).view_as(q)).mean(dim=2)  # [B,G,H,W]
-        for grid in tap_grids(offset.to(dtype), kernel_size, dilation)
+        (q * _sample(kv, grid).view_as(q)).mean(dim=2) + undefined[:, :, k]  # [B,G,H,W]
+        for k, grid in enumerate(tap_grids(off, kernel_size, dilation))
     ]
     attn = torch.stack(taps, dim=2)  # [B,G,K²,H,W]: channel g·K²+k after the reshape
     return attn.reshape(batch, groups * kernel_size * kernel_size, height, width).to(query.dtype)
@@ -98,30 +115,50 @@ def deform_aggregation_reference(
     dtype = compute_dtype(value.dtype)
     v = to_canvas(value.to(dtype))
     a = attn.to(dtype).reshape(batch, groups, kernel_size * kernel_size, 1, height, width)
+    off = offset.to(dtype)
     out = None
-    for k, grid in enumerate(tap_grids(offset.to(dtype), kernel_size, dilation)):
+    for k, grid in enumerate(tap_grids(off, kernel_size, dilation)):
         term = a[:, :, k] * _sample(v, grid).view(batch, groups, channels // groups, height, width)
         out = term if out is None else out + term
+    out = out + undefined_taps(off).sum(dim=1).view(batch, 1, 1, height, width)  # after the products: no gradient
     return out.reshape(batch, channels, height, width).to(value.dtype)
 
 
 def deform_attention_reference(
-    query: torch.Tensor, kv: torch.Tensor, offset: torch.Tensor, kernel_size: int, dilation: int, groups: int
-) -> torch.Tensor:
+    query: torch.Tensor,
+    kv: torch.Tensor,
+    offset: torch.Tensor,
+    kernel_size: int,
+    dilation: int,
+    groups: int,
+    return_attn: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``deform_aggregation(kv, deform_correlation(query, kv, offset), offset)`` in one pass over the taps.
 
     SIFA samples the same map (key = value) at the same points in both ops, so each tap's sampled map is
     computed once and used twice: half the grid_sample work, and autograd saves K² sampled maps instead
-    of 2·K². Inputs already validated as for the two ops; returns ``[B,C,H,W]``.
+    of 2·K². Inputs already validated as for the two ops; returns ``[B,C,H,W]``, or with ``return_attn``
+    the pair (out, attn ``[B,G·K²,H,W]``), attn differentiable like the output (both in the input dtype).
     """
     batch, channels, height, width = query.shape
     dtype = compute_dtype(query.dtype)
     shape = (batch, groups, channels // groups, height, width)
     q = query.to(dtype).reshape(shape)
     v = to_canvas(kv.to(dtype))
+    off = offset.to(dtype)
+    undefined = undefined_taps(off).view(batch, 1, kernel_size * kernel_size, 1, height, width)
     out = None
-    for grid in tap_grids(offset.to(dtype), kernel_size, dilation):
+    attn_taps = []
+    for grid in tap_grids(off, kernel_size, dilation):
         sampled = _sample(v, grid).view(shape)
-        term = (q * sampled).mean(dim=2, keepdim=True) * sampled  # attn of this tap, then its aggregation term
+        attn = (q * sampled).mean(dim=2, keepdim=True)  # [B,G,1,H,W]: this tap's attn
+        term = attn * sampled  # its aggregation term
         out = term if out is None else out + term
-    return out.reshape(batch, channels, height, width).to(query.dtype)
+        if return_attn:
+            attn_taps.append(attn)
+    out = out + undefined.sum(dim=2)  # the NaN rule, added after the products (no gradient)
+    out = out.reshape(batch, channels, height, width).to(query.dtype)
+    if not return_attn:
+        return out
+    attn = torch.cat(attn_taps, dim=2) + undefined.squeeze(3)  # [B,G,K²,H,W]: channel g·K²+k after the reshape
+    return out, attn.reshape(batch, groups * kernel_size * kernel_size, height, width).to(query.dtype)

@@ -53,3 +53,31 @@ def check_int(name: str, value: object, *, minimum: int, odd: bool = False) -> i
     if odd and value % 2 == 0:
         raise ValueError(f"{name} must be odd (a centred window), got {value}")
     return value
+
+
+def check_bool(name: str, value: object) -> bool:
+    """``value`` must be a bool."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: one query per device type
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
+def check_input_dtype(name: str, x: torch.Tensor, parameter: torch.Tensor) -> None:
+    """``x`` must have the dtype of a module's ``parameter``, unless autocast is on for ``x``'s device and
+    both dtypes are ones autocast casts (then the module's convs cast themselves)."""
+    if x.dtype == parameter.dtype:
+        return
+    autocast_types = (torch.float16, torch.bfloat16, torch.float32)
+    if _autocast_enabled(x.device.type) and x.dtype in autocast_types and parameter.dtype in autocast_types:
+        return
+    raise ValueError(
+        f"{name} has dtype {x.dtype} but the module's parameters are {parameter.dtype}: convert one to the "
+        f"other (e.g. module.to({x.dtype})) or run under torch.autocast"
+    )
