@@ -332,6 +332,34 @@ def test_network_init_leaves_the_sifa_offset_conv_at_zero():
         assert convs and all(torch.count_nonzero(c.weight) == 0 for c in convs)
 
 
+@pytest.mark.parametrize("builder", [sifa_resnet18, sifa_resnet34, sifa_resnet50, sifa_resnet101])
+def test_correlation_features_switch_on_every_sifa_builder(builder):
+    """docs/sifa.md §5: the option reaches every SIFA block; a new network with it computes exactly what the
+    paper's network computes, and checkpoints without it load (only the zero-initialised P is missing)."""
+    common = dict(width_mult=NARROW, zero_init_residual=False)  # live residual branches: SIFA reaches the heads
+    torch.manual_seed(0)
+    paper = builder(K, **common).eval()
+    torch.manual_seed(0)
+    corr = builder(K, correlation_features=True, **common).eval()
+    assert not any(m.correlation_features for m in motion_modules(paper))
+    sifas = motion_modules(corr)
+    assert sifas and all(m.correlation_features and torch.count_nonzero(m.attn_proj.weight) == 0 for m in sifas)
+    extra = set(corr.state_dict()) - set(paper.state_dict())
+    assert set(paper.state_dict()) <= set(corr.state_dict()) and len(extra) == len(sifas)
+    assert all(k.endswith(".motion.attn_proj.weight") for k in extra)
+    assert corr.load_state_dict(paper.state_dict(), strict=False).missing_keys == sorted(
+        extra, key=list(corr.state_dict()).index
+    )
+    builder(K, correlation_features=False, **common).load_state_dict(paper.state_dict())  # strict: same keys
+    if builder in (sifa_resnet18, sifa_resnet50):
+        # small input: with every residual branch live at random init, SIFA's cubic term overflows R50
+        x = 0.01 * torch.randn(1, 3, 8, 32, 32)
+        with torch.no_grad():
+            heads_paper, heads_corr = paper.forward_heads(x), corr.forward_heads(x)
+        assert all(torch.isfinite(h).all() for h in heads_paper)
+        assert all(torch.equal(a, b) for a, b in zip(heads_paper, heads_corr, strict=True))
+
+
 # -- width multiplier ----------------------------------------------------------------------------------
 
 
@@ -484,6 +512,7 @@ def test_pretrained_errors(tmp_path):
         (lambda: SIFAResNet(K, depth=18, sifa_kernel_size=4), ValueError, "sifa_kernel_size"),
         (lambda: SIFAResNet(K, depth=18, stem_temporal_stride=0), ValueError, "stem_temporal_stride"),
         (lambda: SIFAResNet(K, depth=18, sifa="yes"), TypeError, "sifa"),
+        (lambda: SIFAResNet(K, depth=18, correlation_features=1), TypeError, "correlation_features"),
         (lambda: FCFR2Plus1D(K, depth=18, fcf_stages=[2, 2]), ValueError, "fcf_stages"),
         (lambda: FCFR2Plus1D(K, depth=18, fcf_learnable=(True, True)), ValueError, "fcf_learnable"),
         (lambda: FCFR2Plus1D(K, depth=18, fcf_n_iter=0), ValueError, "fcf_n_iter"),

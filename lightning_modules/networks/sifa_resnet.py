@@ -12,7 +12,9 @@ from .blocks import MotionFactory, build_forked, make_layer
 from .pretrained import check_pretrained_path, load_pretrained_2d
 
 
-def _sifa_factory(kernel_size: int, dilation: int, groups: int, offset_init: str, backend: str) -> MotionFactory:
+def _sifa_factory(
+    kernel_size: int, dilation: int, groups: int, offset_init: str, backend: str, correlation_features: bool
+) -> MotionFactory:
     def factory(channels: int) -> nn.Module:
         import ops  # the ops package is only needed when a SIFA block is built
 
@@ -24,6 +26,7 @@ def _sifa_factory(kernel_size: int, dilation: int, groups: int, offset_init: str
                 groups=groups,
                 offset_init=offset_init,
                 backend=backend,
+                correlation_features=correlation_features,
             )
         )
 
@@ -45,6 +48,10 @@ class SIFAResNet(VideoResNet):
       `layer4_dual` (layer4's structure with stride 1) → mean → dropout → `fc_dual`; needs T' >= 2.
     - `sifa_offset_init`: init of SIFA's offset conv ("zeros" per sifa.md §2; "kaiming" is what the
       released network-wide init left). The network's own init never touches it.
+    - `correlation_features` (ours, docs/sifa.md §5; default False = the paper's block): every SIFA block
+      also adds `P(attn)`, its per-tap correlation through a zero-initialised 1×1 conv, so a new network
+      computes exactly what it computes without the option and can learn which tap matched (the
+      direction of motion). Ignored when `sifa=False`; networks and checkpoints without it are unchanged.
     - `zero_init_residual`: the last BN of every residual branch starts with gamma 0.
     - `width_mult` scales every channel count (rounded to a multiple of `sifa_groups` when SIFA is on).
     - `pretrained`: path to a torchvision-layout 2D ResNet state dict, inflated as in sifa.md §3
@@ -69,6 +76,7 @@ class SIFAResNet(VideoResNet):
         sifa_dilation: int = 1,
         sifa_groups: int = 1,
         sifa_offset_init: Literal["zeros", "kaiming", "default"] = "zeros",
+        correlation_features: bool = False,
         global_context: bool = True,
         gc_reduction: int = 16,
         dual_path: bool = True,
@@ -81,7 +89,12 @@ class SIFAResNet(VideoResNet):
         check_pretrained_path(pretrained)
         check_int("stem_temporal_kernel", stem_temporal_kernel, 1)
         check_int("stem_temporal_stride", stem_temporal_stride, 1)
-        for name, value in (("sifa", sifa), ("global_context", global_context), ("dual_path", dual_path)):
+        for name, value in (
+            ("sifa", sifa),
+            ("correlation_features", correlation_features),
+            ("global_context", global_context),
+            ("dual_path", dual_path),
+        ):
             check_bool(name, value)
         stages = check_stages("sifa_stages", sifa_stages)
         check_int("sifa_kernel_size", sifa_kernel_size, 1)
@@ -94,7 +107,9 @@ class SIFAResNet(VideoResNet):
         check_choice("backend", backend, ("auto", "torch", "cupy"))
 
         sifa_factory = (
-            _sifa_factory(sifa_kernel_size, sifa_dilation, sifa_groups, sifa_offset_init, backend) if sifa else None
+            _sifa_factory(sifa_kernel_size, sifa_dilation, sifa_groups, sifa_offset_init, backend, correlation_features)
+            if sifa
+            else None
         )
 
         def motion_at(stage: int, index: int) -> MotionFactory | None:
@@ -153,24 +168,32 @@ class SIFAResNet(VideoResNet):
         return [self._head(self.layer4_dual(self.dual_pool(stage_outputs[3])), self.fc_dual)]
 
 
-def sifa_resnet18(num_classes: int, **kwargs) -> SIFAResNet:
-    """SIFA-ResNet-18 (basic blocks) for small experiments; keyword arguments as `SIFAResNet`."""
-    return SIFAResNet(num_classes, depth=18, **kwargs)
+def sifa_resnet18(num_classes: int, *, correlation_features: bool = False, **kwargs) -> SIFAResNet:
+    """SIFA-ResNet-18 (basic blocks) for small experiments; keyword arguments as `SIFAResNet`.
+
+    `correlation_features=True` adds the per-tap correlation to every SIFA block (docs/sifa.md §5)."""
+    return SIFAResNet(num_classes, depth=18, correlation_features=correlation_features, **kwargs)
 
 
-def sifa_resnet34(num_classes: int, **kwargs) -> SIFAResNet:
-    """SIFA-ResNet-34 (basic blocks); keyword arguments as `SIFAResNet`."""
-    return SIFAResNet(num_classes, depth=34, **kwargs)
+def sifa_resnet34(num_classes: int, *, correlation_features: bool = False, **kwargs) -> SIFAResNet:
+    """SIFA-ResNet-34 (basic blocks); keyword arguments as `SIFAResNet`.
+
+    `correlation_features=True` adds the per-tap correlation to every SIFA block (docs/sifa.md §5)."""
+    return SIFAResNet(num_classes, depth=34, correlation_features=correlation_features, **kwargs)
 
 
-def sifa_resnet50(num_classes: int, **kwargs) -> SIFAResNet:
-    """SIFA-ResNet-50, the paper's network (≈ 43 M parameters with the dual path at 400 classes)."""
-    return SIFAResNet(num_classes, depth=50, **kwargs)
+def sifa_resnet50(num_classes: int, *, correlation_features: bool = False, **kwargs) -> SIFAResNet:
+    """SIFA-ResNet-50, the paper's network (≈ 43 M parameters with the dual path at 400 classes).
+
+    `correlation_features=True` adds the per-tap correlation to every SIFA block (docs/sifa.md §5)."""
+    return SIFAResNet(num_classes, depth=50, correlation_features=correlation_features, **kwargs)
 
 
-def sifa_resnet101(num_classes: int, **kwargs) -> SIFAResNet:
-    """SIFA-ResNet-101; keyword arguments as `SIFAResNet`."""
-    return SIFAResNet(num_classes, depth=101, **kwargs)
+def sifa_resnet101(num_classes: int, *, correlation_features: bool = False, **kwargs) -> SIFAResNet:
+    """SIFA-ResNet-101; keyword arguments as `SIFAResNet`.
+
+    `correlation_features=True` adds the per-tap correlation to every SIFA block (docs/sifa.md §5)."""
+    return SIFAResNet(num_classes, depth=101, correlation_features=correlation_features, **kwargs)
 
 
 def c2d_resnet18(num_classes: int, **kwargs) -> SIFAResNet:
