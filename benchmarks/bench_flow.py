@@ -23,7 +23,7 @@ a fresh process (coarse: the C allocator keeps freed blocks; a ratio, not a GPU 
 
     python benchmarks/bench_flow.py [--iters 10] [--warmup 3] [--dtype float32] [--n-iter 10 20]
                                     [--frames 8 16] [--sizes 28 14] [--clips 8] [--bandwidth-gbs X]
-                                    [--cpu-only | --gpu-only] [--cpu-peak]
+                                    [--cpu-only | --gpu-only] [--cpu-peak] [--require-cuda]
 """
 
 from __future__ import annotations
@@ -286,6 +286,7 @@ def main(argv=None) -> None:
     parser.add_argument("--cpu-iters", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cpu-peak", action="store_true", help="also measure CPU peak RSS per backend (~1 min)")
+    parser.add_argument("--require-cuda", action="store_true", help="fail (exit 1) when the GPU part cannot run")
     parser.add_argument("--peak-child", nargs=2, metavar=("BACKEND", "N_ITER"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.peak_child:
@@ -298,6 +299,8 @@ def main(argv=None) -> None:
     if args.cpu_only:
         return
     if not torch.cuda.is_available():
+        if args.require_cuda:
+            raise SystemExit("bench_flow.py --require-cuda: CUDA not available")
         print("CUDA not available: GPU part skipped")
         return
     run_cuda(args)

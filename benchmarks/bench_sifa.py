@@ -19,7 +19,7 @@ fused, in interleaved rounds), and the bytes autograd saves for the backward wit
 kernels run through host emulation for that count; their CPU time is not a benchmark).
 
     python benchmarks/bench_sifa.py [--iters 20] [--warmup 5] [--dtype float32] [--clips 8 32]
-                                    [--bandwidth-gbs X] [--cpu-only | --gpu-only]
+                                    [--bandwidth-gbs X] [--cpu-only | --gpu-only] [--require-cuda]
 """
 
 from __future__ import annotations
@@ -223,11 +223,14 @@ def main(argv: list[str] | None = None) -> dict:
     only.add_argument("--gpu-only", action="store_true", help="skip the CPU reference timings and saved-bytes count")
     ap.add_argument("--cpu-iters", type=int, default=5)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads for the reference")
+    ap.add_argument("--require-cuda", action="store_true", help="fail (exit 1) when the CUDA part cannot run")
     args = ap.parse_args(argv)
     results: dict = {} if args.gpu_only else {"cpu": run_cpu(args)}
     if not args.cpu_only:
         if torch.cuda.is_available() and ops.kernel_loader.cupy_available():
             results["cuda"] = run_cuda(args)
+        elif args.require_cuda:
+            raise SystemExit("bench_sifa.py --require-cuda: needs a CUDA device and CuPy")
         else:
             print("CUDA part skipped: needs a CUDA device and CuPy")
     return results

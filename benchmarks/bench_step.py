@@ -113,7 +113,8 @@ class Trainer:
         memory_format: torch.memory_format,
     ) -> None:
         torch.manual_seed(0)
-        self.net: nn.Module = getattr(networks, builder)(NUM_CLASSES, **kwargs).to(x.device)
+        with x.device:  # initialise on the device itself (a depth-50 init on the host takes seconds)
+            self.net: nn.Module = getattr(networks, builder)(NUM_CLASSES, **kwargs)
         self.net = self.net.to(memory_format=memory_format).train()
         self.x = x.contiguous(memory_format=memory_format)
         self.y = y

@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# The project's GPU check in one run (issue 12 item 5): the GPU tests, both op benchmarks (float32
+# and float16, batch 8 and 32), the per-kernel profile and the train-step benchmark, all output into
+# one results file. Sized for under 8 minutes on one H100/H200: every step has its own time limit and
+# the suite stops starting steps when its budget (SUITE_BUDGET_S, default 460 s) runs out.
+#
+#   bash benchmarks/gpu_suite.sh [RESULTS_FILE]
+#
+# RESULTS_FILE defaults to runs/gpu_suite/results-<UTC time>.txt (runs/ is ignored by git); the
+# train-step JSON goes next to it. Runs from a checkout: the repository root is put on PYTHONPATH,
+# nothing is installed. Python: $PYTHON, else `python` when it imports torch, else .venv/bin/python.
+#
+# Every step runs even when an earlier one failed; the exit status is 0 only when every step passed
+# (a step that could not run, a timeout, a GPU test run in which no test ran, or a step skipped for
+# lack of time all count as failures). Without a GPU every step fails quickly and says why.
+set -u -o pipefail
+
+start_dir=$(pwd)
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root" || exit 2
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+
+if [ -n "${PYTHON:-}" ]; then
+    py=$PYTHON
+elif command -v python >/dev/null 2>&1 && python -c "import torch" >/dev/null 2>&1; then
+    py=python
+elif [ -x "$root/.venv/bin/python" ]; then
+    py="$root/.venv/bin/python"
+else
+    echo "gpu_suite: no Python with torch found (set PYTHON)" >&2
+    exit 2
+fi
+
+results=${1:-runs/gpu_suite/results-$(date -u +%Y%m%dT%H%M%SZ).txt}
+case $results in /*) ;; *) results="$start_dir/$results" ;; esac
+mkdir -p "$(dirname "$results")" || exit 2
+: >"$results" || exit 2
+step_json="${results%.txt}-bench_step.json"
+
+budget=${SUITE_BUDGET_S:-460}
+suite_start=$SECONDS
+summary=()
+failures=0
+
+log() { echo "$*" | tee -a "$results"; }
+
+# run_step NAME LIMIT_S CHECK CMD...: runs CMD (output into the results file) under min(LIMIT_S, the
+# time left); CHECK "pytest" additionally fails a pytest run in which no test passed.
+run_step() {
+    local name=$1 limit=$2 check=$3
+    shift 3
+    local left=$((budget - (SECONDS - suite_start)))
+    if [ "$left" -lt 30 ]; then
+        summary+=("SKIP  $name (suite budget of ${budget} s used up)")
+        failures=$((failures + 1))
+        log "== $name: SKIPPED, suite budget used up"
+        return
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    log ""
+    log "== $name (limit ${limit} s): $*"
+    local t0=$SECONDS out rc
+    out=$(mktemp)
+    timeout --kill-after=10 "$limit" "$@" >"$out" 2>&1
+    rc=$?
+    cat "$out" >>"$results"
+    local status="PASS"
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+        status="FAIL (time limit of ${limit} s)"
+    elif [ "$rc" -ne 0 ]; then
+        status="FAIL (exit $rc: $(grep -v '^\s*$' "$out" | tail -n 1 | cut -c1-150))"
+    elif [ "$check" = pytest ] && ! tail -n 3 "$out" | grep -q " passed"; then
+        status="FAIL (no GPU test ran: $(tail -n 1 "$out" | cut -c1-120))"
+    fi
+    rm -f "$out"
+    [ "$status" = PASS ] || failures=$((failures + 1))
+    local word=${status%% *}
+    summary+=("$(printf '%-5s %s (%d s)%s' "$word" "$name" $((SECONDS - t0)) "${status#"$word"}")")
+    log "== $name: $status, $((SECONDS - t0)) s"
+}
+
+log "gpu_suite $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo ' (uncommitted changes)'), python $py"
+
+run_step "environment" 60 - "$py" -c '
+import sys, torch
+print("torch", torch.__version__, "CUDA", torch.version.cuda)
+try:
+    import cupy
+    print("cupy", cupy.__version__)
+except Exception as exc:
+    print("cupy: not importable:", exc)
+if not torch.cuda.is_available():
+    sys.exit("no CUDA device: the GPU steps below cannot run")
+p = torch.cuda.get_device_properties(0)
+print("device", p.name, f"{p.total_memory / 2**30:.0f} GiB", "x", torch.cuda.device_count())
+'
+command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >>"$results" 2>&1
+
+run_step "GPU tests (pytest -m gpu)" 150 pytest "$py" -m pytest -m gpu -q -rs -p no:cacheprovider tests
+
+for dtype in float32 float16; do
+    run_step "bench_sifa $dtype, N 8 and 32" 60 - \
+        bash -c 'cd benchmarks && exec "$0" bench_sifa.py --gpu-only --require-cuda --dtype "$1" --clips 8 32' "$py" "$dtype"
+done
+
+for dtype in float32 float16; do
+    for clips in 8 32; do
+        # The issue's target shapes (28² and 14², T = 16, n_iter 10 and 20); fewer rounds at batch 32.
+        iters=10
+        [ "$clips" -eq 32 ] && iters=5
+        run_step "bench_flow $dtype, N $clips" 60 - \
+            bash -c 'cd benchmarks && exec "$0" bench_flow.py --gpu-only --require-cuda --dtype "$1" --clips "$2" \
+                --iters "$3" --warmup 2 --frames 16 --sizes 28 14 --n-iter 10 20' "$py" "$dtype" "$clips" "$iters"
+    done
+done
+
+run_step "per-kernel profile (profile_ops.py)" 75 - \
+    bash -c 'cd benchmarks && exec "$0" profile_ops.py --dtypes float32 float16' "$py"
+
+run_step "train step (bench_step.py)" 150 - \
+    bash -c 'cd benchmarks && exec "$0" bench_step.py --device cuda --json "$1"' "$py" "$step_json"
+
+log ""
+log "== summary ($((SECONDS - suite_start)) s, budget ${budget} s; results in $results)"
+for line in "${summary[@]}"; do
+    log "$line"
+done
+if [ "$failures" -gt 0 ]; then
+    log "$failures step(s) did not pass"
+    exit 1
+fi
+log "all steps passed"
