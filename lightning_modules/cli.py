@@ -26,6 +26,7 @@ import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins import _PLUGIN_INPUT
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -70,7 +71,11 @@ class VMMTrainer(Trainer):
     atomic checkpoint files loaded with weights_only=True (`AtomicCheckpointIO`, unless a
     CheckpointIO plugin is given), and exit status 143/130 after SIGTERM/SIGINT."""
 
-    def __init__(self, *args: Any, plugins: Any = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, plugins: _PLUGIN_INPUT | list[_PLUGIN_INPUT] | None = None, **kwargs: Any
+    ) -> None:
+        """Args: as `lightning.Trainer`; `plugins` (Trainer's type, so the CLI instantiates them) gets an
+        `AtomicCheckpointIO` unless one of them is a CheckpointIO."""
         plugin_list = list(plugins) if isinstance(plugins, (list, tuple)) else ([plugins] if plugins else [])
         if not any(isinstance(p, CheckpointIO) for p in plugin_list):
             plugin_list.append(AtomicCheckpointIO())
