@@ -87,7 +87,7 @@ def test_fcf_r2plus1d_shapes_every_depth(builder):
 
 
 def test_stage_shapes_follow_the_spec_at_16x224():
-    """sifa.md §3: layer1..4 (256,4,56²)..(2048,4,7²), layer4_dual (2048,2,14²); on the meta device (no
+    """docs/sifa.md §3: layer1..4 (256,4,56²)..(2048,4,7²), layer4_dual (2048,2,14²); on the meta device (no
     arithmetic). SIFA keeps shapes, so it is left out here."""
     with torch.device("meta"):
         net = SIFAResNet(400, depth=50, sifa=False)
@@ -112,14 +112,14 @@ def test_sifa_r50_parameter_count_matches_spec():
         plain = c2d_resnet50(400, dual_path=False, global_context=False)
     total = n_params(net)
     dual = n_params(net.layer4_dual)
-    assert abs(total / 1e6 - 43) < 1.0, total  # sifa.md §3: ≈ 43 M with the dual path
+    assert abs(total / 1e6 - 43) < 1.0, total  # docs/sifa.md §3: ≈ 43 M with the dual path
     assert abs(dual / 1e6 - 16) < 1.0, dual  # ≈ 16 M in layer4_dual
     # The plain 2D ResNet-50 body is torchvision's (23.5 M without fc) plus the 4-frame stem's extra taps.
     assert n_params(plain) - 2048 * 400 - 400 == 23_508_032 + 3 * 64 * 3 * 7 * 7
 
 
 def test_sifa_r50_multiply_accumulates_match_spec():
-    """≈ 24 GMACs per 16×224² view (sifa.md §3); counted over convs and fc on the meta device (SIFA's two
+    """≈ 24 GMACs per 16×224² view (docs/sifa.md §3); counted over convs and fc on the meta device (SIFA's two
     ops add a few hundred MMACs and are left out)."""
     total = 0
 
@@ -323,7 +323,7 @@ def _inside_motion(net: nn.Module, module: nn.Module) -> bool:
 
 
 def test_network_init_leaves_the_sifa_offset_conv_at_zero():
-    """sifa.md §2: the released network-wide Kaiming init overwrote the zero offset init; ours must not."""
+    """docs/sifa.md §2: the released network-wide Kaiming init overwrote the zero offset init; ours must not."""
     net = sifa_resnet18(K, width_mult=NARROW)
     sifas = motion_modules(net)
     assert sifas

@@ -1,4 +1,4 @@
-"""SIFA ops, pure-PyTorch reference (sifa.md §1–2): against naive loops, gradcheck, edge cases, validation,
+"""SIFA ops, pure-PyTorch reference (docs/sifa.md §1–2): against naive loops, gradcheck, edge cases, validation,
 and the ``ops.SIFA`` block."""
 
 from __future__ import annotations

@@ -82,7 +82,7 @@ def spatiotemporal_conv3x3(in_channels: int, out_channels: int, stride: int, tem
 
 
 class GlobalContext(nn.Module):
-    """Global-context branch of SIFA-Net's even-index blocks (sifa.md §3).
+    """Global-context branch of SIFA-Net's even-index blocks (docs/sifa.md §3).
 
     x `[N, C, T, H, W]` → `[N, C, 1, 1, 1]`: `fc2(relu(fc1(mean_THW(x))))`, C → max(1, C // reduction) → C,
     with biases; the block broadcast-adds it to its residual output.
@@ -114,7 +114,7 @@ class BasicBlock(nn.Module):
 
     With `temporal_kernel > 1` each conv3x3 is a (2+1)D factorised conv (R(2+1)D basic block);
     with 1 it is a (1,3,3) conv, i.e. torchvision's 2D BasicBlock applied per frame. The motion
-    module (SIFA) sits after the first conv → BN → ReLU (sifa.md §3). Keeps T.
+    module (SIFA) sits after the first conv → BN → ReLU (docs/sifa.md §3). Keeps T.
     """
 
     expansion = 1

@@ -1,4 +1,4 @@
-"""SIFA-Net: the C2D SIFA ResNet of sifa.md §3, and its plain C2D baseline (`sifa=False`)."""
+"""SIFA-Net: the C2D SIFA ResNet of docs/sifa.md §3, and its plain C2D baseline (`sifa=False`)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def _sifa_factory(
 
 
 class SIFAResNet(VideoResNet):
-    """C2D ResNet with Stand-Alone Inter-Frame Attention (SIFA-Net, sifa.md §3).
+    """C2D ResNet with Stand-Alone Inter-Frame Attention (SIFA-Net, docs/sifa.md §3).
 
     Input `[N, in_channels, T, H, W]` float. Every conv is 1×k×k except the stem
     `(stem_temporal_kernel, 7, 7)` with temporal stride `stem_temporal_stride` and no temporal
@@ -46,7 +46,7 @@ class SIFAResNet(VideoResNet):
     - `global_context`: even-index blocks of layer2-4 add the global-context branch.
     - `dual_path`: a second head on max-pooled frame pairs of layer3's output through
       `layer4_dual` (layer4's structure with stride 1) → mean → dropout → `fc_dual`; needs T' >= 2.
-    - `sifa_offset_init`: init of SIFA's offset conv ("zeros" per sifa.md §2; "kaiming" is what the
+    - `sifa_offset_init`: init of SIFA's offset conv ("zeros" per docs/sifa.md §2; "kaiming" is what the
       released network-wide init left). The network's own init never touches it.
     - `correlation_features` (ours, docs/sifa.md §5; default False = the paper's block): every SIFA block
       also adds `P(attn)`, its per-tap correlation through a zero-initialised 1×1 conv, so a new network
@@ -54,7 +54,7 @@ class SIFAResNet(VideoResNet):
       direction of motion). Ignored when `sifa=False`; networks and checkpoints without it are unchanged.
     - `zero_init_residual`: the last BN of every residual branch starts with gamma 0.
     - `width_mult` scales every channel count (rounded to a multiple of `sifa_groups` when SIFA is on).
-    - `pretrained`: path to a torchvision-layout 2D ResNet state dict, inflated as in sifa.md §3
+    - `pretrained`: path to a torchvision-layout 2D ResNet state dict, inflated as in docs/sifa.md §3
       (see `pretrained.inflate_2d_state_dict`); the report is kept in `self.pretrained_report`.
     - `backend`: the SIFA ops' backend ("auto": CuPy kernels for CUDA tensors when CuPy imports).
 

@@ -1,4 +1,4 @@
-// SIFA's deformable correlation / aggregation (sifa.md §1): forward and backward as four kernels.
+// SIFA's deformable correlation / aggregation (docs/sifa.md §1): forward and backward as four kernels.
 //
 // Notation shared by every kernel: maps are contiguous [B, C, H, W]; attention-like tensors A are
 // [B, G·K², H, W]; offsets are [B, 2K², H, W] with Δy at channel 2k and Δx at 2k+1 (DCN layout).

@@ -1,4 +1,4 @@
-"""SIFA (sifa.md §1–2): deformable inter-frame correlation / aggregation and the SIFA block."""
+"""SIFA (docs/sifa.md §1–2): deformable inter-frame correlation / aggregation and the SIFA block."""
 
 from .functional import deform_aggregation, deform_attention, deform_correlation
 from .layer import SIFA

@@ -1,4 +1,4 @@
-"""``deform_correlation``, ``deform_aggregation`` (sifa.md §1) and their composition ``deform_attention``
+"""``deform_correlation``, ``deform_aggregation`` (docs/sifa.md §1) and their composition ``deform_attention``
 used by the SIFA block: validation and backend dispatch."""
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def deform_correlation(
     groups: int = 1,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Deformable inter-frame correlation (sifa.md §1).
+    """Deformable inter-frame correlation (docs/sifa.md §1).
 
     ``attn[b, g·K²+k, h, w] = 1/|g| · Σ_{c∈g} query[b,c,h,w] · bilinear(key[b,c], y_k, x_k)`` with
     ``y_k = h - pad + kh·dil + offset[b,2k,h,w]``, ``x_k = w - pad + kw·dil + offset[b,2k+1,h,w]``
@@ -112,7 +112,7 @@ def deform_aggregation(
     groups: int = 1,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Deformable aggregation (sifa.md §1).
+    """Deformable aggregation (docs/sifa.md §1).
 
     ``out[b, c, h, w] = Σ_k attn[b, g(c)·K²+k, h, w] · bilinear(value[b,c], y_k, x_k)`` with the sample
     points of :func:`deform_correlation`; g(c) = c // (C/G).
@@ -149,7 +149,7 @@ def deform_attention(
     return_attn: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``deform_aggregation(kv, deform_correlation(query, kv, offset), offset)``: SIFA's step with key =
-    value (sifa.md §2.3), ``[B,C,H,W]`` in the input dtype.
+    value (docs/sifa.md §2.3), ``[B,C,H,W]`` in the input dtype.
 
     The reference samples each tap once for both ops (half the work and half the saved maps of calling
     them in turn); the kernels' backward takes both ops' d kv and d offset in one pass each.

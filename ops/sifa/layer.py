@@ -1,4 +1,4 @@
-"""``SIFA``: the stand-alone inter-frame attention block of sifa.md §2 (docs/sifa.md §2), with the optional
+"""``SIFA``: the stand-alone inter-frame attention block of docs/sifa.md §2 (docs/sifa.md §2), with the optional
 correlation features of docs/sifa.md §5."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ OFFSET_INITS: tuple[str, ...] = ("zeros", "kaiming", "default")
 
 
 class SIFA(nn.Module):
-    """Deformable inter-frame attention from each frame t to frame t+1, added to frame t (sifa.md §2).
+    """Deformable inter-frame attention from each frame t to frame t+1, added to frame t (docs/sifa.md §2).
 
     1. Motion map ``M[t] = (1 + sigmoid(x[t] - x[t-1])) · x[t]`` with ``x[-1] := x[0]``.
     2. ``offset = conv_offset(M)``: Conv3d(C, 2K², (1,3,3), padding (0,1,1), no bias).
@@ -111,7 +111,7 @@ class SIFA(nn.Module):
             return x
         # Only the key frames t = 1..T-1 use their motion map and offsets, and conv_offset is per frame
         # (kernel 1×3×3), so frame 0's (where x[-1] := x[0]) is never computed. Out-of-place slices, not
-        # the released code's overlapping in-place shift (sifa.md §2.1).
+        # the released code's overlapping in-place shift (docs/sifa.md §2.1).
         motion = (1 + torch.sigmoid(x[:, :, 1:] - x[:, :, :-1])) * x[:, :, 1:]
         # Under autocast the conv may return another dtype than x; the ops want one dtype.
         offset = self.conv_offset(motion).to(x.dtype)  # [N,2K²,T-1,H,W]: offsets of frames 1..T-1

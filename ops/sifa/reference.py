@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of SIFA's two ops (sifa.md §1): any device, any float dtype, autograd.
+"""Pure-PyTorch reference of SIFA's two ops (docs/sifa.md §1): any device, any float dtype, autograd.
 
 Bilinear sampling is ``F.grid_sample(mode="bilinear", padding_mode="zeros")``: each of the four
 integer corners outside the map contributes 0, exactly the spec's ``bilinear``. Bilinear is not
@@ -56,7 +56,7 @@ def tap_grids(offset: torch.Tensor, kernel_size: int, dilation: int) -> list[tor
     k = kh·K + kw.
 
     Tap k samples at ``y = h - pad + kh·dil + offset[:, 2k]``, ``x = w - pad + kw·dil + offset[:, 2k+1]``
-    (pixel units, pad = dil·(K-1)//2), the DCN offset layout of sifa.md §1.
+    (pixel units, pad = dil·(K-1)//2), the DCN offset layout of docs/sifa.md §1.
     """
     _, _, height, width = offset.shape
     canvas_h, canvas_w = canvas_size(height), canvas_size(width)

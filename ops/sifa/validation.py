@@ -1,5 +1,5 @@
 """Argument checks shared by the ops: every failure is a ValueError naming the argument and what was
-expected (its shape, dtype or device), as DESIGN.md's contract asks.
+expected (its shape, dtype or device), as docs/architecture.md's contract asks.
 
 Kept free of op-specific knowledge so other ops (e.g. the TV-L1 flow layer) can reuse them.
 """
