@@ -614,6 +614,7 @@ def test_bf16_autocast_forward_backward_on_cpu(make):
 
 def test_frame_resnet_builds_the_three_probe_arms_from_one_options_dict():
     options = dict(width_mult=NARROW, dropout=0.2, sifa_stages=(3, 4), fcf_stages=(3,), fcf_bottleneck=4, fcf_n_iter=2)
+    options["correlation_features"] = True  # a SIFA option too: only the SIFA arm takes it
     nets = {}
     for motion in ("none", "sifa", "fcf"):
         torch.manual_seed(11)
@@ -623,6 +624,7 @@ def test_frame_resnet_builds_the_three_probe_arms_from_one_options_dict():
         "layer3.1.motion",
         "layer4.1.motion",
     ]
+    assert all(m.correlation_features for m in motion_modules(nets["sifa"]))
     assert list(nets["fcf"].fcf) == ["layer3"]
     plain = nets["none"].state_dict()
     for motion in ("sifa", "fcf"):

@@ -23,13 +23,15 @@ def frame_resnet(
     - "sifa": the same with SIFA in the odd blocks of `sifa_stages`;
     - "fcf": `FCFR2Plus1D(temporal=False)` with FCF blocks after `fcf_stages`.
 
-    `kwargs` are the classes' keyword arguments; `sifa_*` options are dropped for the arms without
-    SIFA and `fcf_*` options for the arms without FCF, so one options dict serves all three arms.
+    `kwargs` are the classes' keyword arguments; `sifa_*` options and `correlation_features` are dropped
+    for the arms without SIFA and `fcf_*` options for the arms without FCF, so one options dict serves
+    all three arms.
     With the same seed the three arms start from identical backbone weights.
     """
     if motion not in MOTIONS:
         raise ValueError(f"motion: expected one of {list(MOTIONS)}, got {motion!r}")
-    drop = ("fcf_",) if motion == "sifa" else ("sifa_",) if motion == "fcf" else ("sifa_", "fcf_")
+    no_sifa = ("sifa_", "correlation_features")
+    drop = ("fcf_",) if motion == "sifa" else no_sifa if motion == "fcf" else (*no_sifa, "fcf_")
     kwargs = {k: v for k, v in kwargs.items() if not k.startswith(drop)}
     if motion == "fcf":
         return FCFR2Plus1D(num_classes, depth=depth, temporal=False, fcf=True, **kwargs)
