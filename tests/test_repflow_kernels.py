@@ -369,3 +369,27 @@ def test_cupy_fcf_block_gradients_reach_both_flow_layers():
         assert layer.backend == "auto"
         for name, p in layer.named_parameters():
             assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_cupy_matches_reference_on_non_finite_inputs(value):
+    # The NaN policy on the device kernels (NVRTC, no fast-math): NaN at the same places, values and
+    # gradients, as the host-emulated test above checks on the CPU.
+    g = torch.Generator().manual_seed(17)
+    i0 = torch.randn(2, 3, 9, 10, dtype=torch.float64, generator=g) * 10
+    i1 = torch.randn(2, 3, 9, 10, dtype=torch.float64, generator=g) * 10
+    i1[0, 1, 4, 5] = value
+    i0[0, 2, 2, 2] = value
+    i1[0, 2] = 1.0  # a flat i1 under the bad i0 pixel
+    weight = torch.randn(2, 6, 9, 10, dtype=torch.float64, generator=g).cuda()
+    results = []
+    for backend in ("torch", "cupy"):
+        a, b = i0.cuda().requires_grad_(), i1.cuda().requires_grad_()
+        lam = torch.tensor(0.15, dtype=torch.float64, device="cuda", requires_grad=True)
+        out = ops.tvl1_flow(a, b, 5, 0.3, lam, 0.25, backend=backend)
+        results.append((out, *torch.autograd.grad((out * weight).sum(), (a, b, lam))))
+    assert results[0][0][0, [1, 4], 4, 5].isnan().all() and results[0][0][0, [2, 5], 2, 2].isnan().all()
+    assert torch.isfinite(results[0][0][1]).all()
+    for name, ref, ker in zip(("out", "i0", "i1", "lam"), *results, strict=True):
+        _assert_same_with_nan(ker, ref, name)
