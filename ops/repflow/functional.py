@@ -128,6 +128,11 @@ def tvl1_flow(
     Returns:
         ``[B, 2C, H, W]`` = ``cat([u1, u2], 1)``: u1 the x (column) displacement, u2 the y (row)
         displacement, in pixels, in the inputs' dtype (16-bit inputs are computed in float32).
+
+    NaN/Inf (docs/repflow.md §1, the same in both backends): non-finite values propagate as in torch
+    ops; a NaN or ±Inf residual or image gradient gives a NaN step in every branch of the threshold
+    (never a silent zero or clipped step), and the backward is NaN along the same paths. See
+    :func:`.reference.threshold_coefficient`.
     """
     _check_images(i0, i1)
     kernels = use_kernels(backend, i0)

@@ -15,6 +15,9 @@ state, adjoints, gradient accumulators), against ≈ 26·n_iter maps the autogra
 
 CUDA tensors launch through CuPy; CPU tensors run the same kernels through the host emulation, which
 is how the tests check this path (values and float64 gradcheck) without a GPU.
+
+NaN/Inf follow the reference's policy (``reference.threshold_coefficient``; ``tvl1_coef`` in the
+kernels): same values, and NaN at the same places, forward and backward.
 """
 
 from __future__ import annotations
