@@ -14,15 +14,25 @@ from .functional import DEFAULT_TAPS, tvl1_flow
 NORM_EPS = 1e-6
 
 
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype for ``device_type`` when autocast is on there, else None."""
+    try:  # torch >= 2.4
+        enabled = torch.is_autocast_enabled(device_type)
+        return torch.get_autocast_dtype(device_type) if enabled else None
+    except (TypeError, AttributeError):  # older torch: per-device functions, CPU and CUDA only
+        if device_type == "cuda" and torch.is_autocast_enabled():
+            return torch.get_autocast_gpu_dtype()
+        if device_type == "cpu" and torch.is_autocast_cpu_enabled():
+            return torch.get_autocast_cpu_dtype()
+        return None
+
+
 def check_input_dtype(module: str, x: Tensor, param_dtype: torch.dtype) -> None:
     """``x`` must have the module's parameter dtype, or, under ``torch.autocast`` for x's device, the
     autocast dtype (the convolutions before a flow layer return it there). A clear ValueError
     instead of a raw convolution error, or a silent cast of the parameters, on a mismatch.
     """
-    if x.dtype == param_dtype:
-        return
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type) and x.dtype == torch.get_autocast_dtype(device_type):
+    if x.dtype == param_dtype or x.dtype == _autocast_dtype(x.device.type):
         return
     raise ValueError(
         f"x has dtype {x.dtype} but the {module}'s parameters are {param_dtype}: convert the module "
