@@ -113,8 +113,8 @@ class VMMTrainer(Trainer):
         try:
             self.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
         except SystemExit as exc:
-            if self.is_global_zero:
-                how = {EXIT_SIGTERM: "by SIGTERM", EXIT_SIGINT: "by SIGINT (Ctrl+C)"}.get(exc.code, "")
+            how = {EXIT_SIGTERM: "by SIGTERM", EXIT_SIGINT: "by SIGINT (Ctrl+C)"}.get(exc.code)
+            if how and self.is_global_zero:
                 saved = self.checkpoint_callback and Path(self.checkpoint_callback.dirpath or "") / INTERRUPTED_CKPT
                 resume = f"; resume with --ckpt_path {saved}" if saved and saved.is_file() else ""
                 print(f"\nvmm demo interrupted {how} during training; the test was not run{resume}", flush=True)

@@ -76,6 +76,7 @@ def test_demo_trains_tests_and_reports(demo):
     # 4 classes x 3 test videos, 2 clips each; every view of a video averaged into one prediction
     assert report["num_videos"] == 12 and report["num_clips"] == 24 and report["excluded_videos"] == 0
     assert 0.0 <= report["top1"] <= report["top5"] <= 1.0
+    assert report["mean_class_num_classes"] == 4  # mean recall over the 4 classes that have test videos
     assert (demo["log_dir"] / "confusion_matrix_test.png").is_file()
     assert (demo["log_dir"] / "config.yaml").is_file()
 
