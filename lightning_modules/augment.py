@@ -22,7 +22,7 @@ and before normalisation (`ClipAugment`), and mixes clips after normalisation (`
   class probabilities, which `F.cross_entropy` accepts with every head).
 
 Randomness: every parameter is drawn on the CPU from torch's default generator, so a seeded run
-gives the same augmentation on CPU and GPU (`VideoClassifier` seeds it per step and rank).
+draws the same parameters on CPU and GPU (`VideoClassifier` seeds it per batch and rank).
 """
 
 from __future__ import annotations
