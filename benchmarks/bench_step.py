@@ -291,11 +291,20 @@ def main(argv: list[str] | None = None) -> dict:
         + (" (--tiny: not a benchmark)" if args.tiny else "")
     )
     print(HEADER + ("" if device.type == "cpu" else f"{'base MiB':>10}{'cand MiB':>10}"))
-    results = []
+    results: list[StepResult] = []
+    errors: list[dict] = []
     for name in args.pairs:
         for precision in args.precisions:
             for fmt in formats:
-                r = run_pair(PAIRS[name], precision, fmt, args, device)
+                # One failing configuration (an op refusing a layout, out of memory) must not hide the others.
+                try:
+                    r = run_pair(PAIRS[name], precision, fmt, args, device)
+                except Exception as exc:  # reported below and in the exit status
+                    errors.append({"pair": name, "precision": precision, "memory_format": fmt, "error": repr(exc)})
+                    print(f"{name:<5}{precision:<11}{fmt:<14}FAILED: {exc!r}", flush=True)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
                 results.append(r)
                 print(format_row(r), flush=True)
     # Where channels-last helps: the fastest memory format per network and precision, as measured.
@@ -303,6 +312,8 @@ def main(argv: list[str] | None = None) -> dict:
         for role in ("baseline", "candidate"):
             for precision in args.precisions:
                 rows = [r for r in results if r.pair == name and r.precision == precision]
+                if not rows:
+                    continue
                 fastest = min(rows, key=lambda r, role=role: getattr(r, f"{role}_ms"))
                 print(
                     f"{name}: {getattr(fastest, role)} {precision} fastest in {fastest.memory_format} "
@@ -314,11 +325,14 @@ def main(argv: list[str] | None = None) -> dict:
         "iters": args.iters,
         "warmup": args.warmup,
         "results": [asdict(r) for r in results],
+        "errors": errors,
     }
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=2) + "\n")
         print(f"wrote {args.json}")
+    if errors:
+        sys.exit(f"bench_step.py: {len(errors)} configuration(s) failed (see above)")
     return out
 
 

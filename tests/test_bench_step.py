@@ -24,6 +24,7 @@ def test_tiny_train_step_run_reports_every_field(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert json.loads(out_json.read_text()) == json.loads(json.dumps(report))
     assert report["tiny"] is True and report["environment"]["motion_ops"] == "torch reference"
+    assert report["errors"] == []
     rows = report["results"]
     assert {(r["pair"], r["precision"]) for r in rows} == {
         (p, q) for p in ("sifa", "fcf") for q in ("fp32", "bf16-mixed")
