@@ -22,7 +22,7 @@ from torch.utils.data import Dataset, DistributedSampler, get_worker_info
 
 from .annotations import VideoRecord, record_problem
 from .decode import IndexCache, VideoDecodeError
-from .frames import FrameIndexCache, FrameRecord, open_clip_reader
+from .frames import FrameIndexCache, FrameRecord, open_clip_reader, record_for_path
 from .sampling import Sampling, ShortVideo, eval_clip_indices, train_clip_indices
 from .transforms import ClipTransform
 
@@ -244,7 +244,8 @@ class VideoClipDataset(Dataset):
 
 
 class VideoFilesDataset(VideoClipDataset):
-    """Test-time views of arbitrary video files, for prediction (label -1, video_id = position).
+    """Test-time views of arbitrary video files or frame folders (template guessed from the file
+    names), for prediction (label -1, video_id = position).
 
     Yields the same items as a DataModule's test set: `test_clips` clips x `test_crops` crops
     (1 centre or 3), decoded at short side `short_side` and cropped to `crop_size`.
@@ -267,7 +268,7 @@ class VideoFilesDataset(VideoClipDataset):
         if isinstance(paths, str | bytes):
             raise TypeError("paths: expected a sequence of file paths, got a single string")
         super().__init__(
-            [VideoRecord(str(p), -1) for p in paths],
+            [record_for_path(p) for p in paths],
             mode="test",
             clip=ClipSettings(num_frames, frame_interval, sampling, short_video, decoder_threads),
             transform=ClipTransform(

@@ -36,8 +36,10 @@ __all__ = [
     "FrameRecord",
     "check_template",
     "frame_index",
+    "guess_template",
     "open_clip_reader",
     "probe_frame_folder",
+    "record_for_path",
 ]
 
 DEFAULT_TEMPLATE = "img_{:05d}.jpg"
@@ -139,6 +141,33 @@ def frame_index(path: str | os.PathLike, template: str = DEFAULT_TEMPLATE, start
     return FrameIndex(folder, max(usable) - start_index + 1, template, start_index)
 
 
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+_NUMBERED = re.compile(r"\A(.*?)(\d+)(\.[A-Za-z]+)\Z")
+
+
+def guess_template(path: str | os.PathLike) -> tuple[str, int]:
+    """(template, start_index) of a frame folder from its file names: the last run of digits of the
+    first image name is the frame number ("00001.jpg" -> "{:05d}.jpg", "img_00001.jpg" ->
+    "img_{:05d}.jpg", "frame7.png" -> "frame{:d}.png"); start index 0 if frame 0 exists, else 1.
+
+    Raises VideoDecodeError for a missing folder or one without numbered JPEG/PNG files.
+    """
+    folder = str(path)
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.lower().endswith(_IMAGE_SUFFIXES))
+    except OSError as exc:
+        raise VideoDecodeError(folder, f"cannot list the frame folder: {exc.strerror or exc}") from None
+    match = next((m for m in map(_NUMBERED.match, names) if m is not None), None)
+    if match is None:
+        raise VideoDecodeError(folder, "no numbered JPEG/PNG frame files")
+    prefix, digits, suffix = match.groups()
+    literal = prefix.replace("{", "{{").replace("}", "}}")
+    field = f"{{:0{len(digits)}d}}" if digits.startswith("0") and len(digits) > 1 else "{:d}"
+    template = f"{literal}{field}{suffix.replace('{', '{{').replace('}', '}}')}"
+    start = 0 if template.format(0) in names else 1
+    return check_template(template, start), start
+
+
 class FrameIndexCache:
     """A small per-process LRU of FrameIndex objects, so repeated clips of a folder skip the scan."""
 
@@ -227,6 +256,19 @@ class FrameFolderReader:
                 from None
         except _IMAGE_ERRORS as exc:
             raise VideoDecodeError(self.path, f"unreadable frame {name}: {exc}") from None
+
+
+def record_for_path(path: str | os.PathLike, label: int = -1) -> VideoRecord:
+    """A record for a path given by a user: a FrameRecord (template guessed from the file names,
+    `guess_template`) for a folder, a VideoRecord otherwise. A folder whose names give no template
+    becomes a record with `problem` set (reported as unreadable, never opened)."""
+    if not os.path.isdir(path):
+        return VideoRecord(str(path), label)
+    try:
+        template, start = guess_template(path)
+    except VideoDecodeError as exc:
+        return FrameRecord(str(path), label, problem=exc.reason)
+    return FrameRecord(str(path), label, template=template, start_index=start)
 
 
 def open_clip_reader(record: VideoRecord, index: VideoIndex | FrameIndex, threads: int = 1

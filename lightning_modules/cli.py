@@ -450,9 +450,9 @@ def predict_files(
         raise ValueError(f"ckpt_path must be an existing checkpoint file, got {str(ckpt_path)!r}")
     if not videos:
         raise ValueError("videos must name at least one video file")
-    missing = [str(v) for v in videos if not Path(v).is_file()]
+    missing = [str(v) for v in videos if not (Path(v).is_file() or Path(v).is_dir())]
     if missing:
-        raise ValueError(f"videos must be existing files; not found: {missing}")
+        raise ValueError(f"videos must be existing files or frame folders; not found: {missing}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
     if batch_size < 1:
@@ -494,7 +494,7 @@ def _predict_files_main(argv: list[str]) -> None:
             "instead; see `vmm predict --config CONFIG --help`."
         ),
     )
-    p.add_argument("videos", nargs="+", help="video files (any container/codec PyAV decodes)")
+    p.add_argument("videos", nargs="+", help="video files (any container/codec PyAV decodes) or frame folders")
     p.add_argument("--ckpt_path", required=True, help="checkpoint written by vmm fit")
     p.add_argument(
         "--output", default=None,

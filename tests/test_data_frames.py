@@ -169,3 +169,24 @@ def test_decode_benchmark_frames_cases_run(shared_videos, capsys):
     assert {"frames (JPEG, DCT-scaled)", "frames (JPEG, full scale)"} <= set(rates)
     assert all(r > 0 for r in rates.values())
     assert "frames vs video, first clip: mean |difference|" in capsys.readouterr().out
+
+
+def test_guessed_templates_and_prediction_records(clip_frames, tmp_path):
+    from datamodules import VideoFilesDataset
+    from datamodules.frames import guess_template
+
+    small = [f[::4, ::4] for f in clip_frames[:3]]
+    v1 = write_jpeg_folder(tmp_path / "v1", small, template="{:05d}.jpg")
+    mm = write_jpeg_folder(tmp_path / "mm", small, template="img_{:05d}.jpg", start_index=0)
+    odd = write_jpeg_folder(tmp_path / "odd {x}", small, template="frame{:d}.png")
+    assert guess_template(v1) == ("{:05d}.jpg", 1)
+    assert guess_template(mm) == ("img_{:05d}.jpg", 0)
+    assert guess_template(odd) == ("frame{:d}.png", 1)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("no frames here")
+    ds = VideoFilesDataset([str(v1), str(mm), str(tmp_path / "notes")], num_frames=2, frame_interval=1,
+                           short_side=32, crop_size=32)
+    assert [type(r).__name__ for r in ds.records] == ["FrameRecord", "FrameRecord", "FrameRecord"]
+    assert ds.records[2].problem == "no numbered JPEG/PNG frame files"
+    torch.testing.assert_close(ds[0]["video"], ds[1]["video"])  # the same frames under two templates
+    assert ds[2]["video"].shape[0] == 0 and ds[2]["bad_video_ids"].tolist() == [2]

@@ -370,5 +370,13 @@ def test_vmm_fit_and_test_on_frame_trees(clips, tmp_path, layout):
         best = next((tmp_path / "runs" / "lightning_logs" / "version_0" / "checkpoints").glob("best-*.ckpt"))
         bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")  # after training: an unreadable frame at test time
         main(["test", "--config", str(cfg), "--ckpt_path", str(best)])
-    report = _test_report(tmp_path)
-    assert report["num_videos"] == 2 and report["excluded_videos"] == 1
+        report = _test_report(tmp_path)
+        assert report["num_videos"] == 2 and report["excluded_videos"] == 1
+        if layout == "ssv1":  # `vmm predict` on frame folders: the template is read from the file names
+            folders = [root / "20bn-something-something-v1" / i for i in ids["validation"]]
+            out = tmp_path / "folders.json"
+            main(["predict", "--ckpt_path", str(best), *map(str, folders), "--output", str(out)])
+            result = json.loads(out.read_text())
+            assert [p["video"] for p in result["predictions"]] == [str(folders[0]), str(folders[2])]
+            assert all(p["views"] == 2 for p in result["predictions"])  # the checkpoint's 2 clips x 1 crop
+            assert result["failed"] == [{"video_id": 1, "video": str(folders[1])}]
