@@ -163,12 +163,17 @@ class _StoreDataConfig(Callback):
 
 
 class _InterruptCheckpoint(Callback):
-    """On SIGTERM or Ctrl+C during `fit`, saves `interrupted.ckpt` beside the ModelCheckpoint files
-    (Lightning's graceful shutdown saves nothing unless a ModelCheckpoint has save_on_exception),
-    so the run resumes with `--ckpt_path .../interrupted.ckpt` from the step it reached."""
+    """On SIGTERM or Ctrl+C during a single-process `fit`, saves `interrupted.ckpt` beside the
+    ModelCheckpoint files (Lightning's graceful shutdown saves nothing unless a ModelCheckpoint has
+    save_on_exception), so the run resumes with `--ckpt_path .../interrupted.ckpt` from the step it
+    reached. Not under DDP: saving is a collective there, and ranks interrupted at different points
+    would wait on each other for ever; give a ModelCheckpoint `save_on_exception: true` instead."""
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        if not isinstance(exception, (SIGTERMException, KeyboardInterrupt)) or not trainer.training:
+        # Any stage of fit (its validation included), never the sanity check.
+        if not isinstance(exception, (SIGTERMException, KeyboardInterrupt)) or trainer.state.fn != "fit":
+            return
+        if trainer.world_size > 1:
             return
         ckpt_cb = trainer.checkpoint_callback
         if ckpt_cb is None or not getattr(ckpt_cb, "dirpath", None) or trainer.sanity_checking:
