@@ -154,8 +154,8 @@ def _why_refused(exc: BaseException) -> str:
     unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
     if unsafe:
         return (
-            f"it needs the Python object {unsafe.group(1)}, which checkpoints never hold; refused without "
-            "running it (files are loaded with weights_only=True)"
+            f"it needs the Python object {unsafe.group(1)}, which a vmm checkpoint never needs; refused "
+            "without running it (files are loaded with weights_only=True)"
         )
     refused = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\s*\n|Check the documentation|$)", text, re.S)
     if refused:
@@ -186,7 +186,7 @@ def load_checkpoint_file(
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"not a {what}: {path}: no such file")
+        raise CheckpointError(f"not a {what}: {path}: {'not a regular file' if path.exists() else 'no such file'}")
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*pickle protocol.*")  # refused or fine either way
