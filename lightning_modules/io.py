@@ -188,7 +188,9 @@ def load_checkpoint_file(
     if not path.is_file():
         raise CheckpointError(f"not a {what}: {path}: {'not a regular file' if path.exists() else 'no such file'}")
     try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS), warnings.catch_warnings():
+        # safe_globals needs torch >= 2.5; with nothing to allow, the plain weights-only load is the same.
+        allow = torch.serialization.safe_globals(SAFE_GLOBALS) if SAFE_GLOBALS else contextlib.nullcontext()
+        with allow, warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*pickle protocol.*")  # refused or fine either way
             obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
