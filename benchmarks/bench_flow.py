@@ -40,7 +40,7 @@ import torch
 from cuda_timing import cuda_peak_bytes, cuda_time_ms, measure_bandwidth_gbs
 
 from ops.repflow.functional import _tvl1_flow
-from ops.repflow.fused import TVL1Iterations, segment_length
+from ops.repflow.kernels import TVL1Iterations, segment_length
 from ops.repflow.modules import FlowLayer
 
 CHANNELS = 32  # FCF bottleneck

@@ -11,7 +11,7 @@ import torch
 import ops
 from ops.repflow import FlowStencils, default_stencils
 from ops.repflow.functional import _tvl1_flow
-from ops.repflow.fused import TVL1Iterations, segment_length
+from ops.repflow.kernels import TVL1Iterations, segment_length
 from ops.repflow.modules import FCFBlock, FlowLayer
 
 
@@ -144,11 +144,11 @@ def test_emulated_kernel_gradients_single_row_or_column(shape):
 def test_emulated_kernel_gradients_with_multi_pixel_strips(monkeypatch, max_strip):
     # Large inputs sum several pixels per thread in the per-channel reductions; force that on a tiny
     # input (H·W = 35 is not a multiple of either strip length).
-    from ops.repflow import fused
+    from ops.repflow import kernels as tvl1_kernels
 
-    monkeypatch.setattr(fused, "MIN_THREADS", 1)
-    monkeypatch.setattr(fused, "MAX_STRIP", max_strip)
-    assert fused.strip_length(2 * 3 * 35) == max_strip
+    monkeypatch.setattr(tvl1_kernels, "MIN_THREADS", 1)
+    monkeypatch.setattr(tvl1_kernels, "MAX_STRIP", max_strip)
+    assert tvl1_kernels.strip_length(2 * 3 * 35) == max_strip
     g = torch.Generator().manual_seed(11)
     i0, i1, scalars, stencils = _leaves(3, g, h=5, w=7)
     i0, i1 = (torch.cat([t.detach(), t.detach() * 0.5]).requires_grad_() for t in (i0, i1))

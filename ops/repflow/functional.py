@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..kernel_loader import use_kernels
-from .fused import tvl1_fused
+from .kernels import tvl1_fused
 from .reference import tvl1_reference
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)

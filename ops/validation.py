@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernel_loader import BACKENDS, check_backend  # noqa: F401  (re-exported for the SIFA modules)
+from .kernel_loader import BACKENDS, check_backend  # noqa: F401  (re-exported for the SIFA modules)
 
 #: Floating dtypes every op accepts (the CUDA kernels are instantiated for exactly these).
 FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

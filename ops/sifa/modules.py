@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..validation import check_backend, check_bool, check_input_dtype, check_int, check_tensor
 from .functional import deform_attention
-from .validation import check_backend, check_bool, check_input_dtype, check_int, check_tensor
 
 OFFSET_INITS: tuple[str, ...] = ("zeros", "kaiming", "default")
 
