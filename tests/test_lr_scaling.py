@@ -146,7 +146,7 @@ def test_ddp_two_processes_see_the_same_lr_per_sample(tmp_path_factory, tmp_path
         extra = ["--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"] if procs > 1 else []
         run_vmm(["fit", "--config", str(config), "--trainer.devices", str(procs),
                  "--trainer.default_root_dir", str(out), *extra], cwd=tmp_path)
-        ckpt = torch.load(next(out.rglob("last.ckpt")), map_location="cpu", weights_only=False)
+        ckpt = torch.load(next(out.rglob("last.ckpt")), map_location="cpu", weights_only=True)
         base_lrs = ckpt["lr_schedulers"][0]["base_lrs"]  # the peak lrs the optimizer ran with
         global_batch = 4 * procs
         assert base_lrs[0] == pytest.approx(0.05 * global_batch / 8)
@@ -162,6 +162,11 @@ PAPER_CONFIGS = {  # config: (lr, base_batch_size) of its recipe
     "r2plus1d50_kinetics400.yaml": (0.1, 128),
     "fcf_r2plus1d50_hmdb51.yaml": (0.01, 24),
     "r2plus1d50_hmdb51.yaml": (0.01, 24),
+    "sifa_r50_ssv1.yaml": (0.02, 64),
+    "sifa_r50_ssv2.yaml": (0.02, 64),
+    "c2d_r50_ssv1.yaml": (0.02, 64),
+    "c2d_r50_ssv2.yaml": (0.02, 64),
+    "fcf_r2plus1d50_ssv2.yaml": (0.1, 128),
 }
 
 
@@ -175,3 +180,5 @@ def test_paper_configs_state_the_recipe_lr_and_its_batch(name):
     if name.endswith("r50_kinetics400.yaml"):  # the released SIFA Kinetics colour augmentation
         assert model["color_jitter"] == [0.4, 0.4, 0.4, 0.1]
         assert (model["color_jitter_p"], model["grayscale_p"], model["blur_p"]) == (0.8, 0.2, 0.5)
+    if "r50_ssv" in name:  # the released SIFA SSv1 recipe's RandAugment, kept for SSv2
+        assert model["rand_augment"] == [2, 27]
