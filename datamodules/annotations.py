@@ -130,7 +130,7 @@ def _checked(record: VideoRecord) -> VideoRecord:
     return record if problem is None else replace(record, problem=problem)
 
 
-def _read_text(file: Path) -> str:
+def read_annotation_text(file: Path) -> str:
     """The whole text file decoded as UTF-8 (a leading byte-order mark dropped); AnnotationError
     naming the file and line when it is not UTF-8 or not found."""
     try:
@@ -152,10 +152,10 @@ def _read_text(file: Path) -> str:
         ) from None
 
 
-def _lines(file: Path) -> Iterable[tuple[int, str]]:
+def annotation_lines(file: Path) -> Iterable[tuple[int, str]]:
     if not Path(file).is_file():
         raise AnnotationError(file, None, "annotation file not found")
-    for n, line in enumerate(_read_text(file).split("\n"), start=1):
+    for n, line in enumerate(read_annotation_text(file).split("\n"), start=1):
         line = line.strip()
         if line and not line.startswith("#"):
             yield n, line
@@ -190,7 +190,7 @@ def parse_folder(split_dir: Path, class_names: list[str] | None = None) -> tuple
 def read_class_names(file: Path) -> list[str]:
     """One class name per line (ids in file order); `N name` lines (UCF classInd style) also accepted."""
     names = []
-    for n, line in _lines(Path(file)):
+    for n, line in annotation_lines(Path(file)):
         parts = line.split(maxsplit=1)
         if len(parts) == 2 and parts[0].isdigit():
             if int(parts[0]) != len(names) + 1:
@@ -206,7 +206,7 @@ def read_class_names(file: Path) -> list[str]:
 def parse_path_label_list(file: Path, root: Path, num_classes: int | None = None) -> list[VideoRecord]:
     """`path label` lines (space separated, path may contain spaces); paths relative to `root`."""
     records = []
-    for n, line in _lines(Path(file)):
+    for n, line in annotation_lines(Path(file)):
         parts = line.rsplit(maxsplit=1)
         if len(parts) != 2:
             raise AnnotationError(file, n, f"expected 'path label', got {line!r}")
@@ -254,7 +254,7 @@ def parse_kinetics_csv(
     if not file.is_file():
         raise AnnotationError(file, None, "annotation file not found")
     records, labels, missing = [], [], []
-    with io.StringIO(_read_text(file), newline="") as fh:
+    with io.StringIO(read_annotation_text(file), newline="") as fh:
         reader = csv.reader(fh)
         header = next(reader, None)
         if header is None:
@@ -307,7 +307,7 @@ def parse_hmdb51(split_dir: Path, video_root: Path, split: int) -> tuple[dict[st
     out: dict[str, list[VideoRecord]] = {"train": [], "test": []}
     for label, cls in enumerate(names):
         file = split_dir / f"{cls}{suffix}"
-        for n, line in _lines(file):
+        for n, line in annotation_lines(file):
             parts = line.split()
             if len(parts) != 2 or parts[1] not in ("0", "1", "2"):
                 raise AnnotationError(file, n, f"expected '<video> <0|1|2>', got {line!r}")
@@ -333,7 +333,7 @@ def parse_ucf101(
     out: dict[str, list[VideoRecord]] = {"train": [], "test": []}
     for kind in ("train", "test"):
         file = list_dir / f"{kind}list{split:02d}.txt"
-        for n, line in _lines(file):
+        for n, line in annotation_lines(file):
             parts = line.split()
             if len(parts) not in (1, 2):
                 raise AnnotationError(file, n, f"expected '<class>/<video> [label]', got {line!r}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .annotations import AnnotationError, VideoRecord, _lines, read_class_names
+from .annotations import AnnotationError, VideoRecord, annotation_lines, read_class_names
 from .frames import DEFAULT_TEMPLATE, FrameRecord, check_template
 from .layouts import VideoListDataModule, _resolve
 
@@ -23,7 +23,7 @@ def parse_rawframe_list(file: Path, root: Path, num_classes: int | None = None, 
     folder is scanned when first read. Raises AnnotationError naming the file and line.
     """
     records = []
-    for n, line in _lines(Path(file)):
+    for n, line in annotation_lines(Path(file)):
         parts = line.rsplit(maxsplit=2)
         if len(parts) != 3:
             raise AnnotationError(file, n, f"expected 'frame_dir num_frames label', got {line!r}")

@@ -24,7 +24,7 @@ from typing import Literal
 
 from torch.utils.data import DataLoader
 
-from .annotations import AnnotationError, VideoRecord
+from .annotations import AnnotationError, VideoRecord, read_annotation_text
 from .base import VideoDataModule
 from .frames import FrameRecord, check_template
 from .sampling import Sampling
@@ -64,12 +64,9 @@ def left_right_pairs(class_names: Sequence[str]) -> list[tuple[int, int]]:
 
 
 def _read_json(file: Path):
-    if not file.is_file():
-        raise AnnotationError(file, None, "annotation file not found")
+    text = read_annotation_text(file)
     try:
-        return json.loads(file.read_text(encoding="utf-8-sig"))
-    except UnicodeDecodeError as exc:
-        raise AnnotationError(file, None, f"not UTF-8 text: {exc}") from None
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise AnnotationError(file, exc.lineno, f"not valid JSON: {exc.msg}") from None
 
@@ -209,12 +206,7 @@ class SomethingSomethingV2DataModule(_SomethingSomething):
 
 
 def _csv_rows(file: Path) -> list[tuple[int, list[str]]]:
-    if not file.is_file():
-        raise AnnotationError(file, None, "annotation file not found")
-    try:
-        text = file.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise AnnotationError(file, None, f"not UTF-8 text: {exc}") from None
+    text = read_annotation_text(file)
     rows = []
     reader = csv.reader(io.StringIO(text), delimiter=";")
     for row in reader:

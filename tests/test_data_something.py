@@ -163,6 +163,10 @@ def test_ssv1_frame_layout_and_bad_folders(clips, tmp_path):
     (tmp_path / "something-something-v1-train.csv").write_text(f"1;{names[0]}\n2;Not a class\n")
     with pytest.raises(AnnotationError, match=r"v1-train.csv:2: unknown class 'Not a class'"):
         SomethingSomethingV1DataModule(root=str(tmp_path)).records("train")
+    # Latin-1 instead of UTF-8: the file and line are named, not a raw UnicodeDecodeError
+    (tmp_path / "something-something-v1-train.csv").write_bytes(f"1;{names[0]}\n2;Caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(AnnotationError, match=r"v1-train.csv:2: not UTF-8 text"):
+        SomethingSomethingV1DataModule(root=str(tmp_path)).records("train")
 
 
 def test_rawframe_lists(clips, tmp_path):
