@@ -165,6 +165,12 @@ class VideoDataModule(L.LightningDataModule):
             )
         return recs
 
+    def result_notes(self, results: dict) -> list[str]:
+        """Dataset-specific lines for the summary of a run (`vmm demo` prints them), given the test
+        results (`top1`, `top5`, `mean_class`, `num_videos`, ...): e.g. the chance level and a
+        ceiling that only this dataset has. Default: none."""
+        return []
+
     @property
     def test_settings(self) -> dict:
         """Keyword arguments of VideoFilesDataset that build exactly this DataModule's test views."""

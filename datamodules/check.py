@@ -1,15 +1,19 @@
 """Dataset check: decode every video of a DataModule once, in parallel, and report what was found.
 
+    vmm check-data --config configs/some.yaml [--splits [train, val]] [--num_workers 4] [--write_clean_list clean.txt]
     python -m datamodules.check --config configs/some.yaml [--splits train val] [--num-workers 4]
 
-reads the `data:` section (class_path + init_args) of a vmm config. From code:
-`check_datamodule(dm, num_workers=...)` returns a DataCheckReport and prints its table.
+read the `data:` section (class_path + init_args) of a vmm config. A file listed in several
+splits is decoded once. From code: `check_datamodule(dm, num_workers=...)` returns a
+DataCheckReport and prints its table; `write_clean_lists(dm, report, path)` writes each checked
+split's annotation list without its bad entries.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import statistics
 import sys
 import time
@@ -25,7 +29,15 @@ from .base import SPLITS, VideoDataModule
 from .decode import VideoDecodeError, probe_full_decode
 from .frames import FrameRecord, probe_frame_folder
 
-__all__ = ["DataCheckReport", "SplitReport", "check_datamodule", "load_datamodule", "main"]
+__all__ = [
+    "DataCheckReport",
+    "SplitReport",
+    "check_datamodule",
+    "clean_list_files",
+    "load_datamodule",
+    "main",
+    "write_clean_lists",
+]
 
 
 @dataclass
@@ -60,16 +72,28 @@ class SplitReport:
 
 @dataclass
 class DataCheckReport:
+    """Per-split reports; `decoded`: how many distinct videos were opened (a file listed in several
+    splits once); `probed`: what decoding each readable path found (frames, duration, fps)."""
+
     splits: dict[str, SplitReport]
     seconds: float
+    decoded: int = 0
+    probed: dict[str, dict] = field(default_factory=dict)
 
     @property
     def unreadable(self) -> list[tuple[str, str]]:
-        return [u for r in self.splits.values() for u in r.unreadable]
+        """Every distinct (path, reason) that failed to decode, over all splits."""
+        return sorted({u for r in self.splits.values() for u in r.unreadable})
 
     @property
     def unusable(self) -> list[tuple[str, str]]:
-        return [u for r in self.splits.values() for u in r.unusable]
+        """Every distinct (path, reason) known unusable from the listing, over all splits."""
+        return sorted({u for r in self.splits.values() for u in r.unusable})
+
+    def bad_paths(self, split: str) -> set[str]:
+        """The paths of `split` that are unreadable or unusable."""
+        r = self.splits[split]
+        return {p for p, _ in r.unreadable} | {p for p, _ in r.unusable}
 
     @property
     def ok(self) -> bool:
@@ -94,7 +118,7 @@ class DataCheckReport:
                 rows += [f"  {p}: {why}" for p, why in bad[:max_listed]]
                 if len(bad) > max_listed:
                     rows.append(f"  ... and {len(bad) - max_listed} more")
-        rows.append(f"\nchecked in {self.seconds:.1f} s")
+        rows.append(f"\nchecked {self.decoded} distinct videos in {self.seconds:.1f} s")
         return "\n".join(rows)
 
 
@@ -139,18 +163,20 @@ def check_datamodule(
     t0 = time.perf_counter()
     if hasattr(dm, "prepare_data"):
         dm.prepare_data()
+    split_records = {split: dm.records(split) for split in dict.fromkeys(splits) if dm.has_split(split)}
+    # Splits may share files (val falling back to test, overlapping lists): each path is opened once.
+    usable = {r.path: r for recs in split_records.values() for r in recs if r.problem is None}
+    loader = DataLoader(
+        _ProbeDataset(list(usable.values()), decoder_threads), batch_size=1, num_workers=num_workers,
+        collate_fn=_identity,
+    )
+    found: dict[str, tuple[dict | None, str | None]] = {path: (info, reason) for [(path, info, reason)] in loader}
     reports: dict[str, SplitReport] = {}
-    for split in splits:
-        if not dm.has_split(split):
-            continue
-        records = dm.records(split)
+    for split, records in split_records.items():
         report = SplitReport(split, videos=len({r.path for r in records}))
         report.unusable = sorted({(r.path, r.problem) for r in records if r.problem is not None})
-        usable = [r for r in records if r.problem is None]
-        loader = DataLoader(
-            _ProbeDataset(usable, decoder_threads), batch_size=1, num_workers=num_workers, collate_fn=_identity
-        )
-        for [(path, info, reason)] in loader:
+        for path in sorted({r.path for r in records if r.problem is None}):
+            info, reason = found[path]
             if info is None:
                 report.unreadable.append((path, reason))
                 continue
@@ -160,10 +186,64 @@ def check_datamodule(
                 report.fps.append(info["fps"])
             report.frames.append(info["frames"])
         reports[split] = report
-    result = DataCheckReport(reports, time.perf_counter() - t0)
+    probed = {path: info for path, (info, _) in found.items() if info is not None}
+    result = DataCheckReport(reports, time.perf_counter() - t0, decoded=len(found), probed=probed)
     if print_table:
         print(result.table(), file=out if out is not None else sys.stdout)
     return result
+
+
+def clean_list_files(dm: VideoDataModule, splits: Sequence[str], path: str | os.PathLike) -> dict[str, Path]:
+    """Where `write_clean_lists` writes each split of `splits` that `dm` has: `<stem>_<split><suffix>`
+    beside `path` (clean.txt -> clean_train.txt). Raises ValueError (naming `write_clean_list`)
+    when the path is a folder, or when a split has entries a list cannot hold (time windows of
+    untrimmed videos) -- before anything is decoded."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"write_clean_list: expected a file path, got the existing folder {str(path)!r}")
+    files = {}
+    for split in dict.fromkeys(splits):
+        if not dm.has_split(split):
+            continue
+        windowed = [r.path for r in dm.records(split) if r.start is not None or r.end is not None]
+        if windowed:
+            raise ValueError(
+                f"write_clean_list: the {split!r} split has {len(windowed)} entries with a time window (untrimmed "
+                f"videos, e.g. {windowed[0]}); a path-label list cannot hold them. Trim the videos first"
+            )
+        files[split] = path.with_name(f"{path.stem}_{split}{path.suffix}")
+    return files
+
+
+def write_clean_lists(dm: VideoDataModule, report: DataCheckReport, path: str | os.PathLike) -> list[Path]:
+    """Write, for each split of `report`, its annotation list without the unreadable and unusable
+    entries (`clean_list_files` says where), in listed order; returns the files written.
+
+    Format: `path label` per line with absolute paths (read by VideoListDataModule, any `root`),
+    or `folder num_frames label` when every entry is a frame folder (read by
+    RawFrameListDataModule; num_frames as listed, else as counted by the check). Labels are the
+    datamodule's class ids; `class_names` of the original layout still apply.
+    """
+    files = clean_list_files(dm, list(report.splits), path)
+    written = []
+    for split, file in files.items():
+        bad = report.bad_paths(split)
+        kept = [r for r in dm.records(split) if r.path not in bad]
+        frames = bool(kept) and all(isinstance(r, FrameRecord) for r in kept)
+        lines = []
+        for r in kept:
+            where = os.path.abspath(r.path)
+            if frames:
+                count = r.num_frames if r.num_frames is not None else report.probed[r.path]["frames"]
+                lines.append(f"{where} {count} {r.label}\n")
+            else:
+                lines.append(f"{where} {r.label}\n")
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_name(f".{file.name}.tmp")
+        tmp.write_text("".join(lines), encoding="utf-8")
+        os.replace(tmp, file)  # a reader never sees half a list
+        written.append(file)
+    return written
 
 
 def load_datamodule(config: str | Path) -> VideoDataModule:

@@ -7,7 +7,14 @@ from pathlib import Path
 
 from .layouts import KineticsDataModule
 from .sampling import Sampling, ShortVideo
-from .synthetic import SyntheticSpec, default_cache_root, generate_dataset, pick_encoder, reverse_class
+from .synthetic import (
+    ORDER_BLIND_CEILING,
+    SyntheticSpec,
+    default_cache_root,
+    generate_dataset,
+    pick_encoder,
+    reverse_class,
+)
 from .transforms import TrainCrop
 
 __all__ = ["SyntheticMotionDataModule"]
@@ -116,6 +123,17 @@ class SyntheticMotionDataModule(KineticsDataModule):
 
     def _class_names(self) -> list[str]:
         return self.spec.class_names  # pair order, not the alphabetical order of Kinetics
+
+    def result_notes(self, results: dict) -> list[str]:
+        """The chance level and, where frame order decides the class (direction, coherence), the
+        ceiling of a model blind to frame order (docs/synthetic_motion.md §3)."""
+        k = self.spec.num_classes
+        if self.spec.task == "appearance":
+            return [f"K = {k} classes: chance {100 / k:.1f}%"]
+        return [
+            f"K = {k} classes: chance {100 / k:.1f}%; on the synthetic motion set a model blind to frame order "
+            f"is capped at {100 * ORDER_BLIND_CEILING:.0f}% (the pair, never the member)"
+        ]
 
     def prepare_data(self) -> None:
         generate_dataset(self.spec, self.cache_root, workers=self.generate_workers)

@@ -56,3 +56,74 @@ def test_check_command_line_reads_the_data_section(tmp_path, shared_videos, caps
     (tmp_path / "bad.yaml").write_text("model: {}\n")
     with pytest.raises(ValueError, match="no 'data:' section"):
         load_datamodule(tmp_path / "bad.yaml")
+
+
+def _shared_split_lists(tmp_path):
+    """A train list and a test list that share two files; the test list also lists a zero-byte file."""
+    (tmp_path / "zero.mp4").write_bytes(b"")
+    train = tmp_path / "train.txt"
+    train.write_text("kinetics_arm_wrestling.mp4 0\nh264_340x256.mp4 1\nmpeg4_320x240.avi 1\n")
+    test = tmp_path / "test.txt"
+    test.write_text(f"h264_340x256.mp4 1\nmpeg4_320x240.avi 1\n{tmp_path / 'zero.mp4'} 0\n{tmp_path / 'gone.mp4'} 1\n")
+    return train, test
+
+
+def test_files_shared_by_splits_are_decoded_once_and_clean_lists_drop_bad_entries(tmp_path, shared_videos):
+    from datamodules.check import write_clean_lists
+
+    train, test = _shared_split_lists(tmp_path)
+    dm = VideoListDataModule(root=str(shared_videos), train_list=str(train), test_list=str(test))
+    report = check_datamodule(dm, num_workers=0, print_table=False)
+    # val falls back to the test list: three splits, four distinct openable files, each decoded once
+    assert list(report.splits) == ["train", "val", "test"] and report.decoded == 4
+    assert [report.splits[s].readable for s in ("train", "val", "test")] == [3, 2, 2]
+    assert report.unreadable == [(str(tmp_path / "zero.mp4"), "zero-byte file")]  # once, not once per split
+    assert report.unusable == [(str(tmp_path / "gone.mp4"), "file not found")]
+    written = write_clean_lists(dm, report, tmp_path / "out" / "clean.txt")
+    assert [p.name for p in written] == ["clean_train.txt", "clean_val.txt", "clean_test.txt"]
+    assert (tmp_path / "out" / "clean_test.txt").read_text() == (
+        f"{shared_videos / 'h264_340x256.mp4'} 1\n{shared_videos / 'mpeg4_320x240.avi'} 1\n"
+    )
+    # The clean lists are VideoListDataModule lists (absolute paths: any root) that check clean.
+    clean = VideoListDataModule(root="/nonexistent", train_list=str(written[0]), test_list=str(written[2]))
+    again = check_datamodule(clean, num_workers=0, print_table=False)
+    assert again.ok and again.decoded == 3 and again.splits["train"].readable == 3
+
+
+def test_clean_list_of_frame_folders_is_a_rawframe_list(tmp_path):
+    import numpy as np
+    from _frame_helpers import write_jpeg_folder
+
+    from datamodules import RawFrameListDataModule
+    from datamodules.check import write_clean_lists
+
+    frames = np.zeros((6, 16, 16, 3), dtype=np.uint8)
+    write_jpeg_folder(tmp_path / "a", frames)
+    write_jpeg_folder(tmp_path / "b", frames[:3])  # lists 6 frames, holds 3: unreadable
+    lst = tmp_path / "frames.txt"
+    lst.write_text("a 6 0\nb 6 1\n")
+    dm = RawFrameListDataModule(root=str(tmp_path), train_list=str(lst))
+    report = check_datamodule(dm, num_workers=0, print_table=False)
+    assert [p for p, _ in report.unreadable] == [str(tmp_path / "b")]
+    (written,) = write_clean_lists(dm, report, tmp_path / "clean.txt")
+    assert written.read_text() == f"{tmp_path / 'a'} 6 0\n"
+    assert RawFrameListDataModule(root="/", train_list=str(written)).records("train")[0].path == str(tmp_path / "a")
+
+
+def test_clean_list_refuses_windowed_entries_and_folders(tmp_path, shared_videos):
+    from datamodules import KineticsDataModule
+    from datamodules.check import clean_list_files
+
+    train, _ = _shared_split_lists(tmp_path)
+    dm = VideoListDataModule(root=str(shared_videos), train_list=str(train))
+    with pytest.raises(ValueError, match="write_clean_list: expected a file path, got the existing folder"):
+        clean_list_files(dm, ["train"], tmp_path)
+    # Untrimmed Kinetics: the CSV's [time_start, time_end) window is part of the entry.
+    (tmp_path / "k400" / "annotations").mkdir(parents=True)
+    (tmp_path / "k400" / "annotations" / "train.csv").write_text(
+        "label,youtube_id,time_start,time_end,split\narm wrestling,abc,1,4,train\n"
+    )
+    (tmp_path / "k400" / "abc.mp4").symlink_to(shared_videos / "kinetics_arm_wrestling.mp4")
+    kinetics = KineticsDataModule(root=str(tmp_path / "k400"))
+    with pytest.raises(ValueError, match=r"write_clean_list: the 'train' split has 1 entries with a time window"):
+        clean_list_files(kinetics, ["train", "test"], tmp_path / "clean.txt")
