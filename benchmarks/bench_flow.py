@@ -39,12 +39,20 @@ import time
 import torch
 from cuda_timing import cuda_peak_bytes, cuda_time_ms, measure_bandwidth_gbs
 
-from ops.repflow.functional import _tvl1_flow
+import ops
 from ops.repflow.kernels import TVL1Iterations, segment_length
 from ops.repflow.modules import FlowLayer
 
 CHANNELS = 32  # FCF bottleneck
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def layer_flow(layer, i0, i1, n_iter, kernels):
+    """tvl1_flow with ``layer``'s parameters: the reference, or (``kernels``) the fused kernels, which on
+    CPU tensors run through host emulation."""
+    with ops.kernel_host_emulation():
+        backend = "emulated" if kernels and i0.device.type == "cpu" else ("cupy" if kernels else "torch")
+        return ops.tvl1_flow(i0, i1, n_iter, layer.theta, layer.lam, layer.tau, layer.stencils(), backend=backend)
 
 
 def make_input(clips, frames, size, dtype, device, requires_grad=True):
@@ -155,7 +163,7 @@ def stored_maps(n_iter, kernels, pairs=2, size=8):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = _tvl1_flow(i0, i1, n_iter, layer.theta, layer.lam, layer.tau, layer.stencils(), kernels=kernels)
+        out = layer_flow(layer, i0, i1, n_iter, kernels)
     stack, visited = [out.grad_fn], set()
     while stack:
         node = stack.pop()
@@ -220,7 +228,7 @@ def peak_child(kernels: bool, n_iter: int, pairs: int = 14, size: int = 28) -> N
     layer = FlowLayer(CHANNELS, n_iter)
 
     def run(i0, i1):
-        out = _tvl1_flow(i0, i1, n_iter, layer.theta, layer.lam, layer.tau, layer.stencils(), kernels=kernels)
+        out = layer_flow(layer, i0, i1, n_iter, kernels)
         out.backward(torch.ones_like(out))
 
     tiny = torch.randn(1, CHANNELS, 4, 4, requires_grad=True)

@@ -1,29 +1,102 @@
-"""Argument checks shared by the ops: every failure is a ValueError naming the argument and what was
-expected (its shape, dtype or device), as docs/architecture.md's contract asks.
+"""Argument checks and the exception types shared by the ops (and usable by the networks built on them).
 
-Kept free of op-specific knowledge so other ops (e.g. the TV-L1 flow layer) can reuse them.
+Every failure names the argument and what was expected against what was given (its shape, dtype,
+device or value), as docs/architecture.md §3 asks. One exception type per kind of mistake, each a
+subclass of :class:`OpError` and of the built-in type the ops raised before these existed, so
+``except ValueError`` keeps working:
+
+========================  ===================================  ==========================================
+exception                 the mistake                          built-in bases
+========================  ===================================  ==========================================
+:class:`OpShapeError`     a tensor of the wrong rank or shape  ValueError
+:class:`OpDtypeError`     a tensor of the wrong dtype          ValueError, TypeError
+:class:`OpDeviceError`    tensors on different/wrong devices   ValueError
+:class:`OpArgumentError`  a non-tensor argument of the wrong   ValueError
+                          type or value (kernel_size, n_iter)
+:class:`BackendError`     an unknown backend, or one that      ValueError
+                          cannot run these tensors
+:class:`BackendUnavailableError`  the backend's software is    BackendError, RuntimeError
+                          missing (CuPy, a C++ compiler)
+========================  ===================================  ==========================================
+
+Kept free of op-specific knowledge so every op and network can use it.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .kernel_loader import BACKENDS, check_backend  # noqa: F401  (re-exported for the SIFA modules)
+
+class OpError(Exception):
+    """Base of every argument error the ops raise."""
+
+
+class OpShapeError(OpError, ValueError):
+    """A tensor argument has the wrong number of dimensions or the wrong shape."""
+
+
+class OpDtypeError(OpError, ValueError, TypeError):
+    """A tensor argument has a dtype the op does not take (or not the dtype of its partner tensors or
+    of the module's parameters)."""
+
+
+class OpDeviceError(OpError, ValueError):
+    """Tensor arguments are on different devices, or on one the chosen path cannot run on."""
+
+
+class OpArgumentError(OpError, ValueError):
+    """A non-tensor argument (an int, a bool, a choice among names) has the wrong type or value, or
+    something that is not a tensor was passed for a tensor."""
+
+
+class BackendError(OpError, ValueError):
+    """``backend`` is not a known name, or the named backend cannot run these tensors."""
+
+
+class BackendUnavailableError(BackendError, RuntimeError):
+    """The backend needs software this environment lacks (CuPy for "cupy", a C++ compiler for the
+    kernels' host emulation)."""
+
 
 #: Floating dtypes every op accepts (the CUDA kernels are instantiated for exactly these).
 FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+#: The ``backend`` argument every op takes (docs/architecture.md §3.1). A fourth value, "emulated",
+#: is accepted only inside :func:`ops.kernel_host_emulation` (test support, see ops/host_emulation.py).
+BACKENDS: tuple[str, ...] = ("auto", "torch", "cupy")
+
+#: The test-only backend that runs the CUDA kernels on CPU tensors through host emulation.
+EMULATED_BACKEND = "emulated"
+
+
+def check_backend(backend: object) -> str:
+    """``backend`` itself when it is one of :data:`BACKENDS` (or "emulated" while host emulation is
+    enabled), else :class:`BackendError`."""
+    if backend in BACKENDS:
+        return backend  # type: ignore[return-value]
+    if backend == EMULATED_BACKEND:
+        from .host_emulation import host_emulation_enabled
+
+        if host_emulation_enabled():
+            return backend
+        raise BackendError(
+            "backend 'emulated' runs the CUDA kernels on the CPU for tests only; it is accepted inside "
+            "`with ops.kernel_host_emulation():` (see ops/host_emulation.py). Users want one of "
+            f"{BACKENDS}"
+        )
+    raise BackendError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
 def check_tensor(name: str, t: object, *, ndim: int, layout: str) -> torch.Tensor:
     """``t`` must be a floating tensor with ``ndim`` dimensions; ``layout`` (e.g. "[B,C,H,W]") goes in
     the message."""
     if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor {layout}, got {type(t).__name__}")
+        raise OpArgumentError(f"{name} must be a torch.Tensor {layout}, got {type(t).__name__}")
     if t.dim() != ndim:
-        raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(t.shape)}")
+        raise OpShapeError(f"{name} must be {ndim}-D {layout}, got shape {tuple(t.shape)}")
     if t.dtype not in FLOAT_DTYPES:
         allowed = ", ".join(str(d) for d in FLOAT_DTYPES)
-        raise ValueError(f"{name} must have a floating dtype ({allowed}), got {t.dtype} (shape {tuple(t.shape)})")
+        raise OpDtypeError(f"{name} must have a floating dtype ({allowed}), got {t.dtype} (shape {tuple(t.shape)})")
     return t
 
 
@@ -33,51 +106,67 @@ def check_same_dtype_device(**tensors: torch.Tensor) -> None:
     first_name, first = items[0]
     for name, t in items[1:]:
         if t.dtype != first.dtype:
-            raise ValueError(f"{name} must have the dtype of {first_name} ({first.dtype}), got {t.dtype}")
+            raise OpDtypeError(f"{name} must have the dtype of {first_name} ({first.dtype}), got {t.dtype}")
         if t.device != first.device:
-            raise ValueError(f"{name} must be on the device of {first_name} ({first.device}), got {t.device}")
+            raise OpDeviceError(f"{name} must be on the device of {first_name} ({first.device}), got {t.device}")
 
 
 def check_shape(name: str, t: torch.Tensor, expected: tuple[int, ...], layout: str) -> None:
     """``t.shape`` must equal ``expected``; ``layout`` names the dimensions in the message."""
     if tuple(t.shape) != tuple(expected):
-        raise ValueError(f"{name} must have shape {layout} = {tuple(expected)}, got {tuple(t.shape)}")
+        raise OpShapeError(f"{name} must have shape {layout} = {tuple(expected)}, got {tuple(t.shape)}")
 
 
 def check_int(name: str, value: object, *, minimum: int, odd: bool = False) -> int:
     """``value`` must be an int (not bool) >= ``minimum`` (and odd when ``odd``)."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+        raise OpArgumentError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise OpArgumentError(f"{name} must be >= {minimum}, got {value}")
     if odd and value % 2 == 0:
-        raise ValueError(f"{name} must be odd (a centred window), got {value}")
+        raise OpArgumentError(f"{name} must be odd (a centred window), got {value}")
     return value
 
 
 def check_bool(name: str, value: object) -> bool:
     """``value`` must be a bool."""
     if not isinstance(value, bool):
-        raise ValueError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+        raise OpArgumentError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
     return value
 
 
-def _autocast_enabled(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4: one query per device type
-        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype for ``device_type`` when autocast is on there, else None."""
+    try:  # torch >= 2.4
+        enabled = torch.is_autocast_enabled(device_type)
+        return torch.get_autocast_dtype(device_type) if enabled else None
+    except (TypeError, AttributeError):  # older torch: per-device functions, CPU and CUDA only
+        if device_type == "cuda" and torch.is_autocast_enabled():
+            return torch.get_autocast_gpu_dtype()
+        if device_type == "cpu" and torch.is_autocast_cpu_enabled():
+            return torch.get_autocast_cpu_dtype()
+        return None
 
 
-def check_input_dtype(name: str, x: torch.Tensor, parameter: torch.Tensor) -> None:
-    """``x`` must have the dtype of a module's ``parameter``, unless autocast is on for ``x``'s device and
-    both dtypes are ones autocast casts (then the module's convs cast themselves)."""
-    if x.dtype == parameter.dtype:
+#: The dtypes autocast casts between (a float64 input or module is left alone by it).
+_AUTOCAST_TYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_input_dtype(name: str, x: torch.Tensor, param_dtype: torch.dtype, *, module: str) -> None:
+    """``x`` (argument ``name`` of ``module``) must have the module's parameter dtype, unless
+    ``torch.autocast`` is on for x's device and either x has the autocast dtype (what the
+    convolutions before the module return there) or both dtypes are ones autocast casts (the module's
+    convolutions then cast themselves). A clear :class:`OpDtypeError` instead of a raw convolution
+    error, or a silent cast of the parameters, on a mismatch.
+    """
+    if x.dtype == param_dtype:
         return
-    autocast_types = (torch.float16, torch.bfloat16, torch.float32)
-    if _autocast_enabled(x.device.type) and x.dtype in autocast_types and parameter.dtype in autocast_types:
+    autocast = _autocast_dtype(x.device.type)
+    if autocast is not None and (
+        x.dtype == autocast or (x.dtype in _AUTOCAST_TYPES and param_dtype in _AUTOCAST_TYPES)
+    ):
         return
-    raise ValueError(
-        f"{name} has dtype {x.dtype} but the module's parameters are {parameter.dtype}: convert one to the "
-        f"other (e.g. module.to({x.dtype})) or run under torch.autocast"
+    raise OpDtypeError(
+        f"{name} has dtype {x.dtype} but the {module}'s parameters are {param_dtype}: convert the module "
+        f"(.to({x.dtype})) or the input (.to({param_dtype})), or run under torch.autocast"
     )

@@ -1,4 +1,5 @@
-"""The kernel infrastructure: dtype mapping, host emulation, nvcc / NVRTC compile checks, CuPy launch.
+"""The kernel infrastructure: dtype mapping, host emulation, nvcc / NVRTC compile checks, CuPy launch,
+the "emulated" test backend's gate, the public API of ``ops`` and its error types.
 
 Every ``.cu`` file in ops/kernels is compile-checked here; the trivial ``scale_add`` kernel is run
 through all three paths (emulated on CPU, compiled by nvcc and NVRTC, launched by CuPy on a GPU).
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 import ops
-from ops import kernel_loader
+from ops import compile_checks, host_emulation, kernel_loader
 from ops.kernel_loader import KERNEL_DIR, KernelSource, ctype_of, expand_includes
 from ops.scale_add import scale_add
 
@@ -106,7 +107,7 @@ def test_emulated_rounding_to_16bit_is_nearest_even(dtype):
 @pytest.mark.parametrize("filename", KERNEL_FILES)
 def test_nvcc_compiles_every_kernel_for_sm80_and_sm90(filename):
     src = kernel_loader.registered_sources()[filename]
-    report = kernel_loader.nvcc_compile_check(src, archs=("sm_80", "sm_90"))
+    report = compile_checks.nvcc_compile_check(src, archs=("sm_80", "sm_90"))
     for kernel in src.kernels:
         assert kernel in report  # ptxas reported the entry function (name is mangled around it)
     assert "spill" in report
@@ -114,20 +115,87 @@ def test_nvcc_compiles_every_kernel_for_sm80_and_sm90(filename):
 
 @pytest.mark.parametrize("filename", KERNEL_FILES)
 def test_nvrtc_compiles_every_kernel_as_cupy_would(filename):
-    if kernel_loader._find_nvrtc() is None:
+    if compile_checks.find_nvrtc() is None:
         pytest.skip("libnvrtc not found (dev extra nvidia-cuda-nvrtc-cu12)")
     src = kernel_loader.registered_sources()[filename]
-    lowered = kernel_loader.nvrtc_compile_check(src)
+    lowered = compile_checks.nvrtc_compile_check(src)
     assert set(lowered) == {e for c in kernel_loader.CTYPES.values() for e in src.name_expressions(c)}
     assert all(name.startswith("_Z") for name in lowered.values())
 
 
 def test_kernel_arguments_are_typed_explicitly():
     with pytest.raises(TypeError, match="bool"):
-        kernel_loader._ctypes_arg(True)
+        host_emulation.ctypes_arg(True)
     with pytest.raises(TypeError, match="str"):
-        kernel_loader._ctypes_arg("x")
-    assert isinstance(kernel_loader._ctypes_arg(np.float32(1.0)), kernel_loader.ctypes.c_float)
+        host_emulation.ctypes_arg("x")
+    assert isinstance(host_emulation.ctypes_arg(np.float32(1.0)), host_emulation.ctypes.c_float)
+
+
+# ----------------------------------------------------------------- the "emulated" backend's gate
+
+
+def test_emulated_backend_is_refused_outside_kernel_host_emulation():
+    # A user cannot select the test backend by accident: only inside the context, only on CPU tensors.
+    x = torch.randn(1, 2, 4, 4)
+    clip = torch.randn(1, 4, 2, 5, 5)
+    offset = torch.zeros(1, 18, 4, 4)
+    assert not host_emulation.host_emulation_enabled()
+    for call in (
+        lambda: ops.tvl1_flow(x, x, 2, backend="emulated"),
+        lambda: ops.deform_correlation(x, x, offset, backend="emulated"),
+        lambda: ops.SIFA(4, backend="emulated"),
+        lambda: ops.FlowLayer(2, backend="emulated"),
+    ):
+        with pytest.raises(ops.BackendError, match="kernel_host_emulation"):
+            call()
+    with ops.kernel_host_emulation():
+        with ops.kernel_host_emulation():  # nests
+            block = ops.SIFA(4, backend="emulated")
+        assert host_emulation.host_emulation_enabled()
+        assert block(clip).shape == clip.shape  # still inside the outer context
+        with pytest.raises(ops.BackendError, match="CPU tensors"):
+            ops.tvl1_flow(x.to("meta"), x.to("meta"), 2, backend="emulated")
+    assert not host_emulation.host_emulation_enabled()
+    with pytest.raises(ops.BackendError, match="kernel_host_emulation"):
+        block(clip)  # built inside, refused outside
+
+
+# ------------------------------------------------------------------------ public API and errors
+
+
+def test_public_api_lists_what_users_call():
+    assert {"deform_correlation", "deform_aggregation", "deform_attention", "SIFA"} <= set(ops.__all__)
+    assert {"tvl1_flow", "FlowLayer", "FCFBlock", "kernel_host_emulation", "OpShapeError"} <= set(ops.__all__)
+    # infrastructure stays importable as submodules, outside the user API
+    assert not {"scale_add", "kernel_loader", "host_emulation", "compile_checks"} & set(ops.__all__)
+    assert callable(ops.scale_add.scale_add) and ops.kernel_loader.KernelSource is KernelSource
+    for name in ops.__all__:
+        assert getattr(ops, name) is not None, name
+
+
+def test_error_types_keep_the_builtin_bases():
+    # One type per kind of mistake, each still a ValueError (dtype: also TypeError) as before.
+    x = torch.zeros(1, 2, 4, 4)
+    cases = [
+        (lambda: ops.tvl1_flow(x[0], x), ops.OpShapeError, "i0 must be 4-D"),
+        (lambda: ops.tvl1_flow(x, x.double()), ops.OpDtypeError, "same dtype"),
+        (lambda: ops.tvl1_flow(x, x.to("meta")), ops.OpDeviceError, "same device"),
+        (lambda: ops.tvl1_flow(x, x, n_iter=0), ops.OpArgumentError, "n_iter"),
+        (lambda: ops.tvl1_flow(x, x, backend="numpy"), ops.BackendError, "backend must be one of"),
+        (lambda: ops.deform_correlation(x, x, torch.zeros(1, 18, 4, 5)), ops.OpShapeError, "offset must have shape"),
+        (lambda: ops.deform_correlation(x, x.long(), x), ops.OpDtypeError, "key must have a floating dtype"),
+        (lambda: ops.deform_correlation(x, x, x, kernel_size=2), ops.OpArgumentError, "kernel_size must be odd"),
+        (lambda: ops.SIFA(4)(torch.zeros(1, 4, 2, 3, 3, dtype=torch.float64)), ops.OpDtypeError, "SIFA's parameters"),
+        (lambda: ops.FlowLayer(2)(torch.zeros(1, 3, 2, 4, 4)), ops.OpShapeError, r"\[N,2,T,H,W\]"),
+        (lambda: ctype_of(torch.int32), ops.OpDtypeError, "int32"),
+    ]
+    for call, kind, match in cases:
+        with pytest.raises(kind, match=match):
+            call()
+        with pytest.raises(ValueError):
+            call()
+    assert issubclass(ops.OpDtypeError, TypeError) and issubclass(ops.BackendUnavailableError, RuntimeError)
+    assert all(issubclass(e, ops.OpError) for e in (ops.OpShapeError, ops.OpDeviceError, ops.BackendError))
 
 
 # ----------------------------------------------------------------------------------------- GPU

@@ -244,9 +244,32 @@ def test_flow_layer_shape_and_parameters():
     assert out.shape == (2, 6, 3, 6, 5)
     names = {n for n, _ in layer.named_parameters()}
     assert names == {"fwd_x", "fwd_y", "div_x", "div_y", "theta", "lam", "tau"}
-    all_learnable = FlowLayer(3, learnable=(True,) * 5)
+    all_learnable = FlowLayer(3, learn_image_stencils=True)
     assert {"image_x", "image_y"} <= {n for n, _ in all_learnable.named_parameters()}
-    assert dict(FlowLayer(3, learnable=(False,) * 5).named_parameters()) == {}
+    nothing = dict(learn_flow_stencils=False, learn_theta=False, learn_lam=False, learn_tau=False)
+    assert dict(FlowLayer(3, **nothing).named_parameters()) == {}
+    only_lam = FlowLayer(3, learn_flow_stencils=False, learn_theta=False, learn_tau=False)
+    assert {n for n, _ in only_lam.named_parameters()} == {"lam"}
+    assert only_lam.learnable == (False, False, False, True, False)
+
+
+def test_flow_layer_deprecated_learnable_tuple_still_reads():
+    # Old configs pass learnable=(image stencils, flow stencils, theta, lam, tau): same layer, same state
+    # dict keys, and a DeprecationWarning naming the flags to use instead.
+    with pytest.warns(DeprecationWarning, match="learn_image_stencils=a, learn_flow_stencils=b"):
+        old = FlowLayer(3, 4, (True, False, True, False, True))
+    new = FlowLayer(3, 4, learn_image_stencils=True, learn_flow_stencils=False, learn_lam=False)
+    assert old.learnable == new.learnable == (True, False, True, False, True)
+    assert [(n, type(t)) for n, t in old.state_dict(keep_vars=True).items()] == [
+        (n, type(t)) for n, t in new.state_dict(keep_vars=True).items()
+    ]
+    new.load_state_dict(old.state_dict())
+    with pytest.warns(DeprecationWarning, match="FCFBlock"):
+        block = FCFBlock(8, bottleneck=4, n_iter=2, learnable=(False, True, True, False, True))
+    assert block.flow1.learnable == block.flow2.learnable == (False, True, True, False, True)
+    assert set(block.state_dict()) == set(FCFBlock(8, bottleneck=4, n_iter=2, learn_lam=False).state_dict())
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="not both"):
+        FlowLayer(2, learnable=(True,) * 5, learn_theta=False)
 
 
 def test_flow_layer_matches_tvl1_on_frame_pairs():
@@ -294,8 +317,10 @@ def test_flow_layer_errors():
         layer(torch.zeros(1, 3, 2, 4, 4))
     with pytest.raises(ValueError, match="5-D"):
         layer(torch.zeros(2, 2, 4, 4))
-    with pytest.raises(ValueError, match="learnable"):
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="learnable"):
         FlowLayer(2, learnable=(True, True))
+    with pytest.raises(ValueError, match="learn_tau must be a bool"):
+        FlowLayer(2, learn_tau=1)
     with pytest.raises(ValueError, match="channels"):
         FlowLayer(0)
     with pytest.raises(ValueError, match="backend"):

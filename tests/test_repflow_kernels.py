@@ -1,5 +1,9 @@
 """The fused TV-L1 kernels: host emulation against the reference (values, gradients, float64 gradcheck),
-checkpointing, backend selection, and CuPy-vs-reference on a GPU (``gpu`` marker)."""
+checkpointing, backend selection, and CuPy-vs-reference on a GPU (``gpu`` marker).
+
+Without a GPU the kernels run on CPU tensors through the public test backend ``backend="emulated"``,
+which every test here enables with ``ops.kernel_host_emulation()`` (see ops/host_emulation.py).
+"""
 
 from __future__ import annotations
 
@@ -10,9 +14,20 @@ import torch
 
 import ops
 from ops.repflow import FlowStencils, default_stencils
-from ops.repflow.functional import _tvl1_flow
 from ops.repflow.kernels import TVL1Iterations, segment_length
 from ops.repflow.modules import FCFBlock, FlowLayer
+
+
+@pytest.fixture(autouse=True)
+def host_emulation():
+    with ops.kernel_host_emulation():
+        yield
+
+
+def flow(i0, i1, n_iter, theta, lam, tau, stencils, *, kernels):
+    """``ops.tvl1_flow`` on the reference (``kernels=False``) or the fused kernels; CPU tensors run the
+    kernels through host emulation."""
+    return ops.tvl1_flow(i0, i1, n_iter, theta, lam, tau, stencils, backend="emulated" if kernels else "torch")
 
 
 def random_stencils(channels, generator=None, dtype=torch.float64, device=None):
@@ -24,8 +39,8 @@ def random_stencils(channels, generator=None, dtype=torch.float64, device=None):
 
 def both(i0, i1, n_iter, *args, **kwargs):
     """(reference, kernels) on the same inputs; CPU tensors run the kernels through host emulation."""
-    ref = _tvl1_flow(i0, i1, n_iter, *args, kernels=False, **kwargs)
-    ker = _tvl1_flow(i0, i1, n_iter, *args, kernels=True, **kwargs)
+    ref = flow(i0, i1, n_iter, *args, kernels=False, **kwargs)
+    ker = flow(i0, i1, n_iter, *args, kernels=True, **kwargs)
     return ref, ker
 
 
@@ -57,7 +72,7 @@ def test_emulated_kernels_16bit_inputs_compute_in_float32(dtype):
     ref, ker = both(i0, i1, 4, 0.3, 0.15, 0.25, None)
     assert ker.dtype == dtype and ref.dtype == dtype
     # Both compute in float32 and round once at the end: equal up to one unit in the last 16-bit place.
-    expected = _tvl1_flow(i0.float(), i1.float(), 4, 0.3, 0.15, 0.25, None, kernels=False)
+    expected = flow(i0.float(), i1.float(), 4, 0.3, 0.15, 0.25, None, kernels=False)
     ulp = {torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
     torch.testing.assert_close(ker.float(), expected, rtol=ulp, atol=ulp)
     torch.testing.assert_close(ker, ref, rtol=ulp, atol=ulp)
@@ -69,20 +84,20 @@ def test_emulated_kernels_non_contiguous_and_empty():
     ref, ker = both(i0, i1, 3, 0.3, 0.15, 0.25, None)
     torch.testing.assert_close(ker, ref, rtol=1e-12, atol=1e-12)
     empty = torch.zeros(0, 2, 3, 3, requires_grad=True)
-    out = _tvl1_flow(empty, empty, 3, 0.3, 0.15, 0.25, None, kernels=True)
+    out = flow(empty, empty, 3, 0.3, 0.15, 0.25, None, kernels=True)
     assert out.shape == (0, 4, 3, 3)
     out.sum().backward()
     assert empty.grad.shape == empty.shape
     no_rows = torch.zeros(1, 2, 0, 3)
-    assert _tvl1_flow(no_rows, no_rows, 3, 0.3, 0.15, 0.25, None, kernels=True).shape == (1, 4, 0, 3)
+    assert flow(no_rows, no_rows, 3, 0.3, 0.15, 0.25, None, kernels=True).shape == (1, 4, 0, 3)
 
 
 def test_emulated_kernels_known_answers():
     i0 = torch.randn(1, 2, 5, 5)
-    assert torch.equal(_tvl1_flow(i0, i0, 5, 0.3, 0.15, 0.25, None, kernels=True), torch.zeros(1, 4, 5, 5))
+    assert torch.equal(flow(i0, i0, 5, 0.3, 0.15, 0.25, None, kernels=True), torch.zeros(1, 4, 5, 5))
     const0, const1 = torch.full((1, 1, 4, 4), 2.0), torch.full((1, 1, 4, 4), 9.0)
-    flow = _tvl1_flow(const0, const1, 5, 0.3, 0.15, 0.25, None, kernels=True)
-    assert torch.isfinite(flow).all() and torch.equal(flow, torch.zeros_like(flow))
+    out = flow(const0, const1, 5, 0.3, 0.15, 0.25, None, kernels=True)
+    assert torch.isfinite(out).all() and torch.equal(out, torch.zeros_like(out))
 
 
 # ------------------------------------------------------------------------ emulated gradients
@@ -103,7 +118,7 @@ def test_emulated_kernels_gradcheck_every_input(n_iter):
     i0, i1, scalars, stencils = _leaves(2, g)
 
     def f(i0, i1, theta, lam, tau, *st):
-        return _tvl1_flow(i0, i1, n_iter, theta, lam, tau, st, kernels=True)
+        return flow(i0, i1, n_iter, theta, lam, tau, st, kernels=True)
 
     assert torch.autograd.gradcheck(f, (i0, i1, *scalars, *stencils), eps=1e-6, atol=1e-6, rtol=1e-5)
 
@@ -116,7 +131,7 @@ def test_emulated_kernel_gradients_match_reference_over_many_iterations():
     weight = torch.randn(1, 6, 6, 7, dtype=torch.float64, generator=g)
     grads = []
     for kernels in (False, True):
-        out = _tvl1_flow(i0, i1, 10, *scalars, stencils, kernels=kernels)
+        out = flow(i0, i1, 10, *scalars, stencils, kernels=kernels)
         grads.append(torch.autograd.grad((out * weight).sum(), leaves))
     for name, ref, ker in zip(["i0", "i1", "theta", "lam", "tau", *FlowStencils._fields], *grads, strict=True):
         torch.testing.assert_close(ker, ref, rtol=1e-9, atol=1e-9, msg=lambda m, name=name: f"{name}: {m}")
@@ -134,7 +149,7 @@ def test_emulated_kernel_gradients_single_row_or_column(shape):
     leaves = (i0, i1, theta, *stencils)
     grads = []
     for kernels in (False, True):
-        out = _tvl1_flow(i0, i1, 4, theta, 0.15, 0.25, stencils, kernels=kernels)
+        out = flow(i0, i1, 4, theta, 0.15, 0.25, stencils, kernels=kernels)
         grads.append(torch.autograd.grad(out.sum(), leaves, allow_unused=True, materialize_grads=True))
     for ref, ker in zip(*grads, strict=True):
         torch.testing.assert_close(ker, ref, rtol=1e-10, atol=1e-10)
@@ -156,7 +171,7 @@ def test_emulated_kernel_gradients_with_multi_pixel_strips(monkeypatch, max_stri
     weight = torch.randn(2, 6, 5, 7, dtype=torch.float64, generator=g)
     grads = []
     for kernels in (False, True):
-        out = _tvl1_flow(i0, i1, 5, *scalars, stencils, kernels=kernels)
+        out = flow(i0, i1, 5, *scalars, stencils, kernels=kernels)
         grads.append(torch.autograd.grad((out * weight).sum(), leaves))
     for ref, ker in zip(*grads, strict=True):
         torch.testing.assert_close(ker, ref, rtol=1e-9, atol=1e-9)
@@ -168,7 +183,7 @@ def test_emulated_kernel_gradients_float32_and_negative_theta():
     theta = torch.tensor(-0.3, requires_grad=True)
     grads = []
     for kernels in (False, True):
-        out = _tvl1_flow(i0, i1, 6, theta, 0.15, 0.25, None, kernels=kernels)
+        out = flow(i0, i1, 6, theta, 0.15, 0.25, None, kernels=kernels)
         grads.append(torch.autograd.grad(out.square().sum(), (i0, i1, theta)))
     for ref, ker in zip(*grads, strict=True):
         torch.testing.assert_close(ker, ref, rtol=2e-3, atol=2e-3)
@@ -201,7 +216,7 @@ def test_emulated_kernels_match_reference_on_non_finite_inputs(value, where, n_i
         a, b = i0.clone().requires_grad_(), i1.clone().requires_grad_()
         scalars = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in (0.3, 0.15, 0.25)]
         stencils = [s.clone().requires_grad_() for s in random_stencils(2, torch.Generator().manual_seed(4))]
-        out = _tvl1_flow(a, b, n_iter, *scalars, stencils, kernels=kernels)
+        out = flow(a, b, n_iter, *scalars, stencils, kernels=kernels)
         leaves = (a, b, *scalars, *stencils)
         grads = torch.autograd.grad((out * weight).sum(), leaves, allow_unused=True, materialize_grads=True)
         results.append((out, *grads))
@@ -213,21 +228,15 @@ def test_emulated_kernels_match_reference_on_non_finite_inputs(value, where, n_i
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
-def test_emulated_flow_layer_matches_reference_on_a_non_finite_voxel(monkeypatch, value):
-    # FlowLayer on the kernel path (host emulation: route the layer's tvl1_flow to the kernels on CPU).
-    from ops.repflow import modules
-
-    def tvl1_on_kernels(i0, i1, n_iter, theta, lam, tau, stencils=None, backend="auto"):
-        return _tvl1_flow(i0, i1, n_iter, theta, lam, tau, stencils, kernels=True)
-
+def test_emulated_flow_layer_matches_reference_on_a_non_finite_voxel(value):
+    # FlowLayer on the kernel path (host emulation: the layer's backend set to "emulated").
     torch.manual_seed(0)
     layer = FlowLayer(2, n_iter=3).double()
     x = torch.randn(2, 2, 3, 5, 5, dtype=torch.float64)
     x[0, 0, 1, 2, 2] = value
     results = []
-    for kernels in (False, True):
-        if kernels:
-            monkeypatch.setattr(modules, "tvl1_flow", tvl1_on_kernels)
+    for backend in ("torch", "emulated"):
+        layer.backend = backend
         xi = x.clone().requires_grad_()
         out = layer(xi)
         params = [p for _, p in sorted(layer.named_parameters())]
@@ -245,21 +254,37 @@ def test_checkpoints_grow_like_sqrt_n_iter_and_not_without_grad():
     i0 = torch.randn(1, 1, 3, 3, requires_grad=True)
     i1 = torch.randn(1, 1, 3, 3)
     for n_iter in (10, 20, 100):
-        out = _tvl1_flow(i0, i1, n_iter, 0.3, 0.15, 0.25, None, kernels=True)
+        out = flow(i0, i1, n_iter, 0.3, 0.15, 0.25, None, kernels=True)
         node = out.grad_fn
         while not isinstance(node, TVL1Iterations._backward_cls):
             node = node.next_functions[0][0]
         seg = segment_length(n_iter)
         assert len(node.checkpoints) == math.ceil(n_iter / seg) - 1 <= math.isqrt(n_iter) + 1
     with torch.no_grad():
-        assert _tvl1_flow(i0, i1, 10, 0.3, 0.15, 0.25, None, kernels=True).grad_fn is None
+        assert flow(i0, i1, 10, 0.3, 0.15, 0.25, None, kernels=True).grad_fn is None
 
 
 def test_backend_selection_on_cpu():
     i0, i1 = torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 4)
     assert torch.equal(ops.tvl1_flow(i0, i1, 3), ops.tvl1_flow(i0, i1, 3, backend="torch"))
-    with pytest.raises(ValueError, match="needs CUDA tensors"):
+    with pytest.raises(ops.BackendError, match="needs CUDA tensors"):
         ops.tvl1_flow(i0, i1, 3, backend="cupy")
+    # "auto" stays on the reference on CPU, also while host emulation is enabled
+    i0.requires_grad_()
+    assert "TVL1Iterations" not in repr(ops.tvl1_flow(i0, i1, 3).grad_fn.next_functions)
+    assert _has_kernel_node(ops.tvl1_flow(i0, i1, 3, backend="emulated"))
+
+
+def _has_kernel_node(out):
+    stack = [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None:
+            continue
+        if isinstance(node, TVL1Iterations._backward_cls):
+            return True
+        stack.extend(fn for fn, _ in node.next_functions)
+    return False
 
 
 # ------------------------------------------------------------------------ GPU (CuPy)

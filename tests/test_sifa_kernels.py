@@ -1,8 +1,8 @@
 """SIFA's CUDA kernels (ops/kernels/sifa.cu) against the pure-PyTorch reference.
 
-Without a GPU the kernels run through host emulation: the autograd Functions are called directly with
-CPU tensors (the public ``backend="cupy"`` insists on CUDA tensors). The ``gpu`` tests launch the same
-sources through CuPy.
+Without a GPU the kernels run on CPU tensors through host emulation: the public ops with the test backend
+``backend="emulated"``, which every test here enables with ``ops.kernel_host_emulation()`` (see
+ops/host_emulation.py). The ``gpu`` tests launch the same sources through CuPy (``backend="cupy"``).
 """
 
 from __future__ import annotations
@@ -11,20 +11,34 @@ import pytest
 import torch
 
 import ops
-from ops.sifa.kernels import (
-    MIN_CHUNK,
-    correlate,
-    deform_aggregation_kernels,
-    deform_attention_kernels,
-    deform_correlation_kernels,
-    offset_grad,
-    split_channels,
-)
+from ops.sifa.kernels import MIN_CHUNK, correlate, offset_grad, split_channels
 from ops.sifa.reference import (
     deform_aggregation_reference,
     deform_attention_reference,
     deform_correlation_reference,
 )
+
+
+@pytest.fixture(autouse=True)
+def host_emulation():
+    with ops.kernel_host_emulation():
+        yield
+
+
+def correlation_emulated(*args, **kwargs):
+    """``ops.deform_correlation`` on the kernels, run on CPU tensors through host emulation."""
+    return ops.deform_correlation(*args, **kwargs, backend="emulated")
+
+
+def aggregation_emulated(*args, **kwargs):
+    """``ops.deform_aggregation`` on the kernels (host emulation on CPU)."""
+    return ops.deform_aggregation(*args, **kwargs, backend="emulated")
+
+
+def attention_emulated(*args, **kwargs):
+    """``ops.deform_attention``, the fused SIFA step, on the kernels (host emulation on CPU)."""
+    return ops.deform_attention(*args, **kwargs, backend="emulated")
+
 
 CASES = [  # (C, groups, kernel_size, dilation)
     (4, 1, 3, 1),
@@ -75,7 +89,7 @@ def _cotangent(t: torch.Tensor) -> torch.Tensor:
     return torch.randn(t.shape, generator=gen, dtype=torch.float64).to(dtype=t.dtype, device=t.device)
 
 
-KERNELS = (deform_correlation_kernels, deform_aggregation_kernels)
+KERNELS = (correlation_emulated, aggregation_emulated)
 REFERENCE = (deform_correlation_reference, deform_aggregation_reference)
 NAMES = ("attn", "d query", "d key", "d offset (corr)", "out", "d value", "d attn", "d offset (agg)")
 
@@ -110,10 +124,10 @@ def test_emulated_kernels_gradcheck(channels, groups, kernel_size, dilation):
     query, key, offset, attn = (t.requires_grad_() for t in (query, key, offset, attn))
 
     def corr(q, k, o):
-        return deform_correlation_kernels(q, k, o, kernel_size, dilation, groups)
+        return correlation_emulated(q, k, o, kernel_size, dilation, groups)
 
     def agg(v, a, o):
-        return deform_aggregation_kernels(v, a, o, kernel_size, dilation, groups)
+        return aggregation_emulated(v, a, o, kernel_size, dilation, groups)
 
     assert torch.autograd.gradcheck(corr, (query, key, offset))
     assert torch.autograd.gradcheck(agg, (key, attn, offset))
@@ -141,7 +155,7 @@ def test_emulated_kernels_non_contiguous_inputs_and_partial_gradients():
     k_nc = torch.cat((key, key.flip(3)), dim=3)[..., ::2]  # strided along W
     assert not (q_nc.is_contiguous() or o_nc.is_contiguous() or k_nc.is_contiguous())
     k_nc.requires_grad_()
-    out = deform_correlation_kernels(q_nc, k_nc, o_nc, 3, 1, 1)
+    out = correlation_emulated(q_nc, k_nc, o_nc, 3, 1, 1)
     expected = deform_correlation_reference(q_nc.contiguous(), k_nc.detach().contiguous(), o_nc.contiguous(), 3, 1, 1)
     torch.testing.assert_close(out, expected)
     # only key requires grad: the Function must return None for the others and a correct d key
@@ -155,9 +169,9 @@ def test_emulated_kernels_non_contiguous_inputs_and_partial_gradients():
 def test_emulated_kernels_batch_zero():
     query, key, offset, attn = (t[:0] for t in random_inputs(4, 2, 3))
     query.requires_grad_()
-    attn_out = deform_correlation_kernels(query, key, offset, 3, 1, 2)
+    attn_out = correlation_emulated(query, key, offset, 3, 1, 2)
     assert attn_out.shape == (0, 18, 4, 5)
-    out = deform_aggregation_kernels(key, attn_out, offset, 3, 1, 2)
+    out = aggregation_emulated(key, attn_out, offset, 3, 1, 2)
     assert out.shape == (0, 4, 4, 5)
     out.sum().backward()
     assert query.grad.shape == query.shape
@@ -177,7 +191,7 @@ def test_emulated_fused_attention_matches_reference(channels, groups, kernel_siz
     # two ops; spread 4 puts sample points partly and wholly off the 4x5 map.
     query, kv, offset, _ = random_inputs(channels, groups, kernel_size, spread=4, dtype=dtype)
     window = (kernel_size, dilation, groups)
-    got = fused_step(deform_attention_kernels, query, kv, offset, window)
+    got = fused_step(attention_emulated, query, kv, offset, window)
 
     def two_ops(q, k, o, *w):
         return deform_aggregation_reference(k, deform_correlation_reference(q, k, o, *w), o, *w)
@@ -194,7 +208,7 @@ def test_emulated_fused_attention_matches_reference(channels, groups, kernel_siz
 def test_emulated_fused_attention_gradcheck():
     query, kv, offset, _ = random_inputs(4, 2, 3, batch=1, height=3, width=4)
     inputs = tuple(t.requires_grad_() for t in (query, kv, offset))
-    assert torch.autograd.gradcheck(lambda q, k, o: deform_attention_kernels(q, k, o, 3, 2, 2), inputs)
+    assert torch.autograd.gradcheck(lambda q, k, o: attention_emulated(q, k, o, 3, 2, 2), inputs)
 
 
 @pytest.mark.parametrize("chunks", [2, 3, 5])
@@ -222,10 +236,12 @@ def test_split_channels_heuristic():
 
 
 def test_backend_auto_uses_reference_on_cpu():
-    # On CPU "auto" is the differentiable reference: its graph has no kernel Function in it.
+    # On CPU "auto" is the differentiable reference: its graph has no kernel Function in it (also while
+    # host emulation is enabled); "emulated" runs the kernels' Function.
     query, key, offset, _ = random_inputs(2, 1, 3)
     attn = ops.deform_correlation(query.requires_grad_(), key, offset)
     assert "DeformCorrelationFunction" not in type(attn.grad_fn).__name__
+    assert "DeformCorrelationFunction" in type(correlation_emulated(query, key, offset).grad_fn).__name__
 
 
 # ------------------------------------------------------------- fused step returning attn (docs/sifa.md §5)
@@ -251,7 +267,7 @@ def test_emulated_fused_attention_returns_attn_and_takes_its_gradient(channels, 
     # flows like the reference's, without a second correlation pass.
     query, kv, offset, _ = random_inputs(channels, groups, kernel_size, spread=4)
     window = (kernel_size, dilation, groups)
-    got = fused_with_attn(deform_attention_kernels, query, kv, offset, window, use)
+    got = fused_with_attn(attention_emulated, query, kv, offset, window, use)
     expected = fused_with_attn(deform_attention_reference, query, kv, offset, window, use)
     torch.testing.assert_close(got[1], deform_correlation_reference(query, kv, offset, *window), rtol=0, atol=1e-12)
     for name, g, e in zip(FUSED_NAMES, got, expected, strict=True):
@@ -262,7 +278,7 @@ def test_emulated_fused_attention_returns_attn_and_takes_its_gradient(channels, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_emulated_fused_attention_with_attn_low_precision(dtype):
     query, kv, offset, _ = random_inputs(4, 2, 3, spread=4, dtype=dtype)
-    got = fused_with_attn(deform_attention_kernels, query, kv, offset, (3, 1, 2))
+    got = fused_with_attn(attention_emulated, query, kv, offset, (3, 1, 2))
     expected = fused_with_attn(deform_attention_reference, query, kv, offset, (3, 1, 2))
     tol = TOL[dtype] * (1 if dtype == torch.float32 else 4)  # 16 bits: attn is rounded before the aggregation
     for name, g, e in zip(FUSED_NAMES, got, expected, strict=True):
@@ -274,7 +290,7 @@ def test_emulated_fused_attention_with_attn_gradcheck():
     query, kv, offset, _ = random_inputs(4, 2, 3, batch=1, height=3, width=4)
     inputs = tuple(t.requires_grad_() for t in (query, kv, offset))
     assert torch.autograd.gradcheck(
-        lambda q, k, o: deform_attention_kernels(q, k, o, 3, 2, 2, return_attn=True), inputs
+        lambda q, k, o: attention_emulated(q, k, o, 3, 2, 2, return_attn=True), inputs
     )
 
 
@@ -283,14 +299,14 @@ def test_emulated_fused_attention_with_attn_non_contiguous_and_batch_zero():
     q_nc, o_nc = query.transpose(2, 3), offset.transpose(2, 3)
     k_nc = torch.cat((kv, kv.flip(3)), dim=3)[..., ::2]
     assert not (q_nc.is_contiguous() or o_nc.is_contiguous() or k_nc.is_contiguous())
-    got = fused_with_attn(deform_attention_kernels, q_nc, k_nc, o_nc, (3, 1, 1))
+    got = fused_with_attn(attention_emulated, q_nc, k_nc, o_nc, (3, 1, 1))
     expected = fused_with_attn(
         deform_attention_reference, q_nc.contiguous(), k_nc.contiguous(), o_nc.contiguous(), (3, 1, 1)
     )
     for name, g, e in zip(FUSED_NAMES, got, expected, strict=True):
         torch.testing.assert_close(g, e, msg=lambda m, n=name: f"{n}: {m}")
     empty = [t[:0].requires_grad_() for t in (query, kv, offset)]
-    out, attn = deform_attention_kernels(*empty, 3, 1, 2, return_attn=True)
+    out, attn = attention_emulated(*empty, 3, 1, 2, return_attn=True)
     assert out.shape == (0, 4, 5, 5) and attn.shape == (0, 18, 5, 5)
     (out.sum() + attn.sum()).backward()
     assert all(t.grad.shape == t.shape for t in empty)
@@ -327,7 +343,7 @@ def test_emulated_kernels_and_reference_agree_on_nan_and_inf(name, which, index,
     inputs[which][index] = value
     args = (inputs["query"], inputs["key"], inputs["offset"], inputs["attn"])
     window = (3, 1, 2)
-    got = both_ops(KERNELS, *args, window) + fused_with_attn(deform_attention_kernels, *args[:3], window)
+    got = both_ops(KERNELS, *args, window) + fused_with_attn(attention_emulated, *args[:3], window)
     expected = both_ops(REFERENCE, *args, window) + fused_with_attn(deform_attention_reference, *args[:3], window)
     names = NAMES + tuple(f"fused {n}" for n in FUSED_NAMES)
     assert any(not torch.isfinite(e).all() for e in expected), "the corrupted input must reach some output"
@@ -343,7 +359,7 @@ def test_kernels_nan_policy_on_offsets():
     for value, expected_nan in ((float("nan"), True), (float("inf"), True), (-float("inf"), True), (1e30, False)):
         off = offset.clone()
         off[0, 2 * 4 + 1, 1, 1] = value  # Δx of the centre tap at pixel (1, 1)
-        attn = deform_correlation_kernels(query, key, off, 3, 1, 1)
+        attn = correlation_emulated(query, key, off, 3, 1, 1)
         assert bool(attn[0, 4, 1, 1].isnan()) == expected_nan, value
         if not expected_nan:
             assert attn[0, 4, 1, 1] == 0
@@ -351,8 +367,8 @@ def test_kernels_nan_policy_on_offsets():
     q = query.clone()
     q[0, 0, 1, 1] = float("nan")
     far = torch.full_like(offset, 1e3)
-    assert deform_correlation_kernels(q, key, far, 3, 1, 1)[0, :, 1, 1].isnan().all()
-    assert (deform_correlation_kernels(query, key, far, 3, 1, 1) == 0).all()
+    assert correlation_emulated(q, key, far, 3, 1, 1)[0, :, 1, 1].isnan().all()
+    assert (correlation_emulated(query, key, far, 3, 1, 1) == 0).all()
 
 
 # ------------------------------------------------------------------------------------------------ GPU
@@ -479,8 +495,8 @@ def test_cupy_beyond_int32_indexing():
     value = torch.randn(1, channels, size, size, device="cuda", dtype=torch.float16, generator=gen)
     offset = (torch.rand(1, 2, size, size, device="cuda", generator=gen) * 4 - 2).half()
     groups = channels // 2
-    attn = deform_correlation_kernels(value, value, offset, 1, 1, groups)
-    out = deform_aggregation_kernels(value, attn, offset, 1, 1, groups)
+    attn = ops.deform_correlation(value, value, offset, 1, 1, groups, backend="cupy")
+    out = ops.deform_aggregation(value, attn, offset, 1, 1, groups, backend="cupy")
     tail = value[:, -4:].float()
     attn_ref = deform_correlation_reference(tail, tail, offset.float(), 1, 1, 2)
     torch.testing.assert_close(attn[:, -2:].float(), attn_ref, rtol=5e-3, atol=5e-3)

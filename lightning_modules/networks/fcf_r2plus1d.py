@@ -95,11 +95,14 @@ class FCFR2Plus1D(VideoResNet):
         if fcf:
             import ops  # the ops package is only needed when an FCF block is built
 
+            # fcf_learnable's order is that of the flow layers' named flags
+            names = ("learn_image_stencils", "learn_flow_stencils", "learn_theta", "learn_lam", "learn_tau")
+            flags = dict(zip(names, learnable, strict=True))
             for stage in stages:
                 channels = self.stage_channels[stage - 1]
                 self.fcf[f"layer{stage}"] = build_forked(
                     lambda c=channels: ops.FCFBlock(
-                        c, bottleneck=fcf_bottleneck, n_iter=fcf_n_iter, learnable=learnable, backend=backend
+                        c, bottleneck=fcf_bottleneck, n_iter=fcf_n_iter, **flags, backend=backend
                     )
                 )
         self.pretrained_report = None

@@ -1,7 +1,8 @@
 """Representation Flow (Piergiovanni & Ryoo, CVPR 2019): the TV-L1 layer as a differentiable op.
 
-``tvl1_flow`` (functional, reference + fused kernels), ``FlowLayer`` and ``FCFBlock`` (modules);
-the math is repflow.md.
+``tvl1_flow`` and ``FlowStencils`` (functional.py; reference.py the plain-PyTorch iteration,
+kernels.py the fused CUDA kernels), ``FlowLayer`` and ``FCFBlock`` (modules.py); the math is
+docs/repflow.md.
 """
 
 from .functional import FlowStencils, default_stencils, tvl1_flow

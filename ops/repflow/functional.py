@@ -1,4 +1,5 @@
-"""``tvl1_flow``: the TV-L1 iteration of Representation Flow (repflow.md §1), with validation and backends."""
+"""``tvl1_flow``: the TV-L1 iteration of Representation Flow (docs/repflow.md §1), with validation and
+backend dispatch (reference in ``reference.py``, fused kernels in ``kernels.py``)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,9 @@ import torch
 from torch import Tensor
 
 from ..kernel_loader import use_kernels
+from ..validation import FLOAT_DTYPES, OpArgumentError, OpDeviceError, OpDtypeError, OpShapeError
 from .kernels import tvl1_fused
 from .reference import tvl1_reference
-
-FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 class FlowStencils(NamedTuple):
@@ -52,30 +52,30 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def _check_images(i0: Tensor, i1: Tensor) -> None:
     for name, t in (("i0", i0), ("i1", i1)):
         if not isinstance(t, Tensor):
-            raise ValueError(f"{name} must be a tensor [B,C,H,W], got {type(t).__name__}")
+            raise OpArgumentError(f"{name} must be a tensor [B,C,H,W], got {type(t).__name__}")
         if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [B,C,H,W], got shape {tuple(t.shape)}")
+            raise OpShapeError(f"{name} must be 4-D [B,C,H,W], got shape {tuple(t.shape)}")
         if t.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"{name} must be a float tensor (float32/64, float16, bfloat16), got {t.dtype}")
+            raise OpDtypeError(f"{name} must be a float tensor (float32/64, float16, bfloat16), got {t.dtype}")
     if i0.shape != i1.shape:
-        raise ValueError(f"i0 and i1 must have the same shape, got i0 {tuple(i0.shape)} and i1 {tuple(i1.shape)}")
+        raise OpShapeError(f"i0 and i1 must have the same shape, got i0 {tuple(i0.shape)} and i1 {tuple(i1.shape)}")
     if i0.dtype != i1.dtype:
-        raise ValueError(f"i0 and i1 must have the same dtype, got i0 {i0.dtype} and i1 {i1.dtype}")
+        raise OpDtypeError(f"i0 and i1 must have the same dtype, got i0 {i0.dtype} and i1 {i1.dtype}")
     if i0.device != i1.device:
-        raise ValueError(f"i0 and i1 must be on the same device, got i0 on {i0.device} and i1 on {i1.device}")
+        raise OpDeviceError(f"i0 and i1 must be on the same device, got i0 on {i0.device} and i1 on {i1.device}")
 
 
 def _check_scalar(name: str, value: Tensor | float, like: Tensor, dtype: torch.dtype) -> Tensor | float:
     if isinstance(value, Tensor):
         if value.dim() != 0:
-            raise ValueError(f"{name} must be a Python float or a 0-d tensor, got shape {tuple(value.shape)}")
+            raise OpShapeError(f"{name} must be a Python float or a 0-d tensor, got shape {tuple(value.shape)}")
         if not value.is_floating_point():
-            raise ValueError(f"{name} must be a float tensor, got {value.dtype}")
+            raise OpDtypeError(f"{name} must be a float tensor, got {value.dtype}")
         if value.device != like.device:
-            raise ValueError(f"{name} must be on the inputs' device {like.device}, got {value.device}")
+            raise OpDeviceError(f"{name} must be on the inputs' device {like.device}, got {value.device}")
         return value.to(dtype)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a Python float or a 0-d tensor, got {type(value).__name__}")
+        raise OpArgumentError(f"{name} must be a Python float or a 0-d tensor, got {type(value).__name__}")
     return float(value)
 
 
@@ -84,21 +84,21 @@ def _check_stencils(stencils: Sequence[Tensor] | None, like: Tensor, dtype: torc
     if stencils is None:
         return tuple(default_stencils(channels, dtype=dtype, device=like.device))
     if isinstance(stencils, Tensor) or len(stencils) != 6:
-        raise ValueError(
+        raise OpArgumentError(
             "stencils must be None or a sequence of six tensors (image_x, image_y, fwd_x, fwd_y, div_x, div_y)"
         )
     out = []
     for name, s, taps in zip(FlowStencils._fields, stencils, STENCIL_TAPS, strict=True):
         if not isinstance(s, Tensor):
-            raise ValueError(f"stencils.{name} must be a tensor [C,{taps}] or [{taps}], got {type(s).__name__}")
+            raise OpArgumentError(f"stencils.{name} must be a tensor [C,{taps}] or [{taps}], got {type(s).__name__}")
         if not s.is_floating_point():
-            raise ValueError(f"stencils.{name} must be a float tensor, got {s.dtype}")
+            raise OpDtypeError(f"stencils.{name} must be a float tensor, got {s.dtype}")
         if s.device != like.device:
-            raise ValueError(f"stencils.{name} must be on the inputs' device {like.device}, got {s.device}")
+            raise OpDeviceError(f"stencils.{name} must be on the inputs' device {like.device}, got {s.device}")
         if s.dim() == 1 and s.shape[0] == taps:
             s = s.expand(channels, taps)
         elif s.shape != (channels, taps):
-            raise ValueError(
+            raise OpShapeError(
                 f"stencils.{name} must have shape [C={channels},{taps}] or [{taps}], got {tuple(s.shape)}"
             )
         out.append(s.to(dtype))
@@ -123,7 +123,8 @@ def tvl1_flow(
         theta, lam, tau: θ (used as ``|θ| + 1e-12``), λ, τ; Python floats or 0-d tensors (may require grad).
         stencils: six per-channel filters (see :class:`FlowStencils`), ``None`` for the spec's defaults.
         backend: ``"torch"`` (reference, any device), ``"cupy"`` (fused CUDA kernels; CUDA tensors and
-            CuPy needed) or ``"auto"`` (cupy when both hold, else torch).
+            CuPy needed) or ``"auto"`` (cupy when both hold, else torch). Tests may also pass
+            ``"emulated"`` inside :func:`ops.kernel_host_emulation` (the kernels on CPU tensors).
 
     Returns:
         ``[B, 2C, H, W]`` = ``cat([u1, u2], 1)``: u1 the x (column) displacement, u2 the y (row)
@@ -136,28 +137,8 @@ def tvl1_flow(
     """
     _check_images(i0, i1)
     kernels = use_kernels(backend, i0)
-    return _tvl1_flow(i0, i1, n_iter, theta, lam, tau, stencils, kernels=kernels)
-
-
-def _tvl1_flow(
-    i0: Tensor,
-    i1: Tensor,
-    n_iter: int,
-    theta: Tensor | float,
-    lam: Tensor | float,
-    tau: Tensor | float,
-    stencils: Sequence[Tensor] | None,
-    *,
-    kernels: bool,
-) -> Tensor:
-    """Validate, cast to the compute dtype, run the reference (``kernels=False``) or the fused kernels.
-
-    With ``kernels=True`` and CPU tensors the kernels run through host emulation: the tests' way of
-    executing the CUDA path without a GPU (slow; tiny shapes only).
-    """
-    _check_images(i0, i1)
     if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
-        raise ValueError(f"n_iter must be an int >= 1, got {n_iter!r}")
+        raise OpArgumentError(f"n_iter must be an int >= 1, got {n_iter!r}")
     dtype = compute_dtype(i0.dtype)
     theta = _check_scalar("theta", theta, i0, dtype)
     lam = _check_scalar("lam", lam, i0, dtype)

@@ -1,12 +1,17 @@
 """``deform_correlation``, ``deform_aggregation`` (docs/sifa.md §1) and their composition ``deform_attention``
-used by the SIFA block: validation and backend dispatch."""
+used by the SIFA block: validation and backend dispatch (reference in ``reference.py``, CUDA kernels in
+``kernels.py``).
+
+``backend`` is "torch", "cupy" or "auto" (docs/architecture.md §3.1); tests may also pass "emulated"
+inside :func:`ops.kernel_host_emulation` to run the kernels on CPU tensors.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from ..kernel_loader import use_kernels
-from ..validation import check_bool, check_int, check_same_dtype_device, check_shape, check_tensor
+from ..validation import OpArgumentError, check_bool, check_int, check_same_dtype_device, check_shape, check_tensor
 from .kernels import deform_aggregation_kernels, deform_attention_kernels, deform_correlation_kernels
 from .reference import deform_aggregation_reference, deform_attention_reference, deform_correlation_reference
 
@@ -16,7 +21,7 @@ def _check_window(kernel_size: int, dilation: int, groups: int, channels: int) -
     check_int("dilation", dilation, minimum=1)
     check_int("groups", groups, minimum=1)
     if channels < 1 or channels % groups != 0:
-        raise ValueError(f"groups ({groups}) must divide the channel count C = {channels} (C >= 1)")
+        raise OpArgumentError(f"groups ({groups}) must divide the channel count C = {channels} (C >= 1)")
 
 
 def _empty_result(shape: tuple[int, ...], *inputs: torch.Tensor) -> torch.Tensor:
@@ -30,7 +35,8 @@ def _empty_result(shape: tuple[int, ...], *inputs: torch.Tensor) -> torch.Tensor
 def validate_correlation(
     query: torch.Tensor, key: torch.Tensor, offset: torch.Tensor, kernel_size: int, dilation: int, groups: int
 ) -> None:
-    """ValueError naming the argument unless the shapes/dtypes/devices fit ``deform_correlation``."""
+    """An error naming the argument (ops.validation's types, all ValueErrors) unless the shapes, dtypes,
+    devices and window fit ``deform_correlation``."""
     check_tensor("query", query, ndim=4, layout="[B,C,H,W]")
     check_tensor("key", key, ndim=4, layout="[B,C,H,W]")
     check_tensor("offset", offset, ndim=4, layout="[B,2K²,H,W]")
@@ -44,7 +50,8 @@ def validate_correlation(
 def validate_aggregation(
     value: torch.Tensor, attn: torch.Tensor, offset: torch.Tensor, kernel_size: int, dilation: int, groups: int
 ) -> None:
-    """ValueError naming the argument unless the shapes/dtypes/devices fit ``deform_aggregation``."""
+    """An error naming the argument (ops.validation's types, all ValueErrors) unless the shapes, dtypes,
+    devices and window fit ``deform_aggregation``."""
     check_tensor("value", value, ndim=4, layout="[B,C,H,W]")
     check_tensor("attn", attn, ndim=4, layout="[B,G·K²,H,W]")
     check_tensor("offset", offset, ndim=4, layout="[B,2K²,H,W]")

@@ -1,12 +1,20 @@
-"""``SIFA``: the stand-alone inter-frame attention block of docs/sifa.md §2 (docs/sifa.md §2), with the optional
-correlation features of docs/sifa.md §5."""
+"""``SIFA``: the stand-alone inter-frame attention block of docs/sifa.md §2, with the optional correlation
+features of docs/sifa.md §5."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..validation import check_backend, check_bool, check_input_dtype, check_int, check_tensor
+from ..validation import (
+    OpArgumentError,
+    OpShapeError,
+    check_backend,
+    check_bool,
+    check_input_dtype,
+    check_int,
+    check_tensor,
+)
 from .functional import deform_attention
 
 OFFSET_INITS: tuple[str, ...] = ("zeros", "kaiming", "default")
@@ -40,7 +48,8 @@ class SIFA(nn.Module):
             parameter, so state dicts of either kind load into a block built the same way).
 
     Shapes: x ``[N,C,T,H,W]`` -> ``[N,C,T,H,W]``, any T >= 1 (T = 1 returns x unchanged).
-    x must have the parameters' dtype (ValueError naming both otherwise), except under torch.autocast.
+    x must have the parameters' dtype (OpDtypeError, a ValueError, naming both otherwise), except under
+    torch.autocast.
     NaN / Inf in x or in the offsets propagate as in :func:`ops.deform_correlation`.
     """
 
@@ -60,10 +69,10 @@ class SIFA(nn.Module):
         check_int("dilation", dilation, minimum=1)
         check_int("groups", groups, minimum=1)
         if channels % groups != 0:
-            raise ValueError(f"groups ({groups}) must divide channels ({channels})")
+            raise OpArgumentError(f"groups ({groups}) must divide channels ({channels})")
         check_bool("correlation_features", correlation_features)
         if offset_init not in OFFSET_INITS:
-            raise ValueError(f"offset_init must be one of {OFFSET_INITS}, got {offset_init!r}")
+            raise OpArgumentError(f"offset_init must be one of {OFFSET_INITS}, got {offset_init!r}")
         self.channels = channels
         self.kernel_size = kernel_size
         self.dilation = dilation
@@ -103,10 +112,10 @@ class SIFA(nn.Module):
         check_tensor("x", x, ndim=5, layout="[N,C,T,H,W]")
         n, c, t, h, w = x.shape
         if c != self.channels:
-            raise ValueError(f"x must have {self.channels} channels ([N,C,T,H,W]), got shape {tuple(x.shape)}")
+            raise OpShapeError(f"x must have {self.channels} channels ([N,C,T,H,W]), got shape {tuple(x.shape)}")
         if t < 1:
-            raise ValueError(f"x must have T >= 1 frames ([N,C,T,H,W]), got shape {tuple(x.shape)}")
-        check_input_dtype("x", x, self.conv_offset.weight)
+            raise OpShapeError(f"x must have T >= 1 frames ([N,C,T,H,W]), got shape {tuple(x.shape)}")
+        check_input_dtype("x", x, self.conv_offset.weight.dtype, module="SIFA")
         if t == 1:
             return x
         # Only the key frames t = 1..T-1 use their motion map and offsets, and conv_offset is per frame

@@ -1,0 +1,166 @@
+"""Host emulation of the CUDA kernels (test support, not a runtime path).
+
+The same ``.cu`` source the GPU runs is compiled by the system C++ compiler with
+``ops/kernels/host_emulation.h`` force-included (it maps ``__global__``, ``blockIdx``/``threadIdx``,
+``atomicAdd`` and the 16-bit types to host code), and the grid runs serially on the CPU through
+ctypes. This is how the test suite checks every kernel against the pure-PyTorch references, values
+and float64 gradchecks included, on machines without a GPU. It is slow (tiny shapes only) and is not
+a CPU backend: the references are that.
+
+**Running an op's kernels on the CPU** (docs/architecture.md §6): inside
+:func:`kernel_host_emulation` the ops and modules accept a fourth backend, ``"emulated"``, which
+runs their kernel path (the same autograd Functions and launches as ``"cupy"``) on CPU tensors::
+
+    import ops
+
+    with ops.kernel_host_emulation():
+        out = ops.tvl1_flow(i0, i1, 10, backend="emulated")           # the fused TV-L1 kernels
+        attn = ops.deform_correlation(q, k, offset, backend="emulated")  # SIFA's kernels
+        block = ops.SIFA(64, backend="emulated")                      # modules too
+
+Outside the context ``backend="emulated"`` raises :class:`~ops.validation.BackendError`, so a user
+cannot select it by accident (a module built with it inside the context refuses to run outside).
+The context nests and is process-wide (not per thread). Compiled libraries are cached on disk under
+``$VMM_CACHE/emulation`` (default ``~/.cache/vmm/emulation``), keyed by a hash of the source.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .kernel_loader import KERNEL_DIR, KernelSource, expand_includes
+from .validation import BackendUnavailableError
+
+EMULATION_HEADER = KERNEL_DIR / "host_emulation.h"
+
+_lock = threading.Lock()  # guards the compile-and-load of a library
+_depth_lock = threading.Lock()
+_enabled_depth = 0
+
+
+@contextmanager
+def kernel_host_emulation() -> Iterator[None]:
+    """Within this context the ops accept ``backend="emulated"``: their CUDA kernels run on CPU
+    tensors through host emulation (tests only; see the module docstring). Nests; process-wide."""
+    global _enabled_depth
+    with _depth_lock:
+        _enabled_depth += 1
+    try:
+        yield
+    finally:
+        with _depth_lock:
+            _enabled_depth -= 1
+
+
+def host_emulation_enabled() -> bool:
+    """Whether a :func:`kernel_host_emulation` context is active."""
+    return _enabled_depth > 0
+
+
+_emulated_libs: dict[tuple[str, str], ctypes.CDLL] = {}
+
+
+def host_compiler() -> str | None:
+    """The C++ compiler used for host emulation ($CXX, else c++/g++/clang++), or None."""
+    for cand in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if cand and shutil.which(cand):
+            return cand
+    return None
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("VMM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vmm")
+    path = Path(base) / "emulation"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _emulation_wrapper(src: KernelSource, ctype: str) -> str:
+    lines = [expand_includes(src.path)]
+    for k in src.kernels:
+        lines.append(
+            f'extern "C" void vmm_emu_{k}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, '
+            f"unsigned bz, void** args) {{ vmm_emulation::launch(&{k}<{ctype}>, dim3(gx, gy, gz), "
+            f"dim3(bx, by, bz), args); }}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def emulated_library(src: KernelSource, ctype: str) -> ctypes.CDLL:
+    """Compile (once, cached on disk by content hash) and load ``src`` for host emulation."""
+    key = (src.filename, ctype)
+    lib = _emulated_libs.get(key)
+    if lib is not None:
+        return lib
+    with _lock:
+        lib = _emulated_libs.get(key)
+        if lib is not None:
+            return lib
+        cxx = host_compiler()
+        if cxx is None:
+            raise BackendUnavailableError(
+                "host emulation of CUDA kernels needs a C++ compiler (set CXX or install g++)"
+            )
+        code = _emulation_wrapper(src, ctype)
+        flags = ["-std=c++17", "-O2", "-shared", "-fPIC", "-include", str(EMULATION_HEADER)]
+        digest = hashlib.sha256(
+            "\0".join([code, EMULATION_HEADER.read_text(), cxx, *flags]).encode()
+        ).hexdigest()[:20]
+        out = _cache_dir() / f"{src.path.stem}_{ctype}_{digest}.so"
+        if not out.exists():
+            with tempfile.TemporaryDirectory() as tmp:
+                cpp = Path(tmp) / f"{src.path.stem}_{ctype}.cpp"
+                cpp.write_text(code)
+                so = Path(tmp) / "out.so"
+                proc = subprocess.run([cxx, *flags, str(cpp), "-o", str(so)], capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"host emulation compile of {src.filename} ({ctype}) failed:\n{proc.stderr}")
+                os.replace(so, out)  # atomic: a concurrent reader never sees half a library
+        lib = ctypes.CDLL(str(out))
+        _emulated_libs[key] = lib
+        return lib
+
+
+def ctypes_arg(a: object) -> ctypes._SimpleCData:
+    """One kernel argument as ctypes passes it (the convention of :meth:`KernelSource.launch`)."""
+    if isinstance(a, torch.Tensor):
+        return ctypes.c_void_p(a.data_ptr())
+    if isinstance(a, bool):
+        raise TypeError("pass flags to kernels as int, not bool")
+    if isinstance(a, (int, np.int64)):
+        return ctypes.c_longlong(int(a))
+    if isinstance(a, (float, np.float64)):
+        return ctypes.c_double(float(a))
+    if isinstance(a, np.float32):
+        return ctypes.c_float(float(a))
+    if isinstance(a, np.int32):
+        return ctypes.c_int(int(a))
+    raise TypeError(f"unsupported kernel argument type {type(a).__name__}")
+
+
+def launch_emulated(
+    src: KernelSource,
+    kernel: str,
+    ctype: str,
+    grid: tuple[int, int, int],
+    block: tuple[int, int, int],
+    args: Sequence[object],
+) -> None:
+    """Run ``kernel<ctype>`` of ``src`` over ``grid`` × ``block`` serially on the CPU (CPU tensors in
+    ``args``); called by :meth:`KernelSource.launch`."""
+    lib = emulated_library(src, ctype)
+    values = [ctypes_arg(a) for a in args]
+    ptrs = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values])
+    getattr(lib, f"vmm_emu_{kernel}")(*(ctypes.c_uint(int(v)) for v in (*grid, *block)), ptrs)
