@@ -3,7 +3,10 @@
 Data arrive as uint8 clips (`datamodules` batches); normalisation happens here, on the device, in
 every step, so loader workers never build float32 clips. Validation and test aggregate every view of a video
 (mean of softmax) after gathering the clips of all ranks, and drop the duplicate clips that a
-distributed sampler pads with, so metrics do not depend on the number of processes.
+distributed sampler pads with, so metrics do not depend on the number of processes; the
+arithmetic lives in `lightning_modules.evaluation`. The module computes and logs results (kept in
+`last_eval`); files are written by Callbacks (`lightning_modules.reports`). It never imports the
+ops: the network names its own parameter groups (`lightning_modules.networks.parameter_groups`).
 """
 
 from __future__ import annotations
@@ -12,178 +15,22 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from pathlib import Path, PurePath
+from pathlib import PurePath
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics.functional.classification import multiclass_accuracy, multiclass_confusion_matrix
 
 from .augment import ClipAugment, mix_clips
-from .io import atomic_write_json, atomic_write_text, atomic_writer
+from .evaluation import EvalAccumulator, EvalResult, average_views
 
 __all__ = ["VideoClassifier", "EvalResult"]
 
 # Kinetics RGB statistics on [0, 1] pixels (as in SlowFast/PyTorchVideo); any dataset works with them.
 KINETICS_MEAN = (0.45, 0.45, 0.45)
 KINETICS_STD = (0.225, 0.225, 0.225)
-
-
-def _gather_objects(obj: Any) -> list[Any]:
-    """All ranks' `obj` in rank order (a one-element list outside torch.distributed)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-class EvalResult(dict):
-    """Metrics of one validation/test epoch (plain floats/ints, JSON-serialisable) plus tensors.
-
-    Keys: `top1`, `top5`, `mean_class` (video level, views averaged; mean recall over the
-    `mean_class_num_classes` classes with >= 1 video), `clip_top1`, `clip_top5`,
-    `clip_mean_class`, `loss` (clip mean of the summed head losses), `num_videos`, `num_clips`,
-    `excluded_videos` (videos that failed to decode and so are not in the metrics). The video-level
-    `confusion` matrix [num_classes, num_classes] (rows = true class) is the attribute `confusion`.
-    """
-
-    confusion: Tensor
-
-
-class _EvalAccumulator:
-    """Per-rank store of one evaluation epoch's clips (CPU, float32 probabilities)."""
-
-    def __init__(self) -> None:
-        self.video_ids: list[Tensor] = []
-        self.views: list[Tensor] = []
-        self.labels: list[Tensor] = []
-        self.probs: list[Tensor] = []
-        self.losses: list[Tensor] = []
-        self.bad_ids: list[Tensor] = []
-
-    def add(self, video_id: Tensor, view: Tensor, label: Tensor, probs: Tensor, loss: Tensor) -> None:
-        self.video_ids.append(video_id.detach().to("cpu", torch.int64))
-        self.views.append(view.detach().to("cpu", torch.int64))
-        self.labels.append(label.detach().to("cpu", torch.int64))
-        self.probs.append(probs.detach().to("cpu", torch.float32))
-        self.losses.append(loss.detach().to("cpu", torch.float32))
-
-    def add_bad(self, bad_ids: Tensor) -> None:
-        self.bad_ids.append(bad_ids.detach().to("cpu", torch.int64).reshape(-1))
-
-    def compute(self, num_classes: int, top_k: int = 5) -> EvalResult:
-        """Gather across ranks, de-duplicate clips by (video_id, view) and compute the metrics.
-
-        Only small tensors travel: first the clip keys, then per-clip labels/predictions of the
-        clips a rank owns (first occurrence over ranks), then per-video probability sums.
-        """
-        cat = self._cat
-        vid, view, label = cat(self.video_ids), cat(self.views), cat(self.labels)
-        probs = cat(self.probs, (0, num_classes), torch.float32)
-        loss = cat(self.losses, dtype=torch.float32)
-        if vid.numel() and int(view.min()) < 0:
-            raise ValueError(f"batch['view'] must be >= 0, got min {int(view.min())}")
-
-        # 1. Ownership: a clip counts once, on the lowest rank (and first position) that holds it.
-        all_keys = _gather_objects(torch.stack([vid, view], 1))
-        rank = dist.get_rank() if len(all_keys) > 1 else 0
-        keys = torch.cat(all_keys)
-        max_view = int(keys[:, 1].max()) + 1 if keys.numel() else 1
-        flat = keys[:, 0] * max_view + keys[:, 1]
-        order = torch.sort(flat, stable=True).indices
-        first = torch.ones_like(flat, dtype=torch.bool)
-        sorted_flat = flat[order]
-        first_sorted = torch.ones_like(sorted_flat, dtype=torch.bool)
-        first_sorted[1:] = sorted_flat[1:] != sorted_flat[:-1]
-        first[order] = first_sorted
-        start = sum(len(k) for k in all_keys[:rank])
-        own = first[start : start + len(vid)]
-        vid, view, label, probs, loss = vid[own], view[own], label[own], probs[own], loss[own]
-
-        # 2. Clip level: labels, probabilities' top-k and losses of owned clips.
-        k = min(top_k, num_classes)
-        clip_topk = probs.topk(k, dim=1).indices if len(probs) else torch.zeros(0, k, dtype=torch.int64)
-        clips = _gather_objects((label, clip_topk, loss))
-        c_label = torch.cat([c[0] for c in clips])
-        c_topk = torch.cat([c[1] for c in clips])
-        c_loss = torch.cat([c[2] for c in clips])
-
-        # 3. Video level: sum of softmax over owned views, merged over ranks.
-        uvid, inv = torch.unique(vid, return_inverse=True)
-        psum = torch.zeros(len(uvid), num_classes).index_add_(0, inv, probs)
-        count = torch.zeros(len(uvid), dtype=torch.int64).index_add_(0, inv, torch.ones_like(inv))
-        vlabel = torch.full((len(uvid),), -1, dtype=torch.int64).scatter_(0, inv, label)
-        videos = _gather_objects((uvid, psum, count, vlabel))
-        all_vid = torch.cat([v[0] for v in videos])
-        gvid, ginv = torch.unique(all_vid, return_inverse=True)
-        g_psum = torch.zeros(len(gvid), num_classes).index_add_(0, ginv, torch.cat([v[1] for v in videos]))
-        g_count = torch.zeros(len(gvid), dtype=torch.int64).index_add_(0, ginv, torch.cat([v[2] for v in videos]))
-        g_label = torch.full((len(gvid),), -1, dtype=torch.int64).scatter_(
-            0, ginv, torch.cat([v[3] for v in videos])
-        )
-        g_prob = g_psum / g_count.clamp_min(1).unsqueeze(1)
-
-        bad = torch.unique(torch.cat(_gather_objects(cat(self.bad_ids))))
-        excluded = int((~torch.isin(bad, gvid)).sum())
-
-        res = EvalResult(
-            num_videos=len(gvid),
-            num_clips=len(c_label),
-            excluded_videos=excluded,
-            loss=float(c_loss.mean()) if len(c_loss) else float("nan"),
-        )
-        res.update(_accuracies(g_prob, g_label, num_classes, k, prefix=""))
-        # Clip-level top-k from the gathered top-k indices (the full probabilities never travel).
-        if len(c_label):
-            hit = c_topk == c_label.unsqueeze(1)
-            res["clip_top1"] = float(hit[:, 0].float().mean())
-            res["clip_top5"] = float(hit.any(1).float().mean())
-            res["clip_mean_class"] = _mean_class_recall(c_topk[:, 0], c_label, num_classes)[0]
-        else:
-            res.update(clip_top1=float("nan"), clip_top5=float("nan"), clip_mean_class=float("nan"))
-        res.confusion = (
-            multiclass_confusion_matrix(g_prob.argmax(1), g_label, num_classes=num_classes)
-            if len(gvid)
-            else torch.zeros(num_classes, num_classes, dtype=torch.int64)
-        )
-        return res
-
-    @staticmethod
-    def _cat(parts: list[Tensor], empty_shape: tuple[int, ...] = (0,), dtype=torch.int64) -> Tensor:
-        return torch.cat(parts) if parts else torch.zeros(empty_shape, dtype=dtype)
-
-
-def _mean_class_recall(pred: Tensor, target: Tensor, num_classes: int) -> tuple[float, int]:
-    """Mean over classes with >= 1 sample of (correct / samples), and how many classes that is.
-
-    pred, target: class ids [N]. A class with predictions but no true sample has no recall and is
-    not averaged (torchmetrics' macro average counts it as 0).
-    """
-    support = torch.bincount(target, minlength=num_classes)
-    correct = torch.bincount(target[pred == target], minlength=num_classes)
-    present = support > 0
-    if not bool(present.any()):
-        return float("nan"), 0
-    return float((correct[present].double() / support[present].double()).mean()), int(present.sum())
-
-
-def _accuracies(probs: Tensor, target: Tensor, num_classes: int, k: int, prefix: str) -> dict[str, float]:
-    if len(target) == 0:
-        return {
-            f"{prefix}top1": float("nan"), f"{prefix}top5": float("nan"), f"{prefix}mean_class": float("nan"),
-            f"{prefix}mean_class_num_classes": 0,
-        }
-    mean_class, n_present = _mean_class_recall(probs.argmax(1), target, num_classes)
-    acc = {
-        f"{prefix}top1": multiclass_accuracy(probs, target, num_classes=num_classes, average="micro", top_k=1),
-        f"{prefix}top5": multiclass_accuracy(probs, target, num_classes=num_classes, average="micro", top_k=k),
-    }
-    return {**{name: float(v) for name, v in acc.items()}, f"{prefix}mean_class": mean_class,
-            f"{prefix}mean_class_num_classes": n_present}
 
 
 class VideoClassifier(pl.LightningModule):
@@ -206,8 +53,9 @@ class VideoClassifier(pl.LightningModule):
         weight_decay: L2 (SGD) / decoupled (AdamW) weight decay.
         decay_norm_and_bias: also decay 0-/1-d parameters (BN/GN scales and shifts, biases, FlowLayer
             scalars); off by default.
-        flow_lr_scale: learning-rate factor for `ops.FlowLayer` parameters (Representation Flow's
-            recipe trains them at 0.01× lr).
+        flow_lr_scale: learning-rate factor for the network's "flow" parameter group, its
+            Representation Flow layers (`lightning_modules.networks.parameter_groups`; the recipe
+            of docs/repflow.md §2 trains them at 0.01× lr). No effect on networks without one.
         scheduler: "cosine" (linear warm-up, then cosine to `min_lr`, stepped every optimizer step)
             or "constant" (warm-up, then constant).
         warmup_epochs: warm-up length in epochs (fractions allowed), linear from lr/steps to lr.
@@ -268,48 +116,14 @@ class VideoClassifier(pl.LightningModule):
             self.save_hyperparameters()
         if isinstance(self.hparams.get("net"), nn.Module):
             del self.hparams["net"]
-        if not isinstance(net, nn.Module) or not callable(getattr(net, "forward_heads", None)):
-            raise TypeError(f"net must be an nn.Module with forward_heads(x) -> list[logits], got {type(net)}")
-        if num_classes is None:
-            num_classes = getattr(net, "num_classes", None)
-            if num_classes is None:
-                raise ValueError("num_classes must be given when net has no num_classes attribute")
-        if int(num_classes) < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"class_names must have num_classes={num_classes} entries, got {len(class_names)}")
-        if optimizer not in ("sgd", "adamw"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
-        if scheduler not in ("cosine", "constant"):
-            raise ValueError(f"scheduler must be 'cosine' or 'constant', got {scheduler!r}")
-        if lr <= 0 or min_lr < 0 or min_lr > lr:
-            raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={lr}, min_lr={min_lr}")
-        if warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
-        if flow_lr_scale <= 0:
-            raise ValueError(f"flow_lr_scale must be > 0, got {flow_lr_scale}")
-        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise ValueError(f"mean and std must have 3 entries (RGB) with std > 0, got mean={mean}, std={std}")
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
-        if base_batch_size is not None and base_batch_size < 1:
-            raise ValueError(f"base_batch_size must be >= 1 or None (no lr scaling), got {base_batch_size}")
-        if mixup_alpha < 0 or cutmix_alpha < 0:
-            raise ValueError(f"mixup_alpha and cutmix_alpha must be >= 0, got {mixup_alpha}, {cutmix_alpha}")
-        if not (0 <= mix_prob <= 1 and 0 <= mix_switch_prob <= 1):
-            raise ValueError(f"mix_prob and mix_switch_prob must be in [0, 1], got {mix_prob}, {mix_switch_prob}")
+        self.num_classes = _checked_num_classes(net, num_classes, class_names)
+        _check_optimisation(optimizer, scheduler, lr, min_lr, warmup_epochs, flow_lr_scale, base_batch_size)
+        _check_input_and_mixing(mean, std, top_k, mixup_alpha, cutmix_alpha, mix_prob, mix_switch_prob)
         self.net = net
-        self.num_classes = int(num_classes)
         self.class_names: list[str] | None = list(class_names) if class_names is not None else None
         # Buffers, so they follow the module to its device; not persistent (they are hyperparameters).
         self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1, 1), False)
-        self._eval: _EvalAccumulator | None = None
-        self.last_eval: dict[str, EvalResult] = {}
-        # Set when a checkpoint's classes are the datamodule's in another order: output column j
-        # is network class _class_order[j] (see on_load_checkpoint).
-        self._class_order: Tensor | None = None
-        self._net_class_names: list[str] | None = None
         augment = ClipAugment(
             color_jitter=color_jitter,
             color_jitter_p=color_jitter_p,
@@ -320,6 +134,16 @@ class VideoClassifier(pl.LightningModule):
         # No parameters or buffers: checkpoints are the same with or without augmentation.
         self.clip_augment: ClipAugment | None = augment if augment.enabled else None
         self.mixing = mixup_alpha > 0 or cutmix_alpha > 0
+        self._init_run_state()
+
+    def _init_run_state(self) -> None:
+        """State that a run fills in (evaluation results, lr scaling, timers); none is a hyperparameter."""
+        self._eval: EvalAccumulator | None = None
+        self.last_eval: dict[str, EvalResult] = {}
+        # Set when a checkpoint's classes are the datamodule's in another order: output column j
+        # is network class _class_order[j] (see on_load_checkpoint).
+        self._class_order: Tensor | None = None
+        self._net_class_names: list[str] | None = None
         self.lr_scale = 1.0  # set at fit start from base_batch_size and the actual global batch
         self._peak_lrs: list[float] = []
         self._augment_seed = 0
@@ -495,7 +319,7 @@ class VideoClassifier(pl.LightningModule):
         return res
 
     def on_validation_epoch_start(self) -> None:
-        self._eval = _EvalAccumulator()
+        self._eval = EvalAccumulator()
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._eval_step(batch)
@@ -504,46 +328,23 @@ class VideoClassifier(pl.LightningModule):
         self._eval_epoch_end("val")
 
     def on_test_epoch_start(self) -> None:
-        self._eval = _EvalAccumulator()
+        self._eval = EvalAccumulator()
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._eval_step(batch)
 
     def on_test_epoch_end(self) -> None:
-        res = self._eval_epoch_end("test")
-        log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
-        # Without a logger, log_dir is the working directory: report on stdout only, write no files.
-        if self.trainer.is_global_zero:
-            self._write_test_report(res, log_dir if self.loggers else None)
-        if res["num_videos"] == 0:  # every rank holds the gathered result: all raise, none hangs
+        self._eval_epoch_end("test")
+
+    def on_test_end(self) -> None:
+        # After the callbacks' on_test_end, so `reports.TestReportWriter` has written the report
+        # (metrics null) before the run fails. Every rank holds the gathered result: all raise, none hangs.
+        res = self.last_eval.get("test")
+        if res is not None and res["num_videos"] == 0:
             raise RuntimeError(
                 f"test: no test video could be used ({res['excluded_videos']} failed to decode); the metrics "
                 "are undefined (null in test_results.json). Run `vmm check-data` to list the failures"
             )
-
-    def _write_test_report(self, res: EvalResult, log_dir: str | None) -> None:
-        """test_results.json, the confusion matrix as CSV and PNG in the log directory; figure to TensorBoard."""
-        if res["excluded_videos"]:
-            print(f"[vmm] {res['excluded_videos']} test video(s) could not be used (missing, not a regular file or "
-                  "failed to decode) and are excluded from the metrics; `vmm check-data` lists them")
-        names = self.class_names or [str(i) for i in range(self.num_classes)]
-        fig = _confusion_figure(res.confusion, names)
-        for logger in self.loggers:
-            add_figure = getattr(getattr(logger, "experiment", None), "add_figure", None)
-            if fig is not None and callable(add_figure):
-                add_figure("test/confusion_matrix", fig, global_step=self.global_step)
-        if log_dir is None:
-            return
-        out = Path(log_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        # Atomic (temporary file + rename) and strict JSON: undefined metrics are null, never NaN.
-        atomic_write_json(out / "test_results.json", dict(res))
-        rows = [",".join(["true\\pred", *names])]
-        rows += [",".join([names[i], *map(str, r.tolist())]) for i, r in enumerate(res.confusion)]
-        atomic_write_text(out / "confusion_matrix_test.csv", "\n".join(rows) + "\n")
-        if fig is not None:
-            with atomic_writer(out / "confusion_matrix_test.png", "wb") as f:
-                fig.savefig(f, format="png", dpi=100)
 
     # ---------------------------------------------------------------- prediction
 
@@ -558,14 +359,10 @@ class VideoClassifier(pl.LightningModule):
         vid = batch["video_id"]
         bad = batch.get("bad_video_ids", vid.new_zeros(0)).cpu()
         if len(vid) == 0:
-            probs = torch.zeros(0, self.num_classes)
-            uvid = count = torch.zeros(0, dtype=torch.int64)
+            clip_probs = torch.zeros(0, self.num_classes)
         else:
             clip_probs = self._probs(self._heads(self._video(batch))).cpu()
-            uvid, inv = torch.unique(vid.cpu(), return_inverse=True)
-            probs = torch.zeros(len(uvid), self.num_classes).index_add_(0, inv, clip_probs)
-            count = torch.zeros(len(uvid), dtype=torch.int64).index_add_(0, inv, torch.ones_like(inv))
-            probs = probs / count.unsqueeze(1)
+        uvid, probs, count = average_views(vid.cpu(), clip_probs)
         return {"video_id": uvid, "num_views": count, "probs": probs, "bad_video_ids": bad, **self.topk(probs)}
 
     def topk(self, probs: Tensor) -> dict[str, Any]:
@@ -631,11 +428,9 @@ class VideoClassifier(pl.LightningModule):
         base_lr = hp.lr if lr is None else lr
         flow_ids: set[int] = set()
         if hp.flow_lr_scale != 1.0:
-            from ops import FlowLayer
+            from .networks import FLOW_GROUP, parameter_groups  # the network names its flow parameters
 
-            for m in self.net.modules():
-                if isinstance(m, FlowLayer):
-                    flow_ids.update(id(p) for p in m.parameters())
+            flow_ids = {id(p) for p in parameter_groups(self.net).get(FLOW_GROUP, [])}
         groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
         for p in self.net.parameters():
             if not p.requires_grad:
@@ -691,6 +486,65 @@ class VideoClassifier(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
 
+def _checked_num_classes(net: nn.Module, num_classes: int | None, class_names: Sequence[str] | None) -> int:
+    """`num_classes` (default `net.num_classes`), checked against the network and `class_names`."""
+    if not isinstance(net, nn.Module) or not callable(getattr(net, "forward_heads", None)):
+        raise TypeError(f"net must be an nn.Module with forward_heads(x) -> list[logits], got {type(net)}")
+    if num_classes is None:
+        num_classes = getattr(net, "num_classes", None)
+        if num_classes is None:
+            raise ValueError("num_classes must be given when net has no num_classes attribute")
+    if int(num_classes) < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if class_names is not None and len(class_names) != num_classes:
+        raise ValueError(f"class_names must have num_classes={num_classes} entries, got {len(class_names)}")
+    return int(num_classes)
+
+
+def _check_optimisation(
+    optimizer: str,
+    scheduler: str,
+    lr: float,
+    min_lr: float,
+    warmup_epochs: float,
+    flow_lr_scale: float,
+    base_batch_size: int | None,
+) -> None:
+    """Raise ValueError naming the first optimiser / schedule argument out of range."""
+    if optimizer not in ("sgd", "adamw"):
+        raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
+    if scheduler not in ("cosine", "constant"):
+        raise ValueError(f"scheduler must be 'cosine' or 'constant', got {scheduler!r}")
+    if lr <= 0 or min_lr < 0 or min_lr > lr:
+        raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={lr}, min_lr={min_lr}")
+    if warmup_epochs < 0:
+        raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+    if flow_lr_scale <= 0:
+        raise ValueError(f"flow_lr_scale must be > 0, got {flow_lr_scale}")
+    if base_batch_size is not None and base_batch_size < 1:
+        raise ValueError(f"base_batch_size must be >= 1 or None (no lr scaling), got {base_batch_size}")
+
+
+def _check_input_and_mixing(
+    mean: Sequence[float],
+    std: Sequence[float],
+    top_k: int,
+    mixup_alpha: float,
+    cutmix_alpha: float,
+    mix_prob: float,
+    mix_switch_prob: float,
+) -> None:
+    """Raise ValueError naming the first normalisation / top-k / mixing argument out of range."""
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"mean and std must have 3 entries (RGB) with std > 0, got mean={mean}, std={std}")
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if mixup_alpha < 0 or cutmix_alpha < 0:
+        raise ValueError(f"mixup_alpha and cutmix_alpha must be >= 0, got {mixup_alpha}, {cutmix_alpha}")
+    if not (0 <= mix_prob <= 1 and 0 <= mix_switch_prob <= 1):
+        raise ValueError(f"mix_prob and mix_switch_prob must be in [0, 1], got {mix_prob}, {mix_switch_prob}")
+
+
 def _plain_data(obj: Any) -> Any:
     """`obj` with namespaces turned into dicts and paths into strings (recursively), so a checkpoint
     holding it needs no Python class to load; anything else that is not plain data becomes str."""
@@ -723,34 +577,3 @@ def _warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float, cosine
         return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
-
-
-def _confusion_figure(confusion: Tensor, names: list[str]):
-    """A matplotlib Figure of the row-normalised confusion matrix, or None without matplotlib.
-
-    Built without pyplot, so it neither needs nor changes a global backend (notebooks keep theirs).
-    """
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        return None
-    c = confusion.float()
-    norm = c / c.sum(1, keepdim=True).clamp_min(1)
-    n = len(names)
-    size = min(3 + 0.35 * n, 20)
-    fig = Figure(figsize=(size, size))
-    ax = fig.subplots()
-    ax.imshow(norm.numpy(), cmap="Blues", vmin=0, vmax=1)
-    if n <= 60:
-        ax.set_xticks(range(n), names, rotation=90, fontsize=7)
-        ax.set_yticks(range(n), names, fontsize=7)
-    if n <= 20:
-        for i in range(n):
-            for j in range(n):
-                color = "white" if norm[i, j] > 0.5 else "black"
-                ax.text(j, i, int(c[i, j]), ha="center", va="center", fontsize=7, color=color)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title("test confusion (video level, rows normalised)")
-    fig.tight_layout()
-    return fig

@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins import _PLUGIN_INPUT
 from lightning.pytorch.plugins.io import CheckpointIO
@@ -32,8 +31,9 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from .classifier import VideoClassifier, _gather_objects
-from .io import AtomicCheckpointIO, atomic_write_json, check_writable_file, load_vmm_checkpoint
+from .classifier import VideoClassifier
+from .io import AtomicCheckpointIO, check_writable_file, load_vmm_checkpoint
+from .reports import PredictionWriter, TestReportWriter
 
 __all__ = ["VMMCLI", "VMMTrainer", "PredictionWriter", "main", "predict_files"]
 
@@ -183,72 +183,6 @@ class _InterruptCheckpoint(Callback):
         rank_zero_info(f"[vmm] {type(exception).__name__}: saved {path} (step {trainer.global_step})")
 
 
-class PredictionWriter(BasePredictionWriter):
-    """Merges `VideoClassifier.predict_step` outputs per video (across batches and ranks), prints
-    the top-k classes of every video and writes them as JSON.
-
-    Args:
-        output: JSON file to write (atomically); default `<trainer.log_dir>/predictions.json`.
-        video_names: names (e.g. file paths) indexed by video id, shown instead of the ids.
-    """
-
-    def __init__(self, output: str | None = None, video_names: Sequence[str] | None = None) -> None:
-        super().__init__(write_interval="epoch")
-        self.output = output
-        self.video_names = list(video_names) if video_names is not None else None
-        self.results: list[dict[str, Any]] = []
-
-    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
-        flat: list[dict[str, Any]] = []
-        for p in predictions:  # one list per dataloader, or one list of batch outputs
-            flat.extend(p if isinstance(p, list) else [p])
-        parts = [(o["video_id"], o["num_views"], o["probs"], o["bad_video_ids"]) for o in flat]
-        parts = [x for rank_parts in _gather_objects(parts) for x in rank_parts]
-        out = Path(self.output) if self.output else Path(trainer.log_dir or ".") / "predictions.json"  # collective
-        if not trainer.is_global_zero:
-            return
-        num_classes = pl_module.num_classes
-        vids = torch.cat([p[0] for p in parts]) if parts else torch.zeros(0, dtype=torch.int64)
-        counts = torch.cat([p[1] for p in parts]) if parts else torch.zeros(0, dtype=torch.int64)
-        probs = torch.cat([p[2] for p in parts]) if parts else torch.zeros(0, num_classes)
-        bad = torch.unique(torch.cat([p[3] for p in parts])) if parts else torch.zeros(0, dtype=torch.int64)
-        # A distributed sampler may repeat clips to even out ranks; they only re-weight a video's views
-        # by duplicating identical probabilities, so the mean is unchanged up to that weighting.
-        uvid, inv = torch.unique(vids, return_inverse=True)
-        psum = torch.zeros(len(uvid), num_classes).index_add_(0, inv, probs * counts.unsqueeze(1))
-        n = torch.zeros(len(uvid), dtype=torch.int64).index_add_(0, inv, counts)
-        mean = psum / n.clamp_min(1).unsqueeze(1)
-        top = pl_module.topk(mean)
-        self.results = []
-        for i, v in enumerate(uvid.tolist()):
-            self.results.append(
-                {
-                    "video_id": v,
-                    "video": self._name(v),
-                    "views": int(n[i]),
-                    "top_k": [
-                        {"class_id": c, "class_name": name, "prob": round(float(p), 6)}
-                        for c, name, p in zip(top["topk_ids"][i].tolist(), top["topk_names"][i],
-                                              top["topk_probs"][i].tolist(), strict=True)
-                    ],
-                }
-            )
-        failed = [{"video_id": v, "video": self._name(v)} for v in bad.tolist() if v not in set(uvid.tolist())]
-        for r in self.results:
-            guesses = ", ".join(f"{t['class_name']} {100 * t['prob']:.1f}%" for t in r["top_k"])
-            print(f"{r['video']}: {guesses}")
-        for f in failed:
-            print(f"{f['video']}: could not be decoded")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out, {"predictions": self.results, "failed": failed})
-        print(f"predictions written to {out}")
-
-    def _name(self, video_id: int) -> str:
-        if self.video_names is not None and 0 <= video_id < len(self.video_names):
-            return self.video_names[video_id]
-        return str(video_id)
-
-
 class VMMCLI(LightningCLI):
     """LightningCLI for `VideoClassifier` with any datamodule (`--data <class_path>`).
 
@@ -348,6 +282,8 @@ class VMMCLI(LightningCLI):
         callbacks.append(_StoreDataConfig(self.config_dump.get("data")))
         if self.subcommand in ("fit", "demo"):
             callbacks.append(_InterruptCheckpoint())
+        if not any(isinstance(cb, TestReportWriter) for cb in callbacks):
+            callbacks.append(TestReportWriter())  # test_results.json, confusion matrix, scores_test.json
         if self.subcommand == "predict":
             predictions = self._get(self.config, "predictions")
             if predictions is not None:

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_modules import VideoClassifier
-from lightning_modules.classifier import _EvalAccumulator
+from lightning_modules.reports import TestReportWriter
 
 
 class TinyNet(nn.Module):
@@ -148,33 +148,13 @@ def test_loss_is_sum_over_heads_and_forward_is_log_mean_softmax():
     torch.testing.assert_close(model(x).exp(), model._probs(heads))
 
 
-# ---------------------------------------------------------------------------- evaluation aggregation
-
-
-def test_eval_accumulator_averages_views_dedupes_and_counts_excluded():
-    acc = _EvalAccumulator()
-    p = torch.tensor
-    # video 0 (label 1): two views whose mean favours class 1; view 1 seen twice (sampler padding).
-    acc.add(p([0, 0]), p([0, 1]), p([1, 1]), p([[0.6, 0.4, 0.0], [0.0, 0.9, 0.1]]), p([1.0, 2.0]))
-    acc.add(p([0, 2]), p([1, 0]), p([1, 2]), p([[0.0, 0.9, 0.1], [0.2, 0.5, 0.3]]), p([2.0, 3.0]))
-    acc.add_bad(p([5, 2]))  # 2 failed in one view only: still evaluated; 5 is excluded
-    res = acc.compute(num_classes=3, top_k=2)
-    assert res["num_videos"] == 2 and res["num_clips"] == 3 and res["excluded_videos"] == 1
-    assert res["top1"] == 0.5  # video 0 right (mean [.3,.65,.05]), video 2 wrong (argmax 1, label 2)
-    assert res["top5"] == 1.0  # top-2: class 2 is second for video 2
-    assert res["clip_top1"] == pytest.approx(1 / 3)
-    assert res["mean_class"] == 0.5
-    assert res["loss"] == pytest.approx(2.0)
-    torch.testing.assert_close(res.confusion, p([[0, 0, 0], [0, 1, 0], [0, 1, 0]]))
-
-
 # ---------------------------------------------------------------------------- Trainer runs
 
 
 def test_fit_test_predict_learns_and_writes_reports(tmp_path):
     data = SquareData(bad=(3,))
     model = VideoClassifier(TinyNet(2), lr=0.5, warmup_epochs=0.5, weight_decay=1e-4)
-    trainer = _trainer(tmp_path, max_epochs=4)
+    trainer = _trainer(tmp_path, max_epochs=4, callbacks=[TestReportWriter()])
     trainer.fit(model, datamodule=data)
     assert model.class_names == ["right", "left"]  # taken from the datamodule at setup
     val = model.last_eval["val"]
@@ -189,6 +169,13 @@ def test_fit_test_predict_learns_and_writes_reports(tmp_path):
     assert report["num_videos"] == 11 and report["excluded_videos"] == 1
     assert (log_dir / "confusion_matrix_test.png").stat().st_size > 0
     assert (log_dir / "confusion_matrix_test.csv").read_text().startswith("true\\pred,right,left")
+    scores = json.loads((log_dir / "scores_test.json").read_text())
+    assert scores["class_names"] == ["right", "left"] and scores["excluded_video_ids"] == [3]
+    assert [v["video_id"] for v in scores["videos"]] == [v for v in range(12) if v != 3]
+    assert all(v["num_views"] == 2 and v["name"] is None for v in scores["videos"])  # no records(): no names
+    assert [v["label"] for v in scores["videos"]] == [int(data.eval[2 * v]["label"]) for v in range(12) if v != 3]
+    hits = [max(range(2), key=v["probs"].__getitem__) == v["label"] for v in scores["videos"]]
+    assert sum(hits) / len(hits) == pytest.approx(res["top1"])
 
     outs = trainer.predict(model, datamodule=data)
     assert sum(len(o["video_id"]) for o in outs) >= 11
@@ -197,6 +184,18 @@ def test_fit_test_predict_learns_and_writes_reports(tmp_path):
     assert first["topk_names"][0][0] in ("right", "left")
     torch.testing.assert_close(first["probs"].sum(1), torch.ones(len(first["video_id"])))
     assert bool((first["num_views"] == 2).all())
+    # Prediction and test average the views with the same function: the same probabilities.
+    by_id = {v["video_id"]: v["probs"] for v in scores["videos"]}
+    for o in outs:
+        for vid, probs in zip(o["video_id"].tolist(), o["probs"], strict=True):
+            torch.testing.assert_close(probs, torch.tensor(by_id[vid]), rtol=1e-5, atol=1e-6)
+
+    # Without the report callback the module writes no file (reports are not its job).
+    bare = pl.Trainer(default_root_dir=tmp_path / "bare", accelerator="cpu", devices=1, enable_progress_bar=False,
+                      enable_model_summary=False)
+    bare.test(model, datamodule=data, verbose=False)
+    assert bare.log_dir is not None and not any((tmp_path / "bare").rglob("*.json"))
+    assert model.last_eval["test"]["top1"] == pytest.approx(res["top1"])
 
     # class names survive a checkpoint round trip (the net is given again when built in Python)
     ckpt = tmp_path / "m.ckpt"
@@ -259,3 +258,48 @@ def test_flow_layer_parameters_get_their_own_lr():
         assert g["weight_decay"] == (1e-4 if all(p.ndim > 1 for p in g["params"]) else 0.0)
     assert sum(len(g["params"]) for g in groups) == len(list(net.parameters()))
     assert {id(p) for g in groups for p in g["params"] if g["lr"] < 0.1} == flow_ids
+
+
+class DeclaredGroupNet(TinyNet):
+    """TinyNet that names its second head "flow": the classifier must take the network's word for it."""
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"flow": list(self.fcs[1].parameters())}
+
+
+def test_the_network_declares_which_parameters_get_flow_lr_scale():
+    net = DeclaredGroupNet(2)
+    model = VideoClassifier(net, lr=0.2, flow_lr_scale=0.1)
+    lrs = {id(p): g["lr"] for g in model.param_groups() for p in g["params"]}
+    declared = {id(p) for p in net.fcs[1].parameters()}
+    assert {i for i, lr in lrs.items() if lr == pytest.approx(0.02)} == declared
+    assert len(lrs) == len(list(net.parameters()))
+    # flow_lr_scale 1 (the default): one lr for all
+    assert {g["lr"] for g in VideoClassifier(DeclaredGroupNet(2), lr=0.2).param_groups()} == {0.2}
+
+
+def test_real_networks_declare_their_flow_group():
+    import ops
+    from lightning_modules.networks import FLOW_GROUP, FCFR2Plus1D, SIFAResNet, parameter_groups
+
+    fcf = FCFR2Plus1D(2, depth=18, width_mult=0.125, fcf_bottleneck=4, fcf_n_iter=1)
+    flow = {id(p) for m in fcf.modules() if isinstance(m, ops.FlowLayer) for p in m.parameters()}
+    assert flow and {id(p) for p in fcf.parameter_groups()[FLOW_GROUP]} == flow
+    assert {id(p) for p in parameter_groups(fcf)[FLOW_GROUP]} == flow
+    # The FCF blocks' convolutions are not flow parameters.
+    assert {id(p) for p in fcf.fcf.parameters()} - flow
+    assert parameter_groups(FCFR2Plus1D(2, depth=18, width_mult=0.125, fcf=False)) == {}
+    assert parameter_groups(SIFAResNet(2, depth=18, width_mult=0.125, sifa=False)) == {}
+    model = VideoClassifier(fcf, lr=0.1, flow_lr_scale=0.01)
+    assert {id(p) for g in model.param_groups() if g["lr"] == pytest.approx(0.001) for p in g["params"]} == flow
+
+
+def test_a_parameter_in_two_declared_groups_is_an_error():
+    from lightning_modules.networks import parameter_groups
+
+    class Twice(TinyNet):
+        def parameter_groups(self):
+            return {"flow": list(self.fcs[0].parameters()), "other": [self.fcs[0].weight]}
+
+    with pytest.raises(ValueError, match=r"Twice.parameter_groups\(\): a parameter is in both 'flow' and 'other'"):
+        parameter_groups(Twice(2))

@@ -130,6 +130,7 @@ def test_missing_kinetics_videos_are_counted_in_test_results(tmp_path, shared_vi
     from lightning.pytorch.loggers import CSVLogger
 
     from lightning_modules.classifier import VideoClassifier
+    from lightning_modules.reports import TestReportWriter
 
     (tmp_path / "videos").mkdir()
     (tmp_path / "videos" / "aaa_000000_000010.mp4").symlink_to(shared_videos / "kinetics_arm_wrestling.mp4")
@@ -143,11 +144,16 @@ def test_missing_kinetics_videos_are_counted_in_test_results(tmp_path, shared_vi
     assert [r.path for r in dm.unusable("test")] == ["ccc_000000_000010"]
     model = VideoClassifier(_MeanNet(2))
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=CSVLogger(tmp_path / "logs"), enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path)
+                        enable_model_summary=False, default_root_dir=tmp_path, callbacks=[TestReportWriter()])
     trainer.test(model, datamodule=dm, verbose=False)
     [report_file] = (tmp_path / "logs").rglob("test_results.json")
     report = json.loads(report_file.read_text())
     assert report["num_videos"] == 2 and report["excluded_videos"] == 1
+    scores = json.loads((report_file.parent / "scores_test.json").read_text())  # per-video, named by record
+    videos = tmp_path / "videos"
+    assert [(v["video_id"], v["name"]) for v in scores["videos"]] == [
+        (0, str(videos / "aaa_000000_000010.mp4")), (1, str(videos / "bbb_000000_000010.mp4"))]
+    assert scores["excluded_video_ids"] == [2]
 
 
 # ------------------------------------------------------------------ list files: encodings

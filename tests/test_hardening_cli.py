@@ -27,7 +27,6 @@ from test_classifier import MovingSquare, SquareData, TinyNet, collate
 from torch.utils.data import DataLoader
 
 from lightning_modules import VideoClassifier
-from lightning_modules.classifier import _EvalAccumulator
 from lightning_modules.cli import INTERRUPTED_CKPT, VMMCLI, VMMTrainer, main, predict_files
 from lightning_modules.io import (
     AtomicCheckpointIO,
@@ -37,6 +36,7 @@ from lightning_modules.io import (
     load_vmm_checkpoint,
 )
 from lightning_modules.networks.pretrained import load_pretrained_2d
+from lightning_modules.reports import TestReportWriter
 
 
 def _strict_json(path: Path):
@@ -212,7 +212,9 @@ def test_class_set_mismatch_and_reordered_resume_are_refused(trained_square, tmp
 
 
 def test_mean_class_averages_only_classes_with_test_videos():
-    acc = _EvalAccumulator()
+    from lightning_modules.evaluation import EvalAccumulator
+
+    acc = EvalAccumulator()
     p = torch.tensor
     # Labels 0, 0, 1, 1 (class 2 has no video); video 3 is predicted as class 2.
     probs = p([[0.9, 0.1, 0.0], [0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.2, 0.7]])
@@ -247,24 +249,21 @@ _DISK_FULL_SCRIPT = textwrap.dedent("""
     from pathlib import Path
     import torch
     sys.path.insert(0, {tests!r})
-    from test_classifier import TinyNet
-    from lightning_modules import VideoClassifier
-    from lightning_modules.classifier import _EvalAccumulator
+    from lightning_modules.evaluation import EvalAccumulator
     from lightning_modules.io import AtomicCheckpointIO
+    from lightning_modules.reports import write_test_report
 
     out = Path(sys.argv[1])
-    model = VideoClassifier(TinyNet(3), class_names=["a", "b", "c"])
-    acc = _EvalAccumulator()
+    acc = EvalAccumulator()
     acc.add(torch.tensor([0, 1]), torch.tensor([0, 0]), torch.tensor([0, 2]), torch.eye(3)[[0, 2]], torch.ones(2))
     res = acc.compute(3)
-    model._write_test_report(res, str(out))  # the old report, fully written
+    write_test_report(res, out, ["a", "b", "c"])  # the old report, fully written
     AtomicCheckpointIO().save_checkpoint({{"w": torch.zeros(4096)}}, out / "last.ckpt")
     # From here on no file may grow past 300 bytes: the next writes fail part-way, as on a full disk.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (300, 300))
-    model.class_names = ["a" * 50, "b" * 50, "c" * 50]
     failures = 0
-    for write in (lambda: model._write_test_report(res, str(out)),
+    for write in (lambda: write_test_report(res, out, ["a" * 50, "b" * 50, "c" * 50]),
                   lambda: AtomicCheckpointIO().save_checkpoint({{"w": torch.ones(8192)}}, out / "last.ckpt")):
         try:
             write()
@@ -306,7 +305,7 @@ def test_all_unreadable_test_split_fails_and_writes_null(tmp_path):
     data = SquareData(n_train=8, n_eval=4, views=1, bad=range(4))
     model = VideoClassifier(TinyNet(2))
     with pytest.raises(RuntimeError, match=r"no test video could be used \(4 failed to decode\)"):
-        _trainer(tmp_path).test(model, datamodule=data, verbose=False)
+        _trainer(tmp_path, callbacks=[TestReportWriter()]).test(model, datamodule=data, verbose=False)
     report = _strict_json(tmp_path / "lightning_logs" / "version_0" / "test_results.json")
     assert report["num_videos"] == 0 and report["excluded_videos"] == 4
     assert report["top1"] is None and report["mean_class"] is None and report["loss"] is None

@@ -26,11 +26,16 @@ with the same seed the three arms also start from identical backbone weights).
 Where the modules live (for hooks and visualisation): SIFA blocks are `<layerN>.<i>.motion`
 (`ops.SIFA`, odd i), FCF blocks are `fcf["layerN"]` (`ops.FCFBlock`, applied after layerN).
 
+Learning-rate groups: a network names parameters that train with their own lr factor in
+`parameter_groups() -> {name: [parameters]}` (FCF networks: "flow", the flow layers, scaled by
+`VideoClassifier(flow_lr_scale=...)`); `parameter_groups(net)` asks it, and finds the flow layers of a
+network that declares nothing.
+
 ImageNet weights: `pretrained=<path to a torchvision-layout 2D ResNet state dict>`; see
 `lightning_modules.networks.pretrained`.
 """
 
-from .base import VideoResNet
+from .base import FLOW_GROUP, VideoResNet, flow_layer_parameters, parameter_groups
 from .blocks import BasicBlock, Bottleneck, Conv2Plus1D, GlobalContext
 from .fcf_r2plus1d import (
     FCFR2Plus1D,
@@ -54,6 +59,7 @@ from .sifa_resnet import (
 )
 
 __all__ = [
+    "FLOW_GROUP",
     "BasicBlock",
     "Bottleneck",
     "Conv2Plus1D",
@@ -67,9 +73,11 @@ __all__ = [
     "fcf_r2plus1d_18",
     "fcf_r2plus1d_34",
     "fcf_r2plus1d_50",
+    "flow_layer_parameters",
     "frame_resnet",
     "inflate_2d_state_dict",
     "load_pretrained_2d",
+    "parameter_groups",
     "r2plus1d_18",
     "r2plus1d_34",
     "r2plus1d_50",

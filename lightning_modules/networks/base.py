@@ -53,6 +53,38 @@ def check_stages(name: str, stages: object) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
+FLOW_GROUP = "flow"
+"""Name of the parameter group of Representation Flow layers (`VideoClassifier(flow_lr_scale=...)`)."""
+
+
+def flow_layer_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters of every Representation Flow layer (`ops.FlowLayer`) inside `module`."""
+    import ops  # only networks and the ops know the ops' classes
+
+    return [p for m in module.modules() if isinstance(m, ops.FlowLayer) for p in m.parameters()]
+
+
+def parameter_groups(net: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """Named groups of `net`'s parameters that train with their own learning-rate factor.
+
+    A network declares its groups with a method `parameter_groups() -> {name: [parameters]}` (the
+    `VideoResNet` networks do); parameters in no group train at the base learning rate. For a
+    network that declares none, the parameters of its `ops.FlowLayer`s form the `FLOW_GROUP`
+    group, so hand-built networks with flow layers get `flow_lr_scale` too. Empty groups are
+    dropped; a parameter in two groups is an error (ValueError naming both groups).
+    """
+    declared = getattr(net, "parameter_groups", None)
+    groups = declared() if callable(declared) else {FLOW_GROUP: flow_layer_parameters(net)}
+    owner: dict[int, str] = {}
+    for name, params in groups.items():
+        for p in params:
+            if owner.setdefault(id(p), name) != name:
+                raise ValueError(
+                    f"{type(net).__name__}.parameter_groups(): a parameter is in both {owner[id(p)]!r} and {name!r}"
+                )
+    return {name: list(params) for name, params in groups.items() if params}
+
+
 def scaled_channels(channels: int, width_mult: float, divisor: int = 1) -> int:
     """`channels · width_mult` rounded to a multiple of `divisor`, at least `divisor` (so at least 1)."""
     return max(divisor, int(round(channels * width_mult / divisor)) * divisor)
@@ -124,6 +156,11 @@ class VideoResNet(nn.Module):
         self._block = block
         self._planes = planes
         self._counts = counts
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Named parameter groups with their own learning-rate factor (see `parameter_groups`);
+        none in the plain backbone."""
+        return {}
 
     # -- hooks for subclasses ------------------------------------------------------------------------
     def _min_frames(self) -> int:

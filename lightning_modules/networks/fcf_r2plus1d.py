@@ -7,7 +7,15 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-from .base import VideoResNet, check_bool, check_choice, check_int, check_stages
+from .base import (
+    FLOW_GROUP,
+    VideoResNet,
+    check_bool,
+    check_choice,
+    check_int,
+    check_stages,
+    flow_layer_parameters,
+)
 from .blocks import build_forked
 from .pretrained import check_pretrained_path, load_pretrained_2d
 
@@ -108,6 +116,11 @@ class FCFR2Plus1D(VideoResNet):
         self.pretrained_report = None
         if pretrained is not None:
             self.pretrained_report = load_pretrained_2d(self, pretrained)
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """`{"flow": ...}`: the parameters of the FCF blocks' flow layers (the recipe of docs/repflow.md
+        trains them at `flow_lr_scale` × lr, §2); the blocks' convolutions are not in it."""
+        return {FLOW_GROUP: flow_layer_parameters(self.fcf) if len(self.fcf) else []}
 
     def _min_frames(self) -> int:
         # Each FCF block removes 2 frames and needs 3 at its input.
