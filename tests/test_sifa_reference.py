@@ -543,3 +543,54 @@ def test_sifa_propagates_nan():
     y = block(x)
     assert y[0, :, 0, 2, 2].isnan().all()  # frame 0 attends to frame 1's NaN
     assert torch.isfinite(y[:, :, 2]).all()  # the last frame is x itself
+
+
+# ------------------------------------------------------------------------------------- torch.jit.trace
+
+
+def test_canvas_size_of_a_traced_size_equals_the_integer_rule():
+    from ops.sifa.reference import canvas_size
+
+    for n in [*range(1, 70), 127, 128, 129, 1000, 4096]:
+        assert canvas_size(n) == int(canvas_size(torch.tensor(n))) >= n, n
+
+
+def test_reference_ops_and_sifa_block_trace_with_jit_trace():
+    # The reference path records under torch.jit.trace (sizes arrive as 0-d tensors there); the trace
+    # reproduces the eager outputs at the traced shape and at others (a map size that is a power of two,
+    # one that is not, batch and frame counts changed).
+    def inputs(batch, height, width):
+        gen = torch.Generator().manual_seed(batch * 100 + height * 10 + width)
+        q, k = (torch.randn(batch, 4, height, width, dtype=torch.float64, generator=gen) for _ in range(2))
+        offset = 2 * torch.randn(batch, 18, height, width, dtype=torch.float64, generator=gen)
+        attn = torch.randn(batch, 18, height, width, dtype=torch.float64, generator=gen)
+        return q, k, offset, attn
+
+    def corr(q, k, o):
+        return ops.deform_correlation(q, k, o, 3, 1, 2, backend="torch")
+
+    def agg(v, a, o):
+        return ops.deform_aggregation(v, a, o, 3, 1, 2, backend="torch")
+
+    def step(q, kv, o):
+        return ops.deform_attention(q, kv, o, 3, 2, 2, backend="torch")
+
+    q, k, o, a = inputs(2, 5, 6)
+    with pytest.warns(torch.jit.TracerWarning):  # the argument checks become constants of the trace
+        traced = (torch.jit.trace(corr, (q, k, o)), torch.jit.trace(agg, (k, a, o)), torch.jit.trace(step, (q, k, o)))
+    for shape in [(2, 5, 6), (1, 7, 3), (3, 8, 8)]:
+        q, k, o, a = inputs(*shape)
+        torch.testing.assert_close(traced[0](q, k, o), corr(q, k, o), rtol=0, atol=0)
+        torch.testing.assert_close(traced[1](k, a, o), agg(k, a, o), rtol=0, atol=0)
+        torch.testing.assert_close(traced[2](q, k, o), step(q, k, o), rtol=0, atol=0)
+
+    torch.manual_seed(0)
+    block = ops.SIFA(4, groups=2, offset_init="kaiming", backend="torch", correlation_features=True).double()
+    with torch.no_grad():
+        block.attn_proj.weight.normal_()
+    x = torch.randn(2, 4, 3, 5, 6, dtype=torch.float64)
+    with pytest.warns(torch.jit.TracerWarning):
+        traced_block = torch.jit.trace(block, (x,))
+    for shape in [(2, 4, 3, 5, 6), (1, 4, 4, 7, 3)]:
+        x = torch.randn(*shape, dtype=torch.float64)
+        torch.testing.assert_close(traced_block(x), block(x), rtol=0, atol=0)

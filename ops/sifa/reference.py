@@ -39,8 +39,15 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def canvas_size(n: int) -> int:
-    """The power of two >= n: the padded size of a map dimension of size n (n >= 1)."""
+def canvas_size(n: int | torch.Tensor) -> int | torch.Tensor:
+    """The power of two >= n: the padded size of a map dimension of size n (n >= 1).
+
+    Under ``torch.jit.trace`` sizes arrive as 0-d tensors; the same power of two is then computed by
+    torch ops (exact: log2 of an integer below 2^53 rounds up correctly in float64), so the trace
+    records it instead of freezing the traced size.
+    """
+    if isinstance(n, torch.Tensor):
+        return torch.pow(2, torch.ceil(torch.log2(n.to(torch.float64)))).to(n.dtype)
     return 1 << (n - 1).bit_length()
 
 
@@ -48,6 +55,8 @@ def to_canvas(img: torch.Tensor) -> torch.Tensor:
     """``img [B,C,H,W]`` zero-padded at the bottom and right to ``[B,C,Hp,Wp]`` (powers of two)."""
     height, width = img.shape[-2:]
     extra_h, extra_w = canvas_size(height) - height, canvas_size(width) - width
+    if isinstance(extra_h, torch.Tensor):  # traced: always pad (by 0 where the size is a power of two)
+        return F.pad(img, (0, extra_w, 0, extra_h))
     return F.pad(img, (0, extra_w, 0, extra_h)) if extra_h or extra_w else img
 
 
