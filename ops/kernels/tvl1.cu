@@ -1,4 +1,4 @@
-// The TV-L1 iteration of Representation Flow (repflow.md §1), fused, and its hand-written adjoint.
+// The TV-L1 iteration of Representation Flow (docs/repflow.md §1), fused, and its hand-written adjoint.
 //
 // Layouts (all contiguous, T = the compute type, float or double in practice):
 //   gx, gy, rho_c   [B,C,H,W]    image gradient of i1 and i1 - i0 (computed by torch, once per call)

@@ -115,7 +115,7 @@ def tvl1_flow(
     stencils: Sequence[Tensor] | None = None,
     backend: str = "auto",
 ) -> Tensor:
-    """TV-L1 flow from ``i0`` to ``i1`` by ``n_iter`` unrolled iterations (repflow.md §1), per channel.
+    """TV-L1 flow from ``i0`` to ``i1`` by ``n_iter`` unrolled iterations (docs/repflow.md §1), per channel.
 
     Args:
         i0, i1: ``[B,C,H,W]`` feature maps of frames t and t+1 (same shape, dtype, device).

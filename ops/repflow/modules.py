@@ -190,7 +190,7 @@ class FlowLayer(nn.Module):
 
 
 class FCFBlock(nn.Module):
-    """Flow-Conv-Flow block (repflow.md §3): ``x [N,C,T,H,W] -> [N,C,T-2,H,W]`` (T ≥ 3).
+    """Flow-Conv-Flow block (docs/repflow.md §3): ``x [N,C,T,H,W] -> [N,C,T-2,H,W]`` (T ≥ 3).
 
     ``relu(avg_pool_T3(x) + BN(conv133(Flow(conv1(conv133(Flow(conv1(x))))))))`` with both flow layers
     on ``bottleneck`` channels (separate parameters) and the final BN's gamma zero-initialised, so

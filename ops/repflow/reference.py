@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of the TV-L1 iteration (repflow.md §1), differentiable by autograd.
+"""Pure-PyTorch reference of the TV-L1 iteration (docs/repflow.md §1), differentiable by autograd.
 
 Everything here works on validated, already-cast tensors (see ``functional.py``): i0, i1
 ``[B,C,H,W]`` in the compute dtype (float32 or float64), per-channel stencils broadcast as
@@ -57,7 +57,7 @@ def divergence(p1: Tensor, p2: Tensor, dx: Tensor, dy: Tensor) -> Tensor:
 
 
 def threshold_coefficient(rho: Tensor, grad: Tensor, lt: Tensor | float, zeros: Tensor) -> Tensor:
-    """The threshold step as a coefficient of ∇i1: ``v = coef·(gx, gy)`` (repflow.md §1), ``[B,C,H,W]``.
+    """The threshold step as a coefficient of ∇i1: ``v = coef·(gx, gy)`` (docs/repflow.md §1), ``[B,C,H,W]``.
 
     ``coef`` is ``λθ`` where ``rho < -λθ·grad``, ``-λθ`` where ``rho > λθ·grad``, 0 where the image is
     flat (``grad <= ε``: ∇i1 = 0) and ``-rho/grad`` otherwise.
