@@ -5,19 +5,16 @@ device or value), as docs/architecture.md §3 asks. One exception type per kind 
 subclass of :class:`OpError` and of the built-in type the ops raised before these existed, so
 ``except ValueError`` keeps working:
 
-========================  ===================================  ==========================================
-exception                 the mistake                          built-in bases
-========================  ===================================  ==========================================
-:class:`OpShapeError`     a tensor of the wrong rank or shape  ValueError
-:class:`OpDtypeError`     a tensor of the wrong dtype          ValueError, TypeError
-:class:`OpDeviceError`    tensors on different/wrong devices   ValueError
-:class:`OpArgumentError`  a non-tensor argument of the wrong   ValueError
-                          type or value (kernel_size, n_iter)
-:class:`BackendError`     an unknown backend, or one that      ValueError
-                          cannot run these tensors
-:class:`BackendUnavailableError`  the backend's software is    BackendError, RuntimeError
-                          missing (CuPy, a C++ compiler)
-========================  ===================================  ==========================================
+* :class:`OpShapeError` (ValueError): a tensor of the wrong rank or shape.
+* :class:`OpDtypeError` (ValueError and TypeError): a tensor of the wrong dtype, or not the dtype of
+  its partner tensors or of the module's parameters.
+* :class:`OpDeviceError` (ValueError): tensors on different devices.
+* :class:`OpArgumentError` (ValueError): a non-tensor argument of the wrong type or value
+  (kernel_size, n_iter, a flag), or a non-tensor where a tensor is due.
+* :class:`BackendError` (ValueError): an unknown backend, or one that cannot run these tensors
+  ("cupy" on CPU tensors, "emulated" outside :func:`ops.kernel_host_emulation`).
+* :class:`BackendUnavailableError` (BackendError and RuntimeError): the backend's software is
+  missing (CuPy, or a C++ compiler for host emulation).
 
 Kept free of op-specific knowledge so every op and network can use it.
 """
