@@ -65,7 +65,9 @@ class VideoFolderDataModule(VideoDataModule):
         return parse_folder(d, self.class_names)[0]
 
 
-def _resolve(file: str | None, root: Path) -> Path | None:
+def resolve_list_path(file: str | None, root: Path) -> Path | None:
+    """A list/annotation file as given (absolute, or relative to the working directory), else
+    relative to `root` when only that exists; None stays None."""
     if file is None:
         return None
     p = Path(file).expanduser()
@@ -94,8 +96,8 @@ class VideoListDataModule(VideoDataModule):
     ):
         super().__init__(**kwargs)
         self.root = Path(root).expanduser()
-        self.lists = {"train": _resolve(train_list, self.root), "val": _resolve(val_list, self.root),
-                      "test": _resolve(test_list, self.root)}
+        self.lists = {"train": resolve_list_path(train_list, self.root), "val": resolve_list_path(val_list, self.root),
+                      "test": resolve_list_path(test_list, self.root)}
         if all(v is None for v in self.lists.values()):
             raise ValueError("train_list/val_list/test_list: expected at least one list file")
         self._given_names = class_names
@@ -103,7 +105,7 @@ class VideoListDataModule(VideoDataModule):
 
     def _class_names(self) -> list[str]:
         if isinstance(self._given_names, str):
-            return read_class_names(_resolve(self._given_names, self.root))
+            return read_class_names(resolve_list_path(self._given_names, self.root))
         if self._given_names is not None:
             return list(self._given_names)
         k = self._given_num
@@ -155,7 +157,7 @@ class KineticsDataModule(VideoDataModule):
         name = self.csv_names[split]
         candidates = [name] if name else ["validate.csv", "val.csv"]
         for c in candidates:
-            p = _resolve(c, self.annotation_dir)
+            p = resolve_list_path(c, self.annotation_dir)
             if not p.is_file():
                 p = self.annotation_dir / c
             if p.is_file():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .annotations import AnnotationError, VideoRecord, annotation_lines, read_class_names
 from .frames import DEFAULT_TEMPLATE, FrameRecord, check_template
-from .layouts import VideoListDataModule, _resolve
+from .layouts import VideoListDataModule, resolve_list_path
 
 __all__ = ["RawFrameListDataModule", "parse_rawframe_list"]
 
@@ -73,7 +73,7 @@ class RawFrameListDataModule(VideoListDataModule):
 
     def _class_names(self) -> list[str]:
         if isinstance(self._given_names, str):
-            return read_class_names(_resolve(self._given_names, self.root))
+            return read_class_names(resolve_list_path(self._given_names, self.root))
         if self._given_names is not None:
             return list(self._given_names)
         k = self._given_num
