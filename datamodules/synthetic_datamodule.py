@@ -32,7 +32,8 @@ class SyntheticMotionDataModule(KineticsDataModule):
     pairs), "coherence" (K = 2: frames in order vs the same frames permuted; sample every frame —
     `num_frames = video_frames`, `frame_interval = 1` — so both classes show the same frame set) or
     "appearance" (K = 4: shape × texture family, motion independent of the label); each task has
-    its own cache directory.
+    its own cache directory. `result_note`: a line printed under the test results by `vmm demo`
+    (a config says there what its run shows; not part of the data or its cache key).
     """
 
     def __init__(
@@ -49,6 +50,7 @@ class SyntheticMotionDataModule(KineticsDataModule):
         max_objects: int = 2,
         seed: int = 0,
         task: str = "direction",
+        result_note: str | None = None,
         generate_workers: int | None = None,
         batch_size: int = 16,
         num_workers: int = 2,
@@ -86,6 +88,7 @@ class SyntheticMotionDataModule(KineticsDataModule):
             encoder=pick_encoder(),
             task=task,
         )
+        self.result_note = result_note
         self.cache_root = Path(root).expanduser() if root else default_cache_root()
         self.generate_workers = generate_workers if generate_workers is not None else min(4, os.cpu_count() or 1)
         super().__init__(
@@ -128,11 +131,16 @@ class SyntheticMotionDataModule(KineticsDataModule):
         """The chance level and, where frame order decides the class (direction, coherence), the
         ceiling of a model blind to frame order (docs/synthetic_motion.md §3)."""
         k = self.spec.num_classes
+        extra = [self.result_note] if self.result_note else []
         if self.spec.task == "appearance":
-            return [f"K = {k} classes: chance {100 / k:.1f}%"]
+            return [f"K = {k} classes: chance {100 / k:.1f}%", *extra]
+        if self.spec.task == "coherence":
+            return [f"K = {k} classes (ordered / shuffled frames): chance {100 / k:.1f}%, and every model blind "
+                    "to frame order is at exactly that (both classes show the same frames)", *extra]
         return [
             f"K = {k} classes: chance {100 / k:.1f}%; on the synthetic motion set a model blind to frame order "
-            f"is capped at {100 * ORDER_BLIND_CEILING:.0f}% (the pair, never the member)"
+            f"is capped at {100 * ORDER_BLIND_CEILING:.0f}% (the pair, never the member)",
+            *extra,
         ]
 
     def prepare_data(self) -> None:

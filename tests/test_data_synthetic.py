@@ -282,3 +282,15 @@ def test_meta_json_and_lists_are_replaced_atomically(tmp_path):
         assert reader.read() == '{"old": 1}'  # replaced by a rename, not rewritten in place
     assert target.read_text() == '{"new": 2}'
     assert [p.name for p in tmp_path.iterdir()] == ["meta.json"]  # no temporary left behind
+
+
+def test_result_notes_per_task_and_the_config_note(tmp_path):
+    direction = SyntheticMotionDataModule(root=str(tmp_path), **TINY)
+    assert "capped at 50% (the pair, never the member)" in direction.result_notes({})[0]
+    coherence = SyntheticMotionDataModule(
+        root=str(tmp_path), **{**TINY, "num_classes": 2, "task": "coherence", "video_frames": 8},
+        result_note="this run shows X")
+    notes = coherence.result_notes({})
+    assert "chance 50.0%" in notes[0] and "the pair" not in notes[0] and notes[-1] == "this run shows X"
+    assert coherence.spec.digest() == SyntheticMotionDataModule(
+        root=str(tmp_path), **{**TINY, "num_classes": 2, "task": "coherence", "video_frames": 8}).spec.digest()
