@@ -75,7 +75,8 @@ def score_dump(res: EvalResult, class_names: list[str], video_names: Sequence[st
     """The per-video scores of an evaluation as plain data (the content of `scores_test.json`).
 
     `{"format": "vmm-scores/1", "split": "test", "class_names": [...], "num_classes": C,
-    "videos": [{"video_id", "name", "label", "num_views", "probs": [C floats]}, ...] (sorted by id),
+    "videos": [{"video_id", "name", "label", "num_views", "probs": [C floats, 7 significant digits]}, ...]
+    (sorted by id),
     "excluded_video_ids": [...]}`. `probs` are the view-averaged class probabilities; `name` is
     `video_names[video_id]` (e.g. the file path) or None. Two dumps of the same split fuse by
     `video_id` (`vmm fuse-scores`).
@@ -88,8 +89,9 @@ def score_dump(res: EvalResult, class_names: list[str], video_names: Sequence[st
     def name(v: int) -> str | None:
         return str(video_names[v]) if video_names is not None and 0 <= v < len(video_names) else None
 
+    # 7 significant digits: float32's precision, at about half the characters of a full repr.
     videos = [
-        {"video_id": v, "name": name(v), "label": y, "num_views": n, "probs": p}
+        {"video_id": v, "name": name(v), "label": y, "num_views": n, "probs": [float(f"{x:.7g}") for x in p]}
         for v, y, n, p in zip(
             res.video_ids.tolist(), res.video_labels.tolist(), res.video_views.tolist(), res.video_probs.tolist(),
             strict=True,
