@@ -555,6 +555,9 @@ def test_canvas_size_of_a_traced_size_equals_the_integer_rule():
         assert canvas_size(n) == int(canvas_size(torch.tensor(n))) >= n, n
 
 
+# Recent torch (2.13 here) deprecates torch.jit.trace for torch.compile / torch.export; it still works and
+# users still trace, so the reference must stay traceable.
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace.*is deprecated:DeprecationWarning")
 def test_reference_ops_and_sifa_block_trace_with_jit_trace():
     # The reference path records under torch.jit.trace (sizes arrive as 0-d tensors there); the trace
     # reproduces the eager outputs at the traced shape and at others (a map size that is a power of two,
