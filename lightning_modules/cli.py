@@ -1,13 +1,18 @@
-"""The `vmm` console script: LightningCLI subcommands plus file prediction and the data check.
+"""The `vmm` console script: one LightningCLI parser for every command, plus score fusion.
 
     vmm fit|validate|test|predict --config configs/<net>_<dataset>.yaml [--key value ...]
     vmm demo --config configs/demo_sifa_synthetic.yaml     fit, then test the best checkpoint
-    vmm predict --ckpt_path best.ckpt clip1.mp4 [clip2.avi ...]   (no dataset or config needed)
-    vmm check-data --config configs/<net>_<dataset>.yaml    decode every video once, list failures
+    vmm predict --ckpt_path best.ckpt clip1.mp4 [folder/ frames/ ...]   (no dataset or config needed)
+    vmm check-data --config configs/<net>_<dataset>.yaml [--write_clean_list clean.txt]
+    vmm fuse-scores a/scores_test.json b/scores_test.json [--weights 0.5 0.5] [--output fused.json]
 
-The model is always `VideoClassifier`; the network (`--model.net`) and the datamodule (`--data`)
-are given by `class_path`. `data.num_classes` is linked to the classifier's and the network's
-`num_classes`, and `data.class_names` to the classifier's, so checkpoints carry the class names.
+`check-data` and file-mode `predict` are subcommands of the same parser as fit/test, so options
+are spelled alike everywhere (`--data.init_args.root`, `--ckpt_path`) and a config's overrides
+apply to every command. The model is always `VideoClassifier`; the network (`--model.net`) and
+the datamodule (`--data`) are given by `class_path`. `data.num_classes` is linked to the
+classifier's and the network's `num_classes`, and `data.class_names` to the classifier's, so
+checkpoints carry the class names. The CLI is the one place that joins data and model
+(docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from .classifier import VideoClassifier
 from .io import AtomicCheckpointIO, check_writable_file, load_vmm_checkpoint
 from .reports import PredictionWriter, TestReportWriter
 
-__all__ = ["VMMCLI", "VMMTrainer", "PredictionWriter", "main", "predict_files"]
+__all__ = ["VMMCLI", "VMMTrainer", "PredictionWriter", "fuse_scores", "main", "predict_files"]
 
 DATA_CONFIG_KEY = "vmm_data_config"
 PREDICT_SETTINGS_KEY = "vmm_test_settings"
@@ -132,13 +137,11 @@ class VMMTrainer(Trainer):
                     f"  test accuracy (video level): top-1 {100 * res['top1']:.1f}%  top-5 {100 * res['top5']:.1f}%"
                     f"  mean-class {100 * res['mean_class']:.1f}%  on {res['num_videos']} videos"
                 )
-            if k:
-                from datamodules.synthetic import ORDER_BLIND_CEILING  # the data stack only when asked for
-
-                lines.append(
-                    f"  K = {k} classes: chance {100 / k:.1f}%; on the synthetic motion set a model blind to"
-                    f" frame order is capped at {100 * ORDER_BLIND_CEILING:.0f}% (the pair, never the member)"
-                )
+            notes = datamodule.result_notes(res) if callable(getattr(datamodule, "result_notes", None)) else []
+            if notes:  # the datamodule knows its own chance level and ceilings
+                lines += [f"  {n}" for n in notes]
+            elif k:
+                lines.append(f"  K = {k} classes: chance {100 / k:.1f}%")
             lines.append(f"  checkpoint: {Path(best).resolve() if best else None}")
             if log_dir:
                 lines.append(f"  logs: {log_dir} (metrics.csv, test_results.json, confusion_matrix_test.png)")
@@ -202,6 +205,8 @@ class VMMCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
+        """The Trainer-method subcommands (fit, validate, test, predict, demo) and the arguments
+        LightningCLI skips in each; `check-data` (no model, no Trainer) is added beside them."""
         cmds = LightningCLI.subcommands()
         cmds["demo"] = {"model", "datamodule"}
         return cmds
@@ -210,10 +215,51 @@ class VMMCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.net.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
-        parser.add_argument(
-            "--predictions", type=str | None, default=None,
-            help="predict: JSON file for the per-video top-k predictions (default <log_dir>/predictions.json)",
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        """LightningCLI's subcommands plus `check-data`, all in one parser: the `data` options,
+        `--config` layering and overrides are spelled the same way in every command."""
+        self._subcommand_parsers: dict[str, LightningArgumentParser] = {}
+        subcommands = parser.add_subcommands()
+        for name in self.subcommands():
+            description = (getattr(self.trainer_class, name).__doc__ or "").strip().split("\n")[0] or None
+            sub = self._prepare_subcommand_parser(
+                self.trainer_class, name, **{"description": description, **kwargs.get(name, {})}
+            )
+            self._subcommand_parsers[name] = sub
+            subcommands.add_subcommand(name, sub, help=description)
+        description = "Decode every video of the datamodule once and list the unreadable ones."
+        sub = self.init_parser(description=description, **kwargs.get(CHECK_DATA, {}))
+        self.add_default_arguments_to_parser(sub)
+        sub.add_lightning_class_args(self._datamodule_class, "data", subclass_mode=self.subclass_mode_data)
+        # A full run configuration is accepted as it is; its model and trainer sections are not used.
+        sub.add_argument("--model", type=dict | None, default=None, help="ignored by check-data")
+        sub.add_argument("--trainer", type=dict | None, default=None, help="ignored by check-data")
+        self._subcommand_method_arguments[CHECK_DATA] = sub.add_method_arguments(
+            VMMCLI, "check_data", skip={"datamodule"}
         )
+        self._subcommand_parsers[CHECK_DATA] = sub
+        subcommands.add_subcommand(CHECK_DATA, sub, help=description)
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "predict":  # options that only prediction reads
+            parser.add_argument(
+                "videos", nargs="*", type=str,
+                help="video files, frame folders (JPEG/PNG images only) or folders searched recursively for "
+                     "both; none: the datamodule's test set. Without --config/--data the checkpoint's class "
+                     "names and test views are used (--data.init_args.* overrides them)",
+            )
+            parser.add_argument(
+                "--predictions", type=str | None, default=None,
+                help="JSON file for the per-video top-k predictions (default: <log_dir>/predictions.json; "
+                     "on files without a config: ./<checkpoint name>.predictions.json)",
+            )
+            parser.add_argument(
+                "--top_k", type=int | None, default=None,
+                help="number of classes listed per video (default: the model's top_k, 5)",
+            )
+        return parser
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse, then check `--ckpt_path` against the configured model (see `_check_ckpt_against_config`).
@@ -221,20 +267,106 @@ class VMMCLI(LightningCLI):
         With `--ckpt_path` on the command line, the checkpoint's model hyperparameters are given
         first (`--model <json>`), so a configuration without `model.net` tests the checkpoint alone,
         and whatever the configuration and `--model.*` set afterwards can be compared with them.
+        `vmm predict` on files without `--config`/`--data` also gets the checkpoint's class names
+        and test views as its datamodule (`PredictFilesDataModule`, overridable by `--data.init_args.*`).
+        Old spellings of predict/check-data options are translated, with a deprecation warning.
         """
         self._ckpt: dict[str, Any] | None = None
+        self._file_predict = False
+        self._flag_names: dict[str, str] = {}
         argv = None if isinstance(args, (dict, argparse.Namespace)) else list(sys.argv[1:] if args is None else args)
-        if argv and argv[0] in self.subcommands() and not {"-h", "--help"} & set(argv):
-            ckpt_arg = _ckpt_path_argument(argv[1:])
+        if argv and argv[0] in (*self.subcommands(), CHECK_DATA) and not {"-h", "--help"} & set(argv):
+            rest, self._flag_names = _translate_old_spellings(argv[0], argv[1:])
+            injected: list[str] = []
+            ckpt_arg = _ckpt_path_argument(rest) if argv[0] != CHECK_DATA else None
             if ckpt_arg is not None:
+                if not Path(ckpt_arg).exists():
+                    raise ValueError(f"--ckpt_path must be an existing checkpoint file, got {ckpt_arg!r}")
                 self._ckpt = load_vmm_checkpoint(ckpt_arg)
                 model_hp = _checkpoint_model_config(self._ckpt)
                 if model_hp is not None:
-                    args = [argv[0], "--model", json.dumps(model_hp), *argv[1:]]
+                    injected += ["--model", json.dumps(model_hp)]
+            if argv[0] == "predict" and _is_file_predict(rest):
+                self._file_predict = True
+                injected += _file_predict_defaults(ckpt_arg, self._ckpt)
+            args = argv = [argv[0], *injected, *rest]
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
             super().parse_arguments(parser, args)
         self._check_ckpt_against_config()
+        if argv:
+            self._drop_stale_num_classes(argv[1:])
+        if self.config.get("subcommand") == "predict":
+            self._check_predict_arguments()
+
+    def _drop_stale_num_classes(self, argv: Sequence[str]) -> None:
+        """Layered configurations (`--config a.yaml --config b.yaml`) keep `data.init_args` values
+        across a change of `data.class_path`. A `num_classes` set only for an earlier datamodule
+        class is dropped (back to the new class's default: taken from its data), with a warning."""
+        sub = self.config.get("subcommand")
+        data = self.config.get(sub, {}).get("data") if sub else None
+        init = data.get("init_args") if data is not None and hasattr(data, "get") else None
+        if init is None or init.get("num_classes") is None:
+            return
+        final_cls = str(data.get("class_path") or "")
+        source_cls = _num_classes_source(argv)
+        if source_cls is None or _class_name(source_cls) == _class_name(final_cls):
+            return
+        import importlib
+        import inspect
+
+        module, _, name = final_cls.rpartition(".")
+        try:
+            param = inspect.signature(getattr(importlib.import_module(module), name)).parameters.get("num_classes")
+        except (ImportError, AttributeError, ValueError):
+            param = None
+        default = None if param is None or param.default is inspect.Parameter.empty else param.default
+        rank_zero_warn(
+            f"data.init_args.num_classes={init.get('num_classes')} was set for {source_cls}, not for {final_cls} "
+            f"(a later --config changed data.class_path); it is not carried over: the number of classes comes "
+            f"from the data ({'default ' + repr(default) if default is not None else 'its class names/labels'})",
+            category=UserWarning,
+        )
+        init["num_classes"] = default
+
+    def _check_num_classes(self) -> None:
+        """An explicit `data.init_args.num_classes` that disagrees with the datamodule's own class
+        count (e.g. its `class_names`) is an error, not a model with the wrong number of outputs."""
+        data = self._get(self.config, "data")
+        init = data.get("init_args") if data is not None and hasattr(data, "get") else None
+        explicit = init.get("num_classes") if init is not None else None
+        actual = getattr(self.datamodule, "num_classes", None)
+        if explicit is not None and isinstance(actual, int) and actual != explicit:
+            raise ValueError(
+                f"data.init_args.num_classes={explicit} disagrees with the data: {type(self.datamodule).__name__} "
+                f"has {actual} classes (its class names / labels); remove num_classes or make it {actual}"
+            )
+
+    def _check_predict_arguments(self) -> None:
+        """`vmm predict`: top_k, the video paths (folders expanded) and the output file, checked
+        before any model is built."""
+        cfg = self.config["predict"]
+        top_k = cfg.get("top_k")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be an integer >= 1, got {top_k}")
+        videos = cfg.get("videos") or []
+        self._predict_paths: list[str] | None = None
+        if videos:
+            from datamodules.files import expand_video_paths  # the data stack only when asked for
+
+            self._predict_paths = expand_video_paths(videos)
+        elif self._file_predict:
+            raise ValueError(
+                "videos: vmm predict without --config/--data needs video files, frame folders or folders to "
+                "search (or give --config to predict a datamodule's test set)"
+            )
+        predictions = cfg.get("predictions")
+        if predictions is None and self._file_predict:
+            # Next to the checkpoint is often a read-only mount (shared model store): default to the cwd.
+            predictions = str(Path.cwd() / f"{Path(cfg['ckpt_path']).stem}.predictions.json")
+            cfg["predictions"] = predictions
+        if predictions is not None:
+            check_writable_file(predictions, self._flag_names.get("--predictions", "--predictions"))
 
     def _check_ckpt_against_config(self) -> None:
         """Refuse a checkpoint whose network class differs from the configured `model.net`; warn
@@ -276,7 +408,66 @@ class VMMCLI(LightningCLI):
                 category=UserWarning,
             )
 
+    def instantiate_classes(self) -> None:
+        """As LightningCLI; `check-data` builds only the datamodule (no model, no Trainer)."""
+        if self.subcommand != CHECK_DATA:
+            super().instantiate_classes()
+            return
+        self.config_init = self.parser.instantiate_classes(self.config)
+        self.datamodule = self._get(self.config_init, "data")
+        self.model = None
+        self.trainer = None
+        self._check_num_classes()
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        if subcommand != CHECK_DATA:
+            super()._run_subcommand(subcommand)
+            return
+        args = self.config_init[subcommand]
+        self.check_data(self.datamodule, **{k: args[k] for k in self._subcommand_method_arguments[subcommand]})
+
+    def check_data(
+        self,
+        datamodule: LightningDataModule,
+        splits: list[str] | None = None,
+        num_workers: int | None = None,
+        decoder_threads: int | None = None,
+        write_clean_list: str | None = None,
+    ) -> None:
+        """`vmm check-data`: decode every distinct video of the datamodule once (a file listed in
+        several splits is decoded once) and print per-split counts, durations, frame rates and
+        the unreadable or unusable entries. The report is kept as `self.check_report`; `vmm`
+        exits with status 1 when it lists any bad entry.
+
+        Args:
+            datamodule: a `datamodules.VideoDataModule` (`--data`).
+            splits: the splits to check (default: every split the layout has).
+            num_workers: decoding processes (default: the datamodule's `num_workers`).
+            decoder_threads: FFmpeg threads per process (default: the datamodule's).
+            write_clean_list: also write the annotation list of each checked split without its bad
+                entries, to `<stem>_<split><suffix>` of this path (clean.txt -> clean_train.txt):
+                `path label` lines (absolute paths; VideoListDataModule reads them), or
+                `folder num_frames label` for frame-folder datasets (RawFrameListDataModule).
+        """
+        from datamodules.check import check_datamodule, clean_list_files, write_clean_lists  # data stack on demand
+
+        if write_clean_list is not None:  # an impossible list fails before the decoding, not after
+            clean_list_files(datamodule, splits or ("train", "val", "test"), write_clean_list)
+        report = check_datamodule(
+            datamodule,
+            splits=splits or ("train", "val", "test"),
+            num_workers=getattr(datamodule, "num_workers", 2) if num_workers is None else num_workers,
+            decoder_threads=datamodule.clip.decoder_threads if decoder_threads is None else decoder_threads,
+        )
+        self.check_report = report
+        if write_clean_list is not None:
+            for path in write_clean_lists(datamodule, report, write_clean_list):
+                print(f"clean list written to {path}")
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        self._check_num_classes()
+        if self._file_predict:
+            self.save_config_callback = None  # no log directory: config.yaml would land in the cwd
         self._dump_config()
         callbacks = list(self._get(self.config_init, "trainer", default={}).get("callbacks") or [])
         callbacks.append(_StoreDataConfig(self.config_dump.get("data")))
@@ -285,14 +476,12 @@ class VMMCLI(LightningCLI):
         if not any(isinstance(cb, TestReportWriter) for cb in callbacks):
             callbacks.append(TestReportWriter())  # test_results.json, confusion matrix, scores_test.json
         if self.subcommand == "predict":
-            predictions = self._get(self.config, "predictions")
-            if predictions is not None:
-                check_writable_file(predictions, "--predictions")
-            callbacks.append(PredictionWriter(predictions))
+            callbacks.append(PredictionWriter(self._get(self.config, "predictions")))  # checked when parsed
         return super().instantiate_trainer(callbacks=callbacks, **kwargs)
 
     def predict(self, model: LightningModule, datamodule: LightningDataModule | None = None, **kwargs: Any) -> None:
-        """`vmm predict --config ...`: the datamodule's predict set, or else its test set.
+        """`vmm predict`: the given videos (decoded with the datamodule's test views), else the
+        datamodule's predict set, else its test set.
 
         The video datamodules have no predict split; predicting their test set writes per-video
         top-k for every test video, named by file path.
@@ -302,6 +491,30 @@ class VMMCLI(LightningCLI):
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
         if writer.output is None and self.trainer.is_global_zero:
             check_writable_file(Path(log_dir or ".") / "predictions.json", "--predictions (default <log_dir>)")
+        top_k = self._get(self.config, "top_k")
+        if top_k is not None:
+            model.hparams.top_k = top_k
+        if self._predict_paths:
+            if not callable(getattr(datamodule, "predict_dataset", None)):
+                raise ValueError(
+                    f"videos: the datamodule {type(datamodule).__name__} cannot decode files (no predict_dataset); "
+                    "use a datamodules.VideoDataModule"
+                )
+            from datamodules.dataset import collate_clips  # the data stack only when asked for
+
+            loader = torch.utils.data.DataLoader(
+                datamodule.predict_dataset(self._predict_paths),
+                batch_size=datamodule.test_batch_size,
+                num_workers=datamodule.num_workers,
+                collate_fn=collate_clips,
+                pin_memory=datamodule.pin_memory,
+            )
+            writer.video_names = list(self._predict_paths)
+            with warnings.catch_warnings():
+                # The checkpoint's ModelCheckpoint states are of no use to a prediction.
+                warnings.filterwarnings("ignore", message=".*callbacks used to create the checkpoint.*")
+                self.trainer.predict(model, dataloaders=loader, **kwargs)
+            return
         if datamodule is None or is_overridden("predict_dataloader", datamodule):
             self.trainer.predict(model, datamodule=datamodule, **kwargs)
             return
@@ -356,6 +569,135 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# ------------------------------------------------------------------------------ one grammar for every command
+
+CHECK_DATA = "check-data"
+_DEPRECATED_AFTER = "the old spelling will be removed in the next release"
+# Spellings of the former separate argparse front ends -> the one LightningCLI grammar.
+_OLD_SPELLINGS: dict[str, dict[str, str]] = {
+    "predict": {
+        "--output": "--predictions",
+        "--batch_size": "--data.init_args.test_batch_size",
+        "--num_workers": "--data.init_args.num_workers",
+        "--accelerator": "--trainer.accelerator",
+        "--devices": "--trainer.devices",
+        "--precision": "--trainer.precision",
+    },
+    CHECK_DATA: {"--num-workers": "--num_workers", "--decoder-threads": "--decoder_threads"},
+}
+
+
+def _translate_old_spellings(command: str, argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """Rewrite deprecated option spellings of `command` (with a FutureWarning each); returns the new
+    arguments and {new flag: the flag the user typed} for error messages. check-data's
+    `--splits a b` (several values) becomes `--splits [a, b]`."""
+    table = _OLD_SPELLINGS.get(command, {})
+    out: list[str] = []
+    typed: dict[str, str] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        flag, eq, value = arg.partition("=")
+        if flag in table:
+            new = table[flag]
+            warnings.warn(f"vmm {command}: {flag} is deprecated, use {new} ({_DEPRECATED_AFTER})", FutureWarning,
+                          stacklevel=2)
+            typed[new] = flag
+            out.append(f"{new}{eq}{value}")
+        elif command == CHECK_DATA and arg == "--splits":
+            values = []
+            while i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+                values.append(argv[i + 1])
+                i += 1
+            out += ["--splits", values[0] if len(values) == 1 and values[0].startswith("[") else json.dumps(values)]
+        else:
+            out.append(arg)
+        i += 1
+    return out, typed
+
+
+def _is_file_predict(argv: Sequence[str]) -> bool:
+    """`vmm predict` without a config or a datamodule class (`--data.init_args.*` overrides allowed) is
+    file mode: the datamodule comes from the checkpoint."""
+    return not any(
+        a in ("-c", "--config", "--print_config", "--data", "--data.class_path")
+        or a.startswith(("--config=", "--data=", "--data.class_path=", "--print_config="))
+        for a in argv
+    )
+
+
+def _file_predict_defaults(ckpt_path: str | None, ckpt: dict[str, Any] | None) -> list[str]:
+    """The arguments given before the user's in file mode: the checkpoint's class names and test
+    views as `PredictFilesDataModule`, one device, no logger (nothing written but the predictions)."""
+    if ckpt_path is None or ckpt is None:
+        raise ValueError(
+            "--ckpt_path: vmm predict on files needs the checkpoint written by vmm fit (or give --config to "
+            "predict a datamodule's test set)"
+        )
+    hp = ckpt.get("hyper_parameters") or {}
+    if "net" not in hp:
+        raise ValueError(
+            f"{ckpt_path} does not record its network (train with `vmm fit`, or load it in Python with "
+            "VideoClassifier.load_from_checkpoint(path, net=...))"
+        )
+    settings = ckpt.get(PREDICT_SETTINGS_KEY)
+    if not isinstance(settings, dict):
+        raise ValueError(f"{ckpt_path} has no test-view settings ({PREDICT_SETTINGS_KEY}); was it written by vmm fit?")
+    class_names = ckpt.get("class_names") or hp.get("class_names")
+    if not class_names:
+        raise ValueError(f"{ckpt_path} has no class names; was it written by vmm fit?")
+    init = {("eval_short_side" if k == "short_side" else k): v for k, v in settings.items()}
+    init.update(class_names=list(class_names), batch_size=1, test_batch_size=1, num_workers=0)
+    data = {"class_path": "datamodules.files.PredictFilesDataModule", "init_args": init}
+    return ["--data", json.dumps(data), "--trainer.logger", "false", "--trainer.devices", "1",
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+            "--trainer.enable_checkpointing", "false"]
+
+
+def _class_name(class_path: str) -> str:
+    """"datamodules.layouts.VideoListDataModule" and "VideoListDataModule" name the same class."""
+    return class_path.rpartition(".")[2]
+
+
+def _num_classes_source(argv: Sequence[str]) -> str | None:
+    """The data class_path in force where `num_classes` was last set on this command line (its
+    `--config` files and `--data*` options, in order); None if never set, or set before any class."""
+    import yaml
+
+    current: str | None = None
+    source: str | None = None
+
+    def take(data: Any) -> None:
+        nonlocal current, source
+        if isinstance(data, str):
+            current = data
+        elif isinstance(data, dict):
+            current = data.get("class_path", current)
+            init = data.get("init_args") if isinstance(data.get("init_args"), dict) else {}
+            if "num_classes" in init or "num_classes" in data:
+                source = current
+
+    for i, arg in enumerate(argv):
+        flag, eq, value = arg.partition("=")
+        if not eq:
+            value = argv[i + 1] if i + 1 < len(argv) else ""
+        try:
+            if flag in ("-c", "--config"):
+                with open(value, encoding="utf-8") as fh:
+                    cfg = yaml.safe_load(fh)
+                if isinstance(cfg, dict) and "data" in cfg:
+                    take(cfg["data"])
+            elif flag == "--data":
+                take(yaml.safe_load(value))
+            elif flag == "--data.class_path":
+                current = value
+            elif flag in ("--data.init_args.num_classes", "--data.num_classes"):
+                source = current
+        except (OSError, yaml.YAMLError):
+            continue  # the parser itself reports unreadable configs
+    return source
+
+
 # ------------------------------------------------------------------------------ predict on files
 
 
@@ -371,93 +713,142 @@ def predict_files(
     devices: int | str = 1,
     precision: str | int | None = None,
 ) -> list[dict[str, Any]]:
-    """Top-k classes of each video file with a `vmm fit` checkpoint; prints them and writes JSON
-    (to `output`, default `<checkpoint name>.predictions.json` in the working directory).
+    """Top-k classes of each video with a `vmm fit` checkpoint: `vmm predict --ckpt_path CKPT <videos>`
+    from Python. Prints them and writes JSON (to `output`, default `<checkpoint name>.predictions.json`
+    in the working directory).
 
-    The network is rebuilt from the checkpoint's hyperparameters, the class names come from the
-    checkpoint, and clips are decoded with the test-view settings (clip length, frame interval,
-    clips x crops, short side, crop size) of the datamodule it was trained with. Returns one dict per decoded video
-    (`video`, `views`, `top_k` = list of {class_id, class_name, prob}); failures are printed.
+    `videos`: files, frame folders, or folders searched recursively for both. The network is
+    rebuilt from the checkpoint's hyperparameters, the class names come from the checkpoint, and
+    clips are decoded with the test-view settings (clip length, frame interval, clips x crops,
+    short side, crop size) of the datamodule it was trained with. `batch_size`: videos per batch.
+    Returns one dict per decoded video (`video`, `views`, `top_k` = list of {class_id, class_name,
+    prob}); failures are printed and listed in the file.
 
     Arguments are checked, and the output location probed for writing, before any inference. The
     checkpoint is loaded with weights_only=True: a file that needs anything beyond tensors and
     plain containers is refused ("not a vmm checkpoint: ...") and nothing in it is run.
     """
-    # Imported here: `vmm --help` must not need the data stack.
-    from datamodules.dataset import VideoFilesDataset, collate_clips
-
-    ckpt_path = Path(ckpt_path)
-    if not ckpt_path.is_file():
-        raise ValueError(f"ckpt_path must be an existing checkpoint file, got {str(ckpt_path)!r}")
-    if not videos:
-        raise ValueError("videos must name at least one video file")
-    missing = [str(v) for v in videos if not (Path(v).is_file() or Path(v).is_dir())]
-    if missing:
-        raise ValueError(f"videos must be existing files or frame folders; not found: {missing}")
+    if isinstance(videos, str | Path) or not videos:
+        raise ValueError("videos must name at least one video file or folder (a list of paths)")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    # Next to the checkpoint is often a read-only mount (shared model store): default to the cwd.
-    out_path = Path(output) if output is not None else Path.cwd() / f"{ckpt_path.stem}.predictions.json"
-    check_writable_file(out_path, "output")
-    ckpt = load_vmm_checkpoint(ckpt_path)
-    if "net" not in ckpt.get("hyper_parameters", {}):
-        raise ValueError(
-            f"{ckpt_path} does not record its network (train with `vmm fit`, or load it in Python with "
-            "VideoClassifier.load_from_checkpoint(path, net=...))"
-        )
-    model = VideoClassifier.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+    args = ["predict", "--ckpt_path", str(ckpt_path), *map(str, videos),
+            "--data.init_args.test_batch_size", str(batch_size), "--data.init_args.num_workers", str(num_workers),
+            "--trainer.accelerator", accelerator, "--trainer.devices", str(devices)]
+    if output is not None:
+        args += ["--predictions", str(output)]
     if top_k is not None:
-        model.hparams.top_k = top_k
-    settings = ckpt.get(PREDICT_SETTINGS_KEY)
-    if settings is None:
-        raise ValueError(f"{ckpt_path} has no test-view settings ({PREDICT_SETTINGS_KEY}); was it written by vmm fit?")
-    dataset = VideoFilesDataset([str(v) for v in videos], **settings)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_clips
-    )
-    writer = PredictionWriter(str(out_path), video_names=[str(v) for v in videos])
-    trainer_kwargs: dict[str, Any] = {"accelerator": accelerator, "devices": devices, "logger": False}
+        args += ["--top_k", str(top_k)]
     if precision is not None:
-        trainer_kwargs["precision"] = precision
-    trainer = VMMTrainer(callbacks=[writer], enable_progress_bar=False, enable_model_summary=False, **trainer_kwargs)
-    trainer.predict(model, dataloaders=loader, return_predictions=False)
+        args += ["--trainer.precision", str(precision)]
+    cli = VMMCLI(args=args)
+    writer = next(cb for cb in cli.trainer.callbacks if isinstance(cb, PredictionWriter))
     return writer.results
 
 
-def _predict_files_main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(
-        prog="vmm predict",
-        description=(
-            "Classify video files with a checkpoint from `vmm fit` (network, class names and clip settings "
-            "are read from it). With --config (or --data), runs LightningCLI's predict on a datamodule "
-            "instead; see `vmm predict --config CONFIG --help`."
-        ),
-    )
-    p.add_argument("videos", nargs="+", help="video files (any container/codec PyAV decodes) or frame folders")
-    p.add_argument("--ckpt_path", required=True, help="checkpoint written by vmm fit")
-    p.add_argument(
-        "--output", default=None,
-        help="JSON output file (default: <checkpoint name>.predictions.json in the working directory)",
-    )
-    p.add_argument("--top_k", type=int, default=5)
-    p.add_argument("--batch_size", type=int, default=1, help="videos per batch (each with all its views)")
-    p.add_argument("--num_workers", type=int, default=0)
-    p.add_argument("--accelerator", default="auto")
-    p.add_argument("--devices", default="1")
-    p.add_argument("--precision", default=None)
-    a = p.parse_args(argv)
-    devices: int | str = int(a.devices) if a.devices.isdigit() else a.devices
-    predict_files(
-        a.ckpt_path, a.videos, output=a.output, top_k=a.top_k, batch_size=a.batch_size,
-        num_workers=a.num_workers, accelerator=a.accelerator, devices=devices, precision=a.precision,
-    )
+# ------------------------------------------------------------------------------ fusing score dumps
 
 
-def _is_file_predict(argv: list[str]) -> bool:
-    """`vmm predict` without a config or datamodule is file mode."""
-    return not any(a in ("-c", "--config", "--print_config") or a.startswith(("--data", "--config=")) for a in argv)
+def fuse_scores(
+    dumps: Sequence[str | Path], weights: Sequence[float] | None = None, output: str | Path | None = None
+) -> dict[str, Any]:
+    """Fuse per-video score dumps (`scores_test.json` of `vmm test`, lightning_modules/reports.py)
+    of two or more models on the same split: the fused probabilities of a video are the weighted
+    mean of its probabilities in each dump (weights default to equal; they need not sum to 1).
+
+    Videos are matched by `video_id`; their labels and (where both are known) names must agree, and
+    so must the class names. A video missing from some dump (it failed to decode there) is left
+    out and counted. Prints top-1 / top-5 / mean-class accuracy of each dump and of the fused
+    scores over the common videos when every label is known (>= 0), and writes the fused dump
+    (same format, plus `fused_from` and `metrics`) to `output` when given. Returns that dump.
+    """
+    from .evaluation import video_metrics
+    from .reports import SCORE_FORMAT, read_score_dump
+
+    if isinstance(dumps, str | Path) or len(dumps) < 2:
+        raise ValueError(f"dumps: expected at least two score files, got {dumps!r}")
+    weights = [1.0] * len(dumps) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(dumps) or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(
+            f"weights: expected {len(dumps)} non-negative numbers (one per dump) with a positive sum, got {weights}"
+        )
+    if output is not None:
+        check_writable_file(output, "--output")
+    read = [read_score_dump(d) for d in dumps]
+    names = read[0]["class_names"]
+    for d, r in zip(dumps[1:], read[1:], strict=True):
+        if r["class_names"] != names:
+            raise ValueError(f"{d}: class_names differ from {dumps[0]}'s (the dumps must come from the same classes)")
+    common = sorted(set.intersection(*(set(r["ids"].tolist()) for r in read)))
+    if not common:
+        raise ValueError(f"the dumps {[str(d) for d in dumps]} have no video_id in common (not the same split?)")
+    rows = [{v: i for i, v in enumerate(r["ids"].tolist())} for r in read]
+    ids = torch.tensor(common, dtype=torch.int64)
+    picked = [torch.tensor([row[v] for v in common], dtype=torch.int64) for row in rows]
+    labels = read[0]["labels"][picked[0]]
+    video_names = [read[0]["names"][i] for i in picked[0].tolist()]
+    for d, r, p in zip(dumps[1:], read[1:], picked[1:], strict=True):
+        if not torch.equal(r["labels"][p], labels):
+            raise ValueError(f"{d}: the labels of the common videos differ from {dumps[0]}'s")
+        other = [r["names"][i] for i in p.tolist()]
+        clash = [v for v, a, b in zip(common, video_names, other, strict=True) if a and b and a != b]
+        if clash:
+            raise ValueError(f"{d}: video ids {clash[:5]} name other files than in {dumps[0]} (not the same split?)")
+        video_names = [a or b for a, b in zip(video_names, other, strict=True)]
+    total = sum(weights)
+    fused = sum((w / total) * r["probs"][p] for w, r, p in zip(weights, read, picked, strict=True))
+    left_out = sorted(set().union(*(set(r["ids"].tolist()) for r in read)) - set(common))
+    excluded = sorted(set().union(*(set(r.get("excluded_video_ids") or []) for r in read)) | set(left_out))
+    labelled = bool(len(labels)) and bool((labels >= 0).all())
+    k = len(names)
+    lines = []
+    metrics = None
+    if labelled:
+        for d, r, p in zip(dumps, read, picked, strict=True):
+            lines.append((str(d), video_metrics(r["probs"][p], labels, k)))
+        metrics = video_metrics(fused, labels, k)
+        lines.append((f"fused (weights {', '.join(f'{w:g}' for w in weights)})", metrics))
+        width = max(len(n) for n, _ in lines)
+        for name, m in lines:
+            print(f"{name:<{width}}  top-1 {100 * m['top1']:5.1f}%  top-5 {100 * m['top5']:5.1f}%  "
+                  f"mean-class {100 * m['mean_class']:5.1f}%")
+    print(f"{len(common)} videos fused" + (f"; {len(left_out)} not in every dump, left out" if left_out else ""))
+    result = {
+        "format": SCORE_FORMAT,
+        "split": read[0].get("split"),
+        "class_names": list(names),
+        "num_classes": k,
+        "fused_from": [{"path": str(d), "weight": w} for d, w in zip(dumps, weights, strict=True)],
+        "metrics": metrics,
+        "videos": [
+            {"video_id": v, "name": n, "label": y, "probs": p}
+            for v, n, y, p in zip(ids.tolist(), video_names, labels.tolist(), fused.tolist(), strict=True)
+        ],
+        "excluded_video_ids": excluded,
+    }
+    if output is not None:
+        from .io import atomic_write_json
+
+        atomic_write_json(output, result)
+        print(f"fused scores written to {output}")
+    return result
+
+
+def _fuse_scores_main(argv: Sequence[str]) -> None:
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(
+        prog="vmm fuse-scores",
+        description="Fuse per-video score dumps (scores_test.json of vmm test) of several models by a weighted "
+                    "mean of their probabilities; prints each one's and the fused accuracy.",
+    )
+    parser.add_argument("dumps", nargs="+", type=str, help="two or more scores_test.json files of the same split")
+    parser.add_argument("--weights", nargs="+", type=float, default=None, help="one weight per dump (default equal)")
+    parser.add_argument("--output", type=str | None, default=None, help="JSON file for the fused scores")
+    args = parser.parse_args(list(argv))
+    fuse_scores(args.dumps, args.weights, args.output)
 
 
 _HELP = """usage: vmm <command> [options]
@@ -468,13 +859,15 @@ commands:
   fit          train:                  vmm fit --config configs/demo_sifa_synthetic.yaml [--trainer.max_epochs 3]
   validate     evaluate on val:        vmm validate --config CONFIG --ckpt_path CKPT
   test         evaluate on test:       vmm test --config CONFIG --ckpt_path CKPT  (views averaged per video)
-  predict      classify video files:   vmm predict --ckpt_path CKPT clip.mp4 [more.avi ...]
+  predict      classify videos:        vmm predict --ckpt_path CKPT clip.mp4 [folder/ frames/ ...]
                or a datamodule:        vmm predict --config CONFIG --ckpt_path CKPT
   demo         fit, then test the best checkpoint and print its accuracy: vmm demo --config CONFIG
   check-data   decode every video of a dataset once and list failures: vmm check-data --config CONFIG
+  fuse-scores  fuse two models' test scores: vmm fuse-scores a/scores_test.json b/scores_test.json
 
-Options are LightningCLI's: --config YAML (repeatable), dotted overrides (--model.lr 0.05,
---trainer.devices 2, --trainer.strategy ddp), --print_config. `vmm <command> --help` lists them all.
+Every command but fuse-scores parses the same options: --config YAML (repeatable), dotted overrides
+(--data.init_args.root /data, --model.lr 0.05, --trainer.devices 2), --ckpt_path, --print_config.
+`vmm <command> --help` lists them all.
 """
 
 
@@ -484,17 +877,13 @@ def main(args: Sequence[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(_HELP, end="")
         return
-    if argv[0] == "check-data":
-        from datamodules.check import main as check_main  # the data stack only when asked for
-
-        code = check_main(argv[1:])
-        if code:
-            raise SystemExit(code)
+    if argv[0] in ("fuse-scores", "fuse"):
+        _fuse_scores_main(argv[1:])
         return
-    if argv[0] == "predict" and _is_file_predict(argv[1:]):
-        _predict_files_main(argv[1:])
-        return
-    VMMCLI(args=None if args is None else argv)
+    cli = VMMCLI(args=None if args is None else argv)
+    report = getattr(cli, "check_report", None)
+    if report is not None and not report.ok:
+        raise SystemExit(1)  # check-data found unreadable or unusable entries
 
 
 if __name__ == "__main__":

@@ -72,6 +72,9 @@ def test_demo_trains_tests_and_reports(demo):
     out = demo["stdout"]
     assert "vmm demo finished" in out and "test accuracy (video level): top-1" in out
     assert f"checkpoint: {demo['best'].resolve()}" in out
+    # The synthetic datamodule's own summary line (result_notes), not the CLI's knowledge of the set
+    assert "K = 4 classes: chance 25.0%; on the synthetic motion set a model blind to frame order is capped at " \
+           "50% (the pair, never the member)" in out
     report = json.loads((demo["log_dir"] / "test_results.json").read_text())
     # 4 classes x 3 test videos, 2 clips each; every view of a video averaged into one prediction
     assert report["num_videos"] == 12 and report["num_clips"] == 24 and report["excluded_videos"] == 0
@@ -119,7 +122,7 @@ def test_predict_files_without_a_dataset(demo, tmp_path, shared_videos):
     out = tmp_path / "files.json"
     proc = run_vmm(
         ["predict", "--ckpt_path", str(demo["best"]), *map(str, test_videos), str(real), str(broken),
-         "--output", str(out), "--top_k", "3"],
+         "--predictions", str(out), "--top_k", "3"],
         cwd=tmp_path,
     )
     result = json.loads(out.read_text())
@@ -168,9 +171,58 @@ def test_fcf_network_bf16_mixed_on_cpu(demo, tmp_path):
 
 
 def test_check_data_command(demo, capsys):
-    main(["check-data", "--config", str(demo["cfg"]), "--num-workers", "0", "--splits", "test"])
+    with pytest.warns(FutureWarning, match="--num-workers is deprecated"):
+        main(["check-data", "--config", str(demo["cfg"]), "--num-workers", "0", "--splits", "test"])
     out = capsys.readouterr().out
-    assert "12" in out
+    assert "12" in out and "checked 12 distinct videos" in out
+
+
+def test_predict_folders_frame_folders_and_overrides(demo, tmp_path, shared_videos, monkeypatch):
+    """`vmm predict CKPT <folder>`: videos and frame folders found recursively, decoded with the
+    checkpoint's test views, `--data.init_args.*` / `--top_k` as everywhere; nothing but the
+    predictions is written (no logs, no config.yaml)."""
+    import numpy as np
+    from _frame_helpers import write_jpeg_folder
+
+    clips = tmp_path / "clips"
+    (clips / "nested").mkdir(parents=True)
+    test_video = sorted(demo["root"].rglob("*.mp4"))[0]
+    (clips / "nested" / "synthetic.mp4").symlink_to(test_video)
+    (clips / "real.avi").symlink_to(shared_videos / "mpeg4_320x240.avi")
+    write_jpeg_folder(clips / "frames", list(np.random.default_rng(0).integers(0, 255, (8, 40, 40, 3), np.uint8)))
+    monkeypatch.chdir(tmp_path)
+    main(["predict", "--ckpt_path", str(demo["best"]), str(clips), "--top_k", "2",
+          "--data.init_args.test_batch_size", "2"])
+    result = json.loads((tmp_path / f"{demo['best'].stem}.predictions.json").read_text())
+    assert [p["video"] for p in result["predictions"]] == [
+        str(clips / "frames"), str(clips / "nested" / "synthetic.mp4"), str(clips / "real.avi")]
+    assert all(p["views"] == 2 and len(p["top_k"]) == 2 for p in result["predictions"]) and result["failed"] == []
+    assert {p.name for p in tmp_path.iterdir()} == {"clips", f"{demo['best'].stem}.predictions.json"}
+    # With the run's config, the same files are decoded with its datamodule's test views.
+    out = tmp_path / "with_config.json"
+    _cli(["predict", "--config", str(demo["cfg"]), "--ckpt_path", str(demo["best"]), str(test_video),
+          "--predictions", str(out)])
+    (pred,) = json.loads(out.read_text())["predictions"]
+    assert pred["video"] == str(test_video) and pred["views"] == 2
+
+
+def test_fuse_scores_of_two_test_runs(demo, tmp_path, capsys):
+    """scores_test.json of the demo's test and of a second test (last.ckpt), fused."""
+    last = demo["log_dir"] / "checkpoints" / "last.ckpt"
+    _cli(["test", "--config", str(demo["cfg"]), "--ckpt_path", str(last), "--trainer.default_root_dir", str(tmp_path)])
+    a, b = demo["log_dir"] / "scores_test.json", tmp_path / "lightning_logs" / "version_0" / "scores_test.json"
+    capsys.readouterr()
+    main(["fuse-scores", str(a), str(b), "--weights", "2", "1", "--output", str(tmp_path / "fused.json")])
+    printed = capsys.readouterr().out
+    fused = json.loads((tmp_path / "fused.json").read_text())
+    dump_a, dump_b = json.loads(a.read_text()), json.loads(b.read_text())
+    assert len(fused["videos"]) == 12 and fused["class_names"] == CLASS_NAMES
+    for f, x, y in zip(fused["videos"], dump_a["videos"], dump_b["videos"], strict=True):
+        assert f["video_id"] == x["video_id"] == y["video_id"] and f["label"] == x["label"]
+        expected = (2 * torch.tensor(x["probs"]) + torch.tensor(y["probs"])) / 3
+        torch.testing.assert_close(torch.tensor(f["probs"]), expected)
+    assert 0.0 <= fused["metrics"]["top1"] <= fused["metrics"]["top5"] <= 1.0
+    assert "fused (weights 2, 1)" in printed and "12 videos fused" in printed
 
 
 def test_file_predict_rejects_bad_arguments(demo, tmp_path):
