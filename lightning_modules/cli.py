@@ -609,6 +609,9 @@ def _translate_old_spellings(command: str, argv: Sequence[str]) -> tuple[list[st
             while i + 1 < len(argv) and not argv[i + 1].startswith("-"):
                 values.append(argv[i + 1])
                 i += 1
+            if len(values) > 1:
+                warnings.warn(f"vmm {command}: --splits {' '.join(values)} is deprecated, use --splits "
+                              f"[{', '.join(values)}] ({_DEPRECATED_AFTER})", FutureWarning, stacklevel=2)
             out += ["--splits", values[0] if len(values) == 1 and values[0].startswith("[") else json.dumps(values)]
         else:
             out.append(arg)

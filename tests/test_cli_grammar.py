@@ -69,9 +69,14 @@ def test_check_data_takes_a_full_run_config_and_the_shared_overrides(tmp_path, s
 
 def test_check_data_old_spellings_still_work_with_a_deprecation(tmp_path, shared_videos):
     cfg = _video_list_config(tmp_path, shared_videos)
-    with pytest.warns(FutureWarning, match=r"vmm check-data: --num-workers is deprecated, use --num_workers"):
-        cli = _cli(["check-data", "--config", str(cfg), "--num-workers", "0", "--splits", "train"])
-    assert list(cli.check_report.splits) == ["train"] and cli.check_report.ok
+    with pytest.warns(FutureWarning) as record:
+        cli = _cli(["check-data", "--config", str(cfg), "--num-workers", "0", "--splits", "train", "val"])
+    messages = [str(w.message) for w in record if w.category is FutureWarning]
+    assert any("vmm check-data: --num-workers is deprecated, use --num_workers" in m for m in messages)
+    assert any("--splits train val is deprecated, use --splits [train, val]" in m for m in messages)
+    # val falls back to the test list, which holds the zero-byte file
+    assert list(cli.check_report.splits) == ["train", "val"] and cli.check_report.splits["train"].readable == 2
+    assert not cli.check_report.ok
 
 
 def test_explicit_num_classes_that_disagrees_with_the_data_is_an_error(tmp_path, shared_videos):
