@@ -32,12 +32,13 @@ def test_ddp_fit_then_test_matches_single_process(tmp_path_factory, tmp_path):
     # 24 training clips over 2 ranks x batch 4: 3 optimizer steps per epoch.
     assert ckpt["global_step"] == 3
 
-    results = {}
+    results, scores = {}, {}
     for name, extra in (("ddp", DDP_ARGS), ("single", ["--trainer.devices", "1"])):
         out = tmp_path / f"test_{name}"
         run_vmm(["test", "--config", str(cfg), "--ckpt_path", str(last), "--trainer.default_root_dir", str(out),
                  *extra], cwd=tmp_path)
         results[name] = json.loads(next(Path(out).rglob("test_results.json")).read_text())
+        scores[name] = json.loads(next(Path(out).rglob("scores_test.json")).read_text())
 
     ddp, single = results["ddp"], results["single"]
     assert single["num_videos"] == ddp["num_videos"] == 12
@@ -46,6 +47,12 @@ def test_ddp_fit_then_test_matches_single_process(tmp_path_factory, tmp_path):
     for key in ("top1", "top5", "mean_class", "clip_top1", "clip_top5", "clip_mean_class"):
         assert ddp[key] == pytest.approx(single[key], abs=1e-6), key
     assert ddp["loss"] == pytest.approx(single["loss"], rel=1e-4)
+    # The per-video scores agree too: every video once, its views averaged across both ranks.
+    pairs = list(zip(scores["ddp"]["videos"], scores["single"]["videos"], strict=True))
+    assert [a["video_id"] for a, _ in pairs] == [b["video_id"] for _, b in pairs] == list(range(12))
+    for a, b in pairs:
+        assert a["num_views"] == b["num_views"] == 2 and a["label"] == b["label"] and a["name"] == b["name"]
+        assert a["probs"] == pytest.approx(b["probs"], abs=1e-5)
 
 
 @pytest.mark.gpu
