@@ -187,3 +187,44 @@ def test_score_dump_refuses_wrong_input(tmp_path):
     with pytest.raises(ValueError, match=r"other.json: not a vmm score dump"):
         read_score_dump(tmp_path / "other.json")
     assert score_dump(res, ["a", "b", "c"])["videos"][0]["name"] is None  # names unknown
+
+
+# ---------------------------------------------------------------------------- the report callback
+
+
+def test_report_writer_writes_each_result_once_and_only_with_a_logger(tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_modules.reports import TestReportWriter
+
+    acc = EvalAccumulator()
+    _fill(acc, list(range(len(_CLIPS))))  # video 9 failed to decode
+    module = SimpleNamespace(last_eval={}, class_names=["a", "b", "c"])
+    kw = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "enable_model_summary": False}
+    trainer = Trainer(logger=CSVLogger(tmp_path / "logs"), **kw)
+    writer = TestReportWriter()
+    writer.on_test_start(trainer, module)
+    module.last_eval["test"] = acc.compute(num_classes=3)
+    writer.on_test_end(trainer, module)
+    log_dir = tmp_path / "logs" / "lightning_logs" / "version_0"
+    written = sorted(p.name for p in log_dir.iterdir())
+    assert written == ["confusion_matrix_test.csv", "confusion_matrix_test.png", "scores_test.json",
+                       "test_results.json"]
+    assert "1 test video(s) could not be used" in capsys.readouterr().out
+    assert json.loads((log_dir / "scores_test.json").read_text())["class_names"] == ["a", "b", "c"]
+    # A later test run that computed no result (it failed) does not report the old one again.
+    for p in log_dir.iterdir():
+        p.unlink()
+    writer.on_test_start(trainer, module)
+    writer.on_test_end(trainer, module)
+    assert list(log_dir.iterdir()) == []
+    # Without a logger the log directory is the working directory: no file at all.
+    monkeypatch.chdir(tmp_path / "logs")
+    bare = Trainer(logger=False, default_root_dir=tmp_path / "logs", **kw)
+    writer.on_test_start(bare, module)
+    module.last_eval["test"] = acc.compute(num_classes=3)
+    writer.on_test_end(bare, module)
+    assert not list((tmp_path / "logs").glob("*.json")) and list(log_dir.iterdir()) == []
