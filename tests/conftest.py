@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-# Real clips live beside the checkout (../shared/data/videos); tests that need them skip without.
-SHARED_VIDEOS = Path(os.environ.get("VMM_SHARED_VIDEOS", REPO_ROOT.parent / "shared" / "data" / "videos"))
+from helpers import SHARED_VIDEOS
 
 
 def _gpu_skip_reason() -> str | None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _vmm_cli_helpers import TINY_FCF, VMM, generate_tiny_dataset, run_vmm, tiny_config, write_config
+from helpers.cli import TINY_FCF, VMM, generate_tiny_dataset, run_vmm, tiny_config, write_config
 
 from lightning_modules.cli import PREDICT_SETTINGS_KEY, VMMCLI, main
 
@@ -143,7 +143,7 @@ def test_resume_restores_step_and_optimizer_state(demo, tmp_path):
         "fit", "--config", str(demo["cfg"]), "--ckpt_path", str(last), "--trainer.max_epochs", "2",
         "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
         "--trainer.default_root_dir", str(tmp_path),
-        "--trainer.callbacks+=_vmm_cli_helpers.ResumeProbe",
+        "--trainer.callbacks+=helpers.cli.ResumeProbe",
     ])
     probe = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "ResumeProbe")
     assert probe.global_step == ckpt["global_step"] == 6  # 1 epoch x 6 steps (24 clips, batch 4)
@@ -182,7 +182,7 @@ def test_predict_folders_frame_folders_and_overrides(demo, tmp_path, shared_vide
     checkpoint's test views, `--data.init_args.*` / `--top_k` as everywhere; nothing but the
     predictions is written (no logs, no config.yaml)."""
     import numpy as np
-    from _frame_helpers import write_jpeg_folder
+    from helpers.frames import write_jpeg_folder
 
     clips = tmp_path / "clips"
     (clips / "nested").mkdir(parents=True)

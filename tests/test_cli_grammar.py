@@ -14,12 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _frame_helpers import write_jpeg_folder
+from helpers import REPO_ROOT
+from helpers.frames import write_jpeg_folder
 
 from datamodules.files import expand_video_paths, is_frame_folder
 from lightning_modules.cli import VMMCLI, fuse_scores, main
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cli(args: list[str]) -> VMMCLI:

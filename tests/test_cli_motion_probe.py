@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from _vmm_cli_helpers import REPO_ROOT
+from helpers import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import motion_cue  # noqa: E402

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from _vmm_cli_helpers import REPO_ROOT
+from helpers import REPO_ROOT
 
 import ops
 from lightning_modules import VideoClassifier

@@ -92,7 +92,7 @@ def test_files_shared_by_splits_are_decoded_once_and_clean_lists_drop_bad_entrie
 
 def test_clean_list_of_frame_folders_is_a_rawframe_list(tmp_path):
     import numpy as np
-    from _frame_helpers import write_jpeg_folder
+    from helpers.frames import write_jpeg_folder
 
     from datamodules import RawFrameListDataModule
     from datamodules.check import write_clean_lists

@@ -187,7 +187,7 @@ def test_decode_benchmark_runs(shared_videos, capsys):
     """benchmarks/bench_decode.py stays runnable (figures come from full runs, not from here)."""
     import importlib.util
 
-    from conftest import REPO_ROOT
+    from helpers import REPO_ROOT
 
     spec = importlib.util.spec_from_file_location("bench_decode", REPO_ROOT / "benchmarks" / "bench_decode.py")
     bench = importlib.util.module_from_spec(spec)

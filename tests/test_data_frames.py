@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _frame_helpers import read_frames, write_jpeg_folder
+from helpers.frames import read_frames, write_jpeg_folder
 from PIL import Image
 
 from datamodules import ClipSettings, ClipTransform, VideoClipDataset, VideoDecodeError
@@ -20,7 +20,7 @@ CLIP = "h264_340x256.mp4"
 
 @pytest.fixture(scope="module")
 def clip_frames(request) -> list[np.ndarray]:
-    from conftest import SHARED_VIDEOS
+    from helpers import SHARED_VIDEOS
 
     if not (SHARED_VIDEOS / CLIP).is_file():
         pytest.skip(f"shared test videos not found at {SHARED_VIDEOS}")
@@ -159,7 +159,7 @@ def test_decode_benchmark_frames_cases_run(shared_videos, capsys):
     """benchmarks/bench_decode.py --frames stays runnable (figures come from full runs, not from here)."""
     import importlib.util
 
-    from conftest import REPO_ROOT
+    from helpers import REPO_ROOT
 
     spec = importlib.util.spec_from_file_location("bench_decode", REPO_ROOT / "benchmarks" / "bench_decode.py")
     bench = importlib.util.module_from_spec(spec)

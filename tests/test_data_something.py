@@ -14,7 +14,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from _frame_helpers import (
+from helpers.frames import (
     make_ssv1_tree,
     make_ssv2_tree,
     source_clips,
@@ -40,7 +40,7 @@ TINY = {"batch_size": 2, "num_workers": 0, "num_frames": 4, "train_short_side": 
 
 @pytest.fixture(scope="module")
 def clips():
-    from conftest import SHARED_VIDEOS
+    from helpers import SHARED_VIDEOS
 
     if not SHARED_VIDEOS.is_dir():
         pytest.skip(f"shared test videos not found at {SHARED_VIDEOS}")
@@ -291,7 +291,7 @@ def test_ddp_on_a_frame_dataset(clips, tmp_path):
 
 
 def _tiny_cli_config(out, data_class: str, data_args: dict) -> dict:
-    from _vmm_cli_helpers import tiny_config
+    from helpers.cli import tiny_config
 
     cfg = tiny_config(out, out / "runs", max_epochs=1)
     tiny = {**TINY, "num_frames": 8, "batch_size": 3, "train_short_side": [32, 36], "test_clips": 2}
@@ -309,7 +309,7 @@ def test_vmm_fit_test_predict_on_a_ssv2_webm_tree(clips, tmp_path, capsys):
     counted), `vmm predict` on the unlabelled test split, and `vmm test` refusing that split."""
     import warnings
 
-    from _vmm_cli_helpers import run_vmm, write_config
+    from helpers.cli import run_vmm, write_config
 
     from lightning_modules.cli import main
 
@@ -346,7 +346,7 @@ def test_vmm_fit_and_test_on_frame_trees(clips, tmp_path, layout):
     folder of the test split unreadable (excluded and counted)."""
     import warnings
 
-    from _vmm_cli_helpers import write_config
+    from helpers.cli import write_config
 
     from lightning_modules.cli import main
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _vmm_cli_helpers import generate_tiny_dataset, run_vmm, tiny_config, write_config
+from helpers.cli import generate_tiny_dataset, run_vmm, tiny_config, write_config
 
 DDP_ARGS = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
 

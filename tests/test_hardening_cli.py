@@ -22,7 +22,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from _vmm_cli_helpers import REPO_ROOT, TINY_FCF, VMM_COMMAND, generate_tiny_dataset, tiny_config, write_config
+from helpers import REPO_ROOT
+from helpers.cli import TINY_FCF, VMM_COMMAND, generate_tiny_dataset, tiny_config, write_config
 from test_classifier import MovingSquare, SquareData, TinyNet, collate
 from torch.utils.data import DataLoader
 

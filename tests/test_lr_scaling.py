@@ -12,7 +12,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from _vmm_cli_helpers import generate_tiny_dataset, run_vmm, tiny_config, write_config
+from helpers.cli import generate_tiny_dataset, run_vmm, tiny_config, write_config
 from test_classifier import MovingSquare, SquareData, TinyNet, _LrRecorder, _trainer
 from torch.utils.data import DataLoader
 
@@ -173,7 +173,7 @@ PAPER_CONFIGS = {  # config: (lr, base_batch_size) of its recipe
 @pytest.mark.parametrize("name", sorted(PAPER_CONFIGS))
 def test_paper_configs_state_the_recipe_lr_and_its_batch(name):
     import yaml
-    from _vmm_cli_helpers import REPO_ROOT
+    from helpers import REPO_ROOT
 
     model = yaml.safe_load((REPO_ROOT / "configs" / name).read_text())["model"]
     assert (model["lr"], model["base_batch_size"]) == PAPER_CONFIGS[name]

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from _vmm_cli_helpers import REPO_ROOT
-from conftest import SHARED_VIDEOS
+from helpers import REPO_ROOT, SHARED_VIDEOS
 from nbclient import NotebookClient
 
 NOTEBOOKS = REPO_ROOT / "notebooks"

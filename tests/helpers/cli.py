@@ -1,4 +1,4 @@
-"""Tiny end-to-end settings shared by test_cli, test_ddp, test_configs and test_notebooks.
+"""Tiny end-to-end `vmm` settings shared by test_cli, test_ddp, test_hardening_cli, test_lr_scaling, ...
 
 The synthetic motion dataset is generated once per test session into one directory (its cache
 key is the generation parameters, so a second generation with the same parameters is a no-op).
@@ -15,7 +15,6 @@ from pathlib import Path
 import yaml
 from lightning.pytorch import Callback
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 VMM = Path(sys.executable).with_name("vmm")
 # The console script when vmm is installed; from a bare checkout on PYTHONPATH, the module it runs.
 VMM_COMMAND = [str(VMM)] if VMM.is_file() else [sys.executable, "-m", "lightning_modules.cli"]

@@ -55,7 +55,7 @@ def write_webm(path: Path, frames: list[np.ndarray], fps: int = 12) -> Path:
     return path
 
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"  # tests/fixtures
 # The 174 class names of Something-Something V2 as `labels/labels.json` lists them (name -> id).
 SSV2_LABELS_FILE = FIXTURES / "something_something_v2_labels.json"
 

@@ -1,0 +1,18 @@
+"""Shared test support, imported as `helpers` (pytest puts tests/ on sys.path; no test imports
+conftest or another test module for it).
+
+- `helpers.REPO_ROOT`, `helpers.SHARED_VIDEOS`: the checkout, and the real clips beside it
+  (`$VMM_SHARED_VIDEOS`, default ../shared/data/videos; the `shared_videos` fixture skips without).
+- `helpers.cli`: the tiny synthetic-set configs and `run_vmm` for end-to-end `vmm` runs.
+- `helpers.frames`: frame-folder writers and readers (JPEG/PNG trees, Something-Something layouts).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SHARED_VIDEOS = Path(os.environ.get("VMM_SHARED_VIDEOS", REPO_ROOT.parent / "shared" / "data" / "videos"))
+
+__all__ = ["REPO_ROOT", "SHARED_VIDEOS"]
