@@ -631,7 +631,8 @@ def _is_file_predict(argv: Sequence[str]) -> bool:
 
 def _file_predict_defaults(ckpt_path: str | None, ckpt: dict[str, Any] | None) -> list[str]:
     """The arguments given before the user's in file mode: the checkpoint's class names and test
-    views as `PredictFilesDataModule`, one device, no logger (nothing written but the predictions)."""
+    views as `PredictFilesDataModule`, one device, no logger and no checkpointing (nothing written but
+    the predictions), no seeding."""
     if ckpt_path is None or ckpt is None:
         raise ValueError(
             "--ckpt_path: vmm predict on files needs the checkpoint written by vmm fit (or give --config to "
@@ -652,9 +653,10 @@ def _file_predict_defaults(ckpt_path: str | None, ckpt: dict[str, Any] | None) -
     init = {("eval_short_side" if k == "short_side" else k): v for k, v in settings.items()}
     init.update(class_names=list(class_names), batch_size=1, test_batch_size=1, num_workers=0)
     data = {"class_path": "datamodules.files.PredictFilesDataModule", "init_args": init}
-    return ["--data", json.dumps(data), "--trainer.logger", "false", "--trainer.devices", "1",
-            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-            "--trainer.enable_checkpointing", "false"]
+    # No seeding: predicting is deterministic, and predict_files must not reseed its caller's RNGs.
+    return ["--seed_everything", "false", "--data", json.dumps(data), "--trainer.logger", "false",
+            "--trainer.devices", "1", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false", "--trainer.enable_checkpointing", "false"]
 
 
 def _class_name(class_path: str) -> str:
