@@ -111,9 +111,9 @@ class VideoListDataModule(VideoDataModule):
         k = self._given_num
         if k is None:
             first = next(s for s in ("train", "val", "test") if self.lists[s] is not None)
-            labels = [r.label for r in parse_path_label_list(self.lists[first], self.root)]
+            labels = [r.label for r in self._parse(self.lists[first], None)]
             if not labels:
-                raise AnnotationError(self.lists[first], None, "no videos listed; cannot infer num_classes")
+                raise AnnotationError(self.lists[first], None, "no entries listed; cannot infer num_classes")
             k = max(labels) + 1
         return [str(i) for i in range(k)]
 
@@ -121,7 +121,11 @@ class VideoListDataModule(VideoDataModule):
         file = self.lists[split]
         if file is None:
             return None
-        return parse_path_label_list(file, self.root, self.num_classes)
+        return self._parse(file, self.num_classes)
+
+    def _parse(self, file: Path, num_classes: int | None) -> list[VideoRecord]:
+        """One list file -> records; subclasses with another line format override this."""
+        return parse_path_label_list(file, self.root, num_classes)
 
 
 class KineticsDataModule(VideoDataModule):

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .annotations import AnnotationError, VideoRecord, annotation_lines, read_class_names
+from .annotations import AnnotationError, annotation_lines
 from .frames import DEFAULT_TEMPLATE, FrameRecord, check_template
-from .layouts import VideoListDataModule, resolve_list_path
+from .layouts import VideoListDataModule
 
 __all__ = ["RawFrameListDataModule", "parse_rawframe_list"]
 
@@ -70,23 +70,3 @@ class RawFrameListDataModule(VideoListDataModule):
     def _parse(self, file: Path, num_classes: int | None) -> list[FrameRecord]:
         return parse_rawframe_list(file, self.root, num_classes, self.frame_template, self.frame_start_index,
                                    self.trust_counts)
-
-    def _class_names(self) -> list[str]:
-        if isinstance(self._given_names, str):
-            return read_class_names(resolve_list_path(self._given_names, self.root))
-        if self._given_names is not None:
-            return list(self._given_names)
-        k = self._given_num
-        if k is None:
-            first = next(s for s in ("train", "val", "test") if self.lists[s] is not None)
-            labels = [r.label for r in self._parse(self.lists[first], None)]
-            if not labels:
-                raise AnnotationError(self.lists[first], None, "no folders listed; cannot infer num_classes")
-            k = max(labels) + 1
-        return [str(i) for i in range(k)]
-
-    def _load_split(self, split: str) -> list[VideoRecord] | None:
-        file = self.lists[split]
-        if file is None:
-            return None
-        return self._parse(file, self.num_classes)
