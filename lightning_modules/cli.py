@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import signal
 import sys
@@ -222,7 +223,8 @@ class VMMCLI(LightningCLI):
         self._subcommand_parsers: dict[str, LightningArgumentParser] = {}
         subcommands = parser.add_subcommands()
         for name in self.subcommands():
-            description = (getattr(self.trainer_class, name).__doc__ or "").strip().split("\n")[0] or None
+            # inspect.getdoc falls back to Trainer's docstring for the overridden methods
+            description = (inspect.getdoc(getattr(self.trainer_class, name)) or "").split("\n")[0] or None
             sub = self._prepare_subcommand_parser(
                 self.trainer_class, name, **{"description": description, **kwargs.get(name, {})}
             )
@@ -313,7 +315,6 @@ class VMMCLI(LightningCLI):
         if source_cls is None or _class_name(source_cls) == _class_name(final_cls):
             return
         import importlib
-        import inspect
 
         module, _, name = final_cls.rpartition(".")
         try:
