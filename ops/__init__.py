@@ -4,11 +4,12 @@ Each op has a pure-PyTorch reference (``backend="torch"``) and CuPy CUDA kernels
 (``backend="cupy"``); ``backend="auto"`` picks CuPy for CUDA tensors when CuPy imports
 (docs/architecture.md §3.1). Both op packages have the same file roles: ``functional.py`` (the
 public functions, validation and backend dispatch), ``reference.py`` (plain PyTorch),
-``kernels.py`` (CuPy launch wrappers and the kernels' autograd Functions) and ``modules.py``
+``kernels.py`` (CuPy launch wrappers and the kernels' custom ops / autograd Functions) and ``modules.py``
 (``nn.Module`` s). Bad arguments raise the exception types of :mod:`ops.validation`.
 
 Submodules that are not part of the user API but stay importable: :mod:`ops.kernel_loader` (kernel
-registry and launch), :mod:`ops.host_emulation` (running the kernels on the CPU, for tests; see
+registry and launch), :mod:`ops.library` (support for the kernels' ``torch.library`` custom ops,
+``vmm::*``), :mod:`ops.host_emulation` (running the kernels on the CPU, for tests; see
 :func:`kernel_host_emulation`), :mod:`ops.compile_checks` (nvcc / NVRTC checks, test tooling) and
 :mod:`ops.scale_add` (the kernel infrastructure's smoke-test kernel).
 """

@@ -203,7 +203,16 @@ _cupy_kernels: dict[tuple[str, str, str, int], object] = {}
 _cupy_streams: dict[tuple[int, int], object] = {}
 
 
+def _constant_under_compile(fn):
+    # torch.compile calls fn at trace time and bakes the result in, rather than tracing an import
+    # inside the graph (torch.compiler.assume_constant_result; absent on very old torch).
+    marker = getattr(getattr(torch, "compiler", None), "assume_constant_result", None)
+    return marker(fn) if marker is not None else fn
+
+
+@_constant_under_compile
 def cupy_available() -> bool:
+    """Whether CuPy imports (constant within a compiled graph)."""
     try:
         import cupy  # noqa: F401
     except Exception:

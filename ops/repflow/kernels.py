@@ -1,8 +1,10 @@
-"""The fused TV-L1 kernels (``kernels/tvl1.cu``) behind an autograd Function with a hand-written backward.
+"""The fused TV-L1 kernels (``kernels/tvl1.cu``) as a torch custom op (an autograd Function before torch 2.4)
+with a hand-written backward.
 
 The image gradient, ``rho_c = i1 - i0`` and the scalars ``(|θ|+ε, λ(|θ|+ε), τ/(|θ|+ε))`` are computed
 by torch once per call (cheap, and autograd takes them back to i0, i1, the image stencils and θ, λ,
-τ); the n_iter iterations run in :class:`TVL1Iterations`, one kernel launch per iteration in the
+τ); the n_iter iterations run in the custom op ``vmm::tvl1_iterations`` (torch >= 2.4, see
+ops/library.py; :class:`TVL1Iterations` on older torch), one kernel launch per iteration in the
 forward (the dual step of one iteration fused with the primal step of the next).
 
 Memory: the forward keeps only the state ``(u, p)`` (6 maps of ``[B,C,H,W]``) every
@@ -28,6 +30,7 @@ import torch
 from torch import Tensor
 
 from ..kernel_loader import KernelSource
+from ..library import CUSTOM_OPS, check_kernel_device
 from .reference import EPS, image_gradient
 
 TVL1_SOURCE = KernelSource(
@@ -150,12 +153,91 @@ class _Launcher:
             self.dual(u_out, p, p_out)
 
 
-def _held(t: Tensor, checkpoints: dict[int, tuple[Tensor, Tensor]]) -> bool:
-    return any(t is x for state in checkpoints.values() for x in state)
+def checkpoint_steps(n_iter: int) -> list[int]:
+    """The iterations k after which the forward keeps the state (u_k, p_k) for the backward: every
+    :func:`segment_length` iterations, excluding 0 (the zero state) and n_iter (never needed)."""
+    seg = segment_length(n_iter)
+    return list(range(seg, n_iter, seg))
+
+
+def tvl1_forward(
+    gx: Tensor, gy: Tensor, rho_c: Tensor, params: Tensor, st: Tensor, n_iter: int, keep: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``n_iter`` fused iterations: ``(u [B,2C,H,W], ckpt_u [S,B,2C,H,W], ckpt_p [S,B,4C,H,W])``, the
+    checkpoints being the states after the iterations of :func:`checkpoint_steps` (S = 0 unless
+    ``keep``). The launches write the checkpoints straight into their slots (no copy); ``u`` never
+    aliases them."""
+    run = _Launcher(gx, gy, rho_c, params, st)
+    steps = checkpoint_steps(n_iter) if keep else []
+    slot = {k: i for i, k in enumerate(steps)}
+    ckpt_u = gx.new_empty((len(steps), run.b, 2 * run.c, run.h, run.w))
+    ckpt_p = gx.new_empty((len(steps), run.b, 4 * run.c, run.h, run.w))
+    # (u, p) = (u_k, p_{k-1}): after the primal step of iteration k, before its dual step.
+    u, p = run.zero_state()
+    run.primal(u, u, p)  # k = 1 from the zero state (never a checkpoint: the first one is k = L >= 2)
+    free_u: list[Tensor] = []
+    free_p: list[Tensor] = []
+    for k in range(1, n_iter):
+        # One launch: the dual step of k and the primal step of k+1. A checkpoint (u_k, p_k) is made of
+        # this launch's p output and the previous launch's u output, so those land in its slot directly.
+        u_out = ckpt_u[slot[k + 1]] if k + 1 in slot else (free_u.pop() if free_u else torch.empty_like(u))
+        p_out = ckpt_p[slot[k]] if k in slot else (free_p.pop() if free_p else torch.empty_like(p))
+        run.iterate(u, p, u_out, p_out)
+        if k not in slot:  # u is u_k: reusable unless it is a checkpoint's
+            free_u.append(u)
+        if k - 1 not in slot:  # p is p_{k-1}
+            free_p.append(p)
+        u, p = u_out, p_out
+    return u, ckpt_u, ckpt_p
+
+
+def tvl1_backward(
+    grad_u: Tensor,
+    gx: Tensor,
+    gy: Tensor,
+    rho_c: Tensor,
+    params: Tensor,
+    st: Tensor,
+    ckpt_u: Tensor,
+    ckpt_p: Tensor,
+    n_iter: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(d gx, d gy, d rho_c, d params, d st) of :func:`tvl1_forward` (run with ``keep``) from d u: the
+    adjoint of each iteration in reverse, each state recomputed from its segment's checkpoint."""
+    run = _Launcher(gx, gy, rho_c, params, st)
+    seg = segment_length(n_iter)
+    checkpoints = {k: (ckpt_u[i], ckpt_p[i]) for i, k in enumerate(checkpoint_steps(n_iter))}
+    ubar = grad_u.to(gx.dtype).contiguous().clone()
+    # Receives the adjoint of u_{k-1} (it cannot be written over ubar: neighbours read ubar); the two
+    # buffers swap roles every iteration.
+    spare = torch.empty_like(ubar)
+    pbar = gx.new_zeros((run.b, 4 * run.c, run.h, run.w))
+    gbar = torch.empty_like(pbar)
+    ggx, ggy, grho = torch.zeros_like(gx), torch.zeros_like(gx), torch.zeros_like(gx)
+    acc = gx.new_zeros((ACC_ROWS, run.n_slots))
+    # One work state: the state before iteration k is recomputed from its segment's checkpoint for
+    # every k (at most L - 1 steps), so the backward holds one state rather than a segment of them.
+    work = run.zero_state()
+    for start in reversed(range(0, n_iter, seg)):
+        end = min(start + seg, n_iter)
+        checkpoint = checkpoints.get(start)
+        for k in range(end, start, -1):
+            # spare and gbar are free until dual_adj/primal_adj write them: scratch for the recompute.
+            u_old, p_old = run.state_after(k - 1, start, checkpoint, work, (spare, gbar))
+            has_dual = k < n_iter
+            if has_dual:
+                run.dual_adj(u_old, p_old, pbar, gbar, acc)
+            run.primal_adj(u_old, p_old, ubar, gbar, has_dual, spare, pbar, ggx, ggy, grho, acc)
+            ubar, spare = spare, ubar
+    sums = acc.view(ACC_ROWS, run.b, run.c, run.j).sum(dim=(1, 3))  # [11, C]
+    grad_params = torch.stack([sums[5].sum(), sums[6].sum(), sums[0].sum()]).to(params.dtype)
+    grad_st = sums[_ACC_STENCIL_ROWS].t().contiguous().to(st.dtype)
+    return ggx, ggy, grho, grad_params, grad_st
 
 
 class TVL1Iterations(torch.autograd.Function):
-    """``n_iter`` fused TV-L1 iterations: ``(gx, gy, rho_c, params [3], st [C,8]) -> u [B,2C,H,W]``.
+    """``n_iter`` fused TV-L1 iterations: ``(gx, gy, rho_c, params [3], st [C,8]) -> u [B,2C,H,W]``; the path
+    on torch without ``torch.library.custom_op`` (eager only; see ``vmm::tvl1_iterations`` below).
 
     All tensors contiguous, on one device, in the compute dtype (float32 or float64). ``params`` is
     ``(θ_e, λθ_e, τ/θ_e)``; ``st`` holds per channel the forward-difference taps (x then y) and the
@@ -167,70 +249,72 @@ class TVL1Iterations(torch.autograd.Function):
         ctx, gx: Tensor, gy: Tensor, rho_c: Tensor, params: Tensor, st: Tensor, n_iter: int, keep: bool
     ) -> Tensor:
         """``keep``: store what backward needs (False under no_grad or when nothing requires grad)."""
-        run = _Launcher(gx, gy, rho_c, params, st)
-        seg = segment_length(n_iter)
-        checkpoints: dict[int, tuple[Tensor, Tensor]] = {}
-        # (u, p) = (u_k, p_{k-1}): after the primal step of iteration k, before its dual step.
-        u, p = run.zero_state()
-        run.primal(u, u, p)  # k = 1 from the zero state
-        spare_u: Tensor | None = None
-        spare_p: Tensor | None = None
-        for k in range(1, n_iter):
-            # One launch: the dual step of k and the primal step of k+1, into the other buffers.
-            u_out = spare_u if spare_u is not None else torch.empty_like(u)
-            p_out = spare_p if spare_p is not None else torch.empty_like(p)
-            run.iterate(u, p, u_out, p_out)
-            if keep and k % seg == 0:
-                # The state after k iterations is (u_k, p_k) = (u, p_out): keep those buffers as the
-                # checkpoint (no copy) and let the following launches write into fresh ones.
-                checkpoints[k] = (u, p_out)
-                spare_u = None
-                spare_p = None if _held(p, checkpoints) else p
-            else:
-                spare_u = None if _held(u, checkpoints) else u
-                spare_p = None if _held(p, checkpoints) else p
-            u, p = u_out, p_out
+        u, ckpt_u, ckpt_p = tvl1_forward(gx, gy, rho_c, params, st, n_iter, keep)
         if keep:
             ctx.save_for_backward(gx, gy, rho_c, params, st)
             # Intermediate tensors (not inputs or outputs) may live on ctx. They stay until the graph is
             # freed: backward reads them in reverse order and may be called again under retain_graph.
-            ctx.checkpoints = checkpoints
+            ctx.checkpoints = (ckpt_u, ckpt_p)
             ctx.n_iter = n_iter
         return u
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_u: Tensor):
-        gx, gy, rho_c, params, st = ctx.saved_tensors
-        n_iter = ctx.n_iter
-        run = _Launcher(gx, gy, rho_c, params, st)
-        seg = segment_length(n_iter)
-        ubar = grad_u.to(gx.dtype).contiguous().clone()
-        # Receives the adjoint of u_{k-1} (it cannot be written over ubar: neighbours read ubar); the two
-        # buffers swap roles every iteration.
-        spare = torch.empty_like(ubar)
-        pbar = gx.new_zeros((run.b, 4 * run.c, run.h, run.w))
-        gbar = torch.empty_like(pbar)
-        ggx, ggy, grho = torch.zeros_like(gx), torch.zeros_like(gx), torch.zeros_like(gx)
-        acc = gx.new_zeros((ACC_ROWS, run.n_slots))
-        # One work state: the state before iteration k is recomputed from its segment's checkpoint for
-        # every k (at most L - 1 steps), so the backward holds one state rather than a segment of them.
-        work = run.zero_state()
-        for start in reversed(range(0, n_iter, seg)):
-            end = min(start + seg, n_iter)
-            checkpoint = ctx.checkpoints.get(start)
-            for k in range(end, start, -1):
-                # spare and gbar are free until dual_adj/primal_adj write them: scratch for the recompute.
-                u_old, p_old = run.state_after(k - 1, start, checkpoint, work, (spare, gbar))
-                has_dual = k < n_iter
-                if has_dual:
-                    run.dual_adj(u_old, p_old, pbar, gbar, acc)
-                run.primal_adj(u_old, p_old, ubar, gbar, has_dual, spare, pbar, ggx, ggy, grho, acc)
-                ubar, spare = spare, ubar
-        sums = acc.view(ACC_ROWS, run.b, run.c, run.j).sum(dim=(1, 3))  # [11, C]
-        grad_params = torch.stack([sums[5].sum(), sums[6].sum(), sums[0].sum()]).to(params.dtype)
-        grad_st = sums[_ACC_STENCIL_ROWS].t().contiguous().to(st.dtype)
-        return ggx, ggy, grho, grad_params, grad_st, None, None
+        grads = tvl1_backward(grad_u, *ctx.saved_tensors, *ctx.checkpoints, ctx.n_iter)
+        return (*grads, None, None)
+
+
+if CUSTOM_OPS:
+    # One node each for torch.compile / torch.export (docs/architecture.md §3.1; ops/library.py). The
+    # checkpoints are outputs of the forward op (custom ops keep no hidden state), not differentiable.
+
+    @torch.library.custom_op("vmm::tvl1_iterations", mutates_args=())
+    def _tvl1_op(
+        gx: Tensor, gy: Tensor, rho_c: Tensor, params: Tensor, st: Tensor, n_iter: int, keep: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        check_kernel_device("tvl1_iterations", gx)
+        return tvl1_forward(gx, gy, rho_c, params, st, n_iter, keep)
+
+    @_tvl1_op.register_fake
+    def _(gx, gy, rho_c, params, st, n_iter, keep):
+        b, c, h, w = gx.shape
+        n = len(checkpoint_steps(n_iter)) if keep else 0
+        return gx.new_empty((b, 2 * c, h, w)), gx.new_empty((n, b, 2 * c, h, w)), gx.new_empty((n, b, 4 * c, h, w))
+
+    @torch.library.custom_op("vmm::tvl1_iterations_backward", mutates_args=())
+    def _tvl1_backward_op(
+        grad_u: Tensor,
+        gx: Tensor,
+        gy: Tensor,
+        rho_c: Tensor,
+        params: Tensor,
+        st: Tensor,
+        ckpt_u: Tensor,
+        ckpt_p: Tensor,
+        n_iter: int,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        return tvl1_backward(grad_u, gx, gy, rho_c, params, st, ckpt_u, ckpt_p, n_iter)
+
+    @_tvl1_backward_op.register_fake
+    def _(grad_u, gx, gy, rho_c, params, st, ckpt_u, ckpt_p, n_iter):
+        like = (gx, gy, rho_c, params, st)
+        return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in like)
+
+    def _tvl1_setup(ctx, inputs, output) -> None:
+        gx, gy, rho_c, params, st, n_iter, keep = inputs
+        _, ckpt_u, ckpt_p = output
+        ctx.mark_non_differentiable(ckpt_u, ckpt_p)
+        ctx.save_for_backward(gx, gy, rho_c, params, st, ckpt_u, ckpt_p)
+        ctx.n_iter, ctx.keep = n_iter, keep
+
+    def _tvl1_grad(ctx, grad_u, _grad_ckpt_u, _grad_ckpt_p):
+        if not ctx.keep:
+            raise RuntimeError("vmm::tvl1_iterations was run with keep=False: it saved no checkpoints to backward")
+        grads = torch.ops.vmm.tvl1_iterations_backward(grad_u, *ctx.saved_tensors, ctx.n_iter)
+        return (*grads, None, None)
+
+    _tvl1_op.register_autograd(_tvl1_grad, setup_context=_tvl1_setup)
 
 
 def tvl1_fused(
@@ -253,4 +337,6 @@ def tvl1_fused(
     st = torch.cat([fx, fy, dx, dy], dim=1).contiguous()
     inputs = (gx.contiguous(), gy.contiguous(), rho_c.contiguous(), params, st)
     keep = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+    if CUSTOM_OPS:
+        return torch.ops.vmm.tvl1_iterations(*inputs, n_iter, keep)[0]
     return TVL1Iterations.apply(*inputs, n_iter, keep)
