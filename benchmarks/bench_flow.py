@@ -40,7 +40,8 @@ import torch
 from cuda_timing import cuda_peak_bytes, cuda_time_ms, measure_bandwidth_gbs
 
 import ops
-from ops.repflow.kernels import TVL1Iterations, segment_length
+from ops.library import is_kernel_node
+from ops.repflow.kernels import segment_length
 from ops.repflow.modules import FlowLayer
 
 CHANNELS = 32  # FCF bottleneck
@@ -149,7 +150,7 @@ def _run_cuda(args, dtype: torch.dtype) -> list[dict]:
 def stored_maps(n_iter, kernels, pairs=2, size=8):
     """[B,C,H,W] maps (B = frame pairs) one tvl1_flow call with FlowLayer's learnable parameters keeps
     for its backward: distinct tensors autograd saves (the inputs excluded) plus the fused kernels'
-    checkpoints, which live on the Function's context."""
+    checkpoints (saved by the custom op; on the Function's context before torch 2.4)."""
     layer = FlowLayer(CHANNELS, n_iter)
     i0 = torch.randn(pairs, CHANNELS, size, size, requires_grad=True) * 50
     i1 = torch.randn(pairs, CHANNELS, size, size, requires_grad=True) * 50
@@ -170,10 +171,11 @@ def stored_maps(n_iter, kernels, pairs=2, size=8):
         if node is None or node in visited:
             continue
         visited.add(node)
-        if isinstance(node, TVL1Iterations._backward_cls):
-            for state in node.checkpoints.values():
-                for t in state:
-                    seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        # torch < 2.4: the checkpoints are held on the Function's ctx, not saved (the custom op saves them,
+        # so the pack hook above counts them)
+        if is_kernel_node(node, "tvl1_iterations") and hasattr(node, "checkpoints"):
+            for t in node.checkpoints:
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         stack.extend(fn for fn, _ in node.next_functions)
     return sum(seen.values()) / (pairs * CHANNELS * size * size * 4)
 
