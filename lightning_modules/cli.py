@@ -145,7 +145,8 @@ class VMMTrainer(Trainer):
                 lines.append(f"  K = {k} classes: chance {100 / k:.1f}%")
             lines.append(f"  checkpoint: {Path(best).resolve() if best else None}")
             if log_dir:
-                lines.append(f"  logs: {log_dir} (metrics.csv, test_results.json, confusion_matrix_test.png)")
+                lines.append(f"  logs: {log_dir} (metrics.csv, test_results.json, confusion_matrix_test.png, "
+                             "scores_test.json)")
             lines.append("=" * 72)
             print("\n".join(lines), flush=True)
         return res
