@@ -400,3 +400,33 @@ def _graph_nodes(root):
         seen.append(node)
         stack.extend(fn for fn, _ in node.next_functions)
     return seen
+
+
+@needs_custom_ops
+@pytest.mark.parametrize("module", ["sifa", "flow"])
+def test_aot_autograd_graphs_hold_the_forward_and_backward_ops(emulation, module):
+    # AOTAutograd splits the captured graph into forward and backward graphs: each kernel call is one
+    # node in each (the backward op traced through its fake implementation)
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    forward, backward = GraphRecorder(), GraphRecorder()
+
+    def keep(recorder):
+        def compiler(gm, example_inputs):
+            recorder.graphs.append(gm)
+            return make_boxed_func(gm.forward)
+
+        return compiler
+
+    model, x, op = (
+        (sifa_block("emulated", True), clip(4), "deform_attention")
+        if module == "sifa"
+        else (flow_layer("emulated"), clip(2), "tvl1_iterations")
+    )
+    compiled = torch.compile(model, backend=aot_autograd(fw_compiler=keep(forward), bw_compiler=keep(backward)),
+                             fullgraph=True)
+    assert_same(outputs_and_grads(compiled, x), outputs_and_grads(model, x), tol=0)
+    assert forward.calls(op) == 1, forward.targets()
+    assert backward.calls(f"{op}_backward") == 1, backward.targets()
+    assert backward.calls(op) == 0  # the backward does not rerun the forward op
