@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -219,10 +220,15 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{len(data[0])} training clips, {len(data[2])} test clips, K = {args.num_classes} "
           f"(chance {100 / args.num_classes:.1f}%, order-blind ceiling {100 * ORDER_BLIND_CEILING:.0f}%)", flush=True)
     results = [train_mode(mode, data, args.num_classes, args) for mode in args.modes]
-    print("| frame-pair operation | test top-1 | train s |")
-    print("| --- | --- | --- |")
+    n_test = len(data[2])
+    print(f"chance {100 / args.num_classes:.1f}%, order-blind ceiling {100 * ORDER_BLIND_CEILING:.0f}%, "
+          f"s.d. = sqrt(p(1-p)/n) on n = {n_test} test clips")
+    print("| frame-pair operation | test top-1 | ± s.d. | train s |")
+    print("| --- | --- | --- | --- |")
     for r in results:
-        print(f"| {r['mode']} | {100 * r['test_top1']:.1f}% | {r['train_seconds']:.0f} |")
+        p_hat = r["test_top1"]
+        sd = math.sqrt(p_hat * (1 - p_hat) / max(1, n_test))
+        print(f"| {r['mode']} | {100 * p_hat:.1f}% | {100 * sd:.1f} | {r['train_seconds']:.0f} |")
     out = {"args": vars(args), "results": results}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
