@@ -430,3 +430,16 @@ def test_aot_autograd_graphs_hold_the_forward_and_backward_ops(emulation, module
     assert forward.calls(op) == 1, forward.targets()
     assert backward.calls(f"{op}_backward") == 1, backward.targets()
     assert backward.calls(op) == 0  # the backward does not rerun the forward op
+
+
+@needs_custom_ops
+@pytest.mark.parametrize("module", ["sifa", "flow"])
+def test_compile_dynamic_shapes_one_graph_for_several_clip_sizes(emulation, module):
+    # dynamic=True: the fake implementations see symbolic sizes; one graph serves both clip sizes
+    model, channels = (sifa_block("emulated", True), 4) if module == "sifa" else (flow_layer("emulated"), 2)
+    recorder = GraphRecorder()
+    compiled = torch.compile(model, backend=recorder, fullgraph=True, dynamic=True)
+    for size, frames in ((5, 3), (6, 4)):
+        x = clip(channels, frames=frames, size=size)
+        assert_same(outputs_and_grads(compiled, x), outputs_and_grads(model, x), tol=0)
+    assert len(recorder.graphs) == 1
