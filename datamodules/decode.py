@@ -324,60 +324,83 @@ class _RangeDecoder:
         self.done: set[int] = set()
 
     def run(self, key: int, run: np.ndarray, skip_nonref: bool) -> None:
-        index, cc = self.index, self.stream.codec_context
+        """Seek to stream position `key` and decode forward until every position in `run` is stored."""
         wanted = {int(t) for t in run} - self.done
         if not wanted:
             return
         last = max(wanted)
+        self._seek(key)
+        try:
+            for pos, frame in self._positioned(self._decoded(wanted, skip_nonref), key):
+                if pos in wanted:
+                    self._store(pos, frame)
+                    wanted.discard(pos)
+                # pos > last + 16: past any reordering delay, the frame is not in the file.
+                if not wanted or pos > last + 16:
+                    return
+        finally:
+            self.stream.codec_context.skip_frame = "DEFAULT"
+
+    def _seek(self, key: int) -> None:
+        """Seek to the keyframe at stream position `key` (0: the stream start)."""
         if key == 0:
             self.container.seek(0, backward=True, any_frame=False)  # also flushes the decoder
         else:
-            self.container.seek(int(index.all_pts[key]), stream=self.stream, backward=True, any_frame=False)
-        counter: int | None = None  # output position, for files whose pts cannot be trusted
+            self.container.seek(int(self.index.all_pts[key]), stream=self.stream, backward=True, any_frame=False)
+
+    def _decoded(self, wanted: set[int], skip_nonref: bool):
+        """Demux and decode from the current seek point, yielding frames in output order.
+
+        `wanted` is the caller's live set of positions still missing; it is read per packet. Ends
+        early, after draining the decoder, once every wanted frame's packet has been sent.
+        """
+        index, cc = self.index, self.stream.codec_context
         # pts of wanted frames whose packets are still to be sent (pts-reliable files only).
         unsent = {int(index.all_pts[p]) for p in wanted} if index.pts_reliable else None
-        try:
-            for packet in self.container.demux(self.stream):
-                if skip_nonref:
-                    # A non-reference frame the clip does not keep cannot influence any kept frame:
-                    # the decoder may drop it (FFmpeg reads skip_frame per packet).
-                    ts = packet.pts
-                    keep = ts is None or not packet.size or self.pos_of_pts.get(ts, -1) in wanted
-                    cc.skip_frame = "DEFAULT" if keep else "NONREF"
-                frames = packet.decode()
-                if unsent is not None and packet.pts in unsent:
-                    unsent.discard(packet.pts)
-                    if not unsent:
-                        # Every wanted frame has been sent (and with it every frame it references):
-                        # drain the decoder instead of decoding the frames that follow.
-                        frames = list(frames) + list(cc.decode(None))
-                for frame in frames:
-                    if index.pts_reliable:
-                        pos = self.pos_of_pts.get(frame.pts if frame.pts is not None else -(2**62))
-                    else:
-                        if counter is None:
-                            # The first output after a seek is the keyframe we seeked to (closed GOP).
-                            counter = self.pos_of_pts.get(frame.pts, key) if frame.key_frame else None
-                            if counter is None:
-                                continue
-                        pos, counter = counter, counter + 1
-                    if pos is None:
-                        continue
-                    if pos in wanted:
-                        rgb = self.reformatter.reformat(
-                            frame, width=self.width, height=self.height, format="rgb24", interpolation=_INTERPOLATION
-                        ).to_ndarray()
-                        for slot in self.slots[pos]:
-                            self.out[slot] = rgb
-                        wanted.discard(pos)
-                        self.done.add(pos)
-                    # pos > last + 16: past any reordering delay, the frame is not in the file.
-                    if not wanted or pos > last + 16:
-                        return
-                if unsent is not None and not unsent:
-                    return  # drained: whatever is still missing is not in the file
-        finally:
-            cc.skip_frame = "DEFAULT"
+        for packet in self.container.demux(self.stream):
+            if skip_nonref:
+                # A non-reference frame the clip does not keep cannot influence any kept frame:
+                # the decoder may drop it (FFmpeg reads skip_frame per packet).
+                ts = packet.pts
+                keep = ts is None or not packet.size or self.pos_of_pts.get(ts, -1) in wanted
+                cc.skip_frame = "DEFAULT" if keep else "NONREF"
+            yield from packet.decode()
+            if unsent is not None and packet.pts in unsent:
+                unsent.discard(packet.pts)
+                if not unsent:
+                    # Every wanted frame has been sent (and with it every frame it references):
+                    # drain the decoder instead of decoding the frames that follow; whatever is
+                    # still missing after that is not in the file.
+                    yield from cc.decode(None)
+                    return
+
+    def _positioned(self, frames, key: int):
+        """Pair decoded frames with their stream positions, dropping frames with no position."""
+        if self.index.pts_reliable:
+            for frame in frames:
+                pos = self.pos_of_pts.get(frame.pts if frame.pts is not None else -(2**62))
+                if pos is not None:
+                    yield pos, frame
+            return
+        # pts cannot be trusted: count output positions from the first keyframe out of the decoder,
+        # which after a seek is the keyframe we seeked to (closed GOP).
+        counter: int | None = None
+        for frame in frames:
+            if counter is None:
+                counter = self.pos_of_pts.get(frame.pts, key) if frame.key_frame else None
+                if counter is None:
+                    continue
+            yield counter, frame
+            counter += 1
+
+    def _store(self, pos: int, frame) -> None:
+        """Convert `frame` to RGB at the output size and write it to every slot that shows `pos`."""
+        rgb = self.reformatter.reformat(
+            frame, width=self.width, height=self.height, format="rgb24", interpolation=_INTERPOLATION
+        ).to_ndarray()
+        for slot in self.slots[pos]:
+            self.out[slot] = rgb
+        self.done.add(pos)
 
 
 def probe_full_decode(path: str | os.PathLike, threads: int = 1) -> dict:
