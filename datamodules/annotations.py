@@ -256,30 +256,12 @@ def parse_kinetics_csv(
     records, labels, missing = [], [], []
     with io.StringIO(read_annotation_text(file), newline="") as fh:
         reader = csv.reader(fh)
-        header = next(reader, None)
-        if header is None:
-            raise AnnotationError(file, 1, "empty CSV (a header row is required)")
-        cols = [h.strip() for h in header]
-        absent = [c for c in _KINETICS_COLUMNS if c not in cols]
-        if absent:
-            raise AnnotationError(file, 1, f"header lacks column(s) {absent}; got {cols}")
-        pos = {c: cols.index(c) for c in _KINETICS_COLUMNS}
+        num_columns, pos = _kinetics_header(file, next(reader, None))
         for row in reader:
             n = reader.line_num
             if not row or all(not c.strip() for c in row):
                 continue
-            if len(row) < len(cols):
-                raise AnnotationError(file, n, f"expected {len(cols)} columns, got {len(row)}: {row}")
-            label = row[pos["label"]].strip()
-            yid = row[pos["youtube_id"]].strip()
-            try:
-                t0, t1 = float(row[pos["time_start"]]), float(row[pos["time_end"]])
-            except ValueError:
-                raise AnnotationError(file, n, f"time_start/time_end must be numbers, got {row}") from None
-            if not yid or t1 <= t0:
-                raise AnnotationError(file, n, f"expected a youtube_id and time_end > time_start, got {row}")
-            if class_to_id is not None and label not in class_to_id:
-                raise AnnotationError(file, n, f"unknown class {label!r} (not in the training CSV)")
+            label, yid, t0, t1 = _kinetics_row(file, n, row, num_columns, pos, class_to_id)
             trimmed = f"{yid}_{int(t0):06d}_{int(t1):06d}"
             labels.append(label)
             label_id = -1 if class_to_id is None else class_to_id[label]
@@ -292,6 +274,36 @@ def parse_kinetics_csv(
                 problem = f"listed in {file.name}:{n}; no video file {trimmed}.* or {yid}.* under {video_dir}"
                 records.append(VideoRecord(trimmed, label_id, problem=problem))
     return records, labels, missing
+
+
+def _kinetics_header(file: Path, header: list[str] | None) -> tuple[int, dict[str, int]]:
+    """(number of columns, position of each of `_KINETICS_COLUMNS`) from the CSV's header row."""
+    if header is None:
+        raise AnnotationError(file, 1, "empty CSV (a header row is required)")
+    cols = [h.strip() for h in header]
+    absent = [c for c in _KINETICS_COLUMNS if c not in cols]
+    if absent:
+        raise AnnotationError(file, 1, f"header lacks column(s) {absent}; got {cols}")
+    return len(cols), {c: cols.index(c) for c in _KINETICS_COLUMNS}
+
+
+def _kinetics_row(
+    file: Path, n: int, row: list[str], num_columns: int, pos: dict[str, int], class_to_id: dict[str, int] | None
+) -> tuple[str, str, float, float]:
+    """(label, youtube_id, time_start, time_end in seconds) of CSV line `n`; AnnotationError if malformed."""
+    if len(row) < num_columns:
+        raise AnnotationError(file, n, f"expected {num_columns} columns, got {len(row)}: {row}")
+    label = row[pos["label"]].strip()
+    yid = row[pos["youtube_id"]].strip()
+    try:
+        t0, t1 = float(row[pos["time_start"]]), float(row[pos["time_end"]])
+    except ValueError:
+        raise AnnotationError(file, n, f"time_start/time_end must be numbers, got {row}") from None
+    if not yid or t1 <= t0:
+        raise AnnotationError(file, n, f"expected a youtube_id and time_end > time_start, got {row}")
+    if class_to_id is not None and label not in class_to_id:
+        raise AnnotationError(file, n, f"unknown class {label!r} (not in the training CSV)")
+    return label, yid, t0, t1
 
 
 def parse_hmdb51(split_dir: Path, video_root: Path, split: int) -> tuple[dict[str, list[VideoRecord]], list[str]]:
