@@ -537,32 +537,8 @@ def generate_dataset(spec: SyntheticSpec, cache_root: str | os.PathLike, workers
         own = None
     aside = None
     try:
-        for split in SPLIT_CODES:
-            for name in spec.class_names:
-                (tmp / split / name).mkdir(parents=True)
-        (tmp / "annotations").mkdir()
-        jobs = []
-        for split in SPLIT_CODES:
-            n = spec.per_class(split) * spec.num_classes
-            chunk = max(1, math.ceil(n / max(1, workers) / 4))
-            jobs += [(spec, str(tmp), split, list(range(s, min(n, s + chunk)))) for s in range(0, n, chunk)]
-        if workers > 1:
-            ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-            with ctx.Pool(workers) as pool:
-                pool.map(_write_chunk, jobs)
-        else:
-            for job in jobs:
-                _write_chunk(job)
-        csv_names = {"train": "train.csv", "val": "validate.csv", "test": "test.csv"}
-        for split, csv_name in csv_names.items():
-            lines = ["label,youtube_id,time_start,time_end,split"]
-            for i in range(spec.per_class(split) * spec.num_classes):
-                name = spec.class_names[i % spec.num_classes]
-                lines.append(f"{name},{split}{i:05d},0,{spec.duration_s()},{split}")
-            _write_text_atomic(tmp / "annotations" / csv_name, "\n".join(lines) + "\n")
-        meta = {"spec": asdict(spec), "class_names": spec.class_names,
-                "reverse_of": [reverse_class(i, spec.task) for i in range(spec.num_classes)]}
-        _write_text_atomic(tmp / "meta.json", json.dumps(meta, indent=1))
+        _write_videos(spec, tmp, workers)
+        _write_annotations(spec, tmp)
         aside = _place(tmp, final, token)
     finally:
         if own is not None:
@@ -571,6 +547,41 @@ def generate_dataset(spec: SyntheticSpec, cache_root: str | os.PathLike, workers
             if leftover is not None and leftover.exists():
                 shutil.rmtree(leftover, ignore_errors=True)
     return final
+
+
+def _write_videos(spec: SyntheticSpec, root: Path, workers: int) -> None:
+    """Render and encode every video of every split into `root/<split>/<class>/`, on `workers` processes."""
+    for split in SPLIT_CODES:
+        for name in spec.class_names:
+            (root / split / name).mkdir(parents=True)
+    jobs = []
+    for split in SPLIT_CODES:
+        n = spec.per_class(split) * spec.num_classes
+        # About four chunks per worker: small enough to balance the load, large enough to amortise dispatch.
+        chunk = max(1, math.ceil(n / max(1, workers) / 4))
+        jobs += [(spec, str(root), split, list(range(s, min(n, s + chunk)))) for s in range(0, n, chunk)]
+    if workers > 1:
+        ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+        with ctx.Pool(workers) as pool:
+            pool.map(_write_chunk, jobs)
+    else:
+        for job in jobs:
+            _write_chunk(job)
+
+
+def _write_annotations(spec: SyntheticSpec, root: Path) -> None:
+    """Write the Kinetics-style split CSVs to `root/annotations/`, then `root/meta.json` (last: it marks completion)."""
+    (root / "annotations").mkdir()
+    csv_names = {"train": "train.csv", "val": "validate.csv", "test": "test.csv"}
+    for split, csv_name in csv_names.items():
+        lines = ["label,youtube_id,time_start,time_end,split"]
+        for i in range(spec.per_class(split) * spec.num_classes):
+            name = spec.class_names[i % spec.num_classes]
+            lines.append(f"{name},{split}{i:05d},0,{spec.duration_s()},{split}")
+        _write_text_atomic(root / "annotations" / csv_name, "\n".join(lines) + "\n")
+    meta = {"spec": asdict(spec), "class_names": spec.class_names,
+            "reverse_of": [reverse_class(i, spec.task) for i in range(spec.num_classes)]}
+    _write_text_atomic(root / "meta.json", json.dumps(meta, indent=1))
 
 
 def _place(tmp: Path, final: Path, token: str) -> Path | None:
