@@ -82,26 +82,34 @@ def entry_problem(path: str | os.PathLike, folder: bool = False) -> str | None:
     try:
         st = os.stat(path)
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            return "symbolic link loop"
-        try:
-            is_link = stat.S_ISLNK(os.lstat(path).st_mode)
-        except OSError:
-            is_link = False
-        if is_link and exc.errno in (errno.ENOENT, errno.ENOTDIR):
-            try:
-                target = os.readlink(path)
-            except OSError:
-                target = "?"
-            return f"dangling symbolic link (target {target} not found)"
-        if exc.errno == errno.ENOENT:
-            return "frame folder not found" if folder else "file not found"
-        return f"cannot stat: {exc.strerror or exc}"
+        return _stat_failure(path, exc, folder)
     mode = st.st_mode
     if folder:
         return None if stat.S_ISDIR(mode) else "not a folder (expected a folder of frame images)"
-    if stat.S_ISREG(mode):
-        return None
+    return None if stat.S_ISREG(mode) else _not_a_file(mode)
+
+
+def _stat_failure(path: str | os.PathLike, exc: OSError, folder: bool) -> str:
+    """Why `os.stat(path)` raised `exc`: a link loop, a dangling link, a missing entry, or the OS's reason."""
+    if exc.errno == errno.ELOOP:
+        return "symbolic link loop"
+    try:
+        is_link = stat.S_ISLNK(os.lstat(path).st_mode)
+    except OSError:
+        is_link = False
+    if is_link and exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        try:
+            target = os.readlink(path)
+        except OSError:
+            target = "?"
+        return f"dangling symbolic link (target {target} not found)"
+    if exc.errno == errno.ENOENT:
+        return "frame folder not found" if folder else "file not found"
+    return f"cannot stat: {exc.strerror or exc}"
+
+
+def _not_a_file(mode: int) -> str:
+    """What an entry with stat mode `mode` is, for one that is not a regular file."""
     if stat.S_ISDIR(mode):
         return "a directory, not a video file"
     if stat.S_ISFIFO(mode):
