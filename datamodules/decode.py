@@ -148,6 +148,31 @@ def _configure_threads(stream: av.video.stream.VideoStream, threads: int) -> Non
 
 
 def _index_stream(container, stream, path) -> VideoIndex:
+    """Demux `stream` once and build its VideoIndex; VideoDecodeError for no frames or a cut-short file."""
+    pts_list, key_list, missing_pts = _demux_timestamps(container, stream, path)
+    if not pts_list:
+        raise VideoDecodeError(path, "no video frames")
+    # The container's declared frame count is not used for indexing (it can be wrong), but far
+    # fewer packets than declared means the file was cut short (a partial download).
+    declared = stream.frames or 0
+    if declared and len(pts_list) < declared - max(2, declared // 100):
+        raise VideoDecodeError(path, f"truncated: {len(pts_list)} of the {declared} frames the container lists")
+    pts = np.unique(np.asarray(pts_list, dtype=np.int64))
+    keys = np.unique(np.asarray(key_list, dtype=np.int64))
+    if keys.size == 0 or keys[0] > pts[0]:
+        # Without a keyframe at the start, seeking to the stream start is the only safe entry.
+        keys = np.concatenate([pts[:1], keys])
+    tb = stream.time_base if stream.time_base is not None else Fraction(1, 1)
+    # AVI stores no presentation timestamps: the demuxer derives them from packet order, which is
+    # wrong for packed B-frames (decoded frames then carry swapped pts).
+    reliable = not missing_pts and "avi" not in container.format.name.split(",")
+    cc = stream.codec_context
+    return VideoIndex(str(path), pts, keys, Fraction(tb), cc.width, cc.height, pts_reliable=reliable)
+
+
+def _demux_timestamps(container, stream, path) -> tuple[list[int], list[int], bool]:
+    """(timestamps of all packets, of the keyframe packets, whether any packet lacked a pts), in
+    stream time_base units and file order. A packet without pts counts by its dts."""
     pts_list: list[int] = []
     key_list: list[int] = []
     missing_pts = False
@@ -168,24 +193,7 @@ def _index_stream(container, stream, path) -> VideoIndex:
         if not pts_list:
             raise VideoDecodeError(path, f"demuxing failed: {exc}") from None
         # A truncated tail: keep the packets read so far; decoding will confirm them.
-    if not pts_list:
-        raise VideoDecodeError(path, "no video frames")
-    # The container's declared frame count is not used for indexing (it can be wrong), but far
-    # fewer packets than declared means the file was cut short (a partial download).
-    declared = stream.frames or 0
-    if declared and len(pts_list) < declared - max(2, declared // 100):
-        raise VideoDecodeError(path, f"truncated: {len(pts_list)} of the {declared} frames the container lists")
-    pts = np.unique(np.asarray(pts_list, dtype=np.int64))
-    keys = np.unique(np.asarray(key_list, dtype=np.int64))
-    if keys.size == 0 or keys[0] > pts[0]:
-        # Without a keyframe at the start, seeking to the stream start is the only safe entry.
-        keys = np.concatenate([pts[:1], keys])
-    tb = stream.time_base if stream.time_base is not None else Fraction(1, 1)
-    # AVI stores no presentation timestamps: the demuxer derives them from packet order, which is
-    # wrong for packed B-frames (decoded frames then carry swapped pts).
-    reliable = not missing_pts and "avi" not in container.format.name.split(",")
-    cc = stream.codec_context
-    return VideoIndex(str(path), pts, keys, Fraction(tb), cc.width, cc.height, pts_reliable=reliable)
+    return pts_list, key_list, missing_pts
 
 
 class VideoReader:
