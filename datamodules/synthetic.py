@@ -355,12 +355,7 @@ def write_video(
     `b_frames`: keyframe interval and B-frame count (encoder defaults when None).
     """
     frames = np.asarray(frames)
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"frames: expected uint8 [T,H,W,3], got {frames.dtype} {frames.shape}")
-    if frames.shape[1] % 2 or frames.shape[2] % 2:
-        raise ValueError(f"frames: expected even height and width, got {frames.shape[1]}x{frames.shape[2]}")
-    if pts_ms is not None and (len(pts_ms) != len(frames) or np.any(np.diff(pts_ms) <= 0)):
-        raise ValueError("pts_ms: expected one strictly increasing time (ms) per frame")
+    _check_video_input(frames, pts_ms)
     name = "libx264rgb" if lossless else encoder
     with av.open(str(path), mode="w") as out:
         stream = out.add_stream(name, rate=Fraction(fps, 1))
@@ -374,12 +369,9 @@ def write_video(
             cc.gop_size = gop
         if b_frames is not None:
             cc.max_b_frames = b_frames
-        if lossless:
-            stream.options = {"qp": "0", "preset": "veryfast"}
-        elif name == "libx264":
-            stream.options = {"crf": str(crf), "preset": "veryfast"}
-        elif name == "mpeg4":
-            stream.options = {"qscale": "2"}
+        options = _encoder_options(name, lossless, crf)
+        if options is not None:
+            stream.options = options
         for k, img in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(img, format="rgb24")
             frame.pts = int(pts_ms[k]) if pts_ms is not None else k
@@ -387,6 +379,28 @@ def write_video(
                 out.mux(packet)
         for packet in stream.encode(None):
             out.mux(packet)
+
+
+def _check_video_input(frames: np.ndarray, pts_ms: np.ndarray | None) -> None:
+    """ValueError unless `frames` is uint8 [T,H,W,3] with even H, W and `pts_ms` (if given) is one
+    strictly increasing time per frame."""
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames: expected uint8 [T,H,W,3], got {frames.dtype} {frames.shape}")
+    if frames.shape[1] % 2 or frames.shape[2] % 2:
+        raise ValueError(f"frames: expected even height and width, got {frames.shape[1]}x{frames.shape[2]}")
+    if pts_ms is not None and (len(pts_ms) != len(frames) or np.any(np.diff(pts_ms) <= 0)):
+        raise ValueError("pts_ms: expected one strictly increasing time (ms) per frame")
+
+
+def _encoder_options(name: str, lossless: bool, crf: int) -> dict[str, str] | None:
+    """FFmpeg options for encoder `name` (None: the encoder's defaults)."""
+    if lossless:
+        return {"qp": "0", "preset": "veryfast"}
+    if name == "libx264":
+        return {"crf": str(crf), "preset": "veryfast"}
+    if name == "mpeg4":
+        return {"qscale": "2"}
+    return None
 
 
 def _encode(path: Path, frames: np.ndarray, fps: int, encoder: str, crf: int) -> None:
