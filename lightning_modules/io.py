@@ -229,6 +229,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             torch.save(checkpoint, f)
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        # Strategy.load_checkpoint passes no map_location: tensors go to the CPU (Lightning moves the model
+        # afterwards), never to the device they were saved from (absent on a CPU machine; cuda:0 on every rank).
+        if map_location is None:
+            map_location = "cpu"
         if "://" in str(path):
             return super().load_checkpoint(path, map_location=map_location, weights_only=True)
         if not Path(path).exists():

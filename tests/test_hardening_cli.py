@@ -299,6 +299,37 @@ def test_checkpoints_are_written_through_the_atomic_io(tmp_path):
     assert _leftover_temps(ckpt.parent) == []
 
 
+_TAG_AS_CUDA = [False]
+
+
+def _cuda_tag(storage):
+    """While _TAG_AS_CUDA[0]: record CPU storages as 'cuda:0', as a checkpoint saved on a GPU holds them."""
+    return "cuda:0" if _TAG_AS_CUDA[0] and storage.device.type == "cpu" else None
+
+
+torch.serialization.register_package(0, _cuda_tag, lambda storage, location: None)
+
+
+def test_a_gpu_checkpoint_loads_on_the_cpu_through_the_checkpoint_io(trained_square, tmp_path):
+    """Lightning's Strategy.load_checkpoint passes no map_location: the IO must map to the CPU itself,
+    or a GPU-trained checkpoint fails to load on a CPU machine (and lands on cuda:0 on every DDP rank)."""
+    ckpt, top1 = trained_square
+    gpu_ckpt = tmp_path / "gpu.ckpt"
+    _TAG_AS_CUDA[0] = True
+    try:
+        torch.save(torch.load(ckpt, weights_only=True), gpu_ckpt)
+    finally:
+        _TAG_AS_CUDA[0] = False
+    if not torch.cuda.is_available():  # the check that this test can fail: torch's own load refuses it
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(gpu_ckpt, weights_only=True)
+    loaded = AtomicCheckpointIO().load_checkpoint(gpu_ckpt)
+    assert {t.device.type for t in loaded["state_dict"].values()} == {"cpu"}
+    model = VideoClassifier(TinyNet(2))
+    _trainer(tmp_path, logger=False).test(model, datamodule=SquareData(), ckpt_path=gpu_ckpt, verbose=False)
+    assert model.last_eval["test"]["top1"] == pytest.approx(top1)
+
+
 # ---------------------------------------------------------------------------- 9. nothing to test
 
 
