@@ -381,7 +381,12 @@ class VMMCLI(LightningCLI):
         ckpt_path = self.config.get(sub, {}).get("ckpt_path") if sub else None
         if not ckpt_path or ckpt_path in ("best", "last", "hpc", "registry"):
             return
-        ckpt = self._ckpt if self._ckpt is not None else load_vmm_checkpoint(ckpt_path)
+        if self._ckpt is not None:
+            ckpt = self._ckpt
+        elif "://" in str(ckpt_path):  # a URL: fsspec, as Lightning will read it (weights_only=True)
+            ckpt = AtomicCheckpointIO().load_checkpoint(ckpt_path)
+        else:
+            ckpt = load_vmm_checkpoint(ckpt_path)
         self._ckpt = ckpt
         ckpt_model = _checkpoint_model_config(ckpt)
         cfg_model = self.config[sub].get("model")

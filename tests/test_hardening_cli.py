@@ -432,6 +432,26 @@ def test_ckpt_path_alone_defines_the_model_and_overrides_are_named(sigterm_fit, 
 
 
 @pytest.mark.slow
+def test_remote_ckpt_path_is_checked_and_tested(sigterm_fit, tmp_path):
+    """A --ckpt_path URL (fsspec; memory:// here) loads through the checkpoint IO, and is still checked
+    against the configured network."""
+    import fsspec
+
+    url = "memory://vmm-review/last.ckpt"
+    with fsspec.open(url, "wb") as f:
+        f.write((sigterm_fit["ckpt_dir"] / "last.ckpt").read_bytes())
+    try:
+        fcf = write_config(tmp_path / "fcf.yaml", tiny_config(sigterm_fit["root"], tmp_path / "runs", net=TINY_FCF))
+        with pytest.raises(ValueError, match=r"holds a lightning_modules\.networks\.SIFAResNet network"):
+            main(["test", "--config", str(fcf), "--ckpt_path", url])
+        cfg = write_config(tmp_path / "tiny.yaml", tiny_config(sigterm_fit["root"], tmp_path / "runs"))
+        cli = _cli(["test", "--config", str(cfg), "--ckpt_path", url])
+        assert cli.model.last_eval["test"]["num_videos"] > 0
+    finally:
+        fsspec.filesystem("memory").rm(url, recursive=True)
+
+
+@pytest.mark.slow
 def test_file_predict_checks_output_and_top_k_before_inference(sigterm_fit, tmp_path, monkeypatch):
     ckpt = sigterm_fit["ckpt_dir"] / "last.ckpt"
     video = sorted(sigterm_fit["root"].rglob("*.mp4"))[0]
