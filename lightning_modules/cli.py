@@ -297,6 +297,9 @@ class VMMCLI(LightningCLI):
             warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
             super().parse_arguments(parser, args)
         self._check_ckpt_against_config()
+        # Only its hyperparameters were needed: do not hold the weights and optimizer states for the whole
+        # run (the Trainer reads the file again).
+        self._ckpt = None
         if argv:
             self._drop_stale_num_classes(argv[1:])
         if self.config.get("subcommand") == "predict":

@@ -447,6 +447,7 @@ def test_remote_ckpt_path_is_checked_and_tested(sigterm_fit, tmp_path):
         cfg = write_config(tmp_path / "tiny.yaml", tiny_config(sigterm_fit["root"], tmp_path / "runs"))
         cli = _cli(["test", "--config", str(cfg), "--ckpt_path", url])
         assert cli.model.last_eval["test"]["num_videos"] > 0
+        assert cli._ckpt is None  # the parsed checkpoint is not held in memory for the whole run
     finally:
         fsspec.filesystem("memory").rm(url, recursive=True)
 
