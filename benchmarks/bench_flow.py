@@ -1,6 +1,6 @@
 """Representation-flow benchmark: FlowLayer forward and forward+backward, reference ("torch") vs fused kernels ("cupy").
 
-Shapes are FCF-(2+1)D-50's (repflow.md §3): the flow layers of an FCF block run on the bottleneck
+Shapes are FCF-(2+1)D-50's (docs/repflow.md §3): the flow layers of an FCF block run on the bottleneck
 (32 channels) after layer2, i.e. 28×28 at 224² input and 14×14 at 112²; clips of 8 and 16 frames,
 8 clips per batch (so 8·(T-1) frame pairs), n_iter 10 and 20. All learnable switches as the paper's
 best (image stencils fixed, the rest learnable), so the backward produces every gradient the block

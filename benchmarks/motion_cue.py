@@ -9,7 +9,7 @@ and budget; only the frame-pair operation differs:
     diff     concat(x[t+1] - x[t], x[t+1]): a subtractive cue (what temporal gradients / TV-L1 build on)
     corr     concat(x[t], deform_correlation(x[t], x[t+1], 0)): the 3×3 correlation volume SIFA computes,
              with the tap identity kept
-    sifa     ops.SIFA as specified (sifa.md §2): correlation-weighted aggregation added to x[t]
+    sifa     ops.SIFA as specified (docs/sifa.md §2): correlation-weighted aggregation added to x[t]
     sifa-kaiming, sifa-d2   SIFA with Kaiming-initialised offsets / dilation 2
     sifa-cos  SIFA's aggregation with a normalised attention: softmax over the taps of the cosine
              similarity / 0.1 (bounded, like a transformer's), instead of the raw dot product whose

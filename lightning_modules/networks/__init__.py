@@ -6,9 +6,9 @@ Every network takes `[N, 3, T, H, W]` float input (normalised frames) and expose
 
 Classes (usable from LightningCLI with `class_path`, keyword init args):
 
-- `SIFAResNet(num_classes, depth=50, ...)`: C2D SIFA-Net of sifa.md §3, depths 18/34/50/101.
+- `SIFAResNet(num_classes, depth=50, ...)`: C2D SIFA-Net of docs/sifa.md §3, depths 18/34/50/101.
   `sifa=False` is the plain C2D baseline; `dual_path=True` (default) gives two heads.
-- `FCFR2Plus1D(num_classes, depth=50, ...)`: FCF-(2+1)D ResNet of repflow.md §3, depths 18/34/50.
+- `FCFR2Plus1D(num_classes, depth=50, ...)`: FCF-(2+1)D ResNet of docs/repflow.md §3, depths 18/34/50.
   `fcf=False` is the plain (2+1)D baseline; `temporal=False` a per-frame 2D backbone.
 
 Builders: `sifa_resnet18/34/50/101`, `c2d_resnet18/50` (SIFA off), `fcf_r2plus1d_18/34/50`,

@@ -157,7 +157,7 @@ class Bottleneck(nn.Module):
     → +identity → ReLU.
 
     conv1 has kernel (t,1,1): t = 1 for C2D / SIFA-Net (torchvision's 2D Bottleneck per frame), t = 3
-    for the (2+1)D bottleneck of repflow.md §3 (temporal first conv, spatial second conv carrying
+    for the (2+1)D bottleneck of docs/repflow.md §3 (temporal first conv, spatial second conv carrying
     the stride). The motion module (SIFA) sits after the 3×3 conv → BN → ReLU. Keeps T.
     """
 

@@ -1,4 +1,4 @@
-"""FCF-(2+1)D ResNet of repflow.md §3, and its plain (2+1)D / per-frame 2D baselines."""
+"""FCF-(2+1)D ResNet of docs/repflow.md §3, and its plain (2+1)D / per-frame 2D baselines."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ FCF_DEPTHS = (18, 34, 50)
 
 
 class FCFR2Plus1D(VideoResNet):
-    """(2+1)D ResNet with Flow-Conv-Flow blocks (repflow.md §3).
+    """(2+1)D ResNet with Flow-Conv-Flow blocks (docs/repflow.md §3).
 
     Input `[N, in_channels, T, H, W]` float. Stem `Conv3d(3, 64, (3,7,7), stride (1,2,2), padding
     (1,3,3))` → BN → ReLU → MaxPool (1,3,3)/(1,2,2); depth 50 uses bottlenecks whose first conv is

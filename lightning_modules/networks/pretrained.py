@@ -10,7 +10,7 @@ Key mapping (target key of the video network ← key of the 2D state dict):
   its `.bn` and `.temporal` have no 2D counterpart.
 
 Tensor rule: a 2D kernel `[O, I, kh, kw]` goes into a 3D kernel `[O, I, kt, kh, kw]` at temporal index
-`kt // 2`, zeros elsewhere. That is index 2 of 4 for SIFA-Net's stem (sifa.md §3), the centre for
+`kt // 2`, zeros elsewhere. That is index 2 of 4 for SIFA-Net's stem (docs/sifa.md §3), the centre for
 odd kernels, so the inflated network computes the 2D network frame by frame at init (for the
 (2+1)D bottleneck's temporal conv1 too). Every other tensor is copied when the shapes are equal.
 Target tensors without a source (motion modules, global-context branches, temporal convs) keep
