@@ -266,10 +266,19 @@ class TVL1Iterations(torch.autograd.Function):
 
 
 if CUSTOM_OPS:
+    # Schemas are given, not inferred: torch 2.4 / 2.5 cannot read them from this module's postponed
+    # annotations (strings) nor from list[bool] / Tensor | None (tests/test_custom_op_schemas.py).
     # One node each for torch.compile / torch.export (docs/architecture.md §3.1; ops/library.py). The
     # checkpoints are outputs of the forward op (custom ops keep no hidden state), not differentiable.
 
-    @torch.library.custom_op("vmm::tvl1_iterations", mutates_args=())
+    @torch.library.custom_op(
+        "vmm::tvl1_iterations",
+        mutates_args=(),
+        schema=(
+            "(Tensor gx, Tensor gy, Tensor rho_c, Tensor params, Tensor st, SymInt n_iter, "
+            "bool keep) -> (Tensor, Tensor, Tensor)"
+        ),
+    )
     def _tvl1_op(
         gx: Tensor, gy: Tensor, rho_c: Tensor, params: Tensor, st: Tensor, n_iter: int, keep: bool
     ) -> tuple[Tensor, Tensor, Tensor]:
@@ -282,7 +291,14 @@ if CUSTOM_OPS:
         n = len(checkpoint_steps(n_iter)) if keep else 0
         return gx.new_empty((b, 2 * c, h, w)), gx.new_empty((n, b, 2 * c, h, w)), gx.new_empty((n, b, 4 * c, h, w))
 
-    @torch.library.custom_op("vmm::tvl1_iterations_backward", mutates_args=())
+    @torch.library.custom_op(
+        "vmm::tvl1_iterations_backward",
+        mutates_args=(),
+        schema=(
+            "(Tensor grad_u, Tensor gx, Tensor gy, Tensor rho_c, Tensor params, Tensor st, Tensor ckpt_u, "
+            "Tensor ckpt_p, SymInt n_iter) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+        ),
+    )
     def _tvl1_backward_op(
         grad_u: Tensor,
         gx: Tensor,

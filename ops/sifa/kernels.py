@@ -370,6 +370,8 @@ class DeformAttentionFunction(torch.autograd.Function):
 # ------------------------------------------------------------ torch.library custom ops (torch >= 2.4)
 
 if CUSTOM_OPS:
+    # Schemas are given, not inferred: torch 2.4 / 2.5 cannot read them from this module's postponed
+    # annotations (strings) nor from list[bool] / Tensor | None (tests/test_custom_op_schemas.py).
     # One node each for torch.compile / torch.export (docs/architecture.md §3.1); see ops/library.py.
     # The backward ops return an empty placeholder for a gradient that is not needed.
 
@@ -379,7 +381,14 @@ if CUSTOM_OPS:
             for n, x in zip(needs, inputs, strict=True)
         )
 
-    @torch.library.custom_op("vmm::deform_correlation", mutates_args=())
+    @torch.library.custom_op(
+        "vmm::deform_correlation",
+        mutates_args=(),
+        schema=(
+            "(Tensor query, Tensor key, Tensor offset, SymInt kernel_size, SymInt dilation, "
+            "SymInt groups) -> Tensor"
+        ),
+    )
     def _correlation_op(
         query: torch.Tensor, key: torch.Tensor, offset: torch.Tensor, kernel_size: int, dilation: int, groups: int
     ) -> torch.Tensor:
@@ -391,7 +400,14 @@ if CUSTOM_OPS:
         batch, _, height, width = query.shape
         return query.new_empty((batch, groups * kernel_size**2, height, width))
 
-    @torch.library.custom_op("vmm::deform_correlation_backward", mutates_args=())
+    @torch.library.custom_op(
+        "vmm::deform_correlation_backward",
+        mutates_args=(),
+        schema=(
+            "(Tensor grad_attn, Tensor query, Tensor key, Tensor offset, SymInt kernel_size, SymInt dilation, "
+            "SymInt groups, bool[] needs) -> (Tensor, Tensor, Tensor)"
+        ),
+    )
     def _correlation_backward_op(
         grad_attn: torch.Tensor,
         query: torch.Tensor,
@@ -422,7 +438,14 @@ if CUSTOM_OPS:
 
     _correlation_op.register_autograd(_correlation_grad, setup_context=_correlation_setup)
 
-    @torch.library.custom_op("vmm::deform_aggregation", mutates_args=())
+    @torch.library.custom_op(
+        "vmm::deform_aggregation",
+        mutates_args=(),
+        schema=(
+            "(Tensor value, Tensor attn, Tensor offset, SymInt kernel_size, SymInt dilation, "
+            "SymInt groups) -> Tensor"
+        ),
+    )
     def _aggregation_op(
         value: torch.Tensor, attn: torch.Tensor, offset: torch.Tensor, kernel_size: int, dilation: int, groups: int
     ) -> torch.Tensor:
@@ -433,7 +456,14 @@ if CUSTOM_OPS:
     def _(value, attn, offset, kernel_size, dilation, groups):
         return torch.empty_like(value, memory_format=torch.contiguous_format)
 
-    @torch.library.custom_op("vmm::deform_aggregation_backward", mutates_args=())
+    @torch.library.custom_op(
+        "vmm::deform_aggregation_backward",
+        mutates_args=(),
+        schema=(
+            "(Tensor grad_out, Tensor value, Tensor attn, Tensor offset, SymInt kernel_size, SymInt dilation, "
+            "SymInt groups, bool[] needs) -> (Tensor, Tensor, Tensor)"
+        ),
+    )
     def _aggregation_backward_op(
         grad_out: torch.Tensor,
         value: torch.Tensor,
@@ -464,7 +494,14 @@ if CUSTOM_OPS:
 
     _aggregation_op.register_autograd(_aggregation_grad, setup_context=_aggregation_setup)
 
-    @torch.library.custom_op("vmm::deform_attention", mutates_args=())
+    @torch.library.custom_op(
+        "vmm::deform_attention",
+        mutates_args=(),
+        schema=(
+            "(Tensor query, Tensor kv, Tensor offset, SymInt kernel_size, SymInt dilation, "
+            "SymInt groups) -> (Tensor, Tensor)"
+        ),
+    )
     def _attention_op(
         query: torch.Tensor, kv: torch.Tensor, offset: torch.Tensor, kernel_size: int, dilation: int, groups: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -477,7 +514,14 @@ if CUSTOM_OPS:
         out = torch.empty_like(kv, memory_format=torch.contiguous_format)
         return out, query.new_empty((batch, groups * kernel_size**2, height, width))
 
-    @torch.library.custom_op("vmm::deform_attention_backward", mutates_args=())
+    @torch.library.custom_op(
+        "vmm::deform_attention_backward",
+        mutates_args=(),
+        schema=(
+            "(Tensor? grad_out, Tensor? grad_attn, Tensor query, Tensor kv, Tensor offset, Tensor attn, "
+            "SymInt kernel_size, SymInt dilation, SymInt groups, bool[] needs) -> (Tensor, Tensor, Tensor)"
+        ),
+    )
     def _attention_backward_op(
         grad_out: torch.Tensor | None,
         grad_attn: torch.Tensor | None,
