@@ -164,7 +164,8 @@ class VideoClassifier(pl.LightningModule):
         return scores.index_select(1, self._class_order.to(scores.device))
 
     def normalize(self, video: Tensor) -> Tensor:
-        """uint8 clips [N, 3, T, H, W] (RGB, 0..255) -> float32 (x/255 - mean)/std, same device."""
+        """uint8 clips [N, 3, T, H, W] (RGB, 0..255) -> (x/255 - mean)/std, same device, computed in float32
+        and returned in the module's floating dtype (float32; bf16/fp16 under `precision="*-true"`)."""
         if not isinstance(video, Tensor) or video.dtype != torch.uint8:
             raise TypeError(
                 f"batch['video'] must be a uint8 tensor [N,3,T,H,W], got "
@@ -173,7 +174,8 @@ class VideoClassifier(pl.LightningModule):
         if video.dim() != 5 or video.shape[1] != 3:
             raise ValueError(f"batch['video'] must have shape [N,3,T,H,W], got {tuple(video.shape)}")
         x = video.to(torch.float32).div_(255.0)
-        return x.sub_(self.pixel_mean).div_(self.pixel_std)
+        # The buffers follow the module's conversion ("bf16-true" casts them with the weights).
+        return x.sub_(self.pixel_mean).div_(self.pixel_std).to(self.pixel_mean.dtype)
 
     def _video(self, batch: dict[str, Tensor]) -> Tensor:
         # Normalised inside the steps rather than in `on_after_batch_transfer`: Lightning skips the

@@ -214,6 +214,18 @@ def test_bf16_mixed_on_cpu(tmp_path):
     assert model.last_eval["val"]["num_videos"] == 4
 
 
+
+def test_bf16_true_feeds_the_network_its_own_dtype(tmp_path):
+    # "bf16-true" casts weights and buffers to bf16 but not the uint8 batch: normalize must follow the module.
+    data = SquareData(n_train=16, n_eval=4, views=1)
+    model = VideoClassifier(TinyNet(2), lr=0.05, optimizer="adamw")
+    trainer = _trainer(tmp_path, max_epochs=1, precision="bf16-true", logger=False, enable_checkpointing=False)
+    trainer.fit(model, datamodule=data)
+    assert model.normalize(torch.zeros(1, 3, 2, 4, 4, dtype=torch.uint8)).dtype == torch.bfloat16
+    assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
+    trainer.test(model, datamodule=data, verbose=False)
+    assert model.last_eval["test"]["num_videos"] == 4
+
 class _LrRecorder(pl.Callback):
     def __init__(self) -> None:
         self.lrs: list[list[float]] = []
