@@ -147,8 +147,9 @@ _NUMBERED = re.compile(r"\A(.*?)(\d+)(\.[A-Za-z]+)\Z")
 
 def guess_template(path: str | os.PathLike) -> tuple[str, int]:
     """(template, start_index) of a frame folder from its file names: the last run of digits of the
-    first image name is the frame number ("00001.jpg" -> "{:05d}.jpg", "img_00001.jpg" ->
-    "img_{:05d}.jpg", "frame7.png" -> "frame{:d}.png"); start index 0 if frame 0 exists, else 1.
+    first image name (flow_x_* / flow_y_* names skipped when others exist) is the frame number
+    ("00001.jpg" -> "{:05d}.jpg", "img_00001.jpg" -> "img_{:05d}.jpg", "frame7.png" -> "frame{:d}.png");
+    start index 0 if frame 0 exists, else 1.
 
     Raises VideoDecodeError for a missing folder or one without numbered JPEG/PNG files.
     """
@@ -157,9 +158,13 @@ def guess_template(path: str | os.PathLike) -> tuple[str, int]:
         names = sorted(n for n in os.listdir(folder) if n.lower().endswith(_IMAGE_SUFFIXES))
     except OSError as exc:
         raise VideoDecodeError(folder, f"cannot list the frame folder: {exc.strerror or exc}") from None
-    match = next((m for m in map(_NUMBERED.match, names) if m is not None), None)
-    if match is None:
+    matches = [m for m in map(_NUMBERED.match, names) if m is not None]
+    if not matches:
         raise VideoDecodeError(folder, "no numbered JPEG/PNG frame files")
+    # MMAction2 / denseflow rawframes keep the flow images (flow_x_*, flow_y_*) beside the RGB frames
+    # (img_*) in one folder; they sort first but are not the video.
+    rgb = [m for m in matches if not m.group(1).lower().startswith("flow")]
+    match = (rgb or matches)[0]
     prefix, digits, suffix = match.groups()
     literal = prefix.replace("{", "{{").replace("}", "}}")
     field = f"{{:0{len(digits)}d}}" if digits.startswith("0") and len(digits) > 1 else "{:d}"

@@ -190,3 +190,20 @@ def test_guessed_templates_and_prediction_records(clip_frames, tmp_path):
     assert ds.records[2].problem == "no numbered JPEG/PNG frame files"
     torch.testing.assert_close(ds[0]["video"], ds[1]["video"])  # the same frames under two templates
     assert ds[2]["video"].shape[0] == 0 and ds[2]["bad_video_ids"].tolist() == [2]
+
+
+def test_guessed_template_of_a_rawframes_folder_with_flow_images_is_the_rgb_frames(tmp_path):
+    # MMAction2 / denseflow extraction writes the optical-flow images beside the RGB frames in one folder
+    # (flow_x_00001.jpg, flow_y_00001.jpg, img_00001.jpg); the flow images sort first but are not the video.
+    from datamodules.frames import guess_template, record_for_path
+
+    rgb = [np.full((24, 32, 3), 40 * i, np.uint8) for i in range(3)]
+    flow = [np.full((24, 32, 3), 128, np.uint8)] * 3
+    folder = write_jpeg_folder(tmp_path / "rawframes", rgb, template="img_{:05d}.jpg")
+    write_jpeg_folder(folder, flow, template="flow_x_{:05d}.jpg")
+    write_jpeg_folder(folder, flow, template="flow_y_{:05d}.jpg")
+    assert guess_template(folder) == ("img_{:05d}.jpg", 1)
+    assert record_for_path(folder).template == "img_{:05d}.jpg"
+    # a folder of flow images alone still gets a template (nothing else to read)
+    only_flow = write_jpeg_folder(tmp_path / "flow", flow, template="flow_x_{:05d}.jpg")
+    assert guess_template(only_flow) == ("flow_x_{:05d}.jpg", 1)
