@@ -308,13 +308,15 @@ class ClipAugment(nn.Module):
         return self.rand_augment is not None or self.photometric is not None
 
     def forward(self, video: Tensor) -> Tensor:
-        """uint8 [N, 3, T, H, W] -> uint8 [N, 3, T, H, W] on the same device."""
+        """uint8 [N, 3, T, H, W] -> uint8 [N, 3, T, H, W] on the same device; float32 arithmetic even
+        inside autocast (bf16-mixed training), so the pixels do not depend on the precision."""
         _check_clips(video)
-        if self.rand_augment is not None:
-            video = clip_rand_augment(video, *self.rand_augment)
-        if self.photometric is not None and video.shape[0] > 0:
-            x = self.photometric(video.float().div_(255.0))
-            video = x.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
+        with torch.autocast(video.device.type, enabled=False):
+            if self.rand_augment is not None:
+                video = clip_rand_augment(video, *self.rand_augment)
+            if self.photometric is not None and video.shape[0] > 0:
+                x = self.photometric(video.float().div_(255.0))
+                video = x.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
         return video
 
 

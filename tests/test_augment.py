@@ -233,3 +233,17 @@ def test_classifier_augment_is_seeded_per_batch_and_leaves_the_global_rng():
     c = model.augment(video, label, batch_idx=6)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not torch.equal(a[0], c[0])
+
+
+def test_clip_augment_ignores_autocast():
+    """Under bf16-mixed, training_step runs in autocast: the pixel arithmetic (sharpness's smoothing
+    conv, the affine grids, kornia's blur) must still be float32, as without it."""
+    pytest.importorskip("kornia")
+    augment = ClipAugment(rand_augment=(2, 27), blur_p=1.0)
+    video = torch.randint(0, 256, (16, 3, 2, 24, 24), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    ref = augment(video)
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = augment(video)
+    assert torch.equal(got, ref)
