@@ -231,8 +231,11 @@ class VideoClassifier(pl.LightningModule):
         seed = self._augment_seed
         for part in (rank, epoch, batch_idx):
             seed = (seed * 1_000_003 + part) % (2**63)
-        # Parameters are drawn on the CPU only, so forking the CPU generator is enough.
-        with torch.random.fork_rng(devices=[]):
+        # Our draws are on the CPU, kornia's on the module's device (its generators follow `.to()`), and
+        # torch.manual_seed seeds CUDA too: fork the CPU and the clips' CUDA generator, so both come back.
+        cuda = [video.device.index if video.device.index is not None else torch.cuda.current_device()] \
+            if video.is_cuda else []
+        with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(seed)
             if self.clip_augment is not None:
                 video = self.clip_augment(video)

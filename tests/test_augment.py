@@ -247,3 +247,17 @@ def test_clip_augment_ignores_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = augment(video)
     assert torch.equal(got, ref)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_classifier_augment_on_cuda_is_seeded_and_leaves_the_cuda_rng():
+    """On the device kornia draws its parameters with the CUDA generator: seeded per batch, and the
+    global CUDA RNG stream (dropout's) comes back as it was."""
+    pytest.importorskip("kornia")
+    model = VideoClassifier(TinyNet(2), color_jitter=(0.4, 0.4, 0.4, 0.1), rand_augment=(2, M)).cuda()
+    video, label = _static_clips(4, 2, 12, 12).cuda(), torch.tensor([0, 1, 0, 1]).cuda()
+    state = torch.cuda.get_rng_state()
+    a = model.augment(video, label, batch_idx=5)
+    assert torch.equal(torch.cuda.get_rng_state(), state)
+    b = model.augment(video, label, batch_idx=5)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
