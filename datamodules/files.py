@@ -14,10 +14,10 @@ from collections.abc import Sequence
 
 from .annotations import VIDEO_EXTENSIONS, VideoRecord
 from .base import VideoDataModule
+from .frames import IMAGE_SUFFIXES
 
 __all__ = ["PredictFilesDataModule", "expand_video_paths", "is_frame_folder"]
 
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 def is_frame_folder(path: str | os.PathLike) -> bool:
@@ -27,7 +27,7 @@ def is_frame_folder(path: str | os.PathLike) -> bool:
         entries = [e for e in os.scandir(path) if not e.name.startswith(".")]
     except OSError:
         return False
-    return bool(entries) and all(e.is_file() and e.name.lower().endswith(_IMAGE_SUFFIXES) for e in entries)
+    return bool(entries) and all(e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES) for e in entries)
 
 
 def expand_video_paths(paths: Sequence[str | os.PathLike]) -> list[str]:

@@ -141,7 +141,7 @@ def frame_index(path: str | os.PathLike, template: str = DEFAULT_TEMPLATE, start
     return FrameIndex(folder, max(usable) - start_index + 1, template, start_index)
 
 
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _NUMBERED = re.compile(r"\A(.*?)(\d+)(\.[A-Za-z]+)\Z")
 
 
@@ -155,7 +155,7 @@ def guess_template(path: str | os.PathLike) -> tuple[str, int]:
     """
     folder = str(path)
     try:
-        names = sorted(n for n in os.listdir(folder) if n.lower().endswith(_IMAGE_SUFFIXES))
+        names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_SUFFIXES))
     except OSError as exc:
         raise VideoDecodeError(folder, f"cannot list the frame folder: {exc.strerror or exc}") from None
     matches = [m for m in map(_NUMBERED.match, names) if m is not None]

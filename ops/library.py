@@ -21,9 +21,6 @@ import torch
 
 from .validation import BackendError
 
-#: The torch version from which the kernel paths are custom ops (``torch.library.custom_op``).
-MIN_TORCH_FOR_CUSTOM_OPS = "2.4"
-
 #: Whether this torch has ``torch.library.custom_op`` / ``register_fake`` (torch >= 2.4).
 CUSTOM_OPS: bool = hasattr(torch.library, "custom_op") and hasattr(torch.library, "register_fake")
 

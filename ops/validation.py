@@ -167,3 +167,8 @@ def check_input_dtype(name: str, x: torch.Tensor, param_dtype: torch.dtype, *, m
         f"{name} has dtype {x.dtype} but the {module}'s parameters are {param_dtype}: convert the module "
         f"(.to({x.dtype})) or the input (.to({param_dtype})), or run under torch.autocast"
     )
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the ops accumulate in: float64 stays float64; float32, float16 and bfloat16 use float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -124,6 +124,14 @@ def test_custom_ops_refuse_cpu_tensors_outside_host_emulation():
     x = torch.zeros(1, 1, 3, 3)
     with pytest.raises(ops.BackendError, match="vmm::tvl1_iterations"):
         torch.ops.vmm.tvl1_iterations(x, x, x, torch.ones(3), torch.ones(1, 8), 2, False)
+    # the backward ops are reachable by name too, and must refuse just the same
+    attn = torch.zeros(query.shape[0], 2 * 9, *query.shape[2:])
+    with pytest.raises(ops.BackendError, match="vmm::deform_correlation_backward"):
+        torch.ops.vmm.deform_correlation_backward(attn, query, kv, offset, 3, 1, 2, [True, True, True])
+    with pytest.raises(ops.BackendError, match="vmm::deform_aggregation_backward"):
+        torch.ops.vmm.deform_aggregation_backward(kv, kv, attn, offset, 3, 1, 2, [True, True, True])
+    with pytest.raises(ops.BackendError, match="vmm::deform_attention_backward"):
+        torch.ops.vmm.deform_attention_backward(kv, attn, query, kv, offset, attn, 3, 1, 2, [True, True, True])
 
 
 @needs_custom_ops

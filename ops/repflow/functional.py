@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..kernel_loader import use_kernels
-from ..validation import FLOAT_DTYPES, OpArgumentError, OpDeviceError, OpDtypeError, OpShapeError
+from ..validation import FLOAT_DTYPES, OpArgumentError, OpDeviceError, OpDtypeError, OpShapeError, compute_dtype
 from .kernels import tvl1_fused
 from .reference import tvl1_reference
 
@@ -42,11 +42,6 @@ def default_stencils(
     return FlowStencils(
         *(torch.tensor(t, dtype=dtype, device=device).repeat(channels, 1) for t in DEFAULT_TAPS)
     )
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; float32, float16 and bfloat16 compute in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_images(i0: Tensor, i1: Tensor) -> None:

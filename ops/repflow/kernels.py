@@ -310,6 +310,7 @@ if CUSTOM_OPS:
         ckpt_p: Tensor,
         n_iter: int,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        check_kernel_device("tvl1_iterations_backward", gx)
         return tvl1_backward(grad_u, gx, gy, rho_c, params, st, ckpt_u, ckpt_p, n_iter)
 
     @_tvl1_backward_op.register_fake

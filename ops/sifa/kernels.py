@@ -35,7 +35,7 @@ from torch.autograd.function import once_differentiable
 
 from ..kernel_loader import KernelSource
 from ..library import CUSTOM_OPS, check_kernel_device, needed, placeholder
-from .reference import compute_dtype
+from ..validation import compute_dtype
 
 SIFA_SOURCE = KernelSource("sifa.cu", ("sifa_correlate", "sifa_aggregate", "sifa_offset_grad", "sifa_scatter"))
 
@@ -418,6 +418,7 @@ if CUSTOM_OPS:
         groups: int,
         needs: list[bool],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        check_kernel_device("deform_correlation_backward", query)
         grads = correlation_backward(grad_attn, query, key, offset, kernel_size, dilation, groups, tuple(needs))
         return tuple(placeholder(x) if g is None else g for g, x in zip(grads, (query, key, offset), strict=True))
 
@@ -474,6 +475,7 @@ if CUSTOM_OPS:
         groups: int,
         needs: list[bool],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        check_kernel_device("deform_aggregation_backward", value)
         grads = aggregation_backward(grad_out, value, attn, offset, kernel_size, dilation, groups, tuple(needs))
         return tuple(placeholder(x) if g is None else g for g, x in zip(grads, (value, attn, offset), strict=True))
 
@@ -534,6 +536,7 @@ if CUSTOM_OPS:
         groups: int,
         needs: list[bool],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        check_kernel_device("deform_attention_backward", query)
         window = (kernel_size, dilation, groups, tuple(needs))
         grads = attention_backward(grad_out, grad_attn, query, kv, offset, attn, *window)
         return tuple(placeholder(x) if g is None else g for g, x in zip(grads, (query, kv, offset), strict=True))

@@ -33,10 +33,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for the 16-bit types, else ``dtype`` itself."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+from ..validation import compute_dtype
 
 
 def canvas_size(n: int | torch.Tensor) -> int | torch.Tensor:
