@@ -17,6 +17,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -221,16 +222,24 @@ def write_clean_lists(dm: VideoDataModule, report: DataCheckReport, path: str | 
 
     Format: `path label` per line with absolute paths (read by VideoListDataModule, any `root`),
     or `folder num_frames label` when every entry is a frame folder (read by
-    RawFrameListDataModule; num_frames as listed, else as counted by the check). Labels are the
-    datamodule's class ids; `class_names` of the original layout still apply.
+    RawFrameListDataModule; num_frames as listed, else as counted by the check), headed by a `#`
+    comment naming the frames' `frame_template` and `frame_start_index` to pass to it. Labels are the
+    datamodule's class ids; `class_names` of the original layout still apply. Unlabelled splits
+    (label -1, e.g. Something-Something's test split) are not written: no list reader takes them.
     """
     files = clean_list_files(dm, list(report.splits), path)
     written = []
     for split, file in files.items():
         bad = report.bad_paths(split)
         kept = [r for r in dm.records(split) if r.path not in bad]
+        if kept and all(r.label < 0 for r in kept):
+            warnings.warn(f"check-data: split {split!r} is unlabelled; no clean list written for it", stacklevel=2)
+            continue
         frames = bool(kept) and all(isinstance(r, FrameRecord) for r in kept)
         lines = []
+        if frames:
+            naming = sorted({(r.template, r.start_index) for r in kept})
+            lines += [f"# frame_template: {t!r}  frame_start_index: {i}\n" for t, i in naming]
         for r in kept:
             where = os.path.abspath(r.path)
             if frames:

@@ -106,7 +106,7 @@ def test_clean_list_of_frame_folders_is_a_rawframe_list(tmp_path):
     report = check_datamodule(dm, num_workers=0, print_table=False)
     assert [p for p, _ in report.unreadable] == [str(tmp_path / "b")]
     (written,) = write_clean_lists(dm, report, tmp_path / "clean.txt")
-    assert written.read_text() == f"{tmp_path / 'a'} 6 0\n"
+    assert written.read_text() == f"# frame_template: 'img_{{:05d}}.jpg'  frame_start_index: 1\n{tmp_path / 'a'} 6 0\n"
     assert RawFrameListDataModule(root="/", train_list=str(written)).records("train")[0].path == str(tmp_path / "a")
 
 

@@ -384,3 +384,19 @@ def test_vmm_fit_and_test_on_frame_trees(clips, tmp_path, layout):
             assert [p["video"] for p in result["predictions"]] == [str(folders[0]), str(folders[2])]
             assert all(p["views"] == 2 for p in result["predictions"])  # the checkpoint's 2 clips x 1 crop
             assert result["failed"] == [{"video_id": 1, "video": str(folders[1])}]
+
+
+def test_clean_lists_of_ssv1_name_their_frame_template_and_skip_the_unlabelled_split(clips, tmp_path):
+    from datamodules.check import check_datamodule, write_clean_lists
+
+    names = NAMES[:4]
+    make_ssv1_tree(tmp_path, clips, names, {"train": [0, 1], "validation": [2], "test": [0]})
+    dm = SomethingSomethingV1DataModule(root=str(tmp_path), test_split="test", **TINY)
+    report = check_datamodule(dm, splits=["train", "test"], num_workers=0, print_table=False)
+    with pytest.warns(UserWarning, match="'test' is unlabelled"):
+        (written,) = write_clean_lists(dm, report, tmp_path / "clean.txt")
+    header = written.read_text().splitlines()[0]
+    assert header == "# frame_template: '{:05d}.jpg'  frame_start_index: 1"
+    relisted = RawFrameListDataModule(root="/", train_list=str(written), frame_template="{:05d}.jpg",
+                                      num_classes=len(names), **TINY)
+    assert [r.label for r in relisted.records("train")] == [0, 1]
