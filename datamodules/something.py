@@ -71,13 +71,18 @@ def _read_json(file: Path):
         raise AnnotationError(file, exc.lineno, f"not valid JSON: {exc.msg}") from None
 
 
+def _fold(name: str) -> str:
+    """Case and runs of white space do not distinguish class names."""
+    return " ".join(name.split()).casefold()
+
+
 def _class_lookup(names: Sequence[str]):
     exact = {n: i for i, n in enumerate(names)}
-    folded = {n.casefold().strip(): i for i, n in enumerate(names)}
+    folded = {_fold(n): i for i, n in enumerate(names)}
 
     def lookup(name: str) -> int | None:
         hit = exact.get(name)
-        return hit if hit is not None else folded.get(" ".join(name.split()).casefold())
+        return hit if hit is not None else folded.get(_fold(name))
 
     return lookup
 

@@ -400,3 +400,12 @@ def test_clean_lists_of_ssv1_name_their_frame_template_and_skip_the_unlabelled_s
     relisted = RawFrameListDataModule(root="/", train_list=str(written), frame_template="{:05d}.jpg",
                                       num_classes=len(names), **TINY)
     assert [r.label for r in relisted.records("train")] == [0, 1]
+
+
+def test_class_names_match_across_case_and_white_space_on_both_sides():
+    from datamodules.something import _class_lookup
+
+    lookup = _class_lookup(["Pushing  something from left to right", "Holding something"])
+    assert lookup("pushing something from left to right") == 0  # the label file's double space folds too
+    assert lookup(" HOLDING   something ") == 1
+    assert lookup("Holding nothing") is None
