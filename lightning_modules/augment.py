@@ -21,14 +21,17 @@ and before normalisation (`ClipAugment`), and mixes clips after normalisation (`
 - Mixup / CutMix (`mix_clips`) are ours (a clip's CutMix box spans all its frames; targets become
   class probabilities, which `F.cross_entropy` accepts with every head).
 
-Randomness: every parameter is drawn on the CPU from torch's default generator, so a seeded run
-draws the same parameters on CPU and GPU (`VideoClassifier` seeds it per batch and rank).
+Randomness: RandAugment and mixup/CutMix draw on the CPU from torch's default generator, the kornia
+operations on the module's device (their generators follow `.to()`; always in float32), so a seeded
+run draws the same parameters on any device for ours, per device for kornia's (`VideoClassifier`
+seeds and restores the CPU generator and the clips' CUDA generator per batch and rank).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -302,6 +305,15 @@ class ClipAugment(nn.Module):
                 augs.append(K.RandomGaussianBlur((size, size), tuple(map(float, blur_sigma)), p=blur_p))
             if augs:
                 self.photometric = K.VideoSequential(*augs, data_format="BCTHW", same_on_frame=True)
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> ClipAugment:
+        # kornia moves its generators with the module, device and dtype; keep its draws in float32 when
+        # Lightning casts the module ("bf16-true" would draw the jitter factors in bf16).
+        out = super()._apply(fn, *args, **kwargs)
+        for module in self.photometric.modules() if self.photometric is not None else ():
+            if callable(getattr(module, "set_rng_device_and_dtype", None)):
+                module.set_rng_device_and_dtype(module.device, torch.float32)
+        return out
 
     @property
     def enabled(self) -> bool:

@@ -261,3 +261,16 @@ def test_classifier_augment_on_cuda_is_seeded_and_leaves_the_cuda_rng():
     assert torch.equal(torch.cuda.get_rng_state(), state)
     b = model.augment(video, label, batch_idx=5)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_clip_augment_draws_in_float32_after_a_dtype_cast():
+    """kornia's generators follow `.to()` (device and dtype); a module cast by Lightning ("bf16-true")
+    still draws its jitter factors in float32."""
+    pytest.importorskip("kornia")
+    video = torch.randint(0, 256, (8, 3, 2, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    outs = []
+    for dtype in (torch.float32, torch.bfloat16):
+        augment = ClipAugment(color_jitter=(0.4, 0.4, 0.4, 0.1), color_jitter_p=1.0, blur_p=0.5).to(dtype)
+        torch.manual_seed(3)
+        outs.append(augment(video))
+    assert torch.equal(outs[0], outs[1])
