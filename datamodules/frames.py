@@ -132,8 +132,10 @@ def frame_index(path: str | os.PathLike, template: str = DEFAULT_TEMPLATE, start
         raise VideoDecodeError(folder, "not a folder (expected a folder of frame images)") from None
     except OSError as exc:
         raise VideoDecodeError(folder, f"cannot list the frame folder: {exc}") from None
-    pattern = _template_regex(template)
-    numbers = [int(m.group(1)) for m in map(pattern.match, names) if m is not None]
+    pattern, present = _template_regex(template), set(names)
+    # only names the template itself writes: 'img_1.jpg' is not frame 1 of 'img_{:05d}.jpg'
+    numbers = [n for n in (int(m.group(1)) for m in map(pattern.match, names) if m is not None)
+               if template.format(n) in present]
     usable = [n for n in numbers if n >= start_index]
     if not usable:
         hint = " (found frame number 0: set start_index=0)" if 0 in numbers else ""

@@ -207,3 +207,10 @@ def test_guessed_template_of_a_rawframes_folder_with_flow_images_is_the_rgb_fram
     # a folder of flow images alone still gets a template (nothing else to read)
     only_flow = write_jpeg_folder(tmp_path / "flow", flow, template="flow_x_{:05d}.jpg")
     assert guess_template(only_flow) == ("flow_x_{:05d}.jpg", 1)
+
+
+def test_frame_count_ignores_names_the_template_would_not_write(tmp_path):
+    frames = np.zeros((3, 8, 8, 3), dtype=np.uint8)
+    write_jpeg_folder(tmp_path, frames)  # img_00001.jpg .. img_00003.jpg
+    Image.new("RGB", (8, 8)).save(tmp_path / "img_9.jpg")  # not zero-padded: not a frame of img_{:05d}.jpg
+    assert frame_index(tmp_path).num_frames == 3
