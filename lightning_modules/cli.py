@@ -499,7 +499,7 @@ class VMMCLI(LightningCLI):
         kwargs["return_predictions"] = False  # the PredictionWriter keeps the merged per-video results
         writer = next(cb for cb in self.trainer.callbacks if isinstance(cb, PredictionWriter))
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
-        if writer.output is None and self.trainer.is_global_zero:
+        if writer.output is None:  # on every rank: one rank failing alone would leave the others waiting
             check_writable_file(Path(log_dir or ".") / "predictions.json", "--predictions (default <log_dir>)")
         top_k = self._get(self.config, "top_k")
         if top_k is not None:
@@ -619,6 +619,8 @@ def _translate_old_spellings(command: str, argv: Sequence[str]) -> tuple[list[st
             while i + 1 < len(argv) and not argv[i + 1].startswith("-"):
                 values.append(argv[i + 1])
                 i += 1
+            if not values:  # an empty list would silently mean "every split"
+                raise ValueError("--splits: expected one or more of train, val, test (e.g. --splits [train, val])")
             if len(values) > 1:
                 warnings.warn(f"vmm {command}: --splits {' '.join(values)} is deprecated, use --splits "
                               f"[{', '.join(values)}] ({_DEPRECATED_AFTER})", FutureWarning, stacklevel=2)

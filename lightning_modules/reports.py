@@ -140,10 +140,15 @@ def read_score_dump(path: str | Path) -> dict[str, Any]:
 
 
 def write_test_report(
-    res: EvalResult, log_dir: str | Path, class_names: list[str], video_names: Sequence[str] | None = None
+    res: EvalResult,
+    log_dir: str | Path,
+    class_names: list[str],
+    video_names: Sequence[str] | None = None,
+    figure: Any = None,
 ) -> None:
     """Write `test_results.json`, `confusion_matrix_test.csv` / `.png` and `scores_test.json` into
-    `log_dir` (created if missing), each atomically: a failed write leaves an older file whole."""
+    `log_dir` (created if missing), each atomically: a failed write leaves an older file whole.
+    `figure`: the confusion-matrix figure when the caller has drawn it already (else drawn here)."""
     out = Path(log_dir)
     out.mkdir(parents=True, exist_ok=True)
     # Strict JSON: undefined metrics are null, never NaN.
@@ -151,7 +156,7 @@ def write_test_report(
     rows = [",".join(["true\\pred", *class_names])]
     rows += [",".join([class_names[i], *map(str, r.tolist())]) for i, r in enumerate(res.confusion)]
     atomic_write_text(out / "confusion_matrix_test.csv", "\n".join(rows) + "\n")
-    fig = confusion_figure(res.confusion, class_names)
+    fig = confusion_figure(res.confusion, class_names) if figure is None else figure
     if fig is not None:
         with atomic_writer(out / "confusion_matrix_test.png", "wb") as f:
             fig.savefig(f, format="png", dpi=100)
@@ -207,7 +212,7 @@ class TestReportWriter(Callback):
                 add_figure("test/confusion_matrix", fig, global_step=trainer.global_step)
         # Without a logger, log_dir is the working directory: report on stdout only, write no files.
         if trainer.loggers and log_dir:
-            write_test_report(res, log_dir, names, _test_video_names(trainer))
+            write_test_report(res, log_dir, names, _test_video_names(trainer), figure=fig)
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -239,8 +244,7 @@ class PredictionWriter(BasePredictionWriter):
         counts = torch.cat([p[1] for p in parts]) if parts else torch.zeros(0, dtype=torch.int64)
         probs = torch.cat([p[2] for p in parts]) if parts else torch.zeros(0, num_classes)
         bad = torch.unique(torch.cat([p[3] for p in parts])) if parts else torch.zeros(0, dtype=torch.int64)
-        # A distributed sampler may repeat clips to even out ranks; they only re-weight a video's views
-        # by duplicating identical probabilities, so the mean is unchanged up to that weighting.
+        # Every clip arrives once (the predict sampler never pads), so views are averaged as at test.
         uvid, mean, n = average_views(vids, probs, counts)
         top = pl_module.topk(mean)
         self.results = []
@@ -257,7 +261,8 @@ class PredictionWriter(BasePredictionWriter):
                     ],
                 }
             )
-        failed = [{"video_id": v, "video": self._name(v)} for v in bad.tolist() if v not in set(uvid.tolist())]
+        predicted = set(uvid.tolist())
+        failed = [{"video_id": v, "video": self._name(v)} for v in bad.tolist() if v not in predicted]
         for r in self.results:
             guesses = ", ".join(f"{t['class_name']} {100 * t['prob']:.1f}%" for t in r["top_k"])
             print(f"{r['video']}: {guesses}")

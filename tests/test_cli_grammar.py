@@ -138,6 +138,12 @@ def test_predict_on_files_needs_a_checkpoint_and_videos(tmp_path):
         main(["predict", "--ckpt_path", str(tmp_path / "none.ckpt"), str(tmp_path)])
 
 
+def test_check_data_splits_without_a_value_is_an_error(tmp_path, shared_videos):
+    config = _video_list_config(tmp_path, shared_videos)
+    with pytest.raises(ValueError, match=r"--splits: expected one or more"):
+        main(["check-data", "--config", str(config), "--splits"])
+
+
 # ---------------------------------------------------------------------------- fuse-scores
 
 
