@@ -168,10 +168,15 @@ def train_mode(mode: str, data: tuple[torch.Tensor, ...], num_classes: int, args
             acc = accuracy(net, test_clips, test_labels, device)
             recent = float(torch.stack(losses).mean())
             history.append({"epoch": epoch + 1, "train_loss": recent, "test_top1": acc})
-            print(f"  {mode:>12s} epoch {epoch + 1:3d}: train loss {recent:.3f}  test top-1 {100 * acc:5.1f}%",
-                  flush=True)
-    return {"mode": mode, "test_top1": history[-1]["test_top1"], "history": history,
-            "train_seconds": time.perf_counter() - start}
+            print(
+                f"  {mode:>12s} epoch {epoch + 1:3d}: train loss {recent:.3f}  test top-1 {100 * acc:5.1f}%", flush=True
+            )
+    return {
+        "mode": mode,
+        "test_top1": history[-1]["test_top1"],
+        "history": history,
+        "train_seconds": time.perf_counter() - start,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -184,17 +189,30 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--test-per-class", type=int, default=16)
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--interval", type=int, default=2)
-    p.add_argument("--speed", type=float, nargs=2, default=[2.0, 6.0], metavar=("MIN", "MAX"),
-                   help="object speed range, pixels per stored frame (80 px)")
-    p.add_argument("--task", default="direction", choices=("direction", "coherence"),
-                   help="coherence: ordered vs permuted frames (K = 2; every frame read, --interval scales the speed)")
+    p.add_argument(
+        "--speed",
+        type=float,
+        nargs=2,
+        default=[2.0, 6.0],
+        metavar=("MIN", "MAX"),
+        help="object speed range, pixels per stored frame (80 px)",
+    )
+    p.add_argument(
+        "--task",
+        default="direction",
+        choices=("direction", "coherence"),
+        help="coherence: ordered vs permuted frames (K = 2; every frame read, --interval scales the speed)",
+    )
     p.add_argument("--crop", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="where the nets train (default: cuda when available; SIFA then runs its kernels)")
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where the nets train (default: cuda when available; SIFA then runs its kernels)",
+    )
     p.add_argument("--workers", type=int, default=1, help="decoding processes for loading the clips once")
     p.add_argument("--cache", default=None, help="dataset cache root (default $VMM_CACHE or ~/.cache/vmm)")
     p.add_argument("--json", default=None, help="write the results here as JSON")
@@ -208,21 +226,37 @@ def main(argv: list[str] | None = None) -> dict:
             p.error("--num-classes: the coherence task has 2 classes")
         speed, interval, video_frames = (speed[0] * interval, speed[1] * interval), 1, args.frames
     dm = SyntheticMotionDataModule(
-        root=args.cache, num_classes=args.num_classes, train_per_class=args.train_per_class, val_per_class=2,
-        test_per_class=args.test_per_class, seed=0, batch_size=64, num_workers=args.workers, num_frames=args.frames,
-        frame_interval=interval, crop_size=args.crop, test_clips=1, speed_range=speed, video_frames=video_frames,
+        root=args.cache,
+        num_classes=args.num_classes,
+        train_per_class=args.train_per_class,
+        val_per_class=2,
+        test_per_class=args.test_per_class,
+        seed=0,
+        batch_size=64,
+        num_workers=args.workers,
+        num_frames=args.frames,
+        frame_interval=interval,
+        crop_size=args.crop,
+        test_clips=1,
+        speed_range=speed,
+        video_frames=video_frames,
         task=args.task,
     )
     dm.prepare_data()
     dm.setup("fit")
     dm.setup("test")
     data = (*load_split(dm.train_dataloader()), *load_split(dm.test_dataloader()))
-    print(f"{len(data[0])} training clips, {len(data[2])} test clips, K = {args.num_classes} "
-          f"(chance {100 / args.num_classes:.1f}%, order-blind ceiling {100 * ORDER_BLIND_CEILING:.0f}%)", flush=True)
+    print(
+        f"{len(data[0])} training clips, {len(data[2])} test clips, K = {args.num_classes} "
+        f"(chance {100 / args.num_classes:.1f}%, order-blind ceiling {100 * ORDER_BLIND_CEILING:.0f}%)",
+        flush=True,
+    )
     results = [train_mode(mode, data, args.num_classes, args) for mode in args.modes]
     n_test = len(data[2])
-    print(f"chance {100 / args.num_classes:.1f}%, order-blind ceiling {100 * ORDER_BLIND_CEILING:.0f}%, "
-          f"s.d. = sqrt(p(1-p)/n) on n = {n_test} test clips")
+    print(
+        f"chance {100 / args.num_classes:.1f}%, order-blind ceiling {100 * ORDER_BLIND_CEILING:.0f}%, "
+        f"s.d. = sqrt(p(1-p)/n) on n = {n_test} test clips"
+    )
     print("| frame-pair operation | test top-1 | ± s.d. | train s |")
     print("| --- | --- | --- | --- |")
     for r in results:

@@ -68,8 +68,12 @@ def has_correlation_features() -> bool:
 
 
 def build_net(arm: str, num_classes: int, args: argparse.Namespace) -> torch.nn.Module:
-    common = {"depth": args.depth, "width_mult": args.width, "dropout": args.dropout,
-              "zero_init_residual": not getattr(args, "no_zero_init_residual", False)}
+    common = {
+        "depth": args.depth,
+        "width_mult": args.width,
+        "dropout": args.dropout,
+        "zero_init_residual": not getattr(args, "no_zero_init_residual", False),
+    }
     if arm in ("plain", "sifa", "sifa-corr"):
         extra = {}
         if arm == "sifa-corr":
@@ -77,14 +81,24 @@ def build_net(arm: str, num_classes: int, args: argparse.Namespace) -> torch.nn.
                 raise ValueError(f"arm 'sifa-corr': SIFAResNet has no {CORRELATION_SWITCH} option in this version")
             extra[CORRELATION_SWITCH] = getattr(args, "correlation_features", True)
         return SIFAResNet(
-            num_classes, stem_temporal_kernel=args.stem_temporal, stem_temporal_stride=args.stem_temporal,
+            num_classes,
+            stem_temporal_kernel=args.stem_temporal,
+            stem_temporal_stride=args.stem_temporal,
             sifa=arm != "plain",
-            global_context=False, dual_path=False, sifa_stages=tuple(args.sifa_stages),
-            sifa_dilation=args.sifa_dilation, **extra, **common,
+            global_context=False,
+            dual_path=False,
+            sifa_stages=tuple(args.sifa_stages),
+            sifa_dilation=args.sifa_dilation,
+            **extra,
+            **common,
         )
     if arm == "fcf":
         return FCFR2Plus1D(
-            num_classes, temporal=False, fcf=True, fcf_n_iter=args.fcf_n_iter, fcf_bottleneck=args.fcf_bottleneck,
+            num_classes,
+            temporal=False,
+            fcf=True,
+            fcf_n_iter=args.fcf_n_iter,
+            fcf_bottleneck=args.fcf_bottleneck,
             **common,
         )
     raise ValueError(f"arm must be one of {ARMS}, got {arm!r}")
@@ -123,27 +137,56 @@ def make_datamodule(args: argparse.Namespace, task: str, num_classes: int) -> Sy
         video_frames, interval = args.frames, 1
         speed = (speed[0] * args.interval, speed[1] * args.interval)
     return SyntheticMotionDataModule(
-        root=args.cache, num_classes=num_classes, train_per_class=args.train_per_class,
-        val_per_class=args.val_per_class, test_per_class=args.test_per_class, seed=args.data_seed,
-        video_frames=video_frames, speed_range=speed, task=task,
-        batch_size=args.batch_size, num_workers=args.workers, num_frames=args.frames,
-        frame_interval=interval, crop_size=args.crop, test_clips=args.test_clips,
+        root=args.cache,
+        num_classes=num_classes,
+        train_per_class=args.train_per_class,
+        val_per_class=args.val_per_class,
+        test_per_class=args.test_per_class,
+        seed=args.data_seed,
+        video_frames=video_frames,
+        speed_range=speed,
+        task=task,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        num_frames=args.frames,
+        frame_interval=interval,
+        crop_size=args.crop,
+        test_clips=args.test_clips,
     )
 
 
-def fit_and_test(net: torch.nn.Module, dm: SyntheticMotionDataModule, epochs: int, args: argparse.Namespace,
-                 name: str, flow_lr_scale: float = 1.0) -> dict:
+def fit_and_test(
+    net: torch.nn.Module,
+    dm: SyntheticMotionDataModule,
+    epochs: int,
+    args: argparse.Namespace,
+    name: str,
+    flow_lr_scale: float = 1.0,
+) -> dict:
     """Train `net` for `epochs` on dm's training split, test once; metrics, per-epoch losses and the
     video-level confusion matrix (rows = true class)."""
     model = VideoClassifier(
-        net, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup,
-        min_lr=args.lr * 0.01, flow_lr_scale=flow_lr_scale,
+        net,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_epochs=args.warmup,
+        min_lr=args.lr * 0.01,
+        flow_lr_scale=flow_lr_scale,
     )
     epoch_loss = EpochLoss(name)
     trainer = pl.Trainer(
-        max_epochs=epochs, accelerator=args.accelerator, devices=1, precision=args.precision, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        limit_val_batches=0, callbacks=[epoch_loss],
+        max_epochs=epochs,
+        accelerator=args.accelerator,
+        devices=1,
+        precision=args.precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[epoch_loss],
     )
     start = time.perf_counter()
     trainer.fit(model, datamodule=dm)
@@ -151,10 +194,14 @@ def fit_and_test(net: torch.nn.Module, dm: SyntheticMotionDataModule, epochs: in
     trainer.test(model, datamodule=dm, verbose=False)
     res = model.last_eval["test"]
     return {
-        "top1": res["top1"], "top5": res["top5"], "mean_class": res["mean_class"], "clip_top1": res["clip_top1"],
+        "top1": res["top1"],
+        "top5": res["top5"],
+        "mean_class": res["mean_class"],
+        "clip_top1": res["clip_top1"],
         "test_videos": res["num_videos"],
         "train_loss_last": epoch_loss.history[-1] if epoch_loss.history else float("nan"),
-        "train_loss_per_epoch": epoch_loss.history, "train_seconds": train_s,
+        "train_loss_per_epoch": epoch_loss.history,
+        "train_seconds": train_s,
         "confusion": res.confusion.long().tolist(),
     }
 
@@ -163,14 +210,22 @@ def pretrain_backbone(args: argparse.Namespace) -> tuple[dict[str, torch.Tensor]
     """Stage 1: the plain per-frame net trained on the appearance task; its state dict and test figures."""
     pl.seed_everything(args.seed, verbose=False)
     # Appearance is a per-frame property: stage 1 reads short clips (--pretrain-frames), more of them.
-    stage1 = argparse.Namespace(**{**vars(args), "frames": args.pretrain_frames,
-                                   "train_per_class": args.pretrain_per_class or args.train_per_class})
+    stage1 = argparse.Namespace(
+        **{
+            **vars(args),
+            "frames": args.pretrain_frames,
+            "train_per_class": args.pretrain_per_class or args.train_per_class,
+        }
+    )
     dm = make_datamodule(stage1, "appearance", 4)
     dm.prepare_data()
     net = build_net("plain", 4, args)
     res = fit_and_test(net, dm, args.pretrain_epochs, stage1, "appear")
-    print(f"[pretrain] appearance task (4 classes, chance 25%): test top-1 {100 * res['top1']:.1f}% after "
-          f"{args.pretrain_epochs} epochs, {res['train_seconds']:.0f} s", flush=True)
+    print(
+        f"[pretrain] appearance task (4 classes, chance 25%): test top-1 {100 * res['top1']:.1f}% after "
+        f"{args.pretrain_epochs} epochs, {res['train_seconds']:.0f} s",
+        flush=True,
+    )
     state = {k: v.detach().clone() for k, v in net.state_dict().items()}
     return state, {k: v for k, v in res.items() if k != "confusion"}
 
@@ -201,7 +256,8 @@ def run_arm(arm: str, args: argparse.Namespace, pretrained: dict[str, torch.Tens
     sensitivity = order_sensitivity(net, probe_clip)
     res = fit_and_test(net, dm, args.epochs, args, arm, args.flow_lr_scale if arm == "fcf" else 1.0)
     return {
-        "arm": arm, **res,
+        "arm": arm,
+        **res,
         "params_M": sum(p.numel() for p in net.parameters()) / 1e6,
         "trainable_params_M": sum(p.numel() for p in net.parameters() if p.requires_grad) / 1e6,
         "pretrained_tensors": copied,
@@ -221,9 +277,16 @@ def per_pair(confusion: list[list[int]]) -> list[dict]:
         n = float(rows.sum())
         in_pair = float(rows[:, i : i + 2].sum())
         correct = float(rows[0, i] + rows[1, i + 1])
-        out.append({"pair": (i, i + 1), "videos": int(n), "top1": correct / max(n, 1.0),
-                    "pair_found": in_pair / max(n, 1.0), "member_given_pair": correct / max(in_pair, 1.0),
-                    "pair_found_videos": int(in_pair)})
+        out.append(
+            {
+                "pair": (i, i + 1),
+                "videos": int(n),
+                "top1": correct / max(n, 1.0),
+                "pair_found": in_pair / max(n, 1.0),
+                "member_given_pair": correct / max(in_pair, 1.0),
+                "pair_found_videos": int(in_pair),
+            }
+        )
     return out
 
 
@@ -235,8 +298,12 @@ def binomial_sd(p: float, n: int) -> float:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arms", nargs="+", default=["plain", "sifa", "fcf"], choices=ARMS)
-    p.add_argument("--task", default="direction", choices=TASKS,
-                   help="direction (time-reversal pairs) or coherence (ordered vs shuffled frames, K = 2)")
+    p.add_argument(
+        "--task",
+        default="direction",
+        choices=TASKS,
+        help="direction (time-reversal pairs) or coherence (ordered vs shuffled frames, K = 2)",
+    )
     p.add_argument("--epochs", type=int, default=12, help="training budget, the same for every arm")
     p.add_argument("--num-classes", type=int, default=8)
     p.add_argument("--train-per-class", type=int, default=40)
@@ -245,8 +312,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--interval", type=int, default=2, help="frame interval (doubles the motion per frame)")
-    p.add_argument("--speed", type=float, nargs=2, default=[2.0, 6.0], metavar=("MIN", "MAX"),
-                   help="object speed range, pixels per stored frame at the 80-px stored size")
+    p.add_argument(
+        "--speed",
+        type=float,
+        nargs=2,
+        default=[2.0, 6.0],
+        metavar=("MIN", "MAX"),
+        help="object speed range, pixels per stored frame at the 80-px stored size",
+    )
     p.add_argument("--video-frames", type=int, default=20, help="stored frames per video (direction task)")
     p.add_argument("--crop", type=int, default=64)
     p.add_argument("--test-clips", type=int, default=2)
@@ -257,22 +330,41 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--fcf-bottleneck", type=int, default=16)
     p.add_argument("--sifa-stages", type=int, nargs="+", default=[2, 3, 4], help="ResNet stages with SIFA blocks")
     p.add_argument("--sifa-dilation", type=int, default=1)
-    p.add_argument("--no-zero-init-residual", action="store_true",
-                   help="start the last BN of every residual branch at 1, not 0 (SIFA's branch then acts from step 0)")
     p.add_argument(
-        "--stem-temporal", type=int, default=1,
+        "--no-zero-init-residual",
+        action="store_true",
+        help="start the last BN of every residual branch at 1, not 0 (SIFA's branch then acts from step 0)",
+    )
+    p.add_argument(
+        "--stem-temporal",
+        type=int,
+        default=1,
         help="temporal kernel = stride of the plain/SIFA arms' stem; 1 is the probe, 2+ a control that lets the "
         "stem itself see frame order",
     )
-    p.add_argument("--pretrain-epochs", type=int, default=0,
-                   help="stage 1: train the plain backbone on the appearance task first (0: no pretraining)")
+    p.add_argument(
+        "--pretrain-epochs",
+        type=int,
+        default=0,
+        help="stage 1: train the plain backbone on the appearance task first (0: no pretraining)",
+    )
     p.add_argument("--pretrain-frames", type=int, default=2, help="frames per stage-1 clip (appearance is per frame)")
-    p.add_argument("--pretrain-per-class", type=int, default=None,
-                   help="stage-1 training clips per appearance class (default: --train-per-class)")
-    p.add_argument("--pretrained-file", default=None,
-                   help="reuse stage 1 from this file when it exists, else write it there (same settings only)")
-    p.add_argument("--freeze-backbone", action="store_true",
-                   help="stage 2 trains only what the pretrained backbone lacks (modules, classifier)")
+    p.add_argument(
+        "--pretrain-per-class",
+        type=int,
+        default=None,
+        help="stage-1 training clips per appearance class (default: --train-per-class)",
+    )
+    p.add_argument(
+        "--pretrained-file",
+        default=None,
+        help="reuse stage 1 from this file when it exists, else write it there (same settings only)",
+    )
+    p.add_argument(
+        "--freeze-backbone",
+        action="store_true",
+        help="stage 2 trains only what the pretrained backbone lacks (modules, classifier)",
+    )
     p.add_argument("--optimizer", default="adamw", choices=("sgd", "adamw"))
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
@@ -321,37 +413,59 @@ def main(argv: list[str] | None = None) -> dict:
     ceiling = ORDER_BLIND_CEILING  # 1/2 for both tasks (coherence: chance = ceiling)
     noise = binomial_sd(ceiling, n_test)  # s.d. of an accuracy at the ceiling: the yardstick of "above it"
     print()
-    print(f"motion probe, {args.task} task: K = {k} classes, chance {100 / k:.1f}%, order-blind ceiling "
-          f"{100 * ceiling:.0f}% (± {100 * noise:.1f}% s.d. at the ceiling on {n_test} test videos)")
+    print(
+        f"motion probe, {args.task} task: K = {k} classes, chance {100 / k:.1f}%, order-blind ceiling "
+        f"{100 * ceiling:.0f}% (± {100 * noise:.1f}% s.d. at the ceiling on {n_test} test videos)"
+    )
     speed = args.speed if args.task == "direction" else [v * args.interval for v in args.speed]
     interval = args.interval if args.task == "direction" else 1
     pre = ""
     if args.pretrain_epochs:
-        pre = (f"; backbone pretrained {args.pretrain_epochs} epochs on appearance "
-               f"({100 * pretrain_res['top1']:.1f}%), {'frozen' if args.freeze_backbone else 'fine-tuned'}")
-    print(f"budget: {args.epochs} epochs x {k * args.train_per_class} clips of {args.frames} frames "
-          f"(interval {interval}, speed {speed[0]:g}-{speed[1]:g} px/stored frame) at {args.crop}², per-frame 2D "
-          f"ResNet-{args.depth} x{args.width}, {args.optimizer} lr {args.lr}{pre}")
-    print("| arm | test top-1 | ± s.d. | chance | ceiling | (top-1 − ceiling) / s.d. at ceiling | last train loss "
-          "| train s |")
+        pre = (
+            f"; backbone pretrained {args.pretrain_epochs} epochs on appearance "
+            f"({100 * pretrain_res['top1']:.1f}%), {'frozen' if args.freeze_backbone else 'fine-tuned'}"
+        )
+    print(
+        f"budget: {args.epochs} epochs x {k * args.train_per_class} clips of {args.frames} frames "
+        f"(interval {interval}, speed {speed[0]:g}-{speed[1]:g} px/stored frame) at {args.crop}², per-frame 2D "
+        f"ResNet-{args.depth} x{args.width}, {args.optimizer} lr {args.lr}{pre}"
+    )
+    print(
+        "| arm | test top-1 | ± s.d. | chance | ceiling | (top-1 − ceiling) / s.d. at ceiling | last train loss "
+        "| train s |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
-        print(f"| {r['arm']} | {100 * r['top1']:.1f}% | {100 * binomial_sd(r['top1'], r['test_videos']):.1f} | "
-              f"{100 / k:.1f}% | {100 * ceiling:.0f}% | {(r['top1'] - ceiling) / noise:+.1f} | "
-              f"{r['train_loss_last']:.3f} | {r['train_seconds']:.0f} |")
+        print(
+            f"| {r['arm']} | {100 * r['top1']:.1f}% | {100 * binomial_sd(r['top1'], r['test_videos']):.1f} | "
+            f"{100 / k:.1f}% | {100 * ceiling:.0f}% | {(r['top1'] - ceiling) / noise:+.1f} | "
+            f"{r['train_loss_last']:.3f} | {r['train_seconds']:.0f} |"
+        )
     if args.task == "direction" and k > 2:
         print()
-        print("per pair: top-1 on the pair's videos / pair found (order-blind part) / member right given the pair "
-              "(order part; 50% for an order-blind model)")
+        print(
+            "per pair: top-1 on the pair's videos / pair found (order-blind part) / member right given the pair "
+            "(order part; 50% for an order-blind model)"
+        )
         names = class_names_for(k)
         print("| arm | " + " | ".join(f"{names[i]} / {names[i + 1]}" for i in range(0, k, 2)) + " |")
         print("| --- |" + " --- |" * (k // 2))
         for r in results:
-            cells = [f"{100 * q['top1']:.0f} / {100 * q['pair_found']:.0f} / {100 * q['member_given_pair']:.0f}%"
-                     for q in r["per_pair"]]
+            cells = [
+                f"{100 * q['top1']:.0f} / {100 * q['pair_found']:.0f} / {100 * q['member_given_pair']:.0f}%"
+                for q in r["per_pair"]
+            ]
             print(f"| {r['arm']} | " + " | ".join(cells) + " |")
-    out = {"task": args.task, "num_classes": k, "ceiling": ceiling, "chance": 1 / k, "noise_sd": noise,
-           "args": vars(args), "pretrain": pretrain_res, "results": results}
+    out = {
+        "task": args.task,
+        "num_classes": k,
+        "ceiling": ceiling,
+        "chance": 1 / k,
+        "noise_sd": noise,
+        "args": vars(args),
+        "pretrain": pretrain_res,
+        "results": results,
+    }
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     return out

@@ -155,8 +155,10 @@ def read_annotation_text(file: Path) -> str:
         line = data.count(b"\n", 0, exc.start) + 1
         column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
         raise AnnotationError(
-            file, line, f"not UTF-8 text (byte 0x{data[exc.start]:02x} at column {column}); "
-            "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+            file,
+            line,
+            f"not UTF-8 text (byte 0x{data[exc.start]:02x} at column {column}); "
+            "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)",
         ) from None
 
 
@@ -340,9 +342,7 @@ def parse_hmdb51(split_dir: Path, video_root: Path, split: int) -> tuple[dict[st
     return out, names
 
 
-def parse_ucf101(
-    list_dir: Path, video_root: Path, split: int
-) -> tuple[dict[str, list[VideoRecord]], list[str]]:
+def parse_ucf101(list_dir: Path, video_root: Path, split: int) -> tuple[dict[str, list[VideoRecord]], list[str]]:
     """UCF-101 `classInd.txt`, `trainlist0N.txt`, `testlist0N.txt` -> ({"train", "test"}, class names)."""
     list_dir = Path(list_dir)
     if split not in (1, 2, 3):

@@ -161,7 +161,12 @@ class VideoDataModule(L.LightningDataModule):
             log.warning(
                 "%s %r split: %d of %d entries cannot be used and count as unreadable videos "
                 "(dm.unusable(%r), vmm check-data): %s",
-                type(self).__name__, split, len(bad), len(recs), split, shown,
+                type(self).__name__,
+                split,
+                len(bad),
+                len(recs),
+                split,
+                shown,
             )
         return recs
 

@@ -168,7 +168,9 @@ def check_datamodule(
     # Splits may share files (val falling back to test, overlapping lists): each path is opened once.
     usable = {r.path: r for recs in split_records.values() for r in recs if r.problem is None}
     loader = DataLoader(
-        _ProbeDataset(list(usable.values()), decoder_threads), batch_size=1, num_workers=num_workers,
+        _ProbeDataset(list(usable.values()), decoder_threads),
+        batch_size=1,
+        num_workers=num_workers,
         collate_fn=_identity,
     )
     found: dict[str, tuple[dict | None, str | None]] = {path: (info, reason) for [(path, info, reason)] in loader}

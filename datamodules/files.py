@@ -19,7 +19,6 @@ from .frames import IMAGE_SUFFIXES
 __all__ = ["PredictFilesDataModule", "expand_video_paths", "is_frame_folder"]
 
 
-
 def is_frame_folder(path: str | os.PathLike) -> bool:
     """Whether `path` is a folder of frame images: at least one entry, and every entry a JPEG/PNG
     file (hidden files such as .DS_Store ignored)."""

@@ -61,8 +61,10 @@ def check_template(template: str, start_index: int = 1) -> str:
         fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
         example = template.format(start_index)
     except (ValueError, IndexError, KeyError) as exc:
-        raise ValueError(f"template: expected a file name with one integer field such as 'img_{{:05d}}.jpg', "
-                         f"got {template!r} ({exc})") from None
+        raise ValueError(
+            f"template: expected a file name with one integer field such as 'img_{{:05d}}.jpg', "
+            f"got {template!r} ({exc})"
+        ) from None
     if len(fields) != 1 or fields[0] not in ("", "0"):
         raise ValueError(
             f"template: expected exactly one positional field such as 'img_{{:05d}}.jpg', got {template!r}"
@@ -112,8 +114,9 @@ class FrameIndex:
         return os.path.join(self.path, self.template.format(self.start_index + int(i)))
 
 
-def frame_index(path: str | os.PathLike, template: str = DEFAULT_TEMPLATE, start_index: int = 1,
-                num_frames: int | None = None) -> FrameIndex:
+def frame_index(
+    path: str | os.PathLike, template: str = DEFAULT_TEMPLATE, start_index: int = 1, num_frames: int | None = None
+) -> FrameIndex:
     """Index the frame folder `path` (scans it unless `num_frames` is given).
 
     Raises VideoDecodeError for a missing folder or one without a file matching `template`.
@@ -134,8 +137,11 @@ def frame_index(path: str | os.PathLike, template: str = DEFAULT_TEMPLATE, start
         raise VideoDecodeError(folder, f"cannot list the frame folder: {exc}") from None
     pattern, present = _template_regex(template), set(names)
     # only names the template itself writes: 'img_1.jpg' is not frame 1 of 'img_{:05d}.jpg'
-    numbers = [n for n in (int(m.group(1)) for m in map(pattern.match, names) if m is not None)
-               if template.format(n) in present]
+    numbers = [
+        n
+        for n in (int(m.group(1)) for m in map(pattern.match, names) if m is not None)
+        if template.format(n) in present
+    ]
     usable = [n for n in numbers if n >= start_index]
     if not usable:
         hint = " (found frame number 0: set start_index=0)" if 0 in numbers else ""
@@ -202,8 +208,14 @@ class FrameFolderReader:
     `decode_full_scale = True` turns the reduced-scale JPEG decoding off (for comparisons).
     """
 
-    def __init__(self, path: str | os.PathLike, *, index: FrameIndex | None = None,
-                 template: str = DEFAULT_TEMPLATE, start_index: int = 1):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        index: FrameIndex | None = None,
+        template: str = DEFAULT_TEMPLATE,
+        start_index: int = 1,
+    ):
         self.path = str(path)
         self.index = index if index is not None else frame_index(path, template, start_index)
         self.decode_full_scale = False
@@ -259,8 +271,9 @@ class FrameFolderReader:
                     rgb = rgb.resize((w, h), _RESAMPLE)
                 return np.asarray(rgb, dtype=np.uint8)
         except FileNotFoundError:
-            raise VideoDecodeError(self.path, f"frame file missing: {name} (frame {i} of {self.index.num_frames})") \
-                from None
+            raise VideoDecodeError(
+                self.path, f"frame file missing: {name} (frame {i} of {self.index.num_frames})"
+            ) from None
         except _IMAGE_ERRORS as exc:
             raise VideoDecodeError(self.path, f"unreadable frame {name}: {exc}") from None
 
@@ -278,8 +291,9 @@ def record_for_path(path: str | os.PathLike, label: int = -1) -> VideoRecord:
     return FrameRecord(str(path), label, template=template, start_index=start)
 
 
-def open_clip_reader(record: VideoRecord, index: VideoIndex | FrameIndex, threads: int = 1
-                     ) -> VideoReader | FrameFolderReader:
+def open_clip_reader(
+    record: VideoRecord, index: VideoIndex | FrameIndex, threads: int = 1
+) -> VideoReader | FrameFolderReader:
     """The reader of `record`: a frame folder for a FrameRecord, PyAV otherwise."""
     if isinstance(record, FrameRecord):
         return FrameFolderReader(record.path, index=index)
@@ -308,5 +322,12 @@ def probe_frame_folder(record: FrameRecord) -> dict:
         except _IMAGE_ERRORS as exc:
             raise VideoDecodeError(record.path, f"unreadable frame {os.path.basename(file)}: {exc}") from None
     width, height = max(sizes, key=sizes.get)
-    return {"frames": index.num_frames, "index_frames": index.num_frames, "duration": None, "fps": None,
-            "width": width, "height": height, "codec": kind.lower()}
+    return {
+        "frames": index.num_frames,
+        "index_frames": index.num_frames,
+        "duration": None,
+        "fps": None,
+        "width": width,
+        "height": height,
+        "codec": kind.lower(),
+    }

@@ -96,8 +96,11 @@ class VideoListDataModule(VideoDataModule):
     ):
         super().__init__(**kwargs)
         self.root = Path(root).expanduser()
-        self.lists = {"train": resolve_list_path(train_list, self.root), "val": resolve_list_path(val_list, self.root),
-                      "test": resolve_list_path(test_list, self.root)}
+        self.lists = {
+            "train": resolve_list_path(train_list, self.root),
+            "val": resolve_list_path(val_list, self.root),
+            "test": resolve_list_path(test_list, self.root),
+        }
         if all(v is None for v in self.lists.values()):
             raise ValueError("train_list/val_list/test_list: expected at least one list file")
         self._given_names = class_names

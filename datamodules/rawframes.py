@@ -15,8 +15,14 @@ from .layouts import VideoListDataModule
 __all__ = ["RawFrameListDataModule", "parse_rawframe_list"]
 
 
-def parse_rawframe_list(file: Path, root: Path, num_classes: int | None = None, template: str = DEFAULT_TEMPLATE,
-                        start_index: int = 1, trust_counts: bool = True) -> list[FrameRecord]:
+def parse_rawframe_list(
+    file: Path,
+    root: Path,
+    num_classes: int | None = None,
+    template: str = DEFAULT_TEMPLATE,
+    start_index: int = 1,
+    trust_counts: bool = True,
+) -> list[FrameRecord]:
     """`frame_dir num_frames label` lines (the folder may contain spaces) -> FrameRecords.
 
     With `trust_counts` the listed count is the clip's length (no folder scan); otherwise each
@@ -36,8 +42,15 @@ def parse_rawframe_list(file: Path, root: Path, num_classes: int | None = None, 
         if label < 0 or (num_classes is not None and label >= num_classes):
             bound = f"[0, {num_classes})" if num_classes is not None else ">= 0"
             raise AnnotationError(file, n, f"unknown class {label}: expected a label in {bound}")
-        records.append(FrameRecord(str(Path(root) / parts[0]), label, num_frames=count if trust_counts else None,
-                                   template=template, start_index=start_index))
+        records.append(
+            FrameRecord(
+                str(Path(root) / parts[0]),
+                label,
+                num_frames=count if trust_counts else None,
+                template=template,
+                start_index=start_index,
+            )
+        )
     return records
 
 
@@ -61,12 +74,20 @@ class RawFrameListDataModule(VideoListDataModule):
         trust_counts: bool = True,
         **kwargs,
     ):
-        super().__init__(root, train_list=train_list, test_list=test_list, val_list=val_list,
-                         class_names=class_names, num_classes=num_classes, **kwargs)
+        super().__init__(
+            root,
+            train_list=train_list,
+            test_list=test_list,
+            val_list=val_list,
+            class_names=class_names,
+            num_classes=num_classes,
+            **kwargs,
+        )
         self.frame_template = check_template(frame_template, frame_start_index)
         self.frame_start_index = frame_start_index
         self.trust_counts = trust_counts
 
     def _parse(self, file: Path, num_classes: int | None) -> list[FrameRecord]:
-        return parse_rawframe_list(file, self.root, num_classes, self.frame_template, self.frame_start_index,
-                                   self.trust_counts)
+        return parse_rawframe_list(
+            file, self.root, num_classes, self.frame_template, self.frame_start_index, self.trust_counts
+        )

@@ -92,8 +92,15 @@ class _SomethingSomething(VideoDataModule):
     split for prediction. Subclasses implement `_class_names()` and `_entries(split)`.
     """
 
-    def __init__(self, root: str, *, flip: bool = False, flip_swaps_left_right: bool = True,
-                 test_split: TestSplit = "validation", **kwargs):
+    def __init__(
+        self,
+        root: str,
+        *,
+        flip: bool = False,
+        flip_swaps_left_right: bool = True,
+        test_split: TestSplit = "validation",
+        **kwargs,
+    ):
         if test_split not in ("validation", "test"):
             raise ValueError(f"test_split: expected 'validation' or 'test', got {test_split!r}")
         self.flip = bool(flip)
@@ -154,8 +161,15 @@ class SomethingSomethingV2DataModule(_SomethingSomething):
         **kwargs,
     ):
         # TSN-style segments, the usual Something-Something sampling (clips are 2-6 s long).
-        super().__init__(root, flip=flip, flip_swaps_left_right=flip_swaps_left_right, test_split=test_split,
-                         num_frames=num_frames, sampling=sampling, **kwargs)
+        super().__init__(
+            root,
+            flip=flip,
+            flip_swaps_left_right=flip_swaps_left_right,
+            test_split=test_split,
+            num_frames=num_frames,
+            sampling=sampling,
+            **kwargs,
+        )
         self.video_dir = self.root / video_dir
         self.label_dir = self.root / label_dir
         self.frame_dir = None if frame_dir is None else self.root / Path(frame_dir).expanduser()
@@ -171,15 +185,16 @@ class SomethingSomethingV2DataModule(_SomethingSomething):
         try:
             by_id = {int(v): str(k) for k, v in raw.items()}
         except (TypeError, ValueError):
-            raise AnnotationError(file, None, "expected integer class ids (as strings, e.g. \"0\")") from None
+            raise AnnotationError(file, None, 'expected integer class ids (as strings, e.g. "0")') from None
         if sorted(by_id) != list(range(len(raw))):
             raise AnnotationError(file, None, f"expected the ids 0..{len(raw) - 1} once each")
         return [by_id[i] for i in range(len(raw))]
 
     def _record(self, vid: str, label: int) -> VideoRecord:
         if self.frame_dir is not None:
-            return FrameRecord(str(self.frame_dir / vid), label, template=self.frame_template,
-                               start_index=self.frame_start_index)
+            return FrameRecord(
+                str(self.frame_dir / vid), label, template=self.frame_template, start_index=self.frame_start_index
+            )
         return VideoRecord(str(self.video_dir / f"{vid}{self.video_extension}"), label)
 
     def _load_split(self, split: str) -> list[VideoRecord] | None:
@@ -203,8 +218,11 @@ class SomethingSomethingV2DataModule(_SomethingSomething):
                 cls = template.replace("[", "").replace("]", "")
                 found = lookup(cls)
                 if found is None:
-                    raise AnnotationError(file, None, f"entry {k} (id {vid}): unknown class {cls!r} "
-                                                      f"(not in {self.label_dir / 'labels.json'})")
+                    raise AnnotationError(
+                        file,
+                        None,
+                        f"entry {k} (id {vid}): unknown class {cls!r} (not in {self.label_dir / 'labels.json'})",
+                    )
                 label = found
             records.append(self._record(vid, label))
         return records
@@ -246,8 +264,15 @@ class SomethingSomethingV1DataModule(_SomethingSomething):
         **kwargs,
     ):
         # TSN-style segments, the usual Something-Something sampling (clips are 2-6 s long).
-        super().__init__(root, flip=flip, flip_swaps_left_right=flip_swaps_left_right, test_split=test_split,
-                         num_frames=num_frames, sampling=sampling, **kwargs)
+        super().__init__(
+            root,
+            flip=flip,
+            flip_swaps_left_right=flip_swaps_left_right,
+            test_split=test_split,
+            num_frames=num_frames,
+            sampling=sampling,
+            **kwargs,
+        )
         self.frame_dir = self.root / Path(frame_dir).expanduser()
         self.annotation_dir = self.root if annotation_dir is None else self.root / Path(annotation_dir).expanduser()
         self.frame_template = check_template(frame_template, frame_start_index)
@@ -279,9 +304,13 @@ class SomethingSomethingV1DataModule(_SomethingSomething):
                     raise AnnotationError(file, n, f"expected 'id;label', got {';'.join(row)!r}")
                 found = lookup(";".join(row[1:]))
                 if found is None:
-                    raise AnnotationError(file, n, f"unknown class {';'.join(row[1:])!r} "
-                                                   f"(not in {self._csv('labels')})")
+                    raise AnnotationError(
+                        file, n, f"unknown class {';'.join(row[1:])!r} (not in {self._csv('labels')})"
+                    )
                 label = found
-            records.append(FrameRecord(str(self.frame_dir / vid), label, template=self.frame_template,
-                                       start_index=self.frame_start_index))
+            records.append(
+                FrameRecord(
+                    str(self.frame_dir / vid), label, template=self.frame_template, start_index=self.frame_start_index
+                )
+            )
         return records

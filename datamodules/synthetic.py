@@ -140,8 +140,10 @@ class SyntheticSpec:
     def __post_init__(self):
         class_names_for(self.num_classes, self.task)
         if self.task == "coherence" and self.video_frames < 3:
-            raise ValueError(f"video_frames: the coherence task needs >= 3 (2 frames have no non-reversing "
-                             f"permutation), got {self.video_frames}")
+            raise ValueError(
+                f"video_frames: the coherence task needs >= 3 (2 frames have no non-reversing "
+                f"permutation), got {self.video_frames}"
+            )
         if self.frame_size < 16 or self.frame_size % 2:
             raise ValueError(f"frame_size: expected an even int >= 16, got {self.frame_size}")
         if self.video_frames < 2:
@@ -593,8 +595,11 @@ def _write_annotations(spec: SyntheticSpec, root: Path) -> None:
             name = spec.class_names[i % spec.num_classes]
             lines.append(f"{name},{split}{i:05d},0,{spec.duration_s()},{split}")
         _write_text_atomic(root / "annotations" / csv_name, "\n".join(lines) + "\n")
-    meta = {"spec": asdict(spec), "class_names": spec.class_names,
-            "reverse_of": [reverse_class(i, spec.task) for i in range(spec.num_classes)]}
+    meta = {
+        "spec": asdict(spec),
+        "class_names": spec.class_names,
+        "reverse_of": [reverse_class(i, spec.task) for i in range(spec.num_classes)],
+    }
     _write_text_atomic(root / "meta.json", json.dumps(meta, indent=1))
 
 

@@ -135,8 +135,11 @@ class SyntheticMotionDataModule(KineticsDataModule):
         if self.spec.task == "appearance":
             return [f"K = {k} classes: chance {100 / k:.1f}%", *extra]
         if self.spec.task == "coherence":
-            return [f"K = {k} classes (ordered / shuffled frames): chance {100 / k:.1f}%, and every model blind "
-                    "to frame order is at exactly that (both classes show the same frames)", *extra]
+            return [
+                f"K = {k} classes (ordered / shuffled frames): chance {100 / k:.1f}%, and every model blind "
+                "to frame order is at exactly that (both classes show the same frames)",
+                *extra,
+            ]
         return [
             f"K = {k} classes: chance {100 / k:.1f}%; on the synthetic motion set a model blind to frame order "
             f"is capped at {100 * ORDER_BLIND_CEILING:.0f}% (the pair, never the member)",

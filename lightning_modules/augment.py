@@ -94,8 +94,9 @@ def _affine_nearest(x: Tensor, matrix: Tensor) -> Tensor:
     reads, as PIL's `Image.transform(AFFINE)`; every frame of a clip uses its clip's map.
     """
     b, c, t, h, w = x.shape
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32) + 0.5, torch.arange(w, dtype=torch.float32) + 0.5,
-                            indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(h, dtype=torch.float32) + 0.5, torch.arange(w, dtype=torch.float32) + 0.5, indexing="ij"
+    )
     pts = torch.stack([xs, ys, torch.ones_like(xs)], -1).view(1, h * w, 3)  # [1, HW, 3]
     src = pts @ matrix.transpose(1, 2)  # [B, HW, 2] input pixel positions
     grid = torch.stack([src[..., 0] * (2.0 / w) - 1.0, src[..., 1] * (2.0 / h) - 1.0], -1).view(b, 1, h, w, 2)

@@ -233,8 +233,11 @@ class VideoClassifier(pl.LightningModule):
             seed = (seed * 1_000_003 + part) % (2**63)
         # Our draws are on the CPU, kornia's on the module's device (its generators follow `.to()`), and
         # torch.manual_seed seeds CUDA too: fork the CPU and the clips' CUDA generator, so both come back.
-        cuda = [video.device.index if video.device.index is not None else torch.cuda.current_device()] \
-            if video.is_cuda else []
+        cuda = (
+            [video.device.index if video.device.index is not None else torch.cuda.current_device()]
+            if video.is_cuda
+            else []
+        )
         with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(seed)
             if self.clip_augment is not None:
@@ -308,8 +311,7 @@ class VideoClassifier(pl.LightningModule):
             return
         heads = self._heads(self._video(batch))
         losses = sum(
-            F.cross_entropy(h.float(), y, reduction="none", label_smoothing=self.hparams.label_smoothing)
-            for h in heads
+            F.cross_entropy(h.float(), y, reduction="none", label_smoothing=self.hparams.label_smoothing) for h in heads
         )
         self._eval.add(batch["video_id"], batch["view"], y, self._probs(heads), losses)
 

@@ -77,9 +77,7 @@ class VMMTrainer(Trainer):
     atomic checkpoint files loaded with weights_only=True (`AtomicCheckpointIO`, unless a
     CheckpointIO plugin is given), and exit status 143/130 after SIGTERM/SIGINT."""
 
-    def __init__(
-        self, *args: Any, plugins: _PLUGIN_INPUT | list[_PLUGIN_INPUT] | None = None, **kwargs: Any
-    ) -> None:
+    def __init__(self, *args: Any, plugins: _PLUGIN_INPUT | list[_PLUGIN_INPUT] | None = None, **kwargs: Any) -> None:
         """Args: as `lightning.Trainer`; `plugins` (Trainer's type, so the CLI instantiates them) gets an
         `AtomicCheckpointIO` unless one of them is a CheckpointIO."""
         plugin_list = list(plugins) if isinstance(plugins, (list, tuple)) else ([plugins] if plugins else [])
@@ -145,8 +143,9 @@ class VMMTrainer(Trainer):
                 lines.append(f"  K = {k} classes: chance {100 / k:.1f}%")
             lines.append(f"  checkpoint: {Path(best).resolve() if best else None}")
             if log_dir:
-                lines.append(f"  logs: {log_dir} (metrics.csv, test_results.json, confusion_matrix_test.png, "
-                             "scores_test.json)")
+                lines.append(
+                    f"  logs: {log_dir} (metrics.csv, test_results.json, confusion_matrix_test.png, scores_test.json)"
+                )
             lines.append("=" * 72)
             print("\n".join(lines), flush=True)
         return res
@@ -248,18 +247,24 @@ class VMMCLI(LightningCLI):
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         if subcommand == "predict":  # options that only prediction reads
             parser.add_argument(
-                "videos", nargs="*", type=str,
+                "videos",
+                nargs="*",
+                type=str,
                 help="video files, frame folders (JPEG/PNG images only) or folders searched recursively for "
-                     "both; none: the datamodule's test set. Without --config/--data the checkpoint's class "
-                     "names and test views are used (--data.init_args.* overrides them)",
+                "both; none: the datamodule's test set. Without --config/--data the checkpoint's class "
+                "names and test views are used (--data.init_args.* overrides them)",
             )
             parser.add_argument(
-                "--predictions", type=str | None, default=None,
+                "--predictions",
+                type=str | None,
+                default=None,
                 help="JSON file for the per-video top-k predictions (default: <log_dir>/predictions.json; "
-                     "on files without a config: ./<checkpoint name>.predictions.json)",
+                "on files without a config: ./<checkpoint name>.predictions.json)",
             )
             parser.add_argument(
-                "--top_k", type=int | None, default=None,
+                "--top_k",
+                type=int | None,
+                default=None,
                 help="number of classes listed per video (default: the model's top_k, 5)",
             )
         return parser
@@ -610,8 +615,9 @@ def _translate_old_spellings(command: str, argv: Sequence[str]) -> tuple[list[st
         flag, eq, value = arg.partition("=")
         if flag in table:
             new = table[flag]
-            warnings.warn(f"vmm {command}: {flag} is deprecated, use {new} ({_DEPRECATED_AFTER})", FutureWarning,
-                          stacklevel=2)
+            warnings.warn(
+                f"vmm {command}: {flag} is deprecated, use {new} ({_DEPRECATED_AFTER})", FutureWarning, stacklevel=2
+            )
             typed[new] = flag
             out.append(f"{new}{eq}{value}")
         elif command == CHECK_DATA and arg == "--splits":
@@ -622,8 +628,12 @@ def _translate_old_spellings(command: str, argv: Sequence[str]) -> tuple[list[st
             if not values:  # an empty list would silently mean "every split"
                 raise ValueError("--splits: expected one or more of train, val, test (e.g. --splits [train, val])")
             if len(values) > 1:
-                warnings.warn(f"vmm {command}: --splits {' '.join(values)} is deprecated, use --splits "
-                              f"[{', '.join(values)}] ({_DEPRECATED_AFTER})", FutureWarning, stacklevel=2)
+                warnings.warn(
+                    f"vmm {command}: --splits {' '.join(values)} is deprecated, use --splits "
+                    f"[{', '.join(values)}] ({_DEPRECATED_AFTER})",
+                    FutureWarning,
+                    stacklevel=2,
+                )
             out += ["--splits", values[0] if len(values) == 1 and values[0].startswith("[") else json.dumps(values)]
         else:
             out.append(arg)
@@ -666,13 +676,26 @@ def _file_predict_defaults(ckpt_path: str | None, ckpt: dict[str, Any] | None) -
     init.update(class_names=list(class_names), batch_size=1, test_batch_size=1, num_workers=0)
     data = {"class_path": "datamodules.files.PredictFilesDataModule", "init_args": init}
     # No seeding: predicting is deterministic, and predict_files must not reseed its caller's RNGs.
-    return ["--seed_everything", "false", "--data", json.dumps(data), "--trainer.logger", "false",
-            "--trainer.devices", "1", "--trainer.enable_progress_bar", "false",
-            "--trainer.enable_model_summary", "false", "--trainer.enable_checkpointing", "false"]
+    return [
+        "--seed_everything",
+        "false",
+        "--data",
+        json.dumps(data),
+        "--trainer.logger",
+        "false",
+        "--trainer.devices",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--trainer.enable_checkpointing",
+        "false",
+    ]
 
 
 def _class_name(class_path: str) -> str:
-    """"datamodules.layouts.VideoListDataModule" and "VideoListDataModule" name the same class."""
+    """ "datamodules.layouts.VideoListDataModule" and "VideoListDataModule" name the same class."""
     return class_path.rpartition(".")[2]
 
 
@@ -751,9 +774,20 @@ def predict_files(
         raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    args = ["predict", "--ckpt_path", str(ckpt_path), *map(str, videos),
-            "--data.init_args.test_batch_size", str(batch_size), "--data.init_args.num_workers", str(num_workers),
-            "--trainer.accelerator", accelerator, "--trainer.devices", str(devices)]
+    args = [
+        "predict",
+        "--ckpt_path",
+        str(ckpt_path),
+        *map(str, videos),
+        "--data.init_args.test_batch_size",
+        str(batch_size),
+        "--data.init_args.num_workers",
+        str(num_workers),
+        "--trainer.accelerator",
+        accelerator,
+        "--trainer.devices",
+        str(devices),
+    ]
     if output is not None:
         args += ["--predictions", str(output)]
     if top_k is not None:
@@ -829,8 +863,10 @@ def fuse_scores(
         lines.append((f"fused (weights {', '.join(f'{w:g}' for w in weights)})", metrics))
         width = max(len(n) for n, _ in lines)
         for name, m in lines:
-            print(f"{name:<{width}}  top-1 {100 * m['top1']:5.1f}%  top-5 {100 * m['top5']:5.1f}%  "
-                  f"mean-class {100 * m['mean_class']:5.1f}%")
+            print(
+                f"{name:<{width}}  top-1 {100 * m['top1']:5.1f}%  top-5 {100 * m['top5']:5.1f}%  "
+                f"mean-class {100 * m['mean_class']:5.1f}%"
+            )
     print(f"{len(common)} videos fused" + (f"; {len(left_out)} not in every dump, left out" if left_out else ""))
     result = {
         "format": SCORE_FORMAT,
@@ -859,7 +895,7 @@ def _fuse_scores_main(argv: Sequence[str]) -> None:
     parser = ArgumentParser(
         prog="vmm fuse-scores",
         description="Fuse per-video score dumps (scores_test.json of vmm test) of several models by a weighted "
-                    "mean of their probabilities; prints each one's and the fused accuracy.",
+        "mean of their probabilities; prints each one's and the fused accuracy.",
     )
     parser.add_argument("dumps", nargs="+", type=str, help="two or more scores_test.json files of the same split")
     parser.add_argument("--weights", nargs="+", type=float, default=None, help="one weight per dump (default equal)")

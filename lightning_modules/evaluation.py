@@ -41,9 +41,7 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def average_views(
-    video_ids: Tensor, probs: Tensor, weights: Tensor | None = None
-) -> tuple[Tensor, Tensor, Tensor]:
+def average_views(video_ids: Tensor, probs: Tensor, weights: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Per video, the (weighted) mean of its views' class probabilities.
 
     Args:

@@ -93,7 +93,10 @@ def score_dump(res: EvalResult, class_names: list[str], video_names: Sequence[st
     videos = [
         {"video_id": v, "name": name(v), "label": y, "num_views": n, "probs": [float(f"{x:.7g}") for x in p]}
         for v, y, n, p in zip(
-            res.video_ids.tolist(), res.video_labels.tolist(), res.video_views.tolist(), res.video_probs.tolist(),
+            res.video_ids.tolist(),
+            res.video_labels.tolist(),
+            res.video_views.tolist(),
+            res.video_probs.tolist(),
             strict=True,
         )
     ]
@@ -119,10 +122,10 @@ def read_score_dump(path: str | Path) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         raise ValueError(f"{path}: not a readable JSON score dump ({exc})") from None
     if not isinstance(data, dict) or data.get("format") != SCORE_FORMAT:
-        raise ValueError(f"{path}: not a vmm score dump (expected \"format\": {SCORE_FORMAT!r})")
+        raise ValueError(f'{path}: not a vmm score dump (expected "format": {SCORE_FORMAT!r})')
     names, videos = data.get("class_names"), data.get("videos")
     if not isinstance(names, list) or not isinstance(videos, list):
-        raise ValueError(f"{path}: expected lists \"class_names\" and \"videos\"")
+        raise ValueError(f'{path}: expected lists "class_names" and "videos"')
     videos = sorted(videos, key=lambda v: v["video_id"])
     bad = [v.get("video_id") for v in videos if not isinstance(v.get("probs"), list) or len(v["probs"]) != len(names)]
     if bad:
@@ -201,8 +204,10 @@ class TestReportWriter(Callback):
         if not trainer.is_global_zero:
             return
         if res["excluded_videos"]:
-            print(f"[vmm] {res['excluded_videos']} test video(s) could not be used (missing, not a regular file or "
-                  "failed to decode) and are excluded from the metrics; `vmm check-data` lists them")
+            print(
+                f"[vmm] {res['excluded_videos']} test video(s) could not be used (missing, not a regular file or "
+                "failed to decode) and are excluded from the metrics; `vmm check-data` lists them"
+            )
         num_classes = res.confusion.shape[0]
         names = getattr(pl_module, "class_names", None) or [str(i) for i in range(num_classes)]
         fig = confusion_figure(res.confusion, names)
@@ -256,8 +261,12 @@ class PredictionWriter(BasePredictionWriter):
                     "views": int(n[i]),
                     "top_k": [
                         {"class_id": c, "class_name": name, "prob": round(float(p), 6)}
-                        for c, name, p in zip(top["topk_ids"][i].tolist(), top["topk_names"][i],
-                                              top["topk_probs"][i].tolist(), strict=True)
+                        for c, name, p in zip(
+                            top["topk_ids"][i].tolist(),
+                            top["topk_names"][i],
+                            top["topk_probs"][i].tolist(),
+                            strict=True,
+                        )
                     ],
                 }
             )

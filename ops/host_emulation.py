@@ -115,9 +115,7 @@ def emulated_library(src: KernelSource, ctype: str) -> ctypes.CDLL:
             )
         code = _emulation_wrapper(src, ctype)
         flags = ["-std=c++17", "-O2", "-shared", "-fPIC", "-include", str(EMULATION_HEADER)]
-        digest = hashlib.sha256(
-            "\0".join([code, EMULATION_HEADER.read_text(), cxx, *flags]).encode()
-        ).hexdigest()[:20]
+        digest = hashlib.sha256("\0".join([code, EMULATION_HEADER.read_text(), cxx, *flags]).encode()).hexdigest()[:20]
         out = _cache_dir() / f"{src.path.stem}_{ctype}_{digest}.so"
         if not out.exists():
             with tempfile.TemporaryDirectory() as tmp:

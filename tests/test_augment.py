@@ -47,8 +47,12 @@ def _released(img, name: str, sign: float, centre=(0.5, 0.5)) -> np.ndarray:
         "translate_x": (1, 0, sign * v * w, 0, 1, 0),
         "translate_y": (1, 0, 0, 0, 1, sign * v * h),
     }
-    enhance = {"color": ImageEnhance.Color, "contrast": ImageEnhance.Contrast,
-               "brightness": ImageEnhance.Brightness, "sharpness": ImageEnhance.Sharpness}
+    enhance = {
+        "color": ImageEnhance.Color,
+        "contrast": ImageEnhance.Contrast,
+        "brightness": ImageEnhance.Brightness,
+        "sharpness": ImageEnhance.Sharpness,
+    }
     if name in affine:
         out = img.transform(img.size, Image.AFFINE, affine[name])
     elif name in enhance:
@@ -204,8 +208,16 @@ def test_classifier_augmentation_off_by_default():
 def test_classifier_trains_with_every_augmentation_and_evaluates_without(tmp_path):
     pytest.importorskip("kornia")
     kw = dict(lr=0.2, warmup_epochs=0.5, weight_decay=1e-4, label_smoothing=0.1)
-    model = VideoClassifier(TinyNet(2), color_jitter=(0.4, 0.4, 0.4, 0.1), grayscale_p=0.2, blur_p=0.5,
-                            rand_augment=(2, M), mixup_alpha=0.8, cutmix_alpha=1.0, **kw)
+    model = VideoClassifier(
+        TinyNet(2),
+        color_jitter=(0.4, 0.4, 0.4, 0.1),
+        grayscale_p=0.2,
+        blur_p=0.5,
+        rand_augment=(2, M),
+        mixup_alpha=0.8,
+        cutmix_alpha=1.0,
+        **kw,
+    )
     data = SquareData(n_train=24, n_eval=6, views=1)
     trainer = _trainer(tmp_path, max_epochs=2, logger=False, enable_checkpointing=False)
     trainer.fit(model, datamodule=data)

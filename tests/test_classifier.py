@@ -101,8 +101,13 @@ class SquareData(pl.LightningDataModule):
 def _trainer(tmp_path, **kw) -> pl.Trainer:
     kw.setdefault("max_epochs", 3)
     return pl.Trainer(
-        default_root_dir=tmp_path, accelerator="cpu", devices=1, enable_progress_bar=False,
-        enable_model_summary=False, log_every_n_steps=1, **kw,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        **kw,
     )
 
 
@@ -191,8 +196,13 @@ def test_fit_test_predict_learns_and_writes_reports(tmp_path):
             torch.testing.assert_close(probs, torch.tensor(by_id[vid]), rtol=1e-5, atol=1e-6)
 
     # Without the report callback the module writes no file (reports are not its job).
-    bare = pl.Trainer(default_root_dir=tmp_path / "bare", accelerator="cpu", devices=1, enable_progress_bar=False,
-                      enable_model_summary=False)
+    bare = pl.Trainer(
+        default_root_dir=tmp_path / "bare",
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     bare.test(model, datamodule=data, verbose=False)
     assert bare.log_dir is not None and not any((tmp_path / "bare").rglob("*.json"))
     assert model.last_eval["test"]["top1"] == pytest.approx(res["top1"])
@@ -214,7 +224,6 @@ def test_bf16_mixed_on_cpu(tmp_path):
     assert model.last_eval["val"]["num_videos"] == 4
 
 
-
 def test_bf16_true_feeds_the_network_its_own_dtype(tmp_path):
     # "bf16-true" casts weights and buffers to bf16 but not the uint8 batch: normalize must follow the module.
     data = SquareData(n_train=16, n_eval=4, views=1)
@@ -225,6 +234,7 @@ def test_bf16_true_feeds_the_network_its_own_dtype(tmp_path):
     assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
     trainer.test(model, datamodule=data, verbose=False)
     assert model.last_eval["test"]["num_videos"] == 4
+
 
 class _LrRecorder(pl.Callback):
     def __init__(self) -> None:
@@ -238,8 +248,9 @@ def test_warmup_cosine_per_iteration_and_no_decay_groups(tmp_path):
     data = SquareData(n_train=16, n_eval=2, views=1, batch_size=4)  # 4 steps per epoch
     model = VideoClassifier(TinyNet(2), lr=0.1, min_lr=0.01, warmup_epochs=1, weight_decay=1e-3, nesterov=True)
     rec = _LrRecorder()
-    trainer = _trainer(tmp_path, max_epochs=3, callbacks=[rec], logger=False, enable_checkpointing=False,
-                       limit_val_batches=0)
+    trainer = _trainer(
+        tmp_path, max_epochs=3, callbacks=[rec], logger=False, enable_checkpointing=False, limit_val_batches=0
+    )
     trainer.fit(model, datamodule=data)
     lrs = [r[0] for r in rec.lrs]
     assert len(lrs) == 12

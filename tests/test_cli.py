@@ -73,8 +73,10 @@ def test_demo_trains_tests_and_reports(demo):
     assert "vmm demo finished" in out and "test accuracy (video level): top-1" in out
     assert f"checkpoint: {demo['best'].resolve()}" in out
     # The synthetic datamodule's own summary line (result_notes), not the CLI's knowledge of the set
-    assert "K = 4 classes: chance 25.0%; on the synthetic motion set a model blind to frame order is capped at " \
-           "50% (the pair, never the member)" in out
+    assert (
+        "K = 4 classes: chance 25.0%; on the synthetic motion set a model blind to frame order is capped at "
+        "50% (the pair, never the member)" in out
+    )
     report = json.loads((demo["log_dir"] / "test_results.json").read_text())
     # 4 classes x 3 test videos, 2 clips each; every view of a video averaged into one prediction
     assert report["num_videos"] == 12 and report["num_clips"] == 24 and report["excluded_videos"] == 0
@@ -121,8 +123,18 @@ def test_predict_files_without_a_dataset(demo, tmp_path, shared_videos):
     broken.write_bytes(b"")
     out = tmp_path / "files.json"
     proc = run_vmm(
-        ["predict", "--ckpt_path", str(demo["best"]), *map(str, test_videos), str(real), str(broken),
-         "--predictions", str(out), "--top_k", "3"],
+        [
+            "predict",
+            "--ckpt_path",
+            str(demo["best"]),
+            *map(str, test_videos),
+            str(real),
+            str(broken),
+            "--predictions",
+            str(out),
+            "--top_k",
+            "3",
+        ],
         cwd=tmp_path,
     )
     result = json.loads(out.read_text())
@@ -139,12 +151,24 @@ def test_predict_files_without_a_dataset(demo, tmp_path, shared_videos):
 def test_resume_restores_step_and_optimizer_state(demo, tmp_path):
     last = demo["log_dir"] / "checkpoints" / "last.ckpt"
     ckpt = torch.load(last, map_location="cpu", weights_only=True)
-    cli = _cli([
-        "fit", "--config", str(demo["cfg"]), "--ckpt_path", str(last), "--trainer.max_epochs", "2",
-        "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
-        "--trainer.default_root_dir", str(tmp_path),
-        "--trainer.callbacks+=helpers.cli.ResumeProbe",
-    ])
+    cli = _cli(
+        [
+            "fit",
+            "--config",
+            str(demo["cfg"]),
+            "--ckpt_path",
+            str(last),
+            "--trainer.max_epochs",
+            "2",
+            "--trainer.limit_train_batches",
+            "2",
+            "--trainer.limit_val_batches",
+            "1",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.callbacks+=helpers.cli.ResumeProbe",
+        ]
+    )
     probe = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "ResumeProbe")
     assert probe.global_step == ckpt["global_step"] == 6  # 1 epoch x 6 steps (24 clips, batch 4)
     assert probe.epoch == ckpt["epoch"] + 1 == 1
@@ -159,8 +183,15 @@ def test_resume_restores_step_and_optimizer_state(demo, tmp_path):
 
 def test_fcf_network_bf16_mixed_on_cpu(demo, tmp_path):
     """FCF-(2+1)D with flow parameters at 0.01x lr, trained under bf16 autocast on the CPU."""
-    cfg = tiny_config(demo["root"], tmp_path, net=TINY_FCF, precision="bf16-mixed", max_epochs=1,
-                      limit_train_batches=2, limit_val_batches=1)
+    cfg = tiny_config(
+        demo["root"],
+        tmp_path,
+        net=TINY_FCF,
+        precision="bf16-mixed",
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=1,
+    )
     cfg["data"]["init_args"]["num_frames"] = 4  # FCF after layer2 needs 3 frames
     cfg["model"]["flow_lr_scale"] = 0.01
     cli = _cli(["fit", "--config", str(write_config(tmp_path / "fcf.yaml", cfg))])
@@ -191,17 +222,40 @@ def test_predict_folders_frame_folders_and_overrides(demo, tmp_path, shared_vide
     (clips / "real.avi").symlink_to(shared_videos / "mpeg4_320x240.avi")
     write_jpeg_folder(clips / "frames", list(np.random.default_rng(0).integers(0, 255, (8, 40, 40, 3), np.uint8)))
     monkeypatch.chdir(tmp_path)
-    main(["predict", "--ckpt_path", str(demo["best"]), str(clips), "--top_k", "2",
-          "--data.init_args.test_batch_size", "2"])
+    main(
+        [
+            "predict",
+            "--ckpt_path",
+            str(demo["best"]),
+            str(clips),
+            "--top_k",
+            "2",
+            "--data.init_args.test_batch_size",
+            "2",
+        ]
+    )
     result = json.loads((tmp_path / f"{demo['best'].stem}.predictions.json").read_text())
     assert [p["video"] for p in result["predictions"]] == [
-        str(clips / "frames"), str(clips / "nested" / "synthetic.mp4"), str(clips / "real.avi")]
+        str(clips / "frames"),
+        str(clips / "nested" / "synthetic.mp4"),
+        str(clips / "real.avi"),
+    ]
     assert all(p["views"] == 2 and len(p["top_k"]) == 2 for p in result["predictions"]) and result["failed"] == []
     assert {p.name for p in tmp_path.iterdir()} == {"clips", f"{demo['best'].stem}.predictions.json"}
     # With the run's config, the same files are decoded with its datamodule's test views.
     out = tmp_path / "with_config.json"
-    _cli(["predict", "--config", str(demo["cfg"]), "--ckpt_path", str(demo["best"]), str(test_video),
-          "--predictions", str(out)])
+    _cli(
+        [
+            "predict",
+            "--config",
+            str(demo["cfg"]),
+            "--ckpt_path",
+            str(demo["best"]),
+            str(test_video),
+            "--predictions",
+            str(out),
+        ]
+    )
     (pred,) = json.loads(out.read_text())["predictions"]
     assert pred["video"] == str(test_video) and pred["views"] == 2
 

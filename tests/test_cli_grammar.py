@@ -49,8 +49,19 @@ def test_check_data_takes_a_full_run_config_and_the_shared_overrides(tmp_path, s
     `--data.init_args.*` override as fit/test spell it; exits 1 on bad entries, writes clean lists."""
     cfg = _video_list_config(tmp_path, shared_videos)
     clean = tmp_path / "clean.txt"
-    args = ["check-data", "--config", str(REPO_ROOT / "configs" / "demo_fcf_synthetic.yaml"), "--config", str(cfg),
-            "--data.init_args.num_workers", "0", "--splits", "[train, test]", "--write_clean_list", str(clean)]
+    args = [
+        "check-data",
+        "--config",
+        str(REPO_ROOT / "configs" / "demo_fcf_synthetic.yaml"),
+        "--config",
+        str(cfg),
+        "--data.init_args.num_workers",
+        "0",
+        "--splits",
+        "[train, test]",
+        "--write_clean_list",
+        str(clean),
+    ]
     with pytest.warns(UserWarning, match=r"num_classes=8 was set for datamodules\.SyntheticMotionDataModule"):
         cli = _cli(args)
     report = cli.check_report
@@ -80,8 +91,11 @@ def test_check_data_old_spellings_still_work_with_a_deprecation(tmp_path, shared
 
 def test_explicit_num_classes_that_disagrees_with_the_data_is_an_error(tmp_path, shared_videos):
     cfg = _video_list_config(tmp_path, shared_videos, extra="    class_names: [a, b]\n")
-    with pytest.raises(ValueError, match=r"data\.init_args\.num_classes=5 disagrees with the data: "
-                                         r"VideoListDataModule has 2 classes"):
+    with pytest.raises(
+        ValueError,
+        match=r"data\.init_args\.num_classes=5 disagrees with the data: "
+        r"VideoListDataModule has 2 classes",
+    ):
         _cli(["check-data", "--config", str(cfg), "--data.init_args.num_classes", "5"])
     # Set in the same configuration as its datamodule class, a value is kept (and here agrees).
     cli = _cli(["check-data", "--config", str(cfg), "--data.init_args.num_classes", "2", "--splits", "[train]"])
@@ -147,35 +161,61 @@ def test_check_data_splits_without_a_value_is_an_error(tmp_path, shared_videos):
 # ---------------------------------------------------------------------------- fuse-scores
 
 
-def _dump(path: Path, probs: list[list[float]], labels: list[int], ids: list[int] | None = None,
-          names: list[str] | None = None, class_names=("a", "b", "c")) -> Path:
+def _dump(
+    path: Path,
+    probs: list[list[float]],
+    labels: list[int],
+    ids: list[int] | None = None,
+    names: list[str] | None = None,
+    class_names=("a", "b", "c"),
+) -> Path:
     ids = list(range(len(probs))) if ids is None else ids
-    videos = [{"video_id": v, "name": None if names is None else names[i], "label": y, "num_views": 2, "probs": p}
-              for i, (v, y, p) in enumerate(zip(ids, labels, probs, strict=True))]
-    path.write_text(json.dumps({"format": "vmm-scores/1", "split": "test", "class_names": list(class_names),
-                                "num_classes": len(class_names), "videos": videos, "excluded_video_ids": []}))
+    videos = [
+        {"video_id": v, "name": None if names is None else names[i], "label": y, "num_views": 2, "probs": p}
+        for i, (v, y, p) in enumerate(zip(ids, labels, probs, strict=True))
+    ]
+    path.write_text(
+        json.dumps(
+            {
+                "format": "vmm-scores/1",
+                "split": "test",
+                "class_names": list(class_names),
+                "num_classes": len(class_names),
+                "videos": videos,
+                "excluded_video_ids": [],
+            }
+        )
+    )
     return path
 
 
 def test_fuse_scores_weighted_mean_and_accuracies(tmp_path, capsys):
     # Model A gets videos 0 and 1 right, B gets 1 and 2 right; each is confident only where right.
-    a = _dump(tmp_path / "a.json", [[0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.4, 0.3, 0.3], [0.5, 0.4, 0.1]],
-              [0, 1, 2, 1], names=["v0", "v1", "v2", "v3"])
-    b = _dump(tmp_path / "b.json", [[0.3, 0.4, 0.3], [0.2, 0.7, 0.1], [0.05, 0.05, 0.9]], [0, 1, 2],
-              names=["v0", "v1", None])
+    a = _dump(
+        tmp_path / "a.json",
+        [[0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.4, 0.3, 0.3], [0.5, 0.4, 0.1]],
+        [0, 1, 2, 1],
+        names=["v0", "v1", "v2", "v3"],
+    )
+    b = _dump(
+        tmp_path / "b.json", [[0.3, 0.4, 0.3], [0.2, 0.7, 0.1], [0.05, 0.05, 0.9]], [0, 1, 2], names=["v0", "v1", None]
+    )
     out = tmp_path / "fused.json"
     main(["fuse-scores", str(a), str(b), "--weights", "0.75", "0.25", "--output", str(out)])
     printed = capsys.readouterr().out
     fused = json.loads(out.read_text())
     assert [v["video_id"] for v in fused["videos"]] == [0, 1, 2]  # video 3 is only in a.json
     assert fused["excluded_video_ids"] == [3] and "1 not in every dump, left out" in printed
-    torch.testing.assert_close(torch.tensor(fused["videos"][2]["probs"]),
-                               0.75 * torch.tensor([0.4, 0.3, 0.3]) + 0.25 * torch.tensor([0.05, 0.05, 0.9]))
+    torch.testing.assert_close(
+        torch.tensor(fused["videos"][2]["probs"]),
+        0.75 * torch.tensor([0.4, 0.3, 0.3]) + 0.25 * torch.tensor([0.05, 0.05, 0.9]),
+    )
     assert fused["videos"][2]["name"] == "v2" and fused["fused_from"][1] == {"path": str(b), "weight": 0.25}
     # fused: video 0 -> a (0.75), 1 -> b, 2 -> 0.3125 vs 0.3 vs 0.45: class 2. All three right.
     assert fused["metrics"]["top1"] == 1.0 and fused["metrics"]["mean_class"] == 1.0
-    assert re.search(r"a\.json +top-1  66\.7%", printed) and re.search(r"fused \(weights 0\.75, 0\.25\) +top-1 100\.0%",
-                                                                     printed)
+    assert re.search(r"a\.json +top-1  66\.7%", printed) and re.search(
+        r"fused \(weights 0\.75, 0\.25\) +top-1 100\.0%", printed
+    )
     equal = fuse_scores([a, b])  # equal weights: video 2 -> (0.225, 0.175, 0.6): still right
     assert equal["metrics"]["top1"] == 1.0
 

@@ -19,7 +19,13 @@ import motion_cue  # noqa: E402
 import motion_probe  # noqa: E402
 
 ARGS = argparse.Namespace(
-    depth=18, width=0.125, dropout=0.0, fcf_n_iter=3, fcf_bottleneck=4, sifa_stages=[2, 3, 4], sifa_dilation=1,
+    depth=18,
+    width=0.125,
+    dropout=0.0,
+    fcf_n_iter=3,
+    fcf_bottleneck=4,
+    sifa_stages=[2, 3, 4],
+    sifa_dilation=1,
     stem_temporal=1,
 )
 
@@ -113,18 +119,41 @@ def test_pretrained_backbone_goes_into_every_arm(freeze):
 
 def _run_probe(tmp_path, *extra):
     out = tmp_path / "probe.json"
-    res = motion_probe.main([
-        "--cache", str(tmp_path / "cache"), "--train-per-class", "3", "--val-per-class", "1", "--test-per-class", "2",
-        "--epochs", "1", "--width", "0.125", "--crop", "32", "--frames", "4", "--video-frames", "8",
-        "--workers", "0", "--json", str(out), *extra,
-    ])
+    res = motion_probe.main(
+        [
+            "--cache",
+            str(tmp_path / "cache"),
+            "--train-per-class",
+            "3",
+            "--val-per-class",
+            "1",
+            "--test-per-class",
+            "2",
+            "--epochs",
+            "1",
+            "--width",
+            "0.125",
+            "--crop",
+            "32",
+            "--frames",
+            "4",
+            "--video-frames",
+            "8",
+            "--workers",
+            "0",
+            "--json",
+            str(out),
+            *extra,
+        ]
+    )
     assert out.is_file()
     return res
 
 
 def test_probe_runs_direction_with_pairs_and_pretraining(tmp_path, capsys):
-    res = _run_probe(tmp_path, "--num-classes", "4", "--arms", "plain", "sifa", "--pretrain-epochs", "1",
-                     "--freeze-backbone")
+    res = _run_probe(
+        tmp_path, "--num-classes", "4", "--arms", "plain", "sifa", "--pretrain-epochs", "1", "--freeze-backbone"
+    )
     text = capsys.readouterr().out
     assert "[pretrain] appearance task" in text and "frozen" in text
     assert "translate_right / translate_left" in text and "order-blind ceiling 50%" in text

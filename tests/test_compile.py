@@ -140,8 +140,9 @@ def test_emulated_ops_run_the_custom_ops(emulation):
 
     query, kv, offset, window = sifa_inputs()
     query.requires_grad_()
-    assert is_kernel_node(ops.deform_correlation(query, kv, offset, **window, backend="emulated").grad_fn,
-                          "deform_correlation")
+    assert is_kernel_node(
+        ops.deform_correlation(query, kv, offset, **window, backend="emulated").grad_fn, "deform_correlation"
+    )
     assert type(ops.deform_attention(query, kv, offset, **window, backend="emulated").grad_fn).__name__.startswith(
         "GeneratedBackwardFor_vmm_deform_attention"
     )
@@ -176,12 +177,8 @@ def test_opcheck_sifa_backward_ops(emulation):
     attn = torch.randn(1, 18, 3, 4, dtype=torch.float64)
     out_grad = torch.randn_like(query)
     for needs in ([True, True, True], [False, True, False]):
-        torch.library.opcheck(
-            torch.ops.vmm.deform_correlation_backward, (attn, query, kv, offset, 3, 1, 2, needs)
-        )
-        torch.library.opcheck(
-            torch.ops.vmm.deform_aggregation_backward, (out_grad, kv, attn, offset, 3, 1, 2, needs)
-        )
+        torch.library.opcheck(torch.ops.vmm.deform_correlation_backward, (attn, query, kv, offset, 3, 1, 2, needs))
+        torch.library.opcheck(torch.ops.vmm.deform_aggregation_backward, (out_grad, kv, attn, offset, 3, 1, 2, needs))
         for grads in ((out_grad, attn), (None, attn), (out_grad, None), (None, None)):
             torch.library.opcheck(
                 torch.ops.vmm.deform_attention_backward, (*grads, query, kv, offset, attn, 3, 1, 2, needs)
@@ -273,9 +270,11 @@ def test_compile_aot_eager_traces_each_sifa_op_forward_and_backward(emulation, o
         query = torch.randn(2, 18, 4, 5, dtype=torch.float64)
 
     def fn(a, b, o):
-        return getattr(ops, op)(b, a, o, **window, backend="emulated") if op == "deform_aggregation" else getattr(
-            ops, op
-        )(a, b, o, **window, backend="emulated")
+        return (
+            getattr(ops, op)(b, a, o, **window, backend="emulated")
+            if op == "deform_aggregation"
+            else getattr(ops, op)(a, b, o, **window, backend="emulated")
+        )
 
     compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
     inputs = [t.clone().requires_grad_() for t in (query, kv, offset)]
@@ -432,8 +431,9 @@ def test_aot_autograd_graphs_hold_the_forward_and_backward_ops(emulation, module
         if module == "sifa"
         else (flow_layer("emulated"), clip(2), "tvl1_iterations")
     )
-    compiled = torch.compile(model, backend=aot_autograd(fw_compiler=keep(forward), bw_compiler=keep(backward)),
-                             fullgraph=True)
+    compiled = torch.compile(
+        model, backend=aot_autograd(fw_compiler=keep(forward), bw_compiler=keep(backward)), fullgraph=True
+    )
     assert_same(outputs_and_grads(compiled, x), outputs_and_grads(model, x), tol=0)
     assert forward.calls(op) == 1, forward.targets()
     assert backward.calls(f"{op}_backward") == 1, backward.targets()

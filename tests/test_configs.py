@@ -23,8 +23,16 @@ from lightning_modules.cli import VMMCLI
 from lightning_modules.networks import FCFR2Plus1D, SIFAResNet
 
 CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
-CPU = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto",
-       "--trainer.precision", "32-true"]
+CPU = [
+    "--trainer.accelerator",
+    "cpu",
+    "--trainer.devices",
+    "1",
+    "--trainer.strategy",
+    "auto",
+    "--trainer.precision",
+    "32-true",
+]
 
 
 def _fake_kinetics(root: Path, k: int = 400) -> None:
@@ -66,10 +74,21 @@ def _fake_ssv1(root: Path, k: int = 174) -> None:
 
 def test_every_config_is_covered():
     names = {p.name for p in CONFIGS}
-    assert {"demo_sifa_synthetic.yaml", "demo_fcf_synthetic.yaml", "sifa_r50_kinetics400.yaml",
-            "c2d_r50_kinetics400.yaml", "fcf_r2plus1d50_hmdb51.yaml", "r2plus1d50_hmdb51.yaml",
-            "fcf_r2plus1d50_kinetics400.yaml", "r2plus1d50_kinetics400.yaml", "sifa_r50_ssv1.yaml",
-            "sifa_r50_ssv2.yaml", "c2d_r50_ssv1.yaml", "c2d_r50_ssv2.yaml", "fcf_r2plus1d50_ssv2.yaml"} <= names
+    assert {
+        "demo_sifa_synthetic.yaml",
+        "demo_fcf_synthetic.yaml",
+        "sifa_r50_kinetics400.yaml",
+        "c2d_r50_kinetics400.yaml",
+        "fcf_r2plus1d50_hmdb51.yaml",
+        "r2plus1d50_hmdb51.yaml",
+        "fcf_r2plus1d50_kinetics400.yaml",
+        "r2plus1d50_kinetics400.yaml",
+        "sifa_r50_ssv1.yaml",
+        "sifa_r50_ssv2.yaml",
+        "c2d_r50_ssv1.yaml",
+        "c2d_r50_ssv2.yaml",
+        "fcf_r2plus1d50_ssv2.yaml",
+    } <= names
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
@@ -77,8 +96,12 @@ def test_config_builds(config, tmp_path):
     raw = yaml.safe_load(config.read_text())
     data_cls = raw["data"]["class_path"].rsplit(".", 1)[1]
     args = ["--config", str(config), *CPU, "--trainer.default_root_dir", str(tmp_path)]
-    expect_k = {"KineticsDataModule": 400, "HMDB51DataModule": 51, "SomethingSomethingV1DataModule": 174,
-                "SomethingSomethingV2DataModule": 174}.get(data_cls)
+    expect_k = {
+        "KineticsDataModule": 400,
+        "HMDB51DataModule": 51,
+        "SomethingSomethingV1DataModule": 174,
+        "SomethingSomethingV2DataModule": 174,
+    }.get(data_cls)
     if data_cls == "KineticsDataModule":
         _fake_kinetics(tmp_path / "data")
     elif data_cls == "SomethingSomethingV2DataModule":

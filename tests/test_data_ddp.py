@@ -74,7 +74,11 @@ def test_ddp_shards_training_and_counts_each_test_video_once(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, str(script), str(tmp_path), str(tmp_path)],
-        capture_output=True, text=True, timeout=240, env=env, cwd=os.getcwd(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        cwd=os.getcwd(),
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]

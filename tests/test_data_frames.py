@@ -113,7 +113,10 @@ def test_clip_dataset_reads_frame_records_and_counts_bad_folders(clip_frames, tm
     records += [FrameRecord(str(tmp_path / "empty"), 0), FrameRecord(str(tmp_path / "absent"), 1)]
     clip = ClipSettings(num_frames=4, frame_interval=2)
     test = VideoClipDataset(
-        records, mode="test", clip=clip, test_clips=2,
+        records,
+        mode="test",
+        clip=clip,
+        test_clips=2,
         transform=ClipTransform(train=False, short_side=(64, 64), crop_size=48, num_crops=3),
     )
     item = test[1]
@@ -123,7 +126,10 @@ def test_clip_dataset_reads_frame_records_and_counts_bad_folders(clip_frames, tm
         bad = test[bad_id]
         assert bad["video"].shape[0] == 0 and bad["bad_video_ids"].tolist() == [bad_id]
     train = VideoClipDataset(
-        records, mode="train", clip=clip, max_retries=20,
+        records,
+        mode="train",
+        clip=clip,
+        max_retries=20,
         transform=ClipTransform(train=True, short_side=(56, 64), crop_size=48, flip=True),
     )
     seen_bad: set[int] = set()
@@ -164,8 +170,19 @@ def test_decode_benchmark_frames_cases_run(shared_videos, capsys):
     spec = importlib.util.spec_from_file_location("bench_decode", REPO_ROOT / "benchmarks" / "bench_decode.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    rates = bench.main(["--video", str(shared_videos / "mpeg4_320x240.avi"), "--clips", "2", "--repeats", "1",
-                        "--frames", "--short-side", "120"])
+    rates = bench.main(
+        [
+            "--video",
+            str(shared_videos / "mpeg4_320x240.avi"),
+            "--clips",
+            "2",
+            "--repeats",
+            "1",
+            "--frames",
+            "--short-side",
+            "120",
+        ]
+    )
     assert {"frames (JPEG, DCT-scaled)", "frames (JPEG, full scale)"} <= set(rates)
     assert all(r > 0 for r in rates.values())
     assert "frames vs video, first clip: mean |difference|" in capsys.readouterr().out
@@ -184,8 +201,9 @@ def test_guessed_templates_and_prediction_records(clip_frames, tmp_path):
     assert guess_template(odd) == ("frame{:d}.png", 1)
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "readme.txt").write_text("no frames here")
-    ds = VideoFilesDataset([str(v1), str(mm), str(tmp_path / "notes")], num_frames=2, frame_interval=1,
-                           short_side=32, crop_size=32)
+    ds = VideoFilesDataset(
+        [str(v1), str(mm), str(tmp_path / "notes")], num_frames=2, frame_interval=1, short_side=32, crop_size=32
+    )
     assert [type(r).__name__ for r in ds.records] == ["FrameRecord", "FrameRecord", "FrameRecord"]
     assert ds.records[2].problem == "no numbered JPEG/PNG frame files"
     torch.testing.assert_close(ds[0]["video"], ds[1]["video"])  # the same frames under two templates

@@ -29,8 +29,18 @@ from datamodules import (
 from datamodules.check import check_datamodule
 from datamodules.synthetic import write_video
 
-TINY = dict(num_frames=4, frame_interval=2, eval_short_side=32, train_short_side=(32, 32), crop_size=32,
-            test_clips=1, test_crops=1, num_workers=0, pin_memory=False, batch_size=2)
+TINY = dict(
+    num_frames=4,
+    frame_interval=2,
+    eval_short_side=32,
+    train_short_side=(32, 32),
+    crop_size=32,
+    test_clips=1,
+    test_crops=1,
+    num_workers=0,
+    pin_memory=False,
+    batch_size=2,
+)
 
 
 @contextlib.contextmanager
@@ -50,6 +60,7 @@ def _no_hang(seconds: int = 120):
 
 
 # ------------------------------------------------------------------ entries that cannot be used
+
 
 def _folder_with_broken_entries(tmp_path: Path, shared_videos: Path) -> Path:
     root = tmp_path / "ds"
@@ -102,8 +113,9 @@ def test_check_data_lists_unusable_entries_without_opening_them(tmp_path, shared
 
 def test_predicting_a_fifo_does_not_block_and_says_what_it_is(tmp_path, shared_videos, caplog):
     os.mkfifo(tmp_path / "pipe.mp4")
-    ds = VideoFilesDataset([str(tmp_path / "pipe.mp4"), str(shared_videos / "h264_340x256.mp4")], num_frames=4,
-                           short_side=32, crop_size=32)
+    ds = VideoFilesDataset(
+        [str(tmp_path / "pipe.mp4"), str(shared_videos / "h264_340x256.mp4")], num_frames=4, short_side=32, crop_size=32
+    )
     with _no_hang():
         items = [ds[0], ds[1]]
     assert items[0]["bad_video_ids"].tolist() == [0] and items[0]["video"].shape[0] == 0
@@ -143,8 +155,15 @@ def test_missing_kinetics_videos_are_counted_in_test_results(tmp_path, shared_vi
     dm = KineticsDataModule(root=str(tmp_path), video_dir=str(tmp_path / "videos"), **TINY)
     assert [r.path for r in dm.unusable("test")] == ["ccc_000000_000010"]
     model = VideoClassifier(_MeanNet(2))
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=CSVLogger(tmp_path / "logs"), enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path, callbacks=[TestReportWriter()])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=CSVLogger(tmp_path / "logs"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[TestReportWriter()],
+    )
     trainer.test(model, datamodule=dm, verbose=False)
     [report_file] = (tmp_path / "logs").rglob("test_results.json")
     report = json.loads(report_file.read_text())
@@ -152,11 +171,14 @@ def test_missing_kinetics_videos_are_counted_in_test_results(tmp_path, shared_vi
     scores = json.loads((report_file.parent / "scores_test.json").read_text())  # per-video, named by record
     videos = tmp_path / "videos"
     assert [(v["video_id"], v["name"]) for v in scores["videos"]] == [
-        (0, str(videos / "aaa_000000_000010.mp4")), (1, str(videos / "bbb_000000_000010.mp4"))]
+        (0, str(videos / "aaa_000000_000010.mp4")),
+        (1, str(videos / "bbb_000000_000010.mp4")),
+    ]
     assert scores["excluded_video_ids"] == [2]
 
 
 # ------------------------------------------------------------------ list files: encodings
+
 
 def test_list_files_in_latin1_name_the_file_and_line(tmp_path):
     (tmp_path / "list.txt").write_bytes("a.mp4 0\ncaf\u00e9.mp4 1\n".encode("latin-1"))
@@ -192,11 +214,16 @@ def test_a_utf8_byte_order_mark_is_not_part_of_the_first_entry(tmp_path):
 
 # ------------------------------------------------------------------ crop_size None
 
+
 def test_crop_size_none_with_mixed_aspect_ratios_names_crop_size(tmp_path, shared_videos):
     portrait = np.random.default_rng(0).integers(0, 256, (8, 48, 32, 3), dtype=np.uint8)
     write_video(tmp_path / "portrait.mp4", portrait, fps=8)
-    ds = VideoFilesDataset([str(shared_videos / "h264_340x256.mp4"), str(tmp_path / "portrait.mp4")], num_frames=4,
-                           short_side=32, crop_size=None)
+    ds = VideoFilesDataset(
+        [str(shared_videos / "h264_340x256.mp4"), str(tmp_path / "portrait.mp4")],
+        num_frames=4,
+        short_side=32,
+        crop_size=None,
+    )
     items = [ds[0], ds[1]]
     assert items[0]["video"].shape[-2:] == (32, 42) and items[1]["video"].shape[-2:] == (48, 32)
     with pytest.raises(ValueError, match=r"crop_size: null .* set crop_size"):

@@ -49,13 +49,17 @@ def test_path_label_list(tmp_path):
     assert dm.class_names == ["0", "1", "2"]
     recs = dm.records("train")
     assert [(Path(r.path).relative_to(tmp_path).as_posix(), r.label) for r in recs] == [
-        ("a/x 1.mp4", 2), ("b/y.mp4", 0), ("c/z.mp4", 1)
+        ("a/x 1.mp4", 2),
+        ("b/y.mp4", 0),
+        ("c/z.mp4", 1),
     ]
     assert dm.records("val") == dm.records("test")
     names = tmp_path / "names.txt"
     names.write_text("cat\ndog\nbird\n")
     assert VideoListDataModule(root=str(tmp_path), train_list="train.txt", class_names=str(names)).class_names == [
-        "cat", "dog", "bird"
+        "cat",
+        "dog",
+        "bird",
     ]
     (tmp_path / "bad.txt").write_text("a.mp4 0\nb.mp4 7\n")
     dm = VideoListDataModule(root=str(tmp_path), train_list="bad.txt", num_classes=3)
@@ -99,7 +103,11 @@ def test_kinetics_csv_trimmed_untrimmed_missing(tmp_path, caplog):
     assert dm.missing_videos["train"] == ["ccc_000005_000015", "eee_000001_000011"]
     # Missing videos stay in the split, in listed order, as unusable entries (counted, never opened).
     assert [Path(r.path).stem for r in train] == [
-        "aaa_000010_000020", "bbb_000000_000010", "ccc_000005_000015", "ddd", "eee_000001_000011"
+        "aaa_000010_000020",
+        "bbb_000000_000010",
+        "ccc_000005_000015",
+        "ddd",
+        "eee_000001_000011",
     ]
     assert [(r.path, r.label) for r in dm.unusable("train")] == [("ccc_000005_000015", 1), ("eee_000001_000011", 0)]
     assert "listed in train.csv:4" in dm.unusable("train")[0].problem
@@ -153,29 +161,67 @@ def test_every_datamodule_is_exported_and_cli_constructible(tmp_path):
     jsonargparse = pytest.importorskip("jsonargparse")
     import lightning as L
 
-    for name in ("VideoFolderDataModule", "VideoListDataModule", "KineticsDataModule", "HMDB51DataModule",
-                 "UCF101DataModule", "SyntheticMotionDataModule"):
+    for name in (
+        "VideoFolderDataModule",
+        "VideoListDataModule",
+        "KineticsDataModule",
+        "HMDB51DataModule",
+        "UCF101DataModule",
+        "SyntheticMotionDataModule",
+    ):
         assert issubclass(getattr(datamodules, name), L.LightningDataModule), name
     (tmp_path / "train.txt").write_text("a.mp4 0\nb.mp4 3\n")
     parser = jsonargparse.ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(L.LightningDataModule, "data")
-    cfg = parser.parse_object({"data": {"class_path": "datamodules.VideoListDataModule", "init_args": {
-        "root": str(tmp_path), "train_list": "train.txt", "batch_size": 3, "num_frames": 4,
-        "train_short_side": [64, 80], "crop_size": 56, "test_crops": 1, "sampling": "segment"}}})
+    cfg = parser.parse_object(
+        {
+            "data": {
+                "class_path": "datamodules.VideoListDataModule",
+                "init_args": {
+                    "root": str(tmp_path),
+                    "train_list": "train.txt",
+                    "batch_size": 3,
+                    "num_frames": 4,
+                    "train_short_side": [64, 80],
+                    "crop_size": 56,
+                    "test_crops": 1,
+                    "sampling": "segment",
+                },
+            }
+        }
+    )
     instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
     dm = instantiate(cfg).data
     assert isinstance(dm, VideoListDataModule)
     assert dm.batch_size == 3 and dm.clip.num_frames == 4 and dm.clip.sampling == "segment"
     assert dm.train_transform.short_side == (64, 80) and dm.num_classes == 4
     extra = {"VideoListDataModule": {"train_list": "train.txt"}, "SyntheticMotionDataModule": {"speed_range": [1, 2]}}
-    for name in ("VideoFolderDataModule", "VideoListDataModule", "KineticsDataModule", "HMDB51DataModule",
-                 "UCF101DataModule", "SyntheticMotionDataModule"):
-        cfg = parser.parse_object({"data": {"class_path": f"datamodules.{name}", "init_args": {
-            "root": str(tmp_path), "batch_size": 2, **extra.get(name, {})}}})
+    for name in (
+        "VideoFolderDataModule",
+        "VideoListDataModule",
+        "KineticsDataModule",
+        "HMDB51DataModule",
+        "UCF101DataModule",
+        "SyntheticMotionDataModule",
+    ):
+        cfg = parser.parse_object(
+            {
+                "data": {
+                    "class_path": f"datamodules.{name}",
+                    "init_args": {"root": str(tmp_path), "batch_size": 2, **extra.get(name, {})},
+                }
+            }
+        )
         dm = instantiate(cfg).data
         assert type(dm).__name__ == name and dm.batch_size == 2
     assert dm.spec.speed_range == (1.0, 2.0) and dm.num_classes == 8
     assert not (tmp_path / "synthetic_motion").exists()  # nothing generated before prepare_data
     with pytest.raises(jsonargparse.ArgumentError):
-        parser.parse_object({"data": {"class_path": "datamodules.VideoListDataModule",
-                                      "init_args": {"root": "x", "sampling": "sparse"}}})
+        parser.parse_object(
+            {
+                "data": {
+                    "class_path": "datamodules.VideoListDataModule",
+                    "init_args": {"root": "x", "sampling": "sparse"},
+                }
+            }
+        )

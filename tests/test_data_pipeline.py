@@ -21,8 +21,15 @@ from datamodules.synthetic import write_video
 
 H, W, FRAMES = 32, 48, 24
 SMALL = dict(  # clip/transform settings sized for these tiny files
-    num_frames=4, frame_interval=2, train_short_side=(32, 40), eval_short_side=32, crop_size=24,
-    test_clips=2, test_crops=3, num_workers=0, pin_memory=False,
+    num_frames=4,
+    frame_interval=2,
+    train_short_side=(32, 40),
+    eval_short_side=32,
+    crop_size=24,
+    test_clips=2,
+    test_crops=3,
+    num_workers=0,
+    pin_memory=False,
 )
 
 
@@ -128,8 +135,10 @@ def test_predict_dataset_on_files(video_root, shared_videos):
 
 def test_collate_all_empty_and_unpadded_sampler():
     empty = {
-        "video": torch.empty(0, 3, 4, 8, 8, dtype=torch.uint8), "label": torch.empty(0, dtype=torch.int64),
-        "video_id": torch.empty(0, dtype=torch.int64), "view": torch.empty(0, dtype=torch.int64),
+        "video": torch.empty(0, 3, 4, 8, 8, dtype=torch.uint8),
+        "label": torch.empty(0, dtype=torch.int64),
+        "video_id": torch.empty(0, dtype=torch.int64),
+        "view": torch.empty(0, dtype=torch.int64),
         "bad_video_ids": torch.tensor([3]),
     }
     batch = collate_clips([empty, {**empty, "bad_video_ids": torch.tensor([5])}])
@@ -167,8 +176,15 @@ def test_lightning_trainer_fit_and_test(video_root, tmp_path):
     dm = VideoListDataModule(root=str(video_root), train_list="all.txt", test_list="all.txt", batch_size=5, **SMALL)
     model = _Counter(dm.num_classes)
     trainer = L.Trainer(
-        max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
         default_root_dir=tmp_path,
     )
     trainer.fit(model, datamodule=dm)
@@ -192,8 +208,16 @@ def test_kinetics_untrimmed_window_is_honoured(tmp_path, shared_videos):
         "label,youtube_id,time_start,time_end,split\narm wrestling,abc,2,4,train\n"
     )
     dm = KineticsDataModule(
-        root=str(tmp_path), video_dir=str(tmp_path / "videos"), test_csv="train.csv", num_frames=8,
-        frame_interval=4, eval_short_side=256, crop_size=None, test_clips=2, test_crops=1, num_workers=0,
+        root=str(tmp_path),
+        video_dir=str(tmp_path / "videos"),
+        test_csv="train.csv",
+        num_frames=8,
+        frame_interval=4,
+        eval_short_side=256,
+        crop_size=None,
+        test_clips=2,
+        test_crops=1,
+        num_workers=0,
         pin_memory=False,
     )
     [rec] = dm.records("train")
@@ -214,8 +238,14 @@ def test_bad_fraction_counts_distinct_videos(tmp_path, video_root):
     """More than max_bad_fraction of the distinct videos tried are bad: a clear error."""
     lines = ["good0.mp4 0", "good1.mp4 1"] + [f"{tmp_path}/gone{i}.mp4 {i % 2}" for i in range(10)]
     (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
-    dm = VideoListDataModule(root=str(video_root), train_list=str(tmp_path / "list.txt"), batch_size=1,
-                             max_retries=50, max_bad_fraction=0.5, **SMALL)
+    dm = VideoListDataModule(
+        root=str(video_root),
+        train_list=str(tmp_path / "list.txt"),
+        batch_size=1,
+        max_retries=50,
+        max_bad_fraction=0.5,
+        **SMALL,
+    )
     dm.setup("fit")
     with pytest.raises(TooMuchBadData, match=r"of the \d+ videos tried in this process could not be decoded"):
         for _ in dm.train_dataloader():

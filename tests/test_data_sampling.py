@@ -25,9 +25,7 @@ def test_dense_training_clip_is_in_range_and_strided():
 def test_short_video_loop_and_repeat_last():
     rng = np.random.default_rng(0)
     np.testing.assert_array_equal(train_clip_indices(5, 8, 1, rng, short_video="loop"), [0, 1, 2, 3, 4, 0, 1, 2])
-    np.testing.assert_array_equal(
-        train_clip_indices(5, 8, 1, rng, short_video="repeat_last"), [0, 1, 2, 3, 4, 4, 4, 4]
-    )
+    np.testing.assert_array_equal(train_clip_indices(5, 8, 1, rng, short_video="repeat_last"), [0, 1, 2, 3, 4, 4, 4, 4])
     np.testing.assert_array_equal(eval_clip_indices(1, 3, 2, 2), [[0, 0, 0], [0, 0, 0]])
     with pytest.raises(ValueError, match="short_video"):
         train_clip_indices(5, 8, 1, rng, short_video="pad")
@@ -69,14 +67,10 @@ def test_train_transform_random_crop_and_flip():
         assert v.dtype == torch.uint8 and v.shape == (3, 4, 32, 32)
         src = torch.from_numpy(frames).permute(3, 0, 1, 2)
         # The view is a crop of the source, possibly mirrored.
-        found = any(
-            torch.equal(v, src[:, :, y : y + 32, x : x + 32]) for y in range(9) for x in range(29)
-        )
+        found = any(torch.equal(v, src[:, :, y : y + 32, x : x + 32]) for y in range(9) for x in range(29))
         if not found:
             flipped += 1
-            assert any(
-                torch.equal(v.flip(3), src[:, :, y : y + 32, x : x + 32]) for y in range(9) for x in range(29)
-            )
+            assert any(torch.equal(v.flip(3), src[:, :, y : y + 32, x : x + 32]) for y in range(9) for x in range(29))
     assert 0 < flipped < 20
 
 

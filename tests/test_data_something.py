@@ -34,8 +34,17 @@ from datamodules.something import left_right_pairs, mirror_class_name, mirror_la
 
 NAMES = ssv2_class_names()
 L2R, R2L = "Pushing something from left to right", "Pushing something from right to left"
-TINY = {"batch_size": 2, "num_workers": 0, "num_frames": 4, "train_short_side": (32, 36), "eval_short_side": 32,
-        "crop_size": 32, "test_clips": 1, "test_crops": 1, "pin_memory": False}
+TINY = {
+    "batch_size": 2,
+    "num_workers": 0,
+    "num_frames": 4,
+    "train_short_side": (32, 36),
+    "eval_short_side": 32,
+    "crop_size": 32,
+    "test_clips": 1,
+    "test_crops": 1,
+    "pin_memory": False,
+}
 
 
 @pytest.fixture(scope="module")
@@ -64,18 +73,23 @@ def test_left_right_pairs_of_the_real_ssv2_classes():
 
 
 def test_ssv2_webm_layout_labels_splits_and_unlabelled_test(clips, tmp_path):
-    ids = make_ssv2_tree(tmp_path, clips, {
-        "train": [L2R, R2L, "Holding something", "Approaching something with your camera"],
-        "validation": [L2R, "Putting something, something and something on the table"],
-        "test": ["", ""],
-    })
+    ids = make_ssv2_tree(
+        tmp_path,
+        clips,
+        {
+            "train": [L2R, R2L, "Holding something", "Approaching something with your camera"],
+            "validation": [L2R, "Putting something, something and something on the table"],
+            "test": ["", ""],
+        },
+    )
     (tmp_path / "20bn-something-something-v2" / f"{ids['validation'][1]}.webm").write_bytes(b"\x1a\x45\xdf\xa3junk")
     dm = SomethingSomethingV2DataModule(root=str(tmp_path), **TINY)
     assert dm.num_classes == 174 and dm.class_names == NAMES
     assert dm.train_transform.flip is False and dm.clip.sampling == "segment"
     train = dm.records("train")
-    assert [r.label for r in train] == [NAMES.index(n) for n in (L2R, R2L, "Holding something",
-                                                                  "Approaching something with your camera")]
+    assert [r.label for r in train] == [
+        NAMES.index(n) for n in (L2R, R2L, "Holding something", "Approaching something with your camera")
+    ]
     assert train[0].path.endswith(f"20bn-something-something-v2/{ids['train'][0]}.webm")
     assert [r.path for r in dm.records("test")] == [r.path for r in dm.records("val")]  # test = validation
     dm.setup("test")
@@ -113,10 +127,11 @@ def test_flip_swaps_left_right_labels_with_the_mirrored_clip(clips, tmp_path):
     plain = SomethingSomethingV2DataModule(root=str(tmp_path), **TINY).dataset("train")
     flipping = SomethingSomethingV2DataModule(root=str(tmp_path), flip=True, **TINY)
     assert flipping.train_transform.flip is False  # the dataset flips, so it knows which clips it mirrored
-    assert flipping.left_right_pairs == [(NAMES.index("Pulling something from left to right"),
-                                          NAMES.index("Pulling something from right to left")),
-                                         (NAMES.index(L2R), NAMES.index(R2L)),
-                                         (166, 167)]
+    assert flipping.left_right_pairs == [
+        (NAMES.index("Pulling something from left to right"), NAMES.index("Pulling something from right to left")),
+        (NAMES.index(L2R), NAMES.index(R2L)),
+        (166, 167),
+    ]
     ds = flipping.dataset("train")
     outcomes = set()
     for seed in range(12):
@@ -158,8 +173,10 @@ def test_ssv1_frame_layout_and_bad_folders(clips, tmp_path):
     assert ds[0]["video"].shape == (1, 3, 4, 32, 32)
     for k in (1, 2):
         assert ds[k]["video"].shape[0] == 0 and ds[k]["bad_video_ids"].tolist() == [k]
-    assert [r.label for r in SomethingSomethingV1DataModule(root=str(tmp_path), test_split="test").records("test")] \
-        == [-1, -1]
+    assert [r.label for r in SomethingSomethingV1DataModule(root=str(tmp_path), test_split="test").records("test")] == [
+        -1,
+        -1,
+    ]
     (tmp_path / "something-something-v1-train.csv").write_text(f"1;{names[0]}\n2;Not a class\n")
     with pytest.raises(AnnotationError, match=r"v1-train.csv:2: unknown class 'Not a class'"):
         SomethingSomethingV1DataModule(root=str(tmp_path)).records("train")
@@ -203,22 +220,43 @@ def test_cli_construction_keeps_the_something_something_defaults(tmp_path):
     parser = jsonargparse.ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(L.LightningDataModule, "data")
     instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
-    for name, args in [("SomethingSomethingV2DataModule", {}), ("SomethingSomethingV1DataModule", {}),
-                       ("SomethingSomethingV2DataModule", {"flip": True, "frame_dir": "frames"})]:
-        cfg = parser.parse_object({"data": {"class_path": f"datamodules.{name}",
-                                            "init_args": {"root": str(tmp_path), **args}}})
+    for name, args in [
+        ("SomethingSomethingV2DataModule", {}),
+        ("SomethingSomethingV1DataModule", {}),
+        ("SomethingSomethingV2DataModule", {"flip": True, "frame_dir": "frames"}),
+    ]:
+        cfg = parser.parse_object(
+            {"data": {"class_path": f"datamodules.{name}", "init_args": {"root": str(tmp_path), **args}}}
+        )
         dm = instantiate(cfg).data
         assert type(dm).__name__ == name
         assert dm.clip.sampling == "segment" and dm.clip.num_frames == 8 and dm.train_transform.flip is False
         assert dm.flip == args.get("flip", False) and dm.test_split == "validation"
-    cfg = parser.parse_object({"data": {"class_path": "datamodules.RawFrameListDataModule", "init_args": {
-        "root": str(tmp_path), "train_list": "train.txt", "frame_template": "{:06d}.png", "frame_start_index": 0}}})
+    cfg = parser.parse_object(
+        {
+            "data": {
+                "class_path": "datamodules.RawFrameListDataModule",
+                "init_args": {
+                    "root": str(tmp_path),
+                    "train_list": "train.txt",
+                    "frame_template": "{:06d}.png",
+                    "frame_start_index": 0,
+                },
+            }
+        }
+    )
     dm = instantiate(cfg).data
     rec = dm.records("train")[1]
     assert isinstance(rec, FrameRecord) and (rec.template, rec.start_index, rec.num_frames) == ("{:06d}.png", 0, 8)
     with pytest.raises(jsonargparse.ArgumentError):
-        parser.parse_object({"data": {"class_path": "datamodules.SomethingSomethingV1DataModule",
-                                      "init_args": {"root": "x", "test_split": "val"}}})
+        parser.parse_object(
+            {
+                "data": {
+                    "class_path": "datamodules.SomethingSomethingV1DataModule",
+                    "init_args": {"root": "x", "test_split": "val"},
+                }
+            }
+        )
 
 
 DDP_SCRIPT = textwrap.dedent(
@@ -278,8 +316,14 @@ def test_ddp_on_a_frame_dataset(clips, tmp_path):
     script = tmp_path / "ddp_frames.py"
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(tmp_path)], capture_output=True,
-                          text=True, timeout=240, env=env, cwd=os.getcwd())
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        cwd=os.getcwd(),
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert len(seen[0]["train"]) + len(seen[1]["train"]) == 8  # 7 padded to 8 by the training sampler
@@ -314,14 +358,20 @@ def test_vmm_fit_test_predict_on_a_ssv2_webm_tree(clips, tmp_path, capsys):
     from lightning_modules.cli import main
 
     root = tmp_path / "ssv2"
-    ids = make_ssv2_tree(root, clips, {
-        "train": [L2R, R2L, "Holding something", L2R, R2L, "Holding something"],
-        "validation": [L2R, R2L, "Holding something"],
-        "test": ["", ""],
-    })
+    ids = make_ssv2_tree(
+        root,
+        clips,
+        {
+            "train": [L2R, R2L, "Holding something", L2R, R2L, "Holding something"],
+            "validation": [L2R, R2L, "Holding something"],
+            "test": ["", ""],
+        },
+    )
     (root / "20bn-something-something-v2" / f"{ids['validation'][2]}.webm").write_bytes(b"\x1a\x45\xdf\xa3junk")
-    cfg = write_config(tmp_path / "ssv2.yaml", _tiny_cli_config(tmp_path, "SomethingSomethingV2DataModule",
-                                                                 {"root": str(root), "flip": True}))
+    cfg = write_config(
+        tmp_path / "ssv2.yaml",
+        _tiny_cli_config(tmp_path, "SomethingSomethingV2DataModule", {"root": str(root), "flip": True}),
+    )
     run_vmm(["fit", "--config", str(cfg)], cwd=tmp_path)
     best = next((tmp_path / "runs" / "lightning_logs" / "version_0" / "checkpoints").glob("best-*.ckpt"))
     preds = tmp_path / "preds.json"
@@ -331,8 +381,19 @@ def test_vmm_fit_test_predict_on_a_ssv2_webm_tree(clips, tmp_path, capsys):
         assert "could not be used" in capsys.readouterr().out
         report = _test_report(tmp_path)
         assert report["num_videos"] == 2 and report["num_clips"] == 4 and report["excluded_videos"] == 1
-        main(["predict", "--config", str(cfg), "--ckpt_path", str(best), "--data.init_args.test_split", "test",
-              "--predictions", str(preds)])
+        main(
+            [
+                "predict",
+                "--config",
+                str(cfg),
+                "--ckpt_path",
+                str(best),
+                "--data.init_args.test_split",
+                "test",
+                "--predictions",
+                str(preds),
+            ]
+        )
         named = [p["video"] for p in json.loads(preds.read_text())["predictions"]]
         assert named == [str(root / "20bn-something-something-v2" / f"{i}.webm") for i in ids["test"]]
         with pytest.raises(ValueError, match="test split has no labels"):
@@ -364,8 +425,14 @@ def test_vmm_fit_and_test_on_frame_trees(clips, tmp_path, layout):
         (root / "train.txt").write_text("\n".join(lines) + "\n")
         (root / "val.txt").write_text("\n".join(lines[:3]) + "\n")
         bad = root / "frames" / "v1" / "img_00003.jpg"
-        args = {"root": str(root), "train_list": "train.txt", "val_list": "val.txt", "test_list": "val.txt",
-                "class_names": ["a", "b", "c"], "sampling": "segment"}
+        args = {
+            "root": str(root),
+            "train_list": "train.txt",
+            "val_list": "val.txt",
+            "test_list": "val.txt",
+            "class_names": ["a", "b", "c"],
+            "sampling": "segment",
+        }
         data_class = "RawFrameListDataModule"
     cfg = write_config(tmp_path / "cfg.yaml", _tiny_cli_config(tmp_path, data_class, args))
     with warnings.catch_warnings():
@@ -397,8 +464,9 @@ def test_clean_lists_of_ssv1_name_their_frame_template_and_skip_the_unlabelled_s
         (written,) = write_clean_lists(dm, report, tmp_path / "clean.txt")
     header = written.read_text().splitlines()[0]
     assert header == "# frame_template: '{:05d}.jpg'  frame_start_index: 1"
-    relisted = RawFrameListDataModule(root="/", train_list=str(written), frame_template="{:05d}.jpg",
-                                      num_classes=len(names), **TINY)
+    relisted = RawFrameListDataModule(
+        root="/", train_list=str(written), frame_template="{:05d}.jpg", num_classes=len(names), **TINY
+    )
     assert [r.label for r in relisted.records("train")] == [0, 1]
 
 

@@ -28,9 +28,22 @@ from datamodules.synthetic import (
 )
 
 TINY = dict(
-    num_classes=4, train_per_class=3, val_per_class=1, test_per_class=2, video_frames=10, frame_size=32,
-    fps=5, speed_range=(1.0, 3.0), num_frames=8, frame_interval=1, train_short_side=(32, 36), eval_short_side=32,
-    crop_size=24, batch_size=4, generate_workers=1, pin_memory=False,
+    num_classes=4,
+    train_per_class=3,
+    val_per_class=1,
+    test_per_class=2,
+    video_frames=10,
+    frame_size=32,
+    fps=5,
+    speed_range=(1.0, 3.0),
+    num_frames=8,
+    frame_interval=1,
+    train_short_side=(32, 36),
+    eval_short_side=32,
+    crop_size=24,
+    batch_size=4,
+    generate_workers=1,
+    pin_memory=False,
 )
 
 
@@ -52,8 +65,9 @@ def test_motion_size_follows_speed_range():
     slow = SyntheticSpec(num_classes=2, video_frames=6, frame_size=48, speed_range=(1.0, 1.0), max_objects=1)
     fast = SyntheticSpec(num_classes=2, video_frames=6, frame_size=48, speed_range=(4.0, 4.0), max_objects=1)
     # Mean absolute frame difference grows with speed (same appearance draws).
-    diff = [np.abs(np.diff(render_video(s, "train", 3, label=0)[0].astype(np.int16), axis=0)).mean()
-            for s in (slow, fast)]
+    diff = [
+        np.abs(np.diff(render_video(s, "train", 3, label=0)[0].astype(np.int16), axis=0)).mean() for s in (slow, fast)
+    ]
     assert diff[1] > 1.5 * diff[0]
 
 
@@ -98,8 +112,15 @@ def _generate(args):
 
 
 def test_concurrent_generation_is_atomic(tmp_path):
-    spec = SyntheticSpec(num_classes=2, train_per_class=4, val_per_class=1, test_per_class=1, video_frames=4,
-                         frame_size=16, encoder=pick_encoder())
+    spec = SyntheticSpec(
+        num_classes=2,
+        train_per_class=4,
+        val_per_class=1,
+        test_per_class=1,
+        video_frames=4,
+        frame_size=16,
+        encoder=pick_encoder(),
+    )
     base = tmp_path / "synthetic_motion"
     base.mkdir()
     (base / f".tmp-{spec.digest()}-1-deadbeef").mkdir()  # an interrupted earlier run
@@ -194,7 +215,8 @@ def test_appearance_task_changes_only_the_objects():
 
 def test_datamodule_task_option(tmp_path):
     coherence = SyntheticMotionDataModule(
-        root=str(tmp_path), **{**TINY, "num_classes": 2, "task": "coherence", "video_frames": 8})
+        root=str(tmp_path), **{**TINY, "num_classes": 2, "task": "coherence", "video_frames": 8}
+    )
     assert coherence.class_names == ["ordered", "shuffled"] and coherence.reverse_of == [0, 1]
     direction = SyntheticMotionDataModule(root=str(tmp_path), **{**TINY, "num_classes": 2, "video_frames": 8})
     assert coherence.spec.digest() != direction.spec.digest()  # its own cache directory
@@ -208,9 +230,17 @@ def test_datamodule_task_option(tmp_path):
 
 # ------------------------------------------------------------------ the cache: stale, incomplete, read-only
 
+
 def _tiny_spec() -> SyntheticSpec:
-    return SyntheticSpec(num_classes=2, train_per_class=1, val_per_class=1, test_per_class=1, video_frames=4,
-                         frame_size=16, encoder=pick_encoder())
+    return SyntheticSpec(
+        num_classes=2,
+        train_per_class=1,
+        val_per_class=1,
+        test_per_class=1,
+        video_frames=4,
+        frame_size=16,
+        encoder=pick_encoder(),
+    )
 
 
 def test_stale_temporaries_of_killed_runs_are_removed_live_ones_kept(tmp_path):
@@ -288,9 +318,15 @@ def test_result_notes_per_task_and_the_config_note(tmp_path):
     direction = SyntheticMotionDataModule(root=str(tmp_path), **TINY)
     assert "capped at 50% (the pair, never the member)" in direction.result_notes({})[0]
     coherence = SyntheticMotionDataModule(
-        root=str(tmp_path), **{**TINY, "num_classes": 2, "task": "coherence", "video_frames": 8},
-        result_note="this run shows X")
+        root=str(tmp_path),
+        **{**TINY, "num_classes": 2, "task": "coherence", "video_frames": 8},
+        result_note="this run shows X",
+    )
     notes = coherence.result_notes({})
     assert "chance 50.0%" in notes[0] and "the pair" not in notes[0] and notes[-1] == "this run shows X"
-    assert coherence.spec.digest() == SyntheticMotionDataModule(
-        root=str(tmp_path), **{**TINY, "num_classes": 2, "task": "coherence", "video_frames": 8}).spec.digest()
+    assert (
+        coherence.spec.digest()
+        == SyntheticMotionDataModule(
+            root=str(tmp_path), **{**TINY, "num_classes": 2, "task": "coherence", "video_frames": 8}
+        ).spec.digest()
+    )

@@ -35,8 +35,10 @@ def test_ddp_fit_then_test_matches_single_process(tmp_path_factory, tmp_path):
     results, scores = {}, {}
     for name, extra in (("ddp", DDP_ARGS), ("single", ["--trainer.devices", "1"])):
         out = tmp_path / f"test_{name}"
-        run_vmm(["test", "--config", str(cfg), "--ckpt_path", str(last), "--trainer.default_root_dir", str(out),
-                 *extra], cwd=tmp_path)
+        run_vmm(
+            ["test", "--config", str(cfg), "--ckpt_path", str(last), "--trainer.default_root_dir", str(out), *extra],
+            cwd=tmp_path,
+        )
         results[name] = json.loads(next(Path(out).rglob("test_results.json")).read_text())
         scores[name] = json.loads(next(Path(out).rglob("scores_test.json")).read_text())
 
@@ -62,8 +64,26 @@ def test_sync_batchnorm_fit_on_gpu(tmp_path_factory, tmp_path):
     generate_tiny_dataset(root)
     cfg = write_config(tmp_path / "tiny.yaml", tiny_config(root, tmp_path / "runs", max_epochs=1))
     devices = str(min(2, torch.cuda.device_count()))
-    run_vmm(["fit", "--config", str(cfg), "--trainer.accelerator", "gpu", "--trainer.devices", devices,
-             "--trainer.strategy", "ddp", "--trainer.sync_batchnorm", "true"], cwd=tmp_path, gpu=True)
-    ckpt = torch.load(tmp_path / "runs" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt",
-                      map_location="cpu", weights_only=True)
+    run_vmm(
+        [
+            "fit",
+            "--config",
+            str(cfg),
+            "--trainer.accelerator",
+            "gpu",
+            "--trainer.devices",
+            devices,
+            "--trainer.strategy",
+            "ddp",
+            "--trainer.sync_batchnorm",
+            "true",
+        ],
+        cwd=tmp_path,
+        gpu=True,
+    )
+    ckpt = torch.load(
+        tmp_path / "runs" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt",
+        map_location="cpu",
+        weights_only=True,
+    )
     assert ckpt["global_step"] == 6 // int(devices)

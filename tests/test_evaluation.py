@@ -110,8 +110,13 @@ def _clip_probs() -> torch.Tensor:
 
 def _fill(acc: EvalAccumulator, rows: list[int]) -> None:
     probs = _clip_probs()
-    acc.add(p([_CLIPS[i][0] for i in rows]), p([_CLIPS[i][1] for i in rows]),
-            p([_LABELS[_CLIPS[i][0]] for i in rows]), probs[rows], torch.arange(len(rows), dtype=torch.float32) * 0)
+    acc.add(
+        p([_CLIPS[i][0] for i in rows]),
+        p([_CLIPS[i][1] for i in rows]),
+        p([_LABELS[_CLIPS[i][0]] for i in rows]),
+        probs[rows],
+        torch.arange(len(rows), dtype=torch.float32) * 0,
+    )
     acc.add_bad(p([9]))
 
 
@@ -123,8 +128,10 @@ def _gloo_worker(rank: int, port: int, out_dir: str) -> None:
         acc = EvalAccumulator()
         _fill(acc, rows)
         res = acc.compute(num_classes=3, top_k=2)
-        torch.save({"metrics": dict(res), "probs": res.video_probs, "ids": res.video_ids,
-                    "confusion": res.confusion}, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(
+            {"metrics": dict(res), "probs": res.video_probs, "ids": res.video_ids, "confusion": res.confusion},
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
     finally:
         dist.destroy_process_group()
 
@@ -165,8 +172,13 @@ def test_score_dump_round_trip_reproduces_the_metrics(tmp_path):
     atomic_write_json(tmp_path / "scores_test.json", score_dump(res, ["a", "b", "c"], names))
     raw = json.loads((tmp_path / "scores_test.json").read_text())
     assert raw["format"] == "vmm-scores/1" and raw["class_names"] == ["a", "b", "c"]
-    assert raw["videos"][2] == {"video_id": 2, "name": "clip_2.mp4", "label": 2, "num_views": 2,
-                                "probs": pytest.approx(res.video_probs[2].tolist())}
+    assert raw["videos"][2] == {
+        "video_id": 2,
+        "name": "clip_2.mp4",
+        "label": 2,
+        "num_views": 2,
+        "probs": pytest.approx(res.video_probs[2].tolist()),
+    }
     assert raw["excluded_video_ids"] == [9]
     dump = read_score_dump(tmp_path / "scores_test.json")
     assert dump["ids"].tolist() == list(range(6)) and dump["names"] == names
@@ -211,8 +223,12 @@ def test_report_writer_writes_each_result_once_and_only_with_a_logger(tmp_path, 
     writer.on_test_end(trainer, module)
     log_dir = tmp_path / "logs" / "lightning_logs" / "version_0"
     written = sorted(p.name for p in log_dir.iterdir())
-    assert written == ["confusion_matrix_test.csv", "confusion_matrix_test.png", "scores_test.json",
-                       "test_results.json"]
+    assert written == [
+        "confusion_matrix_test.csv",
+        "confusion_matrix_test.png",
+        "scores_test.json",
+        "test_results.json",
+    ]
     assert "1 test video(s) could not be used" in capsys.readouterr().out
     assert json.loads((log_dir / "scores_test.json").read_text())["class_names"] == ["a", "b", "c"]
     # A later test run that computed no result (it failed) does not report the old one again.

@@ -48,8 +48,13 @@ def _strict_json(path: Path):
 def _trainer(tmp_path, **kw) -> VMMTrainer:
     kw.setdefault("max_epochs", 3)
     return VMMTrainer(
-        default_root_dir=tmp_path, accelerator="cpu", devices=1, enable_progress_bar=False,
-        enable_model_summary=False, log_every_n_steps=1, **kw,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        **kw,
     )
 
 
@@ -74,8 +79,13 @@ class _TouchOnUnpickle:
 def hostile_files(tmp_path) -> dict[str, Path]:
     marker = tmp_path / "MARKER"
     payload = {"state_dict": {}, "hyper_parameters": {"x": _TouchOnUnpickle(marker)}}
-    files = {"marker": marker, "zip": tmp_path / "evil.ckpt", "legacy": tmp_path / "evil_legacy.ckpt",
-             "garbage": tmp_path / "garbage.ckpt", "truncated": tmp_path / "truncated.ckpt"}
+    files = {
+        "marker": marker,
+        "zip": tmp_path / "evil.ckpt",
+        "legacy": tmp_path / "evil_legacy.ckpt",
+        "garbage": tmp_path / "garbage.ckpt",
+        "truncated": tmp_path / "truncated.ckpt",
+    }
     torch.save(payload, files["zip"])
     with open(files["legacy"], "wb") as f:
         pickle.dump(payload, f)
@@ -137,8 +147,14 @@ def test_checkpoint_hyperparameters_are_plain_data(tmp_path):
     from jsonargparse import Namespace
 
     model = VideoClassifier(TinyNet(2))
-    ckpt = {"state_dict": {}, "hyper_parameters": {"net": Namespace(class_path="x.Y", init_args=Namespace(a=1)),
-                                                   "root": Path("/data/k400"), "mean": (0.5, 0.5, 0.5)}}
+    ckpt = {
+        "state_dict": {},
+        "hyper_parameters": {
+            "net": Namespace(class_path="x.Y", init_args=Namespace(a=1)),
+            "root": Path("/data/k400"),
+            "mean": (0.5, 0.5, 0.5),
+        },
+    }
     model.on_save_checkpoint(ckpt)
     torch.save(ckpt, tmp_path / "c.ckpt")
     hp = load_vmm_checkpoint(tmp_path / "c.ckpt")["hyper_parameters"]
@@ -200,13 +216,17 @@ def test_class_order_of_the_datamodule_is_remapped_at_test(trained_square, tmp_p
 def test_class_set_mismatch_and_reordered_resume_are_refused(trained_square, tmp_path):
     ckpt, _ = trained_square
     other = _Relabelled(["right", "up"], mapping=[0, 1])
-    with pytest.raises(ValueError, match=r"not the datamodule's \(checkpoint: \['right', 'left'\]; datamodule: "
-                                         r"\['right', 'up'\]\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"not the datamodule's \(checkpoint: \['right', 'left'\]; datamodule: "
+        r"\['right', 'up'\]\)",
+    ):
         _trainer(tmp_path, logger=False).test(VideoClassifier(TinyNet(2)), datamodule=other, ckpt_path=ckpt)
     swapped = _Relabelled(["left", "right"], mapping=[1, 0])
     with pytest.raises(ValueError, match="cannot resume training"):
         _trainer(tmp_path, logger=False, max_epochs=5, limit_val_batches=0).fit(
-            VideoClassifier(TinyNet(2)), datamodule=swapped, ckpt_path=ckpt)
+            VideoClassifier(TinyNet(2)), datamodule=swapped, ckpt_path=ckpt
+        )
 
 
 # ---------------------------------------------------------------------------- 3. mean_class
@@ -280,8 +300,14 @@ def test_disk_full_leaves_reports_and_checkpoints_intact(tmp_path):
     script.write_text(_DISK_FULL_SCRIPT.format(tests=str(REPO_ROOT / "tests")))
     out = tmp_path / "run"
     out.mkdir()
-    proc = subprocess.run([sys.executable, str(script), str(out)], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, str(script), str(out)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = _strict_json(out / "test_results.json")  # the old report, whole
     assert report["num_videos"] == 2 and report["top1"] == 1.0
@@ -361,8 +387,9 @@ def sigterm_fit(tmp_path_factory):
 def _run_until_checkpoint(args: list[str], cwd: Path, sig: int) -> tuple[subprocess.Popen, str]:
     """Start `vmm <args>`, wait for the first last.ckpt, let a few steps run, send `sig`, wait."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.Popen([*VMM_COMMAND, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [*VMM_COMMAND, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     last = cwd / "runs" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 240
     while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -389,8 +416,10 @@ def test_sigint_during_demo_says_interrupted_and_exits_130(sigterm_fit, tmp_path
     cfg = write_config(tmp_path / "tiny.yaml", tiny_config(sigterm_fit["root"], tmp_path / "runs", max_epochs=200))
     proc, stdout = _run_until_checkpoint(["demo", "--config", str(cfg)], tmp_path, signal.SIGINT)
     assert proc.returncode == 130, stdout[-3000:]
-    assert "vmm demo interrupted by SIGINT (Ctrl+C) during training; the test was not run; resume with " \
-           "--ckpt_path" in stdout
+    assert (
+        "vmm demo interrupted by SIGINT (Ctrl+C) during training; the test was not run; resume with "
+        "--ckpt_path" in stdout
+    )
     assert "vmm demo finished" not in stdout
 
 
@@ -404,8 +433,11 @@ def _cli(args: list[str]) -> VMMCLI:
 def test_ckpt_path_with_another_network_in_the_config_is_refused(sigterm_fit, tmp_path):
     ckpt = sigterm_fit["ckpt_dir"] / "last.ckpt"
     fcf = write_config(tmp_path / "fcf.yaml", tiny_config(sigterm_fit["root"], tmp_path / "runs", net=TINY_FCF))
-    with pytest.raises(ValueError, match=r"holds a lightning_modules\.networks\.SIFAResNet network, but the "
-                                         r"configuration names model\.net lightning_modules\.networks\.FCFR2Plus1D"):
+    with pytest.raises(
+        ValueError,
+        match=r"holds a lightning_modules\.networks\.SIFAResNet network, but the "
+        r"configuration names model\.net lightning_modules\.networks\.FCFR2Plus1D",
+    ):
         main(["test", "--config", str(fcf), "--ckpt_path", str(ckpt)])
     assert not (tmp_path / "runs").exists()
 
@@ -421,13 +453,28 @@ def test_ckpt_path_alone_defines_the_model_and_overrides_are_named(sigterm_fit, 
         warnings.filterwarnings("ignore", message="(?!--ckpt_path)")
         cli = _cli(["validate", "--config", str(data_only), "--ckpt_path", str(ckpt)])
     assert type(cli.model.net).__name__ == "SIFAResNet" and cli.model.last_eval["val"]["num_videos"] == 8
-    with pytest.warns(UserWarning, match=r"--ckpt_path .*last\.ckpt: the model is rebuilt from the checkpoint "
-                                         r"\(lightning_modules\.networks\.SIFAResNet.*will not apply: "
-                                         r"model\.lr=0\.3 \(checkpoint: 0\.05\), "
-                                         r"model\.net\.init_args\.dropout=0\.5 \(checkpoint: 0\.0\)"):
-        cli = _cli(["validate", "--config", str(sigterm_fit["cfg"]), "--ckpt_path", str(ckpt),
-                    "--model.lr", "0.3", "--model.net.init_args.dropout", "0.5",
-                    "--trainer.default_root_dir", str(tmp_path / "runs2")])
+    with pytest.warns(
+        UserWarning,
+        match=r"--ckpt_path .*last\.ckpt: the model is rebuilt from the checkpoint "
+        r"\(lightning_modules\.networks\.SIFAResNet.*will not apply: "
+        r"model\.lr=0\.3 \(checkpoint: 0\.05\), "
+        r"model\.net\.init_args\.dropout=0\.5 \(checkpoint: 0\.0\)",
+    ):
+        cli = _cli(
+            [
+                "validate",
+                "--config",
+                str(sigterm_fit["cfg"]),
+                "--ckpt_path",
+                str(ckpt),
+                "--model.lr",
+                "0.3",
+                "--model.net.init_args.dropout",
+                "0.5",
+                "--trainer.default_root_dir",
+                str(tmp_path / "runs2"),
+            ]
+        )
     assert cli.model.hparams.lr == 0.05  # what the warning said
 
 
@@ -467,8 +514,7 @@ def test_file_predict_checks_output_and_top_k_before_inference(sigterm_fit, tmp_
     with pytest.raises(ValueError, match=r"output: cannot write .*a_file/p\.json.*is not writable"):
         main(["predict", "--ckpt_path", str(ckpt), str(video), "--output", str(a_file / "p.json")])
     with pytest.raises(ValueError, match=r"--predictions must be a file path, got the existing directory"):
-        main(["predict", "--config", str(sigterm_fit["cfg"]), "--ckpt_path", str(ckpt),
-              "--predictions", str(tmp_path)])
+        main(["predict", "--config", str(sigterm_fit["cfg"]), "--ckpt_path", str(ckpt), "--predictions", str(tmp_path)])
     assert list(tmp_path.glob("*.json")) == []
     # Default: <checkpoint name>.predictions.json in the working directory, not beside the checkpoint.
     results = predict_files(ckpt, [video], top_k=2)

@@ -144,5 +144,8 @@ def test_the_checker_sees_each_kind_of_violation(tmp_path):
         got = {(i.module, i.names) for i in _imports(src)}
     finally:
         REPO = saved
-    assert got == {("lightning_modules.classifier", ("_private",)), ("lightning_modules.networks.base", ()),
-                   ("ops.sifa", ())}
+    assert got == {
+        ("lightning_modules.classifier", ("_private",)),
+        ("lightning_modules.networks.base", ()),
+        ("ops.sifa", ()),
+    }

@@ -35,11 +35,16 @@ def test_lr_scales_to_global_batch_and_is_logged(tmp_path, accumulate):
     data = SquareData(n_train=16, n_eval=2, views=1, batch_size=4)
     net = TinyNet(2)
     net.flow = ops.FlowLayer(4, n_iter=1)  # flow-layer groups are scaled with the rest
-    model = VideoClassifier(net, lr=0.4, min_lr=0.04, base_batch_size=16, scheduler="constant",
-                            flow_lr_scale=0.01)
+    model = VideoClassifier(net, lr=0.4, min_lr=0.04, base_batch_size=16, scheduler="constant", flow_lr_scale=0.01)
     rec = _LrRecorder()
-    trainer = _trainer(tmp_path, max_epochs=1, callbacks=[rec], enable_checkpointing=False, limit_val_batches=0,
-                       accumulate_grad_batches=accumulate)
+    trainer = _trainer(
+        tmp_path,
+        max_epochs=1,
+        callbacks=[rec],
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        accumulate_grad_batches=accumulate,
+    )
     trainer.fit(model, datamodule=data)
     scale = 4 * accumulate / 16
     assert model.lr_scale == pytest.approx(scale)
@@ -59,8 +64,9 @@ def test_resume_with_another_global_batch_rescales(tmp_path):
         data = SquareData(n_train=16, n_eval=2, views=1, batch_size=batch_size)
         model = VideoClassifier(TinyNet(2), lr=0.4, base_batch_size=16, scheduler="constant")
         rec = _LrRecorder()
-        trainer = _trainer(tmp_path, max_epochs=epochs, callbacks=[rec], logger=False, limit_val_batches=0,
-                           enable_checkpointing=False)
+        trainer = _trainer(
+            tmp_path, max_epochs=epochs, callbacks=[rec], logger=False, limit_val_batches=0, enable_checkpointing=False
+        )
         trainer.fit(model, datamodule=data, ckpt_path=ckpt)
         return model, rec, trainer
 
@@ -77,8 +83,9 @@ def test_resume_with_another_global_batch_rescales(tmp_path):
 def test_no_base_batch_size_means_no_scaling(tmp_path):
     data = SquareData(n_train=8, n_eval=2, views=1, batch_size=4)
     model = VideoClassifier(TinyNet(2), lr=0.3, scheduler="constant")
-    trainer = _trainer(tmp_path, max_epochs=1, logger=False, enable_checkpointing=False, limit_val_batches=0,
-                       accumulate_grad_batches=2)
+    trainer = _trainer(
+        tmp_path, max_epochs=1, logger=False, enable_checkpointing=False, limit_val_batches=0, accumulate_grad_batches=2
+    )
     trainer.fit(model, datamodule=data)
     assert model.lr_scale == 1.0
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.3)
@@ -144,8 +151,19 @@ def test_ddp_two_processes_see_the_same_lr_per_sample(tmp_path_factory, tmp_path
     for procs in (1, 2):
         out = tmp_path / f"p{procs}"
         extra = ["--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"] if procs > 1 else []
-        run_vmm(["fit", "--config", str(config), "--trainer.devices", str(procs),
-                 "--trainer.default_root_dir", str(out), *extra], cwd=tmp_path)
+        run_vmm(
+            [
+                "fit",
+                "--config",
+                str(config),
+                "--trainer.devices",
+                str(procs),
+                "--trainer.default_root_dir",
+                str(out),
+                *extra,
+            ],
+            cwd=tmp_path,
+        )
         ckpt = torch.load(next(out.rglob("last.ckpt")), map_location="cpu", weights_only=True)
         base_lrs = ckpt["lr_schedulers"][0]["base_lrs"]  # the peak lrs the optimizer ran with
         global_batch = 4 * procs

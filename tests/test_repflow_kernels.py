@@ -33,9 +33,7 @@ def flow(i0, i1, n_iter, theta, lam, tau, stencils, *, kernels):
 
 def random_stencils(channels, generator=None, dtype=torch.float64, device=None):
     base = default_stencils(channels, dtype=dtype, device=device)
-    return FlowStencils(
-        *(s + 0.2 * torch.randn(s.shape, dtype=dtype, generator=generator).to(s.device) for s in base)
-    )
+    return FlowStencils(*(s + 0.2 * torch.randn(s.shape, dtype=dtype, generator=generator).to(s.device) for s in base))
 
 
 def both(i0, i1, n_iter, *args, **kwargs):

@@ -290,9 +290,7 @@ def test_emulated_fused_attention_with_attn_low_precision(dtype):
 def test_emulated_fused_attention_with_attn_gradcheck():
     query, kv, offset, _ = random_inputs(4, 2, 3, batch=1, height=3, width=4)
     inputs = tuple(t.requires_grad_() for t in (query, kv, offset))
-    assert torch.autograd.gradcheck(
-        lambda q, k, o: attention_emulated(q, k, o, 3, 2, 2, return_attn=True), inputs
-    )
+    assert torch.autograd.gradcheck(lambda q, k, o: attention_emulated(q, k, o, 3, 2, 2, return_attn=True), inputs)
 
 
 def test_emulated_fused_attention_with_attn_non_contiguous_and_batch_zero():

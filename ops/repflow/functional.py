@@ -39,9 +39,7 @@ def default_stencils(
     channels: int, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
 ) -> FlowStencils:
     """The spec's default stencils, repeated per channel: ``[C,3]`` ×2 then ``[C,2]`` ×4."""
-    return FlowStencils(
-        *(torch.tensor(t, dtype=dtype, device=device).repeat(channels, 1) for t in DEFAULT_TAPS)
-    )
+    return FlowStencils(*(torch.tensor(t, dtype=dtype, device=device).repeat(channels, 1) for t in DEFAULT_TAPS))
 
 
 def _check_images(i0: Tensor, i1: Tensor) -> None:

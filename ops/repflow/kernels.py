@@ -33,9 +33,7 @@ from ..kernel_loader import KernelSource
 from ..library import CUSTOM_OPS, check_kernel_device
 from .reference import EPS, image_gradient
 
-TVL1_SOURCE = KernelSource(
-    "tvl1.cu", ("tvl1_primal", "tvl1_dual", "tvl1_iter", "tvl1_dual_adj", "tvl1_primal_adj")
-)
+TVL1_SOURCE = KernelSource("tvl1.cu", ("tvl1_primal", "tvl1_dual", "tvl1_iter", "tvl1_dual_adj", "tvl1_primal_adj"))
 
 #: Pixels summed per thread in the adjoint kernels' per-channel reductions (acc holds numel / strip
 #: slots): up to MAX_STRIP, but never so many that fewer than MIN_THREADS threads run.
@@ -86,15 +84,43 @@ class _Launcher:
 
     def dual_adj(self, u: Tensor, p: Tensor, pbar: Tensor, gbar: Tensor, acc: Tensor) -> None:
         args = (
-            self.gx, self.gy, self.rho_c, self.params, self.st, u, p, pbar, gbar, acc,
-            *self.shape_args, self.j, self.n_slots,
+            self.gx,
+            self.gy,
+            self.rho_c,
+            self.params,
+            self.st,
+            u,
+            p,
+            pbar,
+            gbar,
+            acc,
+            *self.shape_args,
+            self.j,
+            self.n_slots,
         )
         TVL1_SOURCE.launch("tvl1_dual_adj", args, dtype=self.dtype, numel=self.n_slots)
 
     def primal_adj(self, u, p, ubar_in, gbar, has_dual, ubar_out, pbar, ggx, ggy, grho, acc) -> None:
         args = (
-            self.gx, self.gy, self.rho_c, self.params, self.st, u, p, ubar_in, gbar, int(has_dual),
-            ubar_out, pbar, ggx, ggy, grho, acc, *self.shape_args, self.j, self.n_slots,
+            self.gx,
+            self.gy,
+            self.rho_c,
+            self.params,
+            self.st,
+            u,
+            p,
+            ubar_in,
+            gbar,
+            int(has_dual),
+            ubar_out,
+            pbar,
+            ggx,
+            ggy,
+            grho,
+            acc,
+            *self.shape_args,
+            self.j,
+            self.n_slots,
         )
         TVL1_SOURCE.launch("tvl1_primal_adj", args, dtype=self.dtype, numel=self.n_slots)
 

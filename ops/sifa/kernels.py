@@ -385,8 +385,7 @@ if CUSTOM_OPS:
         "vmm::deform_correlation",
         mutates_args=(),
         schema=(
-            "(Tensor query, Tensor key, Tensor offset, SymInt kernel_size, SymInt dilation, "
-            "SymInt groups) -> Tensor"
+            "(Tensor query, Tensor key, Tensor offset, SymInt kernel_size, SymInt dilation, SymInt groups) -> Tensor"
         ),
     )
     def _correlation_op(
@@ -443,8 +442,7 @@ if CUSTOM_OPS:
         "vmm::deform_aggregation",
         mutates_args=(),
         schema=(
-            "(Tensor value, Tensor attn, Tensor offset, SymInt kernel_size, SymInt dilation, "
-            "SymInt groups) -> Tensor"
+            "(Tensor value, Tensor attn, Tensor offset, SymInt kernel_size, SymInt dilation, SymInt groups) -> Tensor"
         ),
     )
     def _aggregation_op(

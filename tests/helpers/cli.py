@@ -72,8 +72,12 @@ def tiny_config(root: Path, out_dir: Path, net: dict | None = None, **trainer) -
             "callbacks": [
                 {
                     "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"monitor": "val/top1", "mode": "max", "filename": "best-epoch{epoch:03d}",
-                                  "auto_insert_metric_name": False},
+                    "init_args": {
+                        "monitor": "val/top1",
+                        "mode": "max",
+                        "filename": "best-epoch{epoch:03d}",
+                        "auto_insert_metric_name": False,
+                    },
                 },
                 {
                     "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",

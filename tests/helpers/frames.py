@@ -29,8 +29,9 @@ def read_frames(video: Path, count: int, step: int = 1, size: tuple[int, int] | 
     return frames
 
 
-def write_jpeg_folder(folder: Path, frames: list[np.ndarray], template: str = "img_{:05d}.jpg",
-                      start_index: int = 1, quality: int = 90) -> Path:
+def write_jpeg_folder(
+    folder: Path, frames: list[np.ndarray], template: str = "img_{:05d}.jpg", start_index: int = 1, quality: int = 90
+) -> Path:
     """Write `frames` as JPEG files named by `template` from `start_index`."""
     folder.mkdir(parents=True, exist_ok=True)
     for i, f in enumerate(frames):
@@ -83,8 +84,9 @@ def video_frames(clips: list[list[np.ndarray]], k: int, length: int = 12) -> lis
     return src[off : off + length]
 
 
-def make_ssv2_tree(root: Path, clips, splits: dict[str, list[str]], frames: bool = False,
-                   start: int = 0) -> dict[str, list[str]]:
+def make_ssv2_tree(
+    root: Path, clips, splits: dict[str, list[str]], frames: bool = False, start: int = 0
+) -> dict[str, list[str]]:
     """A Something-Something V2 tree: labels/*.json with the real 174 classes and, per split, videos
     of the given class names (webm, or frame folders `frames/<id>/img_00001.jpg` when `frames`).
     Returns the video ids per split; split "test" is written without labels."""
@@ -121,8 +123,9 @@ def make_ssv1_tree(root: Path, clips, class_names: list[str], splits: dict[str, 
         rows = []
         for j, label in enumerate(labels):
             vid = str(500 + 100 * k + j)
-            write_jpeg_folder(root / "20bn-something-something-v1" / vid, video_frames(clips, 7 * k + j),
-                              template="{:05d}.jpg")
+            write_jpeg_folder(
+                root / "20bn-something-something-v1" / vid, video_frames(clips, 7 * k + j), template="{:05d}.jpg"
+            )
             rows.append(vid if split == "test" else f"{vid};{class_names[label]}")
             ids.setdefault(split, []).append(vid)
         (root / f"something-something-v1-{split}.csv").write_text("\n".join(rows) + "\n")
