@@ -667,3 +667,19 @@ def test_networks_on_a_real_clip(shared_videos):
         arms = {m: _randomise_bn(frame_resnet(K, m, width_mult=NARROW, fcf_bottleneck=4)) for m in MOTIONS}
         diff = {m: (net(clip) - net(clip.flip(2))).abs().max().item() for m, net in arms.items()}
     assert diff["none"] < 1e-5 and diff["sifa"] > 1e-3 and diff["fcf"] > 1e-3, diff
+
+
+def test_networks_raise_the_ops_error_types():
+    """One exception type per kind of mistake, shared by ops and networks (still ValueErrors)."""
+    import ops
+    from lightning_modules.networks import SIFAResNet
+
+    with pytest.raises(ops.OpArgumentError, match="sifa_kernel_size"):
+        SIFAResNet(num_classes=2, depth=18, width_mult=0.25, sifa_kernel_size=2)
+    with pytest.raises(ops.OpArgumentError, match="dropout"):
+        SIFAResNet(num_classes=2, depth=18, width_mult=0.25, dropout=1.5)
+    net = SIFAResNet(num_classes=2, depth=18, width_mult=0.25, stem_temporal_kernel=1, stem_temporal_stride=1)
+    with pytest.raises(ops.OpShapeError, match="x: expected shape"):
+        net(torch.zeros(1, 3, 4, 32))
+    with pytest.raises(ops.OpDtypeError, match="floating-point"):
+        net(torch.zeros(1, 3, 4, 32, 32, dtype=torch.int64))

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ops.validation import OpArgumentError, OpDtypeError, OpShapeError
+
 from .blocks import BasicBlock, Block, Bottleneck, MotionFactory, bn3d, conv3d, make_layer
 
 # depth -> (block, blocks per stage)
@@ -28,14 +30,14 @@ STEM_CHANNELS = 64
 
 def check_choice(name: str, value: object, choices: Sequence[object]) -> None:
     if isinstance(value, bool) or value not in choices:
-        raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
+        raise OpArgumentError(f"{name}: expected one of {list(choices)}, got {value!r}")
 
 
 def check_int(name: str, value: object, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
     if value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+        raise OpArgumentError(f"{name}: expected an int >= {minimum}, got {value}")
 
 
 def check_bool(name: str, value: object) -> None:
@@ -49,7 +51,7 @@ def check_stages(name: str, stages: object) -> tuple[int, ...]:
         raise TypeError(f"{name}: expected a sequence of stage numbers in 1..4, got {stages!r}")
     out = tuple(stages)
     if any(isinstance(s, bool) or s not in (1, 2, 3, 4) for s in out) or len(set(out)) != len(out):
-        raise ValueError(f"{name}: expected distinct stage numbers in 1..4 (layer1..layer4), got {list(out)}")
+        raise OpArgumentError(f"{name}: expected distinct stage numbers in 1..4 (layer1..layer4), got {list(out)}")
     return tuple(sorted(out))
 
 
@@ -71,7 +73,7 @@ def parameter_groups(net: nn.Module) -> dict[str, list[nn.Parameter]]:
     `VideoResNet` networks do); parameters in no group train at the base learning rate. For a
     network that declares none, the parameters of its `ops.FlowLayer`s form the `FLOW_GROUP`
     group, so hand-built networks with flow layers get `flow_lr_scale` too. Empty groups are
-    dropped; a parameter in two groups is an error (ValueError naming both groups).
+    dropped; a parameter in two groups is an error (OpArgumentError, a ValueError, naming both groups).
     """
     declared = getattr(net, "parameter_groups", None)
     groups = declared() if callable(declared) else {FLOW_GROUP: flow_layer_parameters(net)}
@@ -79,7 +81,7 @@ def parameter_groups(net: nn.Module) -> dict[str, list[nn.Parameter]]:
     for name, params in groups.items():
         for p in params:
             if owner.setdefault(id(p), name) != name:
-                raise ValueError(
+                raise OpArgumentError(
                     f"{type(net).__name__}.parameter_groups(): a parameter is in both {owner[id(p)]!r} and {name!r}"
                 )
     return {name: list(params) for name, params in groups.items() if params}
@@ -119,9 +121,9 @@ class VideoResNet(nn.Module):
         check_int("num_classes", num_classes, 1)
         check_int("in_channels", in_channels, 1)
         if isinstance(width_mult, bool) or not isinstance(width_mult, (int, float)) or not width_mult > 0:
-            raise ValueError(f"width_mult: expected a float > 0, got {width_mult!r}")
+            raise OpArgumentError(f"width_mult: expected a float > 0, got {width_mult!r}")
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
+            raise OpArgumentError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
         check_bool("zero_init_residual", zero_init_residual)
         block, counts = RESNET_SPECS[depth]
         self.depth = depth
@@ -178,11 +180,11 @@ class VideoResNet(nn.Module):
         if not isinstance(x, Tensor):
             raise TypeError(f"x: expected a torch.Tensor [N,{self.in_channels},T,H,W], got {type(x).__name__}")
         if x.ndim != 5 or x.shape[1] != self.in_channels:
-            raise ValueError(f"x: expected shape [N,{self.in_channels},T,H,W], got {list(x.shape)}")
+            raise OpShapeError(f"x: expected shape [N,{self.in_channels},T,H,W], got {list(x.shape)}")
         if not x.is_floating_point():
-            raise ValueError(f"x: expected a floating-point tensor, got dtype {x.dtype}")
+            raise OpDtypeError(f"x: expected a floating-point tensor, got dtype {x.dtype}")
         if x.shape[2] < self._min_frames():
-            raise ValueError(
+            raise OpShapeError(
                 f"x: {type(self).__name__} needs at least {self._min_frames()} frames (T), got shape {list(x.shape)}"
             )
 

@@ -7,6 +7,8 @@ from typing import Literal
 
 from torch import Tensor, nn
 
+from ops.validation import OpArgumentError
+
 from .base import (
     FLOW_GROUP,
     VideoResNet,
@@ -76,7 +78,7 @@ class FCFR2Plus1D(VideoResNet):
         check_choice("backend", backend, ("auto", "torch", "cupy"))
         learnable = tuple(fcf_learnable)
         if len(learnable) != 5 or not all(isinstance(v, bool) for v in learnable):
-            raise ValueError(
+            raise OpArgumentError(
                 "fcf_learnable: expected 5 bools (image-gradient stencils, difference/divergence stencils, "
                 f"theta, lambda, tau), got {fcf_learnable!r}"
             )

@@ -7,6 +7,8 @@ from typing import Literal
 
 from torch import Tensor, nn
 
+from ops.validation import OpArgumentError
+
 from .base import RESNET_SPECS, VideoResNet, check_bool, check_choice, check_int, check_stages
 from .blocks import MotionFactory, build_forked, make_layer
 from .pretrained import check_pretrained_path, load_pretrained_2d
@@ -99,7 +101,7 @@ class SIFAResNet(VideoResNet):
         stages = check_stages("sifa_stages", sifa_stages)
         check_int("sifa_kernel_size", sifa_kernel_size, 1)
         if sifa_kernel_size % 2 == 0:
-            raise ValueError(f"sifa_kernel_size: expected an odd int, got {sifa_kernel_size}")
+            raise OpArgumentError(f"sifa_kernel_size: expected an odd int, got {sifa_kernel_size}")
         check_int("sifa_dilation", sifa_dilation, 1)
         check_int("sifa_groups", sifa_groups, 1)
         check_int("gc_reduction", gc_reduction, 1)
