@@ -6,14 +6,11 @@ PyAV, JPEG frames from the shared clips), the left/right flip on the real SSv2 c
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
 import torch
+from helpers.ddp import run_datamodule_ddp
 from helpers.frames import (
     make_ssv1_tree,
     make_ssv2_tree,
@@ -259,51 +256,6 @@ def test_cli_construction_keeps_the_something_something_defaults(tmp_path):
         )
 
 
-DDP_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    import lightning as L
-    import torch
-    from datamodules import RawFrameListDataModule
-
-    root, out = sys.argv[1], sys.argv[2]
-
-    class Recorder(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.fc = torch.nn.Linear(3, 2)
-            self.seen = {"train": [], "test": [], "test_bad": [], "shapes": []}
-
-        def training_step(self, batch, _):
-            self.seen["train"] += batch["video_id"].tolist()
-            x = batch["video"].float().mean(dim=(2, 3, 4)) / 255
-            return torch.nn.functional.cross_entropy(self.fc(x), batch["label"])
-
-        def test_step(self, batch, _):
-            self.seen["test"] += batch["video_id"].tolist()
-            self.seen["test_bad"] += batch["bad_video_ids"].tolist()
-            self.seen["shapes"].append(list(batch["video"].shape[1:]))
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    L.seed_everything(0)
-    dm = RawFrameListDataModule(root=root, train_list="list.txt", test_list="list.txt", batch_size=2,
-                                num_frames=4, frame_interval=1, sampling="segment", train_short_side=(32, 32),
-                                eval_short_side=32, crop_size=24, test_clips=1, test_crops=1, test_batch_size=1,
-                                num_workers=1, pin_memory=False)
-    model = Recorder()
-    trainer = L.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_epochs=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, limit_val_batches=0)
-    trainer.fit(model, datamodule=dm)
-    trainer.test(model, datamodule=dm, verbose=False)
-    with open(f"{out}/rank{trainer.global_rank}.json", "w") as fh:
-        json.dump(model.seen, fh)
-    """
-)
-
-
 @pytest.mark.slow
 def test_ddp_on_a_frame_dataset(clips, tmp_path):
     lines = []
@@ -313,19 +265,26 @@ def test_ddp_on_a_frame_dataset(clips, tmp_path):
     (tmp_path / "empty").mkdir()
     lines.append("empty 8 0")  # 7 folders, one unreadable: an odd count the stock sampler would pad
     (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
-    script = tmp_path / "ddp_frames.py"
-    script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=env,
-        cwd=os.getcwd(),
+    seen = run_datamodule_ddp(
+        tmp_path,
+        "RawFrameListDataModule",
+        dict(
+            train_list="list.txt",
+            test_list="list.txt",
+            batch_size=2,
+            num_frames=4,
+            frame_interval=1,
+            sampling="segment",
+            train_short_side=(32, 32),
+            eval_short_side=32,
+            crop_size=24,
+            test_clips=1,
+            test_crops=1,
+            test_batch_size=1,
+            num_workers=1,
+            pin_memory=False,
+        ),
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert len(seen[0]["train"]) + len(seen[1]["train"]) == 8  # 7 padded to 8 by the training sampler
     assert set(seen[0]["train"]) | set(seen[1]["train"]) <= set(range(6))
     assert sorted(seen[0]["test"] + seen[1]["test"]) == list(range(6))  # each good folder once

@@ -5,6 +5,7 @@ conftest or another test module for it).
   (`$VMM_SHARED_VIDEOS`, default ../shared/data/videos; the `shared_videos` fixture skips without).
 - `helpers.cli`: the tiny synthetic-set configs and `run_vmm` for end-to-end `vmm` runs.
 - `helpers.frames`: frame-folder writers and readers (JPEG/PNG trees, Something-Something layouts).
+- `helpers.ddp`: a 2-process gloo fit + test of a datamodule under a recording module.
 """
 
 from __future__ import annotations
