@@ -25,9 +25,11 @@ Python ``int`` as ``long long`` (``vmm_i64``), a Python ``float`` as ``double``;
 
 from __future__ import annotations
 
+import os
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,6 +191,38 @@ def use_kernels(backend: str, t: torch.Tensor) -> bool:
             "backend 'cupy' needs CuPy: pip install 'video-motion-modules[cuda12]' (or [cuda13])"
         )
     return True
+
+
+#: The kernel implementations an op can run (docs/architecture.md §6): "fast" (the bandwidth-minded
+#: kernels: shared memory, warp shuffles, channels-last / whole-plane mappings) and "simple" (one thread per
+#: output element, no cooperation: the kernels first verified on a GPU, kept as a second implementation
+#: the fast ones are tested against, and a fallback).
+KERNEL_VARIANTS = ("fast", "simple")
+_variant_override: list[str] = []
+
+
+def kernel_variant() -> str:
+    """Which kernel implementation the ops launch: the innermost :func:`use_kernel_variant`, else the
+    environment variable ``VMM_KERNELS`` (``fast`` or ``simple``), else ``"fast"``."""
+    if _variant_override:
+        return _variant_override[-1]
+    value = os.environ.get("VMM_KERNELS", "").strip().lower() or "fast"
+    if value not in KERNEL_VARIANTS:
+        raise OpArgumentError(f"VMM_KERNELS must be one of {KERNEL_VARIANTS}, got {value!r}")
+    return value
+
+
+@contextmanager
+def use_kernel_variant(variant: str) -> Iterator[None]:
+    """Within this context the ops launch the ``variant`` kernels ("fast" or "simple"); for tests and
+    benchmarks that compare the two. Process-wide, nests."""
+    if variant not in KERNEL_VARIANTS:
+        raise OpArgumentError(f"kernel variant must be one of {KERNEL_VARIANTS}, got {variant!r}")
+    _variant_override.append(variant)
+    try:
+        yield
+    finally:
+        _variant_override.pop()
 
 
 def registered_sources() -> dict[str, KernelSource]:
