@@ -41,7 +41,7 @@ def nvcc_compile_check(src: KernelSource, archs: Sequence[str] = ("sm_80", "sm_9
         num = arch.removeprefix("sm_")
         gencode += ["-gencode", f"arch=compute_{num},code=sm_{num}"]
     with tempfile.TemporaryDirectory() as tmp:
-        cu = Path(tmp) / src.filename
+        cu = Path(tmp) / src.path.name  # never src.filename: it may be an absolute path (test kernels)
         cu.write_text("\n".join(body) + "\n")
         cmd = [nvcc, "-std=c++17", "-Xptxas", "-v", *gencode, "-c", str(cu), "-o", str(Path(tmp) / "out.o")]
         proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -2,8 +2,13 @@
 
 The same ``.cu`` source the GPU runs is compiled by the system C++ compiler with
 ``ops/kernels/host_emulation.h`` force-included (it maps ``__global__``, ``blockIdx``/``threadIdx``,
-``atomicAdd`` and the 16-bit types to host code), and the grid runs serially on the CPU through
-ctypes. This is how the test suite checks every kernel against the pure-PyTorch references, values
+``atomicAdd`` and the 16-bit types to host code), and the grid runs on the CPU through ctypes: blocks
+one after another, the threads of a block as cooperative fibers that switch at ``__syncthreads`` and
+at the warp operations (shuffles, votes, ``__syncwarp``), so kernels that use ``__shared__`` memory,
+barriers and warp shuffles run as written. Divergent synchronisation raises :class:`EmulatedKernelError`;
+``VMM_EMULATION_ORDER`` = ``forward`` | ``reverse`` | ``shuffle`` changes the order threads run between
+synchronisation points, which exposes races (tests run the cooperative kernels under all three).
+This is how the test suite checks every kernel against the pure-PyTorch references, values
 and float64 gradchecks included, on machines without a GPU. It is slow (tiny shapes only) and is not
 a CPU backend: the references are that.
 
@@ -46,6 +51,15 @@ from .validation import BackendUnavailableError
 EMULATION_HEADER = KERNEL_DIR / "host_emulation.h"
 
 _lock = threading.Lock()  # guards the compile-and-load of a library
+_launch_lock = threading.Lock()  # one emulated launch at a time (the scheduler state is global)
+
+
+class EmulatedKernelError(RuntimeError):
+    """An emulated launch found a kernel error a GPU would not report: divergent ``__syncthreads`` or warp
+    operation, a shuffle from a lane outside the mask, a failed ``VMM_EMU_CHECK`` (e.g. a misaligned
+    vector load), a block of more than 1024 threads."""
+
+
 _depth_lock = threading.Lock()
 _enabled_depth = 0
 
@@ -88,13 +102,14 @@ def _cache_dir() -> Path:
 
 
 def _emulation_wrapper(src: KernelSource, ctype: str) -> str:
-    lines = [expand_includes(src.path)]
+    lines = [expand_includes(src.path, line_markers=True), '#line 1 "vmm-emulation-wrapper"']
     for k in src.kernels:
         lines.append(
-            f'extern "C" void vmm_emu_{k}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, '
-            f"unsigned bz, void** args) {{ vmm_emulation::launch(&{k}<{ctype}>, dim3(gx, gy, gz), "
+            f'extern "C" int vmm_emu_{k}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, '
+            f"unsigned bz, void** args) {{ return vmm_emulation::launch(&{k}<{ctype}>, dim3(gx, gy, gz), "
             f"dim3(bx, by, bz), args); }}"
         )
+    lines.append('extern "C" const char* vmm_emu_last_error() { return vmm_emulation::sched.error; }')
     return "\n".join(lines) + "\n"
 
 
@@ -114,7 +129,8 @@ def emulated_library(src: KernelSource, ctype: str) -> ctypes.CDLL:
                 "host emulation of CUDA kernels needs a C++ compiler (set CXX or install g++)"
             )
         code = _emulation_wrapper(src, ctype)
-        flags = ["-std=c++17", "-O2", "-shared", "-fPIC", "-include", str(EMULATION_HEADER)]
+        # -U_FORTIFY_SOURCE: the fibers switch stacks with _longjmp, which glibc's fortified build refuses.
+        flags = ["-std=c++17", "-O2", "-U_FORTIFY_SOURCE", "-shared", "-fPIC", "-include", str(EMULATION_HEADER)]
         digest = hashlib.sha256("\0".join([code, EMULATION_HEADER.read_text(), cxx, *flags]).encode()).hexdigest()[:20]
         out = _cache_dir() / f"{src.path.stem}_{ctype}_{digest}.so"
         if not out.exists():
@@ -161,4 +177,15 @@ def launch_emulated(
     lib = emulated_library(src, ctype)
     values = [ctypes_arg(a) for a in args]
     ptrs = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values])
-    getattr(lib, f"vmm_emu_{kernel}")(*(ctypes.c_uint(int(v)) for v in (*grid, *block)), ptrs)
+    fn = getattr(lib, f"vmm_emu_{kernel}")
+    fn.restype = ctypes.c_int
+    # The emulator's scheduler and the kernels' thread indices are process globals of the library.
+    with _launch_lock:
+        failed = fn(*(ctypes.c_uint(int(v)) for v in (*grid, *block)), ptrs)
+        if failed:
+            get_error = lib.vmm_emu_last_error
+            get_error.restype = ctypes.c_char_p
+            message = get_error().decode(errors="replace")
+    if failed:
+        where = f"{src.filename}: {kernel}<{ctype}> grid {tuple(grid)} block {tuple(block)}"
+        raise EmulatedKernelError(f"{where}: {message}")

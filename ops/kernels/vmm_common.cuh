@@ -3,8 +3,10 @@
 // The same sources are compiled three ways: by NVRTC through CuPy at run time, by nvcc in the test
 // suite (compile check for sm_80/sm_90), and by the host C++ compiler with host_emulation.h
 // force-included (CI executes kernels on the CPU that way). So: no standard headers, no CUDA
-// headers (cuda_fp16.h is not on every NVRTC include path), no shared memory or warp intrinsics
-// (the emulator runs one thread at a time), 64-bit indices, grid-stride loops.
+// headers (cuda_fp16.h is not on every NVRTC include path). Shared memory must have a compile-time
+// size (no extern __shared__); __syncthreads, __syncwarp, the __shfl*_sync shuffles and the
+// __ballot/any/all_sync votes are what the emulator implements (its threads are cooperative fibers;
+// see host_emulation.h). Index width and loop shape are each kernel's choice.
 #pragma once
 
 typedef long long vmm_i64;

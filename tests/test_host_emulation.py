@@ -1,0 +1,135 @@
+"""The host emulation's cooperative execution (ops/kernels/host_emulation.h): shared memory, barriers,
+warp shuffles and votes run as on a GPU; divergent synchronisation and emulation-only checks fail the
+launch with a message; VMM_EMULATION_ORDER changes the order threads run between synchronisation
+points, which makes a missing barrier visible. The test kernels (tests/kernels/cooperative.cu) are
+plain CUDA: nvcc and NVRTC compile them too."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from ops import compile_checks
+from ops.host_emulation import EmulatedKernelError, host_compiler
+from ops.kernel_loader import KernelSource
+
+pytestmark = pytest.mark.skipif(host_compiler() is None, reason="host emulation needs a C++ compiler")
+
+COOPERATIVE = KernelSource(
+    str(Path(__file__).resolve().parent / "kernels" / "cooperative.cu"),
+    (
+        "coop_block_sum",
+        "coop_warp_ops",
+        "coop_missing_barrier",
+        "coop_divergent_barrier",
+        "coop_divergent_shuffle",
+        "coop_shuffle_outside_mask",
+        "coop_failed_check",
+    ),
+)
+ORDERS = ("forward", "reverse", "shuffle")
+ONE_BLOCK = (128, 1, 1)
+
+
+@pytest.fixture(params=ORDERS)
+def order(request, monkeypatch):
+    monkeypatch.setenv("VMM_EMULATION_ORDER", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+def test_shared_memory_tree_reduction_with_barriers(order, dtype):
+    x = torch.randn(1000, dtype=torch.float64)
+    out = torch.zeros(8, dtype=dtype)
+    COOPERATIVE.launch("coop_block_sum", (x.to(dtype), out, 1000), dtype=dtype, grid=(8, 1, 1), block=(128, 1, 1))
+    expected = torch.stack([x.to(dtype).double()[i * 128 : (i + 1) * 128].sum() for i in range(8)])
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-2}[dtype]
+    torch.testing.assert_close(out.double(), expected.to(dtype).double(), rtol=tol, atol=tol)
+
+
+def _expected_warp_ops(x: torch.Tensor) -> torch.Tensor:
+    """What CUDA defines for coop_warp_ops, lane by lane (one warp per block)."""
+    rows = []
+    for w in range(x.numel() // 32):
+        v = x[w * 32 : (w + 1) * 32].tolist()
+        ballot = sum(1 << lane for lane in range(32) if v[lane] > 0)
+        for lane in range(32):
+            down = v[lane + 3] if lane + 3 < 32 else v[lane]
+            segment = lane // 16 * 16
+            up = v[lane - 5] if lane - 5 >= segment else v[lane]
+            bcast = v[lane // 8 * 8 + 2]
+            index = w * 32 + (lane ^ 1)
+            any_big = float(any(a > 100 for a in v))
+            all_above = float(all(a > -100 for a in v))
+            rows.append([sum(v), down, up, bcast, float(ballot), any_big, all_above, float(index)])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def test_warp_shuffles_and_votes_follow_cuda_semantics(order):
+    x = torch.randn(64, dtype=torch.float64)
+    x[5] = 150.0  # one lane of warp 0 makes __any_sync true there, not in warp 1
+    out = torch.zeros(64 * 8, dtype=torch.float64)
+    COOPERATIVE.launch("coop_warp_ops", (x, out), dtype=torch.float64, grid=(2, 1, 1), block=(32, 1, 1))
+    torch.testing.assert_close(out.view(64, 8), _expected_warp_ops(x), rtol=1e-12, atol=1e-12)
+
+
+def test_thread_order_exposes_a_missing_barrier(monkeypatch):
+    x = torch.arange(64, dtype=torch.float32) + 1
+    results = {}
+    for order in ORDERS:
+        monkeypatch.setenv("VMM_EMULATION_ORDER", order)
+        out = torch.zeros(64)
+        COOPERATIVE.launch("coop_missing_barrier", (x, out), dtype=torch.float32, grid=(1, 1, 1), block=(64, 1, 1))
+        results[order] = out
+    # Forward: every thread reads its neighbour's slot before the neighbour wrote it this launch;
+    # reverse: after. A race-free kernel gives one answer under every order.
+    assert not torch.equal(results["forward"], results["reverse"])
+    torch.testing.assert_close(results["reverse"], torch.roll(x, -1))
+
+
+def test_unknown_thread_order_is_an_error(monkeypatch):
+    monkeypatch.setenv("VMM_EMULATION_ORDER", "backwards")
+    x = torch.zeros(128)
+    args = (x, x[:1].clone(), 128)
+    with pytest.raises(EmulatedKernelError, match="VMM_EMULATION_ORDER must be forward, reverse or shuffle"):
+        COOPERATIVE.launch("coop_block_sum", args, dtype=torch.float32, grid=(1, 1, 1), block=ONE_BLOCK)
+
+
+@pytest.mark.parametrize(
+    ("kernel", "threads", "match"),
+    [
+        ("coop_divergent_barrier", 64, r"divergent __syncthreads at line \d+: thread 32 has exited"),
+        ("coop_divergent_shuffle", 32, r"divergent __shfl_xor_sync at line \d+ \(mask 0xffffffff\): lane 16"),
+        ("coop_shuffle_outside_mask", 32, r"lane 8 reads lane 16, which is not in the mask 0x0000ffff"),
+        ("coop_failed_check", 32, r"cooperative.cu:\d+: emulated kernel check failed: thread 3 is not allowed"),
+    ],
+)
+def test_broken_synchronisation_fails_the_launch_loudly(kernel, threads, match):
+    x = torch.zeros(64)
+    with pytest.raises(EmulatedKernelError, match=match):
+        COOPERATIVE.launch(kernel, (x, torch.zeros(64)), dtype=torch.float32, grid=(1, 1, 1), block=(threads, 1, 1))
+    # The emulator is usable again after a failed launch.
+    out = torch.zeros(1)
+    COOPERATIVE.launch("coop_block_sum", (x + 1, out, 64), dtype=torch.float32, grid=(1, 1, 1), block=(128, 1, 1))
+    assert out.item() == 64
+
+
+def test_full_mask_on_a_partial_warp_is_an_error():
+    # 48 threads: warp 1 has 16 lanes, so a full-mask shuffle names lanes that do not exist.
+    x = torch.zeros(64 * 8, dtype=torch.float64)
+    with pytest.raises(EmulatedKernelError, match="names lanes that do not exist"):
+        COOPERATIVE.launch("coop_warp_ops", (x, x.clone()), dtype=torch.float64, grid=(1, 1, 1), block=(48, 1, 1))
+
+
+def test_block_larger_than_cuda_allows_is_refused():
+    x, huge = torch.zeros(2048), (2048, 1, 1)
+    with pytest.raises(EmulatedKernelError, match="block of 2048 threads"):
+        COOPERATIVE.launch("coop_block_sum", (x, x[:1].clone(), 2048), dtype=torch.float32, grid=(1, 1, 1), block=huge)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+def test_cooperative_test_kernels_are_valid_cuda():
+    compile_checks.nvcc_compile_check(COOPERATIVE, archs=("sm_80",))
