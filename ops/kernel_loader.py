@@ -3,7 +3,8 @@
 One kernel source serves three ways of running it, each in its own module:
 
 * **CuPy** (CUDA tensors, here): the source is compiled with NVRTC once per (file, dtype, device),
-  cached, and launched on the tensor's device and on torch's *current* CUDA stream.
+  cached, and launched on the tensor's device and on torch's *current* CUDA stream, passed as the
+  launch's ``stream`` argument (no CuPy context managers on the hot path).
 * **Host emulation** (CPU tensors, :mod:`ops.host_emulation`, test support): the same source is
   compiled by the system C++ compiler and the grid runs serially on the CPU through ctypes. This is
   how the test suite executes every kernel on machines without a GPU; it is a test vehicle, not a
@@ -324,9 +325,17 @@ def _launch_cupy(src, kernel, ctype, device, grid, block, args) -> None:
         raise BackendUnavailableError(
             "backend 'cupy' needs CuPy: pip install 'video-motion-modules[cuda12]' (or [cuda13])"
         ) from exc
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    current = torch.cuda.current_device()
+    index = device.index if device.index is not None else current
     fn = _cupy_function(src, kernel, ctype, index)
-    # RawKernel resolves its compiled function for the *current* device, so the device context is
-    # needed as well as the stream.
-    with cupy.cuda.Device(index), _cupy_stream(torch.cuda.current_stream(index).cuda_stream, index):
-        fn(tuple(grid), tuple(block), tuple(_cupy_args(args)))
+    # The stream is a launch argument (RawKernel passes `stream=` on to cupy.cuda.Function), not a
+    # context manager: entering CuPy's stream and device contexts on every launch was a fixed host cost
+    # of each kernel call. RawKernel looks its compiled function up for the *current* device, so a
+    # device context is entered only when the tensors live on another device than the current one.
+    stream = _cupy_stream(torch.cuda.current_stream(index).cuda_stream, index)
+    launch_args = tuple(_cupy_args(args))
+    if index == current:
+        fn(tuple(grid), tuple(block), launch_args, stream=stream)
+    else:
+        with cupy.cuda.Device(index):
+            fn(tuple(grid), tuple(block), launch_args, stream=stream)
