@@ -328,14 +328,15 @@ def _launch_cupy(src, kernel, ctype, device, grid, block, args) -> None:
     current = torch.cuda.current_device()
     index = device.index if device.index is not None else current
     fn = _cupy_function(src, kernel, ctype, index)
-    # The stream is a launch argument (RawKernel passes `stream=` on to cupy.cuda.Function), not a
-    # context manager: entering CuPy's stream and device contexts on every launch was a fixed host cost
-    # of each kernel call. RawKernel looks its compiled function up for the *current* device, so a
-    # device context is entered only when the tensors live on another device than the current one.
+    # The stream is a launch argument of the compiled cupy.cuda.Function (RawKernel.kernel; its
+    # `stream=` parameter exists in every CuPy release we support), not a context manager: entering
+    # CuPy's stream and device contexts on every launch was a fixed host cost of each kernel call.
+    # RawKernel.kernel looks the function up for the *current* device, so a device context is entered
+    # only when the tensors live on another device than the current one.
     stream = _cupy_stream(torch.cuda.current_stream(index).cuda_stream, index)
     launch_args = tuple(_cupy_args(args))
     if index == current:
-        fn(tuple(grid), tuple(block), launch_args, stream=stream)
+        fn.kernel(tuple(grid), tuple(block), launch_args, stream=stream)
     else:
         with cupy.cuda.Device(index):
-            fn(tuple(grid), tuple(block), launch_args, stream=stream)
+            fn.kernel(tuple(grid), tuple(block), launch_args, stream=stream)
