@@ -18,7 +18,10 @@ FlowLayer at 28², T = 16, N = 8 clips, n_iter 10 (FCF-(2+1)D-50 at 224²). 16-b
 run under autocast, as in a mixed-precision network.
 
     PYTHONPATH=. python benchmarks/profile_ops.py [--dtypes float32 float16] [--cases sifa flow]
-                                                  [--iters 10] [--warmup 3] [--bandwidth-gbs X]
+                                                  [--kernels fast simple] [--iters 10] [--warmup 3]
+                                                  [--bandwidth-gbs X]
+Each case runs once per kernel variant (ops.kernel_loader.use_kernel_variant: the fast kernels and the
+simple ones they replace), so the two are compared in one run.
 Needs a CUDA device and CuPy; exits with an error otherwise.
 """
 
@@ -33,6 +36,8 @@ from dataclasses import dataclass, field
 
 import torch
 from cuda_timing import cuda_time_ms, measure_bandwidth_gbs
+
+from ops.kernel_loader import KERNEL_VARIANTS, use_kernel_variant
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -51,6 +56,7 @@ class Profile:
     case: str
     phase: str
     dtype: str
+    variant: str
     event_ms: float
     kernels: list[KernelRow] = field(default_factory=list)
     bound_bytes: int | None = None
@@ -155,17 +161,21 @@ def run(args: argparse.Namespace) -> list[Profile]:
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
         for case_name in args.cases:
-            for case, phase, fn, nbytes in builders[case_name](dtype, device):
-                event_ms = cuda_time_ms(fn, args.iters, args.warmup)
-                p = Profile(case, phase, dtype_name, event_ms, kernel_breakdown(fn, args.iters), nbytes)
-                profiles.append(p)
-                print_profile(p, bandwidth, args.top)
-            torch.cuda.empty_cache()
+            for variant in args.kernels:
+                # The variant is read at each launch, so the same step functions time either implementation.
+                with use_kernel_variant(variant):
+                    for case, phase, fn, nbytes in builders[case_name](dtype, device):
+                        event_ms = cuda_time_ms(fn, args.iters, args.warmup)
+                        kernels = kernel_breakdown(fn, args.iters)
+                        p = Profile(case, phase, dtype_name, variant, event_ms, kernels, nbytes)
+                        profiles.append(p)
+                        print_profile(p, bandwidth, args.top)
+                torch.cuda.empty_cache()
     return profiles
 
 
 def print_profile(p: Profile, bandwidth_gbs: float, top: int) -> None:
-    print(f"\n== {p.case}, {p.phase}, {p.dtype}")
+    print(f"\n== {p.case}, {p.phase}, {p.dtype}, {p.variant} kernels")
     if not p.kernels:
         print("   no device activity recorded (is CUPTI available to torch.profiler?)")
     for k in p.kernels[:top]:
@@ -194,6 +204,9 @@ def main(argv: list[str] | None = None) -> list[Profile]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["float32", "float16"])
     ap.add_argument("--cases", nargs="+", choices=("sifa", "flow"), default=["sifa", "flow"])
+    ap.add_argument(
+        "--kernels", nargs="+", choices=KERNEL_VARIANTS, default=list(KERNEL_VARIANTS), help="kernel variants profiled"
+    )
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--top", type=int, default=8, help="kernels listed per row (the rest summed)")
