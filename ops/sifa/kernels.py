@@ -1,10 +1,20 @@
-"""The SIFA ops on the CUDA kernels of ``kernels/sifa.cu``: torch custom ops ``vmm::deform_correlation``,
+"""The SIFA ops on the CUDA kernels: torch custom ops ``vmm::deform_correlation``,
 ``vmm::deform_aggregation`` and ``vmm::deform_attention`` with fake implementations and registered backward
 ops (torch >= 2.4, see ops/library.py), autograd Functions on older torch.
 
 CUDA tensors launch through CuPy; CPU tensors run the same kernels through host emulation (the test
-suite's way of executing them without a GPU — slow, not a CPU backend). Four kernels serve both ops
-and their backward passes (see the header of ``sifa.cu``):
+suite's way of executing them without a GPU — slow, not a CPU backend). Two implementations, chosen
+inside each op at run time by :func:`ops.kernel_loader.kernel_variant`:
+
+**"fast"** (the default; ``kernels/sifa_fast.cu``): channels-last maps, a lane group per sampling point
+with vector loads over contiguous channels, group sums by warp shuffles. Two kernels: ``sifa_fast_forward``
+(correlation, aggregation or the SIFA step's both in one launch) and ``sifa_fast_backward`` (every
+gradient of any of the three ops in one launch; d kv by atomicAdd, d offset written in a fixed order).
+Inputs are made channels-last (free when they already are); temporaries are accumulation-type buffers
+of d kv, d offset and, when the aggregation's term is present, its d attn (attn-sized).
+
+**"simple"** (``kernels/sifa.cu``, the kernels first verified on a GPU): NCHW, one thread per output
+element. Four kernels serve both ops and their backward passes (see the header of ``sifa.cu``):
 
 * correlation: forward ``sifa_correlate``; backward d query = ``sifa_aggregate`` of d attn,
   d key = ``sifa_scatter``, d offset = ``sifa_offset_grad``.
@@ -21,6 +31,12 @@ to run (and ``torch.use_deterministic_algorithms(True)`` raises, as for grid_sam
 every other gradient is written once per element by one thread, in a fixed order.
 Double backward is not supported (the backward ops have no autograd formula of their own).
 
+Memory format of the results (both variants, and the fake implementations): each output and each gradient
+has the memory format of the input it belongs to (:func:`memory_format_of`): channels-last when that input
+is (query for attn and the SIFA step's out, value for the aggregation's out, every input for its own
+gradient), else contiguous. A network that runs channels-last therefore pays no layout copy on the fast
+kernels; NCHW inputs cost one copy in and one out.
+
 NaN / Inf: the reference's rule (see ``reference.py`` and ``sifa.cu``'s ``sifa_locate``): NaN/Inf values
 propagate through every product, also with zero weights or off-map samples, and a NaN or ±Inf offset
 makes its tap's sample NaN. Kernels and reference give the same NaN pattern in values and gradients.
@@ -33,11 +49,25 @@ import warnings
 import torch
 from torch.autograd.function import once_differentiable
 
-from ..kernel_loader import KernelSource
+from ..kernel_loader import MAX_BLOCKS, KernelSource, kernel_variant
 from ..library import CUSTOM_OPS, check_kernel_device, needed, placeholder
-from ..validation import compute_dtype
+from ..validation import OpArgumentError, compute_dtype
 
 SIFA_SOURCE = KernelSource("sifa.cu", ("sifa_correlate", "sifa_aggregate", "sifa_offset_grad", "sifa_scatter"))
+FAST_SOURCE = KernelSource("sifa_fast.cu", ("sifa_fast_forward", "sifa_fast_backward"))
+
+
+def memory_format_of(t: torch.Tensor) -> torch.memory_format:
+    """The memory format the ops give the result that belongs to ``t`` (see the module docstring):
+    ``torch.channels_last`` when ``t`` is channels-last and not also plainly contiguous, else
+    ``torch.contiguous_format``. A function of shape and strides only, so fake tensors get the same."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _in_format_of(result: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return result.contiguous(memory_format=memory_format_of(like))
 
 
 def _geometry(x: torch.Tensor, groups: int, kernel_size: int, dilation: int) -> tuple[int, ...]:
@@ -197,6 +227,178 @@ def scatter(
     return buf.to(q.dtype)
 
 
+# ------------------------------------------------------------------------ the fast kernels (sifa_fast.cu)
+
+#: Threads per block of the fast kernels (a multiple of the warp size: lane groups never straddle warps).
+FAST_THREADS = 256
+#: sifa_fast_forward's modes and sifa_fast_backward's flags (the SIFA_FAST_* macros of sifa_fast.cu).
+FAST_CORR, FAST_AGG = 1, 2
+HAS_Q, HAS_OUT, HAS_GATTN, NEED_Q, NEED_KV, NEED_OFF, NEED_ABAR = 1, 2, 4, 8, 16, 32, 64
+#: The largest index (plus a grid stride) that the 32-bit index path takes.
+INDEX32_LIMIT = 2**31 - 1
+
+
+def vector_width(dtype: torch.dtype) -> int:
+    """Channels per 16-byte vector load: 4 float, 2 double, 8 float16 / bfloat16."""
+    return 16 // dtype.itemsize
+
+
+def fast_lanes(per_group: int, width: int) -> int:
+    """Lanes per sampling point: the power of two (≤ 32) that covers a group's channels in one step of
+    ``width`` channels per lane where it can (a group of 64 floats: 16 lanes, two points per warp)."""
+    wanted = min(-(-per_group // width), 32)
+    return 1 << (wanted - 1).bit_length()
+
+
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+#: Plan overrides of the fast kernels: lanes, vectorize, index32 (tests: every path on tiny shapes).
+FastPlan = tuple[int | None, bool, bool | None]
+DEFAULT_PLAN: FastPlan = (None, True, None)
+
+
+def _fast_launch(
+    kernel: str,
+    pointers: tuple[torch.Tensor, ...],
+    shape: tuple[int, ...],
+    extra: tuple,
+    maps: tuple[torch.Tensor, ...],
+    plan: FastPlan,
+) -> None:
+    """Launch a fast kernel over the B·H·W points of ``shape`` = (B, C, G, H, W, K, dil). ``maps`` are the
+    channels-last tensors read or written by vectors: 16-byte vectors only when each of them is 16-byte
+    aligned (a storage offset may break that) and the width divides C/G; scalar loads otherwise."""
+    batch, channels, groups, height, width, ksize, dilation = shape
+    lanes, vectorize, index32 = plan
+    dtype = maps[0].dtype
+    n_points = batch * height * width
+    per_group = channels // groups
+    vec = vectorize and per_group % vector_width(dtype) == 0 and all(t.data_ptr() % 16 == 0 for t in maps)
+    if lanes is None:
+        lanes = fast_lanes(per_group, vector_width(dtype) if vec else 1)
+    if lanes not in (1, 2, 4, 8, 16, 32):
+        raise OpArgumentError(f"lanes must be a power of two up to 32, got {lanes}")
+    per_block = FAST_THREADS // lanes
+    blocks = max(1, min(MAX_BLOCKS, -(-n_points // per_block)))
+    if index32 is None:
+        largest = n_points * max(channels, 2 * ksize**2, groups * ksize**2) + blocks * FAST_THREADS
+        index32 = largest <= INDEX32_LIMIT
+    geometry = (n_points, channels, groups, height, width, ksize, dilation)
+    FAST_SOURCE.launch(
+        kernel,
+        (*pointers, *geometry, *extra, lanes, int(vec), int(index32)),
+        dtype=dtype,
+        grid=(blocks, 1, 1),
+        block=(FAST_THREADS, 1, 1),
+    )
+
+
+def fast_forward(
+    query: torch.Tensor | None,
+    kv: torch.Tensor,
+    offset: torch.Tensor,
+    attn: torch.Tensor | None,
+    kernel_size: int,
+    dilation: int,
+    groups: int,
+    scale_corr: float,
+    scale_agg: float,
+    plan: FastPlan = DEFAULT_PLAN,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(out, attn) channels-last, one ``sifa_fast_forward`` launch. With ``query``: attn = scale_corr ·
+    Σ_{c∈g} query · S_k(kv) (the correlation); with ``attn`` given instead, that attn is used. ``scale_agg``
+    not None: out = scale_agg · Σ_k attn · S_k(kv) (the aggregation), else out is None."""
+    batch, channels, height, width = kv.shape
+    shape = (batch, channels, groups, height, width, kernel_size, dilation)
+    kv, offset = _channels_last(kv), _channels_last(offset)
+    mode = 0
+    if query is not None:
+        mode |= FAST_CORR
+        query = _channels_last(query)
+        attn_shape = (batch, groups * kernel_size**2, height, width)
+        attn = torch.empty(attn_shape, dtype=kv.dtype, device=kv.device, memory_format=torch.channels_last)
+    else:
+        attn = _channels_last(attn)
+    out = None
+    if scale_agg is not None:
+        mode |= FAST_AGG
+        out = torch.empty_like(kv, memory_format=torch.channels_last)
+    maps = tuple(t for t in (query, kv, out) if t is not None)
+    pointers = (kv if query is None else query, kv, offset, attn, kv if out is None else out)
+    extra = (mode, float(scale_corr), float(1.0 if scale_agg is None else scale_agg))
+    _fast_launch("sifa_fast_forward", pointers, shape, extra, maps, plan)
+    return out, attn
+
+
+def fast_backward(
+    query: torch.Tensor | None,
+    kv: torch.Tensor,
+    offset: torch.Tensor,
+    attn: torch.Tensor | None,
+    grad_out: torch.Tensor | None,
+    grad_attn: torch.Tensor | None,
+    kernel_size: int,
+    dilation: int,
+    groups: int,
+    needs: tuple[bool, bool, bool, bool],
+    scale: float,
+    plan: FastPlan = DEFAULT_PLAN,
+) -> tuple[torch.Tensor | None, ...]:
+    """(d query, d kv, d offset, d attn) channels-last, one ``sifa_fast_backward`` launch, None where
+    ``needs`` (same order) says False.
+
+    The correlation's term (``query`` given, ``scale`` = 1/C_g) takes Ā = ``grad_attn`` plus, when
+    ``grad_out`` is given, Σ_{c∈g} Ō · S_k(kv); the aggregation's term (``grad_out`` with the forward's
+    ``attn``) sends attn · Ō to d kv and d offset. d attn (the aggregation's, without a correlation
+    term) is that Σ Ō · S_k(kv)."""
+    need_q, need_kv, need_off, need_attn = needs
+    batch, channels, height, width = kv.shape
+    shape = (batch, channels, groups, height, width, kernel_size, dilation)
+    acc = compute_dtype(kv.dtype)
+    cl = torch.channels_last
+    kv, offset = _channels_last(kv), _channels_last(offset)
+    flags = 0
+    if query is not None:
+        query = _channels_last(query)
+        flags |= HAS_Q
+    if grad_out is not None:
+        grad_out, attn = _channels_last(grad_out), _channels_last(attn)
+        flags |= HAS_OUT
+    if grad_attn is not None:
+        grad_attn = _channels_last(grad_attn)
+        flags |= HAS_GATTN
+    need_q = need_q and query is not None
+    flags |= (NEED_Q if need_q else 0) | (NEED_KV if need_kv else 0) | (NEED_OFF if need_off else 0)
+    need_attn = need_attn and grad_out is not None
+    flags |= NEED_ABAR if need_attn else 0
+    attn_shape = (batch, groups * kernel_size**2, height, width)
+    abar = None
+    if grad_out is not None and (query is not None or need_attn):
+        abar = torch.empty(attn_shape, dtype=acc, device=kv.device, memory_format=cl)
+    grad_q = torch.empty_like(query, memory_format=cl) if need_q else None
+    if need_kv:
+        if kv.device.type == "cuda":
+            _alert_not_deterministic("the CuPy backward of deform_correlation / deform_aggregation (d key, d value)")
+        grad_kv = torch.empty(kv.shape, dtype=acc, device=kv.device, memory_format=cl).zero_()
+    else:
+        grad_kv = None
+    grad_off = torch.empty(offset.shape, dtype=acc, device=kv.device, memory_format=cl) if need_off else None
+    if flags & (NEED_Q | NEED_KV | NEED_OFF) or abar is not None:
+        tensors = (query, kv, offset, attn, grad_out, grad_attn, abar, grad_q, grad_kv, grad_off)
+        pointers = tuple(kv if t is None else t for t in tensors)
+        maps = tuple(t for t in (query, kv, grad_out, grad_q) if t is not None)
+        _fast_launch("sifa_fast_backward", pointers, shape, (flags, float(scale)), maps, plan)
+    dtype = kv.dtype
+    return (
+        grad_q,
+        None if grad_kv is None else grad_kv.to(dtype),
+        None if grad_off is None else grad_off.to(dtype),
+        abar.to(dtype) if need_attn else None,
+    )
+
+
 Needs = tuple[bool, bool, bool]
 Grads = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
 
@@ -204,9 +406,16 @@ Grads = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
 def correlation_forward(
     query: torch.Tensor, key: torch.Tensor, offset: torch.Tensor, kernel_size: int, dilation: int, groups: int
 ) -> torch.Tensor:
-    """attn ``[B,G·K²,H,W]`` of ``deform_correlation`` (validated inputs of one dtype and device)."""
+    """attn ``[B,G·K²,H,W]`` of ``deform_correlation`` (validated inputs of one dtype and device), in the
+    memory format of query."""
     scale = groups / query.shape[1]  # the channel mean within a group
-    return correlate(query.contiguous(), key.contiguous(), offset.contiguous(), kernel_size, dilation, groups, scale)
+    if kernel_variant() == "fast":
+        _, attn = fast_forward(query, key, offset, None, kernel_size, dilation, groups, scale, None)
+    else:
+        attn = correlate(
+            query.contiguous(), key.contiguous(), offset.contiguous(), kernel_size, dilation, groups, scale
+        )
+    return _in_format_of(attn, query)
 
 
 def correlation_backward(
@@ -220,20 +429,35 @@ def correlation_backward(
     needs: Needs,
 ) -> Grads:
     """(d query, d key, d offset) of ``deform_correlation``, None where ``needs`` says False."""
-    query, key, offset, grad_attn = query.contiguous(), key.contiguous(), offset.contiguous(), grad_attn.contiguous()
-    window = (kernel_size, dilation, groups, groups / query.shape[1])
     need_q, need_k, need_o = needs
-    grad_q = aggregate(key, grad_attn, offset, *window) if need_q else None
-    grad_k = scatter(grad_attn, query, offset, *window) if need_k else None
-    grad_o = offset_grad(grad_attn, query, key, offset, *window) if need_o else None
-    return grad_q, grad_k, grad_o
+    scale = groups / query.shape[1]
+    if kernel_variant() == "fast":
+        window = (kernel_size, dilation, groups, (need_q, need_k, need_o, False), scale)
+        grad_q, grad_k, grad_o, _ = fast_backward(query, key, offset, None, None, grad_attn, *window)
+    else:
+        q, k, o, ga = query.contiguous(), key.contiguous(), offset.contiguous(), grad_attn.contiguous()
+        window = (kernel_size, dilation, groups, scale)
+        grad_q = aggregate(k, ga, o, *window) if need_q else None
+        grad_k = scatter(ga, q, o, *window) if need_k else None
+        grad_o = offset_grad(ga, q, k, o, *window) if need_o else None
+    return _formats((grad_q, grad_k, grad_o), (query, key, offset))
+
+
+def _formats(grads: tuple[torch.Tensor | None, ...], inputs: tuple[torch.Tensor, ...]) -> Grads:
+    """Each gradient in the memory format of its input."""
+    return tuple(None if g is None else _in_format_of(g, x) for g, x in zip(grads, inputs, strict=True))
 
 
 def aggregation_forward(
     value: torch.Tensor, attn: torch.Tensor, offset: torch.Tensor, kernel_size: int, dilation: int, groups: int
 ) -> torch.Tensor:
-    """out ``[B,C,H,W]`` of ``deform_aggregation`` (validated inputs of one dtype and device)."""
-    return aggregate(value.contiguous(), attn.contiguous(), offset.contiguous(), kernel_size, dilation, groups, 1.0)
+    """out ``[B,C,H,W]`` of ``deform_aggregation`` (validated inputs of one dtype and device), in the memory
+    format of value."""
+    if kernel_variant() == "fast":
+        out, _ = fast_forward(None, value, offset, attn, kernel_size, dilation, groups, 1.0, 1.0)
+    else:
+        out = aggregate(value.contiguous(), attn.contiguous(), offset.contiguous(), kernel_size, dilation, groups, 1.0)
+    return _in_format_of(out, value)
 
 
 def aggregation_backward(
@@ -247,22 +471,32 @@ def aggregation_backward(
     needs: Needs,
 ) -> Grads:
     """(d value, d attn, d offset) of ``deform_aggregation``, None where ``needs`` says False."""
-    value, attn, offset, grad_out = value.contiguous(), attn.contiguous(), offset.contiguous(), grad_out.contiguous()
-    window = (kernel_size, dilation, groups, 1.0)
     need_v, need_a, need_o = needs
-    grad_v = scatter(attn, grad_out, offset, *window) if need_v else None
-    grad_a = correlate(grad_out, value, offset, *window) if need_a else None
-    grad_o = offset_grad(attn, grad_out, value, offset, *window) if need_o else None
-    return grad_v, grad_a, grad_o
+    if kernel_variant() == "fast":
+        window = (kernel_size, dilation, groups, (False, need_v, need_o, need_a), 1.0)
+        _, grad_v, grad_o, grad_a = fast_backward(None, value, offset, attn, grad_out, None, *window)
+    else:
+        v, a, o, go = value.contiguous(), attn.contiguous(), offset.contiguous(), grad_out.contiguous()
+        window = (kernel_size, dilation, groups, 1.0)
+        grad_v = scatter(a, go, o, *window) if need_v else None
+        grad_a = correlate(go, v, o, *window) if need_a else None
+        grad_o = offset_grad(a, go, v, o, *window) if need_o else None
+    return _formats((grad_v, grad_a, grad_o), (value, attn, offset))
 
 
 def attention_forward(
     query: torch.Tensor, kv: torch.Tensor, offset: torch.Tensor, kernel_size: int, dilation: int, groups: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out ``[B,C,H,W]``, attn ``[B,G·K²,H,W]``) of the SIFA step, from one correlation pass."""
-    query, kv, offset = query.contiguous(), kv.contiguous(), offset.contiguous()
-    attn = correlate(query, kv, offset, kernel_size, dilation, groups, groups / query.shape[1])
-    return aggregate(kv, attn, offset, kernel_size, dilation, groups, 1.0), attn
+    """(out ``[B,C,H,W]``, attn ``[B,G·K²,H,W]``) of the SIFA step, from one correlation pass, in the memory
+    format of query."""
+    scale = groups / query.shape[1]
+    if kernel_variant() == "fast":
+        out, attn = fast_forward(query, kv, offset, None, kernel_size, dilation, groups, scale, 1.0)
+    else:
+        q, kv, offset = query.contiguous(), kv.contiguous(), offset.contiguous()
+        attn = correlate(q, kv, offset, kernel_size, dilation, groups, scale)
+        out = aggregate(kv, attn, offset, kernel_size, dilation, groups, 1.0)
+    return _in_format_of(out, query), _in_format_of(attn, query)
 
 
 def attention_backward(
@@ -278,13 +512,19 @@ def attention_backward(
     needs: Needs,
 ) -> Grads:
     """(d query, d kv, d offset) of the SIFA step from the gradients on out and on attn (either may be None:
-    an unused output costs no work). d kv and d offset of both ops are taken in one two-term pass each."""
+    an unused output costs no work). Fast: one launch for all three. Simple: d kv and d offset of both ops
+    are taken in one two-term pass each."""
     if grad_out is None and grad_attn_in is None:
         return None, None, None
-    query, kv, offset = query.contiguous(), kv.contiguous(), offset.contiguous()
     scale = groups / query.shape[1]
-    geometry = (kernel_size, dilation, groups)
     need_q, need_kv, need_o = needs
+    if kernel_variant() == "fast":
+        window = (kernel_size, dilation, groups, (need_q, need_kv, need_o, False), scale)
+        grad_q, grad_kv, grad_o, _ = fast_backward(query, kv, offset, attn, grad_out, grad_attn_in, *window)
+        return _formats((grad_q, grad_kv, grad_o), (query, kv, offset))
+    inputs = (query, kv, offset)
+    query, kv, offset = query.contiguous(), kv.contiguous(), offset.contiguous()
+    geometry = (kernel_size, dilation, groups)
     # out = Σ_k attn_k · S_k(kv): d attn through the aggregation (plus any d attn from outside), then
     # the correlation's chain
     grad_attn, direct = None, None
@@ -298,7 +538,7 @@ def attention_backward(
     grad_q = aggregate(kv, grad_attn, offset, *geometry, scale) if need_q else None
     grad_kv = scatter(grad_attn, query, offset, *geometry, scale, second=direct) if need_kv else None
     grad_o = offset_grad(grad_attn, query, kv, offset, *geometry, scale, second=direct) if need_o else None
-    return grad_q, grad_kv, grad_o
+    return _formats((grad_q, grad_kv, grad_o), inputs)
 
 
 # ------------------------------------------------------------------ autograd Functions (torch < 2.4)
@@ -310,7 +550,6 @@ class DeformCorrelationFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, offset, kernel_size: int, dilation: int, groups: int):
-        query, key, offset = query.contiguous(), key.contiguous(), offset.contiguous()
         ctx.save_for_backward(query, key, offset)
         ctx.window = (kernel_size, dilation, groups)
         return correlation_forward(query, key, offset, kernel_size, dilation, groups)
@@ -328,7 +567,6 @@ class DeformAggregationFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, value, attn, offset, kernel_size: int, dilation: int, groups: int):
-        value, attn, offset = value.contiguous(), attn.contiguous(), offset.contiguous()
         ctx.save_for_backward(value, attn, offset)
         ctx.window = (kernel_size, dilation, groups)
         return aggregation_forward(value, attn, offset, kernel_size, dilation, groups)
@@ -351,7 +589,6 @@ class DeformAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, kv, offset, kernel_size: int, dilation: int, groups: int):
-        query, kv, offset = query.contiguous(), kv.contiguous(), offset.contiguous()
         out, attn = attention_forward(query, kv, offset, kernel_size, dilation, groups)
         ctx.save_for_backward(query, kv, offset, attn)
         ctx.window = (kernel_size, dilation, groups)
@@ -377,7 +614,7 @@ if CUSTOM_OPS:
 
     def _fake_grads(needs: list[bool], inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         return tuple(
-            torch.empty_like(x, memory_format=torch.contiguous_format) if n else placeholder(x)
+            torch.empty_like(x, memory_format=memory_format_of(x)) if n else placeholder(x)
             for n, x in zip(needs, inputs, strict=True)
         )
 
@@ -397,7 +634,8 @@ if CUSTOM_OPS:
     @_correlation_op.register_fake
     def _(query, key, offset, kernel_size, dilation, groups):
         batch, _, height, width = query.shape
-        return query.new_empty((batch, groups * kernel_size**2, height, width))
+        shape = (batch, groups * kernel_size**2, height, width)
+        return torch.empty(shape, dtype=query.dtype, device=query.device, memory_format=memory_format_of(query))
 
     @torch.library.custom_op(
         "vmm::deform_correlation_backward",
@@ -453,7 +691,7 @@ if CUSTOM_OPS:
 
     @_aggregation_op.register_fake
     def _(value, attn, offset, kernel_size, dilation, groups):
-        return torch.empty_like(value, memory_format=torch.contiguous_format)
+        return torch.empty_like(value, memory_format=memory_format_of(value))
 
     @torch.library.custom_op(
         "vmm::deform_aggregation_backward",
@@ -511,8 +749,10 @@ if CUSTOM_OPS:
     @_attention_op.register_fake
     def _(query, kv, offset, kernel_size, dilation, groups):
         batch, _, height, width = query.shape
-        out = torch.empty_like(kv, memory_format=torch.contiguous_format)
-        return out, query.new_empty((batch, groups * kernel_size**2, height, width))
+        layout = memory_format_of(query)
+        out = torch.empty(query.shape, dtype=query.dtype, device=query.device, memory_format=layout)
+        shape = (batch, groups * kernel_size**2, height, width)
+        return out, torch.empty(shape, dtype=query.dtype, device=query.device, memory_format=layout)
 
     @torch.library.custom_op(
         "vmm::deform_attention_backward",
