@@ -23,17 +23,7 @@
 // j, j+J, j+2J, ... so a warp still reads consecutive addresses), sums in registers, and adds its
 // sums to its own slot of acc [11, n_slots]; torch reduces acc at the end. Slots are owned by one
 // thread and the mapping is the same in every launch, so the result is deterministic.
-#include "vmm_common.cuh"
-
-#define TVL1_EPS 1e-12
-
-// Accumulator rows of acc [11, n_slots].
-#define ACC_R 0      // d/dr
-#define ACC_FX0 1    // fwd_x taps, fwd_y taps (4 rows)
-#define ACC_THETA 5  // d/dtheta_e through theta_e * div(p)
-#define ACC_LT 6     // d/d(lambda * theta_e)
-#define ACC_DX0 7    // div_x taps, div_y taps (4 rows)
-#define ACC_ROWS 11
+#include "tvl1_common.cuh"
 
 // Splits a linear index i < B*C*H*W into (plane bc = b*C + c, row h, column w). When every index
 // fits in 32 bits (nearly always) the divisions run in 32-bit unsigned arithmetic, several times
@@ -56,46 +46,12 @@ __device__ __forceinline__ void tvl1_split(vmm_i64 i, vmm_i64 HW, vmm_i64 W, boo
     }
 }
 
-// Square root in the accumulation type (sqrtf for float, so a float kernel never promotes to double).
-__device__ __forceinline__ float tvl1_sqrt(float x) { return sqrtf(x); }
-__device__ __forceinline__ double tvl1_sqrt(double x) { return sqrt(x); }
-
 __device__ __forceinline__ vmm_i64 tvl1_div(vmm_i64 a, vmm_i64 b, bool narrow) {
     return narrow ? (vmm_i64)((unsigned int)a / (unsigned int)b) : a / b;
 }
 
-template <typename A>
-struct tvl1_taps {
-    A fx0, fx1, fy0, fy1, dx0, dx1, dy0, dy1;
-};
-
-template <typename T>
-__device__ __forceinline__ tvl1_taps<typename vmm_acc<T>::type> tvl1_load_taps(const T* st, vmm_i64 c) {
-    tvl1_taps<typename vmm_acc<T>::type> k;
-    k.fx0 = vmm_load(st, c * 8 + 0);
-    k.fx1 = vmm_load(st, c * 8 + 1);
-    k.fy0 = vmm_load(st, c * 8 + 2);
-    k.fy1 = vmm_load(st, c * 8 + 3);
-    k.dx0 = vmm_load(st, c * 8 + 4);
-    k.dx1 = vmm_load(st, c * 8 + 5);
-    k.dy0 = vmm_load(st, c * 8 + 6);
-    k.dy1 = vmm_load(st, c * 8 + 7);
-    return k;
-}
-
 // The threshold step v(rho(u)) = coef * (g1, g2) at one pixel, both components (gradients of the
-// backward follow the branch selected here). i indexes [B,C,H,W]. NaN policy, as the reference's
-// threshold_coefficient: a NaN rho or image gradient fails both comparisons and is not flat, so it
-// takes the linear step; "+ rho * 0" makes a NaN or infinite residual a NaN step in every branch.
-template <typename A>
-__device__ __forceinline__ A tvl1_coef(A rho, A grad, A lt) {
-    const A nan_of_rho = rho * (A)0;
-    if (rho < -(lt * grad)) return lt + nan_of_rho;
-    if (rho > lt * grad) return -lt + nan_of_rho;
-    if (grad <= (A)TVL1_EPS) return (A)0 + nan_of_rho;
-    return -rho / grad + nan_of_rho;
-}
-
+// backward follow the branch selected here). i indexes [B,C,H,W]. NaN policy: tvl1_coef.
 template <typename T, typename A>
 __device__ __forceinline__ void tvl1_threshold(const T* gx, const T* gy, const T* rho_c, A u1, A u2, A lt,
                                                vmm_i64 i, A& v1, A& v2) {

@@ -1,19 +1,29 @@
-"""The fused TV-L1 kernels (``kernels/tvl1.cu``) as a torch custom op (an autograd Function before torch 2.4)
-with a hand-written backward.
+"""The TV-L1 kernels as a torch custom op (an autograd Function before torch 2.4) with a hand-written
+backward, in two variants (``ops.kernel_loader.kernel_variant()``, docs/architecture.md §6):
+
+* **fast** (the default; ``kernels/tvl1_plane.cu``): one thread block per ``(b, c)`` plane runs all
+  n_iter iterations in one launch, the plane's state in registers and shared memory (two barriers per
+  iteration), and the backward's whole reverse sweep in one more launch. Used when a plane fits a block:
+  ``H·W <= PLANE_MAX_PIXELS[dtype]`` (1024 pixels in float32, 512 in float64).
+* **simple** (``kernels/tvl1.cu``, also the fallback for larger planes): one thread per pixel, one
+  launch per iteration in the forward (the dual step of one iteration fused with the primal step of
+  the next) and two per iteration in the backward.
 
 The image gradient, ``rho_c = i1 - i0`` and the scalars ``(|θ|+ε, λ(|θ|+ε), τ/(|θ|+ε))`` are computed
 by torch once per call (cheap, and autograd takes them back to i0, i1, the image stencils and θ, λ,
 τ); the n_iter iterations run in the custom op ``vmm::tvl1_iterations`` (torch >= 2.4, see
-ops/library.py; :class:`TVL1Iterations` on older torch), one kernel launch per iteration in the
-forward (the dual step of one iteration fused with the primal step of the next).
+ops/library.py; :class:`TVL1Iterations` on older torch), which picks the variant at each call.
 
 Memory: the forward keeps only the state ``(u, p)`` (6 maps of ``[B,C,H,W]``) every
-``L = ceil(sqrt(n_iter))`` iterations, plus gx, gy, rho_c. The backward runs the adjoint of each
-iteration in reverse (two launches; the dual adjoint recomputes u_k on the fly); the state before
-each iteration is recomputed from its segment's checkpoint into one work state (at most L - 1
-extra steps each, about n_iter·(L-1)/2 in all, run as fused iterations too). Peak memory is
-therefore about ``6·n_iter/L + 3`` saved maps plus a fixed working set of about 23 maps (work
-state, adjoints, gradient accumulators), against ≈ 26·n_iter maps the autograd reference saves.
+``L = ceil(sqrt(n_iter))`` iterations, plus gx, gy, rho_c (both variants write the same checkpoints,
+so a forward of one variant can be differentiated by the other). The backward runs the adjoint of each
+iteration in reverse. The simple backward recomputes the state before each iteration from its
+segment's checkpoint into one work state (about n_iter·(L-1)/2 extra steps) and holds a working set
+of about 23 maps (work state, adjoints, gradient accumulators). The fast backward recomputes each
+segment once (n_iter - ceil(n_iter/L) extra steps) into a per-block scratch of ``6·(L+1)`` plane maps
+(the grid is capped at ``PLANE_BLOCKS_PER_SM`` blocks per SM, so the scratch does not grow with the
+batch), keeps the adjoints in registers and writes only the 3 input-gradient maps. Saved maps: about
+``6·n_iter/L + 3``, against ≈ 26·n_iter maps the autograd reference saves.
 
 CUDA tensors launch through CuPy; CPU tensors run the same kernels through the host emulation, which
 is how the tests check this path (values and float64 gradcheck) without a GPU.
@@ -25,15 +35,35 @@ kernels): same values, and NaN at the same places, forward and backward.
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import torch
 from torch import Tensor
 
-from ..kernel_loader import KernelSource
+from ..kernel_loader import KernelSource, kernel_variant
 from ..library import CUSTOM_OPS, check_kernel_device
 from .reference import EPS, image_gradient
 
 TVL1_SOURCE = KernelSource("tvl1.cu", ("tvl1_primal", "tvl1_dual", "tvl1_iter", "tvl1_dual_adj", "tvl1_primal_adj"))
+TVL1_PLANE_SOURCE = KernelSource("tvl1_plane.cu", ("tvl1_plane_forward", "tvl1_plane_backward"))
+
+#: The largest (b, c) plane, in pixels, one block of the fast kernels holds, per compute dtype: the
+#: kernels' tvl1_plane_limits (kernels/tvl1_plane.cu), which this must match. Larger planes take the
+#: simple kernels.
+PLANE_MAX_PIXELS = {torch.float32: 1024, torch.float64: 512}
+#: The fast kernels' largest block and the pixels each thread owns (tvl1_plane.cu: TVL1_PLANE_THREADS,
+#: PIXELS_PER_THREAD); a block is whole warps.
+PLANE_MAX_THREADS = 1024
+PLANE_PIXELS_PER_THREAD = 1
+#: Fast backward grid on CUDA: at most this many blocks per SM, each walking several planes (the
+#: scratch of recomputed states is per block). Under host emulation the grid is EMULATED_PLANE_BLOCKS,
+#: so the tests exercise the block-stride loop over planes.
+PLANE_BLOCKS_PER_SM = 4
+EMULATED_PLANE_BLOCKS = 2
+
+#: How many times each kernel path ran in this process ("forward:plane", "forward:simple",
+#: "backward:plane", "backward:simple"): lets tests and benchmarks check which path a call took.
+path_counts: Counter[str] = Counter()
 
 #: Pixels summed per thread in the adjoint kernels' per-channel reductions (acc holds numel / strip
 #: slots): up to MAX_STRIP, but never so many that fewer than MIN_THREADS threads run.
@@ -179,6 +209,83 @@ class _Launcher:
             self.dual(u_out, p, p_out)
 
 
+def tvl1_path(dtype: torch.dtype, height: int, width: int) -> str:
+    """Which kernels a call on ``[B,C,height,width]`` maps of compute dtype ``dtype`` runs now: "plane" (the
+    fast whole-plane kernels: variant "fast" and the plane fits a block) or "simple"."""
+    if kernel_variant() == "fast" and 1 <= height * width <= PLANE_MAX_PIXELS.get(dtype, 0):
+        return "plane"
+    return "simple"
+
+
+def plane_threads(pixels: int) -> int:
+    """Threads of a fast-kernel block for a plane of ``pixels``: whole warps, PLANE_PIXELS_PER_THREAD
+    pixels each."""
+    warps = -(-pixels // (32 * PLANE_PIXELS_PER_THREAD))
+    return min(PLANE_MAX_THREADS, 32 * max(1, warps))
+
+
+_sm_counts: dict[int, int] = {}
+
+
+def plane_blocks(device: torch.device, planes: int, per_sm: int | None) -> int:
+    """Grid of a fast kernel over ``planes`` planes: one block per plane (``per_sm`` None) or at most
+    ``per_sm`` blocks per SM on CUDA; EMULATED_PLANE_BLOCKS under host emulation."""
+    if device.type != "cuda":
+        return min(planes, EMULATED_PLANE_BLOCKS)
+    if per_sm is None:
+        return min(planes, 2**31 - 1)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _sm_counts:
+        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return min(planes, _sm_counts[index] * per_sm)
+
+
+def _plane_forward(
+    gx: Tensor, gy: Tensor, rho_c: Tensor, params: Tensor, st: Tensor, n_iter: int, steps: list[int]
+) -> tuple[Tensor, Tensor, Tensor]:
+    b, c, h, w = gx.shape
+    u = gx.new_empty((b, 2 * c, h, w))
+    ckpt_u = gx.new_empty((len(steps), b, 2 * c, h, w))
+    ckpt_p = gx.new_empty((len(steps), b, 4 * c, h, w))
+    args = (gx, gy, rho_c, params, st, u, ckpt_u, ckpt_p, b, c, h, w, n_iter, segment_length(n_iter), len(steps))
+    grid = (plane_blocks(gx.device, b * c, None), 1, 1)
+    TVL1_PLANE_SOURCE.launch("tvl1_plane_forward", args, dtype=gx.dtype, grid=grid, block=(plane_threads(h * w), 1, 1))
+    path_counts["forward:plane"] += 1
+    return u, ckpt_u, ckpt_p
+
+
+def _plane_backward(
+    grad_u: Tensor,
+    gx: Tensor,
+    gy: Tensor,
+    rho_c: Tensor,
+    params: Tensor,
+    st: Tensor,
+    ckpt_u: Tensor,
+    ckpt_p: Tensor,
+    n_iter: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    b, c, h, w = gx.shape
+    seg = segment_length(n_iter)
+    blocks = plane_blocks(gx.device, b * c, PLANE_BLOCKS_PER_SM)
+    scratch = gx.new_empty((blocks, (seg + 1) * 6 * h * w))  # each block's recomputed segment states
+    ggx, ggy, grho = torch.empty_like(gx), torch.empty_like(gx), torch.empty_like(gx)
+    acc = gx.new_empty((ACC_ROWS, b * c))  # one sum per plane and row
+    grad_u = grad_u.to(gx.dtype).contiguous()
+    args = (gx, gy, rho_c, params, st, grad_u, ckpt_u, ckpt_p, scratch, ggx, ggy, grho, acc, b, c, h, w, n_iter, seg)
+    block = (plane_threads(h * w), 1, 1)
+    TVL1_PLANE_SOURCE.launch("tvl1_plane_backward", args, dtype=gx.dtype, grid=(blocks, 1, 1), block=block)
+    path_counts["backward:plane"] += 1
+    return (ggx, ggy, grho, *_parameter_gradients(acc.view(ACC_ROWS, b, c).sum(dim=1), params, st))
+
+
+def _parameter_gradients(sums: Tensor, params: Tensor, st: Tensor) -> tuple[Tensor, Tensor]:
+    """(d params [3], d st [C,8]) from the per-channel sums [11, C] of the acc rows."""
+    grad_params = torch.stack([sums[5].sum(), sums[6].sum(), sums[0].sum()]).to(params.dtype)
+    grad_st = sums[_ACC_STENCIL_ROWS].t().contiguous().to(st.dtype)
+    return grad_params, grad_st
+
+
 def checkpoint_steps(n_iter: int) -> list[int]:
     """The iterations k after which the forward keeps the state (u_k, p_k) for the backward: every
     :func:`segment_length` iterations, excluding 0 (the zero state) and n_iter (never needed)."""
@@ -192,9 +299,12 @@ def tvl1_forward(
     """``n_iter`` fused iterations: ``(u [B,2C,H,W], ckpt_u [S,B,2C,H,W], ckpt_p [S,B,4C,H,W])``, the
     checkpoints being the states after the iterations of :func:`checkpoint_steps` (S = 0 unless
     ``keep``). The launches write the checkpoints straight into their slots (no copy); ``u`` never
-    aliases them."""
-    run = _Launcher(gx, gy, rho_c, params, st)
+    aliases them. The kernels: :func:`tvl1_path`."""
     steps = checkpoint_steps(n_iter) if keep else []
+    if tvl1_path(gx.dtype, gx.shape[2], gx.shape[3]) == "plane":
+        return _plane_forward(gx, gy, rho_c, params, st, n_iter, steps)
+    path_counts["forward:simple"] += 1
+    run = _Launcher(gx, gy, rho_c, params, st)
     slot = {k: i for i, k in enumerate(steps)}
     ckpt_u = gx.new_empty((len(steps), run.b, 2 * run.c, run.h, run.w))
     ckpt_p = gx.new_empty((len(steps), run.b, 4 * run.c, run.h, run.w))
@@ -229,7 +339,11 @@ def tvl1_backward(
     n_iter: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(d gx, d gy, d rho_c, d params, d st) of :func:`tvl1_forward` (run with ``keep``) from d u: the
-    adjoint of each iteration in reverse, each state recomputed from its segment's checkpoint."""
+    adjoint of each iteration in reverse, each state recomputed from its segment's checkpoint. The
+    kernels: :func:`tvl1_path`."""
+    if tvl1_path(gx.dtype, gx.shape[2], gx.shape[3]) == "plane":
+        return _plane_backward(grad_u, gx, gy, rho_c, params, st, ckpt_u, ckpt_p, n_iter)
+    path_counts["backward:simple"] += 1
     run = _Launcher(gx, gy, rho_c, params, st)
     seg = segment_length(n_iter)
     checkpoints = {k: (ckpt_u[i], ckpt_p[i]) for i, k in enumerate(checkpoint_steps(n_iter))}
@@ -256,9 +370,7 @@ def tvl1_backward(
             run.primal_adj(u_old, p_old, ubar, gbar, has_dual, spare, pbar, ggx, ggy, grho, acc)
             ubar, spare = spare, ubar
     sums = acc.view(ACC_ROWS, run.b, run.c, run.j).sum(dim=(1, 3))  # [11, C]
-    grad_params = torch.stack([sums[5].sum(), sums[6].sum(), sums[0].sum()]).to(params.dtype)
-    grad_st = sums[_ACC_STENCIL_ROWS].t().contiguous().to(st.dtype)
-    return ggx, ggy, grho, grad_params, grad_st
+    return (ggx, ggy, grho, *_parameter_gradients(sums, params, st))
 
 
 class TVL1Iterations(torch.autograd.Function):

@@ -1,0 +1,498 @@
+// The TV-L1 iteration of Representation Flow (docs/repflow.md §1) with one thread block per (b, c)
+// plane: the "fast" kernel variant for planes of up to tvl1_plane_limits<A>::MAX_PIXELS pixels (larger
+// planes run tvl1.cu, the "simple" variant). Same layouts, arguments and results as tvl1.cu.
+//
+// Every plane is solved independently (depthwise stencils), so a block can run all n_iter iterations
+// of its plane in one launch: the state of the plane lives in registers (thread t owns pixel t, and
+// t + blockDim, ... if PIXELS_PER_THREAD > 1, so warps touch consecutive addresses) and neighbours
+// exchange values through shared memory, two barriers per iteration:
+//   primal step (reads p of the left and upper neighbours) -> u to shared -> barrier ->
+//   dual step (reads u of the right and lower neighbours)  -> p to shared -> barrier.
+// Global memory is touched once per plane: gx, gy, rho_c in, u out, plus the checkpoint states the
+// backward needs (written from registers). The threshold divides by the constant |grad i1|^2 + eps:
+// its reciprocal is taken once per pixel; the dual step multiplies by 1/s.
+//
+// tvl1_plane_backward runs the whole reverse sweep of a plane in one block: for each checkpoint
+// segment, last first, it recomputes the segment's states once (slot s of a per-block scratch in
+// global memory holds the state after start + s iterations; a 28x28 segment does not fit in 48 KiB
+// of shared memory), then runs the adjoint iterations in reverse, with the adjoints (ubar, pbar) and
+// the gradients of gx, gy, rho_c in registers and two barriers per iteration (gbar, then the full
+// ubar, through shared memory). The per-channel parameter and stencil gradient sums are reduced by a
+// fixed tree of warp shuffles and shared memory (deterministic, no atomics): one value per plane and
+// acc row; torch sums the planes of a channel.
+// Blocks walk the planes with a block-stride loop, so the scratch is sized by the grid, not the batch.
+#include "tvl1_common.cuh"
+
+// Per compute type: the largest plane (pixels) a block holds and the pixels one thread owns. Static
+// shared memory is 6 maps of MAX_PIXELS (24 KiB for both), under the 48 KiB static limit. One pixel
+// per thread keeps the per-thread state in few registers, hence many warps per SM to hide the
+// barriers' latency. ops/repflow/kernels.py mirrors these numbers (PLANE_MAX_PIXELS,
+// PLANE_PIXELS_PER_THREAD) to choose the kernels and the block.
+#define TVL1_PLANE_THREADS 1024
+template <typename A>
+struct tvl1_plane_limits;
+template <>
+struct tvl1_plane_limits<float> {
+    static const int MAX_PIXELS = 1024;
+    static const int PIXELS_PER_THREAD = 1;
+};
+template <>
+struct tvl1_plane_limits<double> {
+    static const int MAX_PIXELS = 512;
+    static const int PIXELS_PER_THREAD = 1;
+};
+
+// Whether a block of nt threads can hold an H x W plane (the launcher guarantees it; a kernel that
+// finds otherwise writes NaN rather than a partial result). nt must be whole warps (the reduction).
+template <typename A>
+__device__ __forceinline__ bool tvl1_plane_fits(vmm_i64 H, vmm_i64 W, int nt) {
+    typedef tvl1_plane_limits<A> lim;
+    return H >= 1 && W >= 1 && H * W <= lim::MAX_PIXELS && nt >= 32 && nt <= TVL1_PLANE_THREADS &&
+           nt % 32 == 0 && (vmm_i64)nt * lim::PIXELS_PER_THREAD >= H * W;
+}
+
+// One pixel a thread owns: its index in the plane and which neighbours exist.
+struct tvl1_pixel {
+    int i;
+    bool valid, left, right, up, down;
+};
+
+__device__ __forceinline__ tvl1_pixel tvl1_make_pixel(int i, int H, int W) {
+    tvl1_pixel q;
+    q.i = i;
+    q.valid = i < H * W;
+    const int h = q.valid ? i / W : 0;
+    const int w = i - h * W;
+    q.left = w > 0;
+    q.right = w < W - 1;
+    q.up = h > 0;
+    q.down = h < H - 1;
+    return q;
+}
+
+// tvl1_coef with the reciprocal of grad given (grad is constant over the iterations). Same branches
+// and NaN policy; -rho * (1/grad) for -rho / grad (a rounding apart).
+template <typename A>
+__device__ __forceinline__ A tvl1_coef_r(A rho, A grad, A inv_grad, A lt) {
+    const A nan_of_rho = rho * (A)0;
+    if (rho < -(lt * grad)) return lt + nan_of_rho;
+    if (rho > lt * grad) return -lt + nan_of_rho;
+    if (grad <= (A)TVL1_EPS) return (A)0 + nan_of_rho;
+    return -rho * inv_grad + nan_of_rho;
+}
+
+// The divergence of (p_m1, p_m2) at pixel q, given its own values (pa = p_m1, pb = p_m2) and the
+// left / upper neighbours' values (read only where they exist): the last column of p_m1 and the last
+// row of p_m2 read 0 (p~ of tvl1.cu).
+template <typename A>
+__device__ __forceinline__ A tvl1_plane_div(const tvl1_taps<A>& k, const tvl1_pixel& q, A a_left, A pa, A b_up,
+                                            A pb) {
+    const A a_here = q.right ? pa : (A)0;
+    const A b_here = q.down ? pb : (A)0;
+    return (k.dx0 * (q.left ? a_left : (A)0) + k.dx1 * a_here) + (k.dy0 * (q.up ? b_up : (A)0) + k.dy1 * b_here);
+}
+
+// NaN in every element of `maps` maps of hw pixels at out + base + m * stride (a launch that the block
+// cannot hold: see tvl1_plane_fits).
+template <typename T, typename A>
+__device__ __forceinline__ void tvl1_plane_nan_fill(T* out, vmm_i64 base, vmm_i64 stride, int maps, int hw,
+                                                    int t, int nt) {
+    const A nan = (A)vmm_bits_to_float(0x7fc00000u);
+    for (int m = 0; m < maps; ++m)
+        for (int i = t; i < hw; i += nt) vmm_store(out + base + m * stride + i, nan);
+}
+
+// n_iter iterations of each (b, c) plane from the zero state. u_out [B,2C,H,W] = u_{n_iter}. The states
+// (u_k, p_k) after k = seg, 2 seg, ..., n_ckpt seg (< n_iter) go to ckpt_u [n_ckpt,B,2C,H,W] and
+// ckpt_p [n_ckpt,B,4C,H,W] (slot k / seg - 1), as tvl1_forward's launches write them.
+template <typename T>
+__global__ void __launch_bounds__(TVL1_PLANE_THREADS)
+    tvl1_plane_forward(const T* __restrict__ gx, const T* __restrict__ gy, const T* __restrict__ rho_c,
+                       const T* __restrict__ params, const T* __restrict__ st, T* __restrict__ u_out,
+                       T* __restrict__ ckpt_u, T* __restrict__ ckpt_p, vmm_i64 B, vmm_i64 C, vmm_i64 H,
+                       vmm_i64 W, vmm_i64 n_iter, vmm_i64 seg, vmm_i64 n_ckpt) {
+    typedef typename vmm_acc<T>::type A;
+    typedef tvl1_plane_limits<A> lim;
+    const int PPT = lim::PIXELS_PER_THREAD;
+    const int MAXP = lim::MAX_PIXELS;
+    __shared__ A sh[6 * lim::MAX_PIXELS];
+    A* sh_u = sh;             // u1, u2 after the last primal step
+    A* sh_p = sh + 2 * MAXP;  // p11, p12, p21, p22 after the last dual step
+    const int nt = blockDim.x, t = threadIdx.x;
+    const vmm_i64 n_planes = B * C;
+    if (!tvl1_plane_fits<A>(H, W, nt)) {
+        for (vmm_i64 bc = blockIdx.x; bc < n_planes; bc += gridDim.x) {
+            const vmm_i64 b = bc / C;
+            tvl1_plane_nan_fill<T, A>(u_out, (bc + b * C) * H * W, C * H * W, 2, (int)(H * W), t, nt);
+        }
+        return;
+    }
+    const int Hi = (int)H, Wi = (int)W, hw = Hi * Wi;
+    const vmm_i64 CHW = C * hw;
+    const A eps = (A)TVL1_EPS;
+    const A theta = vmm_load(params, 0), lt = vmm_load(params, 1), r = vmm_load(params, 2);
+    for (vmm_i64 bc = blockIdx.x; bc < n_planes; bc += gridDim.x) {
+        const vmm_i64 b = bc / C, c = bc - b * C;
+        const tvl1_taps<A> k = tvl1_load_taps(st, c);
+        const vmm_i64 g_base = bc * hw, u_base = (bc + b * C) * hw, p_base = (bc + 3 * b * C) * hw;
+        tvl1_pixel px[PPT];
+        A g1[PPT], g2[PPT], rc[PPT], grad[PPT], inv_grad[PPT], u[2][PPT], p[4][PPT];
+        __syncthreads();  // the previous plane's last reads of sh_p are done
+        #pragma unroll
+        for (int j = 0; j < PPT; ++j) {
+            px[j] = tvl1_make_pixel(t + j * nt, Hi, Wi);
+            if (!px[j].valid) continue;
+            const int i = px[j].i;
+            g1[j] = vmm_load(gx, g_base + i);
+            g2[j] = vmm_load(gy, g_base + i);
+            rc[j] = vmm_load(rho_c, g_base + i);
+            grad[j] = g1[j] * g1[j] + g2[j] * g2[j] + eps;
+            inv_grad[j] = (A)1 / grad[j];
+            u[0][j] = u[1][j] = (A)0;
+            #pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                p[q][j] = (A)0;
+                sh_p[q * MAXP + i] = (A)0;
+            }
+        }
+        __syncthreads();
+        for (vmm_i64 it = 1; it <= n_iter; ++it) {
+            // Primal step: u_it from (u_{it-1}, p_{it-1}).
+            #pragma unroll
+            for (int j = 0; j < PPT; ++j) {
+                if (!px[j].valid) continue;
+                const int i = px[j].i;
+                const A rho = rc[j] + g1[j] * u[0][j] + g2[j] * u[1][j];
+                const A coef = tvl1_coef_r(rho, grad[j], inv_grad[j], lt);
+                const A g[2] = {g1[j], g2[j]};
+                #pragma unroll
+                for (int m = 0; m < 2; ++m) {
+                    const A a_left = px[j].left ? sh_p[2 * m * MAXP + i - 1] : (A)0;
+                    const A b_up = px[j].up ? sh_p[(2 * m + 1) * MAXP + i - Wi] : (A)0;
+                    const A div = tvl1_plane_div(k, px[j], a_left, p[2 * m][j], b_up, p[2 * m + 1][j]);
+                    u[m][j] = u[m][j] + coef * g[m] + theta * div;
+                }
+            }
+            if (it == n_iter) break;  // the last dual step cannot change u
+            #pragma unroll
+            for (int j = 0; j < PPT; ++j) {
+                if (!px[j].valid) continue;
+                sh_u[px[j].i] = u[0][j];
+                sh_u[MAXP + px[j].i] = u[1][j];
+            }
+            __syncthreads();
+            // Dual step: p_it from (u_it, p_{it-1}). Every read of sh_p (primal step) is done.
+            #pragma unroll
+            for (int j = 0; j < PPT; ++j) {
+                if (!px[j].valid) continue;
+                const int i = px[j].i;
+                #pragma unroll
+                for (int m = 0; m < 2; ++m) {
+                    const A z = u[m][j];
+                    const A zx = px[j].right ? k.fx0 * z + k.fx1 * sh_u[m * MAXP + i + 1] : (A)0;
+                    const A zy = px[j].down ? k.fy0 * z + k.fy1 * sh_u[m * MAXP + i + Wi] : (A)0;
+                    const A inv_s = (A)1 / (1 + r * tvl1_sqrt(zx * zx + zy * zy + eps));
+                    p[2 * m][j] = (p[2 * m][j] + r * zx) * inv_s;
+                    p[2 * m + 1][j] = (p[2 * m + 1][j] + r * zy) * inv_s;
+                    sh_p[2 * m * MAXP + i] = p[2 * m][j];
+                    sh_p[(2 * m + 1) * MAXP + i] = p[2 * m + 1][j];
+                }
+            }
+            __syncthreads();
+            if (it % seg == 0 && it / seg <= n_ckpt) {
+                const vmm_i64 slot = it / seg - 1;
+                T* cu = ckpt_u + slot * B * 2 * CHW + u_base;
+                T* cp = ckpt_p + slot * B * 4 * CHW + p_base;
+                #pragma unroll
+                for (int j = 0; j < PPT; ++j) {
+                    if (!px[j].valid) continue;
+                    #pragma unroll
+                    for (int m = 0; m < 2; ++m) vmm_store(cu + m * CHW + px[j].i, u[m][j]);
+                    #pragma unroll
+                    for (int q = 0; q < 4; ++q) vmm_store(cp + q * CHW + px[j].i, p[q][j]);
+                }
+            }
+        }
+        #pragma unroll
+        for (int j = 0; j < PPT; ++j) {
+            if (!px[j].valid) continue;
+            #pragma unroll
+            for (int m = 0; m < 2; ++m) vmm_store(u_out + u_base + m * CHW + px[j].i, u[m][j]);
+        }
+    }
+}
+
+// The adjoint of tvl1_plane_forward (and of tvl1_forward: the same checkpoints). In: grad_u
+// [B,2C,H,W] (d u_{n_iter}), the checkpoints (n_iter / seg rounded up, minus one, states). Out: ggx,
+// ggy, grho [B,C,H,W] (every element written), acc [11, B*C] (row ACC_*, column b*C + c: this plane's
+// sum). scratch: (seg + 1) * 6 * H*W elements per block of the grid.
+template <typename T>
+__global__ void __launch_bounds__(TVL1_PLANE_THREADS)
+    tvl1_plane_backward(const T* __restrict__ gx, const T* __restrict__ gy, const T* __restrict__ rho_c,
+                        const T* __restrict__ params, const T* __restrict__ st, const T* __restrict__ grad_u,
+                        const T* __restrict__ ckpt_u, const T* __restrict__ ckpt_p, T* scratch,
+                        T* __restrict__ ggx, T* __restrict__ ggy, T* __restrict__ grho, T* __restrict__ acc,
+                        vmm_i64 B, vmm_i64 C, vmm_i64 H, vmm_i64 W, vmm_i64 n_iter, vmm_i64 seg) {
+    typedef typename vmm_acc<T>::type A;
+    typedef tvl1_plane_limits<A> lim;
+    const int PPT = lim::PIXELS_PER_THREAD;
+    const int MAXP = lim::MAX_PIXELS;
+    __shared__ A sh[6 * lim::MAX_PIXELS];
+    static_assert(ACC_ROWS * 32 <= 6 * lim::MAX_PIXELS, "the reduction reuses sh");
+    A* sh_g = sh;             // gbar: adjoints of u1x, u1y, u2x, u2y (zero where the difference is)
+    A* sh_U = sh + 4 * MAXP;  // the full adjoint of u_k, both components
+    const int nt = blockDim.x, t = threadIdx.x;
+    const vmm_i64 n_planes = B * C;
+    if (!tvl1_plane_fits<A>(H, W, nt)) {
+        for (vmm_i64 bc = blockIdx.x; bc < n_planes; bc += gridDim.x) {
+            const int hw = (int)(H * W);
+            tvl1_plane_nan_fill<T, A>(ggx, bc * H * W, 0, 1, hw, t, nt);
+            tvl1_plane_nan_fill<T, A>(ggy, bc * H * W, 0, 1, hw, t, nt);
+            tvl1_plane_nan_fill<T, A>(grho, bc * H * W, 0, 1, hw, t, nt);
+            if (t < ACC_ROWS) vmm_store(acc + t * n_planes + bc, (A)vmm_bits_to_float(0x7fc00000u));
+        }
+        return;
+    }
+    const int Hi = (int)H, Wi = (int)W, hw = Hi * Wi;
+    const vmm_i64 CHW = C * hw;
+    const A eps = (A)TVL1_EPS;
+    const A theta = vmm_load(params, 0), lt = vmm_load(params, 1), r = vmm_load(params, 2);
+    // Slot s of this block's scratch: u1, u2, p11, p12, p21, p22 of the state after start + s iterations.
+    T* sc = scratch + (vmm_i64)blockIdx.x * (seg + 1) * 6 * hw;
+    const vmm_i64 n_seg = (n_iter + seg - 1) / seg;
+    for (vmm_i64 bc = blockIdx.x; bc < n_planes; bc += gridDim.x) {
+        const vmm_i64 b = bc / C, c = bc - b * C;
+        const tvl1_taps<A> k = tvl1_load_taps(st, c);
+        const vmm_i64 g_base = bc * hw, u_base = (bc + b * C) * hw, p_base = (bc + 3 * b * C) * hw;
+        tvl1_pixel px[PPT];
+        A g1[PPT], g2[PPT], rc[PPT], grad[PPT], inv_grad[PPT];
+        A ubar[2][PPT], pbar[4][PPT], U[2][PPT], g1bar[PPT], g2bar[PPT], rhobar_sum[PPT];
+        A u[2][PPT], p[4][PPT];  // the state being recomputed (own pixels)
+        A sum[ACC_ROWS];
+        #pragma unroll
+        for (int a = 0; a < ACC_ROWS; ++a) sum[a] = (A)0;
+        #pragma unroll
+        for (int j = 0; j < PPT; ++j) {
+            px[j] = tvl1_make_pixel(t + j * nt, Hi, Wi);
+            if (!px[j].valid) continue;
+            const int i = px[j].i;
+            g1[j] = vmm_load(gx, g_base + i);
+            g2[j] = vmm_load(gy, g_base + i);
+            rc[j] = vmm_load(rho_c, g_base + i);
+            grad[j] = g1[j] * g1[j] + g2[j] * g2[j] + eps;
+            inv_grad[j] = (A)1 / grad[j];
+            #pragma unroll
+            for (int m = 0; m < 2; ++m) ubar[m][j] = vmm_load(grad_u, u_base + m * CHW + i);
+            #pragma unroll
+            for (int q = 0; q < 4; ++q) pbar[q][j] = (A)0;
+            g1bar[j] = g2bar[j] = rhobar_sum[j] = (A)0;
+        }
+        for (vmm_i64 si = n_seg - 1; si >= 0; --si) {
+            const vmm_i64 start = si * seg;
+            const vmm_i64 len = (n_iter - start < seg ? n_iter - start : seg);
+            // Slot 0: the segment's checkpoint (the zero state for the first segment).
+            __syncthreads();  // the previous segment's (or plane's) reads of the scratch are done
+            #pragma unroll
+            for (int j = 0; j < PPT; ++j) {
+                if (!px[j].valid) continue;
+                const int i = px[j].i;
+                const vmm_i64 slot = si - 1;
+                #pragma unroll
+                for (int m = 0; m < 2; ++m) {
+                    u[m][j] = si == 0 ? (A)0 : vmm_load(ckpt_u, slot * B * 2 * CHW + u_base + m * CHW + i);
+                    vmm_store(sc + m * hw + i, u[m][j]);
+                }
+                #pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                    p[q][j] = si == 0 ? (A)0 : vmm_load(ckpt_p, slot * B * 4 * CHW + p_base + q * CHW + i);
+                    vmm_store(sc + (2 + q) * hw + i, p[q][j]);
+                }
+            }
+            __syncthreads();
+            // Slots 1 .. len - 1 (states), and slot len's u when the adjoint of iteration start + len has
+            // a dual step (start + len < n_iter): each state computed once, from the one before it.
+            const vmm_i64 primal_steps = start + len < n_iter ? len : len - 1;
+            for (vmm_i64 s = 1; s <= primal_steps; ++s) {
+                T* prev = sc + (s - 1) * 6 * hw;
+                T* cur = sc + s * 6 * hw;
+                #pragma unroll
+                for (int j = 0; j < PPT; ++j) {
+                    if (!px[j].valid) continue;
+                    const int i = px[j].i;
+                    const A rho = rc[j] + g1[j] * u[0][j] + g2[j] * u[1][j];
+                    const A coef = tvl1_coef_r(rho, grad[j], inv_grad[j], lt);
+                    const A g[2] = {g1[j], g2[j]};
+                    #pragma unroll
+                    for (int m = 0; m < 2; ++m) {
+                        const A a_left = px[j].left ? vmm_load(prev, (2 + 2 * m) * hw + i - 1) : (A)0;
+                        const A b_up = px[j].up ? vmm_load(prev, (3 + 2 * m) * hw + i - Wi) : (A)0;
+                        const A div = tvl1_plane_div(k, px[j], a_left, p[2 * m][j], b_up, p[2 * m + 1][j]);
+                        u[m][j] = u[m][j] + coef * g[m] + theta * div;
+                        vmm_store(cur + m * hw + i, u[m][j]);
+                    }
+                }
+                __syncthreads();
+                if (s == len) break;  // only u of slot len is needed
+                #pragma unroll
+                for (int j = 0; j < PPT; ++j) {
+                    if (!px[j].valid) continue;
+                    const int i = px[j].i;
+                    #pragma unroll
+                    for (int m = 0; m < 2; ++m) {
+                        const A z = u[m][j];
+                        const A zx = px[j].right ? k.fx0 * z + k.fx1 * vmm_load(cur, m * hw + i + 1) : (A)0;
+                        const A zy = px[j].down ? k.fy0 * z + k.fy1 * vmm_load(cur, m * hw + i + Wi) : (A)0;
+                        const A inv_s = (A)1 / (1 + r * tvl1_sqrt(zx * zx + zy * zy + eps));
+                        p[2 * m][j] = (p[2 * m][j] + r * zx) * inv_s;
+                        p[2 * m + 1][j] = (p[2 * m + 1][j] + r * zy) * inv_s;
+                        vmm_store(cur + (2 + 2 * m) * hw + i, p[2 * m][j]);
+                        vmm_store(cur + (3 + 2 * m) * hw + i, p[2 * m + 1][j]);
+                    }
+                }
+                __syncthreads();
+            }
+            // The adjoint of iterations start + len, ..., start + 1: iteration start + s runs from the
+            // state of slot s - 1; its dual step (when it has one) produced u_k of slot s.
+            for (vmm_i64 s = len; s >= 1; --s) {
+                const T* prev = sc + (s - 1) * 6 * hw;
+                const T* cur = sc + s * 6 * hw;
+                const bool has_dual = start + s < n_iter;
+                if (has_dual) {
+                    // Adjoint of the dual step: pbar := pbar / s, gbar to shared, sums of r and fwd taps.
+                    #pragma unroll
+                    for (int j = 0; j < PPT; ++j) {
+                        if (!px[j].valid) continue;
+                        const int i = px[j].i;
+                        #pragma unroll
+                        for (int m = 0; m < 2; ++m) {
+                            const A z = vmm_load(cur, m * hw + i);
+                            const A z_right = px[j].right ? vmm_load(cur, m * hw + i + 1) : (A)0;
+                            const A z_down = px[j].down ? vmm_load(cur, m * hw + i + Wi) : (A)0;
+                            const A zx = px[j].right ? k.fx0 * z + k.fx1 * z_right : (A)0;
+                            const A zy = px[j].down ? k.fy0 * z + k.fy1 * z_down : (A)0;
+                            const A n = tvl1_sqrt(zx * zx + zy * zy + eps);
+                            const A inv_n = (A)1 / n;
+                            const A inv_s = (A)1 / (1 + r * n);
+                            const A pa = (vmm_load(prev, (2 + 2 * m) * hw + i) + r * zx) * inv_s;
+                            const A pb = (vmm_load(prev, (3 + 2 * m) * hw + i) + r * zy) * inv_s;
+                            const A ba = pbar[2 * m][j], bb = pbar[2 * m + 1][j];
+                            // p_new = (p_old + r z') / s, s = 1 + r n: dp_new/ds = -p_new / s, ds/dz' = r z' / n.
+                            const A qs = ba * pa + bb * pb;
+                            const A zxbar = px[j].right ? (r * ba - qs * r * zx * inv_n) * inv_s : (A)0;
+                            const A zybar = px[j].down ? (r * bb - qs * r * zy * inv_n) * inv_s : (A)0;
+                            sum[ACC_R] += (ba * zx + bb * zy - qs * n) * inv_s;
+                            sum[ACC_FX0] += zxbar * z;
+                            sum[ACC_FX0 + 1] += zxbar * z_right;
+                            sum[ACC_FX0 + 2] += zybar * z;
+                            sum[ACC_FX0 + 3] += zybar * z_down;
+                            pbar[2 * m][j] = ba * inv_s;
+                            pbar[2 * m + 1][j] = bb * inv_s;
+                            sh_g[2 * m * MAXP + i] = zxbar;
+                            sh_g[(2 * m + 1) * MAXP + i] = zybar;
+                        }
+                    }
+                    __syncthreads();
+                }
+                // The full adjoint of u_k: from iteration k + 1, plus the transpose of the forward
+                // differences applied to gbar (reads the left and upper neighbours' gbar).
+                #pragma unroll
+                for (int j = 0; j < PPT; ++j) {
+                    if (!px[j].valid) continue;
+                    const int i = px[j].i;
+                    #pragma unroll
+                    for (int m = 0; m < 2; ++m) {
+                        A v = ubar[m][j];
+                        if (has_dual) {
+                            v += k.fx0 * sh_g[2 * m * MAXP + i] + k.fy0 * sh_g[(2 * m + 1) * MAXP + i];
+                            if (px[j].left) v += k.fx1 * sh_g[2 * m * MAXP + i - 1];
+                            if (px[j].up) v += k.fy1 * sh_g[(2 * m + 1) * MAXP + i - Wi];
+                        }
+                        U[m][j] = v;
+                        sh_U[m * MAXP + i] = v;
+                    }
+                }
+                __syncthreads();
+                // Adjoint of the primal step from the state of slot s - 1.
+                #pragma unroll
+                for (int j = 0; j < PPT; ++j) {
+                    if (!px[j].valid) continue;
+                    const int i = px[j].i;
+                    const tvl1_pixel& q = px[j];
+                    #pragma unroll
+                    for (int m = 0; m < 2; ++m) {
+                        // The divergence's transpose: p~_m1[h,w] feeds div at (h,w) (tap 1) and (h,w+1) (tap 0).
+                        const A u_right = q.right ? sh_U[m * MAXP + i + 1] : (A)0;
+                        const A u_down = q.down ? sh_U[m * MAXP + i + Wi] : (A)0;
+                        if (q.right) pbar[2 * m][j] += theta * (k.dx0 * u_right + k.dx1 * U[m][j]);
+                        if (q.down) pbar[2 * m + 1][j] += theta * (k.dy0 * u_down + k.dy1 * U[m][j]);
+                        // The divergence itself, for the gradients of theta_e and the divergence taps.
+                        const A a_left = q.left ? vmm_load(prev, (2 + 2 * m) * hw + i - 1) : (A)0;
+                        const A a_here = q.right ? vmm_load(prev, (2 + 2 * m) * hw + i) : (A)0;
+                        const A b_up = q.up ? vmm_load(prev, (3 + 2 * m) * hw + i - Wi) : (A)0;
+                        const A b_here = q.down ? vmm_load(prev, (3 + 2 * m) * hw + i) : (A)0;
+                        const A Um = U[m][j];
+                        sum[ACC_THETA] += Um * ((k.dx0 * a_left + k.dx1 * a_here) + (k.dy0 * b_up + k.dy1 * b_here));
+                        sum[ACC_DX0] += theta * Um * a_left;
+                        sum[ACC_DX0 + 1] += theta * Um * a_here;
+                        sum[ACC_DX0 + 2] += theta * Um * b_up;
+                        sum[ACC_DX0 + 3] += theta * Um * b_here;
+                    }
+                    // The threshold step v(rho(u_{k-1})); coef as in tvl1_coef_r, whose "+ rho * 0" (NaN
+                    // policy) adds rhobar += 0 * coefbar in every branch.
+                    const A u1 = vmm_load(prev, i), u2 = vmm_load(prev, hw + i);
+                    const A rho = rc[j] + g1[j] * u1 + g2[j] * u2;
+                    const A coefbar = U[0][j] * g1[j] + U[1][j] * g2[j];
+                    const A nan_of_rho = rho * (A)0;
+                    A coef, rhobar = coefbar * (A)0, gradbar = 0;
+                    if (rho < -(lt * grad[j])) {  // coef = lt
+                        coef = lt + nan_of_rho;
+                        sum[ACC_LT] += coefbar;
+                    } else if (rho > lt * grad[j]) {  // coef = -lt
+                        coef = -lt + nan_of_rho;
+                        sum[ACC_LT] -= coefbar;
+                    } else if (grad[j] <= eps) {  // flat image: coef = 0
+                        coef = (A)0 + nan_of_rho;
+                    } else {  // coef = -rho / grad (also where rho or grad is NaN)
+                        const A step = -rho * inv_grad[j];
+                        coef = step + nan_of_rho;
+                        rhobar += -coefbar * inv_grad[j];
+                        gradbar = -step * coefbar * inv_grad[j];  // d step / d grad = rho / grad^2
+                    }
+                    g1bar[j] += coef * U[0][j] + 2 * g1[j] * gradbar + rhobar * u1;
+                    g2bar[j] += coef * U[1][j] + 2 * g2[j] * gradbar + rhobar * u2;
+                    rhobar_sum[j] += rhobar;
+                    ubar[0][j] = U[0][j] + rhobar * g1[j];
+                    ubar[1][j] = U[1][j] + rhobar * g2[j];
+                }
+                // No barrier here: the next writes to sh_g come after every read of sh_g (before the
+                // barrier above), and the next writes to sh_U after the next iteration's first barrier.
+            }
+        }
+        #pragma unroll
+        for (int j = 0; j < PPT; ++j) {
+            if (!px[j].valid) continue;
+            vmm_store(ggx + g_base + px[j].i, g1bar[j]);
+            vmm_store(ggy + g_base + px[j].i, g2bar[j]);
+            vmm_store(grho + g_base + px[j].i, rhobar_sum[j]);
+        }
+        // The plane's sums: a fixed tree (deterministic): within each warp by shuffles, then the warps'
+        // sums (at most 32) by warp 0.
+        const int lane = t % 32, warp = t / 32;
+        __syncthreads();  // every read of sh_g / sh_U is done
+        #pragma unroll
+        for (int a = 0; a < ACC_ROWS; ++a) {
+            A v = sum[a];
+            for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+            if (lane == 0) sh[a * 32 + warp] = v;
+        }
+        __syncthreads();
+        if (warp == 0) {
+            #pragma unroll
+            for (int a = 0; a < ACC_ROWS; ++a) {
+                A v = lane < nt / 32 ? sh[a * 32 + lane] : (A)0;
+                for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+                if (lane == 0) vmm_store(acc + a * n_planes + bc, v);
+            }
+        }
+    }
+}

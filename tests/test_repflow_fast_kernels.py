@@ -1,0 +1,424 @@
+"""The "fast" TV-L1 kernels (``kernels/tvl1_plane.cu``: one thread block per (b, c) plane) against the
+"simple" kernels (``kernels/tvl1.cu``) and the PyTorch reference: values and gradients of every input,
+float64 gradcheck, 16-bit and non-contiguous inputs, which path runs (planes too large for a block fall
+back to the simple kernels), checkpoint layout shared by both variants, NaN/Inf policy, and the three
+thread orders of the host emulation (a missing barrier shows as a difference between them).
+
+Without a GPU the kernels run on CPU tensors through host emulation (``backend="emulated"`` inside
+``ops.kernel_host_emulation()``); the ``gpu`` tests compare the variants on CUDA through CuPy.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ops
+from ops.kernel_loader import use_kernel_variant
+from ops.repflow import FlowStencils, default_stencils
+from ops.repflow import kernels as tvl1_kernels
+from ops.repflow.kernels import (
+    PLANE_MAX_PIXELS,
+    TVL1_PLANE_SOURCE,
+    checkpoint_steps,
+    segment_length,
+    tvl1_backward,
+    tvl1_forward,
+    tvl1_path,
+)
+
+ORDERS = ("forward", "reverse", "shuffle")
+NAMES = ["out", "i0", "i1", "theta", "lam", "tau", *FlowStencils._fields]
+
+
+@pytest.fixture(autouse=True)
+def host_emulation():
+    with ops.kernel_host_emulation():
+        yield
+
+
+@pytest.fixture(params=ORDERS)
+def order(request, monkeypatch):
+    """Each emulated launch reads VMM_EMULATION_ORDER: the block's threads run in this order between barriers."""
+    monkeypatch.setenv("VMM_EMULATION_ORDER", request.param)
+    return request.param
+
+
+def random_stencils(channels, generator, dtype=torch.float64):
+    base = default_stencils(channels, dtype=dtype)
+    return [s + 0.2 * torch.randn(s.shape, dtype=dtype, generator=generator) for s in base]
+
+
+def inputs(shape, seed, dtype=torch.float64, scale=20.0):
+    g = torch.Generator().manual_seed(seed)
+    i0 = torch.randn(shape, dtype=dtype, generator=g) * scale
+    i1 = torch.randn(shape, dtype=dtype, generator=g) * scale
+    return i0, i1, random_stencils(shape[1], g, dtype), torch.randn(shape[0], 2 * shape[1], *shape[2:], generator=g)
+
+
+def run(variant, i0, i1, n_iter, stencils, weight, scalars=(0.35, 0.2, 0.3)):
+    """(out, d i0, d i1, d theta, d lam, d tau, d stencils...) of ``(out * weight).sum()``: ``variant``
+    "torch" (the reference), "fast" or "simple" (the kernels through host emulation)."""
+    a, b = i0.clone().requires_grad_(), i1.clone().requires_grad_()
+    theta, lam, tau = (torch.tensor(v, dtype=i0.dtype, requires_grad=True) for v in scalars)
+    st = [s.clone().requires_grad_() for s in stencils]
+    leaves = (a, b, theta, lam, tau, *st)
+    backend = "torch" if variant == "torch" else "emulated"
+    with use_kernel_variant("fast" if variant == "torch" else variant):
+        out = ops.tvl1_flow(a, b, n_iter, theta, lam, tau, st, backend=backend)
+        grads = torch.autograd.grad(
+            (out * weight.to(out.dtype)).sum(), leaves, allow_unused=True, materialize_grads=True
+        )
+    return (out.detach(), *grads)
+
+
+def assert_all_close(got, expected, tol, label, equal_nan=False):
+    for name, g, e in zip(NAMES, got, expected, strict=True):
+        if equal_nan:
+            assert torch.equal(g.isnan(), e.isnan()), f"{label} {name}: NaN at different places"
+        torch.testing.assert_close(
+            g, e, rtol=tol, atol=tol, equal_nan=equal_nan, msg=lambda m, name=name: f"{label} {name}: {m}"
+        )
+
+
+def counts_delta(before):
+    return {k: v - before.get(k, 0) for k, v in tvl1_kernels.path_counts.items() if v != before.get(k, 0)}
+
+
+# ------------------------------------------------------------------------ which kernels run
+
+
+def test_tvl1_path_follows_the_variant_and_the_plane_size():
+    assert tvl1_path(torch.float32, 28, 28) == "plane"
+    assert tvl1_path(torch.float32, 32, 32) == "plane"  # 1024 pixels: the largest float32 plane
+    assert tvl1_path(torch.float32, 33, 32) == "simple"
+    assert tvl1_path(torch.float64, 16, 32) == "plane"  # 512
+    assert tvl1_path(torch.float64, 23, 23) == "simple"
+    with use_kernel_variant("simple"):
+        assert tvl1_path(torch.float32, 5, 5) == "simple"
+    assert PLANE_MAX_PIXELS == {torch.float32: 1024, torch.float64: 512}
+
+
+@pytest.mark.parametrize(
+    ("dtype", "shape", "path"),
+    [
+        (torch.float64, (2, 2, 16, 32), "plane"),  # exactly the float64 limit
+        (torch.float64, (1, 1, 23, 23), "simple"),  # 529 pixels: falls back
+        (torch.float32, (1, 1, 33, 32), "simple"),  # 1056 pixels
+    ],
+)
+def test_fast_variant_runs_the_plane_kernels_where_a_plane_fits_else_falls_back(dtype, shape, path):
+    i0, i1, stencils, weight = inputs(shape, 1, dtype)
+    before = dict(tvl1_kernels.path_counts)
+    fast = run("fast", i0, i1, 3, stencils, weight)
+    assert counts_delta(before) == {f"forward:{path}": 1, f"backward:{path}": 1}
+    ref = run("torch", i0, i1, 3, stencils, weight)
+    assert_all_close(fast, ref, 1e-9 if dtype == torch.float64 else 2e-3, path)
+
+
+def test_simple_variant_never_runs_the_plane_kernels():
+    i0, i1, stencils, weight = inputs((1, 2, 4, 5), 2)
+    before = dict(tvl1_kernels.path_counts)
+    run("simple", i0, i1, 3, stencils, weight)
+    assert counts_delta(before) == {"forward:simple": 1, "backward:simple": 1}
+
+
+def test_variant_from_the_environment(monkeypatch):
+    i0, i1, stencils, weight = inputs((1, 1, 3, 4), 3)
+    monkeypatch.setenv("VMM_KERNELS", "simple")
+    before = dict(tvl1_kernels.path_counts)
+    with ops.kernel_host_emulation():
+        ops.tvl1_flow(i0, i1, 2, backend="emulated")
+    assert counts_delta(before) == {"forward:simple": 1}
+
+
+# ------------------------------------------------------------------------ values and gradients
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 6), (1, 2, 1, 7), (1, 1, 6, 1), (3, 1, 2, 2), (1, 1, 1, 1)])
+@pytest.mark.parametrize("n_iter", [1, 2, 4, 5, 9, 10])
+def test_fast_equals_simple_equals_reference_float64(shape, n_iter, order):
+    # n_iter 4 = L² (L = 2) and 5 = L² + 1 (L = 3, a short last segment); 9 = 3², 10 = 3² + 1 (L = 4).
+    i0, i1, stencils, weight = inputs(shape, n_iter)
+    results = {v: run(v, i0, i1, n_iter, stencils, weight) for v in ("torch", "simple", "fast")}
+    assert_all_close(results["fast"], results["torch"], 1e-9, f"fast vs reference ({order})")
+    assert_all_close(results["fast"], results["simple"], 1e-9, f"fast vs simple ({order})")
+    assert_all_close(results["simple"], results["torch"], 1e-9, "simple vs reference")
+
+
+@pytest.mark.parametrize("n_iter", [1, 5])
+def test_fast_gradcheck_every_input(n_iter):
+    g = torch.Generator().manual_seed(3)
+    i0 = (torch.randn(1, 2, 4, 5, dtype=torch.float64, generator=g) * 3).requires_grad_()
+    i1 = (torch.randn(1, 2, 4, 5, dtype=torch.float64, generator=g) * 3).requires_grad_()
+    scalars = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in (0.35, 0.4, 0.3)]
+    stencils = [s.requires_grad_() for s in random_stencils(2, g)]
+
+    def f(i0, i1, theta, lam, tau, *st):
+        return ops.tvl1_flow(i0, i1, n_iter, theta, lam, tau, st, backend="emulated")
+
+    before = dict(tvl1_kernels.path_counts)
+    assert torch.autograd.gradcheck(f, (i0, i1, *scalars, *stencils), eps=1e-6, atol=1e-6, rtol=1e-5)
+    assert counts_delta(before).get("backward:plane", 0) > 0
+
+
+def test_fast_float32_defaults_match_reference_and_simple(order):
+    g = torch.Generator().manual_seed(4)
+    i0 = torch.randn(3, 4, 7, 8, generator=g) * 30
+    i1 = i0 + torch.randn(3, 4, 7, 8, generator=g) * 5
+    outs = {}
+    for variant in ("fast", "simple"):
+        with use_kernel_variant(variant):
+            outs[variant] = ops.tvl1_flow(i0, i1, 10, backend="emulated")
+    ref = ops.tvl1_flow(i0, i1, 10, backend="torch")
+    assert outs["fast"].dtype == torch.float32
+    torch.testing.assert_close(outs["fast"], ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(outs["fast"], outs["simple"], rtol=1e-4, atol=1e-4)
+
+
+def test_fast_float32_gradients_and_negative_theta():
+    g = torch.Generator().manual_seed(6)
+    i0 = (torch.randn(2, 2, 5, 5, generator=g) * 20).requires_grad_()
+    i1 = (torch.randn(2, 2, 5, 5, generator=g) * 20).requires_grad_()
+    theta = torch.tensor(-0.3, requires_grad=True)
+    grads = []
+    for variant, backend in (("fast", "torch"), ("fast", "emulated"), ("simple", "emulated")):
+        with use_kernel_variant(variant):
+            out = ops.tvl1_flow(i0, i1, 6, theta, 0.15, 0.25, backend=backend)
+            grads.append(torch.autograd.grad(out.square().sum(), (i0, i1, theta)))
+    ref, fast, simple = grads
+    for r, f, s in zip(ref, fast, simple, strict=True):
+        torch.testing.assert_close(f, r, rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(f, s, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fast_16bit_inputs_compute_in_float32(dtype):
+    g = torch.Generator().manual_seed(8)
+    i0 = (torch.randn(1, 2, 6, 6, generator=g) * 30).to(dtype)
+    i1 = (torch.randn(1, 2, 6, 6, generator=g) * 30).to(dtype)
+    before = dict(tvl1_kernels.path_counts)
+    fast = ops.tvl1_flow(i0, i1, 4, backend="emulated")
+    assert counts_delta(before) == {"forward:plane": 1}
+    expected = ops.tvl1_flow(i0.float(), i1.float(), 4, backend="torch")
+    assert fast.dtype == dtype
+    ulp = {torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    torch.testing.assert_close(fast.float(), expected, rtol=ulp, atol=ulp)
+
+
+def test_fast_non_contiguous_inputs_and_cotangent():
+    g = torch.Generator().manual_seed(9)
+    i0 = torch.randn(2, 5, 6, 3, dtype=torch.float64, generator=g).permute(0, 3, 1, 2)
+    i1 = torch.randn(2, 5, 6, 3, dtype=torch.float64, generator=g).permute(0, 3, 1, 2)
+    stencils = random_stencils(3, g)
+    # an expanded (stride-0) weight: the cotangent reaching the backward is not contiguous either
+    weight = torch.randn(1, 6, 1, 6, dtype=torch.float64, generator=g).expand(2, 6, 5, 6)
+    fast = run("fast", i0, i1, 4, stencils, weight)
+    ref = run("torch", i0, i1, 4, stencils, weight)
+    assert_all_close(fast, ref, 1e-9, "non-contiguous")
+
+
+def test_fast_empty_batch_and_empty_plane():
+    empty = torch.zeros(0, 2, 3, 3, requires_grad=True)
+    out = ops.tvl1_flow(empty, empty, 3, backend="emulated")
+    assert out.shape == (0, 4, 3, 3)
+    out.sum().backward()
+    assert empty.grad.shape == empty.shape
+    no_rows = torch.zeros(1, 2, 0, 3)
+    assert ops.tvl1_flow(no_rows, no_rows, 3, backend="emulated").shape == (1, 4, 0, 3)
+
+
+def test_fast_known_answers():
+    i0 = torch.randn(1, 2, 5, 5)
+    assert torch.equal(ops.tvl1_flow(i0, i0, 5, backend="emulated"), torch.zeros(1, 4, 5, 5))
+    const0, const1 = torch.full((1, 1, 4, 4), 2.0), torch.full((1, 1, 4, 4), 9.0)
+    out = ops.tvl1_flow(const0, const1, 5, backend="emulated")
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_fast_gradients_are_deterministic():
+    i0, i1, stencils, weight = inputs((3, 2, 6, 7), 10)
+    first = run("fast", i0, i1, 7, stencils, weight)
+    second = run("fast", i0, i1, 7, stencils, weight)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("blocks", [1, 3, 100])
+def test_fast_backward_with_any_number_of_blocks(monkeypatch, blocks):
+    # Blocks walk the planes (6 here) with a block-stride loop, reusing their scratch: 1 block does all,
+    # 100 blocks leave most idle.
+    monkeypatch.setattr(tvl1_kernels, "EMULATED_PLANE_BLOCKS", blocks)
+    i0, i1, stencils, weight = inputs((2, 3, 4, 5), 11)
+    fast = run("fast", i0, i1, 5, stencils, weight)
+    ref = run("torch", i0, i1, 5, stencils, weight)
+    assert_all_close(fast, ref, 1e-9, f"{blocks} blocks")
+
+
+# ------------------------------------------------------------------------ checkpoints: one layout, two variants
+
+
+def _kernel_inputs(shape, seed):
+    i0, i1, stencils, _ = inputs(shape, seed)
+    gx = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) * 3
+    gy = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1)) * 3
+    params = torch.tensor([0.3, 0.3 * 0.15, 0.25 / 0.3], dtype=torch.float64)
+    st = torch.cat(stencils[2:], dim=1).contiguous()
+    return gx, gy, (i1 - i0).contiguous(), params, st
+
+
+@pytest.mark.parametrize("n_iter", [4, 10])
+def test_fast_forward_writes_the_simple_forwards_checkpoints(n_iter, order):
+    args = _kernel_inputs((2, 3, 5, 4), 12)
+    outs = {}
+    for variant in ("fast", "simple"):
+        with use_kernel_variant(variant):
+            outs[variant] = tvl1_forward(*args, n_iter, True)
+    (u_f, cu_f, cp_f), (u_s, cu_s, cp_s) = outs["fast"], outs["simple"]
+    assert cu_f.shape[0] == len(checkpoint_steps(n_iter)) > 0
+    for fast, simple in ((u_f, u_s), (cu_f, cu_s), (cp_f, cp_s)):
+        assert fast.shape == simple.shape
+        torch.testing.assert_close(fast, simple, rtol=1e-12, atol=1e-12)
+    with use_kernel_variant("fast"):
+        u, cu, cp = tvl1_forward(*args, n_iter, False)
+    assert cu.shape[0] == cp.shape[0] == 0
+    torch.testing.assert_close(u, u_s, rtol=1e-12, atol=1e-12)
+
+
+def test_forward_of_one_variant_differentiated_by_the_other():
+    args = _kernel_inputs((1, 2, 4, 6), 13)
+    n_iter = 5
+    grad_u = torch.randn(1, 4, 4, 6, dtype=torch.float64)
+    grads = {}
+    for fwd in ("fast", "simple"):
+        with use_kernel_variant(fwd):
+            _, cu, cp = tvl1_forward(*args, n_iter, True)
+        for bwd in ("fast", "simple"):
+            with use_kernel_variant(bwd):
+                grads[fwd, bwd] = tvl1_backward(grad_u, *args, cu, cp, n_iter)
+    for key, value in grads.items():
+        for a, b in zip(value, grads["simple", "simple"], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m, key=key: f"{key}: {m}")
+
+
+def test_plane_kernel_refuses_a_block_that_cannot_hold_the_plane():
+    # The launcher always picks a block that fits; a launch that does not writes NaN, never a partial flow.
+    gx, gy, rho_c, params, st = _kernel_inputs((1, 1, 4, 12), 14)  # 48 pixels: a 32-thread block is too small
+    u = torch.zeros(1, 2, 4, 12, dtype=torch.float64)
+    empty = gx.new_empty((0,))
+    args = (gx, gy, rho_c, params, st, u, empty, empty, 1, 1, 4, 12, 3, segment_length(3), 0)
+    TVL1_PLANE_SOURCE.launch("tvl1_plane_forward", args, dtype=torch.float64, grid=(1, 1, 1), block=(32, 1, 1))
+    assert u.isnan().all()
+
+
+# ------------------------------------------------------------------------ NaN/Inf policy
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", ["i0", "i1", "i0 on a flat i1"])
+@pytest.mark.parametrize("n_iter", [1, 4])
+def test_fast_matches_reference_on_non_finite_inputs(value, where, n_iter):
+    i0, i1, stencils, weight = inputs((2, 2, 5, 6), 13, scale=10.0)
+    if where == "i0 on a flat i1":
+        i1[0, 1] = 3.0
+    (i1 if where == "i1" else i0)[0, 1, 2, 3] = value
+    scalars = (0.3, 0.15, 0.25)
+    ref = run("torch", i0, i1, n_iter, stencils, weight, scalars)
+    fast = run("fast", i0, i1, n_iter, stencils, weight, scalars)
+    simple = run("simple", i0, i1, n_iter, stencils, weight, scalars)
+    assert ref[0][0, [1, 3], 2, 3].isnan().all() and torch.isfinite(ref[0][1]).all()
+    assert_all_close(fast, ref, 1e-9, "fast vs reference", equal_nan=True)
+    assert_all_close(fast, simple, 1e-9, "fast vs simple", equal_nan=True)
+
+
+# ------------------------------------------------------------------------ GPU (CuPy): both variants
+
+
+def _cuda_case(dtype, shape, seed=7, scale=30.0):
+    g = torch.Generator().manual_seed(seed)
+    i0 = torch.randn(shape, generator=g) * scale
+    i1 = i0 + torch.randn(shape, generator=g) * scale / 4
+    stencils = [s.cuda() for s in random_stencils(shape[1], g, torch.float64)]
+    weight = torch.randn(shape[0], 2 * shape[1], *shape[2:], generator=g)
+    return i0.to("cuda", dtype), i1.to("cuda", dtype), [s.to(dtype) for s in stencils], weight.to("cuda", dtype)
+
+
+def _cuda_run(variant, i0, i1, n_iter, stencils, weight):
+    a, b = i0.clone().requires_grad_(), i1.clone().requires_grad_()
+    theta = torch.tensor(0.3, device="cuda", dtype=i0.dtype, requires_grad=True)
+    st = [s.clone().requires_grad_() for s in stencils]
+    backend = "torch" if variant == "torch" else "cupy"
+    with use_kernel_variant("fast" if variant == "torch" else variant):
+        out = ops.tvl1_flow(a, b, n_iter, theta, 0.15, 0.25, st, backend=backend)
+        grads = torch.autograd.grad((out * weight).sum(), (a, b, theta, *st))
+    return (out.detach(), *grads)
+
+
+def _relative_error(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(3, 4, 14, 14), (2, 4, 28, 28), (1, 2, 9, 100), (1, 2, 40, 40)])
+def test_cupy_fast_equals_simple_equals_reference(dtype, shape):
+    # 28² float64 (784 > 512 pixels) and 40² fall back to the simple kernels in the fast variant.
+    i0, i1, stencils, weight = _cuda_case(dtype, shape)
+    before = dict(tvl1_kernels.path_counts)
+    results = {v: _cuda_run(v, i0, i1, 10, stencils, weight) for v in ("torch", "simple", "fast")}
+    fast_path = tvl1_path(dtype, *shape[2:])
+    expected = {"forward:simple": 1, "backward:simple": 1}
+    expected[f"forward:{fast_path}"] = expected.get(f"forward:{fast_path}", 0) + 1
+    expected[f"backward:{fast_path}"] = expected.get(f"backward:{fast_path}", 0) + 1
+    assert counts_delta(before) == expected
+    for variant in ("fast", "simple"):
+        for name, got, ref in zip(
+            ["out", "i0", "i1", "theta", *FlowStencils._fields], results[variant], results["torch"], strict=True
+        ):
+            if dtype == torch.float64:
+                torch.testing.assert_close(
+                    got, ref, rtol=1e-9, atol=1e-9, msg=lambda m, name=name, variant=variant: f"{variant} {name}: {m}"
+                )
+            else:
+                # float32: a pixel within rounding of a threshold may take the other branch in one
+                # implementation (values continuous there, gradients not): compare norms.
+                assert _relative_error(got, ref) < 1e-3, (variant, name)
+        torch.testing.assert_close(results["fast"][0], results["simple"][0], rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cupy_fast_16bit_matches_float32_reference(dtype):
+    i0, i1, _, _ = _cuda_case(dtype, (3, 4, 14, 14))
+    with use_kernel_variant("fast"):
+        fast = ops.tvl1_flow(i0, i1, 10, backend="cupy")
+    ref = ops.tvl1_flow(i0.float(), i1.float(), 10, backend="torch")
+    tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(fast.float(), ref, rtol=tol, atol=tol * max(1.0, ref.abs().max().item()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_cupy_fast_non_finite_inputs(value):
+    i0, i1, stencils, weight = _cuda_case(torch.float64, (2, 3, 9, 10))
+    i1[0, 1, 4, 5] = value
+    i0[0, 2, 2, 2] = value
+    i1[0, 2] = 1.0
+    ref = _cuda_run("torch", i0, i1, 5, stencils, weight)
+    fast = _cuda_run("fast", i0, i1, 5, stencils, weight)
+    for got, expected in zip(fast, ref, strict=True):
+        assert torch.equal(got.isnan(), expected.isnan())
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9, equal_nan=True)
+
+
+@pytest.mark.gpu
+def test_cupy_fast_many_planes_and_deterministic():
+    # More planes than the backward's grid (PLANE_BLOCKS_PER_SM blocks per SM): the block-stride loop.
+    i0, i1, stencils, weight = _cuda_case(torch.float32, (64, 32, 14, 14))
+    first = _cuda_run("fast", i0, i1, 10, stencils, weight)
+    second = _cuda_run("fast", i0, i1, 10, stencils, weight)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+    simple = _cuda_run("simple", i0, i1, 10, stencils, weight)
+    for a, b in zip(first, simple, strict=True):
+        assert _relative_error(a, b) < 1e-3
