@@ -2,7 +2,9 @@
 checkpointing, backend selection, and CuPy-vs-reference on a GPU (``gpu`` marker).
 
 Without a GPU the kernels run on CPU tensors through the public test backend ``backend="emulated"``,
-which every test here enables with ``ops.kernel_host_emulation()`` (see ops/host_emulation.py).
+which every test here enables with ``ops.kernel_host_emulation()`` (see ops/host_emulation.py). Every
+test runs once per kernel variant ("fast": kernels/tvl1_plane.cu where a plane fits a block, "simple":
+kernels/tvl1.cu); tests/test_repflow_fast_kernels.py compares the two directly.
 """
 
 from __future__ import annotations
@@ -13,15 +15,16 @@ import pytest
 import torch
 
 import ops
+from ops.kernel_loader import KERNEL_VARIANTS, use_kernel_variant
 from ops.library import CUSTOM_OPS, is_kernel_node
 from ops.repflow import FlowStencils, default_stencils
 from ops.repflow.kernels import segment_length
 from ops.repflow.modules import FCFBlock, FlowLayer
 
 
-@pytest.fixture(autouse=True)
-def host_emulation():
-    with ops.kernel_host_emulation():
+@pytest.fixture(autouse=True, params=KERNEL_VARIANTS)
+def host_emulation(request):
+    with ops.kernel_host_emulation(), use_kernel_variant(request.param):
         yield
 
 
@@ -156,10 +159,11 @@ def test_emulated_kernel_gradients_single_row_or_column(shape):
 
 @pytest.mark.parametrize("max_strip", [3, 8])
 def test_emulated_kernel_gradients_with_multi_pixel_strips(monkeypatch, max_strip):
-    # Large inputs sum several pixels per thread in the per-channel reductions; force that on a tiny
-    # input (H·W = 35 is not a multiple of either strip length).
+    # Large inputs sum several pixels per thread in the simple kernels' per-channel reductions; force
+    # that on a tiny input (H·W = 35 is not a multiple of either strip length).
     from ops.repflow import kernels as tvl1_kernels
 
+    monkeypatch.setattr(tvl1_kernels, "PLANE_MAX_PIXELS", {})  # no plane fits: the simple kernels in both variants
     monkeypatch.setattr(tvl1_kernels, "MIN_THREADS", 1)
     monkeypatch.setattr(tvl1_kernels, "MAX_STRIP", max_strip)
     assert tvl1_kernels.strip_length(2 * 3 * 35) == max_strip
