@@ -5,7 +5,9 @@ real 2-process DDP (gloo) against 1 process through the `vmm` CLI.
 
 from __future__ import annotations
 
+import copy
 import csv
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from torch.utils.data import DataLoader
 
 import ops
 from lightning_modules import VideoClassifier
+from lightning_modules.classifier import _StepEventQueue
 
 
 def _metrics(log_dir: Path) -> list[dict[str, str]]:
@@ -136,6 +139,229 @@ def test_data_time_is_logged_in_unit_range_and_sees_a_slow_loader(tmp_path):
     out = tmp_path / "off"
     _trainer(out, max_epochs=1, enable_checkpointing=False).fit(model, train_dataloaders=loader)
     assert not _column(_metrics(out), "train/data_time")
+
+
+# ---------------------------------------------------------------- train/data_time from device events
+
+
+class _ClockEvent:
+    """Stand-in for a CUDA timing event (the queue, not CUDA, is under test): a time stamp `t`
+    (seconds) that the "device" reaches when the test sets `done`; like CUDA, `elapsed_time`
+    (milliseconds) refuses an event that has not completed."""
+
+    def __init__(self, t: float, done: bool = False) -> None:
+        self.t, self.done, self.queries = t, done, 0
+
+    def query(self) -> bool:
+        self.queries += 1
+        return self.done
+
+    def elapsed_time(self, end_event: _ClockEvent) -> float:
+        if not (self.done and end_event.done):
+            raise RuntimeError("elapsed_time on an event that has not completed")
+        return (end_event.t - self.t) * 1000.0
+
+
+def _queue_steps(queue: _StepEventQueue, *spans: tuple[float, float]) -> list[_ClockEvent]:
+    """Steps given as (start, end) times, pushed through the queue; returns their events in stream order."""
+    events = []
+    for start, end in spans:
+        events += [_ClockEvent(start), _ClockEvent(end)]
+        queue.step_started(events[-2])
+        queue.step_ended(events[-1])
+    return events
+
+
+def test_step_event_queue_reads_completed_steps_only_newest_first():
+    queue = _StepEventQueue()
+    queue.restart(_ClockEvent(0.0, done=True))  # the epoch start
+    # Idle 1 s then a 1 s step; idle 0 (the host was ahead) then 3 s; idle 2 s then 2 s.
+    events = _queue_steps(queue, (1.0, 2.0), (2.0, 5.0), (7.0, 9.0))
+    assert len(queue) == 3
+    assert queue.newest_share() is None  # the device has finished nothing: nothing to log
+    for event in events[:2]:
+        event.done = True
+    assert queue.newest_share() == pytest.approx(0.5)
+    assert len(queue) == 2
+    assert queue.newest_share() is None
+    for event in events[2:]:  # both later steps complete: the newest one is read, the older dropped
+        event.done = True
+    assert queue.newest_share() == pytest.approx(0.5)
+    assert len(queue) == 0 and queue.newest_share() is None
+
+
+def test_step_event_queue_host_ahead_gives_zero_and_order_of_completion_is_respected():
+    queue = _StepEventQueue()
+    queue.restart(_ClockEvent(0.0, done=True))
+    first, second = _queue_steps(queue, (0.0, 4.0)), _queue_steps(queue, (4.0, 6.0))
+    for event in second:  # cannot happen on one stream; the queue still waits for the older step
+        event.done = True
+    assert queue.newest_share() is None
+    first[1].done = True  # first[0] (its start) has not completed
+    assert queue.newest_share() is None
+    first[0].done = True
+    assert queue.newest_share() == pytest.approx(0.0)  # back-to-back steps: the device never waited
+
+
+def test_step_event_queue_restart_times_the_first_step_from_the_mark_and_none_skips_it():
+    queue = _StepEventQueue()
+    queue.restart(_ClockEvent(10.0, done=True))
+    events = _queue_steps(queue, (13.0, 14.0))  # the epoch's first batch took 3 s to arrive
+    for event in events:
+        event.done = True
+    assert queue.newest_share() == pytest.approx(0.75)
+    queue.restart(None)
+    events = _queue_steps(queue, (20.0, 21.0), (22.0, 23.0))
+    assert len(queue) == 1  # the first step after restart(None) has no previous end
+    for event in events:
+        event.done = True
+    assert queue.newest_share() == pytest.approx(0.5)
+    fresh = _StepEventQueue()
+    _queue_steps(fresh, (0.0, 1.0))  # never restarted: no previous end either
+    assert len(fresh) == 0
+
+
+def test_step_event_queue_is_bounded_and_keeps_measuring_when_full():
+    queue = _StepEventQueue(capacity=2)
+    queue.restart(_ClockEvent(0.0, done=True))
+    events = _queue_steps(queue, (1.0, 2.0), (2.0, 3.0), (3.0, 4.0), (5.0, 6.0))
+    assert len(queue) == 2  # the last two steps were not measured
+    for event in events:
+        event.done = True
+    assert queue.newest_share() == pytest.approx(0.0)  # the second step, not the fourth
+    events = _queue_steps(queue, (8.0, 9.0))  # its idle time counts from the unmeasured fourth step's end
+    for event in events:
+        event.done = True
+    assert queue.newest_share() == pytest.approx(2.0 / 3.0)
+    with pytest.raises(ValueError, match="capacity"):
+        _StepEventQueue(capacity=0)
+
+
+def test_step_event_queue_copies_start_empty():
+    queue = _StepEventQueue(capacity=3)
+    queue.restart(_ClockEvent(0.0))
+    _queue_steps(queue, (1.0, 2.0))
+    copied = copy.deepcopy(queue)
+    assert len(queue) == 1 and len(copied) == 0 and copied.capacity == 3
+    _queue_steps(copied, (3.0, 4.0))
+    assert len(copied) == 0  # no previous end survived the copy
+
+
+class _SpinInBackward(torch.autograd.Function):
+    """Identity whose backward keeps the GPU busy for `cycles` clock cycles (a real spinning kernel),
+    enqueued right before the optimizer step and `on_train_batch_end`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cycles: int) -> torch.Tensor:
+        ctx.cycles = cycles
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        torch.cuda._sleep(ctx.cycles)
+        return grad, None
+
+
+class _DeviceBoundNet(TinyNet):
+    """TinyNet whose backward spins the GPU for `cycles` cycles: a device-bound step."""
+
+    def __init__(self, num_classes: int, cycles: int) -> None:
+        super().__init__(num_classes)
+        self.cycles = cycles
+
+    def forward_heads(self, x: torch.Tensor) -> list[torch.Tensor]:
+        first, *rest = super().forward_heads(x)
+        return [_SpinInBackward.apply(first, self.cycles), *rest]
+
+
+def _watch_cuda_waits(monkeypatch) -> dict[str, list]:
+    """Wrap the CUDA calls that block the host, recording those made from the classifier module,
+    and `Event.elapsed_time`, recording whether both events had completed and their devices."""
+    seen = {"blocking": [], "elapsed": []}
+
+    def watch(owner, name):
+        original = getattr(owner, name)
+
+        def wrapper(*args, **kw):
+            if sys._getframe(1).f_globals.get("__name__") == "lightning_modules.classifier":
+                seen["blocking"].append(f"{getattr(owner, '__name__', owner)}.{name}")
+            return original(*args, **kw)
+
+        monkeypatch.setattr(owner, name, wrapper)
+
+    watch(torch.cuda, "synchronize")
+    watch(torch.cuda.Event, "synchronize")
+    watch(torch.cuda.Event, "wait")
+    watch(torch.cuda.Stream, "synchronize")
+    elapsed_time = torch.cuda.Event.elapsed_time
+
+    def checked_elapsed_time(self, end_event):
+        seen["elapsed"].append((self.query() and end_event.query(), self.device, end_event.device))
+        return elapsed_time(self, end_event)
+
+    monkeypatch.setattr(torch.cuda.Event, "elapsed_time", checked_elapsed_time)
+    return seen
+
+
+def _cuda_fit(tmp_path, net, delay: float, accumulate: int = 1) -> tuple[list[float], pl.Trainer]:
+    """3 batches x 2 epochs on the last CUDA device (not device 0 where there are several)."""
+    from test_classifier import collate
+
+    loader = DataLoader(_SlowSquares(12, delay=delay), batch_size=4, collate_fn=collate)
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        accelerator="gpu",
+        devices=[torch.cuda.device_count() - 1],
+        max_epochs=2,
+        accumulate_grad_batches=accumulate,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        log_every_n_steps=1,
+    )
+    trainer.fit(VideoClassifier(net, lr=0.1), train_dataloaders=loader)
+    return _column(_metrics(tmp_path), "train/data_time"), trainer
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_data_time_on_cuda_sees_a_slow_loader_and_reads_only_completed_events(tmp_path, monkeypatch, accumulate):
+    seen = _watch_cuda_waits(monkeypatch)
+    shares, trainer = _cuda_fit(tmp_path, TinyNet(2), delay=0.1, accumulate=accumulate)
+    device = trainer.strategy.root_device
+    assert seen["blocking"] == []
+    assert seen["elapsed"] and all(done for done, _, _ in seen["elapsed"]), seen["elapsed"]
+    assert all(a == b == device for _, a, b in seen["elapsed"]), (device, seen["elapsed"])
+    # Written once per optimizer step; a step or two are lost to the lag (the run's first, mostly).
+    assert trainer.global_step - 2 <= len(shares) <= trainer.global_step, (trainer.global_step, shares)
+    assert all(0.0 <= s <= 1.0 for s in shares), shares
+    # 400 ms of loading per batch against a tiny Conv3d step (a few ms of host work): the GPU waits.
+    assert sum(shares) / len(shares) > 0.8, shares
+
+
+@pytest.mark.gpu
+def test_data_time_on_cuda_never_waits_for_the_device(tmp_path, monkeypatch):
+    """With ~100 ms of GPU work still queued when `on_train_batch_end` runs, the hook returns at
+    once (a synchronising one would take the 100 ms), and the share is low: the step is device-bound."""
+    seen = _watch_cuda_waits(monkeypatch)
+    hook = VideoClassifier.on_train_batch_end
+    calls = []  # (stream busy at entry, seconds in the hook)
+
+    def timed_hook(self, *args, **kw):
+        busy = not torch.cuda.current_stream(self.device).query()
+        begin = time.perf_counter()
+        hook(self, *args, **kw)
+        calls.append((busy, time.perf_counter() - begin))
+
+    monkeypatch.setattr(VideoClassifier, "on_train_batch_end", timed_hook)
+    # 2e8 cycles: ~100 ms at the ~2 GHz of current data-centre GPUs, in the backward of every step.
+    shares, _ = _cuda_fit(tmp_path, _DeviceBoundNet(2, cycles=200_000_000), delay=0.0)
+    busy_times = sorted(seconds for busy, seconds in calls if busy)
+    assert len(busy_times) >= len(calls) // 2, calls  # else this run cannot show a wait
+    assert busy_times[len(busy_times) // 2] < 0.03, calls
+    assert seen["blocking"] == [] and all(done for done, _, _ in seen["elapsed"])
+    assert len(shares) >= 4 and all(0.0 <= s <= 1.0 for s in shares), shares
+    assert sum(shares) / len(shares) < 0.3, shares
 
 
 @pytest.mark.slow
