@@ -1,4 +1,5 @@
-"""SIFA's CUDA kernels (ops/kernels/sifa.cu) against the pure-PyTorch reference.
+"""SIFA's CUDA kernels, both variants ("fast": ops/kernels/sifa_fast.cu, "simple": ops/kernels/sifa.cu; every
+test runs under each), against the pure-PyTorch reference. tests/test_sifa_fast_kernels.py compares the two.
 
 Without a GPU the kernels run on CPU tensors through host emulation: the public ops with the test backend
 ``backend="emulated"``, which every test here enables with ``ops.kernel_host_emulation()`` (see
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 import ops
+from ops.kernel_loader import use_kernel_variant
 from ops.library import is_kernel_node
 from ops.sifa.kernels import MIN_CHUNK, correlate, offset_grad, split_channels
 from ops.sifa.reference import (
@@ -24,6 +26,12 @@ from ops.sifa.reference import (
 def host_emulation():
     with ops.kernel_host_emulation():
         yield
+
+
+@pytest.fixture(autouse=True, params=["fast", "simple"])
+def kernel_variant(request):
+    with use_kernel_variant(request.param):
+        yield request.param
 
 
 def correlation_emulated(*args, **kwargs):

@@ -259,6 +259,33 @@ FastPlan = tuple[int | None, bool, bool | None]
 DEFAULT_PLAN: FastPlan = (None, True, None)
 
 
+def fast_plan(
+    maps: tuple[torch.Tensor, ...], shape: tuple[int, ...], plan: FastPlan = DEFAULT_PLAN
+) -> tuple[int, bool, bool]:
+    """(lanes, vec, index32) of a fast launch over the B·H·W points of ``shape`` = (B, C, G, H, W, K, dil).
+    ``maps`` are the channels-last tensors read or written by vectors: 16-byte vectors only when each of
+    them is 16-byte aligned (a storage offset may break that) and the width divides C/G, scalar loads
+    otherwise. ``plan`` = (lanes, vectorize, index32) overrides (None: chosen here; tests)."""
+    batch, channels, groups, height, width, ksize, _ = shape
+    lanes, vectorize, index32 = plan
+    n_points = batch * height * width
+    per_group = channels // groups
+    dtype = maps[0].dtype
+    vec = vectorize and per_group % vector_width(dtype) == 0 and all(t.data_ptr() % 16 == 0 for t in maps)
+    if lanes is None:
+        lanes = fast_lanes(per_group, vector_width(dtype) if vec else 1)
+    if lanes not in (1, 2, 4, 8, 16, 32):
+        raise OpArgumentError(f"lanes must be a power of two up to 32, got {lanes}")
+    if index32 is None:
+        largest = n_points * max(channels, 2 * ksize**2, groups * ksize**2) + _fast_grid(n_points, lanes) * FAST_THREADS
+        index32 = largest <= INDEX32_LIMIT
+    return lanes, bool(vec), bool(index32)
+
+
+def _fast_grid(n_points: int, lanes: int) -> int:
+    return max(1, min(MAX_BLOCKS, -(-n_points // (FAST_THREADS // lanes))))
+
+
 def _fast_launch(
     kernel: str,
     pointers: tuple[torch.Tensor, ...],
@@ -267,30 +294,17 @@ def _fast_launch(
     maps: tuple[torch.Tensor, ...],
     plan: FastPlan,
 ) -> None:
-    """Launch a fast kernel over the B·H·W points of ``shape`` = (B, C, G, H, W, K, dil). ``maps`` are the
-    channels-last tensors read or written by vectors: 16-byte vectors only when each of them is 16-byte
-    aligned (a storage offset may break that) and the width divides C/G; scalar loads otherwise."""
+    """Launch a fast kernel with explicit grid and block: ``FAST_THREADS`` threads, lanes of them per point,
+    a grid-stride loop over the points (see :func:`fast_plan`)."""
     batch, channels, groups, height, width, ksize, dilation = shape
-    lanes, vectorize, index32 = plan
-    dtype = maps[0].dtype
+    lanes, vec, index32 = fast_plan(maps, shape, plan)
     n_points = batch * height * width
-    per_group = channels // groups
-    vec = vectorize and per_group % vector_width(dtype) == 0 and all(t.data_ptr() % 16 == 0 for t in maps)
-    if lanes is None:
-        lanes = fast_lanes(per_group, vector_width(dtype) if vec else 1)
-    if lanes not in (1, 2, 4, 8, 16, 32):
-        raise OpArgumentError(f"lanes must be a power of two up to 32, got {lanes}")
-    per_block = FAST_THREADS // lanes
-    blocks = max(1, min(MAX_BLOCKS, -(-n_points // per_block)))
-    if index32 is None:
-        largest = n_points * max(channels, 2 * ksize**2, groups * ksize**2) + blocks * FAST_THREADS
-        index32 = largest <= INDEX32_LIMIT
     geometry = (n_points, channels, groups, height, width, ksize, dilation)
     FAST_SOURCE.launch(
         kernel,
         (*pointers, *geometry, *extra, lanes, int(vec), int(index32)),
-        dtype=dtype,
-        grid=(blocks, 1, 1),
+        dtype=maps[0].dtype,
+        grid=(_fast_grid(n_points, lanes), 1, 1),
         block=(FAST_THREADS, 1, 1),
     )
 
