@@ -6,29 +6,36 @@ Shapes are FCF-(2+1)D-50's (docs/repflow.md §3): the flow layers of an FCF bloc
 best (image stencils fixed, the rest learnable), so the backward produces every gradient the block
 trains with.
 
-CUDA (when available): both backends run in this process on the same inputs; times from CUDA events
-(median of --iters after --warmup), peak memory of forward+backward above what the inputs occupy
-(torch.cuda.max_memory_allocated), and the ratios torch/cupy. The fused forward is also compared with
-its memory-traffic bound: the first iteration (primal step only) reads gx, gy, rho_c, u (2 maps),
-p (4) and writes u (2); every further iteration is one fused launch (dual step + next primal step)
+CUDA (when available): the reference and each kernel variant of --kernels (default: fast and simple,
+ops.kernel_loader.use_kernel_variant; the fast variant falls back to the simple kernels for planes
+over 1024 float32 pixels, the "path" column says which ran) in this process on the same inputs; times
+from CUDA events (median of --iters after --warmup), peak memory of forward+backward above what the
+inputs occupy (torch.cuda.max_memory_allocated), and the ratios torch/kernels. The forward is also
+compared with two memory-traffic figures, divided by the device bandwidth (measured with a
+device-to-device copy, or --bandwidth-gbs): "bound", the simple kernels' traffic (the first iteration
+reads gx, gy, rho_c, u (2 maps), p (4) and writes u (2); every further iteration is one fused launch
 that reads gx, gy, rho_c, u (2), p (4) and writes u (2), p (4), i.e. 15 map passes; plus 5 for the
-image gradient and rho_c; divided by the device bandwidth (measured with a device-to-device copy,
-or --bandwidth-gbs).
+image gradient and rho_c), the figure earlier results quote; and "one pass", what any
+implementation must move (5 maps for the image gradient and rho_c, then gx, gy, rho_c read and u (2)
+written once: 10 map passes), which the fast kernels aim at (their "of bound" may exceed 100%).
 
 CPU (always): the reference's forward and forward+backward time on a small shape, and the number of
 [B,C,H,W] maps each backend keeps for the backward (the kernels run through host emulation for that
-count: autograd's saved tensors plus the kernels' checkpoints; their CPU time is not a benchmark).
-With --cpu-peak also the rise of peak resident memory of one forward+backward per backend, each in
-a fresh process (coarse: the C allocator keeps freed blocks; a ratio, not a GPU figure).
+count: autograd's saved tensors plus the kernels' checkpoints, the same for both variants; their CPU
+time is not a benchmark). With --cpu-peak also the rise of peak resident memory of one
+forward+backward per backend and variant, each in a fresh process (coarse: the C allocator keeps
+freed blocks; a ratio, not a GPU figure).
 
     python benchmarks/bench_flow.py [--iters 10] [--warmup 3] [--dtype float32] [--n-iter 10 20]
                                     [--frames 8 16] [--sizes 28 14] [--clips 8] [--bandwidth-gbs X]
-                                    [--cpu-only | --gpu-only] [--cpu-peak] [--require-cuda]
+                                    [--kernels fast simple] [--cpu-only | --gpu-only] [--cpu-peak]
+                                    [--require-cuda]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import statistics
 import subprocess
@@ -40,8 +47,9 @@ import torch
 from cuda_timing import cuda_peak_bytes, cuda_time_ms, measure_bandwidth_gbs
 
 import ops
+from ops.kernel_loader import KERNEL_VARIANTS, use_kernel_variant
 from ops.library import is_kernel_node
-from ops.repflow.kernels import segment_length
+from ops.repflow.kernels import segment_length, tvl1_path
 from ops.repflow.modules import FlowLayer
 
 CHANNELS = 32  # FCF bottleneck
@@ -85,6 +93,11 @@ def fwd_bytes(pairs, size, n_iter, element_size=4):
     return map_bytes * (11 + 15 * (n_iter - 1) + 5)
 
 
+def one_pass_bytes(pairs, size, element_size=4):
+    """What any forward must move (see the module docstring): 10 map passes, independent of n_iter."""
+    return pairs * CHANNELS * size * size * max(element_size, 4) * 10
+
+
 # ----------------------------------------------------------------------------------------------- CUDA
 
 
@@ -115,8 +128,8 @@ def _run_cuda(args, dtype: torch.dtype) -> list[dict]:
     name = torch.cuda.get_device_name(device)
     print(f"device: {name}, dtype {args.dtype}, bandwidth {bandwidth:.0f} GB/s ({source})")
     print(
-        f"{'shape':<34}{'backend':<8}{'fwd ms':>9}{'fwd+bwd ms':>12}{'peak MiB':>10}"
-        f"{'fwd bound ms':>14}{'of bound':>10}"
+        f"{'shape':<34}{'backend':<8}{'path':<8}{'fwd ms':>9}{'fwd+bwd ms':>12}{'peak MiB':>10}"
+        f"{'bound ms':>10}{'of bound':>10}{'one pass ms':>13}{'of it':>8}"
     )
     rows = []
     for n_iter in args.n_iter:
@@ -128,17 +141,32 @@ def _run_cuda(args, dtype: torch.dtype) -> list[dict]:
                 with torch.no_grad():
                     cot = torch.randn_like(layers["torch"](x))
                 bound_ms = fwd_bytes(pairs, size, n_iter, x.element_size()) / (bandwidth * 1e9) * 1e3
-                result = {backend: measure(layer, x, cot, args) for backend, layer in layers.items()}
+                one_pass_ms = one_pass_bytes(pairs, size, x.element_size()) / (bandwidth * 1e9) * 1e3
+                result = {"torch": measure(layers["torch"], x, cot, args)}
+                paths = {"torch": ""}
+                for variant in args.kernels:
+                    with use_kernel_variant(variant):
+                        result[variant] = measure(layers["cupy"], x, cot, args)
+                        paths[variant] = tvl1_path(torch.float32 if dtype != torch.float64 else dtype, size, size)
                 name = f"{size}x{size} T={frames} N={args.clips} n_iter={n_iter}"
                 for backend, (fwd_ms, train_ms, peak) in result.items():
-                    of_bound = f"{bound_ms / fwd_ms:>9.0%}" if backend == "cupy" else f"{'':>9}"
+                    if backend == "torch":
+                        of_bound = of_one_pass = ""
+                    else:
+                        of_bound, of_one_pass = f"{bound_ms / fwd_ms:.0%}", f"{one_pass_ms / fwd_ms:.0%}"
                     print(
-                        f"{name:<34}{backend:<8}{fwd_ms:>9.3f}{train_ms:>12.3f}{peak / 2**20:>10.1f}"
-                        f"{bound_ms:>14.4f}{of_bound}"
+                        f"{name:<34}{backend:<8}{paths[backend]:<8}{fwd_ms:>9.3f}{train_ms:>12.3f}"
+                        f"{peak / 2**20:>10.1f}{bound_ms:>10.4f}{of_bound:>10}{one_pass_ms:>13.4f}{of_one_pass:>8}"
                     )
-                (tf, tt, tp), (cf, ct, cp) = result["torch"], result["cupy"]
-                print(f"{'':<34}{'ratio':<8}{tf / cf:>8.1f}x{tt / ct:>11.1f}x{tp / max(cp, 1):>9.1f}x   (torch / cupy)")
-                rows.append({"size": size, "frames": frames, "n_iter": n_iter, **result, "fwd_bound_ms": bound_ms})
+                tf, tt, tp = result["torch"]
+                for variant in args.kernels:
+                    cf, ct, cp = result[variant]
+                    print(
+                        f"{'':<34}{'ratio':<8}{'':<8}{tf / cf:>8.1f}x{tt / ct:>11.1f}x{tp / max(cp, 1):>9.1f}x"
+                        f"   (torch / {variant})"
+                    )
+                row = {"size": size, "frames": frames, "n_iter": n_iter, **result, "paths": paths}
+                rows.append({**row, "fwd_bound_ms": bound_ms, "one_pass_ms": one_pass_ms})
                 del x, cot
                 torch.cuda.empty_cache()
     return rows
@@ -217,8 +245,9 @@ def run_cpu(args) -> dict:
             f"(checkpoint every {segment_length(n)} iterations), ratio {ref / fused:.1f}x"
         )
     print(
-        "  (the kernels' backward adds a fixed working set of about 23 maps, including one recomputed "
-        "state; the GPU peak-memory column measures everything)"
+        "  (both variants save the same maps; the simple kernels' backward adds a working set of about 23 "
+        "maps, the fast kernels' 3 gradient maps plus a scratch of 6·(L+1) plane maps per block of a grid "
+        "capped by the SM count; the GPU peak-memory column measures everything)"
     )
     return {"fwd_ms": fwd_ms, "train_ms": train_ms, "maps": counts}
 
@@ -231,7 +260,8 @@ def peak_child(kernels: bool, n_iter: int, pairs: int = 14, size: int = 28) -> N
 
     def run(i0, i1):
         out = layer_flow(layer, i0, i1, n_iter, kernels)
-        out.backward(torch.ones_like(out))
+        with ops.kernel_host_emulation():  # the kernels' backward op refuses CPU tensors outside it
+            out.backward(torch.ones_like(out))
 
     tiny = torch.randn(1, CHANNELS, 4, 4, requires_grad=True)
     run(tiny, tiny * 2)  # loads the emulation library, warms the allocator
@@ -264,19 +294,23 @@ def peak_child(kernels: bool, n_iter: int, pairs: int = 14, size: int = 28) -> N
 
 
 def run_cpu_peak(args) -> dict:
-    """Peak resident memory of tvl1_flow forward+backward, reference vs kernels (host emulation), one
-    fresh process each. RSS is coarse (the C allocator keeps freed blocks), so read it as a ratio."""
+    """Peak resident memory of tvl1_flow forward+backward, reference vs each kernel variant (host
+    emulation), one fresh process each. RSS is coarse (the C allocator keeps freed blocks), so read it
+    as a ratio."""
     print("tvl1_flow forward+backward on CPU, peak rise of RSS in maps of [14, 32, 28, 28] float32:")
     out = {}
     for n in args.n_iter:
         maps = {}
-        for kernels in (False, True):
-            cmd = [sys.executable, __file__, "--peak-child", "kernels" if kernels else "torch", str(n)]
-            result = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            maps[kernels] = float(result.stdout.strip().splitlines()[-1])
+        for backend in ("torch", *args.kernels):
+            cmd = [sys.executable, __file__, "--peak-child", "torch" if backend == "torch" else "kernels", str(n)]
+            env = {**os.environ, "VMM_KERNELS": backend if backend != "torch" else "fast"}
+            result = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+            maps[backend] = float(result.stdout.strip().splitlines()[-1])
         out[n] = maps
-        ratio = maps[False] / max(maps[True], 1e-9)
-        print(f"  n_iter={n:>3}: reference {maps[False]:6.0f}, kernels {maps[True]:5.0f}, ratio {ratio:.1f}x")
+        kernels = ", ".join(
+            f"{v} {maps[v]:5.0f} (ratio {maps['torch'] / max(maps[v], 1e-9):.1f}x)" for v in args.kernels
+        )
+        print(f"  n_iter={n:>3}: reference {maps['torch']:6.0f}, {kernels}")
     return out
 
 
@@ -290,6 +324,9 @@ def main(argv=None) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[28, 14])
     parser.add_argument("--clips", type=int, default=8)
     parser.add_argument("--bandwidth-gbs", type=float, default=None)
+    parser.add_argument(
+        "--kernels", nargs="+", choices=KERNEL_VARIANTS, default=list(KERNEL_VARIANTS), help="kernel variants to run"
+    )
     only = parser.add_mutually_exclusive_group()
     only.add_argument("--cpu-only", action="store_true")
     only.add_argument("--gpu-only", action="store_true", help="skip the CPU timings and saved-maps count")
