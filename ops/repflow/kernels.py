@@ -20,7 +20,7 @@ so a forward of one variant can be differentiated by the other). The backward ru
 iteration in reverse. The simple backward recomputes the state before each iteration from its
 segment's checkpoint into one work state (about n_iter·(L-1)/2 extra steps) and holds a working set
 of about 23 maps (work state, adjoints, gradient accumulators). The fast backward recomputes each
-segment once (n_iter - ceil(n_iter/L) extra steps) into a per-block scratch of ``6·(L+1)`` plane maps
+segment once (fewer than n_iter extra steps in all) into a per-block scratch of ``6·(L+1)`` plane maps
 (the grid is capped at ``PLANE_BLOCKS_PER_SM`` blocks per SM, so the scratch does not grow with the
 batch), keeps the adjoints in registers and writes only the 3 input-gradient maps. Saved maps: about
 ``6·n_iter/L + 3``, against ≈ 26·n_iter maps the autograd reference saves.
