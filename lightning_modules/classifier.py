@@ -214,9 +214,12 @@ class VideoClassifier(pl.LightningModule):
             acc = (self._probs(heads).argmax(1) == hard).float().mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=len(y))
         self.log("train/top1", acc, prog_bar=True, batch_size=len(y))
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=len(y))
-        self.log("lr_base", float(self.hparams.lr), batch_size=len(y))
-        self.log("lr_peak", float(self.hparams.lr * self.lr_scale), batch_size=len(y))
+        # Host values are logged as CPU tensors: Lightning turns a Python float into a tensor on the module's
+        # device, a blocking host-to-device copy (a stream synchronisation) every step on a GPU.
+        lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+        self.log("lr", torch.tensor(float(lr)), batch_size=len(y))
+        self.log("lr_base", torch.tensor(float(self.hparams.lr)), batch_size=len(y))
+        self.log("lr_peak", torch.tensor(float(self.hparams.lr * self.lr_scale)), batch_size=len(y))
         return loss
 
     def augment(self, video: Tensor, label: Tensor, batch_idx: int = 0) -> tuple[Tensor, Tensor]:
