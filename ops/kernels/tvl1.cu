@@ -98,9 +98,9 @@ __device__ __forceinline__ void tvl1_dual_px(const T* u, const T* p, A r, const 
     const A z = vmm_load(u, iu);
     const A zx = (w < W - 1) ? k.fx0 * z + k.fx1 * vmm_load(u, iu + 1) : (A)0;
     const A zy = (h < H - 1) ? k.fy0 * z + k.fy1 * vmm_load(u, iu + W) : (A)0;
-    const A s = 1 + r * tvl1_sqrt(zx * zx + zy * zy + (A)TVL1_EPS);
-    pa = (vmm_load(p, q) + r * zx) / s;
-    pb = (vmm_load(p, q + CHW) + r * zy) / s;
+    const A inv_s = (A)1 / (1 + r * tvl1_sqrt(zx * zx + zy * zy + (A)TVL1_EPS));  // one division, not two
+    pa = (vmm_load(p, q) + r * zx) * inv_s;
+    pb = (vmm_load(p, q + CHW) + r * zy) * inv_s;
 }
 
 // u_out may be u_in (in place: each thread reads and writes only its own pixel of u).
@@ -247,21 +247,23 @@ __global__ void tvl1_dual_adj(const T* __restrict__ gx, const T* __restrict__ gy
                 const acc_t zx = has_x ? fx0 * z + fx1 * z_right : (acc_t)0;
                 const acc_t zy = has_y ? fy0 * z + fy1 * z_down : (acc_t)0;
                 const acc_t n = tvl1_sqrt(zx * zx + zy * zy + eps);
-                const acc_t s = 1 + r * n;
-                const acc_t pa = (vmm_load(p, q) + r * zx) / s;
-                const acc_t pb = (vmm_load(p, q + CHW) + r * zy) / s;
+                // Reciprocals: two divisions instead of eight.
+                const acc_t inv_n = (acc_t)1 / n;
+                const acc_t inv_s = (acc_t)1 / (1 + r * n);
+                const acc_t pa = (vmm_load(p, q) + r * zx) * inv_s;
+                const acc_t pb = (vmm_load(p, q + CHW) + r * zy) * inv_s;
                 const acc_t ba = vmm_load(pbar, q), bb = vmm_load(pbar, q + CHW);
                 // p_new = (p_old + r z') / s with s = 1 + r n: dp_new/ds = -p_new / s, ds/dz' = r z' / n.
                 const acc_t qs = ba * pa + bb * pb;
-                const acc_t zxbar = has_x ? (r * ba - qs * r * zx / n) / s : (acc_t)0;
-                const acc_t zybar = has_y ? (r * bb - qs * r * zy / n) / s : (acc_t)0;
-                s_r += (ba * zx + bb * zy - qs * n) / s;
+                const acc_t zxbar = has_x ? (r * ba - qs * r * zx * inv_n) * inv_s : (acc_t)0;
+                const acc_t zybar = has_y ? (r * bb - qs * r * zy * inv_n) * inv_s : (acc_t)0;
+                s_r += (ba * zx + bb * zy - qs * n) * inv_s;
                 s_fx0 += zxbar * z;
                 s_fx1 += zxbar * z_right;
                 s_fy0 += zybar * z;
                 s_fy1 += zybar * z_down;
-                vmm_store(pbar + q, ba / s);
-                vmm_store(pbar + q + CHW, bb / s);
+                vmm_store(pbar + q, ba * inv_s);
+                vmm_store(pbar + q + CHW, bb * inv_s);
                 vmm_store(gbar + q, zxbar);
                 vmm_store(gbar + q + CHW, zybar);
             }
