@@ -103,6 +103,7 @@ def test_tvl1_path_follows_the_variant_and_the_plane_size():
     ("dtype", "shape", "path"),
     [
         (torch.float64, (2, 2, 16, 32), "plane"),  # exactly the float64 limit
+        (torch.float32, (1, 1, 32, 32), "plane"),  # exactly the float32 limit: a block of 1024 threads
         (torch.float64, (1, 1, 23, 23), "simple"),  # 529 pixels: falls back
         (torch.float32, (1, 1, 33, 32), "simple"),  # 1056 pixels
     ],
