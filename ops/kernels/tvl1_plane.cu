@@ -156,6 +156,7 @@ __global__ void __launch_bounds__(TVL1_PLANE_THREADS)
             }
         }
         __syncthreads();
+        vmm_i64 next_ckpt = seg, slot = 0;  // the next checkpoint iteration and its slot
         for (vmm_i64 it = 1; it <= n_iter; ++it) {
             // Primal step: u_it from (u_{it-1}, p_{it-1}).
             #pragma unroll
@@ -199,8 +200,7 @@ __global__ void __launch_bounds__(TVL1_PLANE_THREADS)
                 }
             }
             __syncthreads();
-            if (it % seg == 0 && it / seg <= n_ckpt) {
-                const vmm_i64 slot = it / seg - 1;
+            if (it == next_ckpt && slot < n_ckpt) {
                 T* cu = ckpt_u + slot * B * 2 * CHW + u_base;
                 T* cp = ckpt_p + slot * B * 4 * CHW + p_base;
                 #pragma unroll
@@ -211,6 +211,10 @@ __global__ void __launch_bounds__(TVL1_PLANE_THREADS)
                     #pragma unroll
                     for (int q = 0; q < 4; ++q) vmm_store(cp + q * CHW + px[j].i, p[q][j]);
                 }
+            }
+            if (it == next_ckpt) {  // a counter, not it % seg: 64-bit division costs as much as a step
+                next_ckpt += seg;
+                ++slot;
             }
         }
         #pragma unroll
