@@ -240,9 +240,9 @@ def test_emulation_refuses_a_misaligned_vector_load():
     attn = torch.empty(2, 1, 4, 5).contiguous(memory_format=torch.channels_last)
     out = torch.empty_like(kv, memory_format=torch.channels_last)
     geometry = (2 * 4 * 5, 8, 1, 4, 5, 1, 1)
-    args = (query, kv, offset, attn, out, *geometry, sk.FAST_CORR | sk.FAST_AGG, 0.125, 1.0, 2, 1, 1)
+    args = (query, kv, offset, attn, out, *geometry, sk.FAST_CORR | sk.FAST_AGG, 0.125, 1.0, 2)
     with pytest.raises(EmulatedKernelError, match="misaligned"):
-        sk.FAST_SOURCE.launch("sifa_fast_forward", args, dtype=torch.float32, grid=(1, 1, 1), block=(256, 1, 1))
+        sk.FAST_SOURCE.launch("sifa_fast_forward_v32", args, dtype=torch.float32, grid=(1, 1, 1), block=(256, 1, 1))
 
 
 # --------------------------------------------------------------------------------------- memory formats

@@ -17,9 +17,11 @@
 // partial-sum buffers. Indices are 32-bit when the caller says every index fits (`index32`).
 //
 //   sifa_fast_forward   per point and group: (CORR) attn[g·K²+k] = scale_corr · Σ_{c∈g} q[c] · S_k(kv)[c],
-//                       then (AGG) out[c] = scale_agg · Σ_k attn[g·K²+k] · S_k(kv)[c], the attn just
-//                       written read back by the lane group (after __syncwarp) in storage precision, as
-//                       the two simple kernels run in turn would. CORR alone is deform_correlation (and
+//                       then (AGG) out[c] = scale_agg · Σ_k attn[g·K²+k] · S_k(kv)[c] with attn in storage
+//                       precision, as the two simple kernels run in turn would: in one pass over the taps
+//                       when the group's channels fit in MAX_STEPS steps (the samples kept in registers),
+//                       else in a second pass that reads back the attn lane 0 wrote (after __syncwarp).
+//                       CORR alone is deform_correlation (and
 //                       the aggregation's d attn), AGG alone deform_aggregation (and the correlation's
 //                       d query, scale 1/C_g).
 //   sifa_fast_backward  per point and group, one kernel for the three backward ops. Phase A (HAS_OUT):
@@ -208,6 +210,61 @@ VMM_INLINE void sifa_fast_forward_body(const T* __restrict__ q, const T* __restr
         for (I g = 0; g < groups; ++g) {
             const I c_group = g * per_group;
             const I a_base = (p * groups + g) * kk;
+            if (mode == (SIFA_FAST_CORR | SIFA_FAST_AGG) && steps <= SIFA_FAST_MAX_STEPS) {
+                // The SIFA step with the group's channels in registers: each tap's samples serve both the
+                // group sum and the aggregation, one read of kv's corners (the same values and order of
+                // operations as the two passes below).
+                A qv[SIFA_FAST_MAX_STEPS][V];
+                A acc[SIFA_FAST_MAX_STEPS][V];
+#pragma unroll
+                for (int u = 0; u < SIFA_FAST_MAX_STEPS; ++u) {
+#pragma unroll
+                    for (int v = 0; v < V; ++v) qv[u][v] = acc[u][v] = (A)0;
+                    const I j = (I)u * step + lane_ch;
+                    if (u < steps && j < per_group) sifa_load<V>(q, map_base + c_group + j, qv[u]);
+                }
+                for (I kh = 0, k = 0; kh < ksize; ++kh) {
+                    for (I kw = 0; kw < ksize; ++kw, ++k) {
+                        const sifa_fast_tap<A, I> t =
+                            sifa_fast_tap_at<T, A, I>(offset, p, h, w, kh, kw, k, kk, dil, pad, height, width);
+                        A sample[SIFA_FAST_MAX_STEPS][V];
+                        A dot = (A)0;
+#pragma unroll
+                        for (int u = 0; u < SIFA_FAST_MAX_STEPS; ++u) {
+                            const I j = (I)u * step + lane_ch;
+                            if (u >= steps || j >= per_group) break;
+                            A v00[V], v01[V], v10[V], v11[V];
+                            sifa_fast_corners<V>(kv, t, channels, width, c_group + j, v00, v01, v10, v11);
+#pragma unroll
+                            for (int v = 0; v < V; ++v) {
+                                sample[u][v] = sifa_fast_blend(t, v00[v], v01[v], v10[v], v11[v]);
+                                dot += qv[u][v] * sample[u][v];
+                            }
+                        }
+                        dot = sifa_group_sum(dot, lg.mask, lanes);
+                        T stored;  // attn as the aggregation reads it: rounded to the storage type
+                        vmm_store(&stored, dot * (A)scale_corr);
+                        if (lg.lane == 0) attn[a_base + k] = stored;
+                        const A a = (A)vmm_to_float(stored);
+#pragma unroll
+                        for (int u = 0; u < SIFA_FAST_MAX_STEPS; ++u) {
+                            const I j = (I)u * step + lane_ch;
+                            if (u >= steps || j >= per_group) break;
+#pragma unroll
+                            for (int v = 0; v < V; ++v) acc[u][v] += a * sample[u][v];
+                        }
+                    }
+                }
+#pragma unroll
+                for (int u = 0; u < SIFA_FAST_MAX_STEPS; ++u) {
+                    const I j = (I)u * step + lane_ch;
+                    if (u >= steps || j >= per_group) break;
+#pragma unroll
+                    for (int v = 0; v < V; ++v) acc[u][v] *= (A)scale_agg;
+                    sifa_store<V>(out, map_base + c_group + j, acc[u]);
+                }
+                continue;
+            }
             if (mode & SIFA_FAST_CORR) {
                 for (I kh = 0, k = 0; kh < ksize; ++kh) {
                     for (I kw = 0; kw < ksize; ++kw, ++k) {
@@ -268,35 +325,25 @@ VMM_INLINE void sifa_fast_forward_body(const T* __restrict__ q, const T* __restr
     }
 }
 
-// Forward of the three ops (see the header): mode SIFA_FAST_CORR, SIFA_FAST_AGG or both. `vec` = 1 takes
-// 16-byte vectors (the caller checked alignment and that they divide C/G), `index32` = 1 32-bit indices.
-template <typename T>
-__global__ void __launch_bounds__(256) sifa_fast_forward(const T* __restrict__ q, const T* __restrict__ kv,
-                                                         const T* __restrict__ offset, T* __restrict__ attn,
-                                                         T* __restrict__ out, vmm_i64 n_points, vmm_i64 channels,
-                                                         vmm_i64 groups, vmm_i64 height, vmm_i64 width,
-                                                         vmm_i64 ksize, vmm_i64 dil, vmm_i64 mode, double scale_corr,
-                                                         double scale_agg, vmm_i64 lanes, vmm_i64 vec,
-                                                         vmm_i64 index32) {
-    const int V = 16 / sizeof(T);
-    if (index32) {
-        if (vec)
-            sifa_fast_forward_body<T, V, int>(q, kv, offset, attn, out, (int)n_points, (int)channels, (int)groups,
-                                              (int)height, (int)width, (int)ksize, (int)dil, (int)mode, scale_corr,
-                                              scale_agg, (int)lanes);
-        else
-            sifa_fast_forward_body<T, 1, int>(q, kv, offset, attn, out, (int)n_points, (int)channels, (int)groups,
-                                              (int)height, (int)width, (int)ksize, (int)dil, (int)mode, scale_corr,
-                                              scale_agg, (int)lanes);
-    } else {
-        if (vec)
-            sifa_fast_forward_body<T, V, vmm_i64>(q, kv, offset, attn, out, n_points, channels, groups, height, width,
-                                                  ksize, dil, (int)mode, scale_corr, scale_agg, (int)lanes);
-        else
-            sifa_fast_forward_body<T, 1, vmm_i64>(q, kv, offset, attn, out, n_points, channels, groups, height, width,
-                                                  ksize, dil, (int)mode, scale_corr, scale_agg, (int)lanes);
+// Forward and backward of the three ops (see the header) as four kernels each: 16-byte vectors (`_v`,
+// the caller checked alignment and that the width divides C/G) or scalar loads (`_s`), 32-bit (`32`, the
+// caller checked that every index fits) or 64-bit indices. Separate kernels rather than a uniform branch:
+// ptxas gives a kernel the registers of its heaviest path, and the 64-bit vector one needs the most.
+// Forward: mode SIFA_FAST_CORR, SIFA_FAST_AGG or both; scale_corr = 1/C_g for the correlation.
+#define SIFA_FAST_FORWARD_KERNEL(NAME, V, I)                                                                    \
+    template <typename T>                                                                                      \
+    __global__ void __launch_bounds__(256)                                                                     \
+        NAME(const T* __restrict__ q, const T* __restrict__ kv, const T* __restrict__ offset, T* __restrict__ attn, \
+             T* __restrict__ out, vmm_i64 n_points, vmm_i64 channels, vmm_i64 groups, vmm_i64 height,           \
+             vmm_i64 width, vmm_i64 ksize, vmm_i64 dil, vmm_i64 mode, double scale_corr, double scale_agg,      \
+             vmm_i64 lanes) {                                                                                   \
+        sifa_fast_forward_body<T, V, I>(q, kv, offset, attn, out, (I)n_points, (I)channels, (I)groups, (I)height, \
+                                        (I)width, (I)ksize, (I)dil, (int)mode, scale_corr, scale_agg, (int)lanes); \
     }
-}
+SIFA_FAST_FORWARD_KERNEL(sifa_fast_forward_v32, 16 / sizeof(T), int)
+SIFA_FAST_FORWARD_KERNEL(sifa_fast_forward_s32, 1, int)
+SIFA_FAST_FORWARD_KERNEL(sifa_fast_forward_v64, 16 / sizeof(T), vmm_i64)
+SIFA_FAST_FORWARD_KERNEL(sifa_fast_forward_s64, 1, vmm_i64)
 
 template <typename T, int V, typename I>
 VMM_INLINE void sifa_fast_backward_body(const T* __restrict__ q, const T* __restrict__ kv,
@@ -443,34 +490,22 @@ VMM_INLINE void sifa_fast_backward_body(const T* __restrict__ q, const T* __rest
     }
 }
 
-// Backward of the three ops (see the header); `flags` are the SIFA_FAST_* bits above, `scale` the
-// correlation's 1/C_g. Pointers a flag leaves unused may be any valid pointer; they are not read.
-template <typename T>
-__global__ void __launch_bounds__(256) sifa_fast_backward(
-    const T* __restrict__ q, const T* __restrict__ kv, const T* __restrict__ offset, const T* __restrict__ attn,
-    const T* __restrict__ grad_out, const T* __restrict__ grad_attn, typename vmm_acc<T>::type* __restrict__ abar,
-    T* __restrict__ grad_q, typename vmm_acc<T>::type* __restrict__ grad_kv,
-    typename vmm_acc<T>::type* __restrict__ grad_offset, vmm_i64 n_points, vmm_i64 channels, vmm_i64 groups,
-    vmm_i64 height, vmm_i64 width, vmm_i64 ksize, vmm_i64 dil, vmm_i64 flags, double scale, vmm_i64 lanes,
-    vmm_i64 vec, vmm_i64 index32) {
-    const int V = 16 / sizeof(T);
-    if (index32) {
-        if (vec)
-            sifa_fast_backward_body<T, V, int>(q, kv, offset, attn, grad_out, grad_attn, abar, grad_q, grad_kv,
-                                               grad_offset, (int)n_points, (int)channels, (int)groups, (int)height,
-                                               (int)width, (int)ksize, (int)dil, (int)flags, scale, (int)lanes);
-        else
-            sifa_fast_backward_body<T, 1, int>(q, kv, offset, attn, grad_out, grad_attn, abar, grad_q, grad_kv,
-                                               grad_offset, (int)n_points, (int)channels, (int)groups, (int)height,
-                                               (int)width, (int)ksize, (int)dil, (int)flags, scale, (int)lanes);
-    } else {
-        if (vec)
-            sifa_fast_backward_body<T, V, vmm_i64>(q, kv, offset, attn, grad_out, grad_attn, abar, grad_q, grad_kv,
-                                                   grad_offset, n_points, channels, groups, height, width, ksize, dil,
-                                                   (int)flags, scale, (int)lanes);
-        else
-            sifa_fast_backward_body<T, 1, vmm_i64>(q, kv, offset, attn, grad_out, grad_attn, abar, grad_q, grad_kv,
-                                                   grad_offset, n_points, channels, groups, height, width, ksize, dil,
-                                                   (int)flags, scale, (int)lanes);
+// Backward: `flags` are the SIFA_FAST_* bits above, `scale` the correlation's 1/C_g. Pointers a flag
+// leaves unused may be any valid pointer; they are not read.
+#define SIFA_FAST_BACKWARD_KERNEL(NAME, V, I)                                                                  \
+    template <typename T>                                                                                     \
+    __global__ void __launch_bounds__(256)                                                                    \
+        NAME(const T* __restrict__ q, const T* __restrict__ kv, const T* __restrict__ offset,                  \
+             const T* __restrict__ attn, const T* __restrict__ grad_out, const T* __restrict__ grad_attn,      \
+             typename vmm_acc<T>::type* __restrict__ abar, T* __restrict__ grad_q,                             \
+             typename vmm_acc<T>::type* __restrict__ grad_kv, typename vmm_acc<T>::type* __restrict__ grad_offset, \
+             vmm_i64 n_points, vmm_i64 channels, vmm_i64 groups, vmm_i64 height, vmm_i64 width, vmm_i64 ksize,  \
+             vmm_i64 dil, vmm_i64 flags, double scale, vmm_i64 lanes) {                                        \
+        sifa_fast_backward_body<T, V, I>(q, kv, offset, attn, grad_out, grad_attn, abar, grad_q, grad_kv,      \
+                                         grad_offset, (I)n_points, (I)channels, (I)groups, (I)height, (I)width, \
+                                         (I)ksize, (I)dil, (int)flags, scale, (int)lanes);                     \
     }
-}
+SIFA_FAST_BACKWARD_KERNEL(sifa_fast_backward_v32, 16 / sizeof(T), int)
+SIFA_FAST_BACKWARD_KERNEL(sifa_fast_backward_s32, 1, int)
+SIFA_FAST_BACKWARD_KERNEL(sifa_fast_backward_v64, 16 / sizeof(T), vmm_i64)
+SIFA_FAST_BACKWARD_KERNEL(sifa_fast_backward_s64, 1, vmm_i64)

@@ -7,8 +7,9 @@ suite's way of executing them without a GPU — slow, not a CPU backend). Two im
 inside each op at run time by :func:`ops.kernel_loader.kernel_variant`:
 
 **"fast"** (the default; ``kernels/sifa_fast.cu``): channels-last maps, a lane group per sampling point
-with vector loads over contiguous channels, group sums by warp shuffles. Two kernels: ``sifa_fast_forward``
-(correlation, aggregation or the SIFA step's both in one launch) and ``sifa_fast_backward`` (every
+with vector loads over contiguous channels, group sums by warp shuffles. Two kernels, each in four
+builds (vector or scalar loads × 32- or 64-bit indices, :func:`fast_plan`): ``sifa_fast_forward_*``
+(correlation, aggregation or the SIFA step's both in one launch) and ``sifa_fast_backward_*`` (every
 gradient of any of the three ops in one launch; d kv by atomicAdd, d offset written in a fixed order).
 Inputs are made channels-last (free when they already are); temporaries are accumulation-type buffers
 of d kv, d offset and, when the aggregation's term is present, its d attn (attn-sized).
@@ -54,7 +55,10 @@ from ..library import CUSTOM_OPS, check_kernel_device, needed, placeholder
 from ..validation import OpArgumentError, compute_dtype
 
 SIFA_SOURCE = KernelSource("sifa.cu", ("sifa_correlate", "sifa_aggregate", "sifa_offset_grad", "sifa_scatter"))
-FAST_SOURCE = KernelSource("sifa_fast.cu", ("sifa_fast_forward", "sifa_fast_backward"))
+FAST_SOURCE = KernelSource(
+    "sifa_fast.cu",
+    tuple(f"sifa_fast_{op}_{path}" for op in ("forward", "backward") for path in ("v32", "s32", "v64", "s64")),
+)
 
 
 def memory_format_of(t: torch.Tensor) -> torch.memory_format:
@@ -301,8 +305,8 @@ def _fast_launch(
     n_points = batch * height * width
     geometry = (n_points, channels, groups, height, width, ksize, dilation)
     FAST_SOURCE.launch(
-        kernel,
-        (*pointers, *geometry, *extra, lanes, int(vec), int(index32)),
+        f"{kernel}_{'v' if vec else 's'}{32 if index32 else 64}",
+        (*pointers, *geometry, *extra, lanes),
         dtype=maps[0].dtype,
         grid=(_fast_grid(n_points, lanes), 1, 1),
         block=(FAST_THREADS, 1, 1),
