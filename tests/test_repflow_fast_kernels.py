@@ -302,13 +302,13 @@ def test_forward_of_one_variant_differentiated_by_the_other():
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m, key=key: f"{key}: {m}")
 
 
-def test_plane_kernel_refuses_a_block_that_cannot_hold_the_plane():
-    # The launcher always picks a block that fits; a launch that does not writes NaN, never a partial flow.
-    gx, gy, rho_c, params, st = _kernel_inputs((1, 1, 4, 12), 14)  # 48 pixels: a 32-thread block is too small
-    u = torch.zeros(1, 2, 4, 12, dtype=torch.float64)
+def test_plane_kernel_refuses_a_plane_it_cannot_hold():
+    # The launcher never sends one; a launch that does gets NaN, never a partial flow.
+    gx, gy, rho_c, params, st = _kernel_inputs((1, 1, 2, 300), 14)  # 600 > 512 float64 pixels
+    u = torch.zeros(1, 2, 2, 300, dtype=torch.float64)
     empty = gx.new_empty((0,))
-    args = (gx, gy, rho_c, params, st, u, empty, empty, 1, 1, 4, 12, 3, segment_length(3), 0)
-    TVL1_PLANE_SOURCE.launch("tvl1_plane_forward", args, dtype=torch.float64, grid=(1, 1, 1), block=(32, 1, 1))
+    args = (gx, gy, rho_c, params, st, u, empty, empty, 1, 1, 2, 300, 3, segment_length(3), 0)
+    TVL1_PLANE_SOURCE.launch("tvl1_plane_forward", args, dtype=torch.float64, grid=(1, 1, 1), block=(1024, 1, 1))
     assert u.isnan().all()
 
 

@@ -51,10 +51,11 @@ TVL1_PLANE_SOURCE = KernelSource("tvl1_plane.cu", ("tvl1_plane_forward", "tvl1_p
 #: kernels' tvl1_plane_limits (kernels/tvl1_plane.cu), which this must match. Larger planes take the
 #: simple kernels.
 PLANE_MAX_PIXELS = {torch.float32: 1024, torch.float64: 512}
-#: The fast kernels' largest block and the pixels each thread owns (tvl1_plane.cu: TVL1_PLANE_THREADS,
-#: PIXELS_PER_THREAD); a block is whole warps.
+#: The fast kernels' largest block and the pixels each thread owns per compute dtype (tvl1_plane.cu:
+#: TVL1_PLANE_THREADS, tvl1_plane_limits::PIXELS_PER_THREAD; a tuning knob: more pixels per thread, smaller
+#: blocks, more registers per thread); a block is whole warps.
 PLANE_MAX_THREADS = 1024
-PLANE_PIXELS_PER_THREAD = 1
+PLANE_PIXELS_PER_THREAD = {torch.float32: 1, torch.float64: 1}
 #: Fast backward grid on CUDA: at most this many blocks per SM, each walking several planes (the
 #: scratch of recomputed states is per block). Under host emulation the grid is EMULATED_PLANE_BLOCKS,
 #: so the tests exercise the block-stride loop over planes.
@@ -217,10 +218,10 @@ def tvl1_path(dtype: torch.dtype, height: int, width: int) -> str:
     return "simple"
 
 
-def plane_threads(pixels: int) -> int:
-    """Threads of a fast-kernel block for a plane of ``pixels``: whole warps, PLANE_PIXELS_PER_THREAD
-    pixels each."""
-    warps = -(-pixels // (32 * PLANE_PIXELS_PER_THREAD))
+def plane_threads(pixels: int, dtype: torch.dtype) -> int:
+    """Threads of a fast-kernel block for a plane of ``pixels`` in compute dtype ``dtype``: whole warps,
+    PLANE_PIXELS_PER_THREAD pixels each."""
+    warps = -(-pixels // (32 * PLANE_PIXELS_PER_THREAD[dtype]))
     return min(PLANE_MAX_THREADS, 32 * max(1, warps))
 
 
@@ -249,7 +250,9 @@ def _plane_forward(
     ckpt_p = gx.new_empty((len(steps), b, 4 * c, h, w))
     args = (gx, gy, rho_c, params, st, u, ckpt_u, ckpt_p, b, c, h, w, n_iter, segment_length(n_iter), len(steps))
     grid = (plane_blocks(gx.device, b * c, None), 1, 1)
-    TVL1_PLANE_SOURCE.launch("tvl1_plane_forward", args, dtype=gx.dtype, grid=grid, block=(plane_threads(h * w), 1, 1))
+    TVL1_PLANE_SOURCE.launch(
+        "tvl1_plane_forward", args, dtype=gx.dtype, grid=grid, block=(plane_threads(h * w, gx.dtype), 1, 1)
+    )
     path_counts["forward:plane"] += 1
     return u, ckpt_u, ckpt_p
 
@@ -273,7 +276,7 @@ def _plane_backward(
     acc = gx.new_empty((ACC_ROWS, b * c))  # one sum per plane and row
     grad_u = grad_u.to(gx.dtype).contiguous()
     args = (gx, gy, rho_c, params, st, grad_u, ckpt_u, ckpt_p, scratch, ggx, ggy, grho, acc, b, c, h, w, n_iter, seg)
-    block = (plane_threads(h * w), 1, 1)
+    block = (plane_threads(h * w, gx.dtype), 1, 1)
     TVL1_PLANE_SOURCE.launch("tvl1_plane_backward", args, dtype=gx.dtype, grid=(blocks, 1, 1), block=block)
     path_counts["backward:plane"] += 1
     return (ggx, ggy, grho, *_parameter_gradients(acc.view(ACC_ROWS, b, c).sum(dim=1), params, st))
