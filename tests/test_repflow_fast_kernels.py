@@ -10,6 +10,8 @@ Without a GPU the kernels run on CPU tensors through host emulation (``backend="
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -97,6 +99,20 @@ def test_tvl1_path_follows_the_variant_and_the_plane_size():
     with use_kernel_variant("simple"):
         assert tvl1_path(torch.float32, 5, 5) == "simple"
     assert PLANE_MAX_PIXELS == {torch.float32: 1024, torch.float64: 512}
+
+
+def test_launcher_limits_mirror_the_kernel_source():
+    # tvl1_plane.cu's tvl1_plane_limits<float / double> and TVL1_PLANE_THREADS, read from the source.
+    source = TVL1_PLANE_SOURCE.path.read_text()
+    limits = dict(
+        re.findall(r"struct tvl1_plane_limits<(float|double)> \{\s*static const int MAX_PIXELS = (\d+);", source)
+    )
+    per_thread = dict(re.findall(r"struct tvl1_plane_limits<(float|double)> \{[^}]*PIXELS_PER_THREAD = (\d+);", source))
+    ctype = {torch.float32: "float", torch.float64: "double"}
+    assert {d: int(limits[ctype[d]]) for d in ctype} == PLANE_MAX_PIXELS
+    assert {d: int(per_thread[ctype[d]]) for d in ctype} == tvl1_kernels.PLANE_PIXELS_PER_THREAD
+    threads = re.search(r"#define TVL1_PLANE_THREADS (\d+)", source).group(1)
+    assert int(threads) == tvl1_kernels.PLANE_MAX_THREADS
 
 
 @pytest.mark.parametrize(
