@@ -21,9 +21,9 @@ iteration in reverse. The simple backward recomputes the state before each itera
 segment's checkpoint into one work state (about n_iter·(L-1)/2 extra steps) and holds a working set
 of about 23 maps (work state, adjoints, gradient accumulators). The fast backward recomputes each
 segment once (fewer than n_iter extra steps in all) into a per-block scratch of ``6·(L+1)`` plane maps
-(the grid is capped at ``PLANE_BLOCKS_PER_SM`` blocks per SM, so the scratch does not grow with the
-batch), keeps the adjoints in registers and writes only the 3 input-gradient maps. Saved maps: about
-``6·n_iter/L + 3``, against ≈ 26·n_iter maps the autograd reference saves.
+(the grid is the blocks that can be resident at once, see ``PLANE_BLOCKS_PER_SM``, so the scratch does
+not grow with the batch), keeps the adjoints in registers and writes only the 3 input-gradient maps.
+Saved maps: about ``6·n_iter/L + 3``, against ≈ 26·n_iter maps the autograd reference saves.
 
 CUDA tensors launch through CuPy; CPU tensors run the same kernels through the host emulation, which
 is how the tests check this path (values and float64 gradcheck) without a GPU.
@@ -56,10 +56,13 @@ PLANE_MAX_PIXELS = {torch.float32: 1024, torch.float64: 512}
 #: blocks, more registers per thread); a block is whole warps.
 PLANE_MAX_THREADS = 1024
 PLANE_PIXELS_PER_THREAD = {torch.float32: 1, torch.float64: 1}
-#: Fast backward grid on CUDA: at most this many blocks per SM, each walking several planes (the
-#: scratch of recomputed states is per block). Under host emulation the grid is EMULATED_PLANE_BLOCKS,
-#: so the tests exercise the block-stride loop over planes.
-PLANE_BLOCKS_PER_SM = 4
+#: Fast backward grid on CUDA: as many blocks as can be resident at once (at most PLANE_BLOCKS_PER_SM
+#: per SM, fewer when the block's registers, PLANE_REGISTERS per thread, fill the SM's 65536), each
+#: walking several planes: the scratch of recomputed states is per block, so blocks that would only
+#: wait would only hold memory. Under host emulation the grid is EMULATED_PLANE_BLOCKS, so the tests
+#: exercise the block-stride loop over planes.
+PLANE_BLOCKS_PER_SM = 8
+PLANE_REGISTERS = 64  # the most __launch_bounds__(1024) allows
 EMULATED_PLANE_BLOCKS = 2
 
 #: How many times each kernel path ran in this process ("forward:plane", "forward:simple",
@@ -228,16 +231,18 @@ def plane_threads(pixels: int, dtype: torch.dtype) -> int:
 _sm_counts: dict[int, int] = {}
 
 
-def plane_blocks(device: torch.device, planes: int, per_sm: int | None) -> int:
-    """Grid of a fast kernel over ``planes`` planes: one block per plane (``per_sm`` None) or at most
-    ``per_sm`` blocks per SM on CUDA; EMULATED_PLANE_BLOCKS under host emulation."""
+def plane_blocks(device: torch.device, planes: int, threads: int, resident_only: bool) -> int:
+    """Grid of a fast kernel over ``planes`` planes with blocks of ``threads``: one block per plane, or
+    (``resident_only``) on CUDA at most the blocks that can be resident at once (see PLANE_BLOCKS_PER_SM);
+    EMULATED_PLANE_BLOCKS under host emulation."""
     if device.type != "cuda":
         return min(planes, EMULATED_PLANE_BLOCKS)
-    if per_sm is None:
+    if not resident_only:
         return min(planes, 2**31 - 1)
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _sm_counts:
         _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    per_sm = max(1, min(PLANE_BLOCKS_PER_SM, 65536 // (PLANE_REGISTERS * threads)))
     return min(planes, _sm_counts[index] * per_sm)
 
 
@@ -249,10 +254,9 @@ def _plane_forward(
     ckpt_u = gx.new_empty((len(steps), b, 2 * c, h, w))
     ckpt_p = gx.new_empty((len(steps), b, 4 * c, h, w))
     args = (gx, gy, rho_c, params, st, u, ckpt_u, ckpt_p, b, c, h, w, n_iter, segment_length(n_iter), len(steps))
-    grid = (plane_blocks(gx.device, b * c, None), 1, 1)
-    TVL1_PLANE_SOURCE.launch(
-        "tvl1_plane_forward", args, dtype=gx.dtype, grid=grid, block=(plane_threads(h * w, gx.dtype), 1, 1)
-    )
+    threads = plane_threads(h * w, gx.dtype)
+    grid = (plane_blocks(gx.device, b * c, threads, resident_only=False), 1, 1)
+    TVL1_PLANE_SOURCE.launch("tvl1_plane_forward", args, dtype=gx.dtype, grid=grid, block=(threads, 1, 1))
     path_counts["forward:plane"] += 1
     return u, ckpt_u, ckpt_p
 
@@ -270,14 +274,14 @@ def _plane_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     b, c, h, w = gx.shape
     seg = segment_length(n_iter)
-    blocks = plane_blocks(gx.device, b * c, PLANE_BLOCKS_PER_SM)
+    threads = plane_threads(h * w, gx.dtype)
+    blocks = plane_blocks(gx.device, b * c, threads, resident_only=True)
     scratch = gx.new_empty((blocks, (seg + 1) * 6 * h * w))  # each block's recomputed segment states
     ggx, ggy, grho = torch.empty_like(gx), torch.empty_like(gx), torch.empty_like(gx)
     acc = gx.new_empty((ACC_ROWS, b * c))  # one sum per plane and row
     grad_u = grad_u.to(gx.dtype).contiguous()
     args = (gx, gy, rho_c, params, st, grad_u, ckpt_u, ckpt_p, scratch, ggx, ggy, grho, acc, b, c, h, w, n_iter, seg)
-    block = (plane_threads(h * w, gx.dtype), 1, 1)
-    TVL1_PLANE_SOURCE.launch("tvl1_plane_backward", args, dtype=gx.dtype, grid=(blocks, 1, 1), block=block)
+    TVL1_PLANE_SOURCE.launch("tvl1_plane_backward", args, dtype=gx.dtype, grid=(blocks, 1, 1), block=(threads, 1, 1))
     path_counts["backward:plane"] += 1
     return (ggx, ggy, grho, *_parameter_gradients(acc.view(ACC_ROWS, b, c).sum(dim=1), params, st))
 
