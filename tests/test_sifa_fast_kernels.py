@@ -57,7 +57,7 @@ def op_results(query, kv, offset, attn, window, needs=ALL):
     return res
 
 
-def fast_results(query, kv, offset, attn, window, plan):
+def fast_results(query, kv, offset, attn, window, plan, needs=ALL):
     """The same values and gradients as :func:`op_results`, through fast_forward / fast_backward with the
     launch ``plan`` (lanes, vectorize, index32)."""
     kernel_size, dilation, groups = window
@@ -67,9 +67,11 @@ def fast_results(query, kv, offset, attn, window, plan):
     res = {"corr attn": sk.fast_forward(query, kv, offset, None, *args, scale, None, plan)[1]}
     res["agg out"] = sk.fast_forward(None, kv, offset, attn, *args, 1.0, 1.0, plan)[0]
     res["step out"], res["step attn"] = sk.fast_forward(query, kv, offset, None, *args, scale, 1.0, plan)
-    grads = sk.fast_backward(query, kv, offset, None, None, cot_attn, *args, (True, True, True, False), scale, plan)
+    need_q, need_kv, need_off = needs
+    grads = sk.fast_backward(query, kv, offset, None, None, cot_attn, *args, (*needs, False), scale, plan)
     res.update(zip(("corr d query", "corr d key", "corr d offset"), grads[:3], strict=True))
-    grads = sk.fast_backward(None, kv, offset, attn, cot_out, None, *args, (False, True, True, True), 1.0, plan)
+    agg_needs = (False, need_kv, need_off, need_q)  # d attn stands in for d query
+    grads = sk.fast_backward(None, kv, offset, attn, cot_out, None, *args, agg_needs, 1.0, plan)
     res.update(zip(("agg d value", "agg d offset", "agg d attn"), grads[1:], strict=True))
     for used, (g_out, g_attn) in {
         "both": (cot_out, cot_attn),
@@ -77,7 +79,7 @@ def fast_results(query, kv, offset, attn, window, plan):
         "attn": (None, cot_attn),
     }.items():
         a = attn if g_out is not None else None
-        grads = sk.fast_backward(query, kv, offset, a, g_out, g_attn, *args, (True, True, True, False), scale, plan)
+        grads = sk.fast_backward(query, kv, offset, a, g_out, g_attn, *args, (*needs, False), scale, plan)
         res.update(
             zip((f"step[{used}] d query", f"step[{used}] d kv", f"step[{used}] d offset"), grads[:3], strict=True)
         )
@@ -349,17 +351,25 @@ def test_fast_batch_zero_channels_last():
 
 @pytest.mark.parametrize("order", ["reverse", "shuffle"])
 def test_fast_kernels_do_not_depend_on_the_thread_order(order, monkeypatch):
-    # A missing __syncwarp between lane 0's write of attn / Ā and the other lanes' reads would show here.
+    # A missing __syncwarp between lane 0's write of attn / Ā and the other lanes' reads would show here: the
+    # plans with several lanes and several channel steps per group take the two-pass paths, and a backward
+    # without d offset has no shuffle in phase B that would hide the race.
     # Only d kv (atomicAdd: the order of the additions follows the threads') may differ in the last bits.
     query, kv, offset, attn = random_inputs(12, 2, 3, spread=4)
-    plans = [sk.DEFAULT_PLAN, (1, True, True), (32, False, True)]
+    runs = [
+        (sk.DEFAULT_PLAN, ALL),  # one pass
+        ((2, False, True), ALL),  # 3 steps of 2 lanes per group of 6: two passes
+        ((2, False, True), (True, False, False)),
+        ((2, True, False), (True, True, False)),
+        ((32, False, True), ALL),
+    ]
     window = (3, 1, 2)
     monkeypatch.setenv("VMM_EMULATION_ORDER", "forward")
-    expected = [fast_results(query, kv, offset, attn, window, plan) for plan in plans]
+    expected = [fast_results(query, kv, offset, attn, window, plan, needs) for plan, needs in runs]
     monkeypatch.setenv("VMM_EMULATION_ORDER", order)
     monkeypatch.setenv("VMM_EMULATION_SEED", "7")
-    for plan, exp in zip(plans, expected, strict=True):
-        got = fast_results(query, kv, offset, attn, window, plan)
+    for (plan, needs), exp in zip(runs, expected, strict=True):
+        got = fast_results(query, kv, offset, attn, window, plan, needs)
         for name in exp:
             if exp[name] is None:
                 continue

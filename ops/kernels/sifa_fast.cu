@@ -26,7 +26,10 @@
 //                       d query, scale 1/C_g).
 //   sifa_fast_backward  per point and group, one kernel for the three backward ops. Phase A (HAS_OUT):
 //                       Ā[g·K²+k] = Σ_{c∈g} Ō[c] · S_k(kv)[c] (+ the incoming d attn), written to `abar`
-//                       (accumulation type). Phase B, one pass over kv's corners per (tap, channel step):
+//                       (accumulation type) by lane 0 and read back after __syncwarp; when the group's
+//                       channels fit in MAX_STEPS steps, tap k's Ā is reduced just before its phase-B
+//                       work instead (kept in registers, written only when NEED_ABAR asks for d attn).
+//                       Phase B, one pass over kv's corners per (tap, channel step):
 //                       d q[c] = scale · Σ_k Ā · S_k(kv)[c]; coef = scale · Ā · q[c] + attn · Ō[c] (the
 //                       correlation's and the aggregation's terms, whichever are present); d kv gets coef
 //                       times each corner's weight by atomicAdd (accumulation-type buffer, channels
@@ -50,7 +53,7 @@
 #define SIFA_FAST_NEED_Q 8      // write grad_q
 #define SIFA_FAST_NEED_KV 16    // scatter into grad_kv
 #define SIFA_FAST_NEED_OFF 32   // write grad_offset
-#define SIFA_FAST_NEED_ABAR 64  // write abar (d attn of the aggregation) even without the correlation's term
+#define SIFA_FAST_NEED_ABAR 64  // write abar as an output (d attn of the aggregation); else it may be scratch
 
 VMM_INLINE float sifa_fast_floor(float v) { return floorf(v); }
 VMM_INLINE double sifa_fast_floor(double v) { return floor(v); }
@@ -363,6 +366,7 @@ VMM_INLINE void sifa_fast_backward_body(const T* __restrict__ q, const T* __rest
     const bool need_off = (flags & SIFA_FAST_NEED_OFF) != 0;
     const bool phase_a = has_out && (has_q || (flags & SIFA_FAST_NEED_ABAR) != 0);
     const bool phase_b = need_q || need_kv || need_off;
+    const bool write_abar = (flags & SIFA_FAST_NEED_ABAR) != 0;
     const bool need_corners = need_q || need_off;
     const sifa_lane_group lg = sifa_group_of_thread(lanes);
     const I kk = ksize * ksize;
@@ -370,6 +374,9 @@ VMM_INLINE void sifa_fast_backward_body(const T* __restrict__ q, const T* __rest
     const I pad = dil * (ksize - 1) / 2;
     const I step = (I)lanes * V;
     const I steps = (per_group + step - 1) / step;
+    // One pass over the taps when the group's channels fit in MAX_STEPS steps: tap k's Ā is reduced right
+    // before its phase-B work, which then finds the corners in L1 (the values are those of two passes).
+    const bool one_pass = phase_a && phase_b && steps <= SIFA_FAST_MAX_STEPS;
     const I lane_ch = (I)lg.lane * V;
     const I groups_per_block = (I)(blockDim.x / (unsigned)lanes);
     for (I p = (I)blockIdx.x * groups_per_block + (I)lg.slot; p < n_points; p += (I)gridDim.x * groups_per_block) {
@@ -380,7 +387,7 @@ VMM_INLINE void sifa_fast_backward_body(const T* __restrict__ q, const T* __rest
         for (I g = 0; g < groups; ++g) {
             const I c_group = g * per_group;
             const I a_base = (p * groups + g) * kk;
-            if (phase_a) {  // Ā = Σ_{c∈g} Ō · S_k(kv) (+ incoming d attn): the aggregation's d attn
+            if (phase_a && !one_pass) {  // Ā = Σ_{c∈g} Ō · S_k(kv) (+ incoming d attn): the aggregation's d attn
                 for (I kh = 0, k = 0; kh < ksize; ++kh) {
                     for (I kw = 0; kw < ksize; ++kw, ++k) {
                         const sifa_fast_tap<A, I> t =
@@ -414,8 +421,26 @@ VMM_INLINE void sifa_fast_backward_body(const T* __restrict__ q, const T* __rest
                             sifa_fast_tap_at<T, A, I>(offset, p, h, w, kh, kw, k, kk, dil, pad, height, width);
                         // The correlation's term: scale · Ā (Ā from phase A, else the incoming d attn); the
                         // aggregation's: the forward attn.
-                        A a1 = (A)0;
-                        if (has_q) a1 = (A)scale * (has_out ? abar[a_base + k] : vmm_load(grad_attn, a_base + k));
+                        A abar_k = (A)0;
+                        if (one_pass) {  // phase A for this tap (s0 is 0: one pass)
+                            A dot = (A)0;
+#pragma unroll
+                            for (int u = 0; u < SIFA_FAST_MAX_STEPS; ++u) {
+                                const I j = (I)u * step + lane_ch;
+                                if (u >= steps || j >= per_group) break;
+                                A gov[V], v00[V], v01[V], v10[V], v11[V];
+                                sifa_load<V>(grad_out, map_base + c_group + j, gov);
+                                sifa_fast_corners<V>(kv, t, channels, width, c_group + j, v00, v01, v10, v11);
+#pragma unroll
+                                for (int v = 0; v < V; ++v) dot += gov[v] * sifa_fast_blend(t, v00[v], v01[v], v10[v], v11[v]);
+                            }
+                            dot = sifa_group_sum(dot, lg.mask, lanes);
+                            abar_k = has_gattn ? dot + vmm_load(grad_attn, a_base + k) : dot;
+                            if (write_abar && lg.lane == 0) abar[a_base + k] = abar_k;
+                        } else if (has_q) {
+                            abar_k = has_out ? abar[a_base + k] : vmm_load(grad_attn, a_base + k);
+                        }
+                        const A a1 = has_q ? (A)scale * abar_k : (A)0;
                         const A a2 = has_out ? vmm_load(attn, a_base + k) : (A)0;
                         A gy = (A)0;
                         A gx = (A)0;
