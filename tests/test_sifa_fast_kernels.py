@@ -346,6 +346,31 @@ def test_fast_batch_zero_channels_last():
     assert all(t.grad.shape == t.shape for t in (query, kv, offset))
 
 
+@pytest.mark.parametrize("variant", ["fast", "simple"])
+@pytest.mark.parametrize("clip_layout", ["ncdhw", "channels_last_3d"])
+def test_sifa_block_on_the_kernels_matches_the_reference_block(variant, clip_layout):
+    # On the kernels the block hands the ops channels-last frame pairs (modules.py); values and gradients
+    # (input, offset conv, attn projection) are those of the reference block.
+    torch.manual_seed(0)
+    block = ops.SIFA(4, groups=2, offset_init="kaiming", backend="emulated", correlation_features=True).double()
+    with torch.no_grad():
+        block.attn_proj.weight.normal_()
+    ref = ops.SIFA(4, groups=2, backend="torch", correlation_features=True).double()
+    ref.load_state_dict(block.state_dict())
+    x = torch.randn(2, 4, 3, 5, 6, dtype=torch.float64)
+    if clip_layout == "channels_last_3d":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    results = []
+    for module in (block, ref):
+        xi = x.detach().clone().requires_grad_()
+        with use_kernel_variant(variant):
+            y = module(xi)
+            y.backward(_cotangent(y))
+        results.append((y, xi.grad, module.conv_offset.weight.grad, module.attn_proj.weight.grad))
+    for name, g, e in zip(("y", "d x", "d conv_offset", "d attn_proj"), *results, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
+
+
 # ----------------------------------------------------------------------------------- emulation orders
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..kernel_loader import use_kernels
 from ..validation import (
     OpArgumentError,
     OpShapeError,
@@ -125,7 +126,14 @@ class SIFA(nn.Module):
         # Under autocast the conv may return another dtype than x; the ops want one dtype.
         offset = self.conv_offset(motion).to(x.dtype)  # [N,2K²,T-1,H,W]: offsets of frames 1..T-1
 
+        # The frame pairs are copied out of the clip either way; on the kernels they are copied channels-last
+        # ([N·(T-1),H,W,C'] in memory), the fast kernels' layout, so the ops copy nothing more and return
+        # channels-last results (ops/sifa/kernels.py). The reference keeps NCHW pairs.
+        channels_last = use_kernels(self.backend, x)
+
         def pairs(v: torch.Tensor) -> torch.Tensor:  # [N,C',T-1,H,W] -> [N·(T-1),C',H,W]
+            if channels_last:
+                return v.permute(0, 2, 3, 4, 1).reshape(n * (t - 1), h, w, v.shape[1]).permute(0, 3, 1, 2)
             return v.transpose(1, 2).reshape(n * (t - 1), v.shape[1], h, w)
 
         query = pairs(x[:, :, :-1])
