@@ -7,18 +7,22 @@ layer2 C=128 at 28², layer3 C=256 at 14², layer4 C=512 at 7², N = 8 and 32 cl
 
 CUDA (when available): the reference ("torch") and the kernels ("cupy"), and the SIFA block's fused
 paths of both ("torch-fused", "cupy-fused": ``ops.sifa.deform_attention``) run in this process on
-the same inputs; times from CUDA events (median of --iters after --warmup), peak memory of the step
-above what the inputs occupy (torch.cuda.max_memory_allocated), and the ratios reference/kernels
-(torch/cupy and torch-fused/cupy-fused). The forward is also compared with the memory-bandwidth
-bound: the bytes the two ops must at least read and write (q, k twice, offsets twice, attn written
-and read, out written), divided by the device bandwidth (measured here with a device-to-device copy,
-or --bandwidth-gbs).
+the same inputs; the kernels once per variant of --kernels ("cupy:fast", "cupy:simple", ...;
+ops.kernel_loader.use_kernel_variant). Times from CUDA events (median of --iters after --warmup), peak
+memory of the step above what the inputs occupy (torch.cuda.max_memory_allocated), and the ratios
+reference/kernels (torch/cupy and torch-fused/cupy-fused per variant) and simple/fast. --layout: the
+inputs' memory format, "block" (default) as the SIFA block hands them over (NCHW to the reference,
+channels-last to the kernels), or "nchw" / "channels_last" for every backend. The forward is also
+compared with the memory-bandwidth bound: the bytes the two ops must at least read and write (q, k
+twice, offsets twice, attn written and read, out written), divided by the device bandwidth (measured
+here with a device-to-device copy, or --bandwidth-gbs).
 
 CPU (always): the reference's forward and forward+backward time on a small shape (two ops and
 fused, in interleaved rounds), and the bytes autograd saves for the backward with each backend (the
 kernels run through host emulation for that count; their CPU time is not a benchmark).
 
     python benchmarks/bench_sifa.py [--iters 20] [--warmup 5] [--dtype float32] [--clips 8 32]
+                                    [--kernels fast simple] [--layout block|nchw|channels_last]
                                     [--bandwidth-gbs X] [--cpu-only | --gpu-only] [--require-cuda]
 """
 
@@ -32,6 +36,7 @@ import torch
 from cuda_timing import cuda_peak_bytes, cuda_time_ms, measure_bandwidth_gbs
 
 import ops
+from ops.kernel_loader import KERNEL_VARIANTS, use_kernel_variant
 from ops.sifa.kernels import deform_aggregation_kernels, deform_correlation_kernels
 from ops.sifa.reference import (
     deform_aggregation_reference,
@@ -63,16 +68,27 @@ def make_inputs(batch, channels, size, dtype, device, requires_grad=True):
 def forward(backend, q, k, off):
     """The two ops in turn; "<backend>-fused" is the SIFA block's path, ops.sifa.deform_attention (the
     reference samples each tap once for both ops; the kernels' backward takes both ops' d kv and
-    d offset in one pass each)."""
-    if backend.endswith("-fused"):
-        return ops.sifa.deform_attention(q, k, off, K, backend=backend.removesuffix("-fused"))
-    attn = ops.deform_correlation(q, k, off, K, backend=backend)
-    return ops.deform_aggregation(k, attn, off, K, backend=backend)
+    d offset in one pass each). "cupy...:<variant>" runs that kernel variant."""
+    backend, _, variant = backend.partition(":")
+    with use_kernel_variant(variant or "fast"):
+        if backend.endswith("-fused"):
+            return ops.sifa.deform_attention(q, k, off, K, backend=backend.removesuffix("-fused"))
+        attn = ops.deform_correlation(q, k, off, K, backend=backend)
+        return ops.deform_aggregation(k, attn, off, K, backend=backend)
 
 
 def step(backend, q, k, off, cot):
     out = forward(backend, q, k, off)
-    torch.autograd.backward(out, cot)
+    with use_kernel_variant(backend.partition(":")[2] or "fast"):
+        torch.autograd.backward(out, cot)
+
+
+def in_layout(inputs, layout, backend):
+    """``inputs`` (q, k, offset, cotangent; NCHW) in the memory format ``layout`` gives ``backend``."""
+    if layout == "nchw" or (layout == "block" and backend.startswith("torch")):
+        return inputs
+    q, k, off, cot = (t.detach().contiguous(memory_format=torch.channels_last) for t in inputs)
+    return q.requires_grad_(), k.requires_grad_(), off.requires_grad_(), cot
 
 
 def fwd_bytes(batch, channels, size, element_size, groups=1):
@@ -111,27 +127,37 @@ def run_cuda(args) -> list[dict]:
     print(
         f"device: {torch.cuda.get_device_name(device)}, dtype {args.dtype}, bandwidth {bandwidth:.0f} GB/s ({source})"
     )
+    print(f"kernel variants: {' '.join(args.kernels)}; input layout: {args.layout}")
     print(
-        f"{'shape':<26}{'backend':<12}{'fwd ms':>9}{'fwd+bwd ms':>12}{'peak MiB':>10}"
+        f"{'shape':<26}{'backend':<19}{'fwd ms':>9}{'fwd+bwd ms':>12}{'peak MiB':>10}"
         f"{'fwd bound ms':>14}{'of bound':>10}"
     )
+    backends = [b if b.startswith("torch") else f"{b}:{v}" for b in BACKENDS for v in args.kernels]
+    backends = list(dict.fromkeys(backends))  # the reference once, the kernels once per variant
+    pairs = [
+        (ref, f"{ker}:{v}") for v in args.kernels for ref, ker in (("torch", "cupy"), ("torch-fused", "cupy-fused"))
+    ]
+    if "fast" in args.kernels and "simple" in args.kernels:
+        pairs += [(f"{b}:simple", f"{b}:fast") for b in ("cupy", "cupy-fused")]
     rows = []
     for clips in args.clips:
         for layer, (channels, size) in LAYERS.items():
             batch = clips * (FRAMES - 1)
             inputs = make_inputs(batch, channels, size, dtype, device)
             bound_ms = fwd_bytes(batch, channels, size, inputs[0].element_size()) / (bandwidth * 1e9) * 1e3
-            result = {b: measure_backend(b, inputs, args.iters, args.warmup) for b in BACKENDS}
+            result = {
+                b: measure_backend(b, in_layout(inputs, args.layout, b), args.iters, args.warmup) for b in backends
+            }
             name = f"{layer} N={clips} B={batch}"
             for backend, (fwd_ms, train_ms, peak) in result.items():
                 print(
-                    f"{name:<26}{backend:<12}{fwd_ms:>9.3f}{train_ms:>12.3f}{peak / 2**20:>10.1f}"
+                    f"{name:<26}{backend:<19}{fwd_ms:>9.3f}{train_ms:>12.3f}{peak / 2**20:>10.1f}"
                     f"{bound_ms:>14.4f}{bound_ms / fwd_ms:>9.0%}"
                 )
-            for ref, ker in (("torch", "cupy"), ("torch-fused", "cupy-fused")):
+            for ref, ker in pairs:
                 (tf, tt, tp), (cf, ct, cp) = result[ref], result[ker]
                 ratios = f"{tf / cf:>8.1f}x{tt / ct:>11.1f}x{tp / max(cp, 1):>9.1f}x"
-                print(f"{'':<26}{'ratio':<12}{ratios}   ({ref} / {ker})")
+                print(f"{'':<26}{'ratio':<19}{ratios}   ({ref} / {ker})")
             rows.append({"layer": layer, "clips": clips, "batch": batch, **result, "fwd_bound_ms": bound_ms})
             del inputs
             torch.cuda.empty_cache()
@@ -195,8 +221,9 @@ def run_cpu(args) -> dict:
     saved = {
         "torch": saved_bytes(_pair(deform_correlation_reference, deform_aggregation_reference), q, k, off),
         "torch-fused": saved_bytes(lambda *a: deform_attention_reference(*a, K, 1, 1), q, k, off),
-        "kernels": saved_bytes(_pair(deform_correlation_kernels, deform_aggregation_kernels), q, k, off),
     }
+    with ops.kernel_host_emulation():  # the kernels' custom ops take CPU tensors only inside this context
+        saved["kernels"] = saved_bytes(_pair(deform_correlation_kernels, deform_aggregation_kernels), q, k, off)
     input_bytes = q.numel() * q.element_size()
     print(
         f"CPU reference, float32, B={batch} (N={clips}, T={FRAMES}), C={channels}, {size}x{size}, "
@@ -217,6 +244,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     ap.add_argument("--clips", type=int, nargs="+", default=[8, 32])
+    ap.add_argument(
+        "--kernels", nargs="+", choices=KERNEL_VARIANTS, default=list(KERNEL_VARIANTS), help="kernel variants to time"
+    )
+    ap.add_argument("--layout", choices=("block", "nchw", "channels_last"), default="block", help="input memory format")
     ap.add_argument("--bandwidth-gbs", type=float, default=None, help="device bandwidth; measured when omitted")
     only = ap.add_mutually_exclusive_group()
     only.add_argument("--cpu-only", action="store_true")
