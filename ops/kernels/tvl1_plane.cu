@@ -229,9 +229,11 @@ __global__ void __launch_bounds__(TVL1_PLANE_THREADS)
 // The adjoint of tvl1_plane_forward (and of tvl1_forward: the same checkpoints). In: grad_u
 // [B,2C,H,W] (d u_{n_iter}), the checkpoints (n_iter / seg rounded up, minus one, states). Out: ggx,
 // ggy, grho [B,C,H,W] (every element written), acc [11, B*C] (row ACC_*, column b*C + c: this plane's
-// sum). scratch: (seg + 1) * 6 * H*W elements per block of the grid.
+// sum). scratch: (seg + 1) * 6 * H*W elements per block of the grid. (The explicit "1 block per SM"
+// lets ptxas use the 64 registers a 1024-thread block allows: without it, it gave the float64
+// instantiation 32 and spilled 1.4 KB.)
 template <typename T>
-__global__ void __launch_bounds__(TVL1_PLANE_THREADS)
+__global__ void __launch_bounds__(TVL1_PLANE_THREADS, 1)
     tvl1_plane_backward(const T* __restrict__ gx, const T* __restrict__ gy, const T* __restrict__ rho_c,
                         const T* __restrict__ params, const T* __restrict__ st, const T* __restrict__ grad_u,
                         const T* __restrict__ ckpt_u, const T* __restrict__ ckpt_p, T* scratch,
