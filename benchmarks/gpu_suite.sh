@@ -3,6 +3,10 @@
 # and float16, batch 8 and 32), the per-kernel profile and the train-step benchmark, all output into
 # one results file. Sized for under 8 minutes on one H100/H200: every step has its own time limit and
 # the suite stops starting steps when its budget (SUITE_BUDGET_S, default 460 s) runs out.
+# Both kernel variants run in the same steps (ops.kernel_loader: "fast", the default, and "simple",
+# the kernels they replace): the GPU tests compare fast == simple == reference, and the benchmarks and
+# the profile time each variant, so one run shows whether the fast kernels are right and how much
+# faster. Steps run in order of importance: correctness first.
 #
 #   bash benchmarks/gpu_suite.sh [RESULTS_FILE]
 #
@@ -99,7 +103,7 @@ command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >>"$results" 2>&1
 run_step "GPU tests (pytest -m gpu)" 150 pytest "$py" -m pytest -m gpu -q -rs -p no:cacheprovider tests
 
 for dtype in float32 float16; do
-    run_step "bench_sifa $dtype, N 8 and 32" 60 - \
+    run_step "bench_sifa $dtype, N 8 and 32, fast and simple kernels" 75 - \
         bash -c 'cd benchmarks && exec "$0" bench_sifa.py --gpu-only --require-cuda --dtype "$1" --clips 8 32' "$py" "$dtype"
 done
 
@@ -108,7 +112,7 @@ for dtype in float32 float16; do
         # The issue's target shapes (28² and 14², T = 16, n_iter 10 and 20); fewer rounds at batch 32.
         iters=10
         [ "$clips" -eq 32 ] && iters=5
-        run_step "bench_flow $dtype, N $clips" 60 - \
+        run_step "bench_flow $dtype, N $clips, fast and simple kernels" 75 - \
             bash -c 'cd benchmarks && exec "$0" bench_flow.py --gpu-only --require-cuda --dtype "$1" --clips "$2" \
                 --iters "$3" --warmup 2 --frames 16 --sizes 28 14 --n-iter 10 20' "$py" "$dtype" "$clips" "$iters"
     done
