@@ -14,20 +14,20 @@
 // of a tap (offset pair, floor, weights, in-map flags) is computed once per (point, tap, group) by each
 // lane, not per channel. Group sums (the correlation's Σ_{c∈g}) and the offset gradient's Σ_c are
 // butterfly shuffles inside the lane group (every lane ends with the same, bitwise identical sum), no
-// partial-sum buffers. Indices are 32-bit when the caller says every index fits (`index32`).
+// partial-sum buffers. Each kernel comes in four builds (see SIFA_FAST_FORWARD_KERNEL): vector or
+// scalar loads, 32-bit indices (when the caller found that every index fits) or 64-bit ones.
 //
-//   sifa_fast_forward   per point and group: (CORR) attn[g·K²+k] = scale_corr · Σ_{c∈g} q[c] · S_k(kv)[c],
+//   sifa_fast_forward_* per point and group: (CORR) attn[g·K²+k] = scale_corr · Σ_{c∈g} q[c] · S_k(kv)[c],
 //                       then (AGG) out[c] = scale_agg · Σ_k attn[g·K²+k] · S_k(kv)[c] with attn in storage
 //                       precision, as the two simple kernels run in turn would: in one pass over the taps
-//                       when the group's channels fit in MAX_STEPS steps (the samples kept in registers),
-//                       else in a second pass that reads back the attn lane 0 wrote (after __syncwarp).
-//                       CORR alone is deform_correlation (and
-//                       the aggregation's d attn), AGG alone deform_aggregation (and the correlation's
-//                       d query, scale 1/C_g).
-//   sifa_fast_backward  per point and group, one kernel for the three backward ops. Phase A (HAS_OUT):
+//                       when the group's channels fit in SIFA_FAST_MAX_STEPS steps (the samples kept in
+//                       registers), else in a second pass that reads back the attn lane 0 wrote (after
+//                       __syncwarp). CORR alone is deform_correlation (and the aggregation's d attn), AGG
+//                       alone deform_aggregation (and the correlation's d query, scale 1/C_g).
+//   sifa_fast_backward_* per point and group, one kernel for the three backward ops. Phase A (HAS_OUT):
 //                       Ā[g·K²+k] = Σ_{c∈g} Ō[c] · S_k(kv)[c] (+ the incoming d attn), written to `abar`
 //                       (accumulation type) by lane 0 and read back after __syncwarp; when the group's
-//                       channels fit in MAX_STEPS steps, tap k's Ā is reduced just before its phase-B
+//                       channels fit in SIFA_FAST_MAX_STEPS steps, tap k's Ā is reduced just before its phase-B
 //                       work instead (kept in registers, written only when NEED_ABAR asks for d attn).
 //                       Phase B, one pass over kv's corners per (tap, channel step):
 //                       d q[c] = scale · Σ_k Ā · S_k(kv)[c]; coef = scale · Ā · q[c] + attn · Ō[c] (the
@@ -37,8 +37,10 @@
 //                       one element varies between GPU runs); d offset = Σ_c coef · ∇bilinear, reduced
 //                       in the lane group and added by lane 0 in a fixed order (deterministic).
 //
-// Registers: out / d q accumulators of MAX_STEPS channel steps live in registers across the taps; a group
-// with more steps is taken in several passes over the taps (geometry recomputed per pass).
+// Registers: out / d q accumulators of SIFA_FAST_MAX_STEPS channel steps live in registers across the taps;
+// a group with more steps is taken in several passes over the taps (geometry recomputed per pass). Two
+// steps: 32 lanes hold groups of up to 256 float / 512 half channels. (16 channels per lane instead gave
+// ptxas 128-234 registers, sm_90; unmeasured either way.)
 // NaN / Inf: exactly as sifa.cu's sifa_locate (IEEE arithmetic on the bilinear formula, no shortcut for
 // points off the map except the scatter, which sends nothing from a point with no corner on the map).
 #include "vmm_common.cuh"
@@ -73,7 +75,8 @@ VMM_INLINE const sifa_pack<T>* sifa_as_pack(const T* p) {
     return reinterpret_cast<const sifa_pack<T>*>(p);
 }
 
-// Channels [i, i+V) of `p` as the accumulation type: one 16-byte load when V fills a pack, else V scalars.
+// Channels [i, i+V) of `p` as the accumulation type: one 16-byte load when V fills a pack, else V scalars
+// (the modulo only keeps the dead branch's index in range when V is 1).
 template <int V, typename T, typename A, typename I>
 VMM_INLINE void sifa_load(const T* __restrict__ p, I i, A (&out)[V]) {
     if (V * sizeof(T) == 16) {
@@ -179,7 +182,7 @@ VMM_INLINE A sifa_group_sum(A v, unsigned mask, int lanes) {
 struct sifa_lane_group {
     int lane;       // 0 .. lanes-1
     unsigned mask;  // the group's lanes within the warp
-    vmm_i64 slot;   // which group of the block
+    vmm_i64 slot;   // which lane group of the block (the point it starts at)
 };
 
 VMM_INLINE sifa_lane_group sifa_group_of_thread(int lanes) {
@@ -204,8 +207,8 @@ VMM_INLINE void sifa_fast_forward_body(const T* __restrict__ q, const T* __restr
     const I step = (I)lanes * V;
     const I steps = (per_group + step - 1) / step;
     const I lane_ch = (I)lg.lane * V;
-    const I groups_per_block = (I)(blockDim.x / (unsigned)lanes);
-    for (I p = (I)blockIdx.x * groups_per_block + (I)lg.slot; p < n_points; p += (I)gridDim.x * groups_per_block) {
+    const I points_per_block = (I)(blockDim.x / (unsigned)lanes);
+    for (I p = (I)blockIdx.x * points_per_block + (I)lg.slot; p < n_points; p += (I)gridDim.x * points_per_block) {
         const I bh = p / width;
         const I w = p - bh * width;
         const I h = bh % height;
@@ -378,8 +381,8 @@ VMM_INLINE void sifa_fast_backward_body(const T* __restrict__ q, const T* __rest
     // before its phase-B work, which then finds the corners in L1 (the values are those of two passes).
     const bool one_pass = phase_a && phase_b && steps <= SIFA_FAST_MAX_STEPS;
     const I lane_ch = (I)lg.lane * V;
-    const I groups_per_block = (I)(blockDim.x / (unsigned)lanes);
-    for (I p = (I)blockIdx.x * groups_per_block + (I)lg.slot; p < n_points; p += (I)gridDim.x * groups_per_block) {
+    const I points_per_block = (I)(blockDim.x / (unsigned)lanes);
+    for (I p = (I)blockIdx.x * points_per_block + (I)lg.slot; p < n_points; p += (I)gridDim.x * points_per_block) {
         const I bh = p / width;
         const I w = p - bh * width;
         const I h = bh % height;
