@@ -328,6 +328,27 @@ def test_plane_kernel_refuses_a_plane_it_cannot_hold():
     assert u.isnan().all()
 
 
+def test_plane_grid_is_never_empty():
+    # CUDA refuses a launch with a zero grid dimension (the emulator runs nothing): B*C = 0 planes still
+    # launch one block, whose plane loop runs no iteration. No GPU needed: the forward's grid on CUDA
+    # does not read the device properties.
+    for device in (torch.device("cpu"), torch.device("cuda")):
+        assert tvl1_kernels.plane_blocks(device, 0, 32, resident_only=False) == 1
+    assert tvl1_kernels.plane_blocks(torch.device("cpu"), 0, 32, resident_only=True) == 1
+
+
+@pytest.mark.parametrize("variant", ["fast", "simple"])
+def test_op_on_an_empty_batch(variant):
+    # tvl1_flow never sends an empty batch to the kernels; the ops themselves take one.
+    gx, gy, rho_c, params, st = (t[:0] if t.dim() == 4 else t for t in _kernel_inputs((1, 2, 4, 5), 15))
+    with use_kernel_variant(variant):
+        u, cu, cp = tvl1_forward(gx, gy, rho_c, params, st, 5, True)
+        grads = tvl1_backward(torch.zeros_like(u), gx, gy, rho_c, params, st, cu, cp, 5)
+    assert u.shape == (0, 4, 4, 5) and cu.shape == (1, 0, 4, 4, 5) and cp.shape == (1, 0, 8, 4, 5)
+    assert [g.shape for g in grads] == [gx.shape, gx.shape, gx.shape, params.shape, st.shape]
+    assert not grads[3].any() and not grads[4].any()
+
+
 # ------------------------------------------------------------------------ NaN/Inf policy
 
 

@@ -234,16 +234,17 @@ _sm_counts: dict[int, int] = {}
 def plane_blocks(device: torch.device, planes: int, threads: int, resident_only: bool) -> int:
     """Grid of a fast kernel over ``planes`` planes with blocks of ``threads``: one block per plane, or
     (``resident_only``) on CUDA at most the blocks that can be resident at once (see PLANE_BLOCKS_PER_SM);
-    EMULATED_PLANE_BLOCKS under host emulation."""
+    EMULATED_PLANE_BLOCKS under host emulation. At least 1: CUDA refuses a launch with an empty grid
+    (no planes: the block's plane loop runs no iteration)."""
     if device.type != "cuda":
-        return min(planes, EMULATED_PLANE_BLOCKS)
+        return max(1, min(planes, EMULATED_PLANE_BLOCKS))
     if not resident_only:
-        return min(planes, 2**31 - 1)
+        return max(1, min(planes, 2**31 - 1))
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _sm_counts:
         _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
     per_sm = max(1, min(PLANE_BLOCKS_PER_SM, 65536 // (PLANE_REGISTERS * threads)))
-    return min(planes, _sm_counts[index] * per_sm)
+    return max(1, min(planes, _sm_counts[index] * per_sm))
 
 
 def _plane_forward(
