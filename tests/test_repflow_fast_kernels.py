@@ -349,6 +349,16 @@ def test_op_on_an_empty_batch(variant):
     assert not grads[3].any() and not grads[4].any()
 
 
+@pytest.mark.parametrize("variant", ["fast", "simple"])
+def test_ops_refuse_fewer_than_one_iteration(variant):
+    # The simple forward always ran one primal step (u_1 for n_iter 0), the fast one none (u_0 = 0).
+    args = _kernel_inputs((1, 1, 3, 4), 16)
+    with use_kernel_variant(variant), pytest.raises(ValueError, match="n_iter"):
+        tvl1_forward(*args, 0, False)
+    with use_kernel_variant(variant), pytest.raises(ValueError, match="n_iter"):
+        tvl1_backward(torch.zeros(1, 2, 3, 4, dtype=torch.float64), *args, args[0][None], args[0][None], 0)
+
+
 # ------------------------------------------------------------------------ NaN/Inf policy
 
 
