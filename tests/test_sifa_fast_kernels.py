@@ -293,12 +293,19 @@ def test_public_ops_with_channels_last_and_non_contiguous_inputs():
 
 @pytest.mark.skipif(not CUSTOM_OPS, reason="torch.library.custom_op needs torch >= 2.4")
 @pytest.mark.parametrize("variant", ["fast", "simple"])
-def test_opcheck_with_channels_last_inputs(variant):
-    # The fake implementations give the real ops' strides for channels-last inputs too (opcheck compares
-    # them), forward and backward ops, on both variants.
-    query, kv, offset, attn = (_channels_last(t) for t in random_inputs(8, 2, 3, batch=1, height=3, width=4))
-    grad_out = _channels_last(_cotangent(kv))
-    window = (3, 1, 2)
+@pytest.mark.parametrize(
+    ("channels", "groups", "size", "layout"),
+    [(8, 2, (3, 4), "channels_last"), (1, 1, (3, 4), "nchw"), (4, 2, (1, 1), "nchw"), (4, 2, (1, 1), "channels_last")],
+)
+def test_opcheck_with_channels_last_and_ambiguous_inputs(variant, channels, groups, size, layout):
+    # The fake implementations give the real ops' strides (opcheck compares them) for channels-last inputs,
+    # and for shapes that are dense in both formats (C = 1, H = W = 1: the size-1 dimensions' strides
+    # differ), forward and backward ops, on both variants.
+    query, kv, offset, attn = random_inputs(channels, groups, 3, batch=1, height=size[0], width=size[1])
+    if layout == "channels_last":
+        query, kv, offset, attn = (_channels_last(t) for t in (query, kv, offset, attn))
+    grad_out = _cotangent(kv).contiguous(memory_format=sk.memory_format_of(kv))
+    window = (3, 1, groups)
     with use_kernel_variant(variant):
         for requires_grad in (False, True):
             q, k, o, a = (t.clone().requires_grad_(requires_grad) for t in (query, kv, offset, attn))

@@ -70,8 +70,24 @@ def memory_format_of(t: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _dense_strides(shape: tuple[int, ...], layout: torch.memory_format) -> tuple[int, ...]:
+    """The strides torch.empty(shape, memory_format=layout) gives (4-D shapes for channels_last)."""
+    order = (1, 3, 2, 0) if layout == torch.channels_last else tuple(range(len(shape) - 1, -1, -1))
+    strides, step = [0] * len(shape), 1
+    for dim in order:  # innermost first
+        strides[dim] = step
+        step *= max(shape[dim], 1)
+    return tuple(strides)
+
+
 def _in_format_of(result: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return result.contiguous(memory_format=memory_format_of(like))
+    """``result`` with exactly the strides of a new tensor in ``like``'s memory format (what the fake
+    implementations give): a copy unless it has them already. Also for shapes where both formats are
+    dense (C = 1, H = W = 1), whose size-1 dimensions' strides differ between the two."""
+    layout = memory_format_of(like)
+    if result.stride() == _dense_strides(tuple(result.shape), layout):
+        return result
+    return result.clone(memory_format=layout)
 
 
 def _geometry(x: torch.Tensor, groups: int, kernel_size: int, dilation: int) -> tuple[int, ...]:
