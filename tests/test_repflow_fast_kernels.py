@@ -408,9 +408,13 @@ def _relative_error(a, b):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape", [(3, 4, 14, 14), (2, 4, 28, 28), (1, 2, 9, 100), (1, 2, 40, 40)])
+@pytest.mark.parametrize(
+    "shape", [(3, 4, 14, 14), (2, 4, 28, 28), (1, 2, 9, 100), (1, 2, 40, 40), (1, 2, 32, 32), (2, 3, 16, 32)]
+)
 def test_cupy_fast_equals_simple_equals_reference(dtype, shape):
-    # 28² float64 (784 > 512 pixels) and 40² fall back to the simple kernels in the fast variant.
+    # 28² float64 (784 > 512 pixels) and 40² fall back to the simple kernels in the fast variant. 32²
+    # float32 is a block of 1024 threads (64 registers each: the whole register file of an SM), 16x32
+    # float64 one of 512: the largest blocks the launcher sends, which only a GPU can refuse.
     i0, i1, stencils, weight = _cuda_case(dtype, shape)
     before = dict(tvl1_kernels.path_counts)
     results = {v: _cuda_run(v, i0, i1, 10, stencils, weight) for v in ("torch", "simple", "fast")}
@@ -470,3 +474,42 @@ def test_cupy_fast_many_planes_and_deterministic():
     simple = _cuda_run("simple", i0, i1, 10, stencils, weight)
     for a, b in zip(first, simple, strict=True):
         assert _relative_error(a, b) < 1e-3
+
+
+@pytest.mark.gpu
+def test_cupy_checkpoints_shared_by_the_variants():
+    # The checkpoints one variant's forward writes on the device, the other's backward reads.
+    args = tuple(t.cuda() for t in _kernel_inputs((2, 3, 14, 14), 17))
+    n_iter = 10
+    grad_u = torch.randn(2, 6, 14, 14, dtype=torch.float64, device="cuda")
+    grads = {}
+    for fwd in ("fast", "simple"):
+        with use_kernel_variant(fwd):
+            _, cu, cp = tvl1_forward(*args, n_iter, True)
+        for bwd in ("fast", "simple"):
+            with use_kernel_variant(bwd):
+                grads[fwd, bwd] = tvl1_backward(grad_u, *args, cu, cp, n_iter)
+    for key, value in grads.items():
+        for a, b in zip(value, grads["simple", "simple"], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m, key=key: f"{key}: {m}")
+
+
+@pytest.mark.gpu
+def test_cupy_fast_ops_on_an_empty_batch():
+    # B*C = 0 planes: a grid of one block that does nothing (CUDA refuses an empty grid).
+    gx, gy, rho_c, params, st = (t[:0].cuda() if t.dim() == 4 else t.cuda() for t in _kernel_inputs((1, 2, 4, 5), 15))
+    with use_kernel_variant("fast"):
+        u, cu, cp = tvl1_forward(gx, gy, rho_c, params, st, 5, True)
+        grads = tvl1_backward(torch.zeros_like(u), gx, gy, rho_c, params, st, cu, cp, 5)
+    torch.cuda.synchronize()
+    assert u.shape == (0, 4, 4, 5) and not grads[3].any() and not grads[4].any()
+
+
+@pytest.mark.gpu
+def test_cupy_plane_kernel_refuses_a_plane_it_cannot_hold():
+    gx, gy, rho_c, params, st = (t.cuda() for t in _kernel_inputs((1, 1, 2, 300), 14))
+    u = torch.zeros(1, 2, 2, 300, dtype=torch.float64, device="cuda")
+    empty = gx.new_empty((0,))
+    args = (gx, gy, rho_c, params, st, u, empty, empty, 1, 1, 2, 300, 3, segment_length(3), 0)
+    TVL1_PLANE_SOURCE.launch("tvl1_plane_forward", args, dtype=torch.float64, grid=(1, 1, 1), block=(1024, 1, 1))
+    assert u.isnan().all()
