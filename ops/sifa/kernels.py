@@ -388,6 +388,8 @@ def fast_backward(
     ``attn``) sends attn · Ō to d kv and d offset. d attn (the aggregation's, without a correlation
     term) is that Σ Ō · S_k(kv)."""
     need_q, need_kv, need_off, need_attn = needs
+    if query is not None and grad_out is None and grad_attn is None:
+        raise OpArgumentError("fast_backward: the correlation's term needs grad_out or grad_attn")
     batch, channels, height, width = kv.shape
     shape = (batch, channels, groups, height, width, kernel_size, dilation)
     acc = compute_dtype(kv.dtype)
