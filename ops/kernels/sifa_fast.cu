@@ -335,10 +335,13 @@ VMM_INLINE void sifa_fast_forward_body(const T* __restrict__ q, const T* __restr
 // the caller checked alignment and that the width divides C/G) or scalar loads (`_s`), 32-bit (`32`, the
 // caller checked that every index fits) or 64-bit indices. Separate kernels rather than a uniform branch:
 // ptxas gives a kernel the registers of its heaviest path, and the 64-bit vector one needs the most.
+// Launch bounds (256, 2): at most 128 registers, two blocks per SM at least; ptxas (sm_90) fits every
+// 32-bit build in that without spills (it gave the 16-bit vector backward 196 unbounded: one block per SM).
+// The 64-bit vector builds of the 16-bit types spill a few hundred bytes (maps over 2^31 elements only).
 // Forward: mode SIFA_FAST_CORR, SIFA_FAST_AGG or both; scale_corr = 1/C_g for the correlation.
 #define SIFA_FAST_FORWARD_KERNEL(NAME, V, I)                                                                    \
     template <typename T>                                                                                      \
-    __global__ void __launch_bounds__(256)                                                                     \
+    __global__ void __launch_bounds__(256, 2)                                                                  \
         NAME(const T* __restrict__ q, const T* __restrict__ kv, const T* __restrict__ offset, T* __restrict__ attn, \
              T* __restrict__ out, vmm_i64 n_points, vmm_i64 channels, vmm_i64 groups, vmm_i64 height,           \
              vmm_i64 width, vmm_i64 ksize, vmm_i64 dil, vmm_i64 mode, double scale_corr, double scale_agg,      \
@@ -522,7 +525,7 @@ VMM_INLINE void sifa_fast_backward_body(const T* __restrict__ q, const T* __rest
 // leaves unused may be any valid pointer; they are not read.
 #define SIFA_FAST_BACKWARD_KERNEL(NAME, V, I)                                                                  \
     template <typename T>                                                                                     \
-    __global__ void __launch_bounds__(256)                                                                    \
+    __global__ void __launch_bounds__(256, 2)                                                                 \
         NAME(const T* __restrict__ q, const T* __restrict__ kv, const T* __restrict__ offset,                  \
              const T* __restrict__ attn, const T* __restrict__ grad_out, const T* __restrict__ grad_attn,      \
              typename vmm_acc<T>::type* __restrict__ abar, T* __restrict__ grad_q,                             \
