@@ -140,13 +140,19 @@ def test_simple_variant_never_runs_the_plane_kernels():
     assert counts_delta(before) == {"forward:simple": 1, "backward:simple": 1}
 
 
-def test_variant_from_the_environment(monkeypatch):
+@pytest.mark.parametrize("variant", ["simple", "fast"])
+def test_variant_from_the_environment(monkeypatch, variant):
     i0, i1, stencils, weight = inputs((1, 1, 3, 4), 3)
-    monkeypatch.setenv("VMM_KERNELS", "simple")
+    monkeypatch.setenv("VMM_KERNELS", variant)
+    path = "plane" if variant == "fast" else "simple"
     before = dict(tvl1_kernels.path_counts)
     with ops.kernel_host_emulation():
         ops.tvl1_flow(i0, i1, 2, backend="emulated")
-    assert counts_delta(before) == {"forward:simple": 1}
+    assert counts_delta(before) == {f"forward:{path}": 1}
+    a = i0.clone().requires_grad_()
+    with ops.kernel_host_emulation():
+        ops.tvl1_flow(a, i1, 2, backend="emulated").sum().backward()
+    assert counts_delta(before) == {f"forward:{path}": 2, f"backward:{path}": 1}
 
 
 # ------------------------------------------------------------------------ values and gradients

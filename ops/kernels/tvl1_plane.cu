@@ -484,13 +484,18 @@ __global__ void __launch_bounds__(TVL1_PLANE_THREADS, 1)
         // The plane's sums: a fixed tree (deterministic): within each warp by shuffles, then the warps'
         // sums (at most 32) by warp 0.
         const int lane = t % 32, warp = t / 32;
-        __syncthreads();  // every read of sh_g / sh_U is done
+        // The warps' sums go to sh[0, 32 * ACC_ROWS), inside sh_g, last read before the last adjoint
+        // iteration's second barrier; this one also orders them after the previous plane's reads by
+        // warp 0 when a plane runs no adjoint iteration.
+        __syncthreads();
         #pragma unroll
         for (int a = 0; a < ACC_ROWS; ++a) {
             A v = sum[a];
             for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
             if (lane == 0) sh[a * 32 + warp] = v;
         }
+        // Not optional, though host emulation cannot show it: its fibers advance the warps in step
+        // through the shuffles above, so every warp's sums are written before warp 0 reads them.
         __syncthreads();
         if (warp == 0) {
             #pragma unroll
