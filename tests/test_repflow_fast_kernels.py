@@ -199,6 +199,26 @@ def test_fast_float32_defaults_match_reference_and_simple(order):
     torch.testing.assert_close(outs["fast"], outs["simple"], rtol=1e-4, atol=1e-4)
 
 
+def _float32_errors(variant, shape, n_iter, seed, run_fn):
+    """Relative error (norm) of each output of ``variant`` in float32 against the reference in float64."""
+    i0, i1, stencils, weight = inputs(shape, seed)
+    truth = run_fn("torch", i0, i1, n_iter, stencils, weight)
+    got = run_fn(variant, i0.float(), i1.float(), n_iter, [s.float() for s in stencils], weight.float())
+    return [_relative_error(g.double(), t) for g, t in zip(got, truth, strict=True)]
+
+
+@pytest.mark.parametrize(("shape", "n_iter"), [((3, 4, 7, 8), 10), ((1, 2, 16, 32), 20)])
+def test_float32_kernels_as_accurate_as_the_float32_reference(shape, n_iter):
+    # A tolerance against the float32 reference (2e-3 above) would pass a kernel a thousand times less
+    # accurate than the reference; here each output's error against float64 must stay within 10x the
+    # float32 reference's own (1e-5 floor: a pixel within rounding of a threshold flips a branch).
+    reference = _float32_errors("torch", shape, n_iter, 21, run)
+    for variant in ("fast", "simple"):
+        errors = _float32_errors(variant, shape, n_iter, 21, run)
+        for name, err, ref in zip(NAMES, errors, reference, strict=True):
+            assert err <= max(10 * ref, 1e-5), f"{variant} {name}: {err:.2e} vs reference {ref:.2e}"
+
+
 def test_fast_float32_gradients_and_negative_theta():
     g = torch.Generator().manual_seed(6)
     i0 = (torch.randn(2, 2, 5, 5, generator=g) * 20).requires_grad_()
@@ -442,6 +462,22 @@ def test_cupy_fast_equals_simple_equals_reference(dtype, shape):
                 # implementation (values continuous there, gradients not): compare norms.
                 assert _relative_error(got, ref) < 1e-3, (variant, name)
         torch.testing.assert_close(results["fast"][0], results["simple"][0], rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(3, 4, 14, 14), (2, 4, 28, 28), (1, 2, 32, 32)])
+def test_cupy_float32_kernels_as_accurate_as_the_float32_reference(shape):
+    # The norm test above allows 1e-3; the kernels' float32 error against float64 should be that of the
+    # float32 reference (emulated: about 1e-6), within 10x (1e-5 floor: branch flips at thresholds).
+    i0, i1, stencils, weight = _cuda_case(torch.float64, shape)
+    truth = _cuda_run("torch", i0, i1, 10, stencils, weight)
+    f32 = (i0.float(), i1.float(), 10, [s.float() for s in stencils], weight.float())
+    reference = [_relative_error(g.double(), t) for g, t in zip(_cuda_run("torch", *f32), truth, strict=True)]
+    names = ["out", "i0", "i1", "theta", *FlowStencils._fields]
+    for variant in ("fast", "simple"):
+        errors = [_relative_error(g.double(), t) for g, t in zip(_cuda_run(variant, *f32), truth, strict=True)]
+        for name, err, ref in zip(names, errors, reference, strict=True):
+            assert err <= max(10 * ref, 1e-5), f"{variant} {name}: {err:.2e} vs reference {ref:.2e}"
 
 
 @pytest.mark.gpu
