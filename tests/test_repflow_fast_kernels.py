@@ -354,6 +354,17 @@ def test_plane_kernel_refuses_a_plane_it_cannot_hold():
     assert u.isnan().all()
 
 
+def test_plane_backward_refuses_a_plane_it_cannot_hold():
+    gx, gy, rho_c, params, st = _kernel_inputs((2, 1, 2, 300), 14)
+    grads = [torch.zeros_like(gx) for _ in range(3)]
+    acc = gx.new_zeros((tvl1_kernels.ACC_ROWS, 2))
+    empty = gx.new_empty((0,))
+    grad_u = torch.ones(2, 2, 2, 300, dtype=torch.float64)
+    args = (gx, gy, rho_c, params, st, grad_u, empty, empty, empty, *grads, acc, 2, 1, 2, 300, 1, 1)
+    TVL1_PLANE_SOURCE.launch("tvl1_plane_backward", args, dtype=torch.float64, grid=(1, 1, 1), block=(1024, 1, 1))
+    assert all(g.isnan().all() for g in grads) and acc.isnan().all()
+
+
 def test_plane_grid_is_never_empty():
     # CUDA refuses a launch with a zero grid dimension (the emulator runs nothing): B*C = 0 planes still
     # launch one block, whose plane loop runs no iteration. No GPU needed: the forward's grid on CUDA
