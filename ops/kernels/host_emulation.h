@@ -25,6 +25,10 @@
 // The fibers switch stacks with _setjmp/_longjmp; glibc's fortified longjmp refuses a jump to another
 // stack, so fortification is off for this translation unit (the flags also pass -U_FORTIFY_SOURCE).
 #undef _FORTIFY_SOURCE
+// macOS declares the (deprecated, still working) ucontext routines only under _XOPEN_SOURCE.
+#if defined(__APPLE__) && !defined(_XOPEN_SOURCE)
+#define _XOPEN_SOURCE 700
+#endif
 
 #include <ucontext.h>
 #include <setjmp.h>
