@@ -28,9 +28,10 @@ COOPERATIVE = KernelSource(
         "coop_divergent_shuffle",
         "coop_shuffle_outside_mask",
         "coop_failed_check",
+        "coop_syncwarp_instead_of_barrier",
     ),
 )
-ORDERS = ("forward", "reverse", "shuffle")
+ORDERS = ("forward", "reverse", "shuffle", "warps", "warps_reverse")
 ONE_BLOCK = (128, 1, 1)
 
 
@@ -90,11 +91,42 @@ def test_thread_order_exposes_a_missing_barrier(monkeypatch):
     torch.testing.assert_close(results["reverse"], torch.roll(x, -1))
 
 
+def test_warps_order_exposes_a_warp_that_reads_other_warps_without_a_barrier(monkeypatch):
+    # Every warp's lanes hold 1, so the right answer is the block size; warp 0 running ahead of the
+    # other warps reads their slots before they are written (0 from a fresh library's shared memory,
+    # or whatever an earlier launch left there — anything but 128 from this launch's warps 1..3).
+    x = torch.ones(128)
+    results = {}
+    for order in ORDERS:
+        monkeypatch.setenv("VMM_EMULATION_ORDER", order)
+        out = torch.full((1,), -1.0)
+        COOPERATIVE.launch(
+            "coop_syncwarp_instead_of_barrier",
+            (x * (len(results) + 1), out),
+            dtype=torch.float32,
+            grid=(1, 1, 1),
+            block=ONE_BLOCK,
+        )
+        results[order] = out.item() / (len(results) + 1)
+    assert results["forward"] == results["reverse"] == results["shuffle"] == 128
+    assert results["warps"] != 128 and results["warps_reverse"] == 128
+
+
+def test_zero_grid_dimension_is_refused_as_cuda_does():
+    x = torch.zeros(128)
+    with pytest.raises(EmulatedKernelError, match="zero grid dimension"):
+        COOPERATIVE.launch(
+            "coop_block_sum", (x, x[:1].clone(), 128), dtype=torch.float32, grid=(0, 1, 1), block=ONE_BLOCK
+        )
+
+
 def test_unknown_thread_order_is_an_error(monkeypatch):
     monkeypatch.setenv("VMM_EMULATION_ORDER", "backwards")
     x = torch.zeros(128)
     args = (x, x[:1].clone(), 128)
-    with pytest.raises(EmulatedKernelError, match="VMM_EMULATION_ORDER must be forward, reverse or shuffle"):
+    with pytest.raises(
+        EmulatedKernelError, match="VMM_EMULATION_ORDER must be forward, reverse, shuffle, warps or warps_reverse"
+    ):
         COOPERATIVE.launch("coop_block_sum", args, dtype=torch.float32, grid=(1, 1, 1), block=ONE_BLOCK)
 
 

@@ -14,9 +14,11 @@
 //     the mask all fail the launch (undefined behaviour on a GPU).
 //   * Between synchronisation points a fiber runs to its next one uninterrupted. The order in which
 //     runnable fibers go is VMM_EMULATION_ORDER (read at each launch): "forward" (thread 0 first, the
-//     default), "reverse", or "shuffle" (a new random order each round, seeded by
-//     VMM_EMULATION_SEED). A kernel whose result depends on the order has a race (a missing barrier):
-//     tests run the cooperative kernels under all three.
+//     default), "reverse", "shuffle" (a new random order each round, seeded by VMM_EMULATION_SEED),
+//     all of which move the warps together from one synchronisation point to the next, or "warps" /
+//     "warps_reverse" (each warp runs ahead through its own warp operations until it waits at a
+//     barrier or exits, warp 0 first / last). A kernel whose result depends on the order has a race
+//     (a missing barrier): tests run the cooperative kernels under all of them.
 // atomicAdd is a plain add, exact under this execution. Errors (including VMM_EMU_CHECK failures inside
 // a kernel) abort the launch and are reported to Python by vmm_emu_last_error().
 #pragma once
@@ -339,7 +341,9 @@ inline int thread_order() {
     if (!v || !*v || !std::strcmp(v, "forward")) return 0;
     if (!std::strcmp(v, "reverse")) return 1;
     if (!std::strcmp(v, "shuffle")) return 2;
-    record_error("VMM_EMULATION_ORDER must be forward, reverse or shuffle, got '%s'", v);
+    if (!std::strcmp(v, "warps")) return 3;
+    if (!std::strcmp(v, "warps_reverse")) return 4;
+    record_error("VMM_EMULATION_ORDER must be forward, reverse, shuffle, warps or warps_reverse, got '%s'", v);
     return 0;
 }
 
@@ -366,6 +370,10 @@ inline int launch(void (*kernel)(Args...), dim3 grid, dim3 block, void** args) {
     gridDim = grid;
     blockDim = block;
     const unsigned nthreads = block.x * block.y * block.z;
+    if (grid.x == 0 || grid.y == 0 || grid.z == 0) {
+        record_error("grid (%u,%u,%u): CUDA refuses a launch with a zero grid dimension", grid.x, grid.y, grid.z);
+        return 1;
+    }
     if (nthreads == 0 || nthreads > 1024) {
         record_error("block of %u threads (a CUDA block has 1 to 1024)", nthreads);
         return 1;
@@ -408,6 +416,24 @@ inline int launch(void (*kernel)(Args...), dim3 grid, dim3 block, void** args) {
                     f.tid = t;
                 }
                 for (;;) {
+                    if (order >= 3) {
+                        // Warp by warp: each warp runs as far as it can — through its own warp operations —
+                        // before the next warp starts, so a warp that reads what other warps write without
+                        // waiting at a barrier first sees stale data.
+                        for (unsigned i = 0; i < nwarps; ++i) {
+                            const unsigned w = order == 3 ? i : nwarps - 1 - i;
+                            const unsigned end = (w + 1) * 32u < nthreads ? (w + 1) * 32u : nthreads;
+                            for (;;) {
+                                for (unsigned t = w * 32u; t < end; ++t) {
+                                    if (sched.fibers[t]->wait != RUNNABLE) continue;
+                                    run_fiber((int)t);
+                                    if (sched.failed) return 1;
+                                }
+                                if (!resolve_warp(nthreads, w)) break;
+                            }
+                            if (sched.failed) return 1;
+                        }
+                    }
                     runnable.clear();
                     for (unsigned t = 0; t < nthreads; ++t)
                         if (sched.fibers[t]->wait == RUNNABLE) runnable.push_back((int)t);

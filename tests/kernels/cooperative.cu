@@ -153,3 +153,22 @@ __global__ void coop_failed_check(const T* __restrict__ x, T* __restrict__ out) 
 #endif
     vmm_store(out + threadIdx.x, vmm_load(x, threadIdx.x));
 }
+
+// A race only a warp running ahead shows: lane 0 of each warp publishes its warp's sum, warp 0 reads
+// them after a __syncwarp, which orders warp 0's own lanes but does not wait for the other warps (a
+// __syncthreads belongs there). Lockstep orders let the other warps write while warp 0 waits at its
+// __syncwarp; "warps" runs warp 0 through it first.
+template <typename T>
+__global__ void coop_syncwarp_instead_of_barrier(const T* __restrict__ x, T* __restrict__ out) {
+    __shared__ float partial[32];
+    const unsigned lane = threadIdx.x & 31u, warp = threadIdx.x / 32u;
+    float v = (float)vmm_load(x, threadIdx.x);
+    for (int m = 16; m > 0; m /= 2) v += __shfl_xor_sync(0xffffffffu, v, m);
+    if (lane == 0) partial[warp] = v;
+    if (warp == 0) {
+        __syncwarp();
+        float s = lane < blockDim.x / 32u ? partial[lane] : 0.0f;
+        for (int m = 16; m > 0; m /= 2) s += __shfl_xor_sync(0xffffffffu, s, m);
+        if (lane == 0) vmm_store(out, (typename vmm_acc<T>::type)s);
+    }
+}
