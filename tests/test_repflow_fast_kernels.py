@@ -29,7 +29,9 @@ from ops.repflow.kernels import (
     tvl1_path,
 )
 
-ORDERS = ("forward", "reverse", "shuffle")
+# "warps" orders let one warp run ahead to the next barrier: they catch a warp reading the other warps' shared
+# sums before the barrier that publishes them (the lockstep orders cannot).
+ORDERS = ("forward", "reverse", "shuffle", "warps", "warps_reverse")
 NAMES = ["out", "i0", "i1", "theta", "lam", "tau", *FlowStencils._fields]
 
 

@@ -494,8 +494,9 @@ __global__ void __launch_bounds__(TVL1_PLANE_THREADS, 1)
             for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
             if (lane == 0) sh[a * 32 + warp] = v;
         }
-        // Not optional, though host emulation cannot show it: its fibers advance the warps in step
-        // through the shuffles above, so every warp's sums are written before warp 0 reads them.
+        // Not optional: without it warp 0 can read slots other warps have not written yet. Only the
+        // emulation's "warps" order shows it (the lockstep orders advance the warps together through the
+        // shuffles above, so every warp's sums are written before warp 0 reads them).
         __syncthreads();
         if (warp == 0) {
             #pragma unroll
