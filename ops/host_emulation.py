@@ -6,8 +6,9 @@ The same ``.cu`` source the GPU runs is compiled by the system C++ compiler with
 one after another, the threads of a block as cooperative fibers that switch at ``__syncthreads`` and
 at the warp operations (shuffles, votes, ``__syncwarp``), so kernels that use ``__shared__`` memory,
 barriers and warp shuffles run as written. Divergent synchronisation raises :class:`EmulatedKernelError`;
-``VMM_EMULATION_ORDER`` = ``forward`` | ``reverse`` | ``shuffle`` changes the order threads run between
-synchronisation points, which exposes races (tests run the cooperative kernels under all three).
+``VMM_EMULATION_ORDER`` = ``forward`` | ``reverse`` | ``shuffle`` | ``warps`` | ``warps_reverse`` changes the
+order threads run between synchronisation points, which exposes races (tests run the cooperative kernels
+under several).
 This is how the test suite checks every kernel against the pure-PyTorch references, values
 and float64 gradchecks included, on machines without a GPU. It is slow (tiny shapes only) and is not
 a CPU backend: the references are that.
