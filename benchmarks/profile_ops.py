@@ -95,19 +95,25 @@ def kernel_breakdown(fn: Callable[[], None], steps: int) -> list[KernelRow]:
     return sorted(rows, key=lambda r: -r.us_per_step)
 
 
-def sifa_cases(dtype: torch.dtype, device: torch.device) -> list[tuple[str, str, Callable[[], None], int | None]]:
-    """(case, phase, step, forward bytes) for SIFA layer3 N=32, two ops and fused, on the kernels."""
+def sifa_cases(
+    dtype: torch.dtype, device: torch.device, variant: str
+) -> list[tuple[str, str, Callable[[], None], int | None]]:
+    """(case, phase, step, forward bytes) for SIFA layer3 N=32, two ops and fused, on the ``variant`` kernels,
+    with the inputs in the memory format the SIFA block hands the kernels (channels-last)."""
     import bench_sifa
 
     channels, size = bench_sifa.LAYERS["layer3"]
     batch = 32 * (bench_sifa.FRAMES - 1)
-    q, k, off, cot = bench_sifa.make_inputs(batch, channels, size, dtype, device)
+    inputs = bench_sifa.make_inputs(batch, channels, size, dtype, device)
+    q, k, off, cot = bench_sifa.in_layout(inputs, "block", "cupy")
     es = q.element_size()
     two_op_bytes = bench_sifa.fwd_bytes(batch, channels, size, es)
     # The fused path reads q, k and the offsets and writes out; attn need not leave the chip.
     fused_bytes = es * (3 * batch * channels * size * size + batch * 2 * bench_sifa.K**2 * size * size)
     cases = []
-    for name, backend, nbytes in (("sifa two ops", "cupy", two_op_bytes), ("sifa fused", "cupy-fused", fused_bytes)):
+    # bench_sifa runs the variant named after ":" in the backend (its own use_kernel_variant context).
+    two_ops, fused = f"cupy:{variant}", f"cupy-fused:{variant}"
+    for name, backend, nbytes in (("sifa two ops", two_ops, two_op_bytes), ("sifa fused", fused, fused_bytes)):
 
         def fwd(backend=backend):
             with torch.no_grad():
@@ -121,8 +127,10 @@ def sifa_cases(dtype: torch.dtype, device: torch.device) -> list[tuple[str, str,
     return cases
 
 
-def flow_cases(dtype: torch.dtype, device: torch.device) -> list[tuple[str, str, Callable[[], None], int | None]]:
-    """(case, phase, step, forward bytes) for FlowLayer 28², T=16, N=8, n_iter 10 on the kernels."""
+def flow_cases(
+    dtype: torch.dtype, device: torch.device, variant: str
+) -> list[tuple[str, str, Callable[[], None], int | None]]:
+    """(case, phase, step, forward bytes) for FlowLayer 28², T=16, N=8, n_iter 10 on the ``variant`` kernels."""
     import bench_flow
 
     from ops.repflow.modules import FlowLayer
@@ -137,15 +145,15 @@ def flow_cases(dtype: torch.dtype, device: torch.device) -> list[tuple[str, str,
     nbytes = bench_flow.fwd_bytes(clips * (frames - 1), size, n_iter, x.element_size())
 
     def fwd():
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), autocast, use_kernel_variant(variant):
             layer(x)
 
     def train():
         layer.zero_grad(set_to_none=True)
         x.grad = None
-        with autocast:
+        with autocast, use_kernel_variant(variant):
             out = layer(x)
-        torch.autograd.backward(out, cot)
+            torch.autograd.backward(out, cot)
 
     name = f"flow {size}² T={frames} N={clips} n_iter={n_iter}"
     return [(name, "forward", fwd, nbytes), (name, "fwd+bwd", train, None)]
@@ -162,14 +170,13 @@ def run(args: argparse.Namespace) -> list[Profile]:
         dtype = DTYPES[dtype_name]
         for case_name in args.cases:
             for variant in args.kernels:
-                # The variant is read at each launch, so the same step functions time either implementation.
-                with use_kernel_variant(variant):
-                    for case, phase, fn, nbytes in builders[case_name](dtype, device):
-                        event_ms = cuda_time_ms(fn, args.iters, args.warmup)
-                        kernels = kernel_breakdown(fn, args.iters)
-                        p = Profile(case, phase, dtype_name, variant, event_ms, kernels, nbytes)
-                        profiles.append(p)
-                        print_profile(p, bandwidth, args.top)
+                # Each step function enters its variant itself (the variant is read at every launch).
+                for case, phase, fn, nbytes in builders[case_name](dtype, device, variant):
+                    event_ms = cuda_time_ms(fn, args.iters, args.warmup)
+                    kernels = kernel_breakdown(fn, args.iters)
+                    p = Profile(case, phase, dtype_name, variant, event_ms, kernels, nbytes)
+                    profiles.append(p)
+                    print_profile(p, bandwidth, args.top)
                 torch.cuda.empty_cache()
     return profiles
 
