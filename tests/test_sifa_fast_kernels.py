@@ -517,6 +517,46 @@ def test_cupy_fast_launch_plans(plan):
     assert_same_results(fast_results(query, kv, offset, attn, window, plan), expected, 1e-5)
 
 
+def two_pass_and_grid_stride_case(dtype, channels, groups, plan, blocks, device, monkeypatch):
+    """fast_results with ``plan`` on a grid of at most ``blocks`` blocks (None: as launched) against the
+    simple kernels: as accurate, or equal to 1e-10 in float64."""
+    if blocks is not None:
+        monkeypatch.setattr(sk, "MAX_BLOCKS", blocks)
+    query, kv, offset, attn = random_inputs(
+        channels, groups, 3, batch=3, height=9, width=11, spread=4, dtype=dtype, device=device
+    )
+    window = (3, 1, groups)
+    got = fast_results(query, kv, offset, attn, window, plan)
+    with use_kernel_variant("simple"):
+        simple = {n: t for n, t in op_results(query, kv, offset, attn, window).items() if n in got}
+    if dtype == torch.float64:
+        assert_same_results(got, simple, 1e-10)
+    else:
+        exact = {n: t for n, t in exact_results(query, kv, offset, attn, window).items() if n in got}
+        assert_as_accurate_as_simple(got, simple, exact, dtype)
+
+
+TWO_PASS_CASES = [  # (dtype, channels, groups, plan, blocks)
+    (torch.float32, 512, 1, sk.DEFAULT_PLAN, None),  # 32 lanes of float4, 4 steps: attn / Ā read back (__syncwarp)
+    (torch.float16, 1024, 1, sk.DEFAULT_PLAN, None),  # 32 lanes of 8 halves, 4 steps
+    (torch.float32, 96, 2, (4, True, None), 2),  # 8 groups a warp, 3 steps each; 297 points, 2 blocks of 64 groups
+    (torch.float64, 24, 3, (8, True, None), 1),  # 4 groups a warp, 4 steps of one double2; one block
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("dtype", "channels", "groups", "plan", "blocks"), TWO_PASS_CASES, ids=str)
+def test_cupy_fast_two_pass_paths_and_grid_stride(dtype, channels, groups, plan, blocks, monkeypatch):
+    # On the hardware (independent thread scheduling, real shuffles and __syncwarp): the paths that read back
+    # what lane 0 wrote (groups of more than SIFA_FAST_MAX_STEPS channel steps), and lane groups of one
+    # warp that run different numbers of grid-stride iterations (the capped grids: 297 points).
+    if blocks is not None:
+        lanes = plan[0]
+        trips = grid_stride_trips(3 * 9 * 11, lanes, blocks)
+        assert any(len(set(trips[i : i + 32 // lanes])) > 1 for i in range(0, len(trips), 32 // lanes))
+    two_pass_and_grid_stride_case(dtype, channels, groups, plan, blocks, "cuda", monkeypatch)
+
+
 @pytest.mark.gpu
 def test_cupy_fast_gradcheck_and_misaligned_inputs():
     query, kv, offset, attn = random_inputs(4, 2, 3, batch=1, height=3, width=4, device="cuda")
