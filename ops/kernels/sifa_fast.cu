@@ -32,10 +32,12 @@
 //                       Phase B, one pass over kv's corners per (tap, channel step):
 //                       d q[c] = scale · Σ_k Ā · S_k(kv)[c]; coef = scale · Ā · q[c] + attn · Ō[c] (the
 //                       correlation's and the aggregation's terms, whichever are present); d kv gets coef
-//                       times each corner's weight by atomicAdd (accumulation-type buffer, channels
-//                       contiguous so a lane group's atomics coalesce; the order of the additions into
-//                       one element varies between GPU runs); d offset = Σ_c coef · ∇bilinear, reduced
-//                       in the lane group and added by lane 0 in a fixed order (deterministic).
+//                       times each corner's weight by atomicAdd (accumulation-type buffer; one atomic
+//                       instruction of a lane group hits addresses V elements apart, lane l's channel
+//                       l·V + v, so a corner's lanes·V channels take V instructions each spread over all
+//                       of them: unmeasured against sm_90's vector atomicAdd; the order of the additions
+//                       into one element varies between GPU runs); d offset = Σ_c coef · ∇bilinear,
+//                       reduced in the lane group and added by lane 0 in a fixed order (deterministic).
 //
 // Registers: out / d q accumulators of SIFA_FAST_MAX_STEPS channel steps live in registers across the taps;
 // a group with more steps is taken in several passes over the taps (geometry recomputed per pass). Two
