@@ -541,6 +541,7 @@ TWO_PASS_CASES = [  # (dtype, channels, groups, plan, blocks)
     (torch.float16, 1024, 1, sk.DEFAULT_PLAN, None),  # 32 lanes of 8 halves, 4 steps
     (torch.float32, 96, 2, (4, True, None), 2),  # 8 groups a warp, 3 steps each; 297 points, 2 blocks of 64 groups
     (torch.float64, 24, 3, (8, True, None), 1),  # 4 groups a warp, 4 steps of one double2; one block
+    (torch.bfloat16, 256, 1, (8, True, False), 1),  # the 64-bit vector build (ptxas spills in it), 4 steps
 ]
 
 
