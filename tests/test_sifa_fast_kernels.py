@@ -447,7 +447,7 @@ def test_sifa_block_on_the_kernels_matches_the_reference_block(variant, clip_lay
 # ----------------------------------------------------------------------------------- emulation orders
 
 
-@pytest.mark.parametrize("order", ["reverse", "shuffle"])
+@pytest.mark.parametrize("order", ["reverse", "shuffle", "warps", "warps_reverse"])
 def test_fast_kernels_do_not_depend_on_the_thread_order(order, monkeypatch):
     # A missing __syncwarp between lane 0's write of attn / Ā and the other lanes' reads would show here: the
     # plans with several lanes and several channel steps per group take the two-pass paths, and a backward
