@@ -6,7 +6,8 @@
 # Both kernel variants run in the same steps (ops.kernel_loader: "fast", the default, and "simple",
 # the kernels they replace): the GPU tests compare fast == simple == reference, and the benchmarks and
 # the profile time each variant, so one run shows whether the fast kernels are right and how much
-# faster. Steps run in order of importance: correctness first.
+# faster. Steps run in order of importance: correctness first (the GPU tests, then compute-sanitizer's
+# racecheck / synccheck / memcheck over every kernel path when the tool is installed).
 #
 #   bash benchmarks/gpu_suite.sh [RESULTS_FILE]
 #
@@ -101,6 +102,24 @@ print("device", p.name, f"{p.total_memory / 2**30:.0f} GiB", "x", torch.cuda.dev
 command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >>"$results" 2>&1
 
 run_step "GPU tests (pytest -m gpu)" 150 pytest "$py" -m pytest -m gpu -q -rs -p no:cacheprovider tests
+
+# compute-sanitizer over every kernel path on tiny shapes (benchmarks/sanitize_kernels.py): shared-memory
+# races, barrier / warp-mask misuse and out-of-bounds accesses — what host emulation cannot prove. Runs
+# when the tool is installed (SANITIZE=0 skips it); its absence is reported, not counted as a failure.
+sanitizer=$(command -v compute-sanitizer || true)
+[ -z "$sanitizer" ] && [ -x /usr/local/cuda/bin/compute-sanitizer ] && sanitizer=/usr/local/cuda/bin/compute-sanitizer
+if [ "${SANITIZE:-1}" = 0 ]; then
+    log "== compute-sanitizer steps skipped (SANITIZE=0)"
+elif [ -z "$sanitizer" ]; then
+    log "== compute-sanitizer not found: the kernels' race / sync / memory checks did not run"
+    summary+=("NOTE  compute-sanitizer not found: kernel race / sync / memory checks not run")
+else
+    for tool in racecheck synccheck memcheck; do
+        run_step "compute-sanitizer $tool (sanitize_kernels.py)" 60 - \
+            env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool "$tool" --error-exitcode 1 \
+            "$py" benchmarks/sanitize_kernels.py
+    done
+fi
 
 for dtype in float32 float16; do
     run_step "bench_sifa $dtype, N 8 and 32, fast and simple kernels" 75 - \
