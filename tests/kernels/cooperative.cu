@@ -1,78 +1,7 @@
 // Test kernels for the host emulation's cooperative execution (tests/test_host_emulation.py): shared
 // memory, barriers, warp shuffles and votes, and deliberately broken kernels the emulator must refuse.
 // They compile with nvcc / NVRTC as well, so the same file could run on a GPU.
-// Shared definitions for vmm's CUDA kernels.
-//
-// The same sources are compiled three ways: by NVRTC through CuPy at run time, by nvcc in the test
-// suite (compile check for sm_80/sm_90), and by the host C++ compiler with host_emulation.h
-// force-included (CI executes kernels on the CPU that way). So: no standard headers, no CUDA
-// headers (cuda_fp16.h is not on every NVRTC include path), no shared memory or warp intrinsics
-// (the emulator runs one thread at a time), 64-bit indices, grid-stride loops.
-
-
-typedef long long vmm_i64;
-
-// Storage-only 16-bit float types; arithmetic is always done after converting to float.
-struct vmm_half { unsigned short bits; };
-struct vmm_bfloat16 { unsigned short bits; };
-
-#ifndef VMM_HOST_EMULATION
-#define VMM_INLINE __device__ __forceinline__
-#endif
-
-VMM_INLINE float vmm_bits_to_float(unsigned int u) { return __uint_as_float(u); }
-VMM_INLINE unsigned int vmm_float_to_bits(float f) { return __float_as_uint(f); }
-
-// bfloat16 <-> float, round to nearest even (NaN kept quiet).
-VMM_INLINE float vmm_to_float(vmm_bfloat16 v) { return vmm_bits_to_float(((unsigned int)v.bits) << 16); }
-VMM_INLINE void vmm_store(vmm_bfloat16* p, float f) {
-    unsigned int u = vmm_float_to_bits(f);
-    unsigned short out;
-    if ((u & 0x7fffffffu) > 0x7f800000u) {
-        out = (unsigned short)((u >> 16) | 0x0040u);
-    } else {
-        u += 0x7fffu + ((u >> 16) & 1u);
-        out = (unsigned short)(u >> 16);
-    }
-    p->bits = out;
-}
-
-#ifndef VMM_HOST_EMULATION
-// IEEE half <-> float through the PTX conversion instructions (round to nearest even).
-VMM_INLINE float vmm_to_float(vmm_half v) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));
-    return f;
-}
-VMM_INLINE void vmm_store(vmm_half* p, float f) {
-    unsigned short h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    p->bits = h;
-}
-#else
-VMM_EMULATION_HALF_CONVERSIONS
-#endif
-
-VMM_INLINE float vmm_to_float(float v) { return v; }
-VMM_INLINE double vmm_to_float(double v) { return v; }
-VMM_INLINE void vmm_store(float* p, float f) { *p = f; }
-VMM_INLINE void vmm_store(double* p, double f) { *p = f; }
-
-// Accumulation type: float for the 16-bit types and float, double for double.
-template <typename T> struct vmm_acc { typedef float type; };
-template <> struct vmm_acc<double> { typedef double type; };
-
-// Load element i of a tensor of storage type T as its accumulation type.
-template <typename T>
-VMM_INLINE typename vmm_acc<T>::type vmm_load(const T* p, vmm_i64 i) {
-    return (typename vmm_acc<T>::type)vmm_to_float(p[i]);
-}
-
-// Grid-stride loop over [0, n) with 64-bit indices.
-#define VMM_KERNEL_LOOP(i, n)                                                              \
-    for (vmm_i64 i = (vmm_i64)blockIdx.x * blockDim.x + threadIdx.x; i < (n);              \
-         i += (vmm_i64)blockDim.x * gridDim.x)
-
+#include "../../ops/kernels/vmm_common.cuh"
 
 // out[block] = Σ x over the block's slice, by a shared-memory tree (blockDim.x = 128).
 template <typename T>
