@@ -6,7 +6,8 @@ One kernel source serves three ways of running it, each in its own module:
   cached, and launched on the tensor's device and on torch's *current* CUDA stream, passed as the
   launch's ``stream`` argument (no CuPy context managers on the hot path).
 * **Host emulation** (CPU tensors, :mod:`ops.host_emulation`, test support): the same source is
-  compiled by the system C++ compiler and the grid runs serially on the CPU through ctypes. This is
+  compiled by the system C++ compiler and the grid runs on the CPU through ctypes (blocks one after
+  another, a block's threads as cooperative fibers that switch at barriers and warp operations). This is
   how the test suite executes every kernel on machines without a GPU; it is a test vehicle, not a
   fast CPU backend (the pure-PyTorch references are that). :meth:`KernelSource.launch` hands CPU
   tensors to it; the ops reach it only through ``backend="emulated"`` inside

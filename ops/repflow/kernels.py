@@ -7,7 +7,8 @@ backward, in two variants (``ops.kernel_loader.kernel_variant()``, docs/architec
   ``H·W <= PLANE_MAX_PIXELS[dtype]`` (1024 pixels in float32, 512 in float64).
 * **simple** (``kernels/tvl1.cu``, also the fallback for larger planes): one thread per pixel, one
   launch per iteration in the forward (the dual step of one iteration fused with the primal step of
-  the next) and two per iteration in the backward.
+  the next) and two per iteration in the backward, plus the launches that recompute the states (39 in
+  all at n_iter 10).
 
 The image gradient, ``rho_c = i1 - i0`` and the scalars ``(|θ|+ε, λ(|θ|+ε), τ/(|θ|+ε))`` are computed
 by torch once per call (cheap, and autograd takes them back to i0, i1, the image stencils and θ, λ,

@@ -24,12 +24,13 @@ element. Four kernels serve both ops and their backward passes (see the header o
 * the SIFA step (correlation then aggregation of the same map, ``vmm::deform_attention``): the same
   kernels, with both ops' contributions to d kv and to d offset taken in one two-term pass each.
 
-Memory: the forward saves only its inputs (the reference saves K² sampled maps per op), and the
-backward's temporaries are one accumulation-type map for d key / d value and the partial sums of the
-channel-split reductions (output-sized, or about 2·TARGET_THREADS elements when split), so no tensor larger than
-the inputs is needed. d key / d value are accumulated with atomicAdd, so on a GPU their last bits vary from run
-to run (and ``torch.use_deterministic_algorithms(True)`` raises, as for grid_sample's CUDA backward);
-every other gradient is written once per element by one thread, in a fixed order.
+Memory: the forward saves only its inputs (the SIFA step also its attn; the reference saves K² sampled
+maps per op), and the simple backward's temporaries are one accumulation-type map for d key / d value and
+the partial sums of the channel-split reductions (output-sized, or about 2·TARGET_THREADS elements when
+split), so no tensor larger than the inputs is needed. d key / d value are accumulated with atomicAdd, so
+on a GPU their last bits vary from run to run (and ``torch.use_deterministic_algorithms(True)`` raises, as
+for grid_sample's CUDA backward); every other gradient is written once per element by one thread, in a
+fixed order.
 Double backward is not supported (the backward ops have no autograd formula of their own).
 
 Memory format of the results (both variants, and the fake implementations): each output and each gradient
