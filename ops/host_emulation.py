@@ -58,7 +58,7 @@ _launch_lock = threading.Lock()  # one emulated launch at a time (the scheduler 
 class EmulatedKernelError(RuntimeError):
     """An emulated launch found a kernel error a GPU would not report: divergent ``__syncthreads`` or warp
     operation, a shuffle from a lane outside the mask, a failed ``VMM_EMU_CHECK`` (e.g. a misaligned
-    vector load), a block of more than 1024 threads."""
+    vector load), a block of more than 1024 threads, a grid with a zero dimension."""
 
 
 _depth_lock = threading.Lock()
