@@ -4,9 +4,9 @@
 # one results file. Sized for under 8 minutes on one H100/H200: every step has its own time limit and
 # the suite stops starting steps when its budget (SUITE_BUDGET_S, default 460 s) runs out.
 # Both kernel variants run in the same steps (ops.kernel_loader: "fast", the default, and "simple",
-# the kernels they replace): the GPU tests compare fast == simple == reference, and the benchmarks and
-# the profile time each variant, so one run shows whether the fast kernels are right and how much
-# faster. Steps run in order of importance: correctness first (the GPU tests, then compute-sanitizer's
+# the kernels they replace): the GPU tests compare fast == simple == reference, and the op benchmarks
+# and the profile time each variant, so one run shows whether the fast kernels are right and how much
+# faster (the train-step benchmark runs the default variant; VMM_KERNELS=simple for the other). Steps run in order of importance: correctness first (the GPU tests, then compute-sanitizer's
 # racecheck / synccheck / memcheck over every kernel path when the tool is installed).
 #
 #   bash benchmarks/gpu_suite.sh [RESULTS_FILE]

@@ -204,8 +204,8 @@ def use_kernels(backend: str, t: torch.Tensor) -> bool:
 
 #: The kernel implementations an op can run (docs/architecture.md §6): "fast" (the bandwidth-minded
 #: kernels: shared memory, warp shuffles, channels-last / whole-plane mappings) and "simple" (one thread per
-#: output element, no cooperation: the kernels first verified on a GPU, kept as a second implementation
-#: the fast ones are tested against, and a fallback).
+#: output element, no cooperation: the kernels first verified on a GPU (an H200, before tvl1.cu took
+#: reciprocals), kept as a second implementation the fast ones are tested against, and a fallback).
 KERNEL_VARIANTS = ("fast", "simple")
 _variant_override: list[str] = []
 
