@@ -92,6 +92,91 @@ __device__ __forceinline__ A tvl1_plane_div(const tvl1_taps<A>& k, const tvl1_pi
     return (k.dx0 * (q.left ? a_left : (A)0) + k.dx1 * a_here) + (k.dy0 * (q.up ? b_up : (A)0) + k.dy1 * b_here);
 }
 
+// What a pixel's steps need of the images, constant over the iterations: the gradient (g1, g2) of i1,
+// rho_c, and grad = |(g1, g2)|^2 + eps with its reciprocal (tvl1_coef_r).
+template <typename A>
+struct tvl1_plane_image {
+    A g1, g2, rc, grad, inv_grad;
+};
+
+template <typename T>
+__device__ __forceinline__ tvl1_plane_image<typename vmm_acc<T>::type> tvl1_plane_load_image(
+    const T* __restrict__ gx, const T* __restrict__ gy, const T* __restrict__ rho_c, vmm_i64 at) {
+    typedef typename vmm_acc<T>::type A;
+    tvl1_plane_image<A> im;
+    im.g1 = vmm_load(gx, at);
+    im.g2 = vmm_load(gy, at);
+    im.rc = vmm_load(rho_c, at);
+    im.grad = im.g1 * im.g1 + im.g2 * im.g2 + (A)TVL1_EPS;
+    im.inv_grad = (A)1 / im.grad;
+    return im;
+}
+
+// The primal step at a pixel: u_m := u_m + coef(rho(u)) g_m + theta div(p_m1, p_m2), m = 1, 2.
+// tvl1_plane_primal_coef gives coef (from u before the step), tvl1_plane_primal_u the new u_m.
+template <typename A>
+__device__ __forceinline__ A tvl1_plane_primal_coef(const tvl1_plane_image<A>& im, const A (&u)[2], A lt) {
+    const A rho = im.rc + im.g1 * u[0] + im.g2 * u[1];
+    return tvl1_coef_r(rho, im.grad, im.inv_grad, lt);
+}
+
+// The new u_m at pixel q, from the pixel's own p (p11, p12, p21, p22) and p_at(map, i, d) = p[map] at
+// pixel i + d (map 0..3), called only for the left and upper neighbours that exist (shared memory in
+// the forward, the backward's scratch). One component a call, so that the backward stores each u_m
+// as it is made.
+template <typename A, typename PAt>
+__device__ __forceinline__ A tvl1_plane_primal_u(const tvl1_taps<A>& k, const tvl1_pixel& q, int W,
+                                                 const tvl1_plane_image<A>& im, A coef, A theta, int m, A u,
+                                                 const A (&p)[4], const PAt& p_at) {
+    const A a_left = q.left ? p_at(2 * m, q.i, -1) : (A)0;
+    const A b_up = q.up ? p_at(2 * m + 1, q.i, -W) : (A)0;
+    const A div = tvl1_plane_div(k, q, a_left, p[2 * m], b_up, p[2 * m + 1]);
+    return u + coef * (m == 0 ? im.g1 : im.g2) + theta * div;
+}
+
+// The terms of the dual step of one component z = u_m at pixel q: the forward differences zx, zy (0
+// where the right / lower neighbour does not exist), n = sqrt(zx^2 + zy^2 + eps), 1 / n (for the
+// adjoint; where unused it is not computed) and 1 / s = 1 / (1 + r n). z_right() and z_down() give
+// the neighbours' z; each is called only where that neighbour exists. The step itself is
+// tvl1_plane_dual_p (tvl1_plane_dual_step); the backward's adjoint of the dual step uses the terms too.
+template <typename A>
+struct tvl1_plane_dual_terms {
+    A zx, zy, n, inv_n, inv_s;
+};
+
+template <typename A, typename ZRight, typename ZDown>
+__device__ __forceinline__ tvl1_plane_dual_terms<A> tvl1_plane_dual_terms_at(const tvl1_taps<A>& k,
+                                                                             const tvl1_pixel& q, A r, A z,
+                                                                             const ZRight& z_right,
+                                                                             const ZDown& z_down) {
+    tvl1_plane_dual_terms<A> d;
+    d.zx = q.right ? k.fx0 * z + k.fx1 * z_right() : (A)0;
+    d.zy = q.down ? k.fy0 * z + k.fy1 * z_down() : (A)0;
+    d.n = tvl1_sqrt(d.zx * d.zx + d.zy * d.zy + (A)TVL1_EPS);
+    d.inv_n = (A)1 / d.n;
+    d.inv_s = (A)1 / (1 + r * d.n);
+    return d;
+}
+
+// p_new = (p_old + r z') / s for one p map and its forward difference z' (d.zx or d.zy).
+template <typename A>
+__device__ __forceinline__ A tvl1_plane_dual_p(A p_old, A r, A diff, A inv_s) {
+    return (p_old + r * diff) * inv_s;
+}
+
+// The dual step of component m at pixel q: (p_m1, p_m2) := (p_m1 + r zx, p_m2 + r zy) / s, from the
+// pixel's own u_m and u_at(m, i, d) = u_m at pixel i + d, called only for the right and lower
+// neighbours that exist. One component a call, so that the callers store each component's p as it is
+// made.
+template <typename A, typename UAt>
+__device__ __forceinline__ void tvl1_plane_dual_step(const tvl1_taps<A>& k, const tvl1_pixel& q, int W, A r, int m,
+                                                     A z, A (&p)[4], const UAt& u_at) {
+    const tvl1_plane_dual_terms<A> d = tvl1_plane_dual_terms_at(
+        k, q, r, z, [&] { return u_at(m, q.i, 1); }, [&] { return u_at(m, q.i, W); });
+    p[2 * m] = tvl1_plane_dual_p(p[2 * m], r, d.zx, d.inv_s);
+    p[2 * m + 1] = tvl1_plane_dual_p(p[2 * m + 1], r, d.zy, d.inv_s);
+}
+
 // NaN in every element of `maps` maps of hw pixels at out + base + m * stride (a launch that the block
 // cannot hold: see tvl1_plane_fits).
 template <typename T, typename A>
@@ -129,74 +214,60 @@ __global__ void __launch_bounds__(TVL1_PLANE_THREADS)
     }
     const int Hi = (int)H, Wi = (int)W, hw = Hi * Wi;
     const vmm_i64 CHW = C * hw;
-    const A eps = (A)TVL1_EPS;
     const A theta = vmm_load(params, 0), lt = vmm_load(params, 1), r = vmm_load(params, 2);
     for (vmm_i64 bc = blockIdx.x; bc < n_planes; bc += gridDim.x) {
         const vmm_i64 b = bc / C, c = bc - b * C;
         const tvl1_taps<A> k = tvl1_load_taps(st, c);
         const vmm_i64 g_base = bc * hw, u_base = (bc + b * C) * hw, p_base = (bc + 3 * b * C) * hw;
         tvl1_pixel px[PPT];
-        A g1[PPT], g2[PPT], rc[PPT], grad[PPT], inv_grad[PPT], u[2][PPT], p[4][PPT];
+        tvl1_plane_image<A> im[PPT];
+        A u[PPT][2], p[PPT][4];
         __syncthreads();  // the previous plane's last reads of sh_p are done
         #pragma unroll
         for (int j = 0; j < PPT; ++j) {
             px[j] = tvl1_make_pixel(t + j * nt, Hi, Wi);
             if (!px[j].valid) continue;
             const int i = px[j].i;
-            g1[j] = vmm_load(gx, g_base + i);
-            g2[j] = vmm_load(gy, g_base + i);
-            rc[j] = vmm_load(rho_c, g_base + i);
-            grad[j] = g1[j] * g1[j] + g2[j] * g2[j] + eps;
-            inv_grad[j] = (A)1 / grad[j];
-            u[0][j] = u[1][j] = (A)0;
+            im[j] = tvl1_plane_load_image(gx, gy, rho_c, g_base + i);
+            u[j][0] = u[j][1] = (A)0;
             #pragma unroll
             for (int q = 0; q < 4; ++q) {
-                p[q][j] = (A)0;
+                p[j][q] = (A)0;
                 sh_p[q * MAXP + i] = (A)0;
             }
         }
         __syncthreads();
+        // The neighbours' values, as the steps read them (map m at pixel i + d).
+        const auto p_at = [=](int m, int i, int d) { return sh_p[m * MAXP + i + d]; };
+        const auto u_at = [=](int m, int i, int d) { return sh_u[m * MAXP + i + d]; };
         vmm_i64 next_ckpt = seg, slot = 0;  // the next checkpoint iteration and its slot
         for (vmm_i64 it = 1; it <= n_iter; ++it) {
             // Primal step: u_it from (u_{it-1}, p_{it-1}).
             #pragma unroll
             for (int j = 0; j < PPT; ++j) {
                 if (!px[j].valid) continue;
-                const int i = px[j].i;
-                const A rho = rc[j] + g1[j] * u[0][j] + g2[j] * u[1][j];
-                const A coef = tvl1_coef_r(rho, grad[j], inv_grad[j], lt);
-                const A g[2] = {g1[j], g2[j]};
+                const A coef = tvl1_plane_primal_coef(im[j], u[j], lt);
                 #pragma unroll
-                for (int m = 0; m < 2; ++m) {
-                    const A a_left = px[j].left ? sh_p[2 * m * MAXP + i - 1] : (A)0;
-                    const A b_up = px[j].up ? sh_p[(2 * m + 1) * MAXP + i - Wi] : (A)0;
-                    const A div = tvl1_plane_div(k, px[j], a_left, p[2 * m][j], b_up, p[2 * m + 1][j]);
-                    u[m][j] = u[m][j] + coef * g[m] + theta * div;
-                }
+                for (int m = 0; m < 2; ++m)
+                    u[j][m] = tvl1_plane_primal_u(k, px[j], Wi, im[j], coef, theta, m, u[j][m], p[j], p_at);
             }
             if (it == n_iter) break;  // the last dual step cannot change u
             #pragma unroll
             for (int j = 0; j < PPT; ++j) {
                 if (!px[j].valid) continue;
-                sh_u[px[j].i] = u[0][j];
-                sh_u[MAXP + px[j].i] = u[1][j];
+                sh_u[px[j].i] = u[j][0];
+                sh_u[MAXP + px[j].i] = u[j][1];
             }
             __syncthreads();
             // Dual step: p_it from (u_it, p_{it-1}). Every read of sh_p (primal step) is done.
             #pragma unroll
             for (int j = 0; j < PPT; ++j) {
                 if (!px[j].valid) continue;
-                const int i = px[j].i;
                 #pragma unroll
                 for (int m = 0; m < 2; ++m) {
-                    const A z = u[m][j];
-                    const A zx = px[j].right ? k.fx0 * z + k.fx1 * sh_u[m * MAXP + i + 1] : (A)0;
-                    const A zy = px[j].down ? k.fy0 * z + k.fy1 * sh_u[m * MAXP + i + Wi] : (A)0;
-                    const A inv_s = (A)1 / (1 + r * tvl1_sqrt(zx * zx + zy * zy + eps));
-                    p[2 * m][j] = (p[2 * m][j] + r * zx) * inv_s;
-                    p[2 * m + 1][j] = (p[2 * m + 1][j] + r * zy) * inv_s;
-                    sh_p[2 * m * MAXP + i] = p[2 * m][j];
-                    sh_p[(2 * m + 1) * MAXP + i] = p[2 * m + 1][j];
+                    tvl1_plane_dual_step(k, px[j], Wi, r, m, u[j][m], p[j], u_at);
+                    sh_p[2 * m * MAXP + px[j].i] = p[j][2 * m];
+                    sh_p[(2 * m + 1) * MAXP + px[j].i] = p[j][2 * m + 1];
                 }
             }
             __syncthreads();
@@ -207,9 +278,9 @@ __global__ void __launch_bounds__(TVL1_PLANE_THREADS)
                 for (int j = 0; j < PPT; ++j) {
                     if (!px[j].valid) continue;
                     #pragma unroll
-                    for (int m = 0; m < 2; ++m) vmm_store(cu + m * CHW + px[j].i, u[m][j]);
+                    for (int m = 0; m < 2; ++m) vmm_store(cu + m * CHW + px[j].i, u[j][m]);
                     #pragma unroll
-                    for (int q = 0; q < 4; ++q) vmm_store(cp + q * CHW + px[j].i, p[q][j]);
+                    for (int q = 0; q < 4; ++q) vmm_store(cp + q * CHW + px[j].i, p[j][q]);
                 }
             }
             if (it == next_ckpt) {  // a counter, not it % seg: 64-bit division costs as much as a step
@@ -221,7 +292,7 @@ __global__ void __launch_bounds__(TVL1_PLANE_THREADS)
         for (int j = 0; j < PPT; ++j) {
             if (!px[j].valid) continue;
             #pragma unroll
-            for (int m = 0; m < 2; ++m) vmm_store(u_out + u_base + m * CHW + px[j].i, u[m][j]);
+            for (int m = 0; m < 2; ++m) vmm_store(u_out + u_base + m * CHW + px[j].i, u[j][m]);
         }
     }
 }
@@ -271,9 +342,9 @@ __global__ void __launch_bounds__(TVL1_PLANE_THREADS, 1)
         const tvl1_taps<A> k = tvl1_load_taps(st, c);
         const vmm_i64 g_base = bc * hw, u_base = (bc + b * C) * hw, p_base = (bc + 3 * b * C) * hw;
         tvl1_pixel px[PPT];
-        A g1[PPT], g2[PPT], rc[PPT], grad[PPT], inv_grad[PPT];
+        tvl1_plane_image<A> im[PPT];
         A ubar[2][PPT], pbar[4][PPT], U[2][PPT], g1bar[PPT], g2bar[PPT], rhobar_sum[PPT];
-        A u[2][PPT], p[4][PPT];  // the state being recomputed (own pixels)
+        A u[PPT][2], p[PPT][4];  // the state being recomputed (own pixels)
         A sum[ACC_ROWS];
         #pragma unroll
         for (int a = 0; a < ACC_ROWS; ++a) sum[a] = (A)0;
@@ -282,11 +353,7 @@ __global__ void __launch_bounds__(TVL1_PLANE_THREADS, 1)
             px[j] = tvl1_make_pixel(t + j * nt, Hi, Wi);
             if (!px[j].valid) continue;
             const int i = px[j].i;
-            g1[j] = vmm_load(gx, g_base + i);
-            g2[j] = vmm_load(gy, g_base + i);
-            rc[j] = vmm_load(rho_c, g_base + i);
-            grad[j] = g1[j] * g1[j] + g2[j] * g2[j] + eps;
-            inv_grad[j] = (A)1 / grad[j];
+            im[j] = tvl1_plane_load_image(gx, gy, rho_c, g_base + i);
             #pragma unroll
             for (int m = 0; m < 2; ++m) ubar[m][j] = vmm_load(grad_u, u_base + m * CHW + i);
             #pragma unroll
@@ -305,13 +372,13 @@ __global__ void __launch_bounds__(TVL1_PLANE_THREADS, 1)
                 const vmm_i64 slot = si - 1;
                 #pragma unroll
                 for (int m = 0; m < 2; ++m) {
-                    u[m][j] = si == 0 ? (A)0 : vmm_load(ckpt_u, slot * B * 2 * CHW + u_base + m * CHW + i);
-                    vmm_store(sc + m * hw + i, u[m][j]);
+                    u[j][m] = si == 0 ? (A)0 : vmm_load(ckpt_u, slot * B * 2 * CHW + u_base + m * CHW + i);
+                    vmm_store(sc + m * hw + i, u[j][m]);
                 }
                 #pragma unroll
                 for (int q = 0; q < 4; ++q) {
-                    p[q][j] = si == 0 ? (A)0 : vmm_load(ckpt_p, slot * B * 4 * CHW + p_base + q * CHW + i);
-                    vmm_store(sc + (2 + q) * hw + i, p[q][j]);
+                    p[j][q] = si == 0 ? (A)0 : vmm_load(ckpt_p, slot * B * 4 * CHW + p_base + q * CHW + i);
+                    vmm_store(sc + (2 + q) * hw + i, p[j][q]);
                 }
             }
             __syncthreads();
@@ -321,20 +388,17 @@ __global__ void __launch_bounds__(TVL1_PLANE_THREADS, 1)
             for (vmm_i64 s = 1; s <= primal_steps; ++s) {
                 T* prev = sc + (s - 1) * 6 * hw;
                 T* cur = sc + s * 6 * hw;
+                // The neighbours' values, as the steps read them (map m at pixel i + d).
+                const auto p_at = [&](int m, int i, int d) -> A { return vmm_load(prev, (2 + m) * hw + i + d); };
+                const auto u_at = [&](int m, int i, int d) -> A { return vmm_load(cur, m * hw + i + d); };
                 #pragma unroll
                 for (int j = 0; j < PPT; ++j) {
                     if (!px[j].valid) continue;
-                    const int i = px[j].i;
-                    const A rho = rc[j] + g1[j] * u[0][j] + g2[j] * u[1][j];
-                    const A coef = tvl1_coef_r(rho, grad[j], inv_grad[j], lt);
-                    const A g[2] = {g1[j], g2[j]};
+                    const A coef = tvl1_plane_primal_coef(im[j], u[j], lt);
                     #pragma unroll
                     for (int m = 0; m < 2; ++m) {
-                        const A a_left = px[j].left ? vmm_load(prev, (2 + 2 * m) * hw + i - 1) : (A)0;
-                        const A b_up = px[j].up ? vmm_load(prev, (3 + 2 * m) * hw + i - Wi) : (A)0;
-                        const A div = tvl1_plane_div(k, px[j], a_left, p[2 * m][j], b_up, p[2 * m + 1][j]);
-                        u[m][j] = u[m][j] + coef * g[m] + theta * div;
-                        vmm_store(cur + m * hw + i, u[m][j]);
+                        u[j][m] = tvl1_plane_primal_u(k, px[j], Wi, im[j], coef, theta, m, u[j][m], p[j], p_at);
+                        vmm_store(cur + m * hw + px[j].i, u[j][m]);
                     }
                 }
                 __syncthreads();
@@ -342,17 +406,11 @@ __global__ void __launch_bounds__(TVL1_PLANE_THREADS, 1)
                 #pragma unroll
                 for (int j = 0; j < PPT; ++j) {
                     if (!px[j].valid) continue;
-                    const int i = px[j].i;
                     #pragma unroll
                     for (int m = 0; m < 2; ++m) {
-                        const A z = u[m][j];
-                        const A zx = px[j].right ? k.fx0 * z + k.fx1 * vmm_load(cur, m * hw + i + 1) : (A)0;
-                        const A zy = px[j].down ? k.fy0 * z + k.fy1 * vmm_load(cur, m * hw + i + Wi) : (A)0;
-                        const A inv_s = (A)1 / (1 + r * tvl1_sqrt(zx * zx + zy * zy + eps));
-                        p[2 * m][j] = (p[2 * m][j] + r * zx) * inv_s;
-                        p[2 * m + 1][j] = (p[2 * m + 1][j] + r * zy) * inv_s;
-                        vmm_store(cur + (2 + 2 * m) * hw + i, p[2 * m][j]);
-                        vmm_store(cur + (3 + 2 * m) * hw + i, p[2 * m + 1][j]);
+                        tvl1_plane_dual_step(k, px[j], Wi, r, m, u[j][m], p[j], u_at);
+                        vmm_store(cur + (2 + 2 * m) * hw + px[j].i, p[j][2 * m]);
+                        vmm_store(cur + (3 + 2 * m) * hw + px[j].i, p[j][2 * m + 1]);
                     }
                 }
                 __syncthreads();
@@ -374,13 +432,11 @@ __global__ void __launch_bounds__(TVL1_PLANE_THREADS, 1)
                             const A z = vmm_load(cur, m * hw + i);
                             const A z_right = px[j].right ? vmm_load(cur, m * hw + i + 1) : (A)0;
                             const A z_down = px[j].down ? vmm_load(cur, m * hw + i + Wi) : (A)0;
-                            const A zx = px[j].right ? k.fx0 * z + k.fx1 * z_right : (A)0;
-                            const A zy = px[j].down ? k.fy0 * z + k.fy1 * z_down : (A)0;
-                            const A n = tvl1_sqrt(zx * zx + zy * zy + eps);
-                            const A inv_n = (A)1 / n;
-                            const A inv_s = (A)1 / (1 + r * n);
-                            const A pa = (vmm_load(prev, (2 + 2 * m) * hw + i) + r * zx) * inv_s;
-                            const A pb = (vmm_load(prev, (3 + 2 * m) * hw + i) + r * zy) * inv_s;
+                            const tvl1_plane_dual_terms<A> d = tvl1_plane_dual_terms_at(
+                                k, px[j], r, z, [&] { return z_right; }, [&] { return z_down; });
+                            const A zx = d.zx, zy = d.zy, n = d.n, inv_n = d.inv_n, inv_s = d.inv_s;
+                            const A pa = tvl1_plane_dual_p(vmm_load(prev, (2 + 2 * m) * hw + i), r, zx, inv_s);
+                            const A pb = tvl1_plane_dual_p(vmm_load(prev, (3 + 2 * m) * hw + i), r, zy, inv_s);
                             const A ba = pbar[2 * m][j], bb = pbar[2 * m + 1][j];
                             // p_new = (p_old + r z') / s, s = 1 + r n: dp_new/ds = -p_new / s, ds/dz' = r z' / n.
                             const A qs = ba * pa + bb * pb;
@@ -446,29 +502,30 @@ __global__ void __launch_bounds__(TVL1_PLANE_THREADS, 1)
                     // The threshold step v(rho(u_{k-1})); coef as in tvl1_coef_r, whose "+ rho * 0" (NaN
                     // policy) adds rhobar += 0 * coefbar in every branch.
                     const A u1 = vmm_load(prev, i), u2 = vmm_load(prev, hw + i);
-                    const A rho = rc[j] + g1[j] * u1 + g2[j] * u2;
-                    const A coefbar = U[0][j] * g1[j] + U[1][j] * g2[j];
+                    const tvl1_plane_image<A>& g = im[j];
+                    const A rho = g.rc + g.g1 * u1 + g.g2 * u2;
+                    const A coefbar = U[0][j] * g.g1 + U[1][j] * g.g2;
                     const A nan_of_rho = rho * (A)0;
                     A coef, rhobar = coefbar * (A)0, gradbar = 0;
-                    if (rho < -(lt * grad[j])) {  // coef = lt
+                    if (rho < -(lt * g.grad)) {  // coef = lt
                         coef = lt + nan_of_rho;
                         sum[ACC_LT] += coefbar;
-                    } else if (rho > lt * grad[j]) {  // coef = -lt
+                    } else if (rho > lt * g.grad) {  // coef = -lt
                         coef = -lt + nan_of_rho;
                         sum[ACC_LT] -= coefbar;
-                    } else if (grad[j] <= eps) {  // flat image: coef = 0
+                    } else if (g.grad <= eps) {  // flat image: coef = 0
                         coef = (A)0 + nan_of_rho;
                     } else {  // coef = -rho / grad (also where rho or grad is NaN)
-                        const A step = -rho * inv_grad[j];
+                        const A step = -rho * g.inv_grad;
                         coef = step + nan_of_rho;
-                        rhobar += -coefbar * inv_grad[j];
-                        gradbar = -step * coefbar * inv_grad[j];  // d step / d grad = rho / grad^2
+                        rhobar += -coefbar * g.inv_grad;
+                        gradbar = -step * coefbar * g.inv_grad;  // d step / d grad = rho / grad^2
                     }
-                    g1bar[j] += coef * U[0][j] + 2 * g1[j] * gradbar + rhobar * u1;
-                    g2bar[j] += coef * U[1][j] + 2 * g2[j] * gradbar + rhobar * u2;
+                    g1bar[j] += coef * U[0][j] + 2 * g.g1 * gradbar + rhobar * u1;
+                    g2bar[j] += coef * U[1][j] + 2 * g.g2 * gradbar + rhobar * u2;
                     rhobar_sum[j] += rhobar;
-                    ubar[0][j] = U[0][j] + rhobar * g1[j];
-                    ubar[1][j] = U[1][j] + rhobar * g2[j];
+                    ubar[0][j] = U[0][j] + rhobar * g.g1;
+                    ubar[1][j] = U[1][j] + rhobar * g.g2;
                 }
                 // No barrier here: the next writes to sh_g come after every read of sh_g (before the
                 // barrier above), and the next writes to sh_U after the next iteration's first barrier.
