@@ -101,7 +101,23 @@ print("device", p.name, f"{p.total_memory / 2**30:.0f} GiB", "x", torch.cuda.dev
 '
 command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >>"$results" 2>&1
 
-run_step "GPU tests (pytest -m gpu)" 150 pytest "$py" -m pytest -m gpu -q -rs -p no:cacheprovider tests
+run_step "GPU tests (pytest -m gpu)" 240 pytest "$py" -m pytest -m gpu -q -rs -p no:cacheprovider tests
+
+for dtype in float32 float16; do
+    run_step "bench_sifa $dtype, N 8 and 32, fast and simple kernels" 75 - \
+        bash -c 'cd benchmarks && exec "$0" bench_sifa.py --gpu-only --require-cuda --dtype "$1" --clips 8 32' "$py" "$dtype"
+done
+
+for dtype in float32 float16; do
+    for clips in 8 32; do
+        # The issue's target shapes (28² and 14², T = 16, n_iter 10 and 20); fewer rounds at batch 32.
+        iters=10
+        [ "$clips" -eq 32 ] && iters=5
+        run_step "bench_flow $dtype, N $clips, fast and simple kernels" 75 - \
+            bash -c 'cd benchmarks && exec "$0" bench_flow.py --gpu-only --require-cuda --dtype "$1" --clips "$2" \
+                --iters "$3" --warmup 2 --frames 16 --sizes 28 14 --n-iter 10 20' "$py" "$dtype" "$clips" "$iters"
+    done
+done
 
 # compute-sanitizer over every kernel path on tiny shapes (benchmarks/sanitize_kernels.py): shared-memory
 # races, barrier / warp-mask misuse and out-of-bounds accesses — what host emulation cannot prove. Runs
@@ -120,22 +136,6 @@ else
             "$py" benchmarks/sanitize_kernels.py
     done
 fi
-
-for dtype in float32 float16; do
-    run_step "bench_sifa $dtype, N 8 and 32, fast and simple kernels" 75 - \
-        bash -c 'cd benchmarks && exec "$0" bench_sifa.py --gpu-only --require-cuda --dtype "$1" --clips 8 32' "$py" "$dtype"
-done
-
-for dtype in float32 float16; do
-    for clips in 8 32; do
-        # The issue's target shapes (28² and 14², T = 16, n_iter 10 and 20); fewer rounds at batch 32.
-        iters=10
-        [ "$clips" -eq 32 ] && iters=5
-        run_step "bench_flow $dtype, N $clips, fast and simple kernels" 75 - \
-            bash -c 'cd benchmarks && exec "$0" bench_flow.py --gpu-only --require-cuda --dtype "$1" --clips "$2" \
-                --iters "$3" --warmup 2 --frames 16 --sizes 28 14 --n-iter 10 20' "$py" "$dtype" "$clips" "$iters"
-    done
-done
 
 run_step "per-kernel profile (profile_ops.py)" 75 - \
     bash -c 'cd benchmarks && exec "$0" profile_ops.py --dtypes float32 float16' "$py"
