@@ -10,7 +10,15 @@ import torch
 from torch import Tensor
 
 from ..kernel_loader import use_kernels
-from ..validation import FLOAT_DTYPES, OpArgumentError, OpDeviceError, OpDtypeError, OpShapeError, compute_dtype
+from ..validation import (
+    FLOAT_DTYPES,
+    OpArgumentError,
+    OpDeviceError,
+    OpDtypeError,
+    OpShapeError,
+    check_int,
+    compute_dtype,
+)
 from .kernels import tvl1_fused
 from .reference import tvl1_reference
 
@@ -130,8 +138,7 @@ def tvl1_flow(
     """
     _check_images(i0, i1)
     kernels = use_kernels(backend, i0)
-    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
-        raise OpArgumentError(f"n_iter must be an int >= 1, got {n_iter!r}")
+    check_int("n_iter", n_iter, minimum=1)
     dtype = compute_dtype(i0.dtype)
     theta = _check_scalar("theta", theta, i0, dtype)
     lam = _check_scalar("lam", lam, i0, dtype)

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from ..kernel_loader import KernelSource, kernel_variant
 from ..library import CUSTOM_OPS, check_kernel_device
-from ..validation import OpArgumentError
+from ..validation import check_int
 from .reference import EPS, image_gradient
 
 TVL1_SOURCE = KernelSource("tvl1.cu", ("tvl1_primal", "tvl1_dual", "tvl1_iter", "tvl1_dual_adj", "tvl1_primal_adj"))
@@ -296,13 +296,6 @@ def _parameter_gradients(sums: Tensor, params: Tensor, st: Tensor) -> tuple[Tens
     return grad_params, grad_st
 
 
-def _check_n_iter(n_iter: int) -> None:
-    # tvl1_flow validates n_iter; the ops check it too, since the simple forward would run one step
-    # for n_iter 0 where the fast one runs none.
-    if n_iter < 1:
-        raise OpArgumentError(f"n_iter must be >= 1, got {n_iter}")
-
-
 def checkpoint_steps(n_iter: int) -> list[int]:
     """The iterations k after which the forward keeps the state (u_k, p_k) for the backward: every
     :func:`segment_length` iterations, excluding 0 (the zero state) and n_iter (never needed)."""
@@ -317,7 +310,9 @@ def tvl1_forward(
     checkpoints being the states after the iterations of :func:`checkpoint_steps` (S = 0 unless
     ``keep``). The launches write the checkpoints straight into their slots (no copy); ``u`` never
     aliases them. The kernels: :func:`tvl1_path`."""
-    _check_n_iter(n_iter)
+    # tvl1_flow validates n_iter; the ops check it too: the simple forward would run one step for n_iter 0
+    # where the fast one runs none.
+    check_int("n_iter", n_iter, minimum=1)
     steps = checkpoint_steps(n_iter) if keep else []
     if tvl1_path(gx.dtype, gx.shape[2], gx.shape[3]) == "plane":
         return _plane_forward(gx, gy, rho_c, params, st, n_iter, steps)
@@ -359,7 +354,7 @@ def tvl1_backward(
     """(d gx, d gy, d rho_c, d params, d st) of :func:`tvl1_forward` (run with ``keep``) from d u: the
     adjoint of each iteration in reverse, each state recomputed from its segment's checkpoint. The
     kernels: :func:`tvl1_path`."""
-    _check_n_iter(n_iter)
+    check_int("n_iter", n_iter, minimum=1)  # as in tvl1_forward
     if tvl1_path(gx.dtype, gx.shape[2], gx.shape[3]) == "plane":
         return _plane_backward(grad_u, gx, gy, rho_c, params, st, ckpt_u, ckpt_p, n_iter)
     path_counts["backward:simple"] += 1

@@ -8,7 +8,15 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..validation import OpArgumentError, OpDtypeError, OpShapeError, check_backend, check_bool, check_input_dtype
+from ..validation import (
+    OpArgumentError,
+    OpDtypeError,
+    OpShapeError,
+    check_backend,
+    check_bool,
+    check_input_dtype,
+    check_int,
+)
 from .functional import DEFAULT_TAPS, tvl1_flow
 
 #: Guards the per-sample normalisation's division when a sample is constant (max == min).
@@ -112,8 +120,7 @@ class FlowLayer(nn.Module):
     ) -> None:
         super().__init__()
         self.channels = _check_channels("channels", channels)
-        if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
-            raise OpArgumentError(f"n_iter must be an int >= 1, got {n_iter!r}")
+        check_int("n_iter", n_iter, minimum=1)
         flags = resolve_learn_flags(
             "FlowLayer",
             learnable,
