@@ -655,6 +655,25 @@ if CUSTOM_OPS:
             for n, x in zip(needs, inputs, strict=True)
         )
 
+    def _real_or_placeholder(grads: Grads, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return tuple(placeholder(x) if g is None else g for g, x in zip(grads, inputs, strict=True))
+
+    def _save_inputs_and_window(ctx, inputs, output) -> None:
+        # (three tensors, kernel_size, dilation, groups): the inputs of deform_correlation / deform_aggregation
+        *tensors, kernel_size, dilation, groups = inputs
+        ctx.save_for_backward(*tensors)
+        ctx.window = (kernel_size, dilation, groups)
+
+    def _grad_through(backward_op):
+        """The autograd formula of a three-input op whose backward is the custom op ``backward_op``."""
+
+        def grad(ctx, grad_output):
+            needs = [bool(n) for n in ctx.needs_input_grad[:3]]
+            grads = backward_op(grad_output, *ctx.saved_tensors, *ctx.window, needs)
+            return (*(needed(g, n) for g, n in zip(grads, needs, strict=True)), None, None, None)
+
+        return grad
+
     @torch.library.custom_op(
         "vmm::deform_correlation",
         mutates_args=(),
@@ -694,24 +713,15 @@ if CUSTOM_OPS:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         check_kernel_device("deform_correlation_backward", query)
         grads = correlation_backward(grad_attn, query, key, offset, kernel_size, dilation, groups, tuple(needs))
-        return tuple(placeholder(x) if g is None else g for g, x in zip(grads, (query, key, offset), strict=True))
+        return _real_or_placeholder(grads, (query, key, offset))
 
     @_correlation_backward_op.register_fake
     def _(grad_attn, query, key, offset, kernel_size, dilation, groups, needs):
         return _fake_grads(needs, (query, key, offset))
 
-    def _correlation_setup(ctx, inputs, output) -> None:
-        query, key, offset, kernel_size, dilation, groups = inputs
-        ctx.save_for_backward(query, key, offset)
-        ctx.window = (kernel_size, dilation, groups)
-
-    def _correlation_grad(ctx, grad_attn):
-        query, key, offset = ctx.saved_tensors
-        needs = [bool(n) for n in ctx.needs_input_grad[:3]]
-        grads = torch.ops.vmm.deform_correlation_backward(grad_attn, query, key, offset, *ctx.window, needs)
-        return (*(needed(g, n) for g, n in zip(grads, needs, strict=True)), None, None, None)
-
-    _correlation_op.register_autograd(_correlation_grad, setup_context=_correlation_setup)
+    _correlation_op.register_autograd(
+        _grad_through(torch.ops.vmm.deform_correlation_backward), setup_context=_save_inputs_and_window
+    )
 
     @torch.library.custom_op(
         "vmm::deform_aggregation",
@@ -750,24 +760,15 @@ if CUSTOM_OPS:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         check_kernel_device("deform_aggregation_backward", value)
         grads = aggregation_backward(grad_out, value, attn, offset, kernel_size, dilation, groups, tuple(needs))
-        return tuple(placeholder(x) if g is None else g for g, x in zip(grads, (value, attn, offset), strict=True))
+        return _real_or_placeholder(grads, (value, attn, offset))
 
     @_aggregation_backward_op.register_fake
     def _(grad_out, value, attn, offset, kernel_size, dilation, groups, needs):
         return _fake_grads(needs, (value, attn, offset))
 
-    def _aggregation_setup(ctx, inputs, output) -> None:
-        value, attn, offset, kernel_size, dilation, groups = inputs
-        ctx.save_for_backward(value, attn, offset)
-        ctx.window = (kernel_size, dilation, groups)
-
-    def _aggregation_grad(ctx, grad_out):
-        value, attn, offset = ctx.saved_tensors
-        needs = [bool(n) for n in ctx.needs_input_grad[:3]]
-        grads = torch.ops.vmm.deform_aggregation_backward(grad_out, value, attn, offset, *ctx.window, needs)
-        return (*(needed(g, n) for g, n in zip(grads, needs, strict=True)), None, None, None)
-
-    _aggregation_op.register_autograd(_aggregation_grad, setup_context=_aggregation_setup)
+    _aggregation_op.register_autograd(
+        _grad_through(torch.ops.vmm.deform_aggregation_backward), setup_context=_save_inputs_and_window
+    )
 
     @torch.library.custom_op(
         "vmm::deform_attention",
@@ -814,7 +815,7 @@ if CUSTOM_OPS:
         check_kernel_device("deform_attention_backward", query)
         window = (kernel_size, dilation, groups, tuple(needs))
         grads = attention_backward(grad_out, grad_attn, query, kv, offset, attn, *window)
-        return tuple(placeholder(x) if g is None else g for g, x in zip(grads, (query, kv, offset), strict=True))
+        return _real_or_placeholder(grads, (query, kv, offset))
 
     @_attention_backward_op.register_fake
     def _(grad_out, grad_attn, query, kv, offset, attn, kernel_size, dilation, groups, needs):
