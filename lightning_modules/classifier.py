@@ -323,10 +323,8 @@ class VideoClassifier(pl.LightningModule):
             if self._step_start is None or self._step_end is None:
                 return
             now = time.perf_counter()
-            wait = max(0.0, self._step_start - self._step_end)
-            step = max(0.0, now - self._step_start)
+            share = _wait_share(self._step_start - self._step_end, now - self._step_start)
             self._step_end = now
-            share = wait / max(wait + step, 1e-12)
         # A CPU tensor: `self.log` turns a Python number into a tensor on the module's device, a
         # blocking host-to-device copy on CUDA.
         self.log("train/data_time", torch.tensor(share), on_step=True, on_epoch=False, batch_size=1)
@@ -637,6 +635,13 @@ class _TimingEvent(Protocol):
     def elapsed_time(self, end_event: Any) -> float: ...
 
 
+def _wait_share(wait: float, step: float) -> float:
+    """`train/data_time` of one step: the wait for its input over wait + step, in [0, 1] (negative clock
+    differences count as 0)."""
+    wait, step = max(0.0, wait), max(0.0, step)
+    return wait / max(wait + step, 1e-12)
+
+
 class _StepEventQueue:
     """`train/data_time` of steps timed by device events, read without ever blocking the host.
 
@@ -688,9 +693,7 @@ class _StepEventQueue:
         if newest is None:
             return None
         previous_end, start, end = newest
-        idle = max(0.0, previous_end.elapsed_time(start))
-        step = max(0.0, start.elapsed_time(end))
-        return idle / max(idle + step, 1e-12)
+        return _wait_share(previous_end.elapsed_time(start), start.elapsed_time(end))
 
     def __getstate__(self) -> dict[str, Any]:
         return {"capacity": self.capacity}
