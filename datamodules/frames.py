@@ -48,6 +48,28 @@ DEFAULT_TEMPLATE = "img_{:05d}.jpg"
 # swscale resize; after DCT scaling the remaining factor is at most 2, where bilinear is enough.
 _RESAMPLE = Image.Resampling.BILINEAR
 _IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+# Pillow's convert("RGB") clips these at 255 instead of scaling them.
+_GREY_16 = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _check_mode(im: Image.Image) -> None:
+    """Refuse images whose bit depth `_to_rgb` cannot map to 8 bits (ValueError, a decode error)."""
+    if im.mode == "F" or im.mode.startswith("I;32") or im.mode.startswith("F;"):
+        raise ValueError(f"mode {im.mode} (floating-point or 32-bit) images are not supported; expected 8- or 16-bit")
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """`im` as 8-bit RGB; 16-bit grey keeps its high byte (mode I, as older Pillow opens 16-bit
+    PNGs, must hold values in [0, 65535])."""
+    _check_mode(im)
+    if im.mode in _GREY_16 or im.mode == "I":
+        values = np.asarray(im)
+        if im.mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(
+                f"mode I image with values in [{values.min()}, {values.max()}]; expected 16-bit values in [0, 65535]"
+            )
+        return Image.fromarray((values.astype(np.uint32) >> 8).astype(np.uint8)).convert("RGB")
+    return im.convert("RGB")
 
 
 def check_template(template: str, start_index: int = 1) -> str:
@@ -266,7 +288,7 @@ class FrameFolderReader:
                     # JPEG: decode at the smallest DCT scale (1, 1/2, 1/4, 1/8) still >= (w, h);
                     # other formats ignore the request.
                     im.draft("RGB", (w, h))
-                rgb = im.convert("RGB")
+                rgb = _to_rgb(im)
                 if rgb.size != (w, h):
                     rgb = rgb.resize((w, h), _RESAMPLE)
                 return np.asarray(rgb, dtype=np.uint8)
@@ -317,6 +339,7 @@ def probe_frame_folder(record: FrameRecord) -> dict:
                 # The whole entropy-coded stream is still read at 1/8 scale: truncation is found, faster.
                 im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
                 im.load()
+                _to_rgb(im)
         except FileNotFoundError:
             raise VideoDecodeError(record.path, f"frame file missing: {os.path.basename(file)}") from None
         except _IMAGE_ERRORS as exc:

@@ -13,7 +13,7 @@ from PIL import Image
 
 from datamodules import ClipSettings, ClipTransform, VideoClipDataset, VideoDecodeError
 from datamodules.decode import VideoReader
-from datamodules.frames import FrameFolderReader, FrameRecord, check_template, frame_index
+from datamodules.frames import FrameFolderReader, FrameRecord, check_template, frame_index, probe_frame_folder
 
 CLIP = "h264_340x256.mp4"
 
@@ -232,3 +232,47 @@ def test_frame_count_ignores_names_the_template_would_not_write(tmp_path):
     write_jpeg_folder(tmp_path, frames)  # img_00001.jpg .. img_00003.jpg
     Image.new("RGB", (8, 8)).save(tmp_path / "img_9.jpg")  # not zero-padded: not a frame of img_{:05d}.jpg
     assert frame_index(tmp_path).num_frames == 3
+
+
+def test_16_bit_frames_are_scaled_to_8_bit_and_float_frames_refused(tmp_path):
+    ramp = (np.arange(16 * 24, dtype=np.uint32).reshape(16, 24) * 170).astype(np.uint16)  # 0..65110
+    want = np.repeat((ramp >> 8).astype(np.uint8)[..., None], 3, axis=-1)
+    png = tmp_path / "png16"
+    png.mkdir()
+    for i in range(2):
+        Image.fromarray(ramp).save(png / f"img_{i + 1:05d}.png")
+    with Image.open(png / "img_00001.png") as im:
+        assert im.mode == "I;16"
+    got = FrameFolderReader(png, index=frame_index(png, "img_{:05d}.png")).decode([1, 0])
+    np.testing.assert_array_equal(got[0], want)
+    tif = tmp_path / "tif32"  # 16-bit data in Pillow's 32-bit integer mode, as older Pillow opens 16-bit PNGs
+    tif.mkdir()
+    Image.fromarray(ramp.astype(np.int32)).save(tif / "img_00001.tif")
+    with Image.open(tif / "img_00001.tif") as im:
+        assert im.mode == "I"
+    got = FrameFolderReader(tif, index=frame_index(tif, "img_{:05d}.tif")).decode([0])
+    np.testing.assert_array_equal(got[0], want)
+    Image.fromarray(np.full((16, 24), 70000, np.int32)).save(tif / "img_00001.tif")
+    with pytest.raises(VideoDecodeError, match=r"unreadable frame img_00001.tif: .*mode I .*\[0, 65535\]"):
+        FrameFolderReader(tif, index=frame_index(tif, "img_{:05d}.tif")).decode([0])
+    Image.fromarray(ramp.astype(np.float32)).save(tif / "img_00001.tif")
+    with pytest.raises(VideoDecodeError, match=r"unreadable frame img_00001.tif: .*mode F"):
+        FrameFolderReader(tif, index=frame_index(tif, "img_{:05d}.tif")).decode([0])
+    with pytest.raises(VideoDecodeError, match=r"unreadable frame img_00001.tif: .*mode F"):
+        probe_frame_folder(FrameRecord(str(tif), 0, template="img_{:05d}.tif"))  # vmm check-data
+
+
+def test_16_bit_video_decodes_to_scaled_8_bit(tmp_path):
+    import av
+
+    ramp = (np.arange(16 * 24, dtype=np.uint32).reshape(16, 24) * 170).astype(np.uint16)
+    path = tmp_path / "gray16.mkv"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("ffv1", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 24, 16, "gray16le"
+        for _ in range(3):
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(ramp, format="gray16le")))
+        out.mux(stream.encode())
+    with VideoReader(path) as reader:
+        got = reader.decode([0, 2], short_side=None)
+    assert np.abs(got[1].astype(np.int16) - (ramp >> 8)[..., None]).max() <= 1  # swscale rounds, no saturation
