@@ -201,6 +201,8 @@ def clean_list_files(dm: VideoDataModule, splits: Sequence[str], path: str | os.
     beside `path` (clean.txt -> clean_train.txt). Raises ValueError (naming `write_clean_list`)
     when the path is a folder, or when a split has entries a list cannot hold (time windows of
     untrimmed videos) -- before anything is decoded."""
+    from lightning_modules.io import write_target  # the writer's own check (see write_clean_lists)
+
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"write_clean_list: expected a file path, got the existing folder {str(path)!r}")
@@ -208,13 +210,18 @@ def clean_list_files(dm: VideoDataModule, splits: Sequence[str], path: str | os.
     for split in dict.fromkeys(splits):
         if not dm.has_split(split):
             continue
+        file = path.with_name(f"{path.stem}_{split}{path.suffix}")
+        try:
+            write_target(file)
+        except ValueError as exc:
+            raise ValueError(f"write_clean_list: {exc}") from None
         windowed = [r.path for r in dm.records(split) if r.start is not None or r.end is not None]
         if windowed:
             raise ValueError(
                 f"write_clean_list: the {split!r} split has {len(windowed)} entries with a time window (untrimmed "
                 f"videos, e.g. {windowed[0]}); a path-label list cannot hold them. Trim the videos first"
             )
-        files[split] = path.with_name(f"{path.stem}_{split}{path.suffix}")
+        files[split] = file
     return files
 
 
@@ -229,6 +236,10 @@ def write_clean_lists(dm: VideoDataModule, report: DataCheckReport, path: str | 
     datamodule's class ids; `class_names` of the original layout still apply. Unlabelled splits
     (label -1, e.g. Something-Something's test split) are not written: no list reader takes them.
     """
+    # The CLI's atomic writer (symlinks written through, devices refused); imported here, not at
+    # module level, so the data stack alone does not load Lightning.
+    from lightning_modules.io import atomic_write_text
+
     files = clean_list_files(dm, list(report.splits), path)
     written = []
     for split, file in files.items():
@@ -250,9 +261,7 @@ def write_clean_lists(dm: VideoDataModule, report: DataCheckReport, path: str | 
             else:
                 lines.append(f"{where} {r.label}\n")
         file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_name(f".{file.name}.tmp")
-        tmp.write_text("".join(lines), encoding="utf-8")
-        os.replace(tmp, file)  # a reader never sees half a list
+        atomic_write_text(file, "".join(lines))  # a reader never sees half a list
         written.append(file)
     return written
 

@@ -3,7 +3,9 @@
 Atomic writes: every report and checkpoint is written to a temporary file in the target's own
 directory, flushed to disk, then renamed over the target (`os.replace`, atomic on one file
 system). A failed write (disk full, a signal, an error while serialising) removes the temporary
-file and leaves an older file of that name untouched; readers never see a truncated file.
+file and leaves an older file of that name untouched; readers never see a truncated file. A
+symlink is written through (its resolved target is replaced, the link stays); an existing path
+that is not a regular file (a device, a FIFO, a socket) is refused, never replaced by a file.
 
 Safe loads: checkpoints and weight files are user input, and unpickling runs code. They are read
 with `torch.load(weights_only=True)`, which only rebuilds tensors and plain containers; anything
@@ -17,6 +19,7 @@ import json
 import math
 import os
 import re
+import stat
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
@@ -37,6 +40,7 @@ __all__ = [
     "load_checkpoint_file",
     "load_vmm_checkpoint",
     "to_json_safe",
+    "write_target",
 ]
 
 # Globals a vmm checkpoint may hold beyond tensors and plain containers. Checkpoints written by
@@ -53,13 +57,44 @@ def _umask() -> int:
 _FILE_MODE = 0o666 & ~_umask()  # what open() would have created; mkstemp makes 0600
 
 
+_KINDS = (
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+    (stat.S_ISFIFO, "FIFO"),
+    (stat.S_ISSOCK, "socket"),
+)
+
+
+def write_target(path: str | os.PathLike) -> Path:
+    """The file a write to `path` must replace: `path`, or a symlink's resolved target (a rename
+    over the link would replace the link itself).
+
+    Raises IsADirectoryError for a directory and ValueError for any other existing path that is
+    not a regular file, naming `path` and what it is.
+    """
+    path = Path(path)
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    try:
+        mode = os.stat(target).st_mode
+    except FileNotFoundError:
+        return target
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(f"cannot write {path}: it is a directory")
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KINDS if test(mode)), "special file")
+        via = f" (via the symlink to {target})" if target != path else ""
+        raise ValueError(f"cannot write {path}: it is a {kind}{via}; expected a regular file or a new path")
+    return target
+
+
 @contextlib.contextmanager
 def atomic_writer(path: str | os.PathLike, mode: str = "w", encoding: str = "utf-8") -> Iterator[IO]:
     """Open a temporary file next to `path` for writing; on success it replaces `path` atomically.
 
     Args:
-        path: the file to (re)write. Its directory must exist; an existing directory of that name
-            is an error (IsADirectoryError) before anything is written.
+        path: the file to (re)write. Its directory must exist. A symlink is written through to its
+            target (see `write_target`); an existing directory (IsADirectoryError) or other
+            non-regular file (ValueError) is refused before anything is written.
         mode: "w" (text) or "wb" (binary).
         encoding: text encoding for mode "w".
 
@@ -68,9 +103,7 @@ def atomic_writer(path: str | os.PathLike, mode: str = "w", encoding: str = "utf
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"cannot write {path}: it is a directory")
+    path = write_target(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
@@ -123,19 +156,24 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 def check_writable_file(path: str | os.PathLike, argument: str) -> Path:
     """Fail early (before any inference) when `path` cannot be written as a file.
 
-    Creates missing parent directories, and probes the directory with a temporary file. Raises
-    ValueError naming `argument` when `path` is a directory or its directory is not writable.
+    Creates missing parent directories, and probes the directory the file will be written in (a
+    symlink's target's) with a temporary file. Raises ValueError naming `argument` when `path` is
+    a directory, a device, FIFO or socket, or its directory is not writable.
     """
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{argument} must be a file path, got the existing directory {str(path)!r}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path.parent):
+        target = write_target(path)
+    except ValueError as exc:
+        raise ValueError(f"{argument}: {exc}") from None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=target.parent):
             pass
     except OSError as exc:
         raise ValueError(
-            f"{argument}: cannot write {str(path)!r}: directory {str(path.parent)!r} is not writable "
+            f"{argument}: cannot write {str(path)!r}: directory {str(target.parent)!r} is not writable "
             f"({exc.strerror or exc})"
         ) from None
     return path

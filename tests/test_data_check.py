@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 
 import pytest
 
@@ -15,7 +16,8 @@ def _write_list(tmp_path, shared_videos):
     lst = tmp_path / "list.txt"
     lst.write_text(
         "kinetics_arm_wrestling.mp4 0\nh264_340x256.mp4 1\nmpeg4_320x240.avi 1\n"
-        f"{tmp_path / 'zero.mp4'} 0\n{tmp_path / 'missing.mp4'} 1\n"
+        f"{tmp_path / 'zero.mp4'} 0\n{tmp_path / 'missing.mp4'} 1\n",
+        encoding="utf-8",
     )
     return lst
 
@@ -45,7 +47,8 @@ def test_check_command_line_reads_the_data_section(tmp_path, shared_videos, caps
     cfg.write_text(
         "trainer:\n  max_epochs: 1\nmodel:\n  class_path: something.Else\n"
         f"data:\n  class_path: datamodules.VideoListDataModule\n  init_args:\n"
-        f"    root: {shared_videos}\n    train_list: {lst}\n    batch_size: 2\n"
+        f"    root: {shared_videos}\n    train_list: {lst}\n    batch_size: 2\n",
+        encoding="utf-8",
     )
     assert isinstance(load_datamodule(cfg), VideoListDataModule)
     # The `python -m datamodules.check` entry point, run in-process (a subprocess would spend
@@ -53,7 +56,7 @@ def test_check_command_line_reads_the_data_section(tmp_path, shared_videos, caps
     assert main(["--config", str(cfg), "--num-workers", "1"]) == 1  # unreadable files found
     printed = capsys.readouterr().out
     assert "train" in printed and "missing.mp4: file not found" in printed
-    (tmp_path / "bad.yaml").write_text("model: {}\n")
+    (tmp_path / "bad.yaml").write_text("model: {}\n", encoding="utf-8")
     with pytest.raises(ValueError, match="no 'data:' section"):
         load_datamodule(tmp_path / "bad.yaml")
 
@@ -62,9 +65,12 @@ def _shared_split_lists(tmp_path):
     """A train list and a test list that share two files; the test list also lists a zero-byte file."""
     (tmp_path / "zero.mp4").write_bytes(b"")
     train = tmp_path / "train.txt"
-    train.write_text("kinetics_arm_wrestling.mp4 0\nh264_340x256.mp4 1\nmpeg4_320x240.avi 1\n")
+    train.write_text("kinetics_arm_wrestling.mp4 0\nh264_340x256.mp4 1\nmpeg4_320x240.avi 1\n", encoding="utf-8")
     test = tmp_path / "test.txt"
-    test.write_text(f"h264_340x256.mp4 1\nmpeg4_320x240.avi 1\n{tmp_path / 'zero.mp4'} 0\n{tmp_path / 'gone.mp4'} 1\n")
+    test.write_text(
+        f"h264_340x256.mp4 1\nmpeg4_320x240.avi 1\n{tmp_path / 'zero.mp4'} 0\n{tmp_path / 'gone.mp4'} 1\n",
+        encoding="utf-8",
+    )
     return train, test
 
 
@@ -81,7 +87,7 @@ def test_files_shared_by_splits_are_decoded_once_and_clean_lists_drop_bad_entrie
     assert report.unusable == [(str(tmp_path / "gone.mp4"), "file not found")]
     written = write_clean_lists(dm, report, tmp_path / "out" / "clean.txt")
     assert [p.name for p in written] == ["clean_train.txt", "clean_val.txt", "clean_test.txt"]
-    assert (tmp_path / "out" / "clean_test.txt").read_text() == (
+    assert (tmp_path / "out" / "clean_test.txt").read_text(encoding="utf-8") == (
         f"{shared_videos / 'h264_340x256.mp4'} 1\n{shared_videos / 'mpeg4_320x240.avi'} 1\n"
     )
     # The clean lists are VideoListDataModule lists (absolute paths: any root) that check clean.
@@ -95,18 +101,26 @@ def test_clean_list_of_frame_folders_is_a_rawframe_list(tmp_path):
     from helpers.frames import write_jpeg_folder
 
     from datamodules import RawFrameListDataModule
-    from datamodules.check import write_clean_lists
+    from datamodules.check import clean_list_files, write_clean_lists
 
     frames = np.zeros((6, 16, 16, 3), dtype=np.uint8)
     write_jpeg_folder(tmp_path / "a", frames)
     write_jpeg_folder(tmp_path / "b", frames[:3])  # lists 6 frames, holds 3: unreadable
     lst = tmp_path / "frames.txt"
-    lst.write_text("a 6 0\nb 6 1\n")
+    lst.write_text("a 6 0\nb 6 1\n", encoding="utf-8")
     dm = RawFrameListDataModule(root=str(tmp_path), train_list=str(lst))
     report = check_datamodule(dm, num_workers=0, print_table=False)
     assert [p for p, _ in report.unreadable] == [str(tmp_path / "b")]
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "clean_train.txt").symlink_to(tmp_path / "lists" / "kept.txt")  # written through, kept
     (written,) = write_clean_lists(dm, report, tmp_path / "clean.txt")
-    assert written.read_text() == f"# frame_template: 'img_{{:05d}}.jpg'  frame_start_index: 1\n{tmp_path / 'a'} 6 0\n"
+    assert written.is_symlink()
+    assert (tmp_path / "lists" / "kept.txt").read_text(
+        encoding="utf-8"
+    ) == f"# frame_template: 'img_{{:05d}}.jpg'  frame_start_index: 1\n{tmp_path / 'a'} 6 0\n"
+    os.mkfifo(tmp_path / "fifo_train.txt")
+    with pytest.raises(ValueError, match=r"write_clean_list: cannot write .*fifo_train.txt: it is a FIFO"):
+        clean_list_files(dm, ["train"], tmp_path / "fifo.txt")
     assert RawFrameListDataModule(root="/", train_list=str(written)).records("train")[0].path == str(tmp_path / "a")
 
 
@@ -121,7 +135,7 @@ def test_clean_list_refuses_windowed_entries_and_folders(tmp_path, shared_videos
     # Untrimmed Kinetics: the CSV's [time_start, time_end) window is part of the entry.
     (tmp_path / "k400" / "annotations").mkdir(parents=True)
     (tmp_path / "k400" / "annotations" / "train.csv").write_text(
-        "label,youtube_id,time_start,time_end,split\narm wrestling,abc,1,4,train\n"
+        "label,youtube_id,time_start,time_end,split\narm wrestling,abc,1,4,train\n", encoding="utf-8"
     )
     (tmp_path / "k400" / "abc.mp4").symlink_to(shared_videos / "kinetics_arm_wrestling.mp4")
     kinetics = KineticsDataModule(root=str(tmp_path / "k400"))
