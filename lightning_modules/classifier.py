@@ -393,6 +393,21 @@ class VideoClassifier(pl.LightningModule):
                 f"test: no test video could be used ({res['excluded_videos']} failed to decode); the metrics "
                 "are undefined (null in test_results.json). Run `vmm check-data` to list the failures"
             )
+        self._refuse_nonfinite("test", "test_results.json")
+
+    def on_validation_end(self) -> None:
+        # A stand-alone validation fails like a test; inside fit, the epoch's metrics are nan.
+        if self._trainer is not None and self.trainer.state.fn == "validate":
+            self._refuse_nonfinite("val", "the logged metrics")
+
+    def _refuse_nonfinite(self, stage: str, where: str) -> None:
+        res = self.last_eval.get(stage)
+        if res is not None and res["nonfinite_videos"]:
+            raise RuntimeError(
+                f"{stage}: {res['nonfinite_videos']} of {res['num_videos']} videos had non-finite scores (NaN/Inf); "
+                f"no metrics (null/nan in {where}). Check the checkpoint's weights for NaN/Inf, or use precision 32 "
+                "if half precision overflowed"
+            )
 
     # ---------------------------------------------------------------- prediction
 

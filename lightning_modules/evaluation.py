@@ -108,7 +108,9 @@ class EvalResult(dict):
     Keys: `top1`, `top5`, `mean_class` (video level, views averaged; mean recall over the
     `mean_class_num_classes` classes with >= 1 video), `clip_top1`, `clip_top5`,
     `clip_mean_class`, `loss` (clip mean of the summed head losses), `num_videos`, `num_clips`,
-    `excluded_videos` (videos that failed to decode and so are not in the metrics).
+    `excluded_videos` (videos that failed to decode and so are not in the metrics),
+    `nonfinite_videos` (videos whose scores hold NaN/Inf; when > 0 every accuracy is nan and the
+    confusion matrix is zero: such scores rank nothing).
 
     Attributes (gathered over ranks, identical on every rank):
         confusion: int64 [num_classes, num_classes], video level, rows = true class.
@@ -212,15 +214,24 @@ class EvalAccumulator:
         bad = torch.unique(torch.cat(gather_objects(_cat(self.bad_ids))))
         excluded = bad[~torch.isin(bad, g_ids)]
 
+        nonfinite = int((~torch.isfinite(g_prob).all(1)).sum())
         res = EvalResult(
             num_videos=len(g_ids),
             num_clips=len(c_label),
             excluded_videos=len(excluded),
+            nonfinite_videos=nonfinite,
             loss=float(c_loss.mean()) if len(c_loss) else float("nan"),
         )
-        res.update(video_metrics(g_prob, g_label, num_classes, top_k))
-        res.update(_clip_metrics(c_topk, c_label, num_classes))
-        res.confusion = confusion_matrix(g_prob.argmax(1), g_label, num_classes)
+        if nonfinite:
+            # topk/argmax of NaN still return class ids: such scores must never count as hits.
+            none = torch.zeros(0, dtype=torch.int64)
+            res.update(video_metrics(torch.zeros(0, num_classes), none, num_classes, top_k))
+            res.update(_clip_metrics(torch.zeros(0, 1, dtype=torch.int64), none, num_classes))
+            res.confusion = confusion_matrix(none, none, num_classes)
+        else:
+            res.update(video_metrics(g_prob, g_label, num_classes, top_k))
+            res.update(_clip_metrics(c_topk, c_label, num_classes))
+            res.confusion = confusion_matrix(g_prob.argmax(1), g_label, num_classes)
         res.video_ids, res.video_labels, res.video_probs, res.video_views = g_ids, g_label, g_prob, g_views
         res.excluded_ids = excluded
         return res

@@ -14,6 +14,7 @@ computes the results (`lightning_modules.evaluation`); this file only turns them
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -118,7 +119,7 @@ def read_score_dump(path: str | Path) -> dict[str, Any]:
 
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ValueError(f"{path}: not a readable JSON score dump ({exc})") from None
     if not isinstance(data, dict) or data.get("format") != SCORE_FORMAT:
@@ -130,6 +131,17 @@ def read_score_dump(path: str | Path) -> dict[str, Any]:
     bad = [v.get("video_id") for v in videos if not isinstance(v.get("probs"), list) or len(v["probs"]) != len(names)]
     if bad:
         raise ValueError(f"{path}: videos {bad[:5]} do not have {len(names)} probabilities (one per class)")
+    # JSON null is how a strict writer stores NaN; Python's json reads bare NaN/Infinity as floats.
+    nonfinite = [
+        v.get("video_id")
+        for v in videos
+        if not all(isinstance(p, int | float) and not isinstance(p, bool) and math.isfinite(p) for p in v["probs"])
+    ]
+    if nonfinite:
+        raise ValueError(
+            f"{path}: {len(nonfinite)} videos have non-finite scores (NaN/Inf), e.g. video ids {nonfinite[:5]}; "
+            "such scores cannot be fused or scored"
+        )
     ids = torch.tensor([v["video_id"] for v in videos], dtype=torch.int64)
     if len(torch.unique(ids)) != len(ids):
         raise ValueError(f"{path}: a video_id appears more than once")
@@ -242,8 +254,7 @@ class PredictionWriter(BasePredictionWriter):
         parts = [(o["video_id"], o["num_views"], o["probs"], o["bad_video_ids"]) for o in flat]
         parts = [x for rank_parts in gather_objects(parts) for x in rank_parts]
         out = Path(self.output) if self.output else Path(trainer.log_dir or ".") / "predictions.json"  # collective
-        if not trainer.is_global_zero:
-            return
+        # Every rank holds every part, so every rank reaches the same verdict and none waits on another.
         num_classes = pl_module.num_classes
         vids = torch.cat([p[0] for p in parts]) if parts else torch.zeros(0, dtype=torch.int64)
         counts = torch.cat([p[1] for p in parts]) if parts else torch.zeros(0, dtype=torch.int64)
@@ -251,6 +262,32 @@ class PredictionWriter(BasePredictionWriter):
         bad = torch.unique(torch.cat([p[3] for p in parts])) if parts else torch.zeros(0, dtype=torch.int64)
         # Every clip arrives once (the predict sampler never pads), so views are averaged as at test.
         uvid, mean, n = average_views(vids, probs, counts)
+        finite = torch.isfinite(mean).all(1)
+        undecoded = [v for v in bad.tolist() if v not in set(uvid.tolist())]
+        nonfinite = uvid[~finite].tolist()
+        uvid, mean, n = uvid[finite], mean[finite], n[finite]
+        total = len(uvid) + len(undecoded) + len(nonfinite)
+        problems = []
+        if undecoded:
+            problems.append(f"{len(undecoded)} of {total} could not be decoded")
+        if nonfinite:
+            problems.append(f"{len(nonfinite)} of {total} had non-finite scores (NaN/Inf)")
+        if trainer.is_global_zero:
+            self._report(pl_module, out, uvid, mean, n, undecoded, nonfinite)
+        if not len(uvid):
+            raise RuntimeError(
+                f"predict: no video could be predicted: {', '.join(problems) or 'no input'}; {out} was not written"
+            )
+        if nonfinite:
+            raise RuntimeError(
+                f"predict: {len(nonfinite)} of {total} videos had non-finite scores (NaN/Inf; listed under "
+                f'"nonfinite" in {out}): check the checkpoint\'s weights, or use precision 32 if half precision '
+                "overflowed"
+            )
+
+    def _report(self, pl_module, out: Path, uvid: Tensor, mean: Tensor, n: Tensor, undecoded, nonfinite) -> None:
+        """Print the top-k of each predicted video and every failure, and write `out` unless nothing
+        was predicted (an earlier file is then left as it was)."""
         top = pl_module.topk(mean)
         self.results = []
         for i, v in enumerate(uvid.tolist()):
@@ -270,15 +307,28 @@ class PredictionWriter(BasePredictionWriter):
                     ],
                 }
             )
-        predicted = set(uvid.tolist())
-        failed = [{"video_id": v, "video": self._name(v)} for v in bad.tolist() if v not in predicted]
+        failed = [{"video_id": v, "video": self._name(v)} for v in undecoded]
+        bad_scores = [{"video_id": v, "video": self._name(v)} for v in nonfinite]
         for r in self.results:
             guesses = ", ".join(f"{t['class_name']} {100 * t['prob']:.1f}%" for t in r["top_k"])
             print(f"{r['video']}: {guesses}")
         for f in failed:
             print(f"{f['video']}: could not be decoded")
+        for f in bad_scores:
+            print(f"{f['video']}: non-finite scores (NaN/Inf), not ranked")
+        if not self.results:
+            return
         out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out, {"predictions": self.results, "failed": failed})
+        doc: dict[str, Any] = {"predictions": self.results, "failed": failed}
+        if bad_scores:
+            doc["nonfinite"] = bad_scores
+        atomic_write_json(out, doc)
+        total = len(self.results) + len(failed) + len(bad_scores)
+        if failed or bad_scores:
+            print(
+                f"{len(self.results)} of {total} videos predicted ({len(failed)} could not be decoded, "
+                f"{len(bad_scores)} had non-finite scores)"
+            )
         print(f"predictions written to {out}")
 
     def _name(self, video_id: int) -> str:
