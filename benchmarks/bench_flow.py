@@ -270,7 +270,7 @@ def peak_child(kernels: bool, n_iter: int, pairs: int = 14, size: int = 28) -> N
     page = resource.getpagesize()
 
     def rss() -> int:
-        with open("/proc/self/statm") as f:
+        with open("/proc/self/statm", encoding="utf-8") as f:
             return int(f.read().split()[1]) * page
 
     # Sample the current resident size from a thread while the step runs (torch ops and the
@@ -304,7 +304,9 @@ def run_cpu_peak(args) -> dict:
         for backend in ("torch", *args.kernels):
             cmd = [sys.executable, __file__, "--peak-child", "torch" if backend == "torch" else "kernels", str(n)]
             env = {**os.environ, "VMM_KERNELS": backend if backend != "torch" else "fast"}
-            result = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+            result = subprocess.run(
+                cmd, capture_output=True, text=True, encoding="utf-8", errors="replace", check=True, env=env
+            )
             maps[backend] = float(result.stdout.strip().splitlines()[-1])
         out[n] = maps
         kernels = ", ".join(

@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+        args.json.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
         print(f"wrote {args.json}")
     if errors:
         sys.exit(f"bench_step.py: {len(errors)} configuration(s) failed (see above)")

@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"| {r['mode']} | {100 * p_hat:.1f}% | {100 * sd:.1f} | {r['train_seconds']:.0f} |")
     out = {"args": vars(args), "results": results}
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
     return out
 
 

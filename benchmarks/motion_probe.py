@@ -467,7 +467,7 @@ def main(argv: list[str] | None = None) -> dict:
         "results": results,
     }
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
     return out
 
 

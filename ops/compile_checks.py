@@ -42,9 +42,9 @@ def nvcc_compile_check(src: KernelSource, archs: Sequence[str] = ("sm_80", "sm_9
         gencode += ["-gencode", f"arch=compute_{num},code=sm_{num}"]
     with tempfile.TemporaryDirectory() as tmp:
         cu = Path(tmp) / src.path.name  # never src.filename: it may be an absolute path (test kernels)
-        cu.write_text("\n".join(body) + "\n")
+        cu.write_text("\n".join(body) + "\n", encoding="utf-8")
         cmd = [nvcc, "-std=c++17", "-Xptxas", "-v", *gencode, "-c", str(cu), "-o", str(Path(tmp) / "out.o")]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", errors="replace")
     if proc.returncode != 0:
         raise RuntimeError(f"nvcc failed for {src.filename}:\n{proc.stdout}\n{proc.stderr}")
     return proc.stdout + proc.stderr

@@ -22,7 +22,7 @@ def test_tiny_train_step_run_reports_every_field(tmp_path, capsys):
     argv = ["--tiny", "--device", "cpu", "--iters", "1", "--warmup", "0", "--json", str(out_json)]
     report = bench_step.main(argv)
     printed = capsys.readouterr().out
-    assert json.loads(out_json.read_text()) == json.loads(json.dumps(report))
+    assert json.loads(out_json.read_text(encoding="utf-8")) == json.loads(json.dumps(report))
     assert report["tiny"] is True and report["environment"]["motion_ops"] == "torch reference"
     assert report["errors"] == []
     rows = report["results"]

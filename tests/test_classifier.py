@@ -170,11 +170,11 @@ def test_fit_test_predict_learns_and_writes_reports(tmp_path):
     res = model.last_eval["test"]
     assert res["top1"] >= 0.8, res  # chance is 0.5
     log_dir = tmp_path / "lightning_logs" / "version_0"
-    report = json.loads((log_dir / "test_results.json").read_text())
+    report = json.loads((log_dir / "test_results.json").read_text(encoding="utf-8"))
     assert report["num_videos"] == 11 and report["excluded_videos"] == 1
     assert (log_dir / "confusion_matrix_test.png").stat().st_size > 0
-    assert (log_dir / "confusion_matrix_test.csv").read_text().startswith("true\\pred,right,left")
-    scores = json.loads((log_dir / "scores_test.json").read_text())
+    assert (log_dir / "confusion_matrix_test.csv").read_text(encoding="utf-8").startswith("true\\pred,right,left")
+    scores = json.loads((log_dir / "scores_test.json").read_text(encoding="utf-8"))
     assert scores["class_names"] == ["right", "left"] and scores["excluded_video_ids"] == [3]
     assert [v["video_id"] for v in scores["videos"]] == [v for v in range(12) if v != 3]
     assert all(v["num_views"] == 2 and v["name"] is None for v in scores["videos"])  # no records(): no names

@@ -77,7 +77,7 @@ def test_demo_trains_tests_and_reports(demo):
         "K = 4 classes: chance 25.0%; on the synthetic motion set a model blind to frame order is capped at "
         "50% (the pair, never the member)" in out
     )
-    report = json.loads((demo["log_dir"] / "test_results.json").read_text())
+    report = json.loads((demo["log_dir"] / "test_results.json").read_text(encoding="utf-8"))
     # 4 classes x 3 test videos, 2 clips each; every view of a video averaged into one prediction
     assert report["num_videos"] == 12 and report["num_clips"] == 24 and report["excluded_videos"] == 0
     assert 0.0 <= report["top1"] <= report["top5"] <= 1.0
@@ -98,7 +98,7 @@ def test_validate_and_test_reproduce_the_demo_metrics(demo):
     val = _cli(["validate", *args]).model.last_eval["val"]
     assert val["num_videos"] == 8 and val["num_clips"] == 8  # val: 1 centre clip per video
     test = _cli(["test", *args]).model.last_eval["test"]
-    report = json.loads((demo["log_dir"] / "test_results.json").read_text())
+    report = json.loads((demo["log_dir"] / "test_results.json").read_text(encoding="utf-8"))
     for key in ("num_videos", "num_clips", "top1", "top5", "mean_class", "clip_top1"):
         assert test[key] == pytest.approx(report[key], abs=1e-6), key
     assert test["loss"] == pytest.approx(report["loss"], rel=1e-5)
@@ -107,7 +107,7 @@ def test_validate_and_test_reproduce_the_demo_metrics(demo):
 def test_predict_on_the_datamodule_writes_named_predictions(demo, tmp_path):
     out = tmp_path / "preds.json"
     _cli(["predict", "--config", str(demo["cfg"]), "--ckpt_path", str(demo["best"]), "--predictions", str(out)])
-    preds = json.loads(out.read_text())["predictions"]
+    preds = json.loads(out.read_text(encoding="utf-8"))["predictions"]
     assert len(preds) == 12
     for p in preds:
         assert Path(p["video"]).is_file() and p["views"] == 2
@@ -137,7 +137,7 @@ def test_predict_files_without_a_dataset(demo, tmp_path, shared_videos):
         ],
         cwd=tmp_path,
     )
-    result = json.loads(out.read_text())
+    result = json.loads(out.read_text(encoding="utf-8"))
     names = [p["video"] for p in result["predictions"]]
     assert names == [*map(str, test_videos), str(real)]
     for p in result["predictions"]:
@@ -234,7 +234,7 @@ def test_predict_folders_frame_folders_and_overrides(demo, tmp_path, shared_vide
             "2",
         ]
     )
-    result = json.loads((tmp_path / f"{demo['best'].stem}.predictions.json").read_text())
+    result = json.loads((tmp_path / f"{demo['best'].stem}.predictions.json").read_text(encoding="utf-8"))
     assert [p["video"] for p in result["predictions"]] == [
         str(clips / "frames"),
         str(clips / "nested" / "synthetic.mp4"),
@@ -256,7 +256,7 @@ def test_predict_folders_frame_folders_and_overrides(demo, tmp_path, shared_vide
             str(out),
         ]
     )
-    (pred,) = json.loads(out.read_text())["predictions"]
+    (pred,) = json.loads(out.read_text(encoding="utf-8"))["predictions"]
     assert pred["video"] == str(test_video) and pred["views"] == 2
 
 
@@ -268,8 +268,8 @@ def test_fuse_scores_of_two_test_runs(demo, tmp_path, capsys):
     capsys.readouterr()
     main(["fuse-scores", str(a), str(b), "--weights", "2", "1", "--output", str(tmp_path / "fused.json")])
     printed = capsys.readouterr().out
-    fused = json.loads((tmp_path / "fused.json").read_text())
-    dump_a, dump_b = json.loads(a.read_text()), json.loads(b.read_text())
+    fused = json.loads((tmp_path / "fused.json").read_text(encoding="utf-8"))
+    dump_a, dump_b = json.loads(a.read_text(encoding="utf-8")), json.loads(b.read_text(encoding="utf-8"))
     assert len(fused["videos"]) == 12 and fused["class_names"] == CLASS_NAMES
     for f, x, y in zip(fused["videos"], dump_a["videos"], dump_b["videos"], strict=True):
         assert f["video_id"] == x["video_id"] == y["video_id"] and f["label"] == x["label"]

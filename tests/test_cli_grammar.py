@@ -30,13 +30,16 @@ def _cli(args: list[str]) -> VMMCLI:
 def _video_list_config(tmp_path: Path, shared_videos: Path, extra: str = "") -> Path:
     """A VideoListDataModule config over the shared clips (labels 0 and 1); train and test share a file."""
     (tmp_path / "zero.mp4").write_bytes(b"")
-    (tmp_path / "train.txt").write_text("kinetics_arm_wrestling.mp4 0\nh264_340x256.mp4 1\n")
-    (tmp_path / "test.txt").write_text(f"h264_340x256.mp4 1\nmpeg4_320x240.avi 1\n{tmp_path / 'zero.mp4'} 0\n")
+    (tmp_path / "train.txt").write_text("kinetics_arm_wrestling.mp4 0\nh264_340x256.mp4 1\n", encoding="utf-8")
+    (tmp_path / "test.txt").write_text(
+        f"h264_340x256.mp4 1\nmpeg4_320x240.avi 1\n{tmp_path / 'zero.mp4'} 0\n", encoding="utf-8"
+    )
     cfg = tmp_path / "video_list.yaml"
     cfg.write_text(
         "data:\n  class_path: datamodules.VideoListDataModule\n  init_args:\n"
         f"    root: {shared_videos}\n    train_list: {tmp_path / 'train.txt'}\n    test_list: {tmp_path / 'test.txt'}\n"
-        f"    num_workers: 0\n{extra}"
+        f"    num_workers: 0\n{extra}",
+        encoding="utf-8",
     )
     return cfg
 
@@ -67,7 +70,7 @@ def test_check_data_takes_a_full_run_config_and_the_shared_overrides(tmp_path, s
     report = cli.check_report
     assert list(report.splits) == ["train", "test"] and report.decoded == 4  # h264 in both lists: decoded once
     assert cli.datamodule.num_classes == 2  # not the synthetic config's 8
-    assert (tmp_path / "clean_test.txt").read_text() == (
+    assert (tmp_path / "clean_test.txt").read_text(encoding="utf-8") == (
         f"{shared_videos / 'h264_340x256.mp4'} 1\n{shared_videos / 'mpeg4_320x240.avi'} 1\n"
     )
     assert "clean list written to" in capsys.readouterr().out
@@ -124,7 +127,7 @@ def test_expand_video_paths_finds_videos_and_frame_folders(tmp_path, shared_vide
     write_jpeg_folder(tmp_path / "clips" / "nested" / "frames_b", frames)
     (tmp_path / "clips" / "nested" / "b.AVI").symlink_to(shared_videos / "mpeg4_320x240.avi")
     (tmp_path / "clips" / "a.mp4").symlink_to(shared_videos / "h264_340x256.mp4")
-    (tmp_path / "clips" / "notes.txt").write_text("not a video")
+    (tmp_path / "clips" / "notes.txt").write_text("not a video", encoding="utf-8")
     (tmp_path / "empty").mkdir()
     single = tmp_path / "single"
     write_jpeg_folder(single, frames)
@@ -184,7 +187,8 @@ def _dump(
                 "videos": videos,
                 "excluded_video_ids": [],
             }
-        )
+        ),
+        encoding="utf-8",
     )
     return path
 
@@ -203,7 +207,7 @@ def test_fuse_scores_weighted_mean_and_accuracies(tmp_path, capsys):
     out = tmp_path / "fused.json"
     main(["fuse-scores", str(a), str(b), "--weights", "0.75", "0.25", "--output", str(out)])
     printed = capsys.readouterr().out
-    fused = json.loads(out.read_text())
+    fused = json.loads(out.read_text(encoding="utf-8"))
     assert [v["video_id"] for v in fused["videos"]] == [0, 1, 2]  # video 3 is only in a.json
     assert fused["excluded_video_ids"] == [3] and "1 not in every dump, left out" in printed
     torch.testing.assert_close(
@@ -237,5 +241,5 @@ def test_fuse_scores_refuses_mismatched_dumps(tmp_path):
 
 
 def _write(path: Path, obj) -> Path:
-    path.write_text(json.dumps(obj))
+    path.write_text(json.dumps(obj), encoding="utf-8")
     return path

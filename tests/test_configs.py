@@ -39,7 +39,7 @@ def _fake_kinetics(root: Path, k: int = 400) -> None:
     ann = root / "annotations"
     ann.mkdir(parents=True)
     for split in ("train", "validate", "test"):
-        with open(ann / f"{split}.csv", "w", newline="") as fh:
+        with open(ann / f"{split}.csv", "w", encoding="utf-8", newline="") as fh:
             w = csv.writer(fh)
             w.writerow(["label", "youtube_id", "time_start", "time_end", "split"])
             for i in range(k):
@@ -50,26 +50,30 @@ def _fake_hmdb51(root: Path, k: int = 51) -> None:
     ann = root / "testTrainMulti_7030_splits"
     ann.mkdir(parents=True)
     for i in range(k):
-        (ann / f"class_{i:02d}_test_split1.txt").write_text(f"a{i}.avi 1\nb{i}.avi 2\nc{i}.avi 0\n")
+        (ann / f"class_{i:02d}_test_split1.txt").write_text(f"a{i}.avi 1\nb{i}.avi 2\nc{i}.avi 0\n", encoding="utf-8")
 
 
 def _fake_ssv2(root: Path) -> None:
     # the real 174 class names (tests/fixtures) and one entry per split; no videos
     labels = root / "labels"
     labels.mkdir(parents=True)
-    names = json.loads((REPO_ROOT / "tests" / "fixtures" / "something_something_v2_labels.json").read_text())
-    (labels / "labels.json").write_text(json.dumps(names))
+    names = json.loads(
+        (REPO_ROOT / "tests" / "fixtures" / "something_something_v2_labels.json").read_text(encoding="utf-8")
+    )
+    (labels / "labels.json").write_text(json.dumps(names), encoding="utf-8")
     entry = {"id": "1", "label": "holding a cup", "template": "Holding [something]", "placeholders": ["a cup"]}
     for split in ("train", "validation"):
-        (labels / f"{split}.json").write_text(json.dumps([entry]))
-    (labels / "test.json").write_text(json.dumps([{"id": "2"}]))
+        (labels / f"{split}.json").write_text(json.dumps([entry]), encoding="utf-8")
+    (labels / "test.json").write_text(json.dumps([{"id": "2"}]), encoding="utf-8")
 
 
 def _fake_ssv1(root: Path, k: int = 174) -> None:
     root.mkdir(parents=True)
-    (root / "something-something-v1-labels.csv").write_text("".join(f"Doing something {i}\n" for i in range(k)))
+    (root / "something-something-v1-labels.csv").write_text(
+        "".join(f"Doing something {i}\n" for i in range(k)), encoding="utf-8"
+    )
     for split in ("train", "validation"):
-        (root / f"something-something-v1-{split}.csv").write_text("1;Doing something 3\n")
+        (root / f"something-something-v1-{split}.csv").write_text("1;Doing something 3\n", encoding="utf-8")
 
 
 def test_every_config_is_covered():
@@ -93,7 +97,7 @@ def test_every_config_is_covered():
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
 def test_config_builds(config, tmp_path):
-    raw = yaml.safe_load(config.read_text())
+    raw = yaml.safe_load(config.read_text(encoding="utf-8"))
     data_cls = raw["data"]["class_path"].rsplit(".", 1)[1]
     args = ["--config", str(config), *CPU, "--trainer.default_root_dir", str(tmp_path)]
     expect_k = {

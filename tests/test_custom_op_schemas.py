@@ -45,7 +45,13 @@ _IMPORT_AS_ON_TORCH_2_4 = textwrap.dedent(
 
 def test_ops_import_without_schema_inference_from_postponed_annotations():
     proc = subprocess.run(
-        [sys.executable, "-c", _IMPORT_AS_ON_TORCH_2_4], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", _IMPORT_AS_ON_TORCH_2_4],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     for name in ("deform_correlation", "deform_aggregation", "deform_attention", "tvl1_iterations"):

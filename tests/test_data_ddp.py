@@ -19,7 +19,7 @@ def test_ddp_shards_training_and_counts_each_test_video_once(tmp_path):
         lines.append(f"v{i}.mp4 {i % 2}")
     (tmp_path / "bad.mp4").write_bytes(b"")
     lines.append("bad.mp4 0")  # 9 videos: an odd count, which the stock sampler would pad
-    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     seen = run_datamodule_ddp(
         tmp_path,
         "VideoListDataModule",

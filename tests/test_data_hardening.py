@@ -15,6 +15,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from datamodules import (
@@ -27,6 +28,7 @@ from datamodules import (
     collate_clips,
 )
 from datamodules.check import check_datamodule
+from datamodules.frames import frame_index
 from datamodules.synthetic import write_video
 
 TINY = dict(
@@ -150,8 +152,8 @@ def test_missing_kinetics_videos_are_counted_in_test_results(tmp_path, shared_vi
     ann = tmp_path / "annotations"
     ann.mkdir()
     rows = "label,youtube_id,time_start,time_end,split\nwrestle,aaa,0,10,x\nother,bbb,0,10,x\nother,ccc,0,10,x\n"
-    (ann / "train.csv").write_text(rows)
-    (ann / "test.csv").write_text(rows)
+    (ann / "train.csv").write_text(rows, encoding="utf-8")
+    (ann / "test.csv").write_text(rows, encoding="utf-8")
     dm = KineticsDataModule(root=str(tmp_path), video_dir=str(tmp_path / "videos"), **TINY)
     assert [r.path for r in dm.unusable("test")] == ["ccc_000000_000010"]
     model = VideoClassifier(_MeanNet(2))
@@ -166,9 +168,11 @@ def test_missing_kinetics_videos_are_counted_in_test_results(tmp_path, shared_vi
     )
     trainer.test(model, datamodule=dm, verbose=False)
     [report_file] = (tmp_path / "logs").rglob("test_results.json")
-    report = json.loads(report_file.read_text())
+    report = json.loads(report_file.read_text(encoding="utf-8"))
     assert report["num_videos"] == 2 and report["excluded_videos"] == 1
-    scores = json.loads((report_file.parent / "scores_test.json").read_text())  # per-video, named by record
+    scores = json.loads(
+        (report_file.parent / "scores_test.json").read_text(encoding="utf-8")
+    )  # per-video, named by record
     videos = tmp_path / "videos"
     assert [(v["video_id"], v["name"]) for v in scores["videos"]] == [
         (0, str(videos / "aaa_000000_000010.mp4")),
@@ -210,6 +214,70 @@ def test_a_utf8_byte_order_mark_is_not_part_of_the_first_entry(tmp_path):
     assert ucf.class_names == ["Archery", "YoYo"]
     assert ucf.records("train")[0].path == str(tmp_path / "YoYo" / "v_YoYo_g01_c01.avi")
     assert ucf.records("test")[0].label == 0
+
+
+def test_a_json_class_names_file_is_read_as_json(tmp_path):
+    (tmp_path / "list.txt").write_text("a.mp4 0\nb.mp4 1\n", encoding="utf-8")
+
+    def names(file: str, text: str) -> list[str]:
+        (tmp_path / file).write_text(text, encoding="utf-8")
+        return VideoListDataModule(root=str(tmp_path), train_list="list.txt", class_names=file).class_names
+
+    # Something-Something V2's labels.json: name -> id as a string, not in id order.
+    assert names("labels.json", '{"Pushing something": "1", "Closing something": "0"}') == [
+        "Closing something",
+        "Pushing something",
+    ]
+    assert names("ids.json", '{"walk": 1, "run": 0}') == ["run", "walk"]
+    assert names("list.json", '["run", "walk"]') == ["run", "walk"]
+    assert names("names.txt", "run\nwalk, fast\n") == ["run", "walk, fast"]
+    for file, text, why in (
+        ("bad.json", '{"run": "0", "walk": "0"}', r"bad.json: expected the ids 0\.\.1 once each"),
+        ("bad2.json", '{"run": "zero"}', r"bad2.json: expected integer class ids"),
+        ("bad3.json", '{"run": 0', r"bad3.json:1: not valid JSON"),
+        ("bad4.json", '["run", "run"]', r"bad4.json: duplicate class names"),
+        ("bad5.json", '"run"', r"bad5.json: expected a JSON object \{class name: id\} or a list of class names"),
+        ("json.txt", '{"run": 0, "walk": 1}', r"json.txt:1: expected one class name per line, got JSON"),
+    ):
+        with pytest.raises(AnnotationError, match=why):
+            names(file, text)
+
+
+def test_extra_list_columns_are_refused_or_read_as_the_offset_form(tmp_path):
+    from datamodules import RawFrameListDataModule
+
+    def records(text: str, cls=VideoListDataModule, **kw):
+        (tmp_path / "list.txt").write_text(text, encoding="utf-8")
+        return cls(root=str(tmp_path), train_list="list.txt", num_classes=4, **kw).records("train")
+
+    with pytest.raises(AnnotationError, match=r"list.txt:2: expected 'path label', got 3 number columns .*multi-label"):
+        records("a.mp4 1\ntest.mp4 0 3\n")
+    with pytest.raises(AnnotationError, match=r"list.txt:1: expected 'path label', got 3 number columns"):
+        records("clip.mp4 1.5 3.0 2\n")  # a time window
+    (tmp_path / "take 2").write_bytes(b"\0")  # a path with spaces that ends in a number, on disk
+    assert [r.path for r in records("take 2 1\nmy clip.mp4 3\n")] == [
+        str(tmp_path / "take 2"),
+        str(tmp_path / "my clip.mp4"),
+    ]
+    # MMAction2's with-offset rawframes: frame i is file number frame_start_index + offset + i.
+    recs = records("v1 10 2\nmy v2 5 20 3\n", cls=RawFrameListDataModule)
+    assert [(Path(r.path).name, r.offset, r.num_frames, r.label) for r in recs] == [
+        ("v1", 0, 10, 2),
+        ("my v2", 5, 20, 3),
+    ]
+    frames = tmp_path / "v3"
+    frames.mkdir()
+    for i in range(1, 9):  # frames 1..8; the list uses 4..8 (offset 3, 5 frames)
+        Image.fromarray(np.full((8, 8, 3), 30 * i, np.uint8)).save(frames / f"img_{i:05d}.png")
+    (rec,) = records("v3 3 5 1\n", cls=RawFrameListDataModule, frame_template="img_{:05d}.png")
+    index = frame_index(rec.path, rec.template, rec.start_index, rec.num_frames, rec.offset)
+    assert index.num_frames == 5 and Path(index.file(0)).name == "img_00004.png"
+    (rec,) = records("v3 3 5 1\n", cls=RawFrameListDataModule, frame_template="img_{:05d}.png", trust_counts=False)
+    assert frame_index(rec.path, rec.template, rec.start_index, rec.num_frames, rec.offset).num_frames == 5
+    with pytest.raises(AnnotationError, match=r"list.txt:1: expected 'frame_dir total_frames label' or 'frame_dir "):
+        records("v4 0 10 1 2\n", cls=RawFrameListDataModule)  # multi-label
+    with pytest.raises(AnnotationError, match=r"list.txt:1: offset: expected >= 0, got -1"):
+        records("v5 -1 10 1\n", cls=RawFrameListDataModule)
 
 
 # ------------------------------------------------------------------ crop_size None

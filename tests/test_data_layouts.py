@@ -43,8 +43,8 @@ def test_folder_layout_sorted_class_folders(tmp_path):
 
 
 def test_path_label_list(tmp_path):
-    (tmp_path / "train.txt").write_text("a/x 1.mp4 2\nb/y.mp4 0\n\n# comment\nc/z.mp4 1\n")
-    (tmp_path / "val.txt").write_text("a/q.mp4 1\n")
+    (tmp_path / "train.txt").write_text("a/x 1.mp4 2\nb/y.mp4 0\n\n# comment\nc/z.mp4 1\n", encoding="utf-8")
+    (tmp_path / "val.txt").write_text("a/q.mp4 1\n", encoding="utf-8")
     dm = VideoListDataModule(root=str(tmp_path), train_list="train.txt", test_list=str(tmp_path / "val.txt"))
     assert dm.class_names == ["0", "1", "2"]
     recs = dm.records("train")
@@ -55,20 +55,20 @@ def test_path_label_list(tmp_path):
     ]
     assert dm.records("val") == dm.records("test")
     names = tmp_path / "names.txt"
-    names.write_text("cat\ndog\nbird\n")
+    names.write_text("cat\ndog\nbird\n", encoding="utf-8")
     assert VideoListDataModule(root=str(tmp_path), train_list="train.txt", class_names=str(names)).class_names == [
         "cat",
         "dog",
         "bird",
     ]
-    (tmp_path / "bad.txt").write_text("a.mp4 0\nb.mp4 7\n")
+    (tmp_path / "bad.txt").write_text("a.mp4 0\nb.mp4 7\n", encoding="utf-8")
     dm = VideoListDataModule(root=str(tmp_path), train_list="bad.txt", num_classes=3)
     with pytest.raises(AnnotationError, match=r"bad.txt:2: unknown class 7"):
         dm.records("train")
-    (tmp_path / "bad2.txt").write_text("a.mp4 0\nonlyonefield\n")
+    (tmp_path / "bad2.txt").write_text("a.mp4 0\nonlyonefield\n", encoding="utf-8")
     with pytest.raises(AnnotationError, match=r"bad2.txt:2: expected 'path label'"):
         VideoListDataModule(root=str(tmp_path), train_list="bad2.txt", num_classes=3).records("train")
-    (tmp_path / "bad3.txt").write_text("a.mp4 zero\n")
+    (tmp_path / "bad3.txt").write_text("a.mp4 zero\n", encoding="utf-8")
     with pytest.raises(AnnotationError, match=r"bad3.txt:1: label must be an integer"):
         VideoListDataModule(root=str(tmp_path), train_list="bad3.txt", num_classes=3).records("train")
 
@@ -85,9 +85,13 @@ abseiling,eee,1,11,train,0
 def test_kinetics_csv_trimmed_untrimmed_missing(tmp_path, caplog):
     ann = tmp_path / "annotations"
     ann.mkdir()
-    (ann / "train.csv").write_text(KINETICS_TRAIN)
-    (ann / "validate.csv").write_text('label,youtube_id,time_start,time_end,split\n"zumba, dance",fff,0,10,val\n')
-    (ann / "test.csv").write_text("label,youtube_id,time_start,time_end,split\nskydiving,ggg,0,10,test\n")
+    (ann / "train.csv").write_text(KINETICS_TRAIN, encoding="utf-8")
+    (ann / "validate.csv").write_text(
+        'label,youtube_id,time_start,time_end,split\n"zumba, dance",fff,0,10,val\n', encoding="utf-8"
+    )
+    (ann / "test.csv").write_text(
+        "label,youtube_id,time_start,time_end,split\nskydiving,ggg,0,10,test\n", encoding="utf-8"
+    )
     _touch(tmp_path / "train" / "arm wrestling" / "aaa_000010_000020.mp4")  # trimmed, class folder
     _touch(tmp_path / "train" / "bbb_000000_000010.mp4")  # trimmed, flat
     _touch(tmp_path / "raw" / "ddd.mkv")  # untrimmed: the window is kept
@@ -115,7 +119,7 @@ def test_kinetics_csv_trimmed_untrimmed_missing(tmp_path, caplog):
     assert [r.label for r in dm.records("val")] == [2]
     with pytest.raises(AnnotationError, match=r"test.csv:2: unknown class 'skydiving'"):
         dm.records("test")
-    (ann / "train.csv").write_text("label,youtube_id,time_start,split\nx,a,0,train\n")
+    (ann / "train.csv").write_text("label,youtube_id,time_start,split\nx,a,0,train\n", encoding="utf-8")
     with pytest.raises(AnnotationError, match=r"train.csv:1: header lacks column\(s\) \['time_end'\]"):
         _ = KineticsDataModule(root=str(tmp_path)).class_names
 
@@ -126,7 +130,7 @@ def test_hmdb51_split_files(tmp_path):
     for cls, lines in {"wave": ["w1.avi 1", "w2.avi 2", "w3.avi 0"], "brush_hair": ["b1.avi 2", "b2.avi 1"]}.items():
         for split in (1, 2):
             text = lines if split == 1 else [ln.replace(" 1", " 9") for ln in lines]
-            (ann / f"{cls}_test_split{split}.txt").write_text("\n".join(text) + " \n")
+            (ann / f"{cls}_test_split{split}.txt").write_text("\n".join(text) + " \n", encoding="utf-8")
     dm = HMDB51DataModule(root=str(tmp_path), split=1)
     assert dm.class_names == ["brush_hair", "wave"]
     assert [(Path(r.path).name, r.label) for r in dm.records("train")] == [("b2.avi", 0), ("w1.avi", 1)]
@@ -143,16 +147,18 @@ def test_hmdb51_split_files(tmp_path):
 def test_ucf101_lists(tmp_path):
     ann = tmp_path / "ucfTrainTestlist"
     ann.mkdir()
-    (ann / "classInd.txt").write_text("1 ApplyEyeMakeup\n2 Archery\n3 YoYo\n")
-    (ann / "trainlist01.txt").write_text("ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 1\nYoYo/v_YoYo_g01_c01.avi 3\n")
-    (ann / "testlist01.txt").write_text("Archery/v_Archery_g01_c01.avi\nYoYo/v_YoYo_g02_c01.avi\n")
+    (ann / "classInd.txt").write_text("1 ApplyEyeMakeup\n2 Archery\n3 YoYo\n", encoding="utf-8")
+    (ann / "trainlist01.txt").write_text(
+        "ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 1\nYoYo/v_YoYo_g01_c01.avi 3\n", encoding="utf-8"
+    )
+    (ann / "testlist01.txt").write_text("Archery/v_Archery_g01_c01.avi\nYoYo/v_YoYo_g02_c01.avi\n", encoding="utf-8")
     dm = UCF101DataModule(root=str(tmp_path))
     assert dm.class_names == ["ApplyEyeMakeup", "Archery", "YoYo"]
     assert [r.label for r in dm.records("train")] == [0, 2]  # 1-based ids in the files
     assert [r.label for r in dm.records("test")] == [1, 2]  # from the class folder
     assert dm.records("train")[1].path == str(tmp_path / "YoYo" / "v_YoYo_g01_c01.avi")
-    (ann / "trainlist02.txt").write_text("YoYo/v_YoYo_g01_c01.avi 4\n")
-    (ann / "testlist02.txt").write_text("")
+    (ann / "trainlist02.txt").write_text("YoYo/v_YoYo_g01_c01.avi 4\n", encoding="utf-8")
+    (ann / "testlist02.txt").write_text("", encoding="utf-8")
     with pytest.raises(AnnotationError, match=r"trainlist02.txt:1: unknown class id 4"):
         UCF101DataModule(root=str(tmp_path), split=2).records("train")
 
@@ -170,7 +176,7 @@ def test_every_datamodule_is_exported_and_cli_constructible(tmp_path):
         "SyntheticMotionDataModule",
     ):
         assert issubclass(getattr(datamodules, name), L.LightningDataModule), name
-    (tmp_path / "train.txt").write_text("a.mp4 0\nb.mp4 3\n")
+    (tmp_path / "train.txt").write_text("a.mp4 0\nb.mp4 3\n", encoding="utf-8")
     parser = jsonargparse.ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(L.LightningDataModule, "data")
     cfg = parser.parse_object(

@@ -49,9 +49,9 @@ def video_root(tmp_path_factory) -> Path:
     data = (root / "good0.mp4").read_bytes()
     (root / "truncated.mp4").write_bytes(data[: len(data) // 2])
     lines += ["zero.mp4 0", "garbage.avi 1", "truncated.mp4 0", "missing.mp4 1"]
-    (root / "all.txt").write_text("\n".join(lines) + "\n")
-    (root / "good.txt").write_text("\n".join(lines[:6]) + "\n")
-    (root / "mostly_bad.txt").write_text("\n".join(lines[:1] + lines[6:] * 3) + "\n")
+    (root / "all.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (root / "good.txt").write_text("\n".join(lines[:6]) + "\n", encoding="utf-8")
+    (root / "mostly_bad.txt").write_text("\n".join(lines[:1] + lines[6:] * 3) + "\n", encoding="utf-8")
     return root
 
 
@@ -205,7 +205,7 @@ def test_kinetics_untrimmed_window_is_honoured(tmp_path, shared_videos):
     (tmp_path / "videos" / "abc.mp4").symlink_to(shared_videos / "kinetics_arm_wrestling.mp4")
     (tmp_path / "annotations").mkdir()
     (tmp_path / "annotations" / "train.csv").write_text(
-        "label,youtube_id,time_start,time_end,split\narm wrestling,abc,2,4,train\n"
+        "label,youtube_id,time_start,time_end,split\narm wrestling,abc,2,4,train\n", encoding="utf-8"
     )
     dm = KineticsDataModule(
         root=str(tmp_path),
@@ -237,7 +237,7 @@ def test_kinetics_untrimmed_window_is_honoured(tmp_path, shared_videos):
 def test_bad_fraction_counts_distinct_videos(tmp_path, video_root):
     """More than max_bad_fraction of the distinct videos tried are bad: a clear error."""
     lines = ["good0.mp4 0", "good1.mp4 1"] + [f"{tmp_path}/gone{i}.mp4 {i % 2}" for i in range(10)]
-    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     dm = VideoListDataModule(
         root=str(video_root),
         train_list=str(tmp_path / "list.txt"),

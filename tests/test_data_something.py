@@ -101,7 +101,9 @@ def test_ssv2_webm_layout_labels_splits_and_unlabelled_test(clips, tmp_path):
     assert [r.label for r in predict.records("test")] == [-1, -1]
     assert predict.records("val")[0].label == NAMES.index(L2R)
 
-    (tmp_path / "labels" / "train.json").write_text(json.dumps([{"id": "9", "template": "Juggling [something]"}]))
+    (tmp_path / "labels" / "train.json").write_text(
+        json.dumps([{"id": "9", "template": "Juggling [something]"}]), encoding="utf-8"
+    )
     with pytest.raises(AnnotationError, match=r"train.json.*entry 0 \(id 9\): unknown class 'Juggling something'"):
         SomethingSomethingV2DataModule(root=str(tmp_path), **TINY).records("train")
     with pytest.raises(ValueError, match="test_split"):
@@ -174,7 +176,7 @@ def test_ssv1_frame_layout_and_bad_folders(clips, tmp_path):
         -1,
         -1,
     ]
-    (tmp_path / "something-something-v1-train.csv").write_text(f"1;{names[0]}\n2;Not a class\n")
+    (tmp_path / "something-something-v1-train.csv").write_text(f"1;{names[0]}\n2;Not a class\n", encoding="utf-8")
     with pytest.raises(AnnotationError, match=r"v1-train.csv:2: unknown class 'Not a class'"):
         SomethingSomethingV1DataModule(root=str(tmp_path)).records("train")
     # Latin-1 instead of UTF-8: the file and line are named, not a raw UnicodeDecodeError
@@ -190,7 +192,7 @@ def test_rawframe_lists(clips, tmp_path):
         lines.append(f"rawframes/clip {k} 10 {k % 2}")
     write_jpeg_folder(tmp_path / "rawframes" / "short", video_frames(clips, 5, length=3))
     lines.append("rawframes/short 10 1")  # the list claims more frames than exist
-    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     dm = RawFrameListDataModule(root=str(tmp_path), train_list="train.txt", test_list="train.txt", **TINY)
     assert dm.class_names == ["0", "1"]
     recs = dm.records("train")
@@ -200,7 +202,7 @@ def test_rawframe_lists(clips, tmp_path):
     assert ds[4]["bad_video_ids"].tolist() == [4]  # listed count trusted: the missing frames are found
     scanned = RawFrameListDataModule(root=str(tmp_path), train_list="train.txt", trust_counts=False, **TINY)
     assert scanned.dataset("train")._index(scanned.records("train")[4]).num_frames == 3
-    (tmp_path / "bad.txt").write_text("rawframes/clip 0 ten 1\n")
+    (tmp_path / "bad.txt").write_text("rawframes/clip 0 ten 1\n", encoding="utf-8")
     with pytest.raises(AnnotationError, match=r"bad.txt:1: num_frames and label must be integers"):
         RawFrameListDataModule(root=str(tmp_path), train_list="bad.txt").records("train")
     with pytest.raises(ValueError, match="start_index"):
@@ -213,7 +215,7 @@ def test_cli_construction_keeps_the_something_something_defaults(tmp_path):
     import jsonargparse
     import lightning as L
 
-    (tmp_path / "train.txt").write_text("f0 8 0\nf1 8 1\n")
+    (tmp_path / "train.txt").write_text("f0 8 0\nf1 8 1\n", encoding="utf-8")
     parser = jsonargparse.ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(L.LightningDataModule, "data")
     instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
@@ -264,7 +266,7 @@ def test_ddp_on_a_frame_dataset(clips, tmp_path):
         lines.append(f"f{k} 8 {k % 2}")
     (tmp_path / "empty").mkdir()
     lines.append("empty 8 0")  # 7 folders, one unreadable: an odd count the stock sampler would pad
-    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     seen = run_datamodule_ddp(
         tmp_path,
         "RawFrameListDataModule",
@@ -303,7 +305,7 @@ def _tiny_cli_config(out, data_class: str, data_args: dict) -> dict:
 
 
 def _test_report(out) -> dict:
-    return json.loads((out / "runs" / "lightning_logs" / "version_1" / "test_results.json").read_text())
+    return json.loads((out / "runs" / "lightning_logs" / "version_1" / "test_results.json").read_text(encoding="utf-8"))
 
 
 @pytest.mark.slow
@@ -353,7 +355,7 @@ def test_vmm_fit_test_predict_on_a_ssv2_webm_tree(clips, tmp_path, capsys):
                 str(preds),
             ]
         )
-        named = [p["video"] for p in json.loads(preds.read_text())["predictions"]]
+        named = [p["video"] for p in json.loads(preds.read_text(encoding="utf-8"))["predictions"]]
         assert named == [str(root / "20bn-something-something-v2" / f"{i}.webm") for i in ids["test"]]
         with pytest.raises(ValueError, match="test split has no labels"):
             main(["test", "--config", str(cfg), "--ckpt_path", str(best), "--data.init_args.test_split", "test"])
@@ -381,8 +383,8 @@ def test_vmm_fit_and_test_on_frame_trees(clips, tmp_path, layout):
         for k in range(6):
             write_jpeg_folder(root / "frames" / f"v{k}", video_frames(clips, k))
             lines.append(f"frames/v{k} 12 {k % 3}")
-        (root / "train.txt").write_text("\n".join(lines) + "\n")
-        (root / "val.txt").write_text("\n".join(lines[:3]) + "\n")
+        (root / "train.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        (root / "val.txt").write_text("\n".join(lines[:3]) + "\n", encoding="utf-8")
         bad = root / "frames" / "v1" / "img_00003.jpg"
         args = {
             "root": str(root),
@@ -406,7 +408,7 @@ def test_vmm_fit_and_test_on_frame_trees(clips, tmp_path, layout):
             folders = [root / "20bn-something-something-v1" / i for i in ids["validation"]]
             out = tmp_path / "folders.json"
             main(["predict", "--ckpt_path", str(best), *map(str, folders), "--output", str(out)])
-            result = json.loads(out.read_text())
+            result = json.loads(out.read_text(encoding="utf-8"))
             assert [p["video"] for p in result["predictions"]] == [str(folders[0]), str(folders[2])]
             assert all(p["views"] == 2 for p in result["predictions"])  # the checkpoint's 2 clips x 1 crop
             assert result["failed"] == [{"video_id": 1, "video": str(folders[1])}]
@@ -421,7 +423,7 @@ def test_clean_lists_of_ssv1_name_their_frame_template_and_skip_the_unlabelled_s
     report = check_datamodule(dm, splits=["train", "test"], num_workers=0, print_table=False)
     with pytest.warns(UserWarning, match="'test' is unlabelled"):
         (written,) = write_clean_lists(dm, report, tmp_path / "clean.txt")
-    header = written.read_text().splitlines()[0]
+    header = written.read_text(encoding="utf-8").splitlines()[0]
     assert header == "# frame_template: '{:05d}.jpg'  frame_start_index: 1"
     relisted = RawFrameListDataModule(
         root="/", train_list=str(written), frame_template="{:05d}.jpg", num_classes=len(names), **TINY

@@ -79,7 +79,7 @@ def test_datamodule_generates_once_and_reads_through_kinetics(tmp_path):
     dm.prepare_data()
     root = tmp_path / "synthetic_motion" / dm.spec.digest()
     assert (root / "meta.json").is_file()
-    with open(root / "annotations" / "train.csv") as fh:
+    with open(root / "annotations" / "train.csv", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 12 and rows[1]["label"] == "translate_left"
     assert [p.name for p in (tmp_path / "synthetic_motion").iterdir()] == [dm.spec.digest()]  # no temp dirs
@@ -268,9 +268,9 @@ def test_dataset_folder_without_meta_json_is_regenerated(tmp_path):
     spec = _tiny_spec()
     final = generate_dataset(spec, tmp_path)
     (final / "meta.json").unlink()  # an incomplete dataset (e.g. a partial copy)
-    (final / "stray.txt").write_text("x")
+    (final / "stray.txt").write_text("x", encoding="utf-8")
     assert generate_dataset(spec, tmp_path) == final
-    assert json.loads((final / "meta.json").read_text())["class_names"] == spec.class_names
+    assert json.loads((final / "meta.json").read_text(encoding="utf-8"))["class_names"] == spec.class_names
     assert not (final / "stray.txt").exists()
     assert [p.name for p in (tmp_path / "synthetic_motion").iterdir()] == [spec.digest()]
 
@@ -306,11 +306,11 @@ def test_read_only_cache_says_which_directory_and_how_to_move_it(tmp_path):
 
 def test_meta_json_and_lists_are_replaced_atomically(tmp_path):
     target = tmp_path / "meta.json"
-    target.write_text('{"old": 1}')
-    with open(target) as reader:  # a reader that opened the file before the write
+    target.write_text('{"old": 1}', encoding="utf-8")
+    with open(target, encoding="utf-8") as reader:  # a reader that opened the file before the write
         _write_text_atomic(target, '{"new": 2}')
         assert reader.read() == '{"old": 1}'  # replaced by a rename, not rewritten in place
-    assert target.read_text() == '{"new": 2}'
+    assert target.read_text(encoding="utf-8") == '{"new": 2}'
     assert [p.name for p in tmp_path.iterdir()] == ["meta.json"]  # no temporary left behind
 
 

@@ -39,8 +39,8 @@ def test_ddp_fit_then_test_matches_single_process(tmp_path_factory, tmp_path):
             ["test", "--config", str(cfg), "--ckpt_path", str(last), "--trainer.default_root_dir", str(out), *extra],
             cwd=tmp_path,
         )
-        results[name] = json.loads(next(Path(out).rglob("test_results.json")).read_text())
-        scores[name] = json.loads(next(Path(out).rglob("scores_test.json")).read_text())
+        results[name] = json.loads(next(Path(out).rglob("test_results.json")).read_text(encoding="utf-8"))
+        scores[name] = json.loads(next(Path(out).rglob("scores_test.json")).read_text(encoding="utf-8"))
 
     ddp, single = results["ddp"], results["single"]
     assert single["num_videos"] == ddp["num_videos"] == 12

@@ -170,7 +170,7 @@ def test_score_dump_round_trip_reproduces_the_metrics(tmp_path):
     res = _result()
     names = [f"clip_{v}.mp4" for v in range(6)]
     atomic_write_json(tmp_path / "scores_test.json", score_dump(res, ["a", "b", "c"], names))
-    raw = json.loads((tmp_path / "scores_test.json").read_text())
+    raw = json.loads((tmp_path / "scores_test.json").read_text(encoding="utf-8"))
     assert raw["format"] == "vmm-scores/1" and raw["class_names"] == ["a", "b", "c"]
     assert raw["videos"][2] == {
         "video_id": 2,
@@ -195,7 +195,7 @@ def test_score_dump_refuses_wrong_input(tmp_path):
     atomic_write_json(tmp_path / "bad.json", bad)
     with pytest.raises(ValueError, match=r"bad.json: videos \[1\] do not have 3 probabilities"):
         read_score_dump(tmp_path / "bad.json")
-    (tmp_path / "other.json").write_text('{"predictions": []}')
+    (tmp_path / "other.json").write_text('{"predictions": []}', encoding="utf-8")
     with pytest.raises(ValueError, match=r"other.json: not a vmm score dump"):
         read_score_dump(tmp_path / "other.json")
     assert score_dump(res, ["a", "b", "c"])["videos"][0]["name"] is None  # names unknown
@@ -230,7 +230,7 @@ def test_report_writer_writes_each_result_once_and_only_with_a_logger(tmp_path, 
         "test_results.json",
     ]
     assert "1 test video(s) could not be used" in capsys.readouterr().out
-    assert json.loads((log_dir / "scores_test.json").read_text())["class_names"] == ["a", "b", "c"]
+    assert json.loads((log_dir / "scores_test.json").read_text(encoding="utf-8"))["class_names"] == ["a", "b", "c"]
     # A later test run that computed no result (it failed) does not report the old one again.
     for p in log_dir.iterdir():
         p.unlink()

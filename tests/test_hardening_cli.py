@@ -42,7 +42,7 @@ from lightning_modules.reports import TestReportWriter
 
 def _strict_json(path: Path):
     """json.loads that fails on NaN/Infinity (which Python's json would accept)."""
-    return json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{path} holds bare {c}"))
+    return json.loads(path.read_text(encoding="utf-8"), parse_constant=lambda c: pytest.fail(f"{path} holds bare {c}"))
 
 
 def _trainer(tmp_path, **kw) -> VMMTrainer:
@@ -252,17 +252,17 @@ def test_mean_class_averages_only_classes_with_test_videos():
 
 def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path):
     target = tmp_path / "report.json"
-    target.write_text("old\n")
+    target.write_text("old\n", encoding="utf-8")
     with pytest.raises(RuntimeError, match="disk on fire"), atomic_writer(target) as f:
         f.write("half of the new")
         raise RuntimeError("disk on fire")
-    assert target.read_text() == "old\n" and _leftover_temps(tmp_path) == []
+    assert target.read_text(encoding="utf-8") == "old\n" and _leftover_temps(tmp_path) == []
     (tmp_path / "a_dir").mkdir()
     with pytest.raises(IsADirectoryError, match="a_dir"):
         atomic_write_text(tmp_path / "a_dir", "x")
     assert _leftover_temps(tmp_path) == []
     atomic_write_text(target, "new\n")
-    assert target.read_text() == "new\n" and oct(target.stat().st_mode & 0o777) != oct(0o600)
+    assert target.read_text(encoding="utf-8") == "new\n" and oct(target.stat().st_mode & 0o777) != oct(0o600)
 
 
 _DISK_FULL_SCRIPT = textwrap.dedent("""
@@ -297,7 +297,7 @@ _DISK_FULL_SCRIPT = textwrap.dedent("""
 
 def test_disk_full_leaves_reports_and_checkpoints_intact(tmp_path):
     script = tmp_path / "disk_full.py"
-    script.write_text(_DISK_FULL_SCRIPT.format(tests=str(REPO_ROOT / "tests")))
+    script.write_text(_DISK_FULL_SCRIPT.format(tests=str(REPO_ROOT / "tests")), encoding="utf-8")
     out = tmp_path / "run"
     out.mkdir()
     proc = subprocess.run(
@@ -305,13 +305,15 @@ def test_disk_full_leaves_reports_and_checkpoints_intact(tmp_path):
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
+        encoding="utf-8",
+        errors="replace",
         timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = _strict_json(out / "test_results.json")  # the old report, whole
     assert report["num_videos"] == 2 and report["top1"] == 1.0
-    assert (out / "confusion_matrix_test.csv").read_text().startswith("true\\pred,a,b,c\n")
+    assert (out / "confusion_matrix_test.csv").read_text(encoding="utf-8").startswith("true\\pred,a,b,c\n")
     assert torch.equal(torch.load(out / "last.ckpt", weights_only=True)["w"], torch.zeros(4096))
     assert _leftover_temps(out) == []
 
@@ -388,7 +390,14 @@ def _run_until_checkpoint(args: list[str], cwd: Path, sig: int) -> tuple[subproc
     """Start `vmm <args>`, wait for the first last.ckpt, let a few steps run, send `sig`, wait."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.Popen(
-        [*VMM_COMMAND, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        [*VMM_COMMAND, *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
     )
     last = cwd / "runs" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 240
@@ -510,7 +519,7 @@ def test_file_predict_checks_output_and_top_k_before_inference(sigterm_fit, tmp_
     with pytest.raises(ValueError, match=r"output must be a file path, got the existing directory"):
         main(["predict", "--ckpt_path", str(ckpt), str(video), "--output", str(tmp_path)])
     a_file = tmp_path / "a_file"
-    a_file.write_text("")
+    a_file.write_text("", encoding="utf-8")
     with pytest.raises(ValueError, match=r"output: cannot write .*a_file/p\.json.*is not writable"):
         main(["predict", "--ckpt_path", str(ckpt), str(video), "--output", str(a_file / "p.json")])
     with pytest.raises(ValueError, match=r"--predictions must be a file path, got the existing directory"):

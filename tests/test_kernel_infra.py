@@ -40,11 +40,11 @@ def test_ctype_mapping_rejects_other_dtypes(dtype):
 
 
 def test_expand_includes_inlines_local_headers_and_rejects_system_ones(tmp_path):
-    (tmp_path / "a.cuh").write_text("int from_header;\n")
-    (tmp_path / "k.cu").write_text('#include "a.cuh"\n#include "a.cuh"\nint body;\n')
+    (tmp_path / "a.cuh").write_text("int from_header;\n", encoding="utf-8")
+    (tmp_path / "k.cu").write_text('#include "a.cuh"\n#include "a.cuh"\nint body;\n', encoding="utf-8")
     text = expand_includes(tmp_path / "k.cu")
     assert text.count("int from_header;") == 1 and "int body;" in text and "#include" not in text
-    (tmp_path / "bad.cu").write_text("#include <cstdio>\n")
+    (tmp_path / "bad.cu").write_text("#include <cstdio>\n", encoding="utf-8")
     with pytest.raises(ValueError, match="system includes"):
         expand_includes(tmp_path / "bad.cu")
 

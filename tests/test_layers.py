@@ -51,7 +51,7 @@ def _imports(path: Path) -> list[Import]:
     name = _module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     out = []
-    for node in ast.walk(ast.parse(path.read_text(), filename=rel)):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=rel)):
         if isinstance(node, ast.Import):
             out += [Import(rel, node.lineno, a.name, ()) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -137,7 +137,10 @@ def test_the_checker_sees_each_kind_of_violation(tmp_path):
     pkg = tmp_path / "lightning_modules" / "networks"
     pkg.mkdir(parents=True)
     src = pkg / "x.py"
-    src.write_text("def f():\n    from ..classifier import _private\n    from . import base\n    import ops.sifa\n")
+    src.write_text(
+        "def f():\n    from ..classifier import _private\n    from . import base\n    import ops.sifa\n",
+        encoding="utf-8",
+    )
     global REPO
     saved, REPO = REPO, tmp_path
     try:

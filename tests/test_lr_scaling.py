@@ -24,7 +24,7 @@ from lightning_modules.classifier import _StepEventQueue
 
 
 def _metrics(log_dir: Path) -> list[dict[str, str]]:
-    with open(next(log_dir.rglob("metrics.csv"))) as fh:
+    with open(next(log_dir.rglob("metrics.csv")), encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
 
 
@@ -419,7 +419,7 @@ def test_paper_configs_state_the_recipe_lr_and_its_batch(name):
     import yaml
     from helpers import REPO_ROOT
 
-    model = yaml.safe_load((REPO_ROOT / "configs" / name).read_text())["model"]
+    model = yaml.safe_load((REPO_ROOT / "configs" / name).read_text(encoding="utf-8"))["model"]
     assert (model["lr"], model["base_batch_size"]) == PAPER_CONFIGS[name]
     if name.endswith("r50_kinetics400.yaml"):  # the released SIFA Kinetics colour augmentation
         assert model["color_jitter"] == [0.4, 0.4, 0.4, 0.1]

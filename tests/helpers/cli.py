@@ -92,7 +92,7 @@ def tiny_config(root: Path, out_dir: Path, net: dict | None = None, **trainer) -
 
 
 def write_config(path: Path, cfg: dict) -> Path:
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
     return path
 
 
@@ -110,7 +110,16 @@ def run_vmm(args: list[str], cwd: Path, timeout: float = 300, gpu: bool = False)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     if not gpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
-    proc = subprocess.run([*VMM_COMMAND, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [*VMM_COMMAND, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=timeout,
+    )
     if proc.returncode != 0:
         raise AssertionError(
             f"vmm {' '.join(args)} exited with {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"

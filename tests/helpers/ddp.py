@@ -61,15 +61,17 @@ def run_datamodule_ddp(root: Path, data_class: str, data_kwargs: dict) -> list[d
     """Run the recorder on 2 gloo processes with `datamodules.<data_class>(root=root, **data_kwargs)`;
     the per-rank records (rank 0 first). Fails the test with the processes' stderr on a non-zero exit."""
     script = Path(root) / "ddp_run.py"
-    script.write_text(_SCRIPT)
+    script.write_text(_SCRIPT, encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, str(script), str(root), str(root), data_class, json.dumps(data_kwargs)],
         capture_output=True,
         text=True,
+        encoding="utf-8",
+        errors="replace",
         timeout=240,
         env=env,
         cwd=os.getcwd(),
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return [json.loads((Path(root) / f"rank{r}.json").read_text()) for r in range(2)]
+    return [json.loads((Path(root) / f"rank{r}.json").read_text(encoding="utf-8")) for r in range(2)]

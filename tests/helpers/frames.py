@@ -62,7 +62,7 @@ SSV2_LABELS_FILE = FIXTURES / "something_something_v2_labels.json"
 
 
 def ssv2_class_names() -> list[str]:
-    raw = json.loads(SSV2_LABELS_FILE.read_text())
+    raw = json.loads(SSV2_LABELS_FILE.read_text(encoding="utf-8"))
     return [name for name, _ in sorted(raw.items(), key=lambda kv: int(kv[1]))]
 
 
@@ -92,7 +92,7 @@ def make_ssv2_tree(
     Returns the video ids per split; split "test" is written without labels."""
     labels = root / "labels"
     labels.mkdir(parents=True, exist_ok=True)
-    (labels / "labels.json").write_text(SSV2_LABELS_FILE.read_text())
+    (labels / "labels.json").write_text(SSV2_LABELS_FILE.read_text(encoding="utf-8"), encoding="utf-8")
     ids: dict[str, list[str]] = {}
     k = start
     for split, names in splits.items():
@@ -109,7 +109,7 @@ def make_ssv2_tree(
             entries.append(entry)
             ids.setdefault(split, []).append(vid)
             k += 1
-        (labels / f"{split}.json").write_text(json.dumps(entries))
+        (labels / f"{split}.json").write_text(json.dumps(entries), encoding="utf-8")
     return ids
 
 
@@ -117,7 +117,7 @@ def make_ssv1_tree(root: Path, clips, class_names: list[str], splits: dict[str, 
     """A Something-Something V1 tree: the CSVs and frame folders `20bn-something-something-v1/<id>/00001.jpg`
     for the given class ids per split ("test": ids only)."""
     root.mkdir(parents=True, exist_ok=True)
-    (root / "something-something-v1-labels.csv").write_text("\n".join(class_names) + "\n")
+    (root / "something-something-v1-labels.csv").write_text("\n".join(class_names) + "\n", encoding="utf-8")
     ids: dict[str, list[str]] = {}
     for k, (split, labels) in enumerate(splits.items()):
         rows = []
@@ -128,5 +128,5 @@ def make_ssv1_tree(root: Path, clips, class_names: list[str], splits: dict[str, 
             )
             rows.append(vid if split == "test" else f"{vid};{class_names[label]}")
             ids.setdefault(split, []).append(vid)
-        (root / f"something-something-v1-{split}.csv").write_text("\n".join(rows) + "\n")
+        (root / f"something-something-v1-{split}.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     return ids
