@@ -22,8 +22,10 @@ from __future__ import annotations
 import csv
 import errno
 import io
+import json
 import logging
 import os
+import re
 import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -46,6 +48,7 @@ __all__ = [
     "parse_path_label_list",
     "parse_ucf101",
     "read_class_names",
+    "read_json",
     "record_problem",
 ]
 
@@ -197,10 +200,31 @@ def parse_folder(split_dir: Path, class_names: list[str] | None = None) -> tuple
     return records, names
 
 
+def read_json(file: Path) -> object:
+    """The JSON value of `file` (UTF-8); AnnotationError naming the file and line if it is not JSON."""
+    text = read_annotation_text(Path(file))
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise AnnotationError(file, exc.lineno, f"not valid JSON: {exc.msg}") from None
+
+
 def read_class_names(file: Path) -> list[str]:
-    """One class name per line (ids in file order); `N name` lines (UCF classInd style) also accepted."""
+    """Class names in id order from `file`.
+
+    A `.json` file holds an object {class name: id} (ids 0..K-1, integers or integer strings, as
+    Something-Something V2's labels.json) or a list of names. Any other file holds one class name
+    per line (ids in file order); `N name` lines (UCF classInd style) are also accepted.
+    """
+    file = Path(file)
+    if file.suffix.lower() == ".json":
+        return _class_names_from_json(file, read_json(file))
     names = []
-    for n, line in annotation_lines(Path(file)):
+    for n, line in annotation_lines(file):
+        if n == 1 and line[0] in "{[":
+            raise AnnotationError(
+                file, n, "expected one class name per line, got JSON (name the file *.json to read it as JSON)"
+            )
         parts = line.split(maxsplit=1)
         if len(parts) == 2 and parts[0].isdigit():
             if int(parts[0]) != len(names) + 1:
@@ -213,13 +237,59 @@ def read_class_names(file: Path) -> list[str]:
     return names
 
 
+def _class_names_from_json(file: Path, raw: object) -> list[str]:
+    if isinstance(raw, list) and raw and all(isinstance(n, str) and n.strip() for n in raw):
+        names = [n.strip() for n in raw]
+    elif isinstance(raw, dict) and raw:
+        try:
+            by_id = {int(v): str(k) for k, v in raw.items() if not isinstance(v, bool | float)}
+        except (TypeError, ValueError):
+            raise AnnotationError(file, None, 'expected integer class ids (e.g. 0 or "0")') from None
+        if sorted(by_id) != list(range(len(raw))):
+            raise AnnotationError(file, None, f"expected the ids 0..{len(raw) - 1} once each")
+        names = [by_id[i] for i in range(len(raw))]
+    else:
+        raise AnnotationError(
+            file, None, "expected a JSON object {class name: id} or a list of class names (non-empty strings)"
+        )
+    if len(set(names)) != len(names):
+        raise AnnotationError(file, None, "duplicate class names")
+    return names
+
+
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\Z")
+
+
+def numeric_tail(head: str) -> tuple[str, list[str]]:
+    """`head` split into its first part and the number columns that end it ("a b 1 2" -> ("a b",
+    ["1", "2"])); the first column is never taken. Extra columns of a list line show up here."""
+    numbers: list[str] = []
+    while True:
+        parts = head.rsplit(maxsplit=1)
+        if len(parts) != 2 or not _NUMBER.match(parts[1]):
+            return head, numbers
+        head, numbers = parts[0], [parts[1], *numbers]
+
+
 def parse_path_label_list(file: Path, root: Path, num_classes: int | None = None) -> list[VideoRecord]:
-    """`path label` lines (space separated, path may contain spaces); paths relative to `root`."""
+    """`path label` lines (space separated, path may contain spaces); paths relative to `root`.
+
+    More number columns (multi-label `path label1 label2`, time windows `path start end label`)
+    are an AnnotationError, unless the whole text before the label names an existing path.
+    """
     records = []
     for n, line in annotation_lines(Path(file)):
         parts = line.rsplit(maxsplit=1)
         if len(parts) != 2:
             raise AnnotationError(file, n, f"expected 'path label', got {line!r}")
+        _, extra = numeric_tail(parts[0])
+        if extra and not os.path.lexists(Path(root) / parts[0].strip()):
+            raise AnnotationError(
+                file,
+                n,
+                f"expected 'path label', got {len(extra) + 1} number columns after the path in {line!r}: multi-label "
+                "('path label1 label2 ...'), time windows and other extra columns are not supported",
+            )
         try:
             label = int(parts[1])
         except ValueError:

@@ -257,7 +257,8 @@ def write_clean_lists(dm: VideoDataModule, report: DataCheckReport, path: str | 
             where = os.path.abspath(r.path)
             if frames:
                 count = r.num_frames if r.num_frames is not None else report.probed[r.path]["frames"]
-                lines.append(f"{where} {count} {r.label}\n")
+                offset = f"{r.offset} " if r.offset else ""  # MMAction2's with-offset form
+                lines.append(f"{where} {offset}{count} {r.label}\n")
             else:
                 lines.append(f"{where} {r.label}\n")
         file.parent.mkdir(parents=True, exist_ok=True)

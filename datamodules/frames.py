@@ -110,13 +110,15 @@ def _template_regex(template: str) -> re.Pattern:
 @dataclass(frozen=True)
 class FrameRecord(VideoRecord):
     """A video stored as a frame folder: `path` is the folder, frames are `template` numbered from
-    `start_index`. `num_frames` from an annotation list is trusted (no folder scan); None counts
-    the files. Time windows (`start`/`end`) do not apply to frame folders.
+    `start_index`, skipping the first `offset` (MMAction2's with-offset lists). `num_frames` from an
+    annotation list is trusted (no folder scan); None counts the files from there. Time windows
+    (`start`/`end`) do not apply to frame folders.
     """
 
     num_frames: int | None = None
     template: str = DEFAULT_TEMPLATE
     start_index: int = 1
+    offset: int = 0
 
 
 @dataclass(frozen=True)
@@ -137,13 +139,21 @@ class FrameIndex:
 
 
 def frame_index(
-    path: str | os.PathLike, template: str = DEFAULT_TEMPLATE, start_index: int = 1, num_frames: int | None = None
+    path: str | os.PathLike,
+    template: str = DEFAULT_TEMPLATE,
+    start_index: int = 1,
+    num_frames: int | None = None,
+    offset: int = 0,
 ) -> FrameIndex:
-    """Index the frame folder `path` (scans it unless `num_frames` is given).
+    """Index the frame folder `path` (scans it unless `num_frames` is given); frame 0 is the file
+    numbered `start_index + offset`.
 
     Raises VideoDecodeError for a missing folder or one without a file matching `template`.
     """
     check_template(template, start_index)
+    if offset < 0:
+        raise ValueError(f"offset: expected >= 0, got {offset}")
+    start_index += offset
     folder = str(path)
     if num_frames is not None:
         if num_frames < 1:
@@ -211,12 +221,12 @@ class FrameIndexCache:
         self._items: OrderedDict[tuple, FrameIndex] = OrderedDict()
 
     def get(self, record: FrameRecord) -> FrameIndex:
-        key = (record.path, record.template, record.start_index, record.num_frames)
+        key = (record.path, record.template, record.start_index, record.num_frames, record.offset)
         item = self._items.get(key)
         if item is not None:
             self._items.move_to_end(key)
             return item
-        item = frame_index(record.path, record.template, record.start_index, record.num_frames)
+        item = frame_index(record.path, record.template, record.start_index, record.num_frames, record.offset)
         if self.capacity > 0:
             self._items[key] = item
             if len(self._items) > self.capacity:
@@ -327,7 +337,7 @@ def probe_frame_folder(record: FrameRecord) -> dict:
     counterpart of `decode.probe_full_decode`; "duration" and "fps" are None: folders carry no
     timing). Raises VideoDecodeError for a missing/empty folder or a missing/unreadable frame.
     """
-    index = frame_index(record.path, record.template, record.start_index, record.num_frames)
+    index = frame_index(record.path, record.template, record.start_index, record.num_frames, record.offset)
     sizes: dict[tuple[int, int], int] = {}
     kind = "?"
     for i in range(index.num_frames):

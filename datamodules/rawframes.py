@@ -2,13 +2,16 @@
 
 Each line of a list is `frame_dir num_frames label`: a folder of extracted frames (relative to
 `root`), its frame count and a 0-based label; the released SIFA and TSM lists use this form.
+MMAction2's with-offset form `frame_dir offset num_frames label` is read too.
 """
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
-from .annotations import AnnotationError, annotation_lines
+from .annotations import AnnotationError, annotation_lines, numeric_tail
 from .frames import DEFAULT_TEMPLATE, FrameRecord, check_template
 from .layouts import VideoListDataModule
 
@@ -23,7 +26,9 @@ def parse_rawframe_list(
     start_index: int = 1,
     trust_counts: bool = True,
 ) -> list[FrameRecord]:
-    """`frame_dir num_frames label` lines (the folder may contain spaces) -> FrameRecords.
+    """`frame_dir num_frames label` lines (the folder may contain spaces) -> FrameRecords; also
+    MMAction2's with-offset form `frame_dir offset num_frames label` (frame i is the file numbered
+    start_index + offset + i). More number columns (multi-label lists) are refused.
 
     With `trust_counts` the listed count is the clip's length (no folder scan); otherwise each
     folder is scanned when first read. Raises AnnotationError naming the file and line.
@@ -37,6 +42,22 @@ def parse_rawframe_list(
             count, label = int(parts[1]), int(parts[2])
         except ValueError:
             raise AnnotationError(file, n, f"num_frames and label must be integers, got {line!r}") from None
+        folder, extra = numeric_tail(parts[0])
+        offset = 0
+        if not extra or os.path.isdir(Path(root) / parts[0].strip()):
+            folder = parts[0]  # no extra column, or a folder whose name ends in a number
+        elif len(extra) == 1 and re.fullmatch(r"[+-]?\d+", extra[0]):
+            offset = int(extra[0])
+            if offset < 0:
+                raise AnnotationError(file, n, f"offset: expected >= 0, got {offset}")
+        else:
+            raise AnnotationError(
+                file,
+                n,
+                "expected 'frame_dir total_frames label' or 'frame_dir offset total_frames label', got "
+                f"{len(extra) + 2} number columns after the folder in {line!r} (multi-label and other extra "
+                "columns are not supported)",
+            )
         if count < 1:
             raise AnnotationError(file, n, f"num_frames: expected >= 1, got {count}")
         if label < 0 or (num_classes is not None and label >= num_classes):
@@ -44,11 +65,12 @@ def parse_rawframe_list(
             raise AnnotationError(file, n, f"unknown class {label}: expected a label in {bound}")
         records.append(
             FrameRecord(
-                str(Path(root) / parts[0]),
+                str(Path(root) / folder.strip()),
                 label,
                 num_frames=count if trust_counts else None,
                 template=template,
                 start_index=start_index,
+                offset=offset,
             )
         )
     return records

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import re
 from collections.abc import Sequence
@@ -24,7 +23,7 @@ from typing import Literal
 
 from torch.utils.data import DataLoader
 
-from .annotations import AnnotationError, VideoRecord, read_annotation_text
+from .annotations import AnnotationError, VideoRecord, read_annotation_text, read_class_names, read_json
 from .base import VideoDataModule
 from .frames import FrameRecord, check_template
 from .sampling import Sampling
@@ -61,14 +60,6 @@ def left_right_pairs(class_names: Sequence[str]) -> list[tuple[int, int]]:
     """The (i, j) class pairs, i < j, that a horizontal flip exchanges."""
     table = mirror_label_table(class_names)
     return [(i, j) for i, j in enumerate(table) if i < j]
-
-
-def _read_json(file: Path):
-    text = read_annotation_text(file)
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise AnnotationError(file, exc.lineno, f"not valid JSON: {exc.msg}") from None
 
 
 def _fold(name: str) -> str:
@@ -178,17 +169,7 @@ class SomethingSomethingV2DataModule(_SomethingSomething):
         self.video_extension = video_extension
 
     def _class_names(self) -> list[str]:
-        file = self.label_dir / "labels.json"
-        raw = _read_json(file)
-        if not isinstance(raw, dict) or not raw:
-            raise AnnotationError(file, None, "expected a JSON object {class name: id}")
-        try:
-            by_id = {int(v): str(k) for k, v in raw.items()}
-        except (TypeError, ValueError):
-            raise AnnotationError(file, None, 'expected integer class ids (as strings, e.g. "0")') from None
-        if sorted(by_id) != list(range(len(raw))):
-            raise AnnotationError(file, None, f"expected the ids 0..{len(raw) - 1} once each")
-        return [by_id[i] for i in range(len(raw))]
+        return read_class_names(self.label_dir / "labels.json")
 
     def _record(self, vid: str, label: int) -> VideoRecord:
         if self.frame_dir is not None:
@@ -200,7 +181,7 @@ class SomethingSomethingV2DataModule(_SomethingSomething):
     def _load_split(self, split: str) -> list[VideoRecord] | None:
         name = {"train": "train", "val": "validation", "test": self.test_split}[split]
         file = self.label_dir / f"{name}.json"
-        entries = _read_json(file)
+        entries = read_json(file)
         if not isinstance(entries, list):
             raise AnnotationError(file, None, "expected a JSON list of entries")
         labelled = name != "test"

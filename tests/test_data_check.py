@@ -107,7 +107,7 @@ def test_clean_list_of_frame_folders_is_a_rawframe_list(tmp_path):
     write_jpeg_folder(tmp_path / "a", frames)
     write_jpeg_folder(tmp_path / "b", frames[:3])  # lists 6 frames, holds 3: unreadable
     lst = tmp_path / "frames.txt"
-    lst.write_text("a 6 0\nb 6 1\n", encoding="utf-8")
+    lst.write_text("a 6 0\nb 6 1\na 2 4 1\n", encoding="utf-8")  # the last: with an offset
     dm = RawFrameListDataModule(root=str(tmp_path), train_list=str(lst))
     report = check_datamodule(dm, num_workers=0, print_table=False)
     assert [p for p, _ in report.unreadable] == [str(tmp_path / "b")]
@@ -117,7 +117,7 @@ def test_clean_list_of_frame_folders_is_a_rawframe_list(tmp_path):
     assert written.is_symlink()
     assert (tmp_path / "lists" / "kept.txt").read_text(
         encoding="utf-8"
-    ) == f"# frame_template: 'img_{{:05d}}.jpg'  frame_start_index: 1\n{tmp_path / 'a'} 6 0\n"
+    ) == f"# frame_template: 'img_{{:05d}}.jpg'  frame_start_index: 1\n{tmp_path / 'a'} 6 0\n{tmp_path / 'a'} 2 4 1\n"
     os.mkfifo(tmp_path / "fifo_train.txt")
     with pytest.raises(ValueError, match=r"write_clean_list: cannot write .*fifo_train.txt: it is a FIFO"):
         clean_list_files(dm, ["train"], tmp_path / "fifo.txt")

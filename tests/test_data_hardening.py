@@ -250,7 +250,9 @@ def test_extra_list_columns_are_refused_or_read_as_the_offset_form(tmp_path):
         (tmp_path / "list.txt").write_text(text, encoding="utf-8")
         return cls(root=str(tmp_path), train_list="list.txt", num_classes=4, **kw).records("train")
 
-    with pytest.raises(AnnotationError, match=r"list.txt:2: expected 'path label', got 3 number columns .*multi-label"):
+    with pytest.raises(
+        AnnotationError, match=r"list.txt:2: expected 'path label', got 2 number columns after the path .*multi-label"
+    ):
         records("a.mp4 1\ntest.mp4 0 3\n")
     with pytest.raises(AnnotationError, match=r"list.txt:1: expected 'path label', got 3 number columns"):
         records("clip.mp4 1.5 3.0 2\n")  # a time window
