@@ -377,10 +377,9 @@ def test_flow_layer_non_finite_voxel_gives_nan_not_zero_flow(value):
     x[0, 1, 1, 2, 2] = value
     x.requires_grad_()
     out = layer(x)
-    assert out[0].isnan().any(), "a non-finite voxel must not give a finite flow"
+    # NaN, -Inf and +Inf alike make the whole sample's flow NaN (+Inf used to leave 92% of it 0).
+    assert out[0].isnan().all(), "a non-finite voxel must make its sample's flow NaN, not partly zero"
     assert torch.isfinite(out[1]).all()  # the other sample is unaffected
-    if value != float("inf"):  # NaN and -Inf make the sample's min/max non-finite: all of it NaN
-        assert out[0].isnan().all()
     # The backward carries NaN along the same paths, and no further: the clean sample's gradient is
     # finite (the bad sample's entries of it are 0·NaN = NaN, as for any torch op with a NaN input).
     (grad,) = torch.autograd.grad(out[1].sum(), x, retain_graph=True)

@@ -79,9 +79,8 @@ class FlowLayer(nn.Module):
     depend on its batch.
 
     Non-finite input (docs/repflow.md §1, both backends alike): NaN propagates as in torch ops. A NaN
-    or -Inf voxel makes that sample's normalised clip NaN (its min/max are NaN or infinite), a +Inf
-    voxel makes its own voxel NaN; the flow is then NaN wherever that value reaches, never a silent
-    zero, and the backward carries NaN along the same paths. Other samples are unaffected.
+    or ±Inf voxel makes that sample's whole normalised clip, and so its whole flow, NaN (never a
+    silent zero), and the backward carries NaN along the same paths. Other samples are unaffected.
 
     ``x`` must have the layer's parameter dtype (float32 by default), or under ``torch.autocast`` the
     autocast dtype; 16-bit inputs are computed in float32 and returned in their dtype.
@@ -180,13 +179,14 @@ class FlowLayer(nn.Module):
         if x.numel() == 0:
             # Empty in, empty out; the (zero) sum keeps the result in x's autograd graph.
             return x.new_zeros((n, 2 * c, t - 1, h, w)) + x.sum() * 0
-        # Normalise each sample on its own, in at least float32 (a 16-bit eps would underflow). amin and
-        # amax propagate NaN, so a NaN voxel makes its whole sample NaN rather than zero flow.
+        # Normalise each sample on its own, in at least float32 (a 16-bit eps would underflow). Any
+        # non-finite voxel makes hi - lo non-finite, and the added (hi - lo)·0 then makes the whole
+        # sample NaN: without it a +Inf max scaled the other voxels to exactly 0 (zero flow).
         xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         flat = xf.reshape(n, -1)
         lo = flat.amin(dim=1).reshape(n, 1, 1, 1, 1)
         hi = flat.amax(dim=1).reshape(n, 1, 1, 1, 1)
-        xn = 255.0 * (xf - lo) / (hi - lo + NORM_EPS)
+        xn = 255.0 * (xf - lo) / (hi - lo + NORM_EPS) + (hi - lo) * 0
         # Frame pairs (t, t+1) flattened into the batch: [N·(T-1), C, H, W].
         i0 = xn[:, :, :-1].transpose(1, 2).reshape(n * (t - 1), c, h, w)
         i1 = xn[:, :, 1:].transpose(1, 2).reshape(n * (t - 1), c, h, w)
