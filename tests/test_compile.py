@@ -9,9 +9,15 @@ PyTorch, which torch.compile traces through.
 torch.compile with the default (inductor) backend generates and compiles C++ on CPU, tens of seconds
 per graph on a cold cache: those tests are marked ``slow``. Graph capture itself (``fullgraph=True``, no
 graph break; the custom op as one node) is checked with a recording backend, which is fast.
+
+The last section compiles kernels with nvcc instead: register spills that ``ptxas -v`` reports for the
+float32 builds of the TV-L1 plane kernels (there must be none).
 """
 
 from __future__ import annotations
+
+import re
+import shutil
 
 import pytest
 import torch
@@ -451,3 +457,36 @@ def test_compile_dynamic_shapes_one_graph_for_several_clip_sizes(emulation, modu
         x = clip(channels, frames=frames, size=size)
         assert_same(outputs_and_grads(compiled, x), outputs_and_grads(model, x), tol=0)
     assert len(recorder.graphs) == 1
+
+
+# ---------------------------------------------------------------------------------- nvcc: register spills
+
+
+def ptxas_spills(report: str) -> dict[tuple[str, str, str], tuple[int, int]]:
+    """{(kernel, ctype, arch): (spill store bytes, spill load bytes)} from ``nvcc -Xptxas -v`` output."""
+    ctypes = {"f": "float", "d": "double", "8vmm_half": "vmm_half", "12vmm_bfloat16": "vmm_bfloat16"}
+    spills, entry = {}, None
+    for line in report.splitlines():
+        m = re.search(r"Compiling entry function '_Z\d+(\w+?)I(f|d|8vmm_half|12vmm_bfloat16)E\w*' for '(sm_\d+)'", line)
+        if m:
+            entry = (m.group(1), ctypes[m.group(2)], m.group(3))
+            continue
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and entry is not None:
+            spills[entry] = (int(m.group(1)), int(m.group(2)))
+            entry = None
+    return spills
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+def test_tvl1_plane_kernels_float32_builds_do_not_spill():
+    # The backward's blocks (TVL1_PLANE_BACKWARD_THREADS) leave 128 registers per thread for two float
+    # pixels; a spill here means a change put more state in registers than that.
+    from ops.compile_checks import nvcc_compile_check
+    from ops.repflow.kernels import TVL1_PLANE_SOURCE
+
+    archs = ("sm_80", "sm_90")
+    spills = ptxas_spills(nvcc_compile_check(TVL1_PLANE_SOURCE, archs=archs))
+    for kernel in TVL1_PLANE_SOURCE.kernels:
+        for arch in archs:
+            assert spills[kernel, "float", arch] == (0, 0), f"{kernel}<float> on {arch} spills {spills}"

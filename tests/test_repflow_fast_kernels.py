@@ -104,24 +104,34 @@ def test_tvl1_path_follows_the_variant_and_the_plane_size():
 
 
 def test_launcher_limits_mirror_the_kernel_source():
-    # tvl1_plane.cu's tvl1_plane_limits<float / double> and TVL1_PLANE_THREADS, read from the source.
-    source = TVL1_PLANE_SOURCE.path.read_text()
+    # tvl1_plane.cu's tvl1_plane_limits<float / double>, TVL1_PLANE_THREADS and TVL1_PLANE_BACKWARD_THREADS,
+    # read from the source.
+    source = TVL1_PLANE_SOURCE.path.read_text(encoding="utf-8")
     limits = dict(
         re.findall(r"struct tvl1_plane_limits<(float|double)> \{\s*static const int MAX_PIXELS = (\d+);", source)
     )
-    per_thread = dict(re.findall(r"struct tvl1_plane_limits<(float|double)> \{[^}]*PIXELS_PER_THREAD = (\d+);", source))
     ctype = {torch.float32: "float", torch.float64: "double"}
     assert {d: int(limits[ctype[d]]) for d in ctype} == PLANE_MAX_PIXELS
-    assert {d: int(per_thread[ctype[d]]) for d in ctype} == tvl1_kernels.PLANE_PIXELS_PER_THREAD
-    threads = re.search(r"#define TVL1_PLANE_THREADS (\d+)", source).group(1)
-    assert int(threads) == tvl1_kernels.PLANE_MAX_THREADS
+    for kernel, prefix, threads in [
+        ("tvl1_plane_forward", "FORWARD", "TVL1_PLANE_THREADS"),
+        ("tvl1_plane_backward", "BACKWARD", "TVL1_PLANE_BACKWARD_THREADS"),
+    ]:
+        pattern = rf"struct tvl1_plane_limits<(float|double)> \{{[^}}]*{prefix}_PIXELS_PER_THREAD = (\d+);"
+        per_thread = dict(re.findall(pattern, source))
+        assert {d: int(per_thread[ctype[d]]) for d in ctype} == tvl1_kernels.PLANE_PIXELS_PER_THREAD[kernel]
+        assert int(re.search(rf"#define {threads} (\d+)", source).group(1)) == tvl1_kernels.PLANE_MAX_THREADS[kernel]
+        assert f"__launch_bounds__({threads}" in source
+        for dtype, pixels in PLANE_MAX_PIXELS.items():  # the largest plane fits the largest block
+            ppt = tvl1_kernels.PLANE_PIXELS_PER_THREAD[kernel][dtype]
+            assert tvl1_kernels.plane_threads(pixels, dtype, kernel) * ppt >= pixels
 
 
 @pytest.mark.parametrize(
     ("dtype", "shape", "path"),
     [
         (torch.float64, (2, 2, 16, 32), "plane"),  # exactly the float64 limit
-        (torch.float32, (1, 1, 32, 32), "plane"),  # exactly the float32 limit: a block of 1024 threads
+        # exactly the float32 limit: a forward block of 1024 threads, a backward block of 512 with two pixels each
+        (torch.float32, (1, 1, 32, 32), "plane"),
         (torch.float64, (1, 1, 23, 23), "simple"),  # 529 pixels: falls back
         (torch.float32, (1, 1, 33, 32), "simple"),  # 1056 pixels
     ],
@@ -363,7 +373,8 @@ def test_plane_backward_refuses_a_plane_it_cannot_hold():
     empty = gx.new_empty((0,))
     grad_u = torch.ones(2, 2, 2, 300, dtype=torch.float64)
     args = (gx, gy, rho_c, params, st, grad_u, empty, empty, empty, *grads, acc, 2, 1, 2, 300, 1, 1)
-    TVL1_PLANE_SOURCE.launch("tvl1_plane_backward", args, dtype=torch.float64, grid=(1, 1, 1), block=(1024, 1, 1))
+    block = (tvl1_kernels.PLANE_MAX_THREADS["tvl1_plane_backward"], 1, 1)
+    TVL1_PLANE_SOURCE.launch("tvl1_plane_backward", args, dtype=torch.float64, grid=(1, 1, 1), block=block)
     assert all(g.isnan().all() for g in grads) and acc.isnan().all()
 
 
@@ -520,7 +531,7 @@ def test_cupy_fast_non_finite_inputs(value):
 
 @pytest.mark.gpu
 def test_cupy_fast_many_planes_and_deterministic():
-    # More planes than the backward's grid (PLANE_BLOCKS_PER_SM blocks per SM): the block-stride loop.
+    # More planes than the backward's grid (the resident blocks): the block-stride loop.
     i0, i1, stencils, weight = _cuda_case(torch.float32, (64, 32, 14, 14))
     first = _cuda_run("fast", i0, i1, 10, stencils, weight)
     second = _cuda_run("fast", i0, i1, 10, stencils, weight)

@@ -4,7 +4,7 @@
 //
 // Every plane is solved independently (depthwise stencils), so a block can run all n_iter iterations
 // of its plane in one launch: the state of the plane lives in registers (thread t owns pixel t, and
-// t + blockDim, ... if PIXELS_PER_THREAD > 1, so warps touch consecutive addresses) and neighbours
+// t + blockDim, ... where a thread owns several, so warps touch consecutive addresses) and neighbours
 // exchange values through shared memory, two barriers per iteration:
 //   primal step (reads p of the left and upper neighbours) -> u to shared -> barrier ->
 //   dual step (reads u of the right and lower neighbours)  -> p to shared -> barrier.
@@ -23,32 +23,39 @@
 // Blocks walk the planes with a block-stride loop, so the scratch is sized by the grid, not the batch.
 #include "tvl1_common.cuh"
 
-// Per compute type: the largest plane (pixels) a block holds and the pixels one thread owns. Static
-// shared memory is 6 maps of MAX_PIXELS (24 KiB for both), under the 48 KiB static limit. One pixel
-// per thread keeps the per-thread state in few registers, hence many warps per SM to hide the
-// barriers' latency. ops/repflow/kernels.py mirrors these numbers (PLANE_MAX_PIXELS,
-// PLANE_PIXELS_PER_THREAD) to choose the kernels and the block.
+// Per compute type: the largest plane (pixels) a block holds and the pixels one thread of each
+// kernel owns. Static shared memory is 6 maps of MAX_PIXELS in the forward, 10 in the backward (24 and
+// 40 KiB for both types), under the 48 KiB static limit. The forward keeps one pixel per thread in
+// blocks of up to TVL1_PLANE_THREADS: its state fits the 64 registers such a block allows, and many
+// warps per SM hide the barriers' latency. The backward holds about twice the state per pixel
+// (adjoints, gradient sums, the recomputed state): blocks of up to TVL1_PLANE_BACKWARD_THREADS leave
+// it 128 registers, which hold two float pixels per thread without spilling (one double pixel spills
+// a few dozen bytes). ops/repflow/kernels.py mirrors these numbers (PLANE_MAX_PIXELS,
+// PLANE_MAX_THREADS, PLANE_PIXELS_PER_THREAD) to choose the kernels and the block.
 #define TVL1_PLANE_THREADS 1024
+#define TVL1_PLANE_BACKWARD_THREADS 512
 template <typename A>
 struct tvl1_plane_limits;
 template <>
 struct tvl1_plane_limits<float> {
     static const int MAX_PIXELS = 1024;
-    static const int PIXELS_PER_THREAD = 1;
+    static const int FORWARD_PIXELS_PER_THREAD = 1;
+    static const int BACKWARD_PIXELS_PER_THREAD = 2;
 };
 template <>
 struct tvl1_plane_limits<double> {
     static const int MAX_PIXELS = 512;
-    static const int PIXELS_PER_THREAD = 1;
+    static const int FORWARD_PIXELS_PER_THREAD = 1;
+    static const int BACKWARD_PIXELS_PER_THREAD = 1;
 };
 
-// Whether a block of nt threads can hold an H x W plane (the launcher guarantees it; a kernel that
-// finds otherwise writes NaN rather than a partial result). nt must be whole warps (the reduction).
+// Whether a block of nt threads (at most max_threads, ppt pixels each) can hold an H x W plane (the
+// launcher guarantees it; a kernel that finds otherwise writes NaN rather than a partial result). nt
+// must be whole warps (the reduction).
 template <typename A>
-__device__ __forceinline__ bool tvl1_plane_fits(vmm_i64 H, vmm_i64 W, int nt) {
-    typedef tvl1_plane_limits<A> lim;
-    return H >= 1 && W >= 1 && H * W <= lim::MAX_PIXELS && nt >= 32 && nt <= TVL1_PLANE_THREADS &&
-           nt % 32 == 0 && (vmm_i64)nt * lim::PIXELS_PER_THREAD >= H * W;
+__device__ __forceinline__ bool tvl1_plane_fits(vmm_i64 H, vmm_i64 W, int nt, int max_threads, int ppt) {
+    return H >= 1 && W >= 1 && H * W <= tvl1_plane_limits<A>::MAX_PIXELS && nt >= 32 && nt <= max_threads &&
+           nt % 32 == 0 && (vmm_i64)nt * ppt >= H * W;
 }
 
 // One pixel a thread owns: its index in the plane and which neighbours exist.
@@ -99,6 +106,11 @@ struct tvl1_plane_image {
     A g1, g2, rc, grad, inv_grad;
 };
 
+template <typename A>
+__device__ __forceinline__ A tvl1_plane_grad(A g1, A g2) {
+    return g1 * g1 + g2 * g2 + (A)TVL1_EPS;
+}
+
 template <typename T>
 __device__ __forceinline__ tvl1_plane_image<typename vmm_acc<T>::type> tvl1_plane_load_image(
     const T* __restrict__ gx, const T* __restrict__ gy, const T* __restrict__ rho_c, vmm_i64 at) {
@@ -107,7 +119,7 @@ __device__ __forceinline__ tvl1_plane_image<typename vmm_acc<T>::type> tvl1_plan
     im.g1 = vmm_load(gx, at);
     im.g2 = vmm_load(gy, at);
     im.rc = vmm_load(rho_c, at);
-    im.grad = im.g1 * im.g1 + im.g2 * im.g2 + (A)TVL1_EPS;
+    im.grad = tvl1_plane_grad(im.g1, im.g2);
     im.inv_grad = (A)1 / im.grad;
     return im;
 }
@@ -198,14 +210,14 @@ __global__ void __launch_bounds__(TVL1_PLANE_THREADS)
                        vmm_i64 W, vmm_i64 n_iter, vmm_i64 seg, vmm_i64 n_ckpt) {
     typedef typename vmm_acc<T>::type A;
     typedef tvl1_plane_limits<A> lim;
-    const int PPT = lim::PIXELS_PER_THREAD;
+    const int PPT = lim::FORWARD_PIXELS_PER_THREAD;
     const int MAXP = lim::MAX_PIXELS;
     __shared__ A sh[6 * lim::MAX_PIXELS];
     A* sh_u = sh;             // u1, u2 after the last primal step
     A* sh_p = sh + 2 * MAXP;  // p11, p12, p21, p22 after the last dual step
     const int nt = blockDim.x, t = threadIdx.x;
     const vmm_i64 n_planes = B * C;
-    if (!tvl1_plane_fits<A>(H, W, nt)) {
+    if (!tvl1_plane_fits<A>(H, W, nt, TVL1_PLANE_THREADS, PPT)) {
         for (vmm_i64 bc = blockIdx.x; bc < n_planes; bc += gridDim.x) {
             const vmm_i64 b = bc / C;
             tvl1_plane_nan_fill<T, A>(u_out, (bc + b * C) * H * W, C * H * W, 2, (int)(H * W), t, nt);
@@ -300,11 +312,18 @@ __global__ void __launch_bounds__(TVL1_PLANE_THREADS)
 // The adjoint of tvl1_plane_forward (and of tvl1_forward: the same checkpoints). In: grad_u
 // [B,2C,H,W] (d u_{n_iter}), the checkpoints (n_iter / seg rounded up, minus one, states). Out: ggx,
 // ggy, grho [B,C,H,W] (every element written), acc [11, B*C] (row ACC_*, column b*C + c: this plane's
-// sum). scratch: (seg + 1) * 6 * H*W elements per block of the grid. (The explicit "1 block per SM"
-// lets ptxas use the 64 registers a 1024-thread block allows: without it, it gave the float64
-// instantiation 32 and spilled 1.4 KB.)
+// sum). scratch: (seg + 1) * 6 * H*W elements per block of the grid.
+//
+// Registers: a thread holds per pixel the adjoints (ubar, pbar), the gradients of gx, gy, rho_c and,
+// while a segment is recomputed, its state; per plane the 11 sums. Everything else a step reads is kept
+// out of registers, so that two float pixels fit the 128 registers of a 512-thread block without
+// spilling: the image terms and the stencil taps live in shared memory (read where used: the barriers
+// keep the compiler from hoisting them back into registers), loop counters are 32-bit, and the scratch
+// is pixel-major (slot s, pixel i, map q at (s * H*W + i) * 6 + q), so a pixel's six values and its
+// left and right neighbours' lie at constant offsets from one address rather than each taking one.
+// (The explicit "1 block per SM" lets ptxas use all the registers the block size allows.)
 template <typename T>
-__global__ void __launch_bounds__(TVL1_PLANE_THREADS, 1)
+__global__ void __launch_bounds__(TVL1_PLANE_BACKWARD_THREADS, 1)
     tvl1_plane_backward(const T* __restrict__ gx, const T* __restrict__ gy, const T* __restrict__ rho_c,
                         const T* __restrict__ params, const T* __restrict__ st, const T* __restrict__ grad_u,
                         const T* __restrict__ ckpt_u, const T* __restrict__ ckpt_p, T* scratch,
@@ -312,15 +331,18 @@ __global__ void __launch_bounds__(TVL1_PLANE_THREADS, 1)
                         vmm_i64 B, vmm_i64 C, vmm_i64 H, vmm_i64 W, vmm_i64 n_iter, vmm_i64 seg) {
     typedef typename vmm_acc<T>::type A;
     typedef tvl1_plane_limits<A> lim;
-    const int PPT = lim::PIXELS_PER_THREAD;
+    const int PPT = lim::BACKWARD_PIXELS_PER_THREAD;
     const int MAXP = lim::MAX_PIXELS;
     __shared__ A sh[6 * lim::MAX_PIXELS];
     static_assert(ACC_ROWS * 32 <= 6 * lim::MAX_PIXELS, "the reduction reuses sh");
     A* sh_g = sh;             // gbar: adjoints of u1x, u1y, u2x, u2y (zero where the difference is)
     A* sh_U = sh + 4 * MAXP;  // the full adjoint of u_k, both components
+    __shared__ A sh_im[4 * lim::MAX_PIXELS];  // the plane's g1, g2, rho_c and 1 / grad (tvl1_plane_image)
+    __shared__ tvl1_taps<A> sh_k;             // the plane's stencil taps
     const int nt = blockDim.x, t = threadIdx.x;
     const vmm_i64 n_planes = B * C;
-    if (!tvl1_plane_fits<A>(H, W, nt)) {
+    // 32-bit iteration counts (and scratch offsets: (seg + 1) * 6 * H*W stays far below 2^31).
+    if (!tvl1_plane_fits<A>(H, W, nt, TVL1_PLANE_BACKWARD_THREADS, PPT) || n_iter > 0x7fffffff) {
         for (vmm_i64 bc = blockIdx.x; bc < n_planes; bc += gridDim.x) {
             const int hw = (int)(H * W);
             tvl1_plane_nan_fill<T, A>(ggx, bc * H * W, 0, 1, hw, t, nt);
@@ -331,18 +353,30 @@ __global__ void __launch_bounds__(TVL1_PLANE_THREADS, 1)
         return;
     }
     const int Hi = (int)H, Wi = (int)W, hw = Hi * Wi;
+    const int n_it = (int)n_iter, sg = (int)seg;
     const vmm_i64 CHW = C * hw;
     const A eps = (A)TVL1_EPS;
     const A theta = vmm_load(params, 0), lt = vmm_load(params, 1), r = vmm_load(params, 2);
     // Slot s of this block's scratch: u1, u2, p11, p12, p21, p22 of the state after start + s iterations.
     T* sc = scratch + (vmm_i64)blockIdx.x * (seg + 1) * 6 * hw;
-    const vmm_i64 n_seg = (n_iter + seg - 1) / seg;
+    const int n_seg = (n_it + sg - 1) / sg;
+    // A pixel's image terms, as tvl1_plane_load_image made them.
+    const auto image_at = [&](int i) {
+        tvl1_plane_image<A> g;
+        g.g1 = sh_im[i];
+        g.g2 = sh_im[MAXP + i];
+        g.rc = sh_im[2 * MAXP + i];
+        g.grad = tvl1_plane_grad(g.g1, g.g2);
+        g.inv_grad = sh_im[3 * MAXP + i];
+        return g;
+    };
     for (vmm_i64 bc = blockIdx.x; bc < n_planes; bc += gridDim.x) {
         const vmm_i64 b = bc / C, c = bc - b * C;
-        const tvl1_taps<A> k = tvl1_load_taps(st, c);
+        // sh_k and sh_im are free: the previous plane's last reads come before its reduction's barriers.
+        if (t == 0) sh_k = tvl1_load_taps(st, c);
+        const tvl1_taps<A>& k = sh_k;  // read after the first segment's barrier
         const vmm_i64 g_base = bc * hw, u_base = (bc + b * C) * hw, p_base = (bc + 3 * b * C) * hw;
         tvl1_pixel px[PPT];
-        tvl1_plane_image<A> im[PPT];
         A ubar[2][PPT], pbar[4][PPT], U[2][PPT], g1bar[PPT], g2bar[PPT], rhobar_sum[PPT];
         A u[PPT][2], p[PPT][4];  // the state being recomputed (own pixels)
         A sum[ACC_ROWS];
@@ -353,52 +387,61 @@ __global__ void __launch_bounds__(TVL1_PLANE_THREADS, 1)
             px[j] = tvl1_make_pixel(t + j * nt, Hi, Wi);
             if (!px[j].valid) continue;
             const int i = px[j].i;
-            im[j] = tvl1_plane_load_image(gx, gy, rho_c, g_base + i);
+            const tvl1_plane_image<A> g = tvl1_plane_load_image(gx, gy, rho_c, g_base + i);
+            sh_im[i] = g.g1;
+            sh_im[MAXP + i] = g.g2;
+            sh_im[2 * MAXP + i] = g.rc;
+            sh_im[3 * MAXP + i] = g.inv_grad;
             #pragma unroll
             for (int m = 0; m < 2; ++m) ubar[m][j] = vmm_load(grad_u, u_base + m * CHW + i);
             #pragma unroll
             for (int q = 0; q < 4; ++q) pbar[q][j] = (A)0;
             g1bar[j] = g2bar[j] = rhobar_sum[j] = (A)0;
         }
-        for (vmm_i64 si = n_seg - 1; si >= 0; --si) {
-            const vmm_i64 start = si * seg;
-            const vmm_i64 len = (n_iter - start < seg ? n_iter - start : seg);
-            // Slot 0: the segment's checkpoint (the zero state for the first segment).
+        for (int si = n_seg - 1; si >= 0; --si) {
+            const int start = si * sg;
+            const int len = (n_it - start < sg ? n_it - start : sg);
+            // Slot 0: the segment's checkpoint (the zero state for the first segment), copied by the whole
+            // block, then each thread's own pixels read back after the barrier.
             __syncthreads();  // the previous segment's (or plane's) reads of the scratch are done
-            #pragma unroll
-            for (int j = 0; j < PPT; ++j) {
-                if (!px[j].valid) continue;
-                const int i = px[j].i;
-                const vmm_i64 slot = si - 1;
-                #pragma unroll
-                for (int m = 0; m < 2; ++m) {
-                    u[j][m] = si == 0 ? (A)0 : vmm_load(ckpt_u, slot * B * 2 * CHW + u_base + m * CHW + i);
-                    vmm_store(sc + m * hw + i, u[j][m]);
-                }
-                #pragma unroll
-                for (int q = 0; q < 4; ++q) {
-                    p[j][q] = si == 0 ? (A)0 : vmm_load(ckpt_p, slot * B * 4 * CHW + p_base + q * CHW + i);
-                    vmm_store(sc + (2 + q) * hw + i, p[j][q]);
+            for (int q = 0; q < 6; ++q) {
+                for (int e = t; e < hw; e += nt) {
+                    A v = (A)0;
+                    if (si > 0) {
+                        const vmm_i64 slot = si - 1;
+                        v = q < 2 ? vmm_load(ckpt_u, slot * B * 2 * CHW + u_base + q * CHW + e)
+                                  : vmm_load(ckpt_p, slot * B * 4 * CHW + p_base + (q - 2) * CHW + e);
+                    }
+                    vmm_store(sc + e * 6 + q, v);
                 }
             }
             __syncthreads();
+            #pragma unroll
+            for (int j = 0; j < PPT; ++j) {
+                if (!px[j].valid) continue;
+                #pragma unroll
+                for (int m = 0; m < 2; ++m) u[j][m] = vmm_load(sc, px[j].i * 6 + m);
+                #pragma unroll
+                for (int q = 0; q < 4; ++q) p[j][q] = vmm_load(sc, px[j].i * 6 + 2 + q);
+            }
             // Slots 1 .. len - 1 (states), and slot len's u when the adjoint of iteration start + len has
             // a dual step (start + len < n_iter): each state computed once, from the one before it.
-            const vmm_i64 primal_steps = start + len < n_iter ? len : len - 1;
-            for (vmm_i64 s = 1; s <= primal_steps; ++s) {
+            const int primal_steps = start + len < n_it ? len : len - 1;
+            for (int s = 1; s <= primal_steps; ++s) {
                 T* prev = sc + (s - 1) * 6 * hw;
                 T* cur = sc + s * 6 * hw;
                 // The neighbours' values, as the steps read them (map m at pixel i + d).
-                const auto p_at = [&](int m, int i, int d) -> A { return vmm_load(prev, (2 + m) * hw + i + d); };
-                const auto u_at = [&](int m, int i, int d) -> A { return vmm_load(cur, m * hw + i + d); };
+                const auto p_at = [&](int m, int i, int d) -> A { return vmm_load(prev, (i + d) * 6 + 2 + m); };
+                const auto u_at = [&](int m, int i, int d) -> A { return vmm_load(cur, (i + d) * 6 + m); };
                 #pragma unroll
                 for (int j = 0; j < PPT; ++j) {
                     if (!px[j].valid) continue;
-                    const A coef = tvl1_plane_primal_coef(im[j], u[j], lt);
+                    const tvl1_plane_image<A> g = image_at(px[j].i);
+                    const A coef = tvl1_plane_primal_coef(g, u[j], lt);
                     #pragma unroll
                     for (int m = 0; m < 2; ++m) {
-                        u[j][m] = tvl1_plane_primal_u(k, px[j], Wi, im[j], coef, theta, m, u[j][m], p[j], p_at);
-                        vmm_store(cur + m * hw + px[j].i, u[j][m]);
+                        u[j][m] = tvl1_plane_primal_u(k, px[j], Wi, g, coef, theta, m, u[j][m], p[j], p_at);
+                        vmm_store(cur + px[j].i * 6 + m, u[j][m]);
                     }
                 }
                 __syncthreads();
@@ -409,18 +452,18 @@ __global__ void __launch_bounds__(TVL1_PLANE_THREADS, 1)
                     #pragma unroll
                     for (int m = 0; m < 2; ++m) {
                         tvl1_plane_dual_step(k, px[j], Wi, r, m, u[j][m], p[j], u_at);
-                        vmm_store(cur + (2 + 2 * m) * hw + px[j].i, p[j][2 * m]);
-                        vmm_store(cur + (3 + 2 * m) * hw + px[j].i, p[j][2 * m + 1]);
+                        vmm_store(cur + px[j].i * 6 + 2 + 2 * m, p[j][2 * m]);
+                        vmm_store(cur + px[j].i * 6 + 3 + 2 * m, p[j][2 * m + 1]);
                     }
                 }
                 __syncthreads();
             }
             // The adjoint of iterations start + len, ..., start + 1: iteration start + s runs from the
             // state of slot s - 1; its dual step (when it has one) produced u_k of slot s.
-            for (vmm_i64 s = len; s >= 1; --s) {
+            for (int s = len; s >= 1; --s) {
                 const T* prev = sc + (s - 1) * 6 * hw;
                 const T* cur = sc + s * 6 * hw;
-                const bool has_dual = start + s < n_iter;
+                const bool has_dual = start + s < n_it;
                 if (has_dual) {
                     // Adjoint of the dual step: pbar := pbar / s, gbar to shared, sums of r and fwd taps.
                     #pragma unroll
@@ -429,14 +472,14 @@ __global__ void __launch_bounds__(TVL1_PLANE_THREADS, 1)
                         const int i = px[j].i;
                         #pragma unroll
                         for (int m = 0; m < 2; ++m) {
-                            const A z = vmm_load(cur, m * hw + i);
-                            const A z_right = px[j].right ? vmm_load(cur, m * hw + i + 1) : (A)0;
-                            const A z_down = px[j].down ? vmm_load(cur, m * hw + i + Wi) : (A)0;
+                            const A z = vmm_load(cur, i * 6 + m);
+                            const A z_right = px[j].right ? vmm_load(cur, (i + 1) * 6 + m) : (A)0;
+                            const A z_down = px[j].down ? vmm_load(cur, (i + Wi) * 6 + m) : (A)0;
                             const tvl1_plane_dual_terms<A> d = tvl1_plane_dual_terms_at(
                                 k, px[j], r, z, [&] { return z_right; }, [&] { return z_down; });
                             const A zx = d.zx, zy = d.zy, n = d.n, inv_n = d.inv_n, inv_s = d.inv_s;
-                            const A pa = tvl1_plane_dual_p(vmm_load(prev, (2 + 2 * m) * hw + i), r, zx, inv_s);
-                            const A pb = tvl1_plane_dual_p(vmm_load(prev, (3 + 2 * m) * hw + i), r, zy, inv_s);
+                            const A pa = tvl1_plane_dual_p(vmm_load(prev, i * 6 + 2 + 2 * m), r, zx, inv_s);
+                            const A pb = tvl1_plane_dual_p(vmm_load(prev, i * 6 + 3 + 2 * m), r, zy, inv_s);
                             const A ba = pbar[2 * m][j], bb = pbar[2 * m + 1][j];
                             // p_new = (p_old + r z') / s, s = 1 + r n: dp_new/ds = -p_new / s, ds/dz' = r z' / n.
                             const A qs = ba * pa + bb * pb;
@@ -488,10 +531,10 @@ __global__ void __launch_bounds__(TVL1_PLANE_THREADS, 1)
                         if (q.right) pbar[2 * m][j] += theta * (k.dx0 * u_right + k.dx1 * U[m][j]);
                         if (q.down) pbar[2 * m + 1][j] += theta * (k.dy0 * u_down + k.dy1 * U[m][j]);
                         // The divergence itself, for the gradients of theta_e and the divergence taps.
-                        const A a_left = q.left ? vmm_load(prev, (2 + 2 * m) * hw + i - 1) : (A)0;
-                        const A a_here = q.right ? vmm_load(prev, (2 + 2 * m) * hw + i) : (A)0;
-                        const A b_up = q.up ? vmm_load(prev, (3 + 2 * m) * hw + i - Wi) : (A)0;
-                        const A b_here = q.down ? vmm_load(prev, (3 + 2 * m) * hw + i) : (A)0;
+                        const A a_left = q.left ? vmm_load(prev, (i - 1) * 6 + 2 + 2 * m) : (A)0;
+                        const A a_here = q.right ? vmm_load(prev, i * 6 + 2 + 2 * m) : (A)0;
+                        const A b_up = q.up ? vmm_load(prev, (i - Wi) * 6 + 3 + 2 * m) : (A)0;
+                        const A b_here = q.down ? vmm_load(prev, i * 6 + 3 + 2 * m) : (A)0;
                         const A Um = U[m][j];
                         sum[ACC_THETA] += Um * ((k.dx0 * a_left + k.dx1 * a_here) + (k.dy0 * b_up + k.dy1 * b_here));
                         sum[ACC_DX0] += theta * Um * a_left;
@@ -501,8 +544,8 @@ __global__ void __launch_bounds__(TVL1_PLANE_THREADS, 1)
                     }
                     // The threshold step v(rho(u_{k-1})); coef as in tvl1_coef_r, whose "+ rho * 0" (NaN
                     // policy) adds rhobar += 0 * coefbar in every branch.
-                    const A u1 = vmm_load(prev, i), u2 = vmm_load(prev, hw + i);
-                    const tvl1_plane_image<A>& g = im[j];
+                    const A u1 = vmm_load(prev, i * 6), u2 = vmm_load(prev, i * 6 + 1);
+                    const tvl1_plane_image<A> g = image_at(i);
                     const A rho = g.rc + g.g1 * u1 + g.g2 * u2;
                     const A coefbar = U[0][j] * g.g1 + U[1][j] * g.g2;
                     const A nan_of_rho = rho * (A)0;

@@ -22,7 +22,7 @@ iteration in reverse. The simple backward recomputes the state before each itera
 segment's checkpoint into one work state (about n_iter·(L-1)/2 extra steps) and holds a working set
 of about 23 maps (work state, adjoints, gradient accumulators). The fast backward recomputes each
 segment once (fewer than n_iter extra steps in all) into a per-block scratch of ``6·(L+1)`` plane maps
-(the grid is the blocks that can be resident at once, see ``PLANE_BLOCKS_PER_SM``, so the scratch does
+(the grid is the blocks that can be resident at once, see :func:`resident_blocks`, so the scratch does
 not grow with the batch), keeps the adjoints in registers and writes only the 3 input-gradient maps.
 Saved maps: about ``6·n_iter/L + 3``, against ≈ 26·n_iter maps the autograd reference saves.
 
@@ -41,7 +41,8 @@ from collections import Counter
 import torch
 from torch import Tensor
 
-from ..kernel_loader import KernelSource, kernel_variant
+# _cupy_function: the compiled kernel CuPy launches, for the occupancy query (resident_blocks).
+from ..kernel_loader import KernelSource, _cupy_function, ctype_of, kernel_variant
 from ..library import CUSTOM_OPS, check_kernel_device
 from ..validation import check_int
 from .reference import EPS, image_gradient
@@ -53,18 +54,20 @@ TVL1_PLANE_SOURCE = KernelSource("tvl1_plane.cu", ("tvl1_plane_forward", "tvl1_p
 #: kernels' tvl1_plane_limits (kernels/tvl1_plane.cu), which this must match. Larger planes take the
 #: simple kernels.
 PLANE_MAX_PIXELS = {torch.float32: 1024, torch.float64: 512}
-#: The fast kernels' largest block and the pixels each thread owns per compute dtype (tvl1_plane.cu:
-#: TVL1_PLANE_THREADS, tvl1_plane_limits::PIXELS_PER_THREAD; a tuning knob: more pixels per thread, smaller
-#: blocks, more registers per thread); a block is whole warps.
-PLANE_MAX_THREADS = 1024
-PLANE_PIXELS_PER_THREAD = {torch.float32: 1, torch.float64: 1}
-#: Fast backward grid on CUDA: as many blocks as can be resident at once (at most PLANE_BLOCKS_PER_SM
-#: per SM, fewer when the block's registers, PLANE_REGISTERS per thread, fill the SM's 65536), each
-#: walking several planes: the scratch of recomputed states is per block, so blocks that would only
-#: wait would only hold memory. Under host emulation the grid is EMULATED_PLANE_BLOCKS, so the tests
-#: exercise the block-stride loop over planes.
-PLANE_BLOCKS_PER_SM = 8
-PLANE_REGISTERS = 64  # the most __launch_bounds__(1024) allows
+#: Each fast kernel's largest block and the pixels each of its threads owns, per compute dtype
+#: (tvl1_plane.cu: TVL1_PLANE_THREADS, TVL1_PLANE_BACKWARD_THREADS, tvl1_plane_limits::FORWARD_ /
+#: BACKWARD_PIXELS_PER_THREAD): the backward holds more state per pixel, so its blocks are smaller and
+#: leave each thread more registers (128), enough for two float32 pixels. A block is whole warps.
+PLANE_MAX_THREADS = {"tvl1_plane_forward": 1024, "tvl1_plane_backward": 512}
+PLANE_PIXELS_PER_THREAD = {
+    "tvl1_plane_forward": {torch.float32: 1, torch.float64: 1},
+    "tvl1_plane_backward": {torch.float32: 2, torch.float64: 1},
+}
+#: Fast backward grid on CUDA: as many blocks as can be resident at once (CUDA's occupancy calculator on
+#: the compiled kernel: its registers, shared memory and block size), each walking several planes: the
+#: scratch of recomputed states is per block, so blocks that would only wait would only hold memory.
+#: Under host emulation the grid is EMULATED_PLANE_BLOCKS, so the tests exercise the block-stride loop
+#: over planes.
 EMULATED_PLANE_BLOCKS = 2
 
 #: How many times each kernel path ran in this process ("forward:plane", "forward:simple",
@@ -223,30 +226,46 @@ def tvl1_path(dtype: torch.dtype, height: int, width: int) -> str:
     return "simple"
 
 
-def plane_threads(pixels: int, dtype: torch.dtype) -> int:
-    """Threads of a fast-kernel block for a plane of ``pixels`` in compute dtype ``dtype``: whole warps,
-    PLANE_PIXELS_PER_THREAD pixels each."""
-    warps = -(-pixels // (32 * PLANE_PIXELS_PER_THREAD[dtype]))
-    return min(PLANE_MAX_THREADS, 32 * max(1, warps))
+def plane_threads(pixels: int, dtype: torch.dtype, kernel: str = "tvl1_plane_backward") -> int:
+    """Threads of a block of the fast kernel ``kernel`` (default: the backward, whose grid
+    :func:`plane_blocks` sizes by residency) for a plane of ``pixels`` in compute dtype ``dtype``: whole
+    warps, PLANE_PIXELS_PER_THREAD[kernel] pixels each."""
+    warps = -(-pixels // (32 * PLANE_PIXELS_PER_THREAD[kernel][dtype]))
+    return min(PLANE_MAX_THREADS[kernel], 32 * max(1, warps))
 
 
-_sm_counts: dict[int, int] = {}
+_resident_blocks: dict[tuple[str, torch.dtype, int, int], int] = {}
 
 
-def plane_blocks(device: torch.device, planes: int, threads: int, resident_only: bool) -> int:
+def resident_blocks(kernel: str, dtype: torch.dtype, device: torch.device, threads: int) -> int:
+    """How many blocks of ``threads`` threads of the fast kernel ``kernel`` (compute dtype ``dtype``) a
+    CUDA device holds at once: the driver's occupancy calculator on the compiled kernel (through CuPy)
+    times the SMs. Cached per (kernel, dtype, device, threads)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (kernel, dtype, index, threads)
+    if key not in _resident_blocks:
+        import cupy
+
+        fn = _cupy_function(TVL1_PLANE_SOURCE, kernel, ctype_of(dtype), index)
+        with cupy.cuda.Device(index):
+            per_sm = cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.kernel.ptr, threads, 0)
+        sms = torch.cuda.get_device_properties(index).multi_processor_count
+        _resident_blocks[key] = max(1, per_sm) * sms
+    return _resident_blocks[key]
+
+
+def plane_blocks(
+    device: torch.device, planes: int, threads: int, resident_only: bool, dtype: torch.dtype = torch.float32
+) -> int:
     """Grid of a fast kernel over ``planes`` planes with blocks of ``threads``: one block per plane, or
-    (``resident_only``) on CUDA at most the blocks that can be resident at once (see PLANE_BLOCKS_PER_SM);
-    EMULATED_PLANE_BLOCKS under host emulation. At least 1: CUDA refuses a launch with an empty grid
-    (no planes: the block's plane loop runs no iteration)."""
+    (``resident_only``: the backward, compute dtype ``dtype``) on CUDA at most the blocks that can be
+    resident at once (:func:`resident_blocks`); EMULATED_PLANE_BLOCKS under host emulation. At least 1:
+    CUDA refuses a launch with an empty grid (no planes: the block's plane loop runs no iteration)."""
     if device.type != "cuda":
         return max(1, min(planes, EMULATED_PLANE_BLOCKS))
     if not resident_only:
         return max(1, min(planes, 2**31 - 1))
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _sm_counts:
-        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    per_sm = max(1, min(PLANE_BLOCKS_PER_SM, 65536 // (PLANE_REGISTERS * threads)))
-    return max(1, min(planes, _sm_counts[index] * per_sm))
+    return max(1, min(planes, resident_blocks("tvl1_plane_backward", dtype, device, threads)))
 
 
 def _plane_forward(
@@ -257,7 +276,7 @@ def _plane_forward(
     ckpt_u = gx.new_empty((len(steps), b, 2 * c, h, w))
     ckpt_p = gx.new_empty((len(steps), b, 4 * c, h, w))
     args = (gx, gy, rho_c, params, st, u, ckpt_u, ckpt_p, b, c, h, w, n_iter, segment_length(n_iter), len(steps))
-    threads = plane_threads(h * w, gx.dtype)
+    threads = plane_threads(h * w, gx.dtype, "tvl1_plane_forward")
     grid = (plane_blocks(gx.device, b * c, threads, resident_only=False), 1, 1)
     TVL1_PLANE_SOURCE.launch("tvl1_plane_forward", args, dtype=gx.dtype, grid=grid, block=(threads, 1, 1))
     path_counts["forward:plane"] += 1
@@ -277,8 +296,8 @@ def _plane_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     b, c, h, w = gx.shape
     seg = segment_length(n_iter)
-    threads = plane_threads(h * w, gx.dtype)
-    blocks = plane_blocks(gx.device, b * c, threads, resident_only=True)
+    threads = plane_threads(h * w, gx.dtype, "tvl1_plane_backward")
+    blocks = plane_blocks(gx.device, b * c, threads, resident_only=True, dtype=gx.dtype)
     scratch = gx.new_empty((blocks, (seg + 1) * 6 * h * w))  # each block's recomputed segment states
     ggx, ggy, grho = torch.empty_like(gx), torch.empty_like(gx), torch.empty_like(gx)
     acc = gx.new_empty((ACC_ROWS, b * c))  # one sum per plane and row
