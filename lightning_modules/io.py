@@ -187,18 +187,22 @@ class CheckpointError(ValueError):
 
 
 def _why_refused(exc: BaseException) -> str:
-    """A one-line reason from torch.load's error, without its advice to load unsafely."""
+    """A one-line reason from torch.load's error, without its advice to load unsafely.
+
+    torch words a refused pickle in several ways (an unknown global, a blocked module such as
+    os/posix, an unsupported opcode), each wrapped in "Weights only load failed" and advice to
+    retry with weights_only=False; only the refused object or opcode is kept."""
     text = str(exc)
-    unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    unsafe = re.search(r"GLOBAL ([\w.]+) (?:was not an allowed global|whose module [\w.]+ is blocked)", text)
     if unsafe:
         return (
-            f"it needs the Python object {unsafe.group(1)}, which a vmm checkpoint never needs; refused "
-            "without running it (files are loaded with weights_only=True)"
+            f"it holds objects that a safe load refuses (the Python object {unsafe.group(1)}, which a vmm "
+            "checkpoint never needs); nothing in it was run"
         )
     refused = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\s*\n|Check the documentation|$)", text, re.S)
-    if refused:
-        detail = " ".join(refused.group(1).split())[:200]
-        return f"weights-only loading refused it ({detail}); nothing in it was run"
+    if refused or "Weights only load failed" in text:
+        detail = " ".join(refused.group(1).split())[:200] if refused else ""
+        return f"it holds objects that a safe load refuses{f' ({detail})' if detail else ''}; nothing in it was run"
     detail = " ".join(text.split())[:200]
     return f"truncated or not a torch.save file ({type(exc).__name__}: {detail})"
 
