@@ -200,8 +200,9 @@ def clean_list_files(dm: VideoDataModule, splits: Sequence[str], path: str | os.
     """Where `write_clean_lists` writes each split of `splits` that `dm` has: `<stem>_<split><suffix>`
     beside `path` (clean.txt -> clean_train.txt). Raises ValueError (naming `write_clean_list`)
     when the path is a folder, or when a split has entries a list cannot hold (time windows of
-    untrimmed videos) -- before anything is decoded."""
-    from lightning_modules.io import write_target  # the writer's own check (see write_clean_lists)
+    untrimmed videos), or when a list cannot be written there (an unwritable folder, a device) --
+    before anything is decoded."""
+    from lightning_modules.io import check_writable_file  # the writer's own checks (see write_clean_lists)
 
     path = Path(path)
     if path.is_dir():
@@ -211,10 +212,7 @@ def clean_list_files(dm: VideoDataModule, splits: Sequence[str], path: str | os.
         if not dm.has_split(split):
             continue
         file = path.with_name(f"{path.stem}_{split}{path.suffix}")
-        try:
-            write_target(file)
-        except ValueError as exc:
-            raise ValueError(f"write_clean_list: {exc}") from None
+        check_writable_file(file, "write_clean_list")
         windowed = [r.path for r in dm.records(split) if r.start is not None or r.end is not None]
         if windowed:
             raise ValueError(

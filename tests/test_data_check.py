@@ -141,3 +141,19 @@ def test_clean_list_refuses_windowed_entries_and_folders(tmp_path, shared_videos
     kinetics = KineticsDataModule(root=str(tmp_path / "k400"))
     with pytest.raises(ValueError, match=r"write_clean_list: the 'train' split has 1 entries with a time window"):
         clean_list_files(kinetics, ["train", "test"], tmp_path / "clean.txt")
+
+
+def test_clean_list_in_an_unwritable_folder_fails_before_decoding(tmp_path, shared_videos, capsys):
+    from datamodules.check import clean_list_files
+    from lightning_modules.cli import main as vmm_main
+
+    train, _ = _shared_split_lists(tmp_path)
+    dm = VideoListDataModule(root=str(shared_videos), train_list=str(train))
+    # /proc takes no new files, whoever runs the test (root included).
+    with pytest.raises(ValueError, match=r"write_clean_list: cannot write '/proc/x_train.txt': directory '/proc'"):
+        clean_list_files(dm, ["train"], "/proc/x.txt")
+    args = ["check-data", "--data", "VideoListDataModule", "--data.init_args.root", str(shared_videos)]
+    args += ["--data.init_args.train_list", str(train), "--write_clean_list", "/proc/x.txt"]
+    with pytest.raises(ValueError, match="directory '/proc' is not writable"):
+        vmm_main(args)
+    assert "train" not in capsys.readouterr().out  # no table: nothing was decoded
