@@ -36,6 +36,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "check_readable_file",
     "check_writable_file",
     "load_checkpoint_file",
     "load_vmm_checkpoint",
@@ -176,6 +177,27 @@ def check_writable_file(path: str | os.PathLike, argument: str) -> Path:
             f"{argument}: cannot write {str(path)!r}: directory {str(target.parent)!r} is not writable "
             f"({exc.strerror or exc})"
         ) from None
+    return path
+
+
+def check_readable_file(path: str | os.PathLike, what: str, max_bytes: int | None = None) -> Path:
+    """Refuse, before opening it, a `path` that is not a regular file (a device such as /dev/zero
+    would be read for ever, a FIFO blocks the open) or, with `max_bytes`, one larger than that.
+
+    Raises ValueError "<path>: <why> (expected a <what>)", one line; a symlink is followed.
+    """
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise ValueError(f"{path}: {exc.strerror or exc} (expected a {what})") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((n for t, n in ((stat.S_ISDIR, "directory"), *_KINDS) if t(st.st_mode)), "special file")
+        raise ValueError(f"{path}: it is a {kind}, not a regular file (expected a {what})")
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise ValueError(
+            f"{path}: {st.st_size / 2**20:.0f} MiB, larger than a {what} can be ({max_bytes / 2**20:.0f} MiB)"
+        )
     return path
 
 

@@ -25,9 +25,10 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
 
 from .evaluation import EvalResult, average_views, gather_objects
-from .io import atomic_write_json, atomic_write_text, atomic_writer
+from .io import atomic_write_json, atomic_write_text, atomic_writer, check_readable_file
 
 __all__ = [
+    "MAX_SCORE_FILE_BYTES",
     "SCORE_FORMAT",
     "PredictionWriter",
     "TestReportWriter",
@@ -38,6 +39,9 @@ __all__ = [
 ]
 
 SCORE_FORMAT = "vmm-scores/1"
+# A dump holds ~20 bytes per class per video: 1 GiB is Kinetics-700's validation set several times
+# over, and json.loads needs a few times the file's size in memory.
+MAX_SCORE_FILE_BYTES = 2**30
 
 
 def confusion_figure(confusion: Tensor, names: list[str]):
@@ -114,10 +118,11 @@ def score_dump(res: EvalResult, class_names: list[str], video_names: Sequence[st
 def read_score_dump(path: str | Path) -> dict[str, Any]:
     """A `scores_test.json` file, checked, with tensors: the file's keys plus `ids` int64 [V],
     `labels` int64 [V], `probs` float32 [V, C] (rows sorted by video id) and `names` (list, None
-    where unknown). Raises ValueError naming the file and what is wrong."""
+    where unknown). Raises ValueError naming the file and what is wrong; devices, FIFOs and files
+    over `MAX_SCORE_FILE_BYTES` are refused unread."""
     import json
 
-    path = Path(path)
+    path = check_readable_file(path, "vmm score dump", MAX_SCORE_FILE_BYTES)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:

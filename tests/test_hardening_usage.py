@@ -40,3 +40,20 @@ def test_blocked_pickle_is_reported_as_refused_objects_without_torch_advice(tmp_
     assert "Re-running" not in msg and "\n" not in msg, msg
     if fmt == "zip":
         assert "posix.system" in msg, msg
+
+
+def test_fuse_scores_refuses_devices_fifos_and_oversized_files_without_reading_them(tmp_path):
+    from lightning_modules.cli import fuse_scores
+    from lightning_modules.reports import MAX_SCORE_FILE_BYTES
+
+    a = tmp_path / "a.json"
+    a.write_text('{"format": "vmm-scores/1", "class_names": ["x"], "videos": []}', encoding="utf-8")
+    fifo = tmp_path / "scores.fifo"
+    os.mkfifo(fifo)
+    huge = tmp_path / "huge.json"
+    with open(huge, "wb") as f:  # sparse: no disk space used
+        f.truncate(MAX_SCORE_FILE_BYTES + 1)
+    for other, why in (("/dev/zero", "character device"), (fifo, "FIFO"), (huge, "larger than")):
+        with pytest.raises(ValueError, match=f"{other}: .*{why}") as exc:
+            fuse_scores([a, other])
+        assert "\n" not in str(exc.value)
