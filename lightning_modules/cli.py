@@ -38,10 +38,10 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from .classifier import VideoClassifier
-from .io import AtomicCheckpointIO, check_writable_file, load_vmm_checkpoint
+from .io import AtomicCheckpointIO, ConfigError, check_writable_file, check_yaml_expansion, load_vmm_checkpoint
 from .reports import PredictionWriter, TestReportWriter
 
-__all__ = ["VMMCLI", "VMMTrainer", "PredictionWriter", "fuse_scores", "main", "predict_files"]
+__all__ = ["ConfigError", "VMMCLI", "VMMTrainer", "PredictionWriter", "fuse_scores", "main", "predict_files"]
 
 DATA_CONFIG_KEY = "vmm_data_config"
 PREDICT_SETTINGS_KEY = "vmm_test_settings"
@@ -187,6 +187,29 @@ class _InterruptCheckpoint(Callback):
         rank_zero_info(f"[vmm] {type(exception).__name__}: saved {path} (step {trainer.global_step})")
 
 
+def _guarded_yaml_load(value: str, path: str | Path = "") -> Any:
+    """jsonargparse's YAML loader, after refusing alias bombs (see `check_yaml_expansion`): the
+    parser copies what it loads, which expands every alias."""
+    from jsonargparse._loaders_dumpers import get_yaml_default_loader, yaml_load
+
+    try:
+        check_yaml_expansion(value, get_yaml_default_loader())
+    except ConfigError as exc:
+        raise ConfigError(f"{path or 'a YAML value'}: {exc}") from None
+    return yaml_load(value)
+
+
+# The parser mode of every vmm parser: YAML as jsonargparse reads it, alias bombs refused first.
+PARSER_MODE = "vmm-yaml"
+
+
+def _register_parser_mode() -> None:
+    import yaml
+    from jsonargparse import set_loader
+
+    set_loader(PARSER_MODE, _guarded_yaml_load, exceptions=(yaml.YAMLError,))
+
+
 class VMMCLI(LightningCLI):
     """LightningCLI for `VideoClassifier` with any datamodule (`--data <class_path>`).
 
@@ -203,6 +226,11 @@ class VMMCLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(*args, **kwargs)
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        _register_parser_mode()
+        kwargs.setdefault("parser_mode", PARSER_MODE)
+        return super().init_parser(**kwargs)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:

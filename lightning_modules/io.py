@@ -32,12 +32,14 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 __all__ = [
     "AtomicCheckpointIO",
     "CheckpointError",
+    "ConfigError",
     "atomic_writer",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
     "check_readable_file",
     "check_writable_file",
+    "check_yaml_expansion",
     "load_checkpoint_file",
     "load_vmm_checkpoint",
     "to_json_safe",
@@ -199,6 +201,63 @@ def check_readable_file(path: str | os.PathLike, what: str, max_bytes: int | Non
             f"{path}: {st.st_size / 2**20:.0f} MiB, larger than a {what} can be ({max_bytes / 2**20:.0f} MiB)"
         )
     return path
+
+
+class ConfigError(ValueError):
+    """A configuration file or value that vmm refuses to load."""
+
+
+# A real run configuration holds a few hundred values (a few thousand with inline class names).
+MAX_CONFIG_VALUES = 100_000
+
+
+def check_yaml_expansion(text: str, loader: type | None = None, limit: int = MAX_CONFIG_VALUES) -> None:
+    """Refuse YAML whose aliases expand to more than `limit` values ("billion laughs": a few
+    hundred bytes of nested anchors that a config parser copying the data expands to 10**9).
+
+    PyYAML itself shares aliased nodes, so the expanded size is counted on the composed node graph
+    (each node's size once), never by expanding. Raises ConfigError (recursive aliases, nesting
+    too deep for the parser, too many values); YAML syntax errors propagate as yaml.YAMLError.
+    """
+    import yaml
+
+    loader_obj = (loader or getattr(yaml, "CSafeLoader", yaml.SafeLoader))(text)
+    try:
+        root = loader_obj.get_single_node()
+    except RecursionError:
+        raise ConfigError("the YAML is nested too deeply") from None
+    finally:
+        loader_obj.dispose()
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: Any) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise ConfigError("an alias refers to a node that contains it (recursive YAML)")
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        else:
+            children = []
+        active.add(key)
+        for child in children:
+            total += size(child)
+            if total > limit:
+                break
+        active.discard(key)
+        sizes[key] = total
+        return total
+
+    try:
+        if root is not None and size(root) > limit:
+            raise ConfigError(f"its aliases (*name) expand to more than {limit:,} values; refused unexpanded")
+    except RecursionError:
+        raise ConfigError("the YAML is nested too deeply") from None
 
 
 # ------------------------------------------------------------------------------ checkpoints

@@ -57,3 +57,27 @@ def test_fuse_scores_refuses_devices_fifos_and_oversized_files_without_reading_t
         with pytest.raises(ValueError, match=f"{other}: .*{why}") as exc:
             fuse_scores([a, other])
         assert "\n" not in str(exc.value)
+
+
+def _alias_bomb(levels: int) -> str:
+    """A "billion laughs" YAML: 9**levels strings once its aliases are expanded, ~60 bytes a level."""
+    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, levels):
+        lines.append(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]")
+    return "\n".join(lines) + f"\ntrainer:\n  callbacks: *l{levels - 1}\n"
+
+
+def test_alias_bomb_config_is_refused_before_it_expands(tmp_path):
+    from lightning_modules.cli import ConfigError, main
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(_alias_bomb(9), encoding="utf-8")
+    assert bomb.stat().st_size < 700
+    for args in (["fit", "--config", str(bomb)], ["check-data", f"--config={bomb}"]):
+        with pytest.raises(ConfigError, match=r"bomb.yaml: .*aliases .* expand to more than [\d,]+ values") as exc:
+            main(args)
+        assert "\n" not in str(exc.value)
+    # A section read from a file or given inline: jsonargparse does not pass its file name on.
+    for value in (str(bomb), bomb.read_text(encoding="utf-8")):
+        with pytest.raises(ConfigError, match=r"^a YAML value: .*aliases .* expand to more than"):
+            main(["fit", "--trainer", value])
