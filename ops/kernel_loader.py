@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cuda_target import check_cuda_target
 from .validation import (
     EMULATED_BACKEND,
     BackendError,
@@ -86,7 +87,7 @@ def expand_includes(path: Path, _seen: set[Path] | None = None, line_markers: bo
     """
     seen = set() if _seen is None else _seen
     out = [f'#line 1 "{path.name}"'] if line_markers else []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         m = re.match(r'\s*#\s*include\s+"([^"]+)"', line)
         if m:
             inc = (path.parent / m.group(1)).resolve()
@@ -202,20 +203,23 @@ def use_kernels(backend: str, t: torch.Tensor) -> bool:
     return True
 
 
-#: The kernel implementations an op can run (docs/architecture.md §6): "fast" (the bandwidth-minded
-#: kernels: shared memory, warp shuffles, channels-last / whole-plane mappings) and "simple" (one thread per
-#: output element, no cooperation: the kernels first verified on a GPU (an H200, before tvl1.cu took
-#: reciprocals), kept as a second implementation the fast ones are tested against, and a fallback).
-KERNEL_VARIANTS = ("fast", "simple")
+#: The kernel implementations an op can run (docs/architecture.md §6): "simple" (one thread per output
+#: element, no cooperation: the kernels verified on a GPU, an H200, before tvl1.cu took reciprocals) and
+#: "fast" (the bandwidth-minded kernels: shared memory, warp shuffles, channels-last / whole-plane mappings;
+#: checked by nvcc/NVRTC and in host emulation, never launched on a GPU yet).
+KERNEL_VARIANTS = ("simple", "fast")
+#: The default: the variant that has run on a GPU. "fast" becomes the default once a recorded GPU run
+#: (benchmarks/gpu_suite.sh, the device named in benchmarks/RESULTS.md) shows it passing its GPU tests.
+DEFAULT_KERNEL_VARIANT = "simple"
 _variant_override: list[str] = []
 
 
 def kernel_variant() -> str:
     """Which kernel implementation the ops launch: the innermost :func:`use_kernel_variant`, else the
-    environment variable ``VMM_KERNELS`` (``fast`` or ``simple``), else ``"fast"``."""
+    environment variable ``VMM_KERNELS`` (``simple`` or ``fast``), else :data:`DEFAULT_KERNEL_VARIANT`."""
     if _variant_override:
         return _variant_override[-1]
-    value = os.environ.get("VMM_KERNELS", "").strip().lower() or "fast"
+    value = os.environ.get("VMM_KERNELS", "").strip().lower() or DEFAULT_KERNEL_VARIANT
     if value not in KERNEL_VARIANTS:
         raise OpArgumentError(f"VMM_KERNELS must be one of {KERNEL_VARIANTS}, got {value!r}")
     return value
@@ -244,6 +248,7 @@ def registered_sources() -> dict[str, KernelSource]:
 _cupy_modules: dict[tuple[str, str, int], object] = {}
 _cupy_kernels: dict[tuple[str, str, str, int], object] = {}
 _cupy_streams: dict[tuple[int, int], object] = {}
+_cupy_block_limits: dict[int, int] = {}
 
 
 def _constant_under_compile(fn):
@@ -277,6 +282,7 @@ def _cupy_function(src: KernelSource, kernel: str, ctype: str, device_index: int
         module = _cupy_modules.get(mkey)
         with cupy.cuda.Device(device_index):
             if module is None:
+                _cupy_target(src.filename, ctype, device_index)
                 module = cupy.RawModule(
                     code=expand_includes(src.path),
                     options=("-std=c++17",),
@@ -287,6 +293,75 @@ def _cupy_function(src: KernelSource, kernel: str, ctype: str, device_index: int
             fn = module.get_function(f"{kernel}<{ctype}>")
         _cupy_kernels[key] = fn
     return fn
+
+
+def _cupy_target(source: str, ctype: str, device_index: int) -> int:
+    """The architecture CuPy will build ``source`` for on device ``device_index``; UnsupportedGPUError
+    (one line naming the fix) where this GPU and toolchain cannot run it (ops/cuda_target.py)."""
+    import cupy
+
+    device_arch = int(cupy.cuda.Device(device_index).compute_capability)
+    nvrtc_version = tuple(cupy.cuda.nvrtc.getVersion())
+    try:
+        supported = tuple(int(a) for a in cupy.cuda.nvrtc.getSupportedArchs())
+    except Exception:  # older CuPy or NVRTC without the query: the table in cuda_target
+        supported = None
+    return check_cuda_target(
+        source=source,
+        ctype=ctype,
+        device_arch=device_arch,
+        nvrtc_version=(int(nvrtc_version[0]), int(nvrtc_version[1])),
+        supported_archs=supported,
+    )
+
+
+def max_active_blocks_per_sm(
+    src: KernelSource, kernel: str, dtype: torch.dtype, device_index: int, threads: int, shared_bytes: int = 0
+) -> int:
+    """CUDA's occupancy calculator on the compiled ``kernel<dtype>`` of ``src``: how many blocks of
+    ``threads`` (and ``shared_bytes`` of dynamic shared memory) fit on one SM of device ``device_index``
+    at once, given the kernel's registers and static shared memory. Compiles the kernel if needed."""
+    import cupy
+
+    fn = _cupy_function(src, kernel, ctype_of(dtype), device_index)
+    with cupy.cuda.Device(device_index):
+        return int(cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.kernel.ptr, threads, shared_bytes))
+
+
+def compiled_kernel_report() -> list[dict[str, object]]:
+    """One entry per kernel compiled through CuPy so far in this process: source, kernel, dtype, device,
+    the architecture built for, registers and local memory per thread (spills show as local memory),
+    the launch bound. For the GPU suite's log."""
+    import cupy
+
+    rows = []
+    for (filename, kernel, ctype, device_index), fn in sorted(_cupy_kernels.items()):
+        rows.append(
+            {
+                "source": filename,
+                "kernel": kernel,
+                "dtype": ctype,
+                "device": device_index,
+                "arch": _cupy_target(filename, ctype, device_index),
+                "nvrtc": ".".join(str(v) for v in cupy.cuda.nvrtc.getVersion()),
+                "num_regs": fn.num_regs,
+                "local_size_bytes": fn.local_size_bytes,
+                "shared_size_bytes": fn.shared_size_bytes,
+                "max_threads_per_block": fn.max_threads_per_block,
+            }
+        )
+    return rows
+
+
+def check_block_size(kernel: str, block: tuple[int, int, int], max_threads: int) -> None:
+    """A block larger than the kernel allows (its ``__launch_bounds__``, or what its registers permit)
+    fails to launch on a GPU; refuse it here with the numbers."""
+    threads = int(block[0]) * int(block[1]) * int(block[2])
+    if threads > max_threads:
+        raise OpArgumentError(
+            f"kernel {kernel}: a block of {threads} threads exceeds the kernel's limit of {max_threads} "
+            "(its __launch_bounds__ or register use)"
+        )
 
 
 def _cupy_stream(handle: int, device_index: int):
@@ -336,6 +411,10 @@ def _launch_cupy(src, kernel, ctype, device, grid, block, args) -> None:
     # only when the tensors live on another device than the current one.
     stream = _cupy_stream(torch.cuda.current_stream(index).cuda_stream, index)
     launch_args = tuple(_cupy_args(args))
+    limit = _cupy_block_limits.get(id(fn))
+    if limit is None:
+        limit = _cupy_block_limits[id(fn)] = int(fn.max_threads_per_block)
+    check_block_size(kernel, block, limit)
     if index == current:
         fn.kernel(tuple(grid), tuple(block), launch_args, stream=stream)
     else:

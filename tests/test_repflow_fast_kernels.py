@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import ops
+from ops.host_emulation import host_has_fma
 from ops.kernel_loader import use_kernel_variant
 from ops.repflow import FlowStencils, default_stencils
 from ops.repflow import kernels as tvl1_kernels
@@ -36,7 +37,9 @@ NAMES = ["out", "i0", "i1", "theta", "lam", "tau", *FlowStencils._fields]
 
 
 @pytest.fixture(autouse=True)
-def host_emulation():
+def host_emulation(monkeypatch):
+    # The fast kernels are this file's subject; the default variant is the simple one (kernel_loader).
+    monkeypatch.setenv("VMM_KERNELS", "fast")
     with ops.kernel_host_emulation():
         yield
 
@@ -92,14 +95,17 @@ def counts_delta(before):
 # ------------------------------------------------------------------------ which kernels run
 
 
-def test_tvl1_path_follows_the_variant_and_the_plane_size():
-    assert tvl1_path(torch.float32, 28, 28) == "plane"
-    assert tvl1_path(torch.float32, 32, 32) == "plane"  # 1024 pixels: the largest float32 plane
-    assert tvl1_path(torch.float32, 33, 32) == "simple"
-    assert tvl1_path(torch.float64, 16, 32) == "plane"  # 512
-    assert tvl1_path(torch.float64, 23, 23) == "simple"
+def test_tvl1_path_follows_the_variant_and_the_plane_size(monkeypatch):
+    with use_kernel_variant("fast"):
+        assert tvl1_path(torch.float32, 28, 28) == "plane"
+        assert tvl1_path(torch.float32, 32, 32) == "plane"  # 1024 pixels: the largest float32 plane
+        assert tvl1_path(torch.float32, 33, 32) == "simple"
+        assert tvl1_path(torch.float64, 16, 32) == "plane"  # 512
+        assert tvl1_path(torch.float64, 23, 23) == "simple"
     with use_kernel_variant("simple"):
         assert tvl1_path(torch.float32, 5, 5) == "simple"
+    monkeypatch.delenv("VMM_KERNELS", raising=False)
+    assert tvl1_path(torch.float32, 5, 5) == "simple"  # the default: the variant that has run on a GPU
     assert PLANE_MAX_PIXELS == {torch.float32: 1024, torch.float64: 512}
 
 
@@ -229,6 +235,14 @@ def test_float32_kernels_as_accurate_as_the_float32_reference(shape, n_iter):
         errors = _float32_errors(variant, shape, n_iter, 21, run)
         for name, err, ref in zip(NAMES, errors, reference, strict=True):
             assert err <= max(10 * ref, 1e-5), f"{variant} {name}: {err:.2e} vs reference {ref:.2e}"
+
+
+@pytest.mark.skipif(not host_has_fma(), reason="this CPU has no FMA instructions")
+def test_float32_kernels_as_accurate_in_an_fma_build(monkeypatch):
+    # nvcc and NVRTC contract a * b + c into FMAs; the default emulation build (GCC, one expression at a
+    # time) mostly does not. The same accuracy criterion holds for the kernels built as a GPU rounds.
+    monkeypatch.setenv("VMM_EMULATION_FMA", "1")
+    test_float32_kernels_as_accurate_as_the_float32_reference((3, 4, 7, 8), 10)
 
 
 def test_fast_float32_gradients_and_negative_theta():

@@ -41,8 +41,7 @@ from collections import Counter
 import torch
 from torch import Tensor
 
-# _cupy_function: the compiled kernel CuPy launches, for the occupancy query (resident_blocks).
-from ..kernel_loader import KernelSource, _cupy_function, ctype_of, kernel_variant
+from ..kernel_loader import KernelSource, kernel_variant, max_active_blocks_per_sm
 from ..library import CUSTOM_OPS, check_kernel_device
 from ..validation import check_int
 from .reference import EPS, image_gradient
@@ -244,11 +243,7 @@ def resident_blocks(kernel: str, dtype: torch.dtype, device: torch.device, threa
     index = device.index if device.index is not None else torch.cuda.current_device()
     key = (kernel, dtype, index, threads)
     if key not in _resident_blocks:
-        import cupy
-
-        fn = _cupy_function(TVL1_PLANE_SOURCE, kernel, ctype_of(dtype), index)
-        with cupy.cuda.Device(index):
-            per_sm = cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.kernel.ptr, threads, 0)
+        per_sm = max_active_blocks_per_sm(TVL1_PLANE_SOURCE, kernel, dtype, index, threads)
         sms = torch.cuda.get_device_properties(index).multi_processor_count
         _resident_blocks[key] = max(1, per_sm) * sms
     return _resident_blocks[key]

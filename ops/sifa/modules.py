@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernel_loader import use_kernels
+from ..kernel_loader import kernel_variant, use_kernels
 from ..validation import (
     OpArgumentError,
     OpShapeError,
@@ -126,10 +126,10 @@ class SIFA(nn.Module):
         # Under autocast the conv may return another dtype than x; the ops want one dtype.
         offset = self.conv_offset(motion).to(x.dtype)  # [N,2K²,T-1,H,W]: offsets of frames 1..T-1
 
-        # The frame pairs are copied out of the clip either way; on the kernels they are copied channels-last
-        # ([N·(T-1),H,W,C'] in memory), the fast kernels' layout, so the ops copy nothing more and return
-        # channels-last results (ops/sifa/kernels.py). The reference keeps NCHW pairs.
-        channels_last = use_kernels(self.backend, x)
+        # The frame pairs are copied out of the clip either way; for the fast kernels they are copied
+        # channels-last ([N·(T-1),H,W,C'] in memory), their layout, so the ops copy nothing more and return
+        # channels-last results (ops/sifa/kernels.py). The reference and the simple kernels take NCHW pairs.
+        channels_last = use_kernels(self.backend, x) and kernel_variant() == "fast"
 
         def pairs(v: torch.Tensor) -> torch.Tensor:  # [N,C',T-1,H,W] -> [N·(T-1),C',H,W]
             if channels_last:
