@@ -35,6 +35,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -102,7 +103,47 @@ def _cache_dir() -> Path:
     return path
 
 
-def _emulation_wrapper(src: KernelSource, ctype: str) -> str:
+_BOUNDS_MARKER = "vmm_launch_bounds_marker"
+
+
+def launch_bounds(source: str, cxx: str) -> dict[str, str]:
+    """Each kernel's ``__launch_bounds__`` maximum-threads expression in ``source`` (the kernel source with
+    its includes inlined), macros expanded: the preprocessor runs with the emulation header defining the
+    attribute as a marker, so kernels whose declarations come from macros are found too."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cpp = Path(tmp) / "bounds.cpp"
+        cpp.write_text(source, encoding="utf-8")
+        cmd = [cxx, "-std=c++17", "-E", "-P", "-DVMM_EMULATION_MARK_LAUNCH_BOUNDS", "-include", str(EMULATION_HEADER)]
+        proc = subprocess.run(
+            [*cmd, str(cpp)], capture_output=True, text=True, encoding="utf-8", errors="replace", check=False
+        )
+    if proc.returncode != 0:
+        raise RuntimeError(f"host emulation: preprocessing for launch bounds failed:\n{proc.stderr}")
+    text, bounds, pos = proc.stdout, {}, 0
+    while (start := text.find(_BOUNDS_MARKER + "(", pos)) >= 0:
+        i = start + len(_BOUNDS_MARKER) + 1
+        depth, args, current = 1, [], []
+        while depth:
+            ch = text[i]
+            if ch == "(":
+                depth += 1
+            elif ch == ")":
+                depth -= 1
+            if depth == 1 and ch == ",":
+                args.append("".join(current))
+                current = []
+            elif depth:
+                current.append(ch)
+            i += 1
+        args.append("".join(current))
+        name = re.match(r"\s*(\w+)\s*\(", text[i:])
+        if name:
+            bounds[name.group(1)] = args[0].strip()
+        pos = i
+    return bounds
+
+
+def _emulation_wrapper(src: KernelSource, ctype: str, bounds: dict[str, str]) -> str:
     lines = [expand_includes(src.path, line_markers=True), '#line 1 "vmm-emulation-wrapper"']
     for k in src.kernels:
         lines.append(
@@ -110,13 +151,35 @@ def _emulation_wrapper(src: KernelSource, ctype: str) -> str:
             f"unsigned bz, void** args) {{ return vmm_emulation::launch(&{k}<{ctype}>, dim3(gx, gy, gz), "
             f"dim3(bx, by, bz), args); }}"
         )
+        # The bound as the compiler evaluates it (0: the kernel declares none; CUDA's 1024 applies).
+        lines.append(f'extern "C" long long vmm_emu_bound_{k}() {{ return (long long)({bounds.get(k, "0")}); }}')
     lines.append('extern "C" const char* vmm_emu_last_error() { return vmm_emulation::sched.error; }')
     return "\n".join(lines) + "\n"
 
 
+def fma_requested() -> bool:
+    """Whether ``VMM_EMULATION_FMA=1``: build the emulation with fused multiply-add contraction, as nvcc and
+    NVRTC contract ``a * b + c`` by default, so results round as they do on a GPU."""
+    return os.environ.get("VMM_EMULATION_FMA", "").strip() == "1"
+
+
+def host_has_fma() -> bool:
+    """Whether this CPU executes FMA instructions (x86-64's 'fma' flag; aarch64 always has them)."""
+    import platform
+
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return True
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            return any(line.startswith("flags") and " fma " in f"{line} " for line in fh)
+    except OSError:
+        return False
+
+
 def emulated_library(src: KernelSource, ctype: str) -> ctypes.CDLL:
     """Compile (once, cached on disk by content hash) and load ``src`` for host emulation."""
-    key = (src.filename, ctype)
+    fma = fma_requested()
+    key = (src.filename, ctype, fma)
     lib = _emulated_libs.get(key)
     if lib is not None:
         return lib
@@ -129,17 +192,30 @@ def emulated_library(src: KernelSource, ctype: str) -> ctypes.CDLL:
             raise BackendUnavailableError(
                 "host emulation of CUDA kernels needs a C++ compiler (set CXX or install g++)"
             )
-        code = _emulation_wrapper(src, ctype)
         # -U_FORTIFY_SOURCE: the fibers switch stacks with _longjmp, which glibc's fortified build refuses.
         flags = ["-std=c++17", "-O2", "-U_FORTIFY_SOURCE", "-shared", "-fPIC", "-include", str(EMULATION_HEADER)]
-        digest = hashlib.sha256("\0".join([code, EMULATION_HEADER.read_text(), cxx, *flags]).encode()).hexdigest()[:20]
+        if fma:
+            if not host_has_fma():
+                raise BackendUnavailableError("VMM_EMULATION_FMA=1 needs a CPU with FMA instructions")
+            # GCC contracts a * b + c only within one expression by default; nvcc wherever it can.
+            flags += ["-mfma", "-ffp-contract=fast"]
+        header = EMULATION_HEADER.read_text(encoding="utf-8")
+        source = expand_includes(src.path)
+        digest = hashlib.sha256("\0".join([source, header, cxx, ctype, *flags]).encode()).hexdigest()[:20]
         out = _cache_dir() / f"{src.path.stem}_{ctype}_{digest}.so"
         if not out.exists():
+            code = _emulation_wrapper(src, ctype, launch_bounds(source, cxx))
             with tempfile.TemporaryDirectory() as tmp:
                 cpp = Path(tmp) / f"{src.path.stem}_{ctype}.cpp"
-                cpp.write_text(code)
+                cpp.write_text(code, encoding="utf-8")
                 so = Path(tmp) / "out.so"
-                proc = subprocess.run([cxx, *flags, str(cpp), "-o", str(so)], capture_output=True, text=True)
+                proc = subprocess.run(
+                    [cxx, *flags, str(cpp), "-o", str(so)],
+                    capture_output=True,
+                    text=True,
+                    encoding="utf-8",
+                    errors="replace",
+                )
                 if proc.returncode != 0:
                     raise RuntimeError(f"host emulation compile of {src.filename} ({ctype}) failed:\n{proc.stderr}")
                 os.replace(so, out)  # atomic: a concurrent reader never sees half a library
@@ -180,6 +256,16 @@ def launch_emulated(
     ptrs = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values])
     fn = getattr(lib, f"vmm_emu_{kernel}")
     fn.restype = ctypes.c_int
+    bound_fn = getattr(lib, f"vmm_emu_bound_{kernel}")
+    bound_fn.restype = ctypes.c_longlong
+    bound = int(bound_fn())
+    if bound:
+        threads = int(block[0]) * int(block[1]) * int(block[2])
+        if threads > bound:
+            raise EmulatedKernelError(
+                f"{src.filename}: {kernel}<{ctype}>: a block of {threads} threads exceeds its "
+                f"__launch_bounds__({bound}); a GPU refuses this launch"
+            )
     # The emulator's scheduler and the kernels' thread indices are process globals of the library.
     with _launch_lock:
         failed = fn(*(ctypes.c_uint(int(v)) for v in (*grid, *block)), ptrs)

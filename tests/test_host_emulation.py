@@ -6,6 +6,7 @@ plain CUDA: nvcc and NVRTC compile them too."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -29,6 +30,7 @@ COOPERATIVE = KernelSource(
         "coop_shuffle_outside_mask",
         "coop_failed_check",
         "coop_syncwarp_instead_of_barrier",
+        "coop_bounded_copy",
     ),
 )
 ORDERS = ("forward", "reverse", "shuffle", "warps", "warps_reverse")
@@ -160,6 +162,58 @@ def test_block_larger_than_cuda_allows_is_refused():
     x, huge = torch.zeros(2048), (2048, 1, 1)
     with pytest.raises(EmulatedKernelError, match="block of 2048 threads"):
         COOPERATIVE.launch("coop_block_sum", (x, x[:1].clone(), 2048), dtype=torch.float32, grid=(1, 1, 1), block=huge)
+
+
+def test_block_larger_than_the_kernels_launch_bounds_is_refused():
+    x = torch.arange(128, dtype=torch.float32)
+    out = torch.zeros_like(x)
+    COOPERATIVE.launch("coop_bounded_copy", (x, out), dtype=torch.float32, grid=(1, 1, 1), block=(64, 1, 1))
+    assert torch.equal(out[:64], x[:64])
+    with pytest.raises(EmulatedKernelError, match=r"block of 128 threads exceeds its __launch_bounds__\(64\)"):
+        COOPERATIVE.launch("coop_bounded_copy", (x, out), dtype=torch.float32, grid=(1, 1, 1), block=(128, 1, 1))
+
+
+def test_launch_bounds_are_read_from_every_kernel_source():
+    # Macro-generated declarations (sifa_fast.cu) and macro bounds (tvl1_plane.cu) included.
+    import ops  # noqa: F401  (registers every source)
+    from ops.host_emulation import launch_bounds
+    from ops.kernel_loader import expand_includes, registered_sources
+
+    sources = registered_sources()
+    fast = launch_bounds(expand_includes(sources["sifa_fast.cu"].path), host_compiler())
+    assert set(sources["sifa_fast.cu"].kernels) <= set(fast), fast
+    plane = launch_bounds(expand_includes(sources["tvl1_plane.cu"].path), host_compiler())
+    assert set(plane) == {"tvl1_plane_forward", "tvl1_plane_backward"}
+    assert all(expr.strip("() ").isdigit() for expr in plane.values()), plane
+
+
+def test_source_files_load_under_an_ascii_locale(tmp_path):
+    # The kernel sources hold UTF-8 (§, ²); reading them with the locale's codec fails under LC_ALL=C.
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, ops\n"
+        "from ops.kernel_loader import use_kernel_variant\n"
+        "for variant in ('simple', 'fast'):\n"
+        "    with ops.kernel_host_emulation(), use_kernel_variant(variant):\n"
+        "        ops.SIFA(4, backend='emulated')(torch.randn(1, 4, 2, 5, 5))\n"
+        "        ops.FlowLayer(2, n_iter=2, backend='emulated')(torch.randn(1, 2, 3, 6, 6))\n"
+        "print('loaded')\n"
+    )
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    env["VMM_CACHE"] = str(tmp_path)  # a fresh emulation cache: the compile path runs too
+    proc = subprocess.run(
+        [sys.executable, "-X", "utf8=0", "-c", code],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=600,
+    )
+    assert proc.returncode == 0 and "loaded" in proc.stdout, proc.stderr[-2000:]
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")

@@ -16,6 +16,7 @@ import torch
 from test_sifa_kernels import CASES, TOL, _cotangent, _nan_cases, random_inputs
 
 import ops
+from ops.host_emulation import host_has_fma
 from ops.kernel_loader import use_kernel_variant
 from ops.library import CUSTOM_OPS
 from ops.sifa import kernels as sk
@@ -187,6 +188,15 @@ def test_fast_matches_simple_and_reference_low_precision(dtype, channels):
     torch.testing.assert_close(fast["corr attn"].double(), ref.double(), rtol=TOL[dtype], atol=TOL[dtype])
 
 
+@pytest.mark.skipif(not host_has_fma(), reason="this CPU has no FMA instructions")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fast_and_simple_as_accurate_in_an_fma_build(dtype, monkeypatch):
+    # nvcc and NVRTC contract a * b + c into FMAs; the default emulation build (GCC, one expression at a
+    # time) mostly does not. The same accuracy criteria hold for the kernels built as a GPU rounds.
+    monkeypatch.setenv("VMM_EMULATION_FMA", "1")
+    test_fast_matches_simple_and_reference_low_precision(dtype, 16)
+
+
 @pytest.mark.parametrize(("name", "which", "index", "value"), _nan_cases(), ids=lambda v: str(v))
 @pytest.mark.parametrize("off_map", [False, True])
 def test_fast_and_simple_agree_on_nan_and_inf(name, which, index, value, off_map):
@@ -306,7 +316,7 @@ def test_block_size_fits_the_kernels_launch_bounds():
     # ("too many resources requested"), which emulation does not check; lane groups must not straddle warps.
     import re
 
-    bounds = re.findall(r"__launch_bounds__\((\d+),\s*(\d+)\)", sk.FAST_SOURCE.path.read_text())
+    bounds = re.findall(r"__launch_bounds__\((\d+),\s*(\d+)\)", sk.FAST_SOURCE.path.read_text(encoding="utf-8"))
     assert len(bounds) == 2
     for max_threads, _ in bounds:
         assert sk.FAST_THREADS <= int(max_threads)

@@ -56,7 +56,14 @@ using std::exp;
 #define __host__
 #define __forceinline__ inline
 #define __restrict__ __restrict
+// A kernel's __launch_bounds__ vanish in the emulation build; ops/host_emulation.py preprocesses the
+// source once with VMM_EMULATION_MARK_LAUNCH_BOUNDS to read them, and refuses a launch whose block
+// exceeds the bound, as a GPU would.
+#ifdef VMM_EMULATION_MARK_LAUNCH_BOUNDS
+#define __launch_bounds__(...) vmm_launch_bounds_marker(__VA_ARGS__)
+#else
 #define __launch_bounds__(...)
+#endif
 #define VMM_INLINE static inline
 
 struct uint3 { unsigned int x, y, z; };

@@ -101,3 +101,11 @@ __global__ void coop_syncwarp_instead_of_barrier(const T* __restrict__ x, T* __r
         if (lane == 0) vmm_store(out, (typename vmm_acc<T>::type)s);
     }
 }
+
+// Declares at most 64 threads per block, through a macro as the project's kernels do: a larger block
+// fails to launch on a GPU, and in emulation.
+#define COOP_BOUNDED_THREADS 64
+template <typename T>
+__global__ void __launch_bounds__(COOP_BOUNDED_THREADS, 1) coop_bounded_copy(const T* __restrict__ x, T* __restrict__ out) {
+    vmm_store(out + threadIdx.x, vmm_load(x, threadIdx.x));
+}
