@@ -3,11 +3,12 @@
 # and float16, batch 8 and 32), the per-kernel profile and the train-step benchmark, all output into
 # one results file. Sized for under 8 minutes on one H100/H200: every step has its own time limit and
 # the suite stops starting steps when its budget (SUITE_BUDGET_S, default 460 s) runs out.
-# Both kernel variants run in the same steps (ops.kernel_loader: "fast", the default, and "simple",
-# the kernels they replace): the GPU tests compare fast == simple == reference, and the op benchmarks
+# Both kernel variants run in the same steps (ops.kernel_loader: "simple", the default and the kernels
+# verified on a GPU, and "fast"): the GPU tests compare fast == simple == reference, and the op benchmarks
 # and the profile time each variant, so one run shows whether the fast kernels are right and how much
-# faster (the train-step benchmark runs the default variant; VMM_KERNELS=simple for the other). Steps run in order of importance: correctness first (the GPU tests, then compute-sanitizer's
-# racecheck / synccheck / memcheck over every kernel path when the tool is installed).
+# faster (the train-step benchmark runs the default variant; VMM_KERNELS=fast for the other). Steps run in order of importance: correctness first (the GPU tests, then compute-sanitizer's
+# racecheck / synccheck / memcheck / initcheck over every kernel path when the tool is installed, and a
+# mutation check that a removed barrier is caught).
 #
 #   bash benchmarks/gpu_suite.sh [RESULTS_FILE]
 #
@@ -103,6 +104,26 @@ command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >>"$results" 2>&1
 
 run_step "GPU tests (pytest -m gpu)" 240 pytest "$py" -m pytest -m gpu -q -rs -p no:cacheprovider tests
 
+# What CuPy builds here: NVRTC's version, the architecture chosen for this GPU, and each kernel's registers and
+# local memory per thread (spills show as local memory), for both variants and the float dtypes.
+run_step "kernel builds (NVRTC, architecture, registers, local memory)" 60 - "$py" -c '
+import torch, ops
+from ops.kernel_loader import compiled_kernel_report, use_kernel_variant
+from benchmarks.sanitize_kernels import flow_cases, sifa_cases
+dev = torch.device("cuda")
+for variant in ("simple", "fast"):
+    with use_kernel_variant(variant):
+        for _ in sifa_cases(dev, "cupy"):
+            pass
+        for _ in flow_cases(dev, "cupy"):
+            pass
+torch.cuda.synchronize()
+for r in compiled_kernel_report():
+    print("{source:14s} {kernel:34s} {dtype:13s} sm_{arch} nvrtc {nvrtc} regs {num_regs:3d} local {local_size_bytes:4d} B "
+          "shared {shared_size_bytes:5d} B max threads {max_threads_per_block}".format(**r))
+'
+
+
 for dtype in float32 float16; do
     run_step "bench_sifa $dtype, N 8 and 32, fast and simple kernels" 75 - \
         bash -c 'cd benchmarks && exec "$0" bench_sifa.py --gpu-only --require-cuda --dtype "$1" --clips 8 32' "$py" "$dtype"
@@ -130,12 +151,17 @@ elif [ -z "$sanitizer" ]; then
     log "== compute-sanitizer not found: the kernels' race / sync / memory checks did not run"
     summary+=("NOTE  compute-sanitizer not found: kernel race / sync / memory checks not run")
 else
-    for tool in racecheck synccheck memcheck; do
+    for tool in racecheck synccheck memcheck initcheck; do
         run_step "compute-sanitizer $tool (sanitize_kernels.py)" 60 - \
             env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool "$tool" --error-exitcode 1 \
             "$py" benchmarks/sanitize_kernels.py
     done
 fi
+
+# racecheck sees shared memory only: the comparison with the simple kernels is what catches a barrier that
+# orders anything else. Check that it does, here: one required barrier removed must give a mismatch.
+run_step "mutation check: a removed barrier fails the comparison (mutation_check.py)" 60 - \
+    "$py" benchmarks/mutation_check.py
 
 run_step "per-kernel profile (profile_ops.py)" 75 - \
     bash -c 'cd benchmarks && exec "$0" profile_ops.py --dtypes float32 float16' "$py"

@@ -12,7 +12,8 @@ memcheck: out-of-bounds and misaligned accesses), which finds on a GPU what host
 working. The cases: both kernel variants; SIFA's three ops (the SIFA step with gradients on out and on attn)
 with vector and scalar loads (a storage offset breaks 16-byte alignment), one and two register passes per
 group, several lane-group widths, float32 / float16 / float64; TV-L1 on planes the whole-plane kernels hold
-(float32 up to 1024 pixels, float64 up to 512) and on a larger one (the simple fallback). Each case checks
+(float32 up to 1024 pixels, float64 up to 512), on a larger one (the simple fallback) and on more planes
+than the grid has blocks (shared memory and scratch reused across planes). Each case checks
 its outputs are finite, so a kernel that writes garbage fails here too, not only under the sanitizer.
 """
 
@@ -27,6 +28,7 @@ import torch
 
 import ops
 from ops.kernel_loader import KERNEL_VARIANTS, use_kernel_variant
+from ops.repflow import kernels as tvl1_kernels
 
 # (channels, groups, height, width): vector loads (C/G divisible by the vector width), scalar loads (C/G = 3),
 # and a group too wide for one register pass (512 float32 channels: four steps of 32 lanes × 4 channels).
@@ -91,6 +93,18 @@ def flow_cases(device: torch.device, backend: str) -> Iterator[str]:
         flow.square().sum().backward()
         _check_finite("tvl1_flow", flow, i0.grad, i1.grad, theta.grad)
         yield f"tvl1 {str(dtype).removeprefix('torch.')} {height}x{width}"
+    # More planes than blocks: each block walks several planes, so its shared memory and its backward
+    # scratch are reused from plane to plane (the barriers at a plane's start guard that reuse).
+    side, dtype = 6, torch.float32
+    threads = tvl1_kernels.plane_threads(side * side, dtype)
+    resident = tvl1_kernels.plane_blocks(device, 1 << 30, threads, resident_only=True)
+    planes = 2 * resident + 1 if device.type == "cuda" else 3 * resident + 1
+    i0 = torch.randn(1, planes, side, side, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    i1 = torch.randn(1, planes, side, side, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    flow = ops.tvl1_flow(i0, i1, 3, backend=backend)
+    flow.square().sum().backward()
+    _check_finite("tvl1_flow", flow, i0.grad, i1.grad)
+    yield f"tvl1 float32 {planes} planes of {side}x{side} over {resident} resident blocks"
 
 
 @contextmanager

@@ -82,3 +82,14 @@ def test_sanitize_kernels_runs_every_kernel_path_through_host_emulation(capsys):
         ran = [line for line in lines if line.startswith(f"ok  {variant}")]
         assert any("misaligned" in line for line in ran) and any("C=512" in line for line in ran)
         assert any("tvl1 float32 40x40" in line for line in ran) and any("tvl1 float64" in line for line in ran)
+        assert any("resident blocks" in line for line in ran)
+
+
+@pytest.mark.slow
+def test_mutation_check_sees_a_removed_barrier_in_emulation(monkeypatch, capsys):
+    # gpu_suite.sh expects the GPU comparison to catch a removed barrier; on CPU the warps order shows it.
+    import mutation_check
+
+    monkeypatch.setenv("VMM_EMULATION_ORDER", "warps")
+    assert mutation_check.main(["--device", "cpu", "--size", "8", "--n-iter", "3"]) == 0
+    assert "mismatch seen" in capsys.readouterr().out
