@@ -38,7 +38,8 @@ _INTERPOLATION = "BILINEAR"
 
 
 class VideoDecodeError(RuntimeError):
-    """A video that cannot be used: missing, empty, unreadable, truncated or without frames."""
+    """A video that cannot be used: missing, empty, unreadable, truncated, without frames or with
+    a 0x0 frame size."""
 
     def __init__(self, path: str | os.PathLike, reason: str):
         super().__init__(f"{path}: {reason}")
@@ -167,6 +168,9 @@ def _index_stream(container, stream, path) -> VideoIndex:
     # wrong for packed B-frames (decoded frames then carry swapped pts).
     reliable = not missing_pts and "avi" not in container.format.name.split(",")
     cc = stream.codec_context
+    if cc.width <= 0 or cc.height <= 0:
+        # A broken header (raw frames carry no size of their own): nothing to scale or decode into.
+        raise VideoDecodeError(path, f"the video stream reports a {cc.width}x{cc.height} frame size")
     return VideoIndex(str(path), pts, keys, Fraction(tb), cc.width, cc.height, pts_reliable=reliable)
 
 

@@ -299,3 +299,46 @@ def test_crop_size_none_with_mixed_aspect_ratios_names_crop_size(tmp_path, share
     with pytest.raises(ValueError, match=r"crop_size: null .* set crop_size"):
         collate_clips(items)
     assert collate_clips([items[0], ds[0]])["video"].shape[0] == 2  # same size: fine
+
+
+# ------------------------------------------------------------------ a stream that reports 0x0 frames
+
+
+def _zero_size_avi(path: Path) -> Path:
+    """A real rawvideo AVI whose headers (avih, the stream's BITMAPINFOHEADER) say 0x0: FFmpeg then
+    reports width = height = 0, and nothing in the file says otherwise (raw frames carry no size)."""
+    import struct
+
+    import av
+
+    with av.open(str(path), "w", format="avi") as c:
+        s = c.add_stream("rawvideo", rate=10)
+        s.width, s.height, s.pix_fmt = 32, 24, "bgr24"
+        for i in range(6):
+            frame = av.VideoFrame.from_ndarray(np.full((24, 32, 3), 40 * i, np.uint8), format="rgb24")
+            for p in s.encode(frame):
+                c.mux(p)
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<II", data, data.index(b"avih") + 8 + 32, 0, 0)  # dwWidth, dwHeight
+    struct.pack_into("<ii", data, data.index(b"strf") + 8 + 4, 0, 0)  # biWidth, biHeight
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_stream_reporting_zero_width_and_height_is_a_bad_video(tmp_path, shared_videos):
+    import av
+
+    from datamodules.decode import VideoDecodeError, build_index
+
+    zero = _zero_size_avi(tmp_path / "zero.avi")
+    with av.open(str(zero)) as c:  # the file is what the test says it is
+        assert (c.streams.video[0].codec_context.width, c.streams.video[0].codec_context.height) == (0, 0)
+    with pytest.raises(VideoDecodeError, match=r"zero.avi: .*0x0"):
+        build_index(zero)
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"{shared_videos / 'h264_340x256.mp4'} 0\n{zero} 1\n", encoding="utf-8")
+    dm = VideoListDataModule(root="/", train_list=str(lst), test_list=str(lst), **TINY)
+    items = [dm.dataset("test")[i] for i in range(2)]  # excluded at test: no samples, its id counted
+    assert [len(it["label"]) for it in items] == [1, 0] and items[1]["bad_video_ids"].tolist() == [1]
+    report = check_datamodule(dm, splits=["test"], num_workers=0, print_table=False)
+    assert [(Path(p).name, "0x0" in why) for p, why in report.splits["test"].unreadable] == [("zero.avi", True)]
