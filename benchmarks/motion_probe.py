@@ -104,6 +104,24 @@ def build_net(arm: str, num_classes: int, args: argparse.Namespace) -> torch.nn.
     raise ValueError(f"arm must be one of {ARMS}, got {arm!r}")
 
 
+class TestCurve(pl.Callback):
+    """Records test top-1 at the epochs the Trainer validates (the probe's validation loader is the test
+    split when a curve is asked for): a learning curve without model selection."""
+
+    def __init__(self, arm: str) -> None:
+        self.arm, self.points = arm, []
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        res = pl_module.last_eval.get("val")
+        if res is None or trainer.sanity_checking:
+            return
+        epoch, step = trainer.current_epoch + 1, trainer.global_step
+        self.points.append({"epoch": epoch, "step": step, "top1": float(res["top1"])})
+        print(
+            f"  {self.arm:>5s} epoch {epoch:3d} (step {step}): test top-1 {100 * float(res['top1']):.1f}%", flush=True
+        )
+
+
 class EpochLoss(pl.Callback):
     """Prints each epoch's mean training loss (so a long run shows whether an arm is fitting at all)."""
 
@@ -175,6 +193,10 @@ def fit_and_test(
         flow_lr_scale=flow_lr_scale,
     )
     epoch_loss = EpochLoss(name)
+    curve = TestCurve(name)
+    every = getattr(args, "curve_every", 0)
+    if every:
+        dm.val_dataloader = dm.test_dataloader  # the curve's points are test top-1; nothing is selected on them
     trainer = pl.Trainer(
         max_epochs=epochs,
         accelerator=args.accelerator,
@@ -185,8 +207,9 @@ def fit_and_test(
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[epoch_loss],
+        limit_val_batches=1.0 if every else 0,
+        check_val_every_n_epoch=every or 1,
+        callbacks=[epoch_loss, curve],
     )
     start = time.perf_counter()
     trainer.fit(model, datamodule=dm)
@@ -201,6 +224,7 @@ def fit_and_test(
         "test_videos": res["num_videos"],
         "train_loss_last": epoch_loss.history[-1] if epoch_loss.history else float("nan"),
         "train_loss_per_epoch": epoch_loss.history,
+        "curve": curve.points,
         "train_seconds": train_s,
         "confusion": res.confusion.long().tolist(),
     }
@@ -305,6 +329,12 @@ def main(argv: list[str] | None = None) -> dict:
         help="direction (time-reversal pairs) or coherence (ordered vs shuffled frames, K = 2)",
     )
     p.add_argument("--epochs", type=int, default=12, help="training budget, the same for every arm")
+    p.add_argument(
+        "--curve-every",
+        type=int,
+        default=0,
+        help="also test every N epochs during training (a learning curve, no model selection; 0: only at the end)",
+    )
     p.add_argument("--num-classes", type=int, default=8)
     p.add_argument("--train-per-class", type=int, default=40)
     p.add_argument("--val-per-class", type=int, default=2)

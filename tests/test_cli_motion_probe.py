@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import sys
 
 import pytest
@@ -17,6 +18,7 @@ from helpers import REPO_ROOT
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import motion_cue  # noqa: E402
 import motion_probe  # noqa: E402
+import plot_curves  # noqa: E402
 
 ARGS = argparse.Namespace(
     depth=18,
@@ -170,3 +172,35 @@ def test_probe_runs_coherence(tmp_path, capsys):
     assert res["results"][0]["test_videos"] == 4 and res["results"][0]["per_pair"] == []
     with pytest.raises(SystemExit):
         motion_probe.main(["--task", "coherence", "--num-classes", "4"])
+
+
+def test_probe_learning_curve_tests_at_the_chosen_epochs(tmp_path, capsys):
+    res = _run_probe(tmp_path, "--num-classes", "2", "--arms", "plain", "--epochs", "4", "--curve-every", "2")
+    (r,) = res["results"]
+    assert [p["epoch"] for p in r["curve"]] == [2, 4]
+    steps = [p["step"] for p in r["curve"]]
+    assert steps[1] == 2 * steps[0] > 0
+    # The curve's last point is the model the final test sees: the same test top-1.
+    assert r["curve"][-1]["top1"] == r["top1"]
+    assert "epoch   2 (step" in capsys.readouterr().out
+
+
+def test_plot_curves_draws_mean_and_spread_over_runs(tmp_path):
+    pytest.importorskip("matplotlib")
+
+    def run(seed_shift):
+        curve = [{"epoch": e, "step": 10 * e, "top1": 0.5 + 0.05 * e + seed_shift} for e in (2, 4, 6)]
+        return {"task": "direction", "num_classes": 2, "results": [{"arm": "sifa-corr", "curve": curve}]}
+
+    paths = []
+    for i, shift in enumerate((0.0, 0.02, -0.02)):
+        path = tmp_path / f"run{i}.json"
+        path.write_text(json.dumps(run(shift)), encoding="utf-8")
+        paths.append(path)
+    panels = plot_curves.load_curves(paths)
+    steps, mean, low, high = plot_curves.summarise(panels[("direction", 2)]["sifa-corr"])
+    assert steps == [20, 40, 60] and low[0] < mean[0] < high[0]
+    assert abs(mean[2] - 0.8) < 1e-9
+    out = tmp_path / "curves.png"
+    assert plot_curves.main([*map(str, paths), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,86 @@
+"""Learning curves from motion-probe runs: test top-1 against optimiser steps, mean and spread over seeds.
+
+Reads the ``--json`` files of ``motion_probe.py --curve-every N`` runs (any number: seeds, arms, tasks) and
+draws one panel per (task, classes) with one line per arm: the mean over the runs of that arm, a band
+from the lowest to the highest run, the order-blind ceiling and ceiling + 3 s.d. (the "learned frame
+order beyond doubt" line), and chance.
+
+    python benchmarks/plot_curves.py runs/probe_*.json --out docs/learning_curves.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+
+def load_curves(paths: list[Path]) -> dict[tuple[str, int], dict[str, list[list[dict]]]]:
+    """{(task, K): {arm: [curve of one run, ...]}} from probe JSON files; runs without a curve are skipped."""
+    panels: dict[tuple[str, int], dict[str, list[list[dict]]]] = defaultdict(lambda: defaultdict(list))
+    for path in paths:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        key = (data["task"], int(data["num_classes"]))
+        for result in data["results"]:
+            if result.get("curve"):
+                panels[key][result["arm"]].append(result["curve"])
+    return panels
+
+
+def summarise(runs: list[list[dict]]) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Steps and the mean / min / max test top-1 over runs, at the steps every run measured."""
+    common = sorted(set.intersection(*({p["step"] for p in run} for run in runs)))
+    by_step = [[next(p["top1"] for p in run if p["step"] == s) for run in runs] for s in common]
+    return common, [sum(v) / len(v) for v in by_step], [min(v) for v in by_step], [max(v) for v in by_step]
+
+
+def plot(panels, out: Path, test_videos: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted(panels)
+    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4.2), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        task, k = key
+        ceiling = 0.5
+        sd = math.sqrt(ceiling * (1 - ceiling) / test_videos)
+        for arm, runs in sorted(panels[key].items()):
+            steps, mean, low, high = summarise(runs)
+            (line,) = ax.plot(steps, [100 * m for m in mean], marker="o", ms=3, label=f"{arm} ({len(runs)} runs)")
+            ax.fill_between(steps, [100 * v for v in low], [100 * v for v in high], color=line.get_color(), alpha=0.2)
+        ax.axhline(100 * ceiling, color="k", lw=1, ls="--", label="order-blind ceiling")
+        ax.axhline(100 * (ceiling + 3 * sd), color="k", lw=1, ls=":", label=f"ceiling + 3 s.d. ({test_videos} videos)")
+        if k > 2:
+            ax.axhline(100 / k, color="grey", lw=1, ls="-.", label="chance")
+        ax.set_title(f"{task}, K = {k}")
+        ax.set_xlabel("optimiser steps")
+        ax.set_ylabel("test top-1 (%)")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+", type=Path, help="motion_probe.py --json files")
+    ap.add_argument("--out", type=Path, default=Path("docs/learning_curves.png"))
+    ap.add_argument("--test-videos", type=int, default=128, help="test videos per run (for the 3 s.d. line)")
+    args = ap.parse_args(argv)
+    panels = load_curves(args.runs)
+    if not panels:
+        ap.error("no run in these files has a curve (run motion_probe.py with --curve-every N)")
+    plot(panels, args.out, args.test_videos)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
