@@ -32,6 +32,9 @@ __all__ = ["VideoClassifier", "EvalResult"]
 # Kinetics RGB statistics on [0, 1] pixels (as in SlowFast/PyTorchVideo); any dataset works with them.
 KINETICS_MEAN = (0.45, 0.45, 0.45)
 KINETICS_STD = (0.225, 0.225, 0.225)
+# Checkpoint key recording the 2D weight file a network was inflated from (its hyperparameters
+# say pretrained=None: the checkpoint's weights already hold the inflation).
+PRETRAINED_FROM_KEY = "vmm_pretrained_from"
 
 
 class VideoClassifier(pl.LightningModule):
@@ -443,7 +446,13 @@ class VideoClassifier(pl.LightningModule):
         checkpoint["num_classes"] = self.num_classes
         # Plain data only, so the checkpoint loads with torch.load(weights_only=True).
         if "hyper_parameters" in checkpoint:
-            checkpoint["hyper_parameters"] = _plain_data(checkpoint["hyper_parameters"])
+            hp = checkpoint["hyper_parameters"] = _plain_data(checkpoint["hyper_parameters"])
+            # The 2D weights were inflated into the saved weights: rebuilding the network from this
+            # checkpoint must not need that file again (it is kept, for the record, under its own key).
+            init = hp["net"].get("init_args") if isinstance(hp.get("net"), dict) else None
+            if isinstance(init, dict) and init.get("pretrained") is not None:
+                checkpoint[PRETRAINED_FROM_KEY] = init["pretrained"]
+                init["pretrained"] = None
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Take the checkpoint's class names, checked against the datamodule's.

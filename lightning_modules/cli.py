@@ -330,6 +330,7 @@ class VMMCLI(LightningCLI):
             warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
             super().parse_arguments(parser, args)
         self._check_ckpt_against_config()
+        self._drop_pretrained_under_ckpt_path()
         # Only its hyperparameters were needed: do not hold the weights and optimizer states for the whole
         # run (the Trainer reads the file again).
         self._ckpt = None
@@ -337,6 +338,18 @@ class VMMCLI(LightningCLI):
             self._drop_stale_num_classes(argv[1:])
         if self.config.get("subcommand") == "predict":
             self._check_predict_arguments()
+
+    def _drop_pretrained_under_ckpt_path(self) -> None:
+        """With `--ckpt_path` the network's weights come from the checkpoint: a configured
+        `model.net.init_args.pretrained` file would be loaded only to be overwritten (and may be
+        gone since training), so it is not loaded. `_check_ckpt_against_config` names it."""
+        sub = self.config.get("subcommand")
+        # "last" / "best" may find no checkpoint (a first fit): the pretrained weights are then used.
+        if not sub or self.config[sub].get("ckpt_path") in (None, "", "best", "last", "hpc", "registry"):
+            return
+        key = f"{sub}.model.net.init_args.pretrained"
+        if self.config.get(key) is not None:
+            self.config[key] = None
 
     def _drop_stale_num_classes(self, argv: Sequence[str]) -> None:
         """Layered configurations (`--config a.yaml --config b.yaml`) keep `data.init_args` values

@@ -81,3 +81,41 @@ def test_alias_bomb_config_is_refused_before_it_expands(tmp_path):
     for value in (str(bomb), bomb.read_text(encoding="utf-8")):
         with pytest.raises(ConfigError, match=r"^a YAML value: .*aliases .* expand to more than"):
             main(["fit", "--trainer", value])
+
+
+@pytest.fixture(scope="module")
+def pretrained_fit(tmp_path_factory):
+    """A one-step `vmm fit` of the tiny SIFA network started from a 2D weight file that is then deleted."""
+    from helpers.cli import generate_tiny_dataset, tiny_config, write_config
+
+    from lightning_modules.cli import main
+
+    root = tmp_path_factory.getbasetemp() / "vmm_synthetic"
+    data_dir = generate_tiny_dataset(root)
+    out = tmp_path_factory.mktemp("pretrained")
+    weights = out / "resnet2d.pth"
+    torch.save({"conv1.weight": torch.randn(8, 3, 7, 7)}, weights)  # the tiny network's stem (64 x 1/8)
+    cfg = tiny_config(root, out / "runs", max_epochs=1, limit_train_batches=1, limit_val_batches=1)
+    cfg["model"]["net"]["init_args"]["pretrained"] = str(weights)
+    cfg_path = write_config(out / "pretrained.yaml", cfg)
+    main(["fit", "--config", str(cfg_path)])
+    weights.unlink()
+    ckpt = out / "runs" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    return {"ckpt": ckpt, "cfg": cfg_path, "out": out, "videos": sorted(data_dir.rglob("*.mp4"))}
+
+
+@pytest.mark.slow
+def test_a_checkpoint_outlives_its_pretrained_weight_file(pretrained_fit, monkeypatch):
+    from lightning_modules import VideoClassifier
+    from lightning_modules.cli import main
+
+    ckpt, out = pretrained_fit["ckpt"], pretrained_fit["out"]
+    monkeypatch.chdir(out)
+    # Predict on files with the checkpoint alone, test under the (now stale) training config, and
+    # rebuild the classifier in Python: the inflation happened once, its result is in the weights.
+    main(["predict", "--ckpt_path", str(ckpt), str(pretrained_fit["videos"][0])])
+    assert (out / "last.predictions.json").is_file()
+    with pytest.warns(UserWarning, match=r"model.net.init_args.pretrained=.*resnet2d.pth"):
+        main(["test", "--config", str(pretrained_fit["cfg"]), "--ckpt_path", str(ckpt)])
+    model = VideoClassifier.load_from_checkpoint(ckpt)
+    assert model.net.pretrained_report is None
