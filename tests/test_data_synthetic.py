@@ -324,6 +324,11 @@ def test_result_notes_per_task_and_the_config_note(tmp_path):
     )
     notes = coherence.result_notes({})
     assert "chance 50.0%" in notes[0] and "the pair" not in notes[0] and notes[-1] == "this run shows X"
+    # Given results, how far top-1 stands above the ceiling, in s.d. of an accuracy at the ceiling.
+    beyond = direction.result_notes({"top1": 0.664, "num_videos": 128})[1]
+    assert "+3.7 s.d." in beyond and "ceiling + 3 s.d. = 63.3%" in beyond and "beyond doubt" in beyond
+    near = coherence.result_notes({"top1": 0.531, "num_videos": 128})[1]
+    assert "+0.7 s.d." in near and "not beyond doubt" in near
     assert (
         coherence.spec.digest()
         == SyntheticMotionDataModule(
