@@ -5,7 +5,7 @@ Batches: {"video": uint8 [N,3,T,H,W], "label": int64 [N], "video_id": int64 [N],
 """
 
 from .annotations import AnnotationError, VideoRecord
-from .base import VideoDataModule
+from .base import DatasetRootError, VideoDataModule
 from .dataset import (
     ClipSettings,
     TooMuchBadData,
@@ -30,6 +30,7 @@ from .transforms import ClipTransform
 
 __all__ = [
     "AnnotationError",
+    "DatasetRootError",
     "ClipSettings",
     "ClipTransform",
     "FrameFolderReader",

@@ -25,7 +25,11 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 
-__all__ = ["VideoDataModule"]
+__all__ = ["DatasetRootError", "VideoDataModule"]
+
+
+class DatasetRootError(FileNotFoundError):
+    """The dataset's `root` folder does not exist (a usage error: the wrong path was given)."""
 
 
 class VideoDataModule(L.LightningDataModule):
@@ -115,11 +119,26 @@ class VideoDataModule(L.LightningDataModule):
         """Records of `split` ("train", "val", "test"); None if the layout has no such split."""
         raise NotImplementedError
 
+    def _root_needed(self) -> bool:
+        """Whether the layout reads its files under `self.root` (layouts with one), checked before
+        anything is parsed; layouts whose files can all be named elsewhere override it."""
+        return getattr(self, "root", None) is not None
+
+    def _check_root(self) -> None:
+        root = getattr(self, "root", None)
+        if root is not None and self._root_needed() and not root.is_dir():
+            what = "not a folder" if root.exists() else "no such folder"
+            raise DatasetRootError(
+                f"dataset root {root}: {what}; give the dataset's folder with --data.init_args.root DIR "
+                "(or data.init_args.root in the config)"
+            )
+
     # -- public ---------------------------------------------------------------------------------
     @property
     def class_names(self) -> list[str]:
         """Class names in label order (annotation files are parsed on first access)."""
         if self._class_names_cache is None:
+            self._check_root()
             self._class_names_cache = list(self._class_names())
         return self._class_names_cache
 
@@ -151,6 +170,7 @@ class VideoDataModule(L.LightningDataModule):
 
     def _checked_split(self, split: str) -> list[VideoRecord] | None:
         # One stat per entry, never an open (a FIFO would block); reported once, here.
+        self._check_root()
         recs = self._load_split(split)
         if recs is None:
             return None

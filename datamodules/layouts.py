@@ -120,6 +120,9 @@ class VideoListDataModule(VideoDataModule):
             k = max(labels) + 1
         return [str(i) for i in range(k)]
 
+    def _root_needed(self) -> bool:
+        return False  # lists may name absolute paths; a missing list is reported by name
+
     def _load_split(self, split: str) -> list[VideoRecord] | None:
         file = self.lists[split]
         if file is None:
@@ -157,8 +160,12 @@ class KineticsDataModule(VideoDataModule):
         self.annotation_dir = Path(annotation_dir).expanduser() if annotation_dir else self.root / "annotations"
         self.video_dir = Path(video_dir).expanduser() if video_dir else self.root
         self.csv_names = {"train": train_csv, "val": val_csv, "test": test_csv}
+        self._reads_root = not (annotation_dir and video_dir)
         self.missing_videos: dict[str, list[str]] = {}
         self._files: dict[str, str] | None = None
+
+    def _root_needed(self) -> bool:
+        return self._reads_root
 
     def _csv(self, split: str) -> Path | None:
         name = self.csv_names[split]

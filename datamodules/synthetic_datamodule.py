@@ -125,6 +125,9 @@ class SyntheticMotionDataModule(KineticsDataModule):
             raise ValueError(f"label: expected a class id in [0, {self.spec.num_classes}), got {label}")
         return reverse_class(label, self.spec.task)
 
+    def _root_needed(self) -> bool:
+        return False  # generated there by prepare_data
+
     def _class_names(self) -> list[str]:
         return self.spec.class_names  # pair order, not the alphabetical order of Kinetics
 

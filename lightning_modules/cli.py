@@ -21,12 +21,14 @@ import argparse
 import contextlib
 import inspect
 import json
+import os
+import re
 import signal
 import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
@@ -38,7 +40,14 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from .classifier import VideoClassifier
-from .io import AtomicCheckpointIO, ConfigError, check_writable_file, check_yaml_expansion, load_vmm_checkpoint
+from .io import (
+    AtomicCheckpointIO,
+    CheckpointError,
+    ConfigError,
+    check_writable_file,
+    check_yaml_expansion,
+    load_vmm_checkpoint,
+)
 from .reports import PredictionWriter, TestReportWriter
 
 __all__ = ["ConfigError", "VMMCLI", "VMMTrainer", "PredictionWriter", "fuse_scores", "main", "predict_files"]
@@ -210,6 +219,46 @@ def _register_parser_mode() -> None:
     set_loader(PARSER_MODE, _guarded_yaml_load, exceptions=(yaml.YAMLError,))
 
 
+def _parse_error_fix(message: str) -> str | None:
+    """A parse error as one line naming the fix; None for a multi-line report (type errors), which
+    is printed as jsonargparse words it.
+
+    jsonargparse words a missing datamodule as "required: test.data" and a datamodule without its
+    root as a Union-subtype report; neither says which option to give."""
+    if re.search(r"the following arguments are required: [\w-]+\.data\b", message):
+        return (
+            "needs a dataset: give --config CONFIG.yaml (e.g. the run's config.yaml) or --data CLASS_PATH "
+            "with its --data.init_args.root DIR"
+        )
+    init = re.search(
+        r'Parser key "(\w+)".*?class_path \'([\w.]+)\'.*?the following arguments are required: ([\w, ]+)',
+        message,
+        re.S,
+    )
+    if init:
+        key, cls, names = init.groups()
+        options = " ".join(f"--{key}.init_args.{n.strip()} VALUE" for n in names.split(",") if n.strip())
+        return f"{cls.rpartition('.')[2]} needs {names.strip()}: give {options} (or set it in the --config file)"
+    if "\n" not in message.strip():  # a one-line message needs no usage block above it
+        return re.sub(r'^Parser key "([\w.]+)": ', r"--\1: ", message.strip())
+    return None
+
+
+class _VMMArgumentParser(LightningArgumentParser):
+    """Lightning's parser; parse errors are reported as one line naming the option to give
+    (`_parse_error_fix`) where they can be, without the usage block; others as jsonargparse does."""
+
+    vmm_command: str | None = None
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        fix = _parse_error_fix(message)
+        if fix is None or not self.exit_on_error or _debug_requested():
+            super().error(message if fix is None else fix, ex)
+        command = f"vmm {self.vmm_command}" if self.vmm_command else "vmm"
+        sys.stderr.write(f"{command}: error: {fix}\n")
+        raise SystemExit(2)
+
+
 class VMMCLI(LightningCLI):
     """LightningCLI for `VideoClassifier` with any datamodule (`--data <class_path>`).
 
@@ -225,6 +274,7 @@ class VMMCLI(LightningCLI):
         # The classifier owns its optimizer and per-iteration schedule (configure_optimizers).
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_class", _VMMArgumentParser)
         super().__init__(*args, **kwargs)
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
@@ -317,7 +367,10 @@ class VMMCLI(LightningCLI):
             ckpt_arg = _ckpt_path_argument(rest) if argv[0] != CHECK_DATA else None
             if ckpt_arg is not None:
                 if not Path(ckpt_arg).exists():
-                    raise ValueError(f"--ckpt_path must be an existing checkpoint file, got {ckpt_arg!r}")
+                    raise ValueError(
+                        f"--ckpt_path {ckpt_arg}: no such file (give the .ckpt file written by vmm fit, e.g. "
+                        "lightning_logs/version_0/checkpoints/last.ckpt)"
+                    )
                 self._ckpt = load_vmm_checkpoint(ckpt_arg)
                 model_hp = _checkpoint_model_config(self._ckpt)
                 if model_hp is not None:
@@ -326,6 +379,8 @@ class VMMCLI(LightningCLI):
                 self._file_predict = True
                 injected += _file_predict_defaults(ckpt_arg, self._ckpt)
             args = argv = [argv[0], *injected, *rest]
+        for p in (parser, *getattr(self, "_subcommand_parsers", {}).values()):
+            p.vmm_command = argv[0] if argv else None  # for their one-line errors
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
             super().parse_arguments(parser, args)
@@ -965,16 +1020,87 @@ Every command but fuse-scores parses the same options: --config YAML (repeatable
 """
 
 
-def main(args: Sequence[str] | None = None) -> None:
-    """Entry point of the `vmm` console script (`args` default to sys.argv[1:])."""
+def _debug_requested(argv: Sequence[str] = ()) -> bool:
+    """`--debug` on the command line or VMM_DEBUG set (not "0"): errors keep their traceback."""
+    return "--debug" in argv or os.environ.get("VMM_DEBUG", "0").strip() not in ("", "0")
+
+
+_VMM_SOURCES = tuple(
+    str(Path(__file__).resolve().parents[1] / d) + os.sep for d in ("lightning_modules", "datamodules", "ops")
+)
+_DATA_ERRORS = {"AnnotationError", "TooMuchBadData", "VideoDecodeError"}  # by name: no data stack import
+
+
+def _raised_by_vmm(exc: BaseException) -> bool:
+    """Whether the innermost frame of `exc`'s traceback is vmm's code (a check of the user's input),
+    not a library's (where the same type is more likely a bug)."""
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb.tb_frame.f_code.co_filename.startswith(_VMM_SOURCES)
+
+
+def _expected_exit_status(exc: BaseException) -> int | None:
+    """The exit status for an error caused by the user's input: 1 for bad data (the status a failed
+    `vmm check-data` has), 2 for usage (arguments, paths, configs, checkpoints); None for a bug,
+    which keeps its traceback."""
+    names = {c.__name__ for c in type(exc).__mro__}
+    if names & _DATA_ERRORS:
+        return 1
+    if isinstance(exc, (CheckpointError, ConfigError)) or "MisconfigurationException" in names:
+        return 2
+    if not _raised_by_vmm(exc):
+        return None
+    if isinstance(exc, RuntimeError):  # an unusable split, non-finite scores, nothing predicted
+        return 1
+    if isinstance(exc, (ValueError, TypeError, OSError)):
+        return 2
+    return None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc)
+    if "Original Traceback" in text:  # re-raised from a DataLoader worker: its last line is the error
+        last = text.strip().splitlines()[-1]
+        return last.split(": ", 1)[1] if last.startswith(type(exc).__name__ + ":") else last
+    return " ".join(line.strip() for line in text.splitlines() if line.strip()) or type(exc).__name__
+
+
+def main(args: Sequence[str] | None = None, *, console: bool | None = None) -> None:
+    """Entry point of the `vmm` console script (`args` default to sys.argv[1:]).
+
+    `console` (default: True when `args` is None, i.e. as the console script): an error caused by
+    the user's input (`_expected_exit_status`) prints one line, `vmm <command>: error: <message>`,
+    to stderr and exits with status 2 (usage) or 1 (bad data); other exceptions, and every error
+    under `--debug` or VMM_DEBUG=1, propagate with their traceback. From Python (`args` given),
+    exceptions propagate.
+    """
     argv = list(sys.argv[1:] if args is None else args)
+    debug = _debug_requested(argv)
+    argv = [a for a in argv if a != "--debug"]
+    if console is None:
+        console = args is None
+    try:
+        _main(argv)
+    except Exception as exc:
+        status = None if debug or not console else _expected_exit_status(exc)
+        if status is None:
+            raise
+        command = f"vmm {argv[0]}" if argv and not argv[0].startswith("-") else "vmm"
+        print(f"{command}: error: {_one_line(exc)}", file=sys.stderr, flush=True)
+        raise SystemExit(status) from None
+
+
+def _main(argv: list[str]) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(_HELP, end="")
         return
     if argv[0] in ("fuse-scores", "fuse"):
         _fuse_scores_main(argv[1:])
         return
-    cli = VMMCLI(args=None if args is None else argv)
+    cli = VMMCLI(args=argv)
     report = getattr(cli, "check_report", None)
     if report is not None and not report.ok:
         raise SystemExit(1)  # check-data found unreadable or unusable entries

@@ -281,6 +281,11 @@ def _why_refused(exc: BaseException) -> str:
             "checkpoint never needs); nothing in it was run"
         )
     refused = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\s*\n|Check the documentation|$)", text, re.S)
+    if refused and refused.group(1).startswith("Unsupported operand"):  # a pickle opcode torch never writes
+        return (
+            f"not a torch.save file, or a pickle that a safe load refuses ({refused.group(1).strip()[:80]}); "
+            "nothing in it was run"
+        )
     if refused or "Weights only load failed" in text:
         detail = " ".join(refused.group(1).split())[:200] if refused else ""
         return f"it holds objects that a safe load refuses{f' ({detail})' if detail else ''}; nothing in it was run"

@@ -151,7 +151,7 @@ def test_expand_video_paths_finds_videos_and_frame_folders(tmp_path, shared_vide
 def test_predict_on_files_needs_a_checkpoint_and_videos(tmp_path):
     with pytest.raises(ValueError, match=r"--ckpt_path: vmm predict on files needs the checkpoint"):
         main(["predict", str(tmp_path)])
-    with pytest.raises(ValueError, match=r"--ckpt_path must be an existing checkpoint file"):
+    with pytest.raises(ValueError, match=r"--ckpt_path .*none.ckpt: no such file"):
         main(["predict", "--ckpt_path", str(tmp_path / "none.ckpt"), str(tmp_path)])
 
 
