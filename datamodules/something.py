@@ -39,6 +39,7 @@ __all__ = [
 ]
 
 TestSplit = Literal["validation", "test"]
+ClassOrder = Literal["file", "sorted"]
 
 _LEFT_RIGHT = re.compile(r"\b(left|right|Left|Right|LEFT|RIGHT)\b")
 _SWAP = {"left": "right", "right": "left", "Left": "Right", "Right": "Left", "LEFT": "RIGHT", "RIGHT": "LEFT"}
@@ -127,7 +128,9 @@ class SomethingSomethingV2DataModule(_SomethingSomething):
     `root/<video_dir>/<id>.webm` (`video_dir` default "20bn-something-something-v2") and
     `root/<label_dir>/` (default "labels") with `labels.json` (class name -> id as a string),
     `train.json`, `validation.json` (entries with `id`, `template`, `label`, `placeholders`; the
-    class is the template with its brackets removed) and `test.json` (ids only). With `frame_dir`
+    class is the template with its brackets removed) and `test.json` (ids only), or the same files
+    under the download's names `something-something-v2-{labels,train,validation,test}.json`
+    (MMAction2's and TSM's). With `frame_dir`
     (absolute or relative to `root`), clips are read from extracted frames
     `<frame_dir>/<id>/<frame_template>` numbered from `frame_start_index` instead.
     Test split: "validation" (default) or "test" (unlabelled, for `vmm predict`). Flips: see the
@@ -168,8 +171,18 @@ class SomethingSomethingV2DataModule(_SomethingSomething):
         self.frame_start_index = frame_start_index
         self.video_extension = video_extension
 
+    def _label_file(self, name: str) -> Path:
+        """`<label_dir>/<name>.json`, else the download's own name `something-something-v2-<name>.json`
+        (kept by MMAction2 and TSM); an AnnotationError naming both when neither exists."""
+        short, long = self.label_dir / f"{name}.json", self.label_dir / f"something-something-v2-{name}.json"
+        if short.is_file() or not long.is_file():
+            if not short.exists() and not long.exists():
+                raise AnnotationError(short, None, f"annotation file not found (nor {long.name})")
+            return short
+        return long
+
     def _class_names(self) -> list[str]:
-        return read_class_names(self.label_dir / "labels.json")
+        return read_class_names(self._label_file("labels"))
 
     def _record(self, vid: str, label: int) -> VideoRecord:
         if self.frame_dir is not None:
@@ -180,7 +193,7 @@ class SomethingSomethingV2DataModule(_SomethingSomething):
 
     def _load_split(self, split: str) -> list[VideoRecord] | None:
         name = {"train": "train", "val": "validation", "test": self.test_split}[split]
-        file = self.label_dir / f"{name}.json"
+        file = self._label_file(name)
         entries = read_json(file)
         if not isinstance(entries, list):
             raise AnnotationError(file, None, "expected a JSON list of entries")
@@ -202,7 +215,7 @@ class SomethingSomethingV2DataModule(_SomethingSomething):
                     raise AnnotationError(
                         file,
                         None,
-                        f"entry {k} (id {vid}): unknown class {cls!r} (not in {self.label_dir / 'labels.json'})",
+                        f"entry {k} (id {vid}): unknown class {cls!r} (not in {self._label_file('labels')})",
                     )
                 label = found
             records.append(self._record(vid, label))
@@ -225,8 +238,10 @@ class SomethingSomethingV1DataModule(_SomethingSomething):
 
     Frame folders `root/<frame_dir>/<id>/<frame_template>` (default "20bn-something-something-v1"
     and "{:05d}.jpg" from 1) and, in `annotation_dir` (default `root`), the CSVs
-    `something-something-v1-labels.csv` (one class name per line, ids in file order),
-    `something-something-v1-train.csv` and `-validation.csv` (`id;label`) and `-test.csv` (ids).
+    `something-something-v1-labels.csv` (one class name per line), `something-something-v1-train.csv`
+    and `-validation.csv` (`id;label`) and `-test.csv` (ids). Class ids: `class_order="file"` (the
+    default) numbers the classes in the labels file's order, as MMAction2 does; "sorted" numbers the
+    sorted names, as TSM's list generator does (use it with lists or checkpoints made that way).
     Test split, flips and clip arguments: as `SomethingSomethingV2DataModule`.
     """
 
@@ -240,10 +255,13 @@ class SomethingSomethingV1DataModule(_SomethingSomething):
         flip: bool = False,
         flip_swaps_left_right: bool = True,
         test_split: TestSplit = "validation",
+        class_order: ClassOrder = "file",
         num_frames: int = 8,
         sampling: Sampling = "segment",
         **kwargs,
     ):
+        if class_order not in ("file", "sorted"):
+            raise ValueError(f"class_order: expected 'file' or 'sorted', got {class_order!r}")
         # TSN-style segments, the usual Something-Something sampling (clips are 2-6 s long).
         super().__init__(
             root,
@@ -254,6 +272,7 @@ class SomethingSomethingV1DataModule(_SomethingSomething):
             sampling=sampling,
             **kwargs,
         )
+        self.class_order = class_order
         self.frame_dir = self.root / Path(frame_dir).expanduser()
         self.annotation_dir = self.root if annotation_dir is None else self.root / Path(annotation_dir).expanduser()
         self.frame_template = check_template(frame_template, frame_start_index)
@@ -269,7 +288,7 @@ class SomethingSomethingV1DataModule(_SomethingSomething):
             raise AnnotationError(file, None, "no class names")
         if len(set(names)) != len(names):
             raise AnnotationError(file, None, "duplicate class names")
-        return names
+        return sorted(names) if self.class_order == "sorted" else names
 
     def _load_split(self, split: str) -> list[VideoRecord] | None:
         name = {"train": "train", "val": "validation", "test": self.test_split}[split]

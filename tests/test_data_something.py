@@ -438,3 +438,33 @@ def test_class_names_match_across_case_and_white_space_on_both_sides():
     assert lookup("pushing something from left to right") == 0  # the label file's double space folds too
     assert lookup(" HOLDING   something ") == 1
     assert lookup("Holding nothing") is None
+
+
+def test_ssv2_accepts_the_long_annotation_file_names(tmp_path):
+    """MMAction2 and TSM keep the download's names, something-something-v2-{labels,train,...}.json."""
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    names = ["Pushing something from left to right", "Holding something"]
+    (labels / "something-something-v2-labels.json").write_text(json.dumps({names[0]: "0", names[1]: "1"}), "utf-8")
+    for split, rows in (("train", [("7", 1), ("8", 0)]), ("validation", [("9", 0)]), ("test", [("10", None)])):
+        entries = [{"id": v} if y is None else {"id": v, "template": names[y]} for v, y in rows]
+        (labels / f"something-something-v2-{split}.json").write_text(json.dumps(entries), encoding="utf-8")
+    dm = SomethingSomethingV2DataModule(root=str(tmp_path), test_split="test")
+    assert dm.class_names == names
+    assert [(r.path.rsplit("/", 1)[1], r.label) for r in dm.records("train")] == [("7.webm", 1), ("8.webm", 0)]
+    assert [r.label for r in dm.records("val")] == [0] and [r.label for r in dm.records("test")] == [-1]
+    (labels / "something-something-v2-validation.json").rename(labels / "other.json")
+    with pytest.raises(AnnotationError, match=r"validation.json: annotation file not found .*something-something-v2"):
+        SomethingSomethingV2DataModule(root=str(tmp_path)).records("val")
+
+
+def test_ssv1_class_ids_follow_the_labels_file_or_sorted_names(tmp_path):
+    names = ["Zooming in", "Approaching something", "Moving something"]  # the file's order is not sorted
+    (tmp_path / "something-something-v1-labels.csv").write_text("\n".join(names) + "\n", encoding="utf-8")
+    (tmp_path / "something-something-v1-train.csv").write_text("1;Zooming in\n2;Moving something\n", "utf-8")
+    dm = SomethingSomethingV1DataModule(root=str(tmp_path))  # MMAction2: ids in the file's order
+    assert dm.class_names == names and [r.label for r in dm.records("train")] == [0, 2]
+    tsm = SomethingSomethingV1DataModule(root=str(tmp_path), class_order="sorted")  # TSM's lists
+    assert tsm.class_names == sorted(names) and [r.label for r in tsm.records("train")] == [2, 1]
+    with pytest.raises(ValueError, match="class_order: expected 'file' or 'sorted'"):
+        SomethingSomethingV1DataModule(root=str(tmp_path), class_order="alphabetical")
