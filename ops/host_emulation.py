@@ -4,11 +4,11 @@ The same ``.cu`` source the GPU runs is compiled by the system C++ compiler with
 ``ops/kernels/host_emulation.h`` force-included (it maps ``__global__``, ``blockIdx``/``threadIdx``,
 ``atomicAdd`` and the 16-bit types to host code), and the grid runs on the CPU through ctypes: blocks
 one after another, the threads of a block as cooperative fibers that switch at ``__syncthreads`` and
-at the warp operations (shuffles, votes, ``__syncwarp``), so kernels that use ``__shared__`` memory,
-barriers and warp shuffles run as written. Divergent synchronisation raises :class:`EmulatedKernelError`;
-``VMM_EMULATION_ORDER`` = ``forward`` | ``reverse`` | ``shuffle`` | ``warps`` | ``warps_reverse`` changes the
-order threads run between synchronisation points, which exposes races (tests run the cooperative kernels
-under several).
+at the warp operations (shuffles, votes, ``__syncwarp``), so kernels that use ``__shared__`` memory
+(fixed-size, or dynamic through ``VMM_DYNAMIC_SHARED``), barriers and warp shuffles run as written.
+Divergent synchronisation raises :class:`EmulatedKernelError`; ``VMM_EMULATION_ORDER`` = ``forward`` |
+``reverse`` | ``shuffle`` | ``warps`` | ``warps_reverse`` changes the order threads run between
+synchronisation points, which exposes races (tests run the cooperative kernels under several).
 This is how the test suite checks every kernel against the pure-PyTorch references, values
 and float64 gradchecks included, on machines without a GPU. It is slow (tiny shapes only) and is not
 a CPU backend: the references are that.
@@ -59,7 +59,8 @@ _launch_lock = threading.Lock()  # one emulated launch at a time (the scheduler 
 class EmulatedKernelError(RuntimeError):
     """An emulated launch found a kernel error a GPU would not report: divergent ``__syncthreads`` or warp
     operation, a shuffle from a lane outside the mask, a failed ``VMM_EMU_CHECK`` (e.g. a misaligned
-    vector load), a block of more than 1024 threads, a grid with a zero dimension."""
+    vector load), a write outside the launch's dynamic shared memory, a block of more than 1024 threads, a
+    grid with a zero dimension."""
 
 
 _depth_lock = threading.Lock()
@@ -143,13 +144,17 @@ def launch_bounds(source: str, cxx: str) -> dict[str, str]:
     return bounds
 
 
+# Part of the library's cache key: a change of the wrapper's C signature must not load an older library.
+_WRAPPER_ABI = "launch(grid, block, shared bytes, args)"
+
+
 def _emulation_wrapper(src: KernelSource, ctype: str, bounds: dict[str, str]) -> str:
     lines = [expand_includes(src.path, line_markers=True), '#line 1 "vmm-emulation-wrapper"']
     for k in src.kernels:
         lines.append(
             f'extern "C" int vmm_emu_{k}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, '
-            f"unsigned bz, void** args) {{ return vmm_emulation::launch(&{k}<{ctype}>, dim3(gx, gy, gz), "
-            f"dim3(bx, by, bz), args); }}"
+            f"unsigned bz, unsigned long long shared, void** args) {{ return vmm_emulation::launch("
+            f"&{k}<{ctype}>, dim3(gx, gy, gz), dim3(bx, by, bz), shared, args); }}"
         )
         # The bound as the compiler evaluates it (0: the kernel declares none; CUDA's 1024 applies).
         lines.append(f'extern "C" long long vmm_emu_bound_{k}() {{ return (long long)({bounds.get(k, "0")}); }}')
@@ -201,7 +206,8 @@ def emulated_library(src: KernelSource, ctype: str) -> ctypes.CDLL:
             flags += ["-mfma", "-ffp-contract=fast"]
         header = EMULATION_HEADER.read_text(encoding="utf-8")
         source = expand_includes(src.path)
-        digest = hashlib.sha256("\0".join([source, header, cxx, ctype, *flags]).encode()).hexdigest()[:20]
+        parts = [source, header, cxx, ctype, _WRAPPER_ABI, *flags]
+        digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
         out = _cache_dir() / f"{src.path.stem}_{ctype}_{digest}.so"
         if not out.exists():
             code = _emulation_wrapper(src, ctype, launch_bounds(source, cxx))
@@ -248,9 +254,11 @@ def launch_emulated(
     grid: tuple[int, int, int],
     block: tuple[int, int, int],
     args: Sequence[object],
+    shared_mem: int = 0,
 ) -> None:
     """Run ``kernel<ctype>`` of ``src`` over ``grid`` × ``block`` serially on the CPU (CPU tensors in
-    ``args``); called by :meth:`KernelSource.launch`."""
+    ``args``), each block with ``shared_mem`` bytes of dynamic shared memory (poisoned and guarded: see
+    host_emulation.h); called by :meth:`KernelSource.launch`."""
     lib = emulated_library(src, ctype)
     values = [ctypes_arg(a) for a in args]
     ptrs = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values])
@@ -268,7 +276,7 @@ def launch_emulated(
             )
     # The emulator's scheduler and the kernels' thread indices are process globals of the library.
     with _launch_lock:
-        failed = fn(*(ctypes.c_uint(int(v)) for v in (*grid, *block)), ptrs)
+        failed = fn(*(ctypes.c_uint(int(v)) for v in (*grid, *block)), ctypes.c_ulonglong(int(shared_mem)), ptrs)
         if failed:
             get_error = lib.vmm_emu_last_error
             get_error.restype = ctypes.c_char_p

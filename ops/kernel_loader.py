@@ -60,6 +60,10 @@ CTYPES: dict[torch.dtype, str] = {
 }
 
 DEFAULT_THREADS = 256
+#: The most dynamic shared memory a launch may ask for: 48 KiB per block, static shared memory included,
+#: is what every GPU since sm_20 gives without cudaFuncSetAttribute(MaxDynamicSharedMemorySize), which
+#: the launcher does not call.
+MAX_DYNAMIC_SHARED_BYTES = 48 * 1024
 # Enough blocks to fill any current GPU several times over; grid-stride loops cover the rest.
 MAX_BLOCKS = 65535
 
@@ -144,15 +148,26 @@ class KernelSource:
         numel: int | None = None,
         grid: tuple[int, int, int] | None = None,
         block: tuple[int, int, int] = (DEFAULT_THREADS, 1, 1),
+        shared_mem: int = 0,
     ) -> None:
         """Launch ``kernel<ctype_of(dtype)>`` with ``args``.
 
         The tensors in ``args`` pick the path: CUDA tensors launch through CuPy on their device and
         torch's current stream, CPU tensors run through host emulation. Give ``numel`` for a
-        grid-stride 1-D launch, or an explicit ``grid``.
+        grid-stride 1-D launch, or an explicit ``grid``. ``shared_mem``: bytes of dynamic shared memory
+        per block (``VMM_DYNAMIC_SHARED`` in the kernel), at most :data:`MAX_DYNAMIC_SHARED_BYTES`.
         """
         if kernel not in self.kernels:
             raise OpArgumentError(f"{self.filename} has no kernel {kernel!r}; it defines {self.kernels}")
+        if isinstance(shared_mem, bool) or not isinstance(shared_mem, int) or shared_mem < 0:
+            raise OpArgumentError(
+                f"kernel {kernel}: shared_mem must be a non-negative int of bytes, got {shared_mem!r}"
+            )
+        if shared_mem > MAX_DYNAMIC_SHARED_BYTES:
+            raise OpArgumentError(
+                f"kernel {kernel}: {shared_mem} bytes of dynamic shared memory exceed the "
+                f"{MAX_DYNAMIC_SHARED_BYTES} a block gets without cudaFuncSetAttribute"
+            )
         if grid is None:
             if numel is None:
                 raise OpArgumentError("launch needs numel (for a grid-stride grid) or an explicit grid")
@@ -168,11 +183,11 @@ class KernelSource:
                 raise OpDeviceError(f"kernel {kernel}: tensor arguments on {device} and {t.device}")
         ctype = ctype_of(dtype)
         if device.type == "cuda":
-            _launch_cupy(self, kernel, ctype, device, grid, block, args)
+            _launch_cupy(self, kernel, ctype, device, grid, block, args, shared_mem)
         elif device.type == "cpu":
             from .host_emulation import launch_emulated  # test support, loaded only when a CPU launch happens
 
-            launch_emulated(self, kernel, ctype, grid, block, args)
+            launch_emulated(self, kernel, ctype, grid, block, args, shared_mem)
         else:
             raise OpDeviceError(f"kernel {kernel}: tensors on {device}; CUDA kernels run on cuda (or cpu, emulated)")
 
@@ -394,7 +409,7 @@ def _cupy_args(args: Sequence[object]) -> list[object]:
     return out
 
 
-def _launch_cupy(src, kernel, ctype, device, grid, block, args) -> None:
+def _launch_cupy(src, kernel, ctype, device, grid, block, args, shared_mem: int = 0) -> None:
     try:
         import cupy
     except Exception as exc:
@@ -415,8 +430,9 @@ def _launch_cupy(src, kernel, ctype, device, grid, block, args) -> None:
     if limit is None:
         limit = _cupy_block_limits[id(fn)] = int(fn.max_threads_per_block)
     check_block_size(kernel, block, limit)
+    # cupy.cuda.Function.__call__(grid, block, args, shared_mem=0, stream=None): dynamic shared bytes.
     if index == current:
-        fn.kernel(tuple(grid), tuple(block), launch_args, stream=stream)
+        fn.kernel(tuple(grid), tuple(block), launch_args, shared_mem=shared_mem, stream=stream)
     else:
         with cupy.cuda.Device(index):
-            fn.kernel(tuple(grid), tuple(block), launch_args, stream=stream)
+            fn.kernel(tuple(grid), tuple(block), launch_args, shared_mem=shared_mem, stream=stream)

@@ -7,12 +7,14 @@ plain CUDA: nvcc and NVRTC compile them too."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+import ops
 from ops import compile_checks
 from ops.host_emulation import EmulatedKernelError, host_compiler
 from ops.kernel_loader import KernelSource
@@ -31,6 +33,9 @@ COOPERATIVE = KernelSource(
         "coop_failed_check",
         "coop_syncwarp_instead_of_barrier",
         "coop_bounded_copy",
+        "coop_dynamic_block_sum",
+        "coop_dynamic_unwritten",
+        "coop_dynamic_overrun",
     ),
 )
 ORDERS = ("forward", "reverse", "shuffle", "warps", "warps_reverse")
@@ -51,6 +56,106 @@ def test_shared_memory_tree_reduction_with_barriers(order, dtype):
     expected = torch.stack([x.to(dtype).double()[i * 128 : (i + 1) * 128].sum() for i in range(8)])
     tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-2}[dtype]
     torch.testing.assert_close(out.double(), expected.to(dtype).double(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("per_thread", [1, 4])
+def test_dynamic_shared_memory_sized_at_launch(order, dtype, per_thread):
+    # A block of 64 threads reduces 64 * per_thread elements staged in a buffer of exactly that size.
+    n, threads = 1000, 64
+    blocks = -(-n // (threads * per_thread))
+    acc_bytes = 8 if dtype == torch.float64 else 4
+    x = torch.randn(n, dtype=torch.float64)
+    out = torch.zeros(blocks, dtype=dtype)
+    COOPERATIVE.launch(
+        "coop_dynamic_block_sum",
+        (x.to(dtype), out, n, per_thread),
+        dtype=dtype,
+        grid=(blocks, 1, 1),
+        block=(threads, 1, 1),
+        shared_mem=threads * per_thread * acc_bytes,
+    )
+    chunk = threads * per_thread
+    expected = torch.stack([x.to(dtype).double()[i * chunk : (i + 1) * chunk].sum() for i in range(blocks)])
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-2}[dtype]
+    torch.testing.assert_close(out.double(), expected.to(dtype).double(), rtol=tol, atol=tol)
+
+
+def test_kernel_sees_the_dynamic_shared_size_the_launch_gave():
+    # One byte short of the slice: the kernel refuses (NaN) rather than run past its buffer.
+    x, out = torch.ones(256), torch.zeros(1)
+    args = (x, out, 256, 2)
+    COOPERATIVE.launch(
+        "coop_dynamic_block_sum",
+        args,
+        dtype=torch.float32,
+        grid=(1, 1, 1),
+        block=(128, 1, 1),
+        shared_mem=128 * 2 * 4 - 1,
+    )
+    assert out.isnan().all()
+    COOPERATIVE.launch(
+        "coop_dynamic_block_sum", args, dtype=torch.float32, grid=(1, 1, 1), block=(128, 1, 1), shared_mem=128 * 2 * 4
+    )
+    assert out.item() == 256
+
+
+def poison(dtype: torch.dtype) -> torch.Tensor:
+    """One element of the emulator's poison (host_emulation.h's SHARED_POISON bytes) read as ``dtype``."""
+    header = (Path(ops.__file__).parent / "kernels" / "host_emulation.h").read_text(encoding="utf-8")
+    byte = int(re.search(r"SHARED_POISON = (0x[0-9a-f]+);", header).group(1), 16)
+    size = torch.finfo(dtype).bits // 8
+    return torch.frombuffer(bytearray([byte] * size), dtype=dtype)[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_dynamic_shared_memory_starts_poisoned_in_every_block(dtype):
+    # Block 0 writes and reads back its values; block 1 writes nothing and reads the emulator's poison,
+    # not what block 0 left: a kernel that reads shared memory before writing it fails tests.
+    x = torch.arange(1.0, 33.0, dtype=dtype)
+    out = torch.zeros(2, 32, dtype=dtype)
+    shared = 32 * x.element_size()
+    COOPERATIVE.launch(
+        "coop_dynamic_unwritten", (x, out), dtype=dtype, grid=(2, 1, 1), block=(32, 1, 1), shared_mem=shared
+    )
+    assert torch.equal(out[0], x) and (out[1] == poison(dtype)).all()
+    assert 1e9 < poison(dtype).abs() < float("inf")
+
+
+def test_write_past_the_dynamic_shared_memory_fails_the_launch():
+    x = torch.ones(32)
+    with pytest.raises(EmulatedKernelError, match=r"wrote byte 128 of its dynamic shared memory, outside the 128"):
+        COOPERATIVE.launch(
+            "coop_dynamic_overrun",
+            (x, torch.zeros(32)),
+            dtype=torch.float32,
+            grid=(1, 1, 1),
+            block=(32, 1, 1),
+            shared_mem=32 * 4,
+        )
+    out = torch.zeros(32)  # one element more: in bounds (the last thread's write is the buffer's last element)
+    COOPERATIVE.launch(
+        "coop_dynamic_overrun", (x, out), dtype=torch.float32, grid=(1, 1, 1), block=(32, 1, 1), shared_mem=33 * 4
+    )
+    assert out[0] == poison(torch.float32) and torch.equal(out[1:], x[1:])
+
+
+@pytest.mark.parametrize(
+    ("shared_mem", "match"), [(48 * 1024 + 1, "exceed the 49152"), (-1, "non-negative"), (1.5, "non-negative")]
+)
+def test_launch_refuses_dynamic_shared_memory_a_gpu_would_not_give(shared_mem, match):
+    from ops.validation import OpArgumentError
+
+    x = torch.zeros(128)
+    with pytest.raises(OpArgumentError, match=match):
+        COOPERATIVE.launch(
+            "coop_dynamic_block_sum",
+            (x, x[:1].clone(), 128, 1),
+            dtype=torch.float32,
+            grid=(1, 1, 1),
+            block=ONE_BLOCK,
+            shared_mem=shared_mem,
+        )
 
 
 def _expected_warp_ops(x: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,10 @@
 // Blocks run one after another; the threads of a block run as cooperative fibers (one stack each) on
 // one OS thread, switching only at the synchronisation points defined below, so:
 //   * __shared__ variables (fixed-size, declared in the kernel body) are `static`: one copy that every
-//     fiber of the block sees, as on the GPU. Dynamic (extern) shared memory is not supported.
+//     fiber of the block sees, as on the GPU. Dynamic shared memory (VMM_DYNAMIC_SHARED, vmm_common.cuh)
+//     is one buffer of the launch's size, refilled before each block with SHARED_POISON bytes so that
+//     reads of memory the block never wrote show up in results, between guard zones of the same bytes
+//     that are checked after each block: a write outside the buffer fails the launch.
 //   * __syncthreads() waits until every thread of the block is waiting at the same call (same source
 //     line); a thread that exits or waits elsewhere meanwhile is a divergent barrier: the launch fails
 //     with a message instead of computing something.
@@ -163,6 +166,21 @@ struct Scheduler {
 
 static Scheduler sched;
 
+// The launch's dynamic shared memory: `bytes` usable from `data`, guard zones of GUARD_BYTES before and
+// max(bytes, GUARD_BYTES) after it. Grows only; blocks run one after another, so one buffer serves all.
+constexpr std::size_t GUARD_BYTES = 256;
+// 0x4f bytes read as about 3.5e9 in float, 1.1e74 in double, 29.2 in half: finite, so that a result built
+// on them differs from the right one under any comparison (NaN compares false: a check written as
+// `difference > tolerance` would read it as agreement), and far from any value a kernel computes.
+constexpr unsigned char SHARED_POISON = 0x4f;
+struct DynamicShared {
+    unsigned char* base = nullptr;
+    std::size_t capacity = 0;
+    unsigned char* data = nullptr;
+    std::size_t bytes = 0;
+};
+static DynamicShared dynamic_shared;
+
 inline void record_error(const char* fmt, ...) {
     if (sched.failed) return;
     sched.failed = true;
@@ -170,6 +188,48 @@ inline void record_error(const char* fmt, ...) {
     va_start(ap, fmt);
     std::vsnprintf(sched.error, sizeof(sched.error), fmt, ap);
     va_end(ap);
+}
+
+inline std::size_t shared_tail_bytes(std::size_t bytes) { return bytes > GUARD_BYTES ? bytes : GUARD_BYTES; }
+
+// Size the dynamic shared memory for a launch of `bytes` per block; false (error recorded) without memory.
+inline bool reserve_dynamic_shared(std::size_t bytes) {
+    const std::size_t need = GUARD_BYTES + bytes + shared_tail_bytes(bytes);
+    if (need > dynamic_shared.capacity) {
+        std::free(dynamic_shared.base);
+        // 64-byte aligned (GUARD_BYTES keeps `data` so): at least the 16 bytes CUDA guarantees.
+        dynamic_shared.base = static_cast<unsigned char*>(std::aligned_alloc(64, (need + 63) / 64 * 64));
+        dynamic_shared.capacity = dynamic_shared.base ? need : 0;
+        if (!dynamic_shared.base) {
+            record_error("out of memory for %zu bytes of dynamic shared memory", bytes);
+            return false;
+        }
+    }
+    dynamic_shared.data = dynamic_shared.base + GUARD_BYTES;
+    dynamic_shared.bytes = bytes;
+    return true;
+}
+
+// A block's dynamic shared memory at its start: poison, so that nothing written by an earlier block (or
+// never written) passes for a value.
+inline void poison_dynamic_shared() {
+    std::memset(dynamic_shared.base, SHARED_POISON, GUARD_BYTES + dynamic_shared.bytes +
+                shared_tail_bytes(dynamic_shared.bytes));
+}
+
+// After a block: the guard zones must still hold the poison; false (error recorded) where a byte changed.
+inline bool check_dynamic_shared_guards(unsigned bx, unsigned by, unsigned bz) {
+    const std::size_t bytes = dynamic_shared.bytes;
+    const unsigned char* base = dynamic_shared.base;
+    const std::size_t end = GUARD_BYTES + bytes + shared_tail_bytes(bytes);
+    for (std::size_t o = 0; o < end; o = o + 1 == GUARD_BYTES ? GUARD_BYTES + bytes : o + 1) {
+        if (base[o] != SHARED_POISON) {
+            record_error("block (%u,%u,%u) wrote byte %lld of its dynamic shared memory, outside the %zu bytes "
+                         "the launch gave", bx, by, bz, (long long)o - (long long)GUARD_BYTES, bytes);
+            return false;
+        }
+    }
+    return true;
 }
 
 // The fiber running now gives control back to the scheduler; returns when the scheduler resumes it.
@@ -371,7 +431,7 @@ struct KernelCall {
 
 // Run the grid; returns 0, or 1 with the reason in sched.error.
 template <typename... Args>
-inline int launch(void (*kernel)(Args...), dim3 grid, dim3 block, void** args) {
+inline int launch(void (*kernel)(Args...), dim3 grid, dim3 block, std::size_t shared_bytes, void** args) {
     sched.failed = false;
     sched.error[0] = 0;
     gridDim = grid;
@@ -387,6 +447,7 @@ inline int launch(void (*kernel)(Args...), dim3 grid, dim3 block, void** args) {
     }
     const int order = thread_order();
     if (sched.failed) return 1;
+    if (!reserve_dynamic_shared(shared_bytes)) return 1;
     const char* seed_text = std::getenv("VMM_EMULATION_SEED");
     std::mt19937 rng(seed_text ? (unsigned)std::strtoul(seed_text, nullptr, 10) : 0u);
     while (sched.fibers.size() < nthreads) {
@@ -416,6 +477,7 @@ inline int launch(void (*kernel)(Args...), dim3 grid, dim3 block, void** args) {
         for (unsigned by = 0; by < grid.y; ++by)
             for (unsigned bx = 0; bx < grid.x; ++bx) {
                 blockIdx = {bx, by, bz};
+                poison_dynamic_shared();
                 for (unsigned t = 0; t < nthreads; ++t) {
                     Fiber& f = *sched.fibers[t];
                     f.started = false;
@@ -455,7 +517,10 @@ inline int launch(void (*kernel)(Args...), dim3 grid, dim3 block, void** args) {
                     }
                     bool done = true;
                     for (unsigned t = 0; t < nthreads; ++t) done = done && sched.fibers[t]->wait == DONE;
-                    if (done) break;
+                    if (done) {
+                        if (!check_dynamic_shared_guards(bx, by, bz)) return 1;
+                        break;
+                    }
                     bool moved = false;
                     for (unsigned w = 0; w < nwarps; ++w) moved = resolve_warp(nthreads, w) || moved;
                     if (sched.failed) return 1;
@@ -510,6 +575,10 @@ inline T warp_op(int op, unsigned mask, T value, int arg, int width, int line) {
 
 #define __shared__ static
 static constexpr int warpSize = 32;
+// The block's dynamic shared memory (vmm_common.cuh declares it so for CUDA): a pointer to this launch's
+// buffer where CUDA has an array; either converts to a pointer of the element type.
+#define VMM_DYNAMIC_SHARED(name) unsigned char* const name = vmm_emulation::dynamic_shared.data
+static inline unsigned int vmm_dynamic_shared_bytes() { return (unsigned int)vmm_emulation::dynamic_shared.bytes; }
 // The primitives are functions with CUDA's signatures and defaults (full warp, width 32) plus a last
 // defaulted argument, __builtin_LINE() (g++ and clang++), that records the caller's source line: the
 // scheduler tells two different synchronisation calls apart by it.

@@ -3,8 +3,9 @@
 // The same sources are compiled three ways: by NVRTC through CuPy at run time, by nvcc in the test
 // suite (compile check for sm_80/sm_90), and by the host C++ compiler with host_emulation.h
 // force-included (CI executes kernels on the CPU that way). So: no standard headers, no CUDA
-// headers (cuda_fp16.h is not on every NVRTC include path). Shared memory must have a compile-time
-// size (no extern __shared__); __syncthreads, __syncwarp, the __shfl*_sync shuffles and the
+// headers (cuda_fp16.h is not on every NVRTC include path). Shared memory is fixed-size __shared__
+// arrays or dynamic shared memory declared with VMM_DYNAMIC_SHARED (below; no other extern __shared__,
+// which the emulator does not define); __syncthreads, __syncwarp, the __shfl*_sync shuffles and the
 // __ballot/any/all_sync votes are what the emulator implements (its threads are cooperative fibers;
 // see host_emulation.h). Index width and loop shape are each kernel's choice.
 #pragma once
@@ -50,6 +51,21 @@ VMM_INLINE void vmm_store(vmm_half* p, float f) {
 }
 #else
 VMM_EMULATION_HALF_CONVERSIONS
+#endif
+
+// Dynamic shared memory, sized per launch (KernelSource.launch(..., shared_mem=bytes)) so a kernel can
+// take only what its problem needs and leave the rest of the SM to other blocks. VMM_DYNAMIC_SHARED(name)
+// declares `name`, the block's dynamic shared memory as 16-byte aligned bytes (cast to the element
+// type); vmm_dynamic_shared_bytes() is the size the launch gave, for a kernel to refuse too little. Up
+// to 48 KiB per block with static shared memory included (more needs cudaFuncSetAttribute, which the
+// launcher does not do). Host emulation defines both in host_emulation.h.
+#ifndef VMM_HOST_EMULATION
+#define VMM_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+VMM_INLINE unsigned int vmm_dynamic_shared_bytes() {
+    unsigned int n;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(n));
+    return n;
+}
 #endif
 
 VMM_INLINE float vmm_to_float(float v) { return v; }

@@ -109,3 +109,49 @@ template <typename T>
 __global__ void __launch_bounds__(COOP_BOUNDED_THREADS, 1) coop_bounded_copy(const T* __restrict__ x, T* __restrict__ out) {
     vmm_store(out + threadIdx.x, vmm_load(x, threadIdx.x));
 }
+
+// out[block] = Σ x over the block's slice of blockDim.x * per_thread elements, staged in dynamic shared
+// memory that the launch sizes to that slice (per_thread a power of two, blockDim.x too): the buffer's
+// size is a launch parameter, not a compile-time one. Too little of it: NaN, as the TV-L1 kernels do.
+template <typename T>
+__global__ void coop_dynamic_block_sum(const T* __restrict__ x, T* __restrict__ out, vmm_i64 n, vmm_i64 per_thread) {
+    typedef typename vmm_acc<T>::type A;
+    VMM_DYNAMIC_SHARED(raw);
+    A* buf = reinterpret_cast<A*>(raw);
+    const int len = (int)(blockDim.x * per_thread);
+    if (vmm_dynamic_shared_bytes() < (unsigned)len * sizeof(A)) {
+        if (threadIdx.x == 0) vmm_store(out + blockIdx.x, (A)vmm_bits_to_float(0x7fc00000u));
+        return;
+    }
+    const vmm_i64 base = (vmm_i64)blockIdx.x * len;
+    for (int k = threadIdx.x; k < len; k += blockDim.x) buf[k] = base + k < n ? vmm_load(x, base + k) : (A)0;
+    __syncthreads();
+    for (int stride = len / 2; stride > 0; stride /= 2) {
+        for (int k = threadIdx.x; k < stride; k += blockDim.x) buf[k] += buf[k + stride];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) vmm_store(out + blockIdx.x, buf[0]);
+}
+
+// Only block 0 writes its dynamic shared memory; every block reads it back. A block starts with shared
+// memory it must write before reading: the emulator poisons it, so block 1 reads NaN, not block 0's data.
+template <typename T>
+__global__ void coop_dynamic_unwritten(const T* __restrict__ x, T* __restrict__ out) {
+    typedef typename vmm_acc<T>::type A;
+    VMM_DYNAMIC_SHARED(raw);
+    A* buf = reinterpret_cast<A*>(raw);
+    if (blockIdx.x == 0) buf[threadIdx.x] = vmm_load(x, threadIdx.x);
+    __syncthreads();
+    vmm_store(out + (vmm_i64)blockIdx.x * blockDim.x + threadIdx.x, buf[threadIdx.x]);
+}
+
+// Writes one element past the dynamic shared memory of blockDim.x elements the launch gives.
+template <typename T>
+__global__ void coop_dynamic_overrun(const T* __restrict__ x, T* __restrict__ out) {
+    typedef typename vmm_acc<T>::type A;
+    VMM_DYNAMIC_SHARED(raw);
+    A* buf = reinterpret_cast<A*>(raw);
+    buf[threadIdx.x + 1] = vmm_load(x, threadIdx.x);
+    __syncthreads();
+    vmm_store(out + threadIdx.x, buf[threadIdx.x]);
+}
