@@ -318,7 +318,11 @@ def index_video_files(root: Path) -> dict[str, str]:
 
 
 def parse_kinetics_csv(
-    file: Path, files: dict[str, str], class_to_id: dict[str, int] | None, video_dir: str | os.PathLike = "video_dir"
+    file: Path,
+    files: dict[str, str],
+    class_to_id: dict[str, int] | None,
+    video_dir: str | os.PathLike = "video_dir",
+    unlabelled_ok: bool = False,
 ) -> tuple[list[VideoRecord], list[str], list[str]]:
     """Official Kinetics CSV (`label,youtube_id,time_start,time_end,split[,...]`, header required).
 
@@ -328,7 +332,8 @@ def parse_kinetics_csv(
     sorted labels define the ids; records then get label -1). Returns (records, the labels of all
     rows, names of the listed videos not found). A listed video not found is a record too, named
     by its trimmed name, with `problem` saying so (it counts as unreadable, see the module doc);
-    `video_dir` is the folder named in that message.
+    `video_dir` is the folder named in that message. `unlabelled_ok`: a CSV without a `label`
+    column (the official test CSV) gives records with label -1 and labels "".
     """
     file = Path(file)
     if not file.is_file():
@@ -336,7 +341,7 @@ def parse_kinetics_csv(
     records, labels, missing = [], [], []
     with io.StringIO(read_annotation_text(file), newline="") as fh:
         reader = csv.reader(fh)
-        num_columns, pos = _kinetics_header(file, next(reader, None))
+        num_columns, pos = _kinetics_header(file, next(reader, None), unlabelled_ok)
         for row in reader:
             n = reader.line_num
             if not row or all(not c.strip() for c in row):
@@ -344,7 +349,7 @@ def parse_kinetics_csv(
             label, yid, t0, t1 = _kinetics_row(file, n, row, num_columns, pos, class_to_id)
             trimmed = f"{yid}_{int(t0):06d}_{int(t1):06d}"
             labels.append(label)
-            label_id = -1 if class_to_id is None else class_to_id[label]
+            label_id = -1 if class_to_id is None or "label" not in pos else class_to_id[label]
             if trimmed in files:
                 records.append(VideoRecord(files[trimmed], label_id))
             elif yid in files:
@@ -356,15 +361,16 @@ def parse_kinetics_csv(
     return records, labels, missing
 
 
-def _kinetics_header(file: Path, header: list[str] | None) -> tuple[int, dict[str, int]]:
-    """(number of columns, position of each of `_KINETICS_COLUMNS`) from the CSV's header row."""
+def _kinetics_header(file: Path, header: list[str] | None, unlabelled_ok: bool = False) -> tuple[int, dict[str, int]]:
+    """(number of columns, position of each of `_KINETICS_COLUMNS` present) from the CSV's header
+    row; "label" may be absent when `unlabelled_ok`."""
     if header is None:
         raise AnnotationError(file, 1, "empty CSV (a header row is required)")
     cols = [h.strip() for h in header]
-    absent = [c for c in _KINETICS_COLUMNS if c not in cols]
+    absent = [c for c in _KINETICS_COLUMNS if c not in cols and not (c == "label" and unlabelled_ok)]
     if absent:
         raise AnnotationError(file, 1, f"header lacks column(s) {absent}; got {cols}")
-    return len(cols), {c: cols.index(c) for c in _KINETICS_COLUMNS}
+    return len(cols), {c: cols.index(c) for c in _KINETICS_COLUMNS if c in cols}
 
 
 def _kinetics_row(
@@ -373,7 +379,7 @@ def _kinetics_row(
     """(label, youtube_id, time_start, time_end in seconds) of CSV line `n`; AnnotationError if malformed."""
     if len(row) < num_columns:
         raise AnnotationError(file, n, f"expected {num_columns} columns, got {len(row)}: {row}")
-    label = row[pos["label"]].strip()
+    label = row[pos["label"]].strip() if "label" in pos else ""
     yid = row[pos["youtube_id"]].strip()
     try:
         t0, t1 = float(row[pos["time_start"]]), float(row[pos["time_end"]])
@@ -381,7 +387,7 @@ def _kinetics_row(
         raise AnnotationError(file, n, f"time_start/time_end must be numbers, got {row}") from None
     if not yid or t1 <= t0:
         raise AnnotationError(file, n, f"expected a youtube_id and time_end > time_start, got {row}")
-    if class_to_id is not None and label not in class_to_id:
+    if class_to_id is not None and "label" in pos and label not in class_to_id:
         raise AnnotationError(file, n, f"unknown class {label!r} (not in the training CSV)")
     return label, yid, t0, t1
 

@@ -142,7 +142,8 @@ class KineticsDataModule(VideoDataModule):
     Listed videos missing on disk stay in the split as unusable entries (`unusable(split)`,
     reported at setup, counted as excluded in test reports); their names are in
     `missing_videos[split]`. Validation CSV: `val_csv`, else `validate.csv`/`val.csv`; without
-    one, validation uses the test CSV.
+    one, validation uses the test CSV. A test CSV without a `label` column (the official one) is an
+    unlabelled split: `vmm predict` only (test and validation on it are refused).
     """
 
     def __init__(
@@ -193,9 +194,34 @@ class KineticsDataModule(VideoDataModule):
         if self._files is None:
             self._files = index_video_files(self.video_dir)
         ids = {n: i for i, n in enumerate(self.class_names)}
-        records, _, missing = parse_kinetics_csv(csv_file, self._files, ids, self.video_dir)
+        # The official test CSV has no label column: an unlabelled split, for `vmm predict` only.
+        records, _, missing = parse_kinetics_csv(
+            csv_file, self._files, ids, self.video_dir, unlabelled_ok=split == "test"
+        )
         self.missing_videos[split] = missing  # reported with the other unusable entries at setup
         return records
+
+    def _unlabelled(self, split: str) -> bool:
+        records = self.records(split)
+        return bool(records) and all(r.label < 0 for r in records)
+
+    def val_dataloader(self):
+        if self._unlabelled("val"):
+            raise ValueError(
+                f"KineticsDataModule: no labelled validation split: without a validation CSV, validation uses "
+                f"{self._csv('test')}, which has no label column; give val_csv (e.g. --data.init_args.val_csv "
+                "validate.csv)"
+            )
+        return super().val_dataloader()
+
+    def test_dataloader(self):
+        trainer = self._trainer_or_none()
+        if trainer is not None and trainer.testing and self._unlabelled("test"):
+            raise ValueError(
+                f"{self._csv('test')} has no label column: the test split is unlabelled and serves vmm predict "
+                "only; to test, give a labelled CSV (e.g. --data.init_args.test_csv validate.csv)"
+            )
+        return super().test_dataloader()
 
 
 class HMDB51DataModule(VideoDataModule):

@@ -342,3 +342,37 @@ def test_a_stream_reporting_zero_width_and_height_is_a_bad_video(tmp_path, share
     assert [len(it["label"]) for it in items] == [1, 0] and items[1]["bad_video_ids"].tolist() == [1]
     report = check_datamodule(dm, splits=["test"], num_workers=0, print_table=False)
     assert [(Path(p).name, "0x0" in why) for p, why in report.splits["test"].unreadable] == [("zero.avi", True)]
+
+
+# ------------------------------------------------------------------ Kinetics: an unlabelled test CSV
+
+
+def test_kinetics_test_csv_without_labels_is_an_unlabelled_split_for_predict(tmp_path, shared_videos):
+    from lightning_modules.classifier import VideoClassifier
+
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / "aaa_000000_000010.mp4").symlink_to(shared_videos / "kinetics_arm_wrestling.mp4")
+    (tmp_path / "videos" / "bbb_000000_000010.mp4").symlink_to(shared_videos / "h264_340x256.mp4")
+    ann = tmp_path / "annotations"
+    ann.mkdir()
+    (ann / "train.csv").write_text(
+        "label,youtube_id,time_start,time_end,split\nwrestle,aaa,0,10,train\nother,bbb,0,10,train\n", encoding="utf-8"
+    )
+    # The official Kinetics test CSV has no label column.
+    (ann / "test.csv").write_text("youtube_id,time_start,time_end,split\nbbb,0,10,test\naaa,0,10,test\n", "utf-8")
+    dm = KineticsDataModule(root=str(tmp_path), video_dir=str(tmp_path / "videos"), **TINY)
+    assert [(Path(r.path).name, r.label) for r in dm.records("test")] == [
+        ("bbb_000000_000010.mp4", -1),
+        ("aaa_000000_000010.mp4", -1),
+    ]
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    model = VideoClassifier(_MeanNet(2), class_names=dm.class_names)
+    out = trainer.predict(model, dataloaders=dm.test_dataloader())
+    assert sum(len(o["video_id"]) for o in out) == 2
+    with pytest.raises(ValueError, match=r"test.csv has no label column: .*vmm predict"):
+        trainer.test(model, datamodule=dm)
+    with pytest.raises(ValueError, match=r"no labelled validation split: .*val_csv"):
+        trainer.validate(model, datamodule=dm)
+    (ann / "train.csv").write_text("youtube_id,time_start,time_end,split\naaa,0,10,train\n", encoding="utf-8")
+    with pytest.raises(AnnotationError, match=r"train.csv:1: header lacks column\(s\) \['label'\]"):
+        _ = KineticsDataModule(root=str(tmp_path), video_dir=str(tmp_path / "videos"), **TINY).class_names
