@@ -17,13 +17,14 @@ import torch
 
 import ops
 from ops.host_emulation import host_has_fma
-from ops.kernel_loader import use_kernel_variant
+from ops.kernel_loader import MAX_DYNAMIC_SHARED_BYTES, use_kernel_variant
 from ops.repflow import FlowStencils, default_stencils
 from ops.repflow import kernels as tvl1_kernels
 from ops.repflow.kernels import (
     PLANE_MAX_PIXELS,
     TVL1_PLANE_SOURCE,
     checkpoint_steps,
+    plane_shared_bytes,
     segment_length,
     tvl1_backward,
     tvl1_forward,
@@ -371,12 +372,16 @@ def test_forward_of_one_variant_differentiated_by_the_other():
 
 
 def test_plane_kernel_refuses_a_plane_it_cannot_hold():
-    # The launcher never sends one; a launch that does gets NaN, never a partial flow.
+    # The launcher never sends one; a launch that does gets NaN, never a partial flow (given the shared
+    # memory such a plane would take, so that the plane size is what the kernel refuses).
     gx, gy, rho_c, params, st = _kernel_inputs((1, 1, 2, 300), 14)  # 600 > 512 float64 pixels
     u = torch.zeros(1, 2, 2, 300, dtype=torch.float64)
     empty = gx.new_empty((0,))
     args = (gx, gy, rho_c, params, st, u, empty, empty, 1, 1, 2, 300, 3, segment_length(3), 0)
-    TVL1_PLANE_SOURCE.launch("tvl1_plane_forward", args, dtype=torch.float64, grid=(1, 1, 1), block=(1024, 1, 1))
+    shared = plane_shared_bytes("tvl1_plane_forward", 600, torch.float64)
+    TVL1_PLANE_SOURCE.launch(
+        "tvl1_plane_forward", args, dtype=torch.float64, grid=(1, 1, 1), block=(1024, 1, 1), shared_mem=shared
+    )
     assert u.isnan().all()
 
 
@@ -388,8 +393,116 @@ def test_plane_backward_refuses_a_plane_it_cannot_hold():
     grad_u = torch.ones(2, 2, 2, 300, dtype=torch.float64)
     args = (gx, gy, rho_c, params, st, grad_u, empty, empty, empty, *grads, acc, 2, 1, 2, 300, 1, 1)
     block = (tvl1_kernels.PLANE_MAX_THREADS["tvl1_plane_backward"], 1, 1)
-    TVL1_PLANE_SOURCE.launch("tvl1_plane_backward", args, dtype=torch.float64, grid=(1, 1, 1), block=block)
+    shared = plane_shared_bytes("tvl1_plane_backward", 600, torch.float64)
+    TVL1_PLANE_SOURCE.launch(
+        "tvl1_plane_backward", args, dtype=torch.float64, grid=(1, 1, 1), block=block, shared_mem=shared
+    )
     assert all(g.isnan().all() for g in grads) and acc.isnan().all()
+
+
+# ------------------------------------------------------------------------ shared memory sized by the plane
+
+
+def test_plane_shared_memory_per_block():
+    # Bytes per block (tvl1_plane.cu's tvl1_plane_*_shared_bytes): the forward's 6 maps, the backward's 10
+    # (its first 6 at least the reduction's 32 * 11 values, rounded to 4). The largest planes take what the
+    # static arrays took (24 and 40 KiB), within the 48 KiB a block gets without cudaFuncSetAttribute.
+    expected = {
+        (torch.float32, 14 * 14): (4704, 7840),
+        (torch.float32, 28 * 28): (18816, 31360),
+        (torch.float32, 32 * 32): (24576, 40960),
+        (torch.float64, 16 * 32): (24576, 40960),
+        (torch.float32, 5): (120, (352 + 20) * 4),
+        (torch.float32, 7): (168, (352 + 28) * 4),
+        (torch.float64, 59): (2832, (356 + 236) * 8),  # 354 values of the first 6 maps, rounded to 356
+    }
+    for (dtype, pixels), sizes in expected.items():
+        got = tuple(plane_shared_bytes(k, pixels, dtype) for k in ("tvl1_plane_forward", "tvl1_plane_backward"))
+        assert got == sizes, (dtype, pixels)
+    for dtype, pixels in PLANE_MAX_PIXELS.items():
+        static = 8 * torch.finfo(dtype).bits // 8  # the backward's static stencil taps
+        assert plane_shared_bytes("tvl1_plane_backward", pixels, dtype) + static <= MAX_DYNAMIC_SHARED_BYTES
+
+
+class _RecordingSource:
+    """TVL1_PLANE_SOURCE's stand-in that records each launch's dynamic shared memory."""
+
+    def __init__(self, source):
+        self.source, self.shared = source, []
+
+    def launch(self, kernel, args, **kwargs):
+        self.shared.append((kernel, kwargs.get("shared_mem", 0)))
+        self.source.launch(kernel, args, **kwargs)
+
+
+@pytest.mark.parametrize(("dtype", "shape"), [(torch.float64, (2, 2, 5, 6)), (torch.float32, (1, 2, 14, 14))])
+def test_launches_pass_the_planes_shared_memory(monkeypatch, dtype, shape):
+    recorder = _RecordingSource(TVL1_PLANE_SOURCE)
+    monkeypatch.setattr(tvl1_kernels, "TVL1_PLANE_SOURCE", recorder)
+    i0, i1, stencils, weight = inputs(shape, 21, dtype)
+    fast = run("fast", i0, i1, 3, stencils, weight)
+    pixels = shape[2] * shape[3]
+    assert recorder.shared == [(k, plane_shared_bytes(k, pixels, dtype)) for k in TVL1_PLANE_SOURCE.kernels]
+    ref = run("torch", i0, i1, 3, stencils, weight)
+    assert_all_close(fast, ref, 1e-9 if dtype == torch.float64 else 2e-3, "recorded")
+
+
+def _check_shared_memory_refusal(kernel: str, shape: tuple[int, int, int, int], device: str) -> None:
+    """Launch ``kernel`` on ``shape`` with one byte less than the plane needs (NaN in every output) and
+    with exactly that (no NaN)."""
+    b, c, h, w = shape
+    gx, gy, rho_c, params, st = (t.to(device) for t in _kernel_inputs(shape, 22))
+    shared = plane_shared_bytes(kernel, h * w, torch.float64)
+    block = (tvl1_kernels.plane_threads(h * w, torch.float64, kernel), 1, 1)
+    empty = gx.new_empty((0,))
+    if kernel == "tvl1_plane_forward":
+        outs = [gx.new_zeros((b, 2 * c, h, w))]
+        args = (gx, gy, rho_c, params, st, *outs, empty, empty, b, c, h, w, 3, segment_length(3), 0)
+    else:
+        outs = [torch.zeros_like(gx) for _ in range(3)] + [gx.new_zeros((tvl1_kernels.ACC_ROWS, b * c))]
+        grad_u = gx.new_ones((b, 2 * c, h, w))
+        scratch = gx.new_zeros((1, 2 * 6 * h * w))
+        args = (gx, gy, rho_c, params, st, grad_u, empty, empty, scratch, *outs, b, c, h, w, 1, 1)
+    for given, refused in ((shared - 1, True), (shared, False)):
+        for out in outs:
+            out.zero_()
+        TVL1_PLANE_SOURCE.launch(kernel, args, dtype=torch.float64, grid=(1, 1, 1), block=block, shared_mem=given)
+        assert all(bool(out.isnan().all()) == refused for out in outs), given
+
+
+@pytest.mark.parametrize("kernel", ["tvl1_plane_forward", "tvl1_plane_backward"])
+@pytest.mark.parametrize("shape", [(1, 2, 5, 6), (1, 1, 1, 59)])  # 59: the backward's rounding to 4 values
+def test_plane_kernels_refuse_less_shared_memory_than_the_plane_needs(kernel, shape):
+    # One byte short: NaN in every output, never a plane run past its shared memory. The kernel's size
+    # (tvl1_plane_*_shared_bytes) and plane_shared_bytes agree where they meet.
+    _check_shared_memory_refusal(kernel, shape, "cpu")
+
+
+def test_resident_blocks_query_the_planes_shared_memory(monkeypatch):
+    # The occupancy query gets the plane's dynamic shared memory, and its cache tells plane sizes apart.
+    # No GPU: the CUDA calls are stand-ins.
+    queries = []
+
+    def fake_occupancy(source, kernel, dtype, index, threads, shared_bytes=0):
+        queries.append((kernel, dtype, threads, shared_bytes))
+        return max(1, 48 * 1024 // max(1, shared_bytes))
+
+    class Properties:
+        multi_processor_count = 10
+
+    monkeypatch.setattr(tvl1_kernels, "max_active_blocks_per_sm", fake_occupancy)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Properties())
+    monkeypatch.setattr(tvl1_kernels, "_resident_blocks", {})
+    device = torch.device("cuda", 0)
+    small = tvl1_kernels.plane_blocks(device, 10**6, 64, resident_only=True, pixels=14 * 14)
+    large = tvl1_kernels.plane_blocks(device, 10**6, 512, resident_only=True, pixels=32 * 32)
+    default = tvl1_kernels.plane_blocks(device, 10**6, 512, resident_only=True)  # the largest plane: cached
+    backward = "tvl1_plane_backward"
+    assert queries == [
+        (backward, torch.float32, 64, plane_shared_bytes(backward, 196, torch.float32)),
+        (backward, torch.float32, 512, plane_shared_bytes(backward, 1024, torch.float32)),
+    ]
+    assert small == 10 * (48 * 1024 // 7840) and large == default == 10
 
 
 def test_plane_grid_is_never_empty():
@@ -583,6 +696,13 @@ def test_cupy_fast_ops_on_an_empty_batch():
         grads = tvl1_backward(torch.zeros_like(u), gx, gy, rho_c, params, st, cu, cp, 5)
     torch.cuda.synchronize()
     assert u.shape == (0, 4, 4, 5) and not grads[3].any() and not grads[4].any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["tvl1_plane_forward", "tvl1_plane_backward"])
+def test_cupy_plane_kernels_read_the_dynamic_shared_memory_they_were_given(kernel):
+    # vmm_dynamic_shared_bytes() (the %dynamic_smem_size register) on a GPU: too little refused, enough run.
+    _check_shared_memory_refusal(kernel, (1, 2, 5, 6), "cuda")
 
 
 @pytest.mark.gpu

@@ -24,8 +24,10 @@
 #include "tvl1_common.cuh"
 
 // Per compute type: the largest plane (pixels) a block holds and the pixels one thread of each
-// kernel owns. Static shared memory is 6 maps of MAX_PIXELS in the forward, 10 in the backward (24 and
-// 40 KiB for both types), under the 48 KiB static limit. The forward keeps one pixel per thread in
+// kernel owns. Shared memory is dynamic, sized by the plane (tvl1_plane_*_shared_bytes below), so a
+// small plane's block leaves the SM's shared memory to other blocks: the largest plane takes 6 maps in
+// the forward, 10 in the backward (24 and 40 KiB for both types), under the 48 KiB a block gets without
+// cudaFuncSetAttribute. The forward keeps one pixel per thread in
 // blocks of up to TVL1_PLANE_THREADS: its state fits the 64 registers such a block allows, and many
 // warps per SM hide the barriers' latency. The backward holds about twice the state per pixel
 // (adjoints, gradient sums, the recomputed state): blocks of up to TVL1_PLANE_BACKWARD_THREADS leave
@@ -57,6 +59,37 @@ __device__ __forceinline__ bool tvl1_plane_fits(vmm_i64 H, vmm_i64 W, int nt, in
     return H >= 1 && W >= 1 && H * W <= tvl1_plane_limits<A>::MAX_PIXELS && nt >= 32 && nt <= max_threads &&
            nt % 32 == 0 && (vmm_i64)nt * ppt >= H * W;
 }
+
+// Bytes of dynamic shared memory each kernel needs for a plane of hw pixels; the launcher passes these
+// (ops/repflow/kernels.py, plane_shared_bytes, mirrors them) and a kernel given less refuses the launch.
+// Forward: 6 maps hw values apart (u1, u2, p11, p12, p21, p22; map m of pixel i at m * hw + i, so a
+// warp's pixels are consecutive words). Backward: gbar (4 values a pixel) and U (2), at least
+// 32 * ACC_ROWS values (the per-plane reduction reuses them) rounded up to 4, then the image terms (4).
+template <typename A>
+__device__ __forceinline__ vmm_i64 tvl1_plane_forward_shared_bytes(vmm_i64 hw) {
+    return 6 * hw * (vmm_i64)sizeof(A);
+}
+__device__ __forceinline__ vmm_i64 tvl1_plane_backward_work_values(vmm_i64 hw) {
+    const vmm_i64 n = 6 * hw > 32 * ACC_ROWS ? 6 * hw : 32 * ACC_ROWS;
+    return (n + 3) / 4 * 4;  // the image terms after it stay 16-byte aligned
+}
+template <typename A>
+__device__ __forceinline__ vmm_i64 tvl1_plane_backward_shared_bytes(vmm_i64 hw) {
+    return (tvl1_plane_backward_work_values(hw) + 4 * hw) * (vmm_i64)sizeof(A);
+}
+
+// The backward keeps a pixel's values in shared memory together (pixel-major: gbar's 4 maps, U's 2, the
+// 4 image terms), at constant offsets from one address per pixel: maps hw values apart would each take
+// a register for their offset, and the backward's float pixels fit its registers only without them.
+// Aligned so that the compiler may move a pixel's values in one vector access.
+template <typename A, int N>
+struct alignas(N * sizeof(A) < 16 ? N * sizeof(A) : 16) tvl1_shared_vec {
+    A v[N];
+};
+template <typename A>
+struct alignas(16) tvl1_plane_image_terms {
+    A g1, g2, rc, inv_grad;
+};
 
 // One pixel a thread owns: its index in the plane and which neighbours exist.
 struct tvl1_pixel {
@@ -211,13 +244,11 @@ __global__ void __launch_bounds__(TVL1_PLANE_THREADS)
     typedef typename vmm_acc<T>::type A;
     typedef tvl1_plane_limits<A> lim;
     const int PPT = lim::FORWARD_PIXELS_PER_THREAD;
-    const int MAXP = lim::MAX_PIXELS;
-    __shared__ A sh[6 * lim::MAX_PIXELS];
-    A* sh_u = sh;             // u1, u2 after the last primal step
-    A* sh_p = sh + 2 * MAXP;  // p11, p12, p21, p22 after the last dual step
+    VMM_DYNAMIC_SHARED(sh_bytes);
     const int nt = blockDim.x, t = threadIdx.x;
     const vmm_i64 n_planes = B * C;
-    if (!tvl1_plane_fits<A>(H, W, nt, TVL1_PLANE_THREADS, PPT)) {
+    if (!tvl1_plane_fits<A>(H, W, nt, TVL1_PLANE_THREADS, PPT) ||
+        (vmm_i64)vmm_dynamic_shared_bytes() < tvl1_plane_forward_shared_bytes<A>(H * W)) {
         for (vmm_i64 bc = blockIdx.x; bc < n_planes; bc += gridDim.x) {
             const vmm_i64 b = bc / C;
             tvl1_plane_nan_fill<T, A>(u_out, (bc + b * C) * H * W, C * H * W, 2, (int)(H * W), t, nt);
@@ -225,6 +256,8 @@ __global__ void __launch_bounds__(TVL1_PLANE_THREADS)
         return;
     }
     const int Hi = (int)H, Wi = (int)W, hw = Hi * Wi;
+    A* const sh_u = reinterpret_cast<A*>(sh_bytes);  // u1, u2 after the last primal step
+    A* const sh_p = sh_u + 2 * hw;                    // p11, p12, p21, p22 after the last dual step
     const vmm_i64 CHW = C * hw;
     const A theta = vmm_load(params, 0), lt = vmm_load(params, 1), r = vmm_load(params, 2);
     for (vmm_i64 bc = blockIdx.x; bc < n_planes; bc += gridDim.x) {
@@ -245,13 +278,13 @@ __global__ void __launch_bounds__(TVL1_PLANE_THREADS)
             #pragma unroll
             for (int q = 0; q < 4; ++q) {
                 p[j][q] = (A)0;
-                sh_p[q * MAXP + i] = (A)0;
+                sh_p[q * hw + i] = (A)0;
             }
         }
         __syncthreads();
         // The neighbours' values, as the steps read them (map m at pixel i + d).
-        const auto p_at = [=](int m, int i, int d) { return sh_p[m * MAXP + i + d]; };
-        const auto u_at = [=](int m, int i, int d) { return sh_u[m * MAXP + i + d]; };
+        const auto p_at = [=](int m, int i, int d) { return sh_p[m * hw + i + d]; };
+        const auto u_at = [=](int m, int i, int d) { return sh_u[m * hw + i + d]; };
         vmm_i64 next_ckpt = seg, slot = 0;  // the next checkpoint iteration and its slot
         for (vmm_i64 it = 1; it <= n_iter; ++it) {
             // Primal step: u_it from (u_{it-1}, p_{it-1}).
@@ -268,7 +301,7 @@ __global__ void __launch_bounds__(TVL1_PLANE_THREADS)
             for (int j = 0; j < PPT; ++j) {
                 if (!px[j].valid) continue;
                 sh_u[px[j].i] = u[j][0];
-                sh_u[MAXP + px[j].i] = u[j][1];
+                sh_u[hw + px[j].i] = u[j][1];
             }
             __syncthreads();
             // Dual step: p_it from (u_it, p_{it-1}). Every read of sh_p (primal step) is done.
@@ -278,8 +311,8 @@ __global__ void __launch_bounds__(TVL1_PLANE_THREADS)
                 #pragma unroll
                 for (int m = 0; m < 2; ++m) {
                     tvl1_plane_dual_step(k, px[j], Wi, r, m, u[j][m], p[j], u_at);
-                    sh_p[2 * m * MAXP + px[j].i] = p[j][2 * m];
-                    sh_p[(2 * m + 1) * MAXP + px[j].i] = p[j][2 * m + 1];
+                    sh_p[2 * m * hw + px[j].i] = p[j][2 * m];
+                    sh_p[(2 * m + 1) * hw + px[j].i] = p[j][2 * m + 1];
                 }
             }
             __syncthreads();
@@ -320,7 +353,8 @@ __global__ void __launch_bounds__(TVL1_PLANE_THREADS)
 // spilling: the image terms and the stencil taps live in shared memory (read where used: the barriers
 // keep the compiler from hoisting them back into registers), loop counters are 32-bit, and the scratch
 // is pixel-major (slot s, pixel i, map q at (s * H*W + i) * 6 + q), so a pixel's six values and its
-// left and right neighbours' lie at constant offsets from one address rather than each taking one.
+// left and right neighbours' lie at constant offsets from one address rather than each taking one; so
+// is the shared memory (tvl1_shared_vec), whose size is the plane's.
 // (The explicit "1 block per SM" lets ptxas use all the registers the block size allows.)
 template <typename T>
 __global__ void __launch_bounds__(TVL1_PLANE_BACKWARD_THREADS, 1)
@@ -332,17 +366,13 @@ __global__ void __launch_bounds__(TVL1_PLANE_BACKWARD_THREADS, 1)
     typedef typename vmm_acc<T>::type A;
     typedef tvl1_plane_limits<A> lim;
     const int PPT = lim::BACKWARD_PIXELS_PER_THREAD;
-    const int MAXP = lim::MAX_PIXELS;
-    __shared__ A sh[6 * lim::MAX_PIXELS];
-    static_assert(ACC_ROWS * 32 <= 6 * lim::MAX_PIXELS, "the reduction reuses sh");
-    A* sh_g = sh;             // gbar: adjoints of u1x, u1y, u2x, u2y (zero where the difference is)
-    A* sh_U = sh + 4 * MAXP;  // the full adjoint of u_k, both components
-    __shared__ A sh_im[4 * lim::MAX_PIXELS];  // the plane's g1, g2, rho_c and 1 / grad (tvl1_plane_image)
-    __shared__ tvl1_taps<A> sh_k;             // the plane's stencil taps
+    VMM_DYNAMIC_SHARED(sh_bytes);
+    __shared__ tvl1_taps<A> sh_k;  // the plane's stencil taps
     const int nt = blockDim.x, t = threadIdx.x;
     const vmm_i64 n_planes = B * C;
     // 32-bit iteration counts (and scratch offsets: (seg + 1) * 6 * H*W stays far below 2^31).
-    if (!tvl1_plane_fits<A>(H, W, nt, TVL1_PLANE_BACKWARD_THREADS, PPT) || n_iter > 0x7fffffff) {
+    if (!tvl1_plane_fits<A>(H, W, nt, TVL1_PLANE_BACKWARD_THREADS, PPT) || n_iter > 0x7fffffff ||
+        (vmm_i64)vmm_dynamic_shared_bytes() < tvl1_plane_backward_shared_bytes<A>(H * W)) {
         for (vmm_i64 bc = blockIdx.x; bc < n_planes; bc += gridDim.x) {
             const int hw = (int)(H * W);
             tvl1_plane_nan_fill<T, A>(ggx, bc * H * W, 0, 1, hw, t, nt);
@@ -353,6 +383,14 @@ __global__ void __launch_bounds__(TVL1_PLANE_BACKWARD_THREADS, 1)
         return;
     }
     const int Hi = (int)H, Wi = (int)W, hw = Hi * Wi;
+    A* const sh = reinterpret_cast<A*>(sh_bytes);
+    // gbar: adjoints of u1x, u1y, u2x, u2y (zero where the difference is), and the full adjoint of u_k,
+    // both components.
+    tvl1_shared_vec<A, 4>* const sh_g = reinterpret_cast<tvl1_shared_vec<A, 4>*>(sh);
+    tvl1_shared_vec<A, 2>* const sh_U = reinterpret_cast<tvl1_shared_vec<A, 2>*>(sh + 4 * hw);
+    // The plane's g1, g2, rho_c and 1 / grad (tvl1_plane_image).
+    tvl1_plane_image_terms<A>* const sh_im =
+        reinterpret_cast<tvl1_plane_image_terms<A>*>(sh + tvl1_plane_backward_work_values(hw));
     const int n_it = (int)n_iter, sg = (int)seg;
     const vmm_i64 CHW = C * hw;
     const A eps = (A)TVL1_EPS;
@@ -362,12 +400,13 @@ __global__ void __launch_bounds__(TVL1_PLANE_BACKWARD_THREADS, 1)
     const int n_seg = (n_it + sg - 1) / sg;
     // A pixel's image terms, as tvl1_plane_load_image made them.
     const auto image_at = [&](int i) {
+        const tvl1_plane_image_terms<A> e = sh_im[i];
         tvl1_plane_image<A> g;
-        g.g1 = sh_im[i];
-        g.g2 = sh_im[MAXP + i];
-        g.rc = sh_im[2 * MAXP + i];
+        g.g1 = e.g1;
+        g.g2 = e.g2;
+        g.rc = e.rc;
         g.grad = tvl1_plane_grad(g.g1, g.g2);
-        g.inv_grad = sh_im[3 * MAXP + i];
+        g.inv_grad = e.inv_grad;
         return g;
     };
     for (vmm_i64 bc = blockIdx.x; bc < n_planes; bc += gridDim.x) {
@@ -388,10 +427,12 @@ __global__ void __launch_bounds__(TVL1_PLANE_BACKWARD_THREADS, 1)
             if (!px[j].valid) continue;
             const int i = px[j].i;
             const tvl1_plane_image<A> g = tvl1_plane_load_image(gx, gy, rho_c, g_base + i);
-            sh_im[i] = g.g1;
-            sh_im[MAXP + i] = g.g2;
-            sh_im[2 * MAXP + i] = g.rc;
-            sh_im[3 * MAXP + i] = g.inv_grad;
+            tvl1_plane_image_terms<A> e;
+            e.g1 = g.g1;
+            e.g2 = g.g2;
+            e.rc = g.rc;
+            e.inv_grad = g.inv_grad;
+            sh_im[i] = e;
             #pragma unroll
             for (int m = 0; m < 2; ++m) ubar[m][j] = vmm_load(grad_u, u_base + m * CHW + i);
             #pragma unroll
@@ -470,6 +511,7 @@ __global__ void __launch_bounds__(TVL1_PLANE_BACKWARD_THREADS, 1)
                     for (int j = 0; j < PPT; ++j) {
                         if (!px[j].valid) continue;
                         const int i = px[j].i;
+                        tvl1_shared_vec<A, 4> gbar;  // this pixel's, stored whole
                         #pragma unroll
                         for (int m = 0; m < 2; ++m) {
                             const A z = vmm_load(cur, i * 6 + m);
@@ -492,9 +534,10 @@ __global__ void __launch_bounds__(TVL1_PLANE_BACKWARD_THREADS, 1)
                             sum[ACC_FX0 + 3] += zybar * z_down;
                             pbar[2 * m][j] = ba * inv_s;
                             pbar[2 * m + 1][j] = bb * inv_s;
-                            sh_g[2 * m * MAXP + i] = zxbar;
-                            sh_g[(2 * m + 1) * MAXP + i] = zybar;
+                            gbar.v[2 * m] = zxbar;
+                            gbar.v[2 * m + 1] = zybar;
                         }
+                        sh_g[i] = gbar;
                     }
                     __syncthreads();
                 }
@@ -504,17 +547,19 @@ __global__ void __launch_bounds__(TVL1_PLANE_BACKWARD_THREADS, 1)
                 for (int j = 0; j < PPT; ++j) {
                     if (!px[j].valid) continue;
                     const int i = px[j].i;
+                    tvl1_shared_vec<A, 2> u_here;
                     #pragma unroll
                     for (int m = 0; m < 2; ++m) {
                         A v = ubar[m][j];
                         if (has_dual) {
-                            v += k.fx0 * sh_g[2 * m * MAXP + i] + k.fy0 * sh_g[(2 * m + 1) * MAXP + i];
-                            if (px[j].left) v += k.fx1 * sh_g[2 * m * MAXP + i - 1];
-                            if (px[j].up) v += k.fy1 * sh_g[(2 * m + 1) * MAXP + i - Wi];
+                            v += k.fx0 * sh_g[i].v[2 * m] + k.fy0 * sh_g[i].v[2 * m + 1];
+                            if (px[j].left) v += k.fx1 * sh_g[i - 1].v[2 * m];
+                            if (px[j].up) v += k.fy1 * sh_g[i - Wi].v[2 * m + 1];
                         }
                         U[m][j] = v;
-                        sh_U[m * MAXP + i] = v;
+                        u_here.v[m] = v;
                     }
+                    sh_U[i] = u_here;
                 }
                 __syncthreads();
                 // Adjoint of the primal step from the state of slot s - 1.
@@ -523,11 +568,14 @@ __global__ void __launch_bounds__(TVL1_PLANE_BACKWARD_THREADS, 1)
                     if (!px[j].valid) continue;
                     const int i = px[j].i;
                     const tvl1_pixel& q = px[j];
+                    tvl1_shared_vec<A, 2> U_right, U_down;
+                    if (q.right) U_right = sh_U[i + 1];
+                    if (q.down) U_down = sh_U[i + Wi];
                     #pragma unroll
                     for (int m = 0; m < 2; ++m) {
                         // The divergence's transpose: p~_m1[h,w] feeds div at (h,w) (tap 1) and (h,w+1) (tap 0).
-                        const A u_right = q.right ? sh_U[m * MAXP + i + 1] : (A)0;
-                        const A u_down = q.down ? sh_U[m * MAXP + i + Wi] : (A)0;
+                        const A u_right = q.right ? U_right.v[m] : (A)0;
+                        const A u_down = q.down ? U_down.v[m] : (A)0;
                         if (q.right) pbar[2 * m][j] += theta * (k.dx0 * u_right + k.dx1 * U[m][j]);
                         if (q.down) pbar[2 * m + 1][j] += theta * (k.dy0 * u_down + k.dy1 * U[m][j]);
                         // The divergence itself, for the gradients of theta_e and the divergence taps.
@@ -584,9 +632,10 @@ __global__ void __launch_bounds__(TVL1_PLANE_BACKWARD_THREADS, 1)
         // The plane's sums: a fixed tree (deterministic): within each warp by shuffles, then the warps'
         // sums (at most 32) by warp 0.
         const int lane = t % 32, warp = t / 32;
-        // The warps' sums go to sh[0, 32 * ACC_ROWS), inside sh_g, last read before the last adjoint
-        // iteration's second barrier; this one also orders them after the previous plane's reads by
-        // warp 0 when a plane runs no adjoint iteration.
+        // The warps' sums go to sh[0, 32 * ACC_ROWS), over the gbar and U maps (past them on a small plane:
+        // the region holds at least that, never reaching sh_im), whose last reads come before this
+        // barrier; it also orders them after the previous plane's reads by warp 0 when a plane runs no
+        // adjoint iteration.
         __syncthreads();
         #pragma unroll
         for (int a = 0; a < ACC_ROWS; ++a) {

@@ -3,7 +3,8 @@ backward, in two variants (``ops.kernel_loader.kernel_variant()``, docs/architec
 
 * **fast** (the default; ``kernels/tvl1_plane.cu``): one thread block per ``(b, c)`` plane runs all
   n_iter iterations in one launch, the plane's state in registers and shared memory (two barriers per
-  iteration), and the backward's whole reverse sweep in one more launch. Used when a plane fits a block:
+  iteration; dynamic shared memory sized by the plane, :func:`plane_shared_bytes`), and the backward's
+  whole reverse sweep in one more launch. Used when a plane fits a block:
   ``H·W <= PLANE_MAX_PIXELS[dtype]`` (1024 pixels in float32, 512 in float64).
 * **simple** (``kernels/tvl1.cu``, also the fallback for larger planes): one thread per pixel, one
   launch per iteration in the forward (the dual step of one iteration fused with the primal step of
@@ -63,7 +64,8 @@ PLANE_PIXELS_PER_THREAD = {
     "tvl1_plane_backward": {torch.float32: 2, torch.float64: 1},
 }
 #: Fast backward grid on CUDA: as many blocks as can be resident at once (CUDA's occupancy calculator on
-#: the compiled kernel: its registers, shared memory and block size), each walking several planes: the
+#: the compiled kernel: its registers, shared memory (sized by the plane) and block size), each walking
+#: several planes: the
 #: scratch of recomputed states is per block, so blocks that would only wait would only hold memory.
 #: Under host emulation the grid is EMULATED_PLANE_BLOCKS, so the tests exercise the block-stride loop
 #: over planes.
@@ -225,6 +227,22 @@ def tvl1_path(dtype: torch.dtype, height: int, width: int) -> str:
     return "simple"
 
 
+def plane_shared_bytes(kernel: str, pixels: int, dtype: torch.dtype) -> int:
+    """Bytes of dynamic shared memory a block of the fast kernel ``kernel`` needs for a plane of ``pixels``
+    in compute dtype ``dtype``; tvl1_plane.cu's tvl1_plane_forward_shared_bytes /
+    tvl1_plane_backward_shared_bytes, which this must match (a kernel given less writes NaN). Sized by the
+    plane so that small planes leave the SM's shared memory to more blocks; the largest planes
+    (PLANE_MAX_PIXELS) take 24 KiB (forward) and 40 KiB (backward) in both dtypes, within the 48 KiB a
+    block gets without cudaFuncSetAttribute (the backward adds 32 or 64 bytes of static shared memory)."""
+    size = torch.finfo(dtype).bits // 8
+    if kernel == "tvl1_plane_forward":
+        return 6 * pixels * size  # u (2 maps) and p (4 maps)
+    # gbar (4 maps) and U (2 maps), at least the per-plane reduction's 32 * ACC_ROWS values, rounded to 4
+    # values (16-byte alignment of what follows), then the image terms (4 maps).
+    work = -(-max(6 * pixels, 32 * ACC_ROWS) // 4) * 4
+    return (work + 4 * pixels) * size
+
+
 def plane_threads(pixels: int, dtype: torch.dtype, kernel: str = "tvl1_plane_backward") -> int:
     """Threads of a block of the fast kernel ``kernel`` (default: the backward, whose grid
     :func:`plane_blocks` sizes by residency) for a plane of ``pixels`` in compute dtype ``dtype``: whole
@@ -233,34 +251,46 @@ def plane_threads(pixels: int, dtype: torch.dtype, kernel: str = "tvl1_plane_bac
     return min(PLANE_MAX_THREADS[kernel], 32 * max(1, warps))
 
 
-_resident_blocks: dict[tuple[str, torch.dtype, int, int], int] = {}
+_resident_blocks: dict[tuple[str, torch.dtype, int, int, int], int] = {}
 
 
-def resident_blocks(kernel: str, dtype: torch.dtype, device: torch.device, threads: int) -> int:
-    """How many blocks of ``threads`` threads of the fast kernel ``kernel`` (compute dtype ``dtype``) a
-    CUDA device holds at once: the driver's occupancy calculator on the compiled kernel (through CuPy)
-    times the SMs. Cached per (kernel, dtype, device, threads)."""
+def resident_blocks(
+    kernel: str, dtype: torch.dtype, device: torch.device, threads: int, pixels: int | None = None
+) -> int:
+    """How many blocks of ``threads`` threads of the fast kernel ``kernel`` (compute dtype ``dtype``) on
+    planes of ``pixels`` (default: the largest, PLANE_MAX_PIXELS) a CUDA device holds at once: the
+    driver's occupancy calculator on the compiled kernel (through CuPy), given the plane's dynamic shared
+    memory (:func:`plane_shared_bytes`), times the SMs. Cached per (kernel, dtype, device, threads,
+    pixels)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (kernel, dtype, index, threads)
+    pixels = PLANE_MAX_PIXELS[dtype] if pixels is None else pixels
+    key = (kernel, dtype, index, threads, pixels)
     if key not in _resident_blocks:
-        per_sm = max_active_blocks_per_sm(TVL1_PLANE_SOURCE, kernel, dtype, index, threads)
+        shared = plane_shared_bytes(kernel, pixels, dtype)
+        per_sm = max_active_blocks_per_sm(TVL1_PLANE_SOURCE, kernel, dtype, index, threads, shared_bytes=shared)
         sms = torch.cuda.get_device_properties(index).multi_processor_count
         _resident_blocks[key] = max(1, per_sm) * sms
     return _resident_blocks[key]
 
 
 def plane_blocks(
-    device: torch.device, planes: int, threads: int, resident_only: bool, dtype: torch.dtype = torch.float32
+    device: torch.device,
+    planes: int,
+    threads: int,
+    resident_only: bool,
+    dtype: torch.dtype = torch.float32,
+    pixels: int | None = None,
 ) -> int:
     """Grid of a fast kernel over ``planes`` planes with blocks of ``threads``: one block per plane, or
-    (``resident_only``: the backward, compute dtype ``dtype``) on CUDA at most the blocks that can be
-    resident at once (:func:`resident_blocks`); EMULATED_PLANE_BLOCKS under host emulation. At least 1:
-    CUDA refuses a launch with an empty grid (no planes: the block's plane loop runs no iteration)."""
+    (``resident_only``: the backward, compute dtype ``dtype``, planes of ``pixels``; default the largest)
+    on CUDA at most the blocks that can be resident at once (:func:`resident_blocks`);
+    EMULATED_PLANE_BLOCKS under host emulation. At least 1: CUDA refuses a launch with an empty grid (no
+    planes: the block's plane loop runs no iteration)."""
     if device.type != "cuda":
         return max(1, min(planes, EMULATED_PLANE_BLOCKS))
     if not resident_only:
         return max(1, min(planes, 2**31 - 1))
-    return max(1, min(planes, resident_blocks("tvl1_plane_backward", dtype, device, threads)))
+    return max(1, min(planes, resident_blocks("tvl1_plane_backward", dtype, device, threads, pixels)))
 
 
 def _plane_forward(
@@ -273,7 +303,9 @@ def _plane_forward(
     args = (gx, gy, rho_c, params, st, u, ckpt_u, ckpt_p, b, c, h, w, n_iter, segment_length(n_iter), len(steps))
     threads = plane_threads(h * w, gx.dtype, "tvl1_plane_forward")
     grid = (plane_blocks(gx.device, b * c, threads, resident_only=False), 1, 1)
-    TVL1_PLANE_SOURCE.launch("tvl1_plane_forward", args, dtype=gx.dtype, grid=grid, block=(threads, 1, 1))
+    shared = plane_shared_bytes("tvl1_plane_forward", h * w, gx.dtype)
+    block = (threads, 1, 1)
+    TVL1_PLANE_SOURCE.launch("tvl1_plane_forward", args, dtype=gx.dtype, grid=grid, block=block, shared_mem=shared)
     path_counts["forward:plane"] += 1
     return u, ckpt_u, ckpt_p
 
@@ -292,13 +324,15 @@ def _plane_backward(
     b, c, h, w = gx.shape
     seg = segment_length(n_iter)
     threads = plane_threads(h * w, gx.dtype, "tvl1_plane_backward")
-    blocks = plane_blocks(gx.device, b * c, threads, resident_only=True, dtype=gx.dtype)
+    blocks = plane_blocks(gx.device, b * c, threads, resident_only=True, dtype=gx.dtype, pixels=h * w)
     scratch = gx.new_empty((blocks, (seg + 1) * 6 * h * w))  # each block's recomputed segment states
     ggx, ggy, grho = torch.empty_like(gx), torch.empty_like(gx), torch.empty_like(gx)
     acc = gx.new_empty((ACC_ROWS, b * c))  # one sum per plane and row
     grad_u = grad_u.to(gx.dtype).contiguous()
     args = (gx, gy, rho_c, params, st, grad_u, ckpt_u, ckpt_p, scratch, ggx, ggy, grho, acc, b, c, h, w, n_iter, seg)
-    TVL1_PLANE_SOURCE.launch("tvl1_plane_backward", args, dtype=gx.dtype, grid=(blocks, 1, 1), block=(threads, 1, 1))
+    shared = plane_shared_bytes("tvl1_plane_backward", h * w, gx.dtype)
+    grid, block = (blocks, 1, 1), (threads, 1, 1)
+    TVL1_PLANE_SOURCE.launch("tvl1_plane_backward", args, dtype=gx.dtype, grid=grid, block=block, shared_mem=shared)
     path_counts["backward:plane"] += 1
     return (ggx, ggy, grho, *_parameter_gradients(acc.view(ACC_ROWS, b, c).sum(dim=1), params, st))
 
