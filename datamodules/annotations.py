@@ -174,6 +174,29 @@ def annotation_lines(file: Path) -> Iterable[tuple[int, str]]:
             yield n, line
 
 
+def list_lines(file: Path, form: str) -> Iterable[tuple[int, str]]:
+    """`annotation_lines` of a text list whose lines read `form` ("path label"); a JSON file (a
+    `.json` name, or text that starts with [ or {, as MMAction2's JSON lists) is an AnnotationError
+    naming the format rather than a complaint about its first line."""
+    lines = annotation_lines(file)
+    first = next(iter(lines), None)
+    if first is not None and (Path(file).suffix.lower() == ".json" or (first[1][0] in "[{" and _is_json(file))):
+        raise AnnotationError(
+            file, None, f"unsupported format (JSON): expected '{form}' lines (a text list, one video per line)"
+        )
+    if first is not None:
+        yield first
+        yield from lines
+
+
+def _is_json(file: Path) -> bool:
+    try:
+        json.loads(read_annotation_text(file))
+    except ValueError:
+        return False  # e.g. a path that starts with a bracket
+    return True
+
+
 def parse_folder(split_dir: Path, class_names: list[str] | None = None) -> tuple[list[VideoRecord], list[str]]:
     """`split_dir/<class>/<video>`: records and the class names (sorted folder names unless given).
 
@@ -278,7 +301,7 @@ def parse_path_label_list(file: Path, root: Path, num_classes: int | None = None
     are an AnnotationError, unless the whole text before the label names an existing path.
     """
     records = []
-    for n, line in annotation_lines(Path(file)):
+    for n, line in list_lines(Path(file), "path label"):
         parts = line.rsplit(maxsplit=1)
         if len(parts) != 2:
             raise AnnotationError(file, n, f"expected 'path label', got {line!r}")

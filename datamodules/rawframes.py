@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-from .annotations import AnnotationError, annotation_lines, numeric_tail
+from .annotations import AnnotationError, list_lines, numeric_tail
 from .frames import DEFAULT_TEMPLATE, FrameRecord, check_template
 from .layouts import VideoListDataModule
 
@@ -34,7 +34,7 @@ def parse_rawframe_list(
     folder is scanned when first read. Raises AnnotationError naming the file and line.
     """
     records = []
-    for n, line in annotation_lines(Path(file)):
+    for n, line in list_lines(Path(file), "frame_dir num_frames label"):
         parts = line.rsplit(maxsplit=2)
         if len(parts) != 3:
             raise AnnotationError(file, n, f"expected 'frame_dir num_frames label', got {line!r}")

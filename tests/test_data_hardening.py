@@ -376,3 +376,18 @@ def test_kinetics_test_csv_without_labels_is_an_unlabelled_split_for_predict(tmp
     (ann / "train.csv").write_text("youtube_id,time_start,time_end,split\naaa,0,10,train\n", encoding="utf-8")
     with pytest.raises(AnnotationError, match=r"train.csv:1: header lacks column\(s\) \['label'\]"):
         _ = KineticsDataModule(root=str(tmp_path), video_dir=str(tmp_path / "videos"), **TINY).class_names
+
+
+def test_a_json_annotation_list_where_a_text_list_is_expected_names_the_format(tmp_path):
+    from datamodules import RawFrameListDataModule
+
+    entries = [{"filename": "a.mp4", "label": 0}, {"filename": "b.mp4", "label": 1}]
+    for name, text in (("list.json", json.dumps(entries, indent=2)), ("list.txt", json.dumps(entries))):
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        for dm, form in ((VideoListDataModule, "path label"), (RawFrameListDataModule, "frame_dir num_frames label")):
+            with pytest.raises(AnnotationError, match=rf"{name}: unsupported format \(JSON\): expected '{form}' lines"):
+                dm(root=str(tmp_path), train_list=str(tmp_path / name), num_classes=2).records("train")
+    # A path that starts with a bracket is still a path.
+    (tmp_path / "brackets.txt").write_text("[take 1] a.mp4 1\n", encoding="utf-8")
+    records = VideoListDataModule(root=str(tmp_path), train_list=str(tmp_path / "brackets.txt")).records("train")
+    assert [(Path(r.path).name, r.label) for r in records] == [("[take 1] a.mp4", 1)]
