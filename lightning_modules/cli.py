@@ -374,6 +374,7 @@ class VMMCLI(LightningCLI):
                 self._ckpt = load_vmm_checkpoint(ckpt_arg)
                 model_hp = _checkpoint_model_config(self._ckpt)
                 if model_hp is not None:
+                    _check_network_class_path(ckpt_arg, model_hp["net"]["class_path"], rest)
                     injected += ["--model", json.dumps(model_hp)]
             if argv[0] == "predict" and _is_file_predict(rest):
                 self._file_predict = True
@@ -645,6 +646,33 @@ def _ckpt_path_argument(argv: Sequence[str]) -> str | None:
         elif a.startswith("--ckpt_path="):
             value = a.split("=", 1)[1]
     return value if value and value not in ("best", "last", "hpc", "registry") and "://" not in value else None
+
+
+VMM_NETWORKS = "lightning_modules.networks."
+
+
+def _check_network_class_path(ckpt_path: str, class_path: object, argv: Sequence[str]) -> None:
+    """A checkpoint is data: the network class it names is imported only when it is one of vmm's
+    networks, or when the command line names that same class (`--model.net.class_path`, or in a
+    `--config`) -- parsing imports the class, and importing a module runs its code."""
+    if isinstance(class_path, str) and re.fullmatch(re.escape(VMM_NETWORKS) + r"[A-Za-z_][\w.]*", class_path):
+        return
+    given = []
+    for i, arg in enumerate(argv):
+        flag, eq, value = arg.partition("=")
+        value = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+        if flag == "--model.net.class_path" or flag == "--model.net":
+            given.append(value)
+        elif flag in ("-c", "--config"):
+            with contextlib.suppress(OSError):
+                given.append(Path(value).read_text(encoding="utf-8"))
+    if any(str(class_path) in g for g in given):
+        return
+    raise ValueError(
+        f"--ckpt_path {ckpt_path}: its network {class_path} is not one of vmm's networks ({VMM_NETWORKS}*), and "
+        f"a checkpoint does not choose which code runs; if you trust that class, name it: --model.net.class_path "
+        f"{class_path}"
+    )
 
 
 # Model keys that the CLI links from the datamodule: never "overrides" of the checkpoint.

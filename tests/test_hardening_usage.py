@@ -212,3 +212,28 @@ def test_console_script_prints_one_line_and_exits_2(tmp_path):
         "vmm test: error: --ckpt_path missing.ckpt: no such file (give the .ckpt file written by vmm fit, e.g. "
         "lightning_logs/version_0/checkpoints/last.ckpt)"
     ]
+
+
+# ---------------------------------------------------------------------------- a checkpoint names no code
+
+
+def test_a_checkpoint_cannot_make_vmm_import_a_module_outside_its_networks(tmp_path, monkeypatch):
+    from lightning_modules.cli import main
+
+    marker = tmp_path / "IMPORTED"
+    (tmp_path / "vmm_test_payload.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n\nclass Net:\n    pass\n", encoding="utf-8"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    ckpt = tmp_path / "plain.ckpt"
+    hp = {"net": {"class_path": "vmm_test_payload.Net", "init_args": {}}}
+    torch.save({"state_dict": {}, "hyper_parameters": hp, "class_names": ["a"], "vmm_test_settings": {}}, ckpt)
+    (tmp_path / "x.mp4").write_bytes(b"")
+    for args in (["predict", "--ckpt_path", str(ckpt), "x.mp4"], ["test", "--ckpt_path", str(ckpt)]):
+        with pytest.raises(
+            ValueError,
+            match=r"vmm_test_payload.Net is not one of vmm.s networks .*--model.net.class_path vmm_test_payload.Net",
+        ):
+            main(args)
+    assert not marker.exists()
