@@ -202,7 +202,7 @@ def clean_list_files(dm: VideoDataModule, splits: Sequence[str], path: str | os.
     when the path is a folder, or when a split has entries a list cannot hold (time windows of
     untrimmed videos), or when a list cannot be written there (an unwritable folder, a device) --
     before anything is decoded."""
-    from lightning_modules.io import check_writable_file  # the writer's own checks (see write_clean_lists)
+    from .safe_io import check_writable_file  # the writer's own checks (see write_clean_lists)
 
     path = Path(path)
     if path.is_dir():
@@ -236,7 +236,7 @@ def write_clean_lists(dm: VideoDataModule, report: DataCheckReport, path: str | 
     """
     # The CLI's atomic writer (symlinks written through, devices refused); imported here, not at
     # module level, so the data stack alone does not load Lightning.
-    from lightning_modules.io import atomic_write_text
+    from .safe_io import atomic_write_text
 
     files = clean_list_files(dm, list(report.splits), path)
     written = []
