@@ -395,6 +395,12 @@ class VMMCLI(LightningCLI):
         if self.config.get("subcommand") == "predict":
             self._check_predict_arguments()
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI merges the checkpoint's hyperparameters into the config after parsing: an older
+        # checkpoint names the pretrained file it was inflated from, which must not be loaded again.
+        super()._parse_ckpt_path()
+        self._drop_pretrained_under_ckpt_path()
+
     def _drop_pretrained_under_ckpt_path(self) -> None:
         """With `--ckpt_path` the network's weights come from the checkpoint: a configured
         `model.net.init_args.pretrained` file would be loaded only to be overwritten (and may be

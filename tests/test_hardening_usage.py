@@ -121,6 +121,12 @@ def test_a_checkpoint_outlives_its_pretrained_weight_file(pretrained_fit, monkey
         main(["test", "--config", str(pretrained_fit["cfg"]), "--ckpt_path", str(ckpt)])
     model = VideoClassifier.load_from_checkpoint(ckpt)
     assert model.net.pretrained_report is None
+    # A checkpoint written before checkpoints stored pretrained=None names the file it needed.
+    old = torch.load(ckpt, weights_only=True)
+    old["hyper_parameters"]["net"]["init_args"]["pretrained"] = old.pop("vmm_pretrained_from")
+    torch.save(old, out / "old.ckpt")
+    main(["predict", "--ckpt_path", str(out / "old.ckpt"), str(pretrained_fit["videos"][0])])
+    assert (out / "old.predictions.json").is_file()
 
 
 # ---------------------------------------------------------------------------- one line per user mistake
