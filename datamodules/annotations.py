@@ -264,10 +264,11 @@ def _class_names_from_json(file: Path, raw: object) -> list[str]:
     if isinstance(raw, list) and raw and all(isinstance(n, str) and n.strip() for n in raw):
         names = [n.strip() for n in raw]
     elif isinstance(raw, dict) and raw:
-        try:
-            by_id = {int(v): str(k) for k, v in raw.items() if not isinstance(v, bool | float)}
-        except (TypeError, ValueError):
-            raise AnnotationError(file, None, 'expected integer class ids (e.g. 0 or "0")') from None
+        for k, v in raw.items():
+            # int() would take True as 1 and 2.0 as 2: ids are integers or integer strings only
+            if isinstance(v, bool) or not isinstance(v, int | str) or (isinstance(v, str) and not v.strip().isdigit()):
+                raise AnnotationError(file, None, f'expected integer class ids (e.g. 0 or "0"); class {k!r} has {v!r}')
+        by_id = {int(v): str(k) for k, v in raw.items()}
         if sorted(by_id) != list(range(len(raw))):
             raise AnnotationError(file, None, f"expected the ids 0..{len(raw) - 1} once each")
         names = [by_id[i] for i in range(len(raw))]

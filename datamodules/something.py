@@ -203,6 +203,9 @@ class SomethingSomethingV2DataModule(_SomethingSomething):
         for k, entry in enumerate(entries):
             if not isinstance(entry, dict) or "id" not in entry:
                 raise AnnotationError(file, None, f"entry {k}: expected an object with an 'id', got {entry!r:.80}")
+            if isinstance(entry["id"], bool) or not isinstance(entry["id"], str | int):
+                # str() would make True a video "True" and 2.0 a video "2.0"
+                raise AnnotationError(file, None, f"entry {k}: expected an 'id' string or integer, got {entry['id']!r}")
             vid = str(entry["id"]).strip()
             label = -1
             if labelled:

@@ -6,6 +6,7 @@ PyAV, JPEG frames from the shared clips), the left/right flip on the real SSv2 c
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -468,3 +469,22 @@ def test_ssv1_class_ids_follow_the_labels_file_or_sorted_names(tmp_path):
     assert tsm.class_names == sorted(names) and [r.label for r in tsm.records("train")] == [2, 1]
     with pytest.raises(ValueError, match="class_order: expected 'file' or 'sorted'"):
         SomethingSomethingV1DataModule(root=str(tmp_path), class_order="alphabetical")
+
+
+@pytest.mark.parametrize("bad", [True, 1.5, 2.0, None, [3]])
+def test_ssv2_video_and_class_ids_that_are_not_integers_or_strings_are_refused(tmp_path, bad):
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    (labels / "labels.json").write_text(json.dumps({"Holding something": "0"}), encoding="utf-8")
+    entries = [{"id": 5, "template": "Holding [something]"}, {"id": bad, "template": "Holding [something]"}]
+    (labels / "train.json").write_text(json.dumps(entries), encoding="utf-8")
+    dm = SomethingSomethingV2DataModule(root=str(tmp_path))
+    with pytest.raises(
+        AnnotationError, match=rf"train.json: entry 1: expected an 'id' string or integer, got {re.escape(repr(bad))}"
+    ):
+        dm.records("train")
+    (labels / "labels.json").write_text(json.dumps({"Holding something": "0", "Other": bad}), encoding="utf-8")
+    with pytest.raises(
+        AnnotationError, match=rf"labels.json: expected integer class ids .*'Other' has {re.escape(repr(bad))}"
+    ):
+        _ = SomethingSomethingV2DataModule(root=str(tmp_path)).class_names
