@@ -188,7 +188,24 @@ class VideoDataModule(L.LightningDataModule):
                 split,
                 shown,
             )
+        dups = _duplicates(recs)
+        if dups:
+            labels = {p: sorted({r.label for r in recs if r.path == p}) for p in dups}
+            shown = "; ".join(f"{p} ({n} times, labels {labels[p]})" for p, n in list(dups.items())[:5])
+            log.warning(
+                "%s %r split: %d duplicate entries (a path listed more than once; each counts as a video, in "
+                "training and in the metrics): %s%s",
+                type(self).__name__,
+                split,
+                sum(dups.values()) - len(dups),
+                shown,
+                "; ..." if len(dups) > 5 else "",
+            )
         return recs
+
+    def duplicate_entries(self, split: str) -> dict[str, int]:
+        """{path: times listed} for the paths of `split` listed more than once (warned at setup)."""
+        return _duplicates(self.records(split))
 
     def result_notes(self, results: dict) -> list[str]:
         """Dataset-specific lines for the summary of a run (`vmm demo` prints them), given the test
@@ -296,3 +313,12 @@ class VideoDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         ds = self.dataset("test")
         return self._loader(ds, self.test_batch_size, shuffle=False, sampler=self._eval_sampler(ds))
+
+
+def _duplicates(records: Sequence[VideoRecord]) -> dict[str, int]:
+    """{path: count} of the paths (with the same time window) listed more than once, in listed order."""
+    counts: dict[tuple, int] = {}
+    for r in records:
+        key = (r.path, r.start, r.end)
+        counts[key] = counts.get(key, 0) + 1
+    return {key[0]: n for key, n in counts.items() if n > 1}

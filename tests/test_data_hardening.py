@@ -391,3 +391,15 @@ def test_a_json_annotation_list_where_a_text_list_is_expected_names_the_format(t
     (tmp_path / "brackets.txt").write_text("[take 1] a.mp4 1\n", encoding="utf-8")
     records = VideoListDataModule(root=str(tmp_path), train_list=str(tmp_path / "brackets.txt")).records("train")
     assert [(Path(r.path).name, r.label) for r in records] == [("[take 1] a.mp4", 1)]
+
+
+def test_duplicate_list_lines_are_counted_and_warned(tmp_path, caplog):
+    lst = tmp_path / "list.txt"
+    lst.write_text("a.mp4 0\nb.mp4 1\na.mp4 0\na.mp4 1\nc.mp4 1\n", encoding="utf-8")
+    dm = VideoListDataModule(root=str(tmp_path), train_list=str(lst), **TINY)
+    with caplog.at_level("WARNING"):
+        records = dm.records("train")
+    assert len(records) == 5  # kept as listed: each line is an entry
+    assert dm.duplicate_entries("train") == {str(tmp_path / "a.mp4"): 3}
+    assert "'train' split: 2 duplicate entries (a path listed more than once" in caplog.text
+    assert "a.mp4 (3 times, labels [0, 1])" in caplog.text
