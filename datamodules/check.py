@@ -56,8 +56,8 @@ class SplitReport:
     frames: list[int] = field(default_factory=list)
 
     def summary(self) -> dict:
-        def stats(xs):
-            return (min(xs), statistics.median(xs), max(xs)) if xs else (float("nan"),) * 3
+        def stats(xs):  # None, not NaN, when unknown (frame folders carry no timing; an empty split)
+            return (min(xs), statistics.median(xs), max(xs)) if xs else None
 
         return {
             "split": self.split,
@@ -97,21 +97,36 @@ class DataCheckReport:
         return {p for p, _ in r.unreadable} | {p for p, _ in r.unusable}
 
     @property
+    def empty_splits(self) -> list[str]:
+        """The checked splits that list no entry at all (a training or test run on them cannot work)."""
+        return [name for name, r in self.splits.items() if r.videos == 0]
+
+    @property
     def ok(self) -> bool:
-        return not self.unreadable and not self.unusable
+        return not self.unreadable and not self.unusable and not self.empty_splits
 
     def table(self, max_listed: int = 20) -> str:
         head = (
             f"{'split':<6} {'videos':>7} {'ok':>7} {'bad':>5} {'unusable':>8}  "
-            f"{'duration s (min/med/max)':<26} {'fps (min/med/max)':<22}"
+            f"{'duration s (min/med/max)':<26} {'fps (min/med/max)':<22} {'frames (min/med/max)':<20}"
         )
         rows = [head, "-" * len(head)]
+
+        def cols(values, widths: tuple[int, ...], fmt: str) -> str:  # "-" where nothing is known
+            if values is None:
+                return " ".join(f"{'-':>{w}}" for w in widths)
+            return " ".join(f"{v:>{w}{fmt}}" for v, w in zip(values, widths, strict=True))
+
         for r in self.splits.values():
             s = r.summary()
-            d, f = s["duration_min_med_max"], s["fps_min_med_max"]
             rows.append(
                 f"{r.split:<6} {r.videos:>7} {r.readable:>7} {len(r.unreadable):>5} {len(r.unusable):>8}  "
-                f"{d[0]:>7.2f} {d[1]:>8.2f} {d[2]:>8.2f}  {f[0]:>6.2f} {f[1]:>6.2f} {f[2]:>6.2f}"
+                f"{cols(s['duration_min_med_max'], (7, 8, 8), '.2f')}  {cols(s['fps_min_med_max'], (6, 6, 6), '.2f')}"
+                f"   {cols(s['frames_min_med_max'], (6, 6, 6), '.0f')}"
+            )
+        if self.empty_splits:
+            rows.append(
+                f"\nempty splits ({len(self.empty_splits)}): {', '.join(self.empty_splits)} (no entries listed)"
             )
         for title, bad in (("unusable entries", self.unusable), ("unreadable videos", self.unreadable)):
             if bad:

@@ -157,3 +157,25 @@ def test_clean_list_in_an_unwritable_folder_fails_before_decoding(tmp_path, shar
     with pytest.raises(ValueError, match="directory '/proc' is not writable"):
         vmm_main(args)
     assert "train" not in capsys.readouterr().out  # no table: nothing was decoded
+
+
+def test_frame_folders_table_has_no_nan_and_an_empty_split_is_an_error(tmp_path):
+    import numpy as np
+    from helpers.frames import write_jpeg_folder
+
+    from datamodules import RawFrameListDataModule
+
+    write_jpeg_folder(tmp_path / "a", np.zeros((6, 16, 16, 3), dtype=np.uint8))
+    (tmp_path / "train.txt").write_text("a 6 0\n", encoding="utf-8")
+    (tmp_path / "test.txt").write_text("# nothing listed yet\n", encoding="utf-8")
+    dm = RawFrameListDataModule(
+        root=str(tmp_path), train_list=str(tmp_path / "train.txt"), test_list=str(tmp_path / "test.txt"), num_classes=2
+    )
+    out = io.StringIO()
+    report = check_datamodule(dm, splits=["train", "test"], num_workers=0, out=out)
+    text = out.getvalue()
+    assert "nan" not in text.lower(), text
+    assert "frames (min/med/max)" in text and "6" in text.splitlines()[2]
+    assert report.splits["train"].summary()["duration_min_med_max"] is None  # JSON-safe: no NaN
+    assert not report.ok and report.empty_splits == ["test"]
+    assert "empty splits (1): test (no entries listed)" in text
