@@ -12,11 +12,13 @@ devices and FIFOs before opening them.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import math
 import os
 import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -72,6 +74,42 @@ def write_target(path: str | os.PathLike) -> Path:
     return target
 
 
+# A temporary that nobody holds locked and that is older than this was left by a killed write (the
+# age covers the instant between a writer's mkstemp and its flock).
+_STALE_AFTER_S = 60.0
+
+
+def _lock(fd: int) -> bool:
+    """Take an exclusive flock on `fd` without waiting; False if another holds it or flock is
+    unavailable (a platform or file system without it)."""
+    try:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (ImportError, OSError):
+        return False
+    return True
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete the temporaries `.<name>.*.tmp` of `path` left by writes that were killed (SIGKILL,
+    power loss: no cleanup ran), so checkpoints rewritten every epoch do not pile them up. Those of
+    live writes are locked; without flock support nothing is removed."""
+    now = time.time()
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        try:
+            fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and now - st.st_mtime > _STALE_AFTER_S and _lock(fd):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+        finally:
+            os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_writer(path: str | os.PathLike, mode: str = "w", encoding: str = "utf-8") -> Iterator[IO]:
     """Open a temporary file next to `path` for writing; on success it replaces `path` atomically.
@@ -89,8 +127,10 @@ def atomic_writer(path: str | os.PathLike, mode: str = "w", encoding: str = "utf
     if mode not in ("w", "wb"):
         raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
     path = write_target(path)
+    _remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        _lock(fd)  # held until the file is closed: tells a live write from a killed one
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
             yield f
             f.flush()

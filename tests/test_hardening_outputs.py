@@ -195,3 +195,23 @@ def test_vmm_predict_and_test_fail_on_nan_weights_and_unreadable_inputs(tiny_ckp
     assert "nan%" not in capsys.readouterr().out
     with pytest.raises(RuntimeError, match=r"test: 12 of 12 videos had non-finite scores"):
         main(["test", "--config", str(tiny_ckpt["cfg"]), "--ckpt_path", str(tiny_ckpt["nan"])])
+
+
+def test_stale_temporaries_of_a_killed_save_are_removed_at_the_next_save(tmp_path):
+    import fcntl
+
+    from lightning_modules.io import AtomicCheckpointIO
+
+    old = 10**9  # 2001: long before any live write
+    stale, live, young, other = (tmp_path / f".{n}" for n in ("last.ckpt.k1ll3d.tmp", "last.ckpt.l1ve.tmp",
+                                 "last.ckpt.n3w.tmp", "best.ckpt.k1ll3d.tmp"))  # fmt: skip
+    for p in (stale, live, young, other):
+        p.write_bytes(b"partial checkpoint")
+    for p in (stale, live, other):
+        os.utime(p, (old, old))
+    with open(live, "rb") as held:  # a save still running holds its temporary's flock
+        fcntl.flock(held, fcntl.LOCK_EX)
+        AtomicCheckpointIO().save_checkpoint({"state_dict": {}}, tmp_path / "last.ckpt")
+        left = sorted(p.name for p in tmp_path.iterdir())
+    # Only this file's dead temporary goes: the live one is locked, the young one may be starting.
+    assert left == sorted(["last.ckpt", live.name, young.name, other.name])
