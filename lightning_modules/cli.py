@@ -1050,7 +1050,8 @@ commands:
 
 Every command but fuse-scores parses the same options: --config YAML (repeatable), dotted overrides
 (--data.init_args.root /data, --model.lr 0.05, --trainer.devices 2), --ckpt_path, --print_config.
-`vmm <command> --help` lists them all.
+`vmm <command> --help` lists them all. An error caused by the input prints one line and exits 2 (usage)
+or 1 (bad data); add --debug (or set VMM_DEBUG=1) for its traceback.
 """
 
 
