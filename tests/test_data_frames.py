@@ -151,7 +151,7 @@ def test_check_data_reads_every_frame_and_reports_bad_folders(clip_frames, tmp_p
     data = (trunc / "img_00006.jpg").read_bytes()
     (trunc / "img_00006.jpg").write_bytes(data[: len(data) // 3])  # a frame no clip may ever sample
     (tmp_path / "empty").mkdir()
-    (tmp_path / "list.txt").write_text("good 6 0\ntrunc 6 1\nempty 6 0\nabsent 6 1\n")
+    (tmp_path / "list.txt").write_text("good 6 0\ntrunc 6 1\nempty 6 0\nabsent 6 1\n", encoding="utf-8")
     dm = RawFrameListDataModule(root=str(tmp_path), train_list="list.txt", trust_counts=False)
     report = check_datamodule(dm, splits=["train"], num_workers=0, print_table=False).splits["train"]
     assert report.videos == 4 and report.readable == 1 and report.frames == [6]
@@ -200,7 +200,7 @@ def test_guessed_templates_and_prediction_records(clip_frames, tmp_path):
     assert guess_template(mm) == ("img_{:05d}.jpg", 0)
     assert guess_template(odd) == ("frame{:d}.png", 1)
     (tmp_path / "notes").mkdir()
-    (tmp_path / "notes" / "readme.txt").write_text("no frames here")
+    (tmp_path / "notes" / "readme.txt").write_text("no frames here", encoding="utf-8")
     ds = VideoFilesDataset(
         [str(v1), str(mm), str(tmp_path / "notes")], num_frames=2, frame_interval=1, short_side=32, crop_size=32
     )
