@@ -362,8 +362,11 @@ def test_sifa_zero_offsets_is_plain_inter_frame_attention(frames):
     torch.testing.assert_close(y, plain_inter_frame_attention(x, 3))
 
 
-@pytest.mark.parametrize("shape", [(0, 4, 3, 5, 5), (2, 4, 3, 1, 1), (1, 4, 2, 1, 7)])
+@pytest.mark.parametrize(
+    "shape", [(0, 4, 3, 5, 5), (2, 4, 3, 1, 1), (1, 4, 2, 1, 7), (1, 4, 3, 0, 5), (2, 4, 3, 5, 0)]
+)
 def test_sifa_empty_batch_and_tiny_maps(shape):
+    # Zero-size maps as the functional ops take them: an empty result of the input's shape.
     block = ops.SIFA(4, offset_init="kaiming")
     x = torch.randn(shape, requires_grad=True)
     y = block(x)

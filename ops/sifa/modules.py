@@ -48,7 +48,7 @@ class SIFA(nn.Module):
         correlation_features: add ``P(attn)`` (see above); False is the paper's block (no ``attn_proj``
             parameter, so state dicts of either kind load into a block built the same way).
 
-    Shapes: x ``[N,C,T,H,W]`` -> ``[N,C,T,H,W]``, any T >= 1 (T = 1 returns x unchanged).
+    Shapes: x ``[N,C,T,H,W]`` -> ``[N,C,T,H,W]``, any T >= 1 (T = 1 or an empty map returns x unchanged).
     x must have the parameters' dtype (OpDtypeError, a ValueError, naming both otherwise), except under
     torch.autocast.
     NaN / Inf in x or in the offsets propagate as in :func:`ops.deform_correlation`.
@@ -117,7 +117,7 @@ class SIFA(nn.Module):
         if t < 1:
             raise OpShapeError(f"x must have T >= 1 frames ([N,C,T,H,W]), got shape {tuple(x.shape)}")
         check_input_dtype("x", x, self.conv_offset.weight.dtype, module="SIFA")
-        if t == 1:
+        if t == 1 or h == 0 or w == 0:  # no frame pair, or empty maps (as the functional ops take them)
             return x
         # Only the key frames t = 1..T-1 use their motion map and offsets, and conv_offset is per frame
         # (kernel 1×3×3), so frame 0's (where x[-1] := x[0]) is never computed. Out-of-place slices, not
