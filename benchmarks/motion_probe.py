@@ -9,14 +9,14 @@ module differs:
     plain      SIFAResNet(K, stem_temporal_kernel=1, stem_temporal_stride=1, sifa=False,
                           global_context=False, dual_path=False)
     sifa       the same with sifa=True (SIFA in alternating blocks of layer2-4)
-    sifa-corr  the same with SIFA's correlation features (docs/sifa.md §5), when the network has them
+    sifa-corr  the same with correlation features (a residual branch from SIFA's correlation, docs/sifa.md §5)
     fcf        FCFR2Plus1D(K, temporal=False, fcf=True) (flow-conv-flow after layer2)
 
 Each arm trains for --epochs on the training split and is tested once at the end (no model
 selection) on the test split, views averaged per video. Before training, the script measures each
 fresh net's order sensitivity, max |log p(x) - log p(x reversed in time)|: exactly 0 for the plain
 arm (the premise of the probe), also 0 for SIFA at init (its residual branch starts at zero with
-the zero-initialised last BN), small but non-zero for FCF.
+the zero-initialised last BN), small but non-zero for FCF and for SIFA's correlation branch (live at init).
 
 Tasks (docs/synthetic_motion.md): `--task direction` (K classes in time-reversal pairs; K = 2 is
 the sharpest form: chance = ceiling = 50%; for K > 2 the per-pair table splits each pair's

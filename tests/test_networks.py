@@ -24,7 +24,7 @@ from lightning_modules.networks import (
     sifa_resnet50,
     sifa_resnet101,
 )
-from lightning_modules.networks.blocks import r2plus1d_mid_channels
+from lightning_modules.networks.blocks import CorrelationBranch, r2plus1d_mid_channels
 
 MOTIONS = ("none", "sifa", "fcf")
 NARROW = 1 / 16  # stage widths 4/8/16/32 (basic) — enough to exercise every layer on a CPU in milliseconds
@@ -334,30 +334,57 @@ def test_network_init_leaves_the_sifa_offset_conv_at_zero():
 
 @pytest.mark.parametrize("builder", [sifa_resnet18, sifa_resnet34, sifa_resnet50, sifa_resnet101])
 def test_correlation_features_switch_on_every_sifa_builder(builder):
-    """docs/sifa.md §5: the option reaches every SIFA block; a new network with it computes exactly what the
-    paper's network computes, and checkpoints without it load (only the zero-initialised P is missing)."""
-    common = dict(width_mult=NARROW, zero_init_residual=False)  # live residual branches: SIFA reaches the heads
+    """docs/sifa.md §5: every block with a SIFA module gets a correlation branch (1x1 conv from the G·K² taps
+    to the block's output channels, BN with gamma 1); the rest of the network is the paper's, weight for
+    weight, and checkpoints without the option load (only the branches are missing)."""
+    common = dict(width_mult=NARROW)
     torch.manual_seed(0)
     paper = builder(K, **common).eval()
     torch.manual_seed(0)
     corr = builder(K, correlation_features=True, **common).eval()
-    assert not any(m.correlation_features for m in motion_modules(paper))
-    sifas = motion_modules(corr)
-    assert sifas and all(m.correlation_features and torch.count_nonzero(m.attn_proj.weight) == 0 for m in sifas)
+    blocks = [m for m in corr.modules() if getattr(m, "motion", None) is not None]
+    assert blocks and all(isinstance(b.correlation, CorrelationBranch) for b in blocks)
+    assert not any(getattr(m, "correlation", None) for m in paper.modules())
+    for b in blocks:
+        out_channels = (b.bn3 if hasattr(b, "bn3") else b.bn2).num_features
+        taps = b.motion.groups * b.motion.kernel_size**2
+        assert b.correlation.proj.weight.shape == (out_channels, taps, 1, 1, 1)
+        assert torch.count_nonzero(b.correlation.proj.weight) > 0 and torch.all(b.correlation.bn.weight == 1)
+        assert not b.motion.correlation_features  # the branch, not the in-block P
     extra = set(corr.state_dict()) - set(paper.state_dict())
-    assert set(paper.state_dict()) <= set(corr.state_dict()) and len(extra) == len(sifas)
-    assert all(k.endswith(".motion.attn_proj.weight") for k in extra)
-    assert corr.load_state_dict(paper.state_dict(), strict=False).missing_keys == sorted(
-        extra, key=list(corr.state_dict()).index
-    )
-    builder(K, correlation_features=False, **common).load_state_dict(paper.state_dict())  # strict: same keys
-    if builder in (sifa_resnet18, sifa_resnet50):
-        # small input: with every residual branch live at random init, SIFA's cubic term overflows R50
-        x = 0.01 * torch.randn(1, 3, 8, 32, 32)
-        with torch.no_grad():
-            heads_paper, heads_corr = paper.forward_heads(x), corr.forward_heads(x)
-        assert all(torch.isfinite(h).all() for h in heads_paper)
-        assert all(torch.equal(a, b) for a, b in zip(heads_paper, heads_corr, strict=True))
+    assert all(".correlation." in k for k in extra) and len(extra) == 6 * len(blocks)
+    paper_state = paper.state_dict()
+    assert all(torch.equal(paper_state[k], v) for k, v in corr.state_dict().items() if k in paper_state)
+    # (BatchNorm does not report a missing num_batches_tracked)
+    missing = set(corr.load_state_dict(paper_state, strict=False).missing_keys)
+    assert missing == {k for k in extra if not k.endswith("num_batches_tracked")}
+    builder(K, correlation_features=False, **common).load_state_dict(paper_state)  # strict: same keys
+
+
+def test_correlation_branch_carries_frame_order_from_the_first_step():
+    # Live at init (BN gamma 1, beside the zero-initialised residual BN): the fresh network already depends
+    # on frame order, and the branch's weights get gradient from the first step.
+    kw = dict(width_mult=NARROW, stem_temporal_kernel=1, stem_temporal_stride=1, global_context=False, dual_path=False)
+    torch.manual_seed(0)
+    net = sifa_resnet18(2, correlation_features=True, **kw)
+    clip = torch.randn(2, 3, 6, 32, 32)
+    net.train()
+    net(clip).sum().backward()
+    branch = net.layer2[1].correlation
+    assert branch.proj.weight.grad is not None and torch.count_nonzero(branch.proj.weight.grad) > 0
+    net.eval()
+    with torch.no_grad():
+        assert (net(clip) - net(clip.flip(2))).abs().max() > 1e-4
+        plain = sifa_resnet18(2, **kw).eval()
+        assert (plain(clip) - plain(clip.flip(2))).abs().max() < 1e-5  # SIFA's branch starts silent
+
+
+def test_correlation_branch_of_one_frame_is_zero():
+    branch = CorrelationBranch(9, 8)
+    out = branch(torch.zeros(2, 9, 0, 4, 5))
+    assert out.shape == (2, 8, 1, 4, 5) and not out.any()
+    y = branch(torch.randn(2, 9, 3, 4, 5))
+    assert y.shape == (2, 8, 4, 4, 5) and not y[:, :, -1].any()  # the last frame has no pair
 
 
 # -- width multiplier ----------------------------------------------------------------------------------
@@ -624,12 +651,15 @@ def test_frame_resnet_builds_the_three_probe_arms_from_one_options_dict():
         "layer3.1.motion",
         "layer4.1.motion",
     ]
-    assert all(m.correlation_features for m in motion_modules(nets["sifa"]))
+    assert all(
+        isinstance(b.correlation, CorrelationBranch) for b in nets["sifa"].modules() if getattr(b, "motion", None)
+    )
     assert list(nets["fcf"].fcf) == ["layer3"]
     plain = nets["none"].state_dict()
     for motion in ("sifa", "fcf"):
         sd = nets[motion].state_dict()
-        backbone = {k: v for k, v in sd.items() if ".motion." not in k and not k.startswith("fcf.")}
+        module_keys = (".motion.", ".correlation.")
+        backbone = {k: v for k, v in sd.items() if not any(m in k for m in module_keys) and not k.startswith("fcf.")}
         assert backbone.keys() == plain.keys()
         assert all(torch.equal(v, plain[k]) for k, v in backbone.items()), motion
     assert all(net.dropout.p == 0.2 for net in nets.values())

@@ -362,9 +362,7 @@ def test_sifa_zero_offsets_is_plain_inter_frame_attention(frames):
     torch.testing.assert_close(y, plain_inter_frame_attention(x, 3))
 
 
-@pytest.mark.parametrize(
-    "shape", [(0, 4, 3, 5, 5), (2, 4, 3, 1, 1), (1, 4, 2, 1, 7), (1, 4, 3, 0, 5), (2, 4, 3, 5, 0)]
-)
+@pytest.mark.parametrize("shape", [(0, 4, 3, 5, 5), (2, 4, 3, 1, 1), (1, 4, 2, 1, 7), (1, 4, 3, 0, 5), (2, 4, 3, 5, 0)])
 def test_sifa_empty_batch_and_tiny_maps(shape):
     # Zero-size maps as the functional ops take them: an empty result of the input's shape.
     block = ops.SIFA(4, offset_init="kaiming")
@@ -600,3 +598,19 @@ def test_reference_ops_and_sifa_block_trace_with_jit_trace():
     for shape in [(2, 4, 3, 5, 6), (1, 4, 4, 7, 3)]:
         x = torch.randn(*shape, dtype=torch.float64)
         torch.testing.assert_close(traced_block(x), block(x), rtol=0, atol=0)
+
+
+def test_sifa_returns_the_pairs_correlation_on_request():
+    torch.manual_seed(0)
+    block = ops.SIFA(4, groups=2, offset_init="kaiming").double()
+    x = torch.randn(2, 4, 3, 5, 6, dtype=torch.float64)
+    y, attn = block(x, return_attn=True)
+    torch.testing.assert_close(y, block(x))
+    assert attn.shape == (2, 2 * 9, 2, 5, 6)
+    motion = (1 + torch.sigmoid(x[:, :, 1:] - x[:, :, :-1])) * x[:, :, 1:]
+    offset = block.conv_offset(motion)
+    for t in range(2):
+        expected = ops.deform_correlation(x[:, :, t], x[:, :, t + 1], offset[:, :, t], 3, groups=2)
+        torch.testing.assert_close(attn[:, :, t], expected)
+    y1, attn1 = block(x[:, :, :1], return_attn=True)
+    assert torch.equal(y1, x[:, :, :1]) and attn1.shape == (2, 18, 0, 5, 6)

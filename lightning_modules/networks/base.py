@@ -116,6 +116,7 @@ class VideoResNet(nn.Module):
         gc_at: Callable[[int, int], int | None],
         dropout: float,
         zero_init_residual: bool,
+        correlation_branch: bool = False,
     ) -> None:
         super().__init__()
         check_int("num_classes", num_classes, 1)
@@ -150,6 +151,7 @@ class VideoResNet(nn.Module):
                 motion_at=lambda i, s=stage: motion_at(s, i),
                 gc_at=lambda i, s=stage: gc_at(s, i),
                 zero_init_residual=zero_init_residual,
+                correlation_branch=correlation_branch,
             )
             self.add_module(f"layer{stage}", layer)
             channels = p * block.expansion

@@ -100,6 +100,36 @@ class GlobalContext(nn.Module):
         return self.fc2(self.relu(self.fc1(x.mean(dim=(2, 3, 4))))).view(n, c, 1, 1, 1)
 
 
+class CorrelationBranch(nn.Module):
+    """A SIFA block's per-tap correlation as a residual branch of its own (docs/sifa.md §5, ours).
+
+    attn `[N, G·K², T-1, H, W]` (one map per frame pair, from the SIFA module) → `BN(conv1x1(attn))`
+    `[N, C, T, H, W]`, the last frame (no pair) zero. The 1×1 conv is Kaiming-initialised and the BN's
+    gamma starts at 1, so the branch carries the direction of motion, at the scale of the block's other
+    terms, from the first step (measured: with gamma 0, or with the correlation added inside SIFA's
+    output before the block's second conv, it sat at chance for hundreds of steps).
+    """
+
+    def __init__(self, taps: int, out_channels: int) -> None:
+        super().__init__()
+        self.proj = conv3d(taps, out_channels, (1, 1, 1))
+        self.bn = bn3d(out_channels)
+
+    def forward(self, attn: Tensor) -> Tensor:
+        n, _, pairs, h, w = attn.shape
+        if pairs == 0:  # a one-frame clip has no pair
+            return attn.new_zeros((n, self.bn.num_features, 1, h, w))
+        y = self.bn(self.proj(attn))
+        return torch.cat((y, y.new_zeros((n, y.shape[1], 1, h, w))), dim=2)
+
+
+def _correlation_branch(motion: nn.Module | None, out_channels: int, enabled: bool) -> CorrelationBranch | None:
+    if not enabled or motion is None:
+        return None
+    taps = motion.groups * motion.kernel_size * motion.kernel_size
+    return build_forked(lambda: CorrelationBranch(taps, out_channels))
+
+
 def _downsample(in_channels: int, out_channels: int, stride: int) -> nn.Sequential | None:
     if stride == 1 and in_channels == out_channels:
         return None
@@ -129,6 +159,7 @@ class BasicBlock(nn.Module):
         motion: MotionFactory | None = None,
         gc_reduction: int | None = None,
         zero_init_residual: bool = True,
+        correlation_branch: bool = False,
     ) -> None:
         super().__init__()
         out_channels = planes * self.expansion
@@ -140,15 +171,17 @@ class BasicBlock(nn.Module):
         self.bn2 = bn3d(out_channels, zero_gamma=zero_init_residual)
         self.gc = GlobalContext(out_channels, gc_reduction) if gc_reduction is not None else None
         self.downsample = _downsample(in_channels, out_channels, stride)
+        self.correlation = _correlation_branch(self.motion, out_channels, correlation_branch)
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        if self.motion is not None:
-            out = self.motion(out)
+        out, corr = _motion(self, out)
         out = self.bn2(self.conv2(out))
         if self.gc is not None:
             out = out + self.gc(out)
+        if corr is not None:
+            out = out + corr
         return self.relu(out + identity)
 
 
@@ -173,6 +206,7 @@ class Bottleneck(nn.Module):
         motion: MotionFactory | None = None,
         gc_reduction: int | None = None,
         zero_init_residual: bool = True,
+        correlation_branch: bool = False,
     ) -> None:
         super().__init__()
         out_channels = planes * self.expansion
@@ -186,17 +220,29 @@ class Bottleneck(nn.Module):
         self.bn3 = bn3d(out_channels, zero_gamma=zero_init_residual)
         self.gc = GlobalContext(out_channels, gc_reduction) if gc_reduction is not None else None
         self.downsample = _downsample(in_channels, out_channels, stride)
+        self.correlation = _correlation_branch(self.motion, out_channels, correlation_branch)
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        if self.motion is not None:
-            out = self.motion(out)
+        out, corr = _motion(self, out)
         out = self.bn3(self.conv3(out))
         if self.gc is not None:
             out = out + self.gc(out)
+        if corr is not None:
+            out = out + corr
         return self.relu(out + identity)
+
+
+def _motion(block: BasicBlock | Bottleneck, out: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The block's motion module applied to `out`, and its correlation branch's term (None without one)."""
+    if block.motion is None:
+        return out, None
+    if block.correlation is None:
+        return block.motion(out), None
+    out, attn = block.motion(out, return_attn=True)
+    return out, block.correlation(attn)
 
 
 Block = type[BasicBlock] | type[Bottleneck]
@@ -213,10 +259,12 @@ def make_layer(
     motion_at: Callable[[int], MotionFactory | None],
     gc_at: Callable[[int], int | None],
     zero_init_residual: bool,
+    correlation_branch: bool = False,
 ) -> nn.Sequential:
     """One ResNet stage of `blocks` blocks; the first carries the spatial stride.
 
-    `motion_at(i)` / `gc_at(i)` give block i's motion factory / global-context reduction (None = none).
+    `motion_at(i)` / `gc_at(i)` give block i's motion factory / global-context reduction (None = none);
+    `correlation_branch` adds a CorrelationBranch to every block with a motion module.
     """
     layers = []
     for i in range(blocks):
@@ -229,6 +277,7 @@ def make_layer(
                 motion=motion_at(i),
                 gc_reduction=gc_at(i),
                 zero_init_residual=zero_init_residual,
+                correlation_branch=correlation_branch,
             )
         )
     return nn.Sequential(*layers)

@@ -14,9 +14,7 @@ from .blocks import MotionFactory, build_forked, make_layer
 from .pretrained import check_pretrained_path, load_pretrained_2d
 
 
-def _sifa_factory(
-    kernel_size: int, dilation: int, groups: int, offset_init: str, backend: str, correlation_features: bool
-) -> MotionFactory:
+def _sifa_factory(kernel_size: int, dilation: int, groups: int, offset_init: str, backend: str) -> MotionFactory:
     def factory(channels: int) -> nn.Module:
         import ops  # the ops package is only needed when a SIFA block is built
 
@@ -28,7 +26,6 @@ def _sifa_factory(
                 groups=groups,
                 offset_init=offset_init,
                 backend=backend,
-                correlation_features=correlation_features,
             )
         )
 
@@ -50,10 +47,11 @@ class SIFAResNet(VideoResNet):
       `layer4_dual` (layer4's structure with stride 1) → mean → dropout → `fc_dual`; needs T' >= 2.
     - `sifa_offset_init`: init of SIFA's offset conv ("zeros" per docs/sifa.md §2; "kaiming" is what the
       released network-wide init left). The network's own init never touches it.
-    - `correlation_features` (ours, docs/sifa.md §5; default False = the paper's block): every SIFA block
-      also adds `P(attn)`, its per-tap correlation through a zero-initialised 1×1 conv, so a new network
-      computes exactly what it computes without the option and can learn which tap matched (the
-      direction of motion). Ignored when `sifa=False`; networks and checkpoints without it are unchanged.
+    - `correlation_features` (ours, docs/sifa.md §5; default False = the paper's network): every block
+      with a SIFA module also gets a residual branch of its own from SIFA's per-tap correlation,
+      `BN(conv1x1(attn))` added beside the block's output (`blocks.CorrelationBranch`), so the network can
+      use which tap matched (the direction of motion), which SIFA's sum over taps discards. Live from the
+      first step (BN gamma 1). Ignored when `sifa=False`; networks and checkpoints without it are unchanged.
     - `zero_init_residual`: the last BN of every residual branch starts with gamma 0.
     - `width_mult` scales every channel count (rounded to a multiple of `sifa_groups` when SIFA is on).
     - `pretrained`: path to a torchvision-layout 2D ResNet state dict, inflated as in docs/sifa.md §3
@@ -109,9 +107,7 @@ class SIFAResNet(VideoResNet):
         check_choice("backend", backend, ("auto", "torch", "cupy"))
 
         sifa_factory = (
-            _sifa_factory(sifa_kernel_size, sifa_dilation, sifa_groups, sifa_offset_init, backend, correlation_features)
-            if sifa
-            else None
+            _sifa_factory(sifa_kernel_size, sifa_dilation, sifa_groups, sifa_offset_init, backend) if sifa else None
         )
 
         def motion_at(stage: int, index: int) -> MotionFactory | None:
@@ -134,6 +130,7 @@ class SIFAResNet(VideoResNet):
             gc_at=gc_at,
             dropout=dropout,
             zero_init_residual=zero_init_residual,
+            correlation_branch=sifa and correlation_features,
         )
         self.stem_temporal_kernel = stem_temporal_kernel
         self.stem_temporal_stride = stem_temporal_stride
@@ -151,6 +148,7 @@ class SIFAResNet(VideoResNet):
                 motion_at=lambda i: motion_at(4, i),
                 gc_at=lambda i: gc_at(4, i),
                 zero_init_residual=zero_init_residual,
+                correlation_branch=sifa and correlation_features,
             )
             self.fc_dual = nn.Linear(self.fc.in_features, num_classes)
         self.pretrained_report = None
@@ -173,28 +171,28 @@ class SIFAResNet(VideoResNet):
 def sifa_resnet18(num_classes: int, *, correlation_features: bool = False, **kwargs) -> SIFAResNet:
     """SIFA-ResNet-18 (basic blocks) for small experiments; keyword arguments as `SIFAResNet`.
 
-    `correlation_features=True` adds the per-tap correlation to every SIFA block (docs/sifa.md §5)."""
+    `correlation_features=True` adds a correlation branch to every SIFA block (docs/sifa.md §5)."""
     return SIFAResNet(num_classes, depth=18, correlation_features=correlation_features, **kwargs)
 
 
 def sifa_resnet34(num_classes: int, *, correlation_features: bool = False, **kwargs) -> SIFAResNet:
     """SIFA-ResNet-34 (basic blocks); keyword arguments as `SIFAResNet`.
 
-    `correlation_features=True` adds the per-tap correlation to every SIFA block (docs/sifa.md §5)."""
+    `correlation_features=True` adds a correlation branch to every SIFA block (docs/sifa.md §5)."""
     return SIFAResNet(num_classes, depth=34, correlation_features=correlation_features, **kwargs)
 
 
 def sifa_resnet50(num_classes: int, *, correlation_features: bool = False, **kwargs) -> SIFAResNet:
     """SIFA-ResNet-50, the paper's network (≈ 43 M parameters with the dual path at 400 classes).
 
-    `correlation_features=True` adds the per-tap correlation to every SIFA block (docs/sifa.md §5)."""
+    `correlation_features=True` adds a correlation branch to every SIFA block (docs/sifa.md §5)."""
     return SIFAResNet(num_classes, depth=50, correlation_features=correlation_features, **kwargs)
 
 
 def sifa_resnet101(num_classes: int, *, correlation_features: bool = False, **kwargs) -> SIFAResNet:
     """SIFA-ResNet-101; keyword arguments as `SIFAResNet`.
 
-    `correlation_features=True` adds the per-tap correlation to every SIFA block (docs/sifa.md §5)."""
+    `correlation_features=True` adds a correlation branch to every SIFA block (docs/sifa.md §5)."""
     return SIFAResNet(num_classes, depth=101, correlation_features=correlation_features, **kwargs)
 
 

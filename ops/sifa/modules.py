@@ -109,7 +109,10 @@ class SIFA(nn.Module):
             f"offset_init={self.offset_init!r}" + (", correlation_features=True" if self.correlation_features else "")
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, return_attn: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``y`` as above; with ``return_attn`` also the correlation of every frame pair, ``[N, G·K², T-1, H, W]``
+        (pair t at index t: the ``attn`` of step 3, from the same pass), for a network that uses it beside
+        the block (e.g. as a residual branch of its own, docs/sifa.md §5)."""
         check_tensor("x", x, ndim=5, layout="[N,C,T,H,W]")
         n, c, t, h, w = x.shape
         if c != self.channels:
@@ -118,6 +121,9 @@ class SIFA(nn.Module):
             raise OpShapeError(f"x must have T >= 1 frames ([N,C,T,H,W]), got shape {tuple(x.shape)}")
         check_input_dtype("x", x, self.conv_offset.weight.dtype, module="SIFA")
         if t == 1 or h == 0 or w == 0:  # no frame pair, or empty maps (as the functional ops take them)
+            if return_attn:
+                taps = self.groups * self.kernel_size * self.kernel_size
+                return x, x.new_zeros((n, taps, t - 1, h, w))
             return x
         # Only the key frames t = 1..T-1 use their motion map and offsets, and conv_offset is per frame
         # (kernel 1×3×3), so frame 0's (where x[-1] := x[0]) is never computed. Out-of-place slices, not
@@ -141,11 +147,15 @@ class SIFA(nn.Module):
         off = pairs(offset)  # each pair uses its key frame's offsets
         k, d, g = self.kernel_size, self.dilation, self.groups
         # deform_aggregation(key, deform_correlation(query, key, off), off), fused on the reference path
-        if self.attn_proj is None:
+        if self.attn_proj is None and not return_attn:
             agg = deform_attention(query, key, off, k, d, g, backend=self.backend)
         else:
             agg, attn = deform_attention(query, key, off, k, d, g, backend=self.backend, return_attn=True)
-            # agg + P(attn): with P = 0 (a new block) this is agg itself, bit for bit
-            agg = agg + self.attn_proj(attn).to(agg.dtype)
+            if self.attn_proj is not None:
+                # agg + P(attn): with P = 0 (a new block) this is agg itself, bit for bit
+                agg = agg + self.attn_proj(attn).to(agg.dtype)
         agg = agg.reshape(n, t - 1, c, h, w).transpose(1, 2)
-        return torch.cat((x[:, :, :-1] + agg, x[:, :, -1:]), dim=2)
+        y = torch.cat((x[:, :, :-1] + agg, x[:, :, -1:]), dim=2)
+        if return_attn:
+            return y, attn.reshape(n, t - 1, attn.shape[1], h, w).transpose(1, 2)
+        return y
