@@ -65,11 +65,11 @@ def test_check_data_takes_a_full_run_config_and_the_shared_overrides(tmp_path, s
         "--write_clean_list",
         str(clean),
     ]
-    with pytest.warns(UserWarning, match=r"num_classes=8 was set for datamodules\.SyntheticMotionDataModule"):
+    with pytest.warns(UserWarning, match=r"num_classes=2 was set for datamodules\.SyntheticMotionDataModule"):
         cli = _cli(args)
     report = cli.check_report
     assert list(report.splits) == ["train", "test"] and report.decoded == 4  # h264 in both lists: decoded once
-    assert cli.datamodule.num_classes == 2  # not the synthetic config's 8
+    assert cli.datamodule.num_classes == 2
     assert (tmp_path / "clean_test.txt").read_text(encoding="utf-8") == (
         f"{shared_videos / 'h264_340x256.mp4'} 1\n{shared_videos / 'mpeg4_320x240.avi'} 1\n"
     )
