@@ -774,9 +774,10 @@ def _translate_old_spellings(command: str, argv: Sequence[str]) -> tuple[list[st
 def _is_file_predict(argv: Sequence[str]) -> bool:
     """`vmm predict` without a config or a datamodule class (`--data.init_args.*` overrides allowed) is
     file mode: the datamodule comes from the checkpoint."""
+    # --print_config stays in file mode: it prints the file-mode configuration that would run.
     return not any(
-        a in ("-c", "--config", "--print_config", "--data", "--data.class_path")
-        or a.startswith(("--config=", "--data=", "--data.class_path=", "--print_config="))
+        a in ("-c", "--config", "--data", "--data.class_path")
+        or a.startswith(("--config=", "--data=", "--data.class_path="))
         for a in argv
     )
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from helpers.cli import TINY_FCF, VMM, generate_tiny_dataset, run_vmm, tiny_config, write_config
 
 from lightning_modules.cli import PREDICT_SETTINGS_KEY, VMMCLI, main
@@ -277,6 +278,17 @@ def test_fuse_scores_of_two_test_runs(demo, tmp_path, capsys):
         torch.testing.assert_close(torch.tensor(f["probs"]), expected)
     assert 0.0 <= fused["metrics"]["top1"] <= fused["metrics"]["top5"] <= 1.0
     assert "fused (weights 2, 1)" in printed and "12 videos fused" in printed
+
+
+def test_file_predict_print_config_shows_the_file_mode_config(demo, shared_videos, capsys):
+    clip = str(shared_videos / "h264_340x256.mp4")
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", "--ckpt_path", str(demo["best"]), clip, "--print_config"])
+    assert exc.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["data"]["class_path"] == "datamodules.files.PredictFilesDataModule"
+    assert printed["data"]["init_args"]["class_names"] == CLASS_NAMES
+    assert printed["trainer"]["logger"] is False and printed["videos"] == [clip]
 
 
 def test_file_predict_rejects_bad_arguments(demo, tmp_path):
