@@ -23,7 +23,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from helpers import REPO_ROOT
-from helpers.cli import TINY_FCF, VMM_COMMAND, generate_tiny_dataset, tiny_config, write_config
+from helpers.cli import TINY_FCF, VMM_COMMAND, cpu_trainer, generate_tiny_dataset, tiny_config, write_config
 from test_classifier import MovingSquare, SquareData, TinyNet, collate
 from torch.utils.data import DataLoader
 
@@ -46,16 +46,7 @@ def _strict_json(path: Path):
 
 
 def _trainer(tmp_path, **kw) -> VMMTrainer:
-    kw.setdefault("max_epochs", 3)
-    return VMMTrainer(
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        devices=1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        log_every_n_steps=1,
-        **kw,
-    )
+    return cpu_trainer(tmp_path, **{"max_epochs": 3, "log_every_n_steps": 1, **kw})
 
 
 def _leftover_temps(directory: Path) -> list[str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.cli import TINY_FCF, generate_tiny_dataset, tiny_config, write_config
+from helpers.cli import TINY_FCF, cpu_trainer, generate_tiny_dataset, tiny_config, write_config
 from test_classifier import MovingSquare, SquareData, TinyNet, collate
 from torch.utils.data import DataLoader
 
@@ -27,14 +27,7 @@ from lightning_modules.reports import PredictionWriter, TestReportWriter
 
 
 def _trainer(tmp_path, **kw) -> VMMTrainer:
-    return VMMTrainer(
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        devices=1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kw,
-    )
+    return cpu_trainer(tmp_path, **kw)
 
 
 def _predict_loader(n: int, bad=()) -> DataLoader:

@@ -137,3 +137,17 @@ class ResumeProbe(Callback):
         self.epoch = trainer.current_epoch
         self.optimizer_state = copy.deepcopy(trainer.optimizers[0].state_dict())
         self.scheduler_state = copy.deepcopy(trainer.lr_scheduler_configs[0].scheduler.state_dict())
+
+
+def cpu_trainer(tmp_path: Path, **kw):
+    """vmm's Trainer on one CPU device, quiet, writing under `tmp_path` (keyword arguments override)."""
+    from lightning_modules.cli import VMMTrainer
+
+    settings = {
+        "default_root_dir": tmp_path,
+        "accelerator": "cpu",
+        "devices": 1,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    return VMMTrainer(**{**settings, **kw})
