@@ -1,13 +1,13 @@
 """The TV-L1 kernels as a torch custom op (an autograd Function before torch 2.4) with a hand-written
 backward, in two variants (``ops.kernel_loader.kernel_variant()``, docs/architecture.md §6):
 
-* **fast** (the default; ``kernels/tvl1_plane.cu``): one thread block per ``(b, c)`` plane runs all
-  n_iter iterations in one launch, the plane's state in registers and shared memory (two barriers per
-  iteration; dynamic shared memory sized by the plane, :func:`plane_shared_bytes`), and the backward's
-  whole reverse sweep in one more launch. Used when a plane fits a block:
-  ``H·W <= PLANE_MAX_PIXELS[dtype]`` (1024 pixels in float32, 512 in float64).
-* **simple** (``kernels/tvl1.cu``, also the fallback for larger planes): one thread per pixel, one
-  launch per iteration in the forward (the dual step of one iteration fused with the primal step of
+* **fast** (opt-in until it has run on a GPU; ``kernels/tvl1_plane.cu``): one thread block per
+  ``(b, c)`` plane runs all n_iter iterations in one launch, the plane's state in registers and shared
+  memory (two barriers per iteration; dynamic shared memory sized by the plane,
+  :func:`plane_shared_bytes`), and the backward's whole reverse sweep in one more launch. Used when a
+  plane fits a block: ``H·W <= PLANE_MAX_PIXELS[dtype]`` (1024 pixels in float32, 512 in float64).
+* **simple** (the default; ``kernels/tvl1.cu``, also the fallback for larger planes): one thread per
+  pixel, one launch per iteration in the forward (the dual step of one iteration fused with the primal step of
   the next) and two per iteration in the backward, plus the launches that recompute the states (39 in
   all at n_iter 10).
 

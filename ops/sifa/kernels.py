@@ -6,16 +6,17 @@ CUDA tensors launch through CuPy; CPU tensors run the same kernels through host 
 suite's way of executing them without a GPU — slow, not a CPU backend). Two implementations, chosen
 inside each op at run time by :func:`ops.kernel_loader.kernel_variant`:
 
-**"fast"** (the default; ``kernels/sifa_fast.cu``): channels-last maps, a lane group per sampling point
-with vector loads over contiguous channels, group sums by warp shuffles. Two kernels, each in four
-builds (vector or scalar loads × 32- or 64-bit indices, :func:`fast_plan`): ``sifa_fast_forward_*``
-(correlation, aggregation or the SIFA step's both in one launch) and ``sifa_fast_backward_*`` (every
-gradient of any of the three ops in one launch; d kv by atomicAdd, d offset written in a fixed order).
-Inputs are made channels-last (free when they already are); temporaries are accumulation-type buffers
-of d kv, d offset and, when the aggregation's term is present, its d attn (attn-sized).
+**"fast"** (opt-in until it has run on a GPU; ``kernels/sifa_fast.cu``): channels-last maps, a lane
+group per sampling point with vector loads over contiguous channels, group sums by warp shuffles. Two
+kernels, each in four builds (vector or scalar loads × 32- or 64-bit indices, :func:`fast_plan`):
+``sifa_fast_forward_*`` (correlation, aggregation or the SIFA step's both in one launch) and
+``sifa_fast_backward_*`` (every gradient of any of the three ops in one launch; d kv by atomicAdd,
+d offset written in a fixed order). Inputs are made channels-last (free when they already are);
+temporaries are accumulation-type buffers of d kv, d offset and, when the aggregation's term is
+present, its d attn (attn-sized).
 
-**"simple"** (``kernels/sifa.cu``, the kernels first verified on a GPU): NCHW, one thread per output
-element. Four kernels serve both ops and their backward passes (see the header of ``sifa.cu``):
+**"simple"** (the default; ``kernels/sifa.cu``, the kernels verified on a GPU): NCHW, one thread per
+output element. Four kernels serve both ops and their backward passes (see the header of ``sifa.cu``):
 
 * correlation: forward ``sifa_correlate``; backward d query = ``sifa_aggregate`` of d attn,
   d key = ``sifa_scatter``, d offset = ``sifa_offset_grad``.
