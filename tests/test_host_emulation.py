@@ -292,6 +292,7 @@ def test_launch_bounds_are_read_from_every_kernel_source():
     assert all(expr.strip("() ").isdigit() for expr in plane.values()), plane
 
 
+@pytest.mark.slow
 def test_source_files_load_under_an_ascii_locale(tmp_path):
     # The kernel sources hold UTF-8 (§, ²); reading them with the locale's codec fails under LC_ALL=C.
     import subprocess
