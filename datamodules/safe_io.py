@@ -63,7 +63,7 @@ def write_target(path: str | os.PathLike) -> Path:
     target = Path(os.path.realpath(path)) if path.is_symlink() else path
     try:
         mode = os.stat(target).st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # a new path (its folder's checks come later)
         return target
     if stat.S_ISDIR(mode):
         raise IsADirectoryError(f"cannot write {path}: it is a directory")

@@ -86,8 +86,12 @@ def tiny_config(root: Path, out_dir: Path, net: dict | None = None, **trainer) -
             ],
             **trainer,
         },
-        "model": {"net": net or TINY_SIFA, "lr": 0.05, "warmup_epochs": 0.5, "weight_decay": 1e-4},
-        "data": {"class_path": "datamodules.SyntheticMotionDataModule", "init_args": {"root": str(root), **TINY_DATA}},
+        # copies: a caller may edit its config without changing the shared TINY_* dicts for later tests
+        "model": {"net": copy.deepcopy(net or TINY_SIFA), "lr": 0.05, "warmup_epochs": 0.5, "weight_decay": 1e-4},
+        "data": {
+            "class_path": "datamodules.SyntheticMotionDataModule",
+            "init_args": {"root": str(root), **copy.deepcopy(TINY_DATA)},
+        },
     }
 
 
