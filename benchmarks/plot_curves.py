@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from collections import defaultdict
 from pathlib import Path
+
+from motion_probe import binomial_sd
+
+from datamodules.synthetic import ORDER_BLIND_CEILING
 
 
 def load_curves(paths: list[Path]) -> dict[tuple[str, int], dict[str, list[list[dict]]]]:
@@ -46,8 +49,8 @@ def plot(panels, out: Path, test_videos: int) -> None:
     fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4.2), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
         task, k = key
-        ceiling = 0.5
-        sd = math.sqrt(ceiling * (1 - ceiling) / test_videos)
+        ceiling = ORDER_BLIND_CEILING
+        sd = binomial_sd(ceiling, test_videos)
         for arm, runs in sorted(panels[key].items()):
             steps, mean, low, high = summarise(runs)
             (line,) = ax.plot(steps, [100 * m for m in mean], marker="o", ms=3, label=f"{arm} ({len(runs)} runs)")
