@@ -45,8 +45,8 @@ MAX_SCORE_FILE_BYTES = 2**30
 
 
 def confusion_figure(confusion: Tensor, names: list[str]):
-    """A matplotlib Figure of the row-normalised confusion matrix [C, C] (rows = true class), or
-    None without matplotlib.
+    """A matplotlib Figure of the confusion matrix [C, C] (rows = true class): each cell's count, coloured
+    by its share of the true class's videos (row-normalised), or None without matplotlib.
 
     Built without pyplot, so it neither needs nor changes a global backend (notebooks keep theirs).
     """
@@ -71,7 +71,7 @@ def confusion_figure(confusion: Tensor, names: list[str]):
                 ax.text(j, i, int(c[i, j]), ha="center", va="center", fontsize=7, color=color)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title("test confusion (video level, rows normalised)")
+    ax.set_title("test confusion, video level: counts (colour: share of the true class)")
     fig.tight_layout()
     return fig
 

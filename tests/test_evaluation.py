@@ -201,6 +201,18 @@ def test_score_dump_refuses_wrong_input(tmp_path):
     assert score_dump(res, ["a", "b", "c"])["videos"][0]["name"] is None  # names unknown
 
 
+def test_confusion_figure_shows_counts_coloured_by_row_share_and_says_so():
+    pytest.importorskip("matplotlib")
+    from lightning_modules.reports import confusion_figure
+
+    fig = confusion_figure(p([[3, 1], [0, 4]]), ["right", "left"])
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.texts] == ["3", "1", "0", "4"]  # counts, not fractions
+    colours = ax.images[0].get_array()
+    assert colours[0, 0] == pytest.approx(0.75) and colours[1, 1] == pytest.approx(1.0)  # share of the row
+    assert "counts" in ax.get_title() and "share of the true class" in ax.get_title()
+
+
 # ---------------------------------------------------------------------------- the report callback
 
 
