@@ -10,12 +10,14 @@ by swscale only when the clip keeps them.
 
 from __future__ import annotations
 
+import io
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
+from typing import BinaryIO
 
 import av
 import numpy as np
@@ -114,21 +116,45 @@ class VideoIndex:
 _OPEN_KWARGS: dict = {"metadata_errors": "ignore"}
 
 
-def _open(path: str | os.PathLike) -> av.container.InputContainer:
+VideoSource = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO
+"""What a VideoReader opens: a file path, the file's bytes, or a readable binary file object."""
+
+
+def _source_name(source: VideoSource) -> str:
+    if isinstance(source, str | os.PathLike):
+        return str(source)
+    if isinstance(source, bytes | bytearray | memoryview):
+        return f"<{len(source)} bytes>"
+    return str(getattr(source, "name", "<file object>"))
+
+
+def _open(source: VideoSource, name: str | None = None) -> av.container.InputContainer:
+    """Open `source` (a path, bytes or a binary file object) with PyAV; errors name `name`."""
     global _OPEN_KWARGS
-    p = Path(path)
-    if not p.exists():
-        raise VideoDecodeError(path, "file not found")
-    if p.stat().st_size == 0:
-        raise VideoDecodeError(path, "zero-byte file")
+    path = name if name is not None else _source_name(source)
+    if isinstance(source, str | os.PathLike):
+        p = Path(source)
+        if not p.exists():
+            raise VideoDecodeError(path, "file not found")
+        if p.stat().st_size == 0:
+            raise VideoDecodeError(path, "zero-byte file")
+        target = str(p)
+    elif isinstance(source, bytes | bytearray | memoryview):
+        if len(source) == 0:
+            raise VideoDecodeError(path, "zero-byte file")
+        target = io.BytesIO(source)
+    elif callable(getattr(source, "read", None)):
+        target = source
+    else:
+        raise TypeError(f"source: expected a path, bytes or a binary file object, got {type(source).__name__}")
     try:
         try:
-            return av.open(str(p), mode="r", **_OPEN_KWARGS)
+            return av.open(target, mode="r", **_OPEN_KWARGS)
         except TypeError:
             if not _OPEN_KWARGS:
                 raise
             _OPEN_KWARGS = {}
-            return av.open(str(p), mode="r")
+            return av.open(target, mode="r")
     except (av.FFmpegError, UnicodeDecodeError, ValueError) as exc:
         raise VideoDecodeError(path, f"cannot open container: {exc}") from None
 
@@ -207,14 +233,18 @@ class VideoReader:
     count for this file (set explicitly; 1 suits DataLoader workers).
     """
 
-    def __init__(self, path: str | os.PathLike, *, threads: int = 1, index: VideoIndex | None = None):
-        self.path = str(path)
+    def __init__(
+        self, source: VideoSource, *, threads: int = 1, index: VideoIndex | None = None, name: str | None = None
+    ):
+        # `name` stands for the video in errors and in the index (default: the path, or a
+        # description of the bytes / file object).
+        self.path = name if name is not None else _source_name(source)
         self.threads = int(threads)
-        self.container = _open(path)
+        self.container = _open(source, self.path)
         try:
-            self.stream = _video_stream(self.container, path)
+            self.stream = _video_stream(self.container, self.path)
             _configure_threads(self.stream, self.threads)
-            self.index = index if index is not None else _index_stream(self.container, self.stream, path)
+            self.index = index if index is not None else _index_stream(self.container, self.stream, self.path)
         except BaseException:
             self.container.close()
             raise
@@ -293,12 +323,13 @@ class VideoReader:
         return out
 
 
-def build_index(path: str | os.PathLike) -> VideoIndex:
+def build_index(source: VideoSource, *, name: str | None = None) -> VideoIndex:
     """Demux (without decoding) the first video stream's packets and index their timestamps.
 
+    `source`: a path, the file's bytes or a binary file object (`name` names it in errors).
     Raises VideoDecodeError for a missing, zero-byte, unreadable or frame-less file.
     """
-    with VideoReader(path) as reader:
+    with VideoReader(source, name=name) as reader:
         return reader.index
 
 
