@@ -17,9 +17,32 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 #: The documents that code cites; a citation is any path ending in one of these names.
-DOC_NAMES = ("sifa", "repflow", "synthetic_motion", "architecture", "data", "DESIGN")
-#: The files the docs must provide (their section numbers are what code cites).
-REQUIRED_DOCS = ("sifa.md", "repflow.md", "synthetic_motion.md", "architecture.md", "data.md")
+DOC_NAMES = (
+    "sifa",
+    "repflow",
+    "synthetic_motion",
+    "architecture",
+    "data",
+    "cli",
+    "training",
+    "kernels",
+    "reliability",
+    "benchmarks",
+    "DESIGN",
+)
+#: The files the docs must provide (their section numbers are what code and the README cite).
+REQUIRED_DOCS = (
+    "sifa.md",
+    "repflow.md",
+    "synthetic_motion.md",
+    "architecture.md",
+    "data.md",
+    "cli.md",
+    "training.md",
+    "kernels.md",
+    "reliability.md",
+    "benchmarks.md",
+)
 
 _SECTION = r"\d+(?:\.\d+)*"
 # A path (optionally with folders) ending in a document name, not inside a longer word or a URL, then an
