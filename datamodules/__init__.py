@@ -24,6 +24,7 @@ from .layouts import (
     VideoListDataModule,
 )
 from .rawframes import RawFrameListDataModule
+from .sharded import ShardedVideoDataModule, ShardLoader, ShardStream
 from .something import SomethingSomethingV1DataModule, SomethingSomethingV2DataModule
 from .synthetic_datamodule import SyntheticMotionDataModule
 from .transforms import ClipTransform
@@ -39,6 +40,9 @@ __all__ = [
     "HMDB51DataModule",
     "KineticsDataModule",
     "RawFrameListDataModule",
+    "ShardLoader",
+    "ShardStream",
+    "ShardedVideoDataModule",
     "SomethingSomethingV1DataModule",
     "SomethingSomethingV2DataModule",
     "SyntheticMotionDataModule",
