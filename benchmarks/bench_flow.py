@@ -15,7 +15,7 @@ compared with two memory-traffic figures, divided by the device bandwidth (measu
 device-to-device copy, or --bandwidth-gbs): "bound", the simple kernels' traffic (the first iteration
 reads gx, gy, rho_c, u (2 maps), p (4) and writes u (2); every further iteration is one fused launch
 that reads gx, gy, rho_c, u (2), p (4) and writes u (2), p (4), i.e. 15 map passes; plus 5 for the
-image gradient and rho_c), the figure earlier results quote; and "one pass", what any
+image gradient and rho_c); and "one pass", what any
 implementation must move (5 maps for the image gradient and rho_c, then gx, gy, rho_c read and u (2)
 written once: 10 map passes), which the fast kernels aim at (their "of bound" may exceed 100%).
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The project's GPU check in one run (issue 12 item 5): the GPU tests, both op benchmarks (float32
+# The project's GPU check in one run: the GPU tests, both op benchmarks (float32
 # and float16, batch 8 and 32), the per-kernel profile and the train-step benchmark, all output into
 # one results file. Sized for under 8 minutes on one H100/H200: every step has its own time limit and
 # the suite stops starting steps when its budget (SUITE_BUDGET_S, default 460 s) runs out.
@@ -131,7 +131,7 @@ done
 
 for dtype in float32 float16; do
     for clips in 8 32; do
-        # The issue's target shapes (28² and 14², T = 16, n_iter 10 and 20); fewer rounds at batch 32.
+        # The full-size networks' shapes (28² and 14², T = 16, n_iter 10 and 20); fewer rounds at batch 32.
         iters=10
         [ "$clips" -eq 32 ] && iters=5
         run_step "bench_flow $dtype, N $clips, fast and simple kernels" 75 - \

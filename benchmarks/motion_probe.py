@@ -63,7 +63,7 @@ CORRELATION_SWITCH = "correlation_features"
 
 
 def has_correlation_features() -> bool:
-    """Whether this version's SIFAResNet has the correlation-features switch (the sifa-corr arm)."""
+    """Whether the imported SIFAResNet has the correlation-features switch (the sifa-corr arm)."""
     return CORRELATION_SWITCH in inspect.signature(SIFAResNet).parameters
 
 

@@ -1,6 +1,6 @@
 """Per-kernel profile of the CUDA kernels behind SIFA and FlowLayer: where a step's device time goes.
 
-For each case (the issue-12 target shapes) and phase (forward, forward+backward):
+For each case (the shapes of the full-size networks, below) and phase (forward, forward+backward):
 
 - event ms: the step timed with CUDA events (median of --iters after --warmup), as the op benchmarks;
 - a ``torch.profiler`` run of --iters steps (CUPTI traces every kernel in the process, so the CuPy
