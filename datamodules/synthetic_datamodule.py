@@ -6,16 +6,11 @@ import math
 import os
 from pathlib import Path
 
+from .encode import pick_encoder
 from .layouts import KineticsDataModule
 from .sampling import Sampling, ShortVideo
-from .synthetic import (
-    ORDER_BLIND_CEILING,
-    SyntheticSpec,
-    default_cache_root,
-    generate_dataset,
-    pick_encoder,
-    reverse_class,
-)
+from .synthetic.cache import default_cache_root, generate_dataset
+from .synthetic.render import ORDER_BLIND_CEILING, SyntheticSpec, reverse_class
 from .transforms import TrainCrop
 
 __all__ = ["SyntheticMotionDataModule"]

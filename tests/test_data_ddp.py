@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from helpers.ddp import run_datamodule_ddp
 
-from datamodules.synthetic import write_video
+from datamodules.encode import write_video
 
 
 @pytest.mark.slow

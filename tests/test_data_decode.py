@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from datamodules.decode import VideoDecodeError, VideoReader, build_index, decode_frames, probe_full_decode
-from datamodules.synthetic import write_video
+from datamodules.encode import write_video
 
 REAL = {
     # file: (frames, fps, width, height) from the shared videos' README

@@ -28,8 +28,8 @@ from datamodules import (
     collate_clips,
 )
 from datamodules.check import check_datamodule
+from datamodules.encode import write_video
 from datamodules.frames import frame_index
-from datamodules.synthetic import write_video
 
 TINY = dict(
     num_frames=4,

@@ -17,7 +17,7 @@ from datamodules import (
     VideoListDataModule,
     collate_clips,
 )
-from datamodules.synthetic import write_video
+from datamodules.encode import write_video
 
 H, W, FRAMES = 32, 48, 24
 SMALL = dict(  # clip/transform settings sized for these tiny files

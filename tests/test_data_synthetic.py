@@ -16,14 +16,14 @@ import pytest
 import torch
 
 from datamodules import SyntheticMotionDataModule
+from datamodules.encode import pick_encoder
+from datamodules.safe_io import atomic_write_text
 from datamodules.synthetic import (
     CacheNotWritableError,
     SyntheticSpec,
-    _write_text_atomic,
     class_names_for,
     clean_stale_temporaries,
     generate_dataset,
-    pick_encoder,
     render_video,
 )
 
@@ -308,7 +308,7 @@ def test_meta_json_and_lists_are_replaced_atomically(tmp_path):
     target = tmp_path / "meta.json"
     target.write_text('{"old": 1}', encoding="utf-8")
     with open(target, encoding="utf-8") as reader:  # a reader that opened the file before the write
-        _write_text_atomic(target, '{"new": 2}')
+        atomic_write_text(target, '{"new": 2}')
         assert reader.read() == '{"old": 1}'  # replaced by a rename, not rewritten in place
     assert target.read_text(encoding="utf-8") == '{"new": 2}'
     assert [p.name for p in tmp_path.iterdir()] == ["meta.json"]  # no temporary left behind
