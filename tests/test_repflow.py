@@ -388,6 +388,20 @@ def test_flow_layer_non_finite_voxel_gives_nan_not_zero_flow(value):
     assert grad[0].isnan().any() and torch.equal(grad[1], torch.zeros_like(grad[1]))
 
 
+def test_flow_layer_nan_image_gradient_in_one_direction_gives_nan_not_zero_flow():
+    # A non-finite voxel makes its whole sample NaN, so both image-gradient components are NaN and every
+    # branch of the threshold step gives NaN: that input cannot tell which branch a NaN ∇i1 takes. A NaN
+    # y-stencil tap of one channel makes gy NaN but leaves gx finite; a threshold that sends the NaN
+    # |∇i1|² to the flat branch ("grad > eps" fails for NaN) leaves that channel's u1 exactly 0.
+    layer = FlowLayer(2, n_iter=3, learn_image_stencils=True).double()
+    with torch.no_grad():
+        layer.image_y[1, 0] = float("nan")
+    x = torch.randn(2, 2, 3, 5, 5, dtype=torch.float64)
+    out = layer(x)  # [N, 2C, T-1, H, W]: channels [u1 of c0, u1 of c1, u2 of c0, u2 of c1]
+    assert out[:, [1, 3]].isnan().all(), "a NaN image gradient must make its channel's flow NaN, not zero"
+    assert torch.isfinite(out[:, [0, 2]]).all()  # stencils are per channel: channel 0 is unaffected
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("flat_i1", [False, True])
 def test_tvl1_non_finite_residual_propagates_in_every_branch(value, flat_i1):
