@@ -636,11 +636,14 @@ class ShardLoader(DataLoader):
 
     def __iter__(self):
         ds: ShardStream = self.dataset
-        epoch = self.epoch_source() if self.epoch_source is not None else None
-        epoch = self.epoch if epoch is None else int(epoch)
         pending, self._pending = self._pending, None
-        if pending is not None and pending["epoch"] != epoch:
-            pending = None  # saved at another epoch (an epoch's end): nothing to skip
+        if pending is not None:
+            # The restored epoch, whatever the trainer says now: Lightning may make the iterator
+            # before it restores its own epoch counter (`estimated_stepping_batches` does).
+            epoch = pending["epoch"]
+        else:
+            epoch = self.epoch_source() if self.epoch_source is not None else None
+            epoch = self.epoch if epoch is None else int(epoch)
         self._iter_epoch = epoch
         self._base_batches = pending["batches"] if pending else 0
         self._base_workers = {int(w): (int(d), int(p)) for w, (d, p) in pending["workers"].items()} if pending else {}
@@ -680,6 +683,9 @@ class ShardLoader(DataLoader):
                 stacklevel=2,
             )
             self._pending = None
+            return
+        if int(state["batches"]) >= len(self):  # saved at the epoch's end: the next one starts afresh
+            self._pending = {"epoch": int(state["epoch"]) + 1, "batches": 0, "workers": {}}
             return
         self._pending = {
             "epoch": int(state["epoch"]),
@@ -724,6 +730,8 @@ class ShardedVideoDataModule(VideoDataModule):
         self.timeout = float(timeout)
         self._meta: dict | None = None
         self.streams: dict[str, ShardStream] = {}
+        self._train_loader: ShardLoader | None = None
+        self._restored_position: dict | None = None
 
     def _root_needed(self) -> bool:
         return False
@@ -856,13 +864,30 @@ class ShardedVideoDataModule(VideoDataModule):
         return trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def train_dataloader(self) -> ShardLoader:
-        return ShardLoader(
+        loader = ShardLoader(
             self.stream("train"),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             epoch_source=self._epoch,
             consumed_source=self._consumed,
         )
+        if self._restored_position is not None:
+            loader.load_state_dict(self._restored_position)
+            self._restored_position = None
+        self._train_loader = loader
+        return loader
+
+    # Lightning restores a datamodule's state before it sets up the optimizers, and so before
+    # `trainer.estimated_stepping_batches` (an LR schedule) makes the training iterator; the
+    # dataloader's own state (which Lightning also saves) is restored only when the iterator is
+    # made later. Both carry the same position; the datamodule's is the one that always arrives.
+    def state_dict(self) -> dict:
+        if self._train_loader is None:
+            return {}
+        return {"train_position": self._train_loader.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._restored_position = state_dict.get("train_position")
 
     def _eval_loader(self, split: str) -> DataLoader:
         ds = self.stream(split)

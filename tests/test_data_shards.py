@@ -223,6 +223,10 @@ def test_resume_mid_epoch_continues_without_repeats_or_skips(tiny, workers):
     after = [b["video_id"].tolist() for b in resumed]
     assert len(before) + len(after) == len(full) == 5
     assert sorted(sum(before + after, [])) == sorted(sum(full, [])) == list(range(10))
+    # Saved at the epoch's end: a resume starts the next epoch afresh.
+    finished = ShardLoader(_stream(dm, 1, 0), num_workers=workers)
+    finished.load_state_dict(resumed.state_dict())
+    assert [b["video_id"].tolist() for b in finished] == _epoch_ids(_stream(dm, 1, 0), 3, workers)
     # A state saved with other settings is refused with a warning: the epoch starts over.
     other = ShardLoader(_stream(dm, 1, 0, seed=1), num_workers=workers)
     with pytest.warns(UserWarning, match="seed 0 -> 1"):
