@@ -1,24 +1,23 @@
 """Files the module and the CLI read and write: atomic writes and safe checkpoint loads.
 
-Atomic writes: every report and checkpoint is written to a temporary file in the target's own
-directory, flushed to disk, then renamed over the target (`os.replace`, atomic on one file
-system). A failed write (disk full, a signal, an error while serialising) removes the temporary
-file and leaves an older file of that name untouched; readers never see a truncated file. A
-symlink is written through (its resolved target is replaced, the link stays); an existing path
-that is not a regular file (a device, a FIFO, a socket) is refused, never replaced by a file.
+Atomic writes (`datamodules.safe_io`'s writer, the one in the tree, re-exported here): every
+report and checkpoint is written to a temporary file in the target's own directory, flushed to
+disk, then renamed over the target (`os.replace`, atomic on one file system). A failed write (disk
+full, a signal, an error while serialising) removes the temporary file and leaves an older file of
+that name untouched; readers never see a truncated file. A symlink is written through (its
+resolved target is replaced, the link stays); an existing path that is not a regular file (a
+device, a FIFO, a socket) is refused, never replaced by a file.
 
 Safe loads: checkpoints and weight files are user input, and unpickling runs code. They are read
 with `torch.load(weights_only=True)`, which only rebuilds tensors and plain containers; anything
-else is refused with one `CheckpointError` ("not a vmm checkpoint: <path>: <why>").
+else is refused with one `CheckpointError` ("not a vmm checkpoint: <path>: <why>"). The loader,
+`load_checkpoint_file`, lives in `lightning_modules.networks.checkpoint_file` (the networks load
+their pretrained weights with it) and is re-exported here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import re
-import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,9 @@ from datamodules.safe_io import (
     write_target,
 )
 
+# Safe loads live with the networks (their pretrained weights use them), the lowest layer of this side.
+from .networks.checkpoint_file import CheckpointError, load_checkpoint_file
+
 __all__ = [
     "AtomicCheckpointIO",
     "CheckpointError",
@@ -53,10 +55,6 @@ __all__ = [
     "to_json_safe",
     "write_target",
 ]
-
-# Globals a vmm checkpoint may hold beyond tensors and plain containers. Checkpoints written by
-# `vmm fit` need none: hyperparameters are stored as plain data (classifier.py, on_save_checkpoint).
-SAFE_GLOBALS: list[Any] = []
 
 
 class ConfigError(ValueError):
@@ -117,72 +115,6 @@ def check_yaml_expansion(text: str, loader: type | None = None, limit: int = MAX
 
 
 # ------------------------------------------------------------------------------ checkpoints
-
-
-class CheckpointError(ValueError):
-    """A file given as a checkpoint or weight file that cannot be loaded safely."""
-
-
-def _why_refused(exc: BaseException) -> str:
-    """A one-line reason from torch.load's error, without its advice to load unsafely.
-
-    torch words a refused pickle in several ways (an unknown global, a blocked module such as
-    os/posix, an unsupported opcode), each wrapped in "Weights only load failed" and advice to
-    retry with weights_only=False; only the refused object or opcode is kept."""
-    text = str(exc)
-    unsafe = re.search(r"GLOBAL ([\w.]+) (?:was not an allowed global|whose module [\w.]+ is blocked)", text)
-    if unsafe:
-        return (
-            f"it holds objects that a safe load refuses (the Python object {unsafe.group(1)}, which a vmm "
-            "checkpoint never needs); nothing in it was run"
-        )
-    refused = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\s*\n|Check the documentation|$)", text, re.S)
-    if refused and refused.group(1).startswith("Unsupported operand"):  # a pickle opcode torch never writes
-        return (
-            f"not a torch.save file, or a pickle that a safe load refuses ({refused.group(1).strip()[:80]}); "
-            "nothing in it was run"
-        )
-    if refused or "Weights only load failed" in text:
-        detail = " ".join(refused.group(1).split())[:200] if refused else ""
-        return f"it holds objects that a safe load refuses{f' ({detail})' if detail else ''}; nothing in it was run"
-    detail = " ".join(text.split())[:200]
-    return f"truncated or not a torch.save file ({type(exc).__name__}: {detail})"
-
-
-def load_checkpoint_file(
-    path: str | os.PathLike,
-    map_location: Any = "cpu",
-    *,
-    what: str = "vmm checkpoint",
-    require: Callable[[Any], str | None] | None = None,
-) -> Any:
-    """`torch.load(path, weights_only=True)` with one clear error for anything that is not `what`.
-
-    Args:
-        path: a local file.
-        map_location: as for torch.load.
-        what: the kind of file expected, used in the error ("not a <what>: <path>: <why>").
-        require: optional check of the loaded object; returns a reason string to refuse it.
-
-    Raises:
-        CheckpointError: missing file, garbage, a truncated file, a pickle that needs any Python
-            object beyond tensors and containers (never executed), or `require` refused it.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"not a {what}: {path}: {'not a regular file' if path.exists() else 'no such file'}")
-    try:
-        # safe_globals needs torch >= 2.5; with nothing to allow, the plain weights-only load is the same.
-        allow = torch.serialization.safe_globals(SAFE_GLOBALS) if SAFE_GLOBALS else contextlib.nullcontext()
-        with allow, warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*pickle protocol.*")  # refused or fine either way
-            obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
-        raise CheckpointError(f"not a {what}: {path}: {_why_refused(exc)}") from None
-    reason = require(obj) if require is not None else None
-    if reason:
-        raise CheckpointError(f"not a {what}: {path}: {reason}")
-    return obj
 
 
 def _is_lightning_checkpoint(obj: Any) -> str | None:

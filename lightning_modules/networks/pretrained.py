@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from .checkpoint_file import load_checkpoint_file
+
 log = logging.getLogger(__name__)
 
 
@@ -132,8 +134,6 @@ def load_pretrained_2d(net: nn.Module, path: str | os.PathLike) -> InflationRepo
     wrapped as {"state_dict": ...}) and inflate it into `net`. Logs the report (a warning when some
     tensors were mismatched or unused). The file is loaded with weights_only=True: garbage or a pickle
     that needs any Python object raises `CheckpointError` ("not a 2D ResNet state dict file ...")."""
-    from ..io import load_checkpoint_file  # the loader refuses pickles that need any Python object
-
     check_pretrained_path(path)
     state = load_checkpoint_file(path, "cpu", what="2D ResNet state dict file (pretrained)")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
