@@ -23,6 +23,7 @@ from .layouts import (
     VideoFolderDataModule,
     VideoListDataModule,
 )
+from .prepare import PrepareError, prepare_dataset, read_meta
 from .rawframes import RawFrameListDataModule
 from .sharded import ShardedVideoDataModule, ShardLoader, ShardStream
 from .something import SomethingSomethingV1DataModule, SomethingSomethingV2DataModule
@@ -39,6 +40,7 @@ __all__ = [
     "FrameRecord",
     "HMDB51DataModule",
     "KineticsDataModule",
+    "PrepareError",
     "RawFrameListDataModule",
     "ShardLoader",
     "ShardStream",
@@ -62,4 +64,6 @@ __all__ = [
     "collate_clips",
     "decode_frames",
     "frame_index",
+    "prepare_dataset",
+    "read_meta",
 ]
