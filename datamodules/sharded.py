@@ -32,15 +32,19 @@ missing (a warning names the shard and the count) and is handled like bad videos
 batches stays the one Lightning was told: a training worker whose share came up short reads on
 past its end, in the epoch's order (wrapping around), for replacements.
 
-Mid-epoch resume. The training dataloader (`ShardLoader`) has `state_dict()` / `load_state_dict()`,
-which Lightning saves in checkpoints (`interrupted.ckpt` of a SIGTERM, `every_n_train_steps`
-checkpoints) and restores before the epoch's iterator is made: the state is (epoch, batches done,
-and for each worker its batches done and the samples taken from its shuffle buffer). On restore
-each worker replays its buffer without decoding and continues where it stopped: the epoch ends with
-every sample of the share used once. The state is valid for the same world size, number of
-workers, batch size, seed, shuffle buffer and data; otherwise a warning says so and the epoch's
-order starts over on each rank. Under DDP the checkpoint holds rank 0's state and every rank
-resumes its own share with it: exact when the ranks met no bad or missing sample in that epoch.
+Mid-epoch resume. The training position is (epoch, batches done, and for each DataLoader worker
+its batches done and the samples taken from its shuffle buffer). It is saved in every checkpoint
+(`interrupted.ckpt` of a SIGTERM, `every_n_train_steps` checkpoints) twice: as the datamodule's
+state, which Lightning restores before anything makes the training iterator (an LR schedule's
+`estimated_stepping_batches` makes it before Lightning restores its loops), and as the training
+dataloader's (`ShardLoader.state_dict()`, for a Lightning loop that restores it itself). On
+restore each worker replays its buffer draws without decoding and continues where it stopped: the
+epoch ends with every sample of the share used once, in a different interleaving of the workers'
+batches. A position saved at an epoch's end starts the next epoch. The position is valid for the
+same world size, number of workers, batch size, seed, shuffle buffer and data; otherwise a
+warning says so and the epoch's order starts over (samples of that epoch may repeat). Under DDP
+the checkpoint holds rank 0's position and every rank resumes its own share with it: exact when
+the ranks met no bad or missing sample in that epoch (a bad sample costs its rank one extra draw).
 """
 
 from __future__ import annotations

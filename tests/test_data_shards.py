@@ -128,6 +128,14 @@ def test_test_batches_from_shards_equal_those_from_the_files_local_and_http(real
         _assert_same_batches(expected, _batches(remote.test_dataloader()))
 
 
+def test_a_pipe_root_reads_through_its_command(tiny):
+    files = _file_dm(tiny["root"], tiny["list"])
+    files.setup("test")
+    piped = _shard_dm(f"pipe:cat {tiny['shards']}/{{}}")
+    piped.setup("test")
+    _assert_same_batches(_batches(files.test_dataloader()), _batches(piped.test_dataloader()))
+
+
 def test_frame_folder_samples_decode_like_the_folder(tmp_path):
     rng = np.random.default_rng(3)
     folder = write_jpeg_folder(
