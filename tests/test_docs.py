@@ -198,3 +198,37 @@ def test_every_doc_citation_resolves_inside_the_repo():
     assert len(citations) >= 20, "the scanner found suspiciously few citations"
     found = problems(citations)
     assert not found, f"{len(found)} unresolved doc citations:\n" + "\n".join(found)
+
+
+#: A Markdown link or image: [text](target) or ![alt](target); the target up to a space, ')' or '#'.
+MARKDOWN_LINK = re.compile(r"!?\[[^\]\n]*\]\((?P<target>[^)\s#]+)(?:#[^)\s]*)?\)")
+
+
+def markdown_link_problems(text: str, doc: Path) -> list[str]:
+    """One message per relative link in ``text`` (the contents of ``doc``) whose target is not a file or
+    folder inside the repository; links with a scheme (https:, mailto:) are not checked."""
+    out = []
+    for m in MARKDOWN_LINK.finditer(text):
+        target = m.group("target")
+        if re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", target):
+            continue
+        path = (doc.parent / target).resolve()
+        if not (path.exists() and path.is_relative_to(REPO_ROOT)):
+            line = text.count("\n", 0, m.start()) + 1
+            out.append(f"{doc.relative_to(REPO_ROOT)}:{line}: links {target!r}, which is not in the repository")
+    return out
+
+
+def test_markdown_link_checker_flags_missing_and_outside_targets():
+    doc = REPO_ROOT / "docs" / "example.md"  # never written: only its folder matters
+    text = "[a](cli.md) [b](missing.md#s)\n[c](https://example.org/x.md) ![d](../README.md) [e](../../outside.md)"
+    found = markdown_link_problems(text, doc)
+    assert len(found) == 2, found
+    assert found[0].startswith("docs/example.md:1: links 'missing.md'")
+    assert found[1].startswith("docs/example.md:2: links '../../outside.md'")
+
+
+def test_readme_and_docs_links_resolve():
+    docs = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
+    found = [p for doc in docs for p in markdown_link_problems(doc.read_text(encoding="utf-8"), doc)]
+    assert not found, "\n".join(found)
