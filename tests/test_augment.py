@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_classifier import SquareData, TinyNet, _trainer
+from helpers.classifier import SquareData, TinyNet, lightning_cpu_trainer
 
 from lightning_modules import VideoClassifier
 from lightning_modules.augment import RAND_AUGMENT_OPS, ClipAugment, _apply_op, clip_rand_augment, mix_clips
@@ -219,7 +219,7 @@ def test_classifier_trains_with_every_augmentation_and_evaluates_without(tmp_pat
         **kw,
     )
     data = SquareData(n_train=24, n_eval=6, views=1)
-    trainer = _trainer(tmp_path, max_epochs=2, logger=False, enable_checkpointing=False)
+    trainer = lightning_cpu_trainer(tmp_path, max_epochs=2, logger=False, enable_checkpointing=False)
     trainer.fit(model, datamodule=data)
     loss, top1 = float(trainer.callback_metrics["train/loss"]), float(trainer.callback_metrics["train/top1"])
     assert math.isfinite(loss) and 0.0 <= top1 <= 1.0
@@ -229,7 +229,9 @@ def test_classifier_trains_with_every_augmentation_and_evaluates_without(tmp_pat
     plain.load_state_dict(model.state_dict())
     res = {}
     for name, m in (("aug", model), ("plain", plain)):
-        _trainer(tmp_path, logger=False, enable_checkpointing=False).validate(m, datamodule=data, verbose=False)
+        lightning_cpu_trainer(tmp_path, logger=False, enable_checkpointing=False).validate(
+            m, datamodule=data, verbose=False
+        )
         res[name] = m.last_eval["val"]
     for key in ("top1", "loss", "clip_top1"):
         assert res["aug"][key] == pytest.approx(res["plain"][key], abs=1e-6), key

@@ -1,8 +1,8 @@
 """VideoClassifier: normalisation, losses, schedule, evaluation aggregation and real Trainer runs.
 
-The network here is a tiny Conv3d classifier with two heads built in this file (the real
-networks are exercised end to end in test_cli.py); the data are small in-memory clips of a bright
-square moving left or right, so a working training loop must learn them.
+The network here is the tiny two-head Conv3d classifier of helpers/classifier.py (the real
+networks are exercised end to end in test_cli.py); the data are its small in-memory clips of a
+bright square moving left or right, so a working training loop must learn them.
 """
 
 from __future__ import annotations
@@ -13,103 +13,11 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers.classifier import LrRecorder, SquareData, TinyNet, lightning_cpu_trainer
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
 from lightning_modules import VideoClassifier
 from lightning_modules.reports import TestReportWriter
-
-
-class TinyNet(nn.Module):
-    """Conv3d(3→8, 3×3×3) → BN → ReLU → global mean → one linear layer per head."""
-
-    def __init__(self, num_classes: int, heads: int = 2) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.body = nn.Sequential(nn.Conv3d(3, 8, 3, padding=1), nn.BatchNorm3d(8), nn.ReLU())
-        self.fcs = nn.ModuleList(nn.Linear(8, num_classes) for _ in range(heads))
-
-    def forward_heads(self, x: torch.Tensor) -> list[torch.Tensor]:
-        f = self.body(x)
-        # Keep the direction of motion: correlate features with a time ramp before pooling.
-        ramp = torch.linspace(-1, 1, x.shape[2], device=x.device, dtype=f.dtype).view(1, 1, -1, 1, 1)
-        xs = torch.linspace(-1, 1, x.shape[4], device=x.device, dtype=f.dtype).view(1, 1, 1, 1, -1)
-        g = (f * ramp * xs).mean((2, 3, 4))
-        return [fc(g) for fc in self.fcs]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([h.softmax(-1) for h in self.forward_heads(x)]).mean(0).log()
-
-
-class MovingSquare(Dataset):
-    """uint8 clips [3,T,S,S] of a bright square moving right (label 0) or left (label 1).
-
-    Item i is view (i % views) of video (i // views); a video's views start at different frames.
-    Videos in `bad` stand for decode failures: the collate drops them and reports their ids.
-    """
-
-    def __init__(self, n_videos: int, views: int = 1, t: int = 4, size: int = 16, seed: int = 0, bad=()):
-        self.n, self.views, self.t, self.size, self.seed, self.bad = n_videos, views, t, size, seed, set(bad)
-
-    def __len__(self) -> int:
-        return self.n * self.views
-
-    def __getitem__(self, i: int) -> dict:
-        vid, view = divmod(i, self.views)
-        g = torch.Generator().manual_seed(self.seed * 100003 + vid)
-        label = int(torch.randint(0, 2, (1,), generator=g))
-        y0 = int(torch.randint(0, self.size - 4, (1,), generator=g))
-        x0 = int(torch.randint(4, self.size - 8, (1,), generator=g))
-        clip = torch.randint(0, 40, (3, self.t, self.size, self.size), generator=g, dtype=torch.uint8)
-        step = 1 if label == 0 else -1
-        for f in range(self.t):
-            x = x0 + step * (f + view)
-            clip[:, f, y0 : y0 + 4, max(0, x) : max(0, x + 4)] = 250
-        return {"video": clip, "label": label, "video_id": vid, "view": view, "bad": vid in self.bad}
-
-
-def collate(items: list[dict]) -> dict:
-    good = [it for it in items if not it["bad"]]
-    return {
-        "video": torch.stack([it["video"] for it in good]) if good else torch.zeros(0, 3, 4, 16, 16, dtype=torch.uint8),
-        "label": torch.tensor([it["label"] for it in good], dtype=torch.int64),
-        "video_id": torch.tensor([it["video_id"] for it in good], dtype=torch.int64),
-        "view": torch.tensor([it["view"] for it in good], dtype=torch.int64),
-        "bad_video_ids": torch.tensor(sorted({it["video_id"] for it in items if it["bad"]}), dtype=torch.int64),
-    }
-
-
-class SquareData(pl.LightningDataModule):
-    def __init__(self, n_train: int = 48, n_eval: int = 12, views: int = 2, batch_size: int = 8, bad=()) -> None:
-        super().__init__()
-        self.num_classes = 2
-        self.class_names = ["right", "left"]
-        self.train = MovingSquare(n_train, 1, seed=1)
-        self.eval = MovingSquare(n_eval, views, seed=2, bad=bad)
-        self.batch_size = batch_size
-
-    def train_dataloader(self):
-        return DataLoader(self.train, batch_size=self.batch_size, shuffle=True, collate_fn=collate)
-
-    def val_dataloader(self):
-        return DataLoader(self.eval, batch_size=self.batch_size, collate_fn=collate)
-
-    test_dataloader = val_dataloader
-    predict_dataloader = val_dataloader
-
-
-def _trainer(tmp_path, **kw) -> pl.Trainer:
-    kw.setdefault("max_epochs", 3)
-    return pl.Trainer(
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        devices=1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        log_every_n_steps=1,
-        **kw,
-    )
-
 
 # ---------------------------------------------------------------------------- construction / input
 
@@ -159,7 +67,7 @@ def test_loss_is_sum_over_heads_and_forward_is_log_mean_softmax():
 def test_fit_test_predict_learns_and_writes_reports(tmp_path):
     data = SquareData(bad=(3,))
     model = VideoClassifier(TinyNet(2), lr=0.5, warmup_epochs=0.5, weight_decay=1e-4)
-    trainer = _trainer(tmp_path, max_epochs=4, callbacks=[TestReportWriter()])
+    trainer = lightning_cpu_trainer(tmp_path, max_epochs=4, callbacks=[TestReportWriter()])
     trainer.fit(model, datamodule=data)
     assert model.class_names == ["right", "left"]  # taken from the datamodule at setup
     val = model.last_eval["val"]
@@ -218,7 +126,9 @@ def test_fit_test_predict_learns_and_writes_reports(tmp_path):
 def test_bf16_mixed_on_cpu(tmp_path):
     data = SquareData(n_train=16, n_eval=4, views=1)
     model = VideoClassifier(TinyNet(2), lr=0.05, optimizer="adamw")
-    trainer = _trainer(tmp_path, max_epochs=1, precision="bf16-mixed", logger=False, enable_checkpointing=False)
+    trainer = lightning_cpu_trainer(
+        tmp_path, max_epochs=1, precision="bf16-mixed", logger=False, enable_checkpointing=False
+    )
     trainer.fit(model, datamodule=data)
     assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
     assert model.last_eval["val"]["num_videos"] == 4
@@ -228,7 +138,9 @@ def test_bf16_true_feeds_the_network_its_own_dtype(tmp_path):
     # "bf16-true" casts weights and buffers to bf16 but not the uint8 batch: normalize must follow the module.
     data = SquareData(n_train=16, n_eval=4, views=1)
     model = VideoClassifier(TinyNet(2), lr=0.05, optimizer="adamw")
-    trainer = _trainer(tmp_path, max_epochs=1, precision="bf16-true", logger=False, enable_checkpointing=False)
+    trainer = lightning_cpu_trainer(
+        tmp_path, max_epochs=1, precision="bf16-true", logger=False, enable_checkpointing=False
+    )
     trainer.fit(model, datamodule=data)
     assert model.normalize(torch.zeros(1, 3, 2, 4, 4, dtype=torch.uint8)).dtype == torch.bfloat16
     assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
@@ -236,19 +148,11 @@ def test_bf16_true_feeds_the_network_its_own_dtype(tmp_path):
     assert model.last_eval["test"]["num_videos"] == 4
 
 
-class _LrRecorder(pl.Callback):
-    def __init__(self) -> None:
-        self.lrs: list[list[float]] = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.lrs.append([g["lr"] for g in trainer.optimizers[0].param_groups])
-
-
 def test_warmup_cosine_per_iteration_and_no_decay_groups(tmp_path):
     data = SquareData(n_train=16, n_eval=2, views=1, batch_size=4)  # 4 steps per epoch
     model = VideoClassifier(TinyNet(2), lr=0.1, min_lr=0.01, warmup_epochs=1, weight_decay=1e-3, nesterov=True)
-    rec = _LrRecorder()
-    trainer = _trainer(
+    rec = LrRecorder()
+    trainer = lightning_cpu_trainer(
         tmp_path, max_epochs=3, callbacks=[rec], logger=False, enable_checkpointing=False, limit_val_batches=0
     )
     trainer.fit(model, datamodule=data)

@@ -2,7 +2,7 @@
 order, mean-class accuracy, signals and exit statuses, --ckpt_path against the configuration,
 atomic report/checkpoint files, an all-unreadable test split, `vmm predict` arguments.
 
-The fast tests use the tiny in-memory network and data of test_classifier.py with real Trainer
+The fast tests use the tiny in-memory network and data of helpers/classifier.py with real Trainer
 runs; the CLI tests train the real SIFA network on the tiny synthetic set (`slow`).
 """
 
@@ -23,8 +23,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from helpers import REPO_ROOT
+from helpers.classifier import MovingSquare, SquareData, TinyNet, collate
 from helpers.cli import TINY_FCF, VMM_COMMAND, cpu_trainer, generate_tiny_dataset, tiny_config, write_config
-from test_classifier import MovingSquare, SquareData, TinyNet, collate
 from torch.utils.data import DataLoader
 
 from lightning_modules import VideoClassifier

@@ -1,7 +1,7 @@
 """Output files and scores that must not lie: atomic writes through symlinks and onto devices or
 FIFOs, non-finite scores refused by test / predict / fuse-scores, and `vmm predict` runs in which
 nothing could be predicted. Real files and real Trainer runs on the tiny in-memory network of
-test_classifier.py; the `vmm` runs (a one-step fit of the tiny FCF network) are `slow`."""
+helpers/classifier.py; the `vmm` runs (a one-step fit of the tiny FCF network) are `slow`."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.classifier import MovingSquare, SquareData, TinyNet, collate
 from helpers.cli import TINY_FCF, cpu_trainer, generate_tiny_dataset, tiny_config, write_config
-from test_classifier import MovingSquare, SquareData, TinyNet, collate
 from torch.utils.data import DataLoader
 
 from lightning_modules import VideoClassifier

@@ -4,6 +4,7 @@ conftest or another test module for it).
 - `helpers.REPO_ROOT`, `helpers.SHARED_VIDEOS`: the checkout, and the real clips beside it
   (`$VMM_SHARED_VIDEOS`, default ../shared/data/videos; the `shared_videos` fixture skips without).
 - `helpers.cli`: the tiny synthetic-set configs and `run_vmm` for end-to-end `vmm` runs.
+- `helpers.classifier`: a tiny Conv3d classifier, moving-square clips and a CPU Lightning Trainer.
 - `helpers.frames`: frame-folder writers and readers (JPEG/PNG trees, Something-Something layouts).
 - `helpers.ddp`: a 2-process gloo fit + test of a datamodule under a recording module.
 """
