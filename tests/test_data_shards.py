@@ -1,5 +1,7 @@
-"""ShardedVideoDataModule: shards of real and generated clips, read from a folder and over a real
-HTTP server, against the file datamodules; epoch shares, resume, bad members, cut shards, DDP, CLI."""
+"""ShardedVideoDataModule: shards of real and generated clips packed by `prepare_dataset`, read from
+a folder, over a real HTTP server and through a pipe: command, against the file datamodules; epoch
+shares, resume, bad members, cut shards, DDP, SIGTERM, the CLI. The share and bad-data tests use the
+test writer (helpers.shards): exactly 3 samples per shard, and corrupt members on demand."""
 
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from helpers.ddp import run_datamodule_ddp
 from helpers.frames import write_jpeg_folder, write_webm
 from helpers.shards import cut_shard, read_batches, serve_directory, write_shard_set
 
-from datamodules import ShardedVideoDataModule, TooMuchBadData, VideoListDataModule
+from datamodules import RawFrameListDataModule, ShardedVideoDataModule, TooMuchBadData, VideoListDataModule
+from datamodules.prepare import prepare_dataset
 from datamodules.sharded import ShardFormatError, ShardLoader, ShardStream
 from datamodules.synthetic import write_video
 
@@ -56,7 +59,7 @@ def _write_list(path: Path, entries) -> str:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """10 generated clips packed 3 per shard (4 shards) as train, val and test."""
+    """10 generated clips packed 3 per shard (4 shards) as train, val and test by the test writer."""
     root = tmp_path_factory.mktemp("tiny")
     entries = _generated(root / "videos", 10)
     write_shard_set(root / "shards", {"train": entries, "val": entries, "test": entries}, ["0", "1"])
@@ -70,24 +73,31 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def real(tmp_path_factory):
-    """The real clips (mp4 / avi), a VP9 WebM and generated clips, packed unchanged as the test split."""
+    """The real clips (mp4 / avi), a VP9 WebM and generated clips, packed unchanged (`short_side=0`)
+    by `prepare_dataset` as the test split, a few per shard."""
     if not SHARED_VIDEOS.is_dir():
         pytest.skip(f"shared test videos not found at {SHARED_VIDEOS}")
-    shared_videos = SHARED_VIDEOS
     root = tmp_path_factory.mktemp("real")
-    entries = [
-        (str(p), k % 2) for k, p in enumerate(sorted(shared_videos.glob("*.avi")) + sorted(shared_videos.glob("*.mp4")))
-    ]
+    clips = sorted(SHARED_VIDEOS.glob("*.avi")) + sorted(SHARED_VIDEOS.glob("*.mp4"))
+    entries = [(str(p), k % 2) for k, p in enumerate(clips)]
     rng = np.random.default_rng(1)
     webm = write_webm(root / "clip.webm", [rng.integers(0, 256, (32, 48, 3), dtype=np.uint8) for _ in range(10)])
     entries += [(str(webm), 0)] + _generated(root / "videos", 3, seed=2)
-    write_shard_set(root / "shards", {"test": entries}, ["0", "1"], samples_per_shard=2)
-    return {
-        "root": root,
-        "entries": entries,
-        "shards": root / "shards",
-        "list": _write_list(root / "list.txt", entries),
-    }
+    list_file = _write_list(root / "list.txt", entries)
+    source = VideoListDataModule(root=str(root), test_list=list_file, class_names=["0", "1"], **SETTINGS)
+    meta = prepare_dataset(source, root / "shards", short_side=0, shard_size_mb=1.0, num_workers=0, progress=False)
+    assert len(meta["splits"]["test"]["shards"]) > 1
+    return {"root": root, "entries": entries, "shards": root / "shards", "list": list_file}
+
+
+@pytest.fixture(scope="module")
+def tiny_prepared(tiny, tmp_path_factory):
+    """`tiny`'s clips packed by `prepare_dataset` (original bytes) as train, val and test."""
+    out = tmp_path_factory.mktemp("tiny_prepared") / "shards"
+    lists = {f"{split}_list": tiny["list"] for split in ("train", "val", "test")}
+    source = VideoListDataModule(root=str(tiny["root"]), class_names=["0", "1"], **lists, **SETTINGS)
+    prepare_dataset(source, out, short_side=0, shard_size_mb=0.002, num_workers=0, progress=False)
+    return out
 
 
 def _batches(loader) -> list[dict]:
@@ -128,20 +138,23 @@ def test_test_batches_from_shards_equal_those_from_the_files_local_and_http(real
         _assert_same_batches(expected, _batches(remote.test_dataloader()))
 
 
-def test_a_pipe_root_reads_through_its_command(tiny):
+def test_a_pipe_root_reads_through_its_command(tiny, tiny_prepared):
     files = _file_dm(tiny["root"], tiny["list"])
     files.setup("test")
-    piped = _shard_dm(f"pipe:cat {tiny['shards']}/{{}}")
+    piped = _shard_dm(f"pipe:cat {tiny_prepared}/{{}}")
     piped.setup("test")
     _assert_same_batches(_batches(files.test_dataloader()), _batches(piped.test_dataloader()))
 
 
 def test_frame_folder_samples_decode_like_the_folder(tmp_path):
     rng = np.random.default_rng(3)
-    folder = write_jpeg_folder(
-        tmp_path / "frames", [rng.integers(0, 256, (30, 44, 3), dtype=np.uint8) for _ in range(9)]
+    frames = [rng.integers(0, 256, (30, 44, 3), dtype=np.uint8) for _ in range(9)]
+    folder = write_jpeg_folder(tmp_path / "frames" / "clip", frames)
+    (tmp_path / "frames.txt").write_text("clip 9 1\n", encoding="utf-8")
+    source = RawFrameListDataModule(
+        root=str(tmp_path / "frames"), test_list=str(tmp_path / "frames.txt"), class_names=["0", "1"], **SETTINGS
     )
-    write_shard_set(tmp_path / "shards", {"test": [(str(folder), 1)]}, ["0", "1"])
+    prepare_dataset(source, tmp_path / "shards", short_side=0, num_workers=0, progress=False)
     dm = _shard_dm(tmp_path / "shards")
     dm.setup("test")
     (batch,) = _batches(dm.test_dataloader())
@@ -347,16 +360,16 @@ def _scores(out: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_vmm_fit_and_test_from_shards_local_and_http_match_the_files(tiny, tmp_path, monkeypatch):
+def test_vmm_fit_and_test_from_shards_local_and_http_match_the_files(tiny, tiny_prepared, tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", f"{REPO_ROOT}:{REPO_ROOT / 'tests'}")
-    fit_cfg = _vmm_env_config(tmp_path, _data_config("shards", tiny["shards"]), tmp_path / "fit", max_epochs=1)
+    fit_cfg = _vmm_env_config(tmp_path, _data_config("shards", tiny_prepared), tmp_path / "fit", max_epochs=1)
     run_vmm(["fit", "--config", str(fit_cfg)], cwd=tmp_path)
     (ckpt,) = (tmp_path / "fit").rglob("last.ckpt")
     results = {}
-    with serve_directory(tiny["shards"]) as url:
+    with serve_directory(tiny_prepared) as url:
         for name, data in {
             "files": _data_config("files", tiny["root"], tiny["list"]),
-            "local": _data_config("shards", tiny["shards"]),
+            "local": _data_config("shards", tiny_prepared),
             "http": _data_config("shards", url),
         }.items():
             cfg = _vmm_env_config(tmp_path, data, tmp_path / name)
