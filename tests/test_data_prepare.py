@@ -25,6 +25,7 @@ from PIL import Image
 from datamodules import (
     PrepareError,
     RawFrameListDataModule,
+    ShardedVideoDataModule,
     VideoFolderDataModule,
     VideoListDataModule,
     VideoReader,
@@ -378,3 +379,25 @@ def test_read_meta_names_what_is_wrong(tmp_path):
     (tmp_path / "meta.json").write_text(json.dumps({"format": "vmm-shards", "format_version": 9}), encoding="utf-8")
     with pytest.raises(PrepareError, match=r"meta.json: format_version: expected 1, got 9"):
         read_meta(tmp_path)
+
+
+def test_shards_read_back_by_the_sharded_datamodule(folder_root, tmp_path):
+    source = VideoFolderDataModule(root=str(folder_root))
+    out = tmp_path / "shards"
+    prepare_dataset(source, out, short_side=32, shard_size_mb=0.012, num_workers=0, progress=False)
+    dm = ShardedVideoDataModule(
+        root=str(out),
+        batch_size=4,
+        num_workers=0,
+        num_frames=4,
+        crop_size=32,
+        eval_short_side=32,
+        test_clips=1,
+        test_crops=1,
+    )
+    assert dm.class_names == source.class_names
+    dm.setup("test")
+    batches = list(dm.test_dataloader())
+    labels = [label for b in batches for label in b["label"].tolist()]
+    assert labels == [r.label for r in source.records("test")]
+    assert all(b["video"].shape[1:] == (3, 4, 32, 32) for b in batches)
