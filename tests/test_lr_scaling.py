@@ -14,8 +14,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers.classifier import LrRecorder, MovingSquare, SquareData, TinyNet, collate, lightning_cpu_trainer
 from helpers.cli import generate_tiny_dataset, run_vmm, tiny_config, write_config
-from test_classifier import MovingSquare, SquareData, TinyNet, _LrRecorder, _trainer
 from torch.utils.data import DataLoader
 
 import ops
@@ -39,8 +39,8 @@ def test_lr_scales_to_global_batch_and_is_logged(tmp_path, accumulate):
     net = TinyNet(2)
     net.flow = ops.FlowLayer(4, n_iter=1)  # flow-layer groups are scaled with the rest
     model = VideoClassifier(net, lr=0.4, min_lr=0.04, base_batch_size=16, scheduler="constant", flow_lr_scale=0.01)
-    rec = _LrRecorder()
-    trainer = _trainer(
+    rec = LrRecorder()
+    trainer = lightning_cpu_trainer(
         tmp_path,
         max_epochs=1,
         callbacks=[rec],
@@ -63,11 +63,11 @@ def test_lr_scales_to_global_batch_and_is_logged(tmp_path, accumulate):
 
 
 def test_resume_with_another_global_batch_rescales(tmp_path):
-    def fit(batch_size: int, epochs: int, ckpt=None) -> tuple[VideoClassifier, _LrRecorder, pl.Trainer]:
+    def fit(batch_size: int, epochs: int, ckpt=None) -> tuple[VideoClassifier, LrRecorder, pl.Trainer]:
         data = SquareData(n_train=16, n_eval=2, views=1, batch_size=batch_size)
         model = VideoClassifier(TinyNet(2), lr=0.4, base_batch_size=16, scheduler="constant")
-        rec = _LrRecorder()
-        trainer = _trainer(
+        rec = LrRecorder()
+        trainer = lightning_cpu_trainer(
             tmp_path, max_epochs=epochs, callbacks=[rec], logger=False, limit_val_batches=0, enable_checkpointing=False
         )
         trainer.fit(model, datamodule=data, ckpt_path=ckpt)
@@ -86,7 +86,7 @@ def test_resume_with_another_global_batch_rescales(tmp_path):
 def test_no_base_batch_size_means_no_scaling(tmp_path):
     data = SquareData(n_train=8, n_eval=2, views=1, batch_size=4)
     model = VideoClassifier(TinyNet(2), lr=0.3, scheduler="constant")
-    trainer = _trainer(
+    trainer = lightning_cpu_trainer(
         tmp_path, max_epochs=1, logger=False, enable_checkpointing=False, limit_val_batches=0, accumulate_grad_batches=2
     )
     trainer.fit(model, datamodule=data)
@@ -98,11 +98,9 @@ def test_no_base_batch_size_means_no_scaling(tmp_path):
 
 def test_lr_scaling_with_a_plain_dataloader(tmp_path):
     # No datamodule: the per-device batch comes from the train DataLoader.
-    from test_classifier import collate
-
     loader = DataLoader(MovingSquare(8), batch_size=2, collate_fn=collate)
     model = VideoClassifier(TinyNet(2), lr=0.1, base_batch_size=8, scheduler="constant")
-    trainer = _trainer(tmp_path, max_epochs=1, logger=False, enable_checkpointing=False)
+    trainer = lightning_cpu_trainer(tmp_path, max_epochs=1, logger=False, enable_checkpointing=False)
     trainer.fit(model, train_dataloaders=loader)
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 * 2 / 8)
 
@@ -120,14 +118,12 @@ class _SlowSquares(MovingSquare):
 
 
 def test_data_time_is_logged_in_unit_range_and_sees_a_slow_loader(tmp_path):
-    from test_classifier import collate
-
     shares = {}
     for name, delay in (("fast", 0.0), ("slow", 0.25)):
         loader = DataLoader(_SlowSquares(12, delay=delay), batch_size=4, collate_fn=collate)
         model = VideoClassifier(TinyNet(2), lr=0.1)
         out = tmp_path / name
-        trainer = _trainer(out, max_epochs=2, enable_checkpointing=False)
+        trainer = lightning_cpu_trainer(out, max_epochs=2, enable_checkpointing=False)
         trainer.fit(model, train_dataloaders=loader)
         shares[name] = _column(_metrics(out), "train/data_time")
         assert len(shares[name]) == 6  # every step of both epochs
@@ -137,7 +133,7 @@ def test_data_time_is_logged_in_unit_range_and_sees_a_slow_loader(tmp_path):
     assert mean["slow"] > 0.5 and mean["slow"] > mean["fast"] + 0.2, shares
     model = VideoClassifier(TinyNet(2), log_data_time=False)
     out = tmp_path / "off"
-    _trainer(out, max_epochs=1, enable_checkpointing=False).fit(model, train_dataloaders=loader)
+    lightning_cpu_trainer(out, max_epochs=1, enable_checkpointing=False).fit(model, train_dataloaders=loader)
     assert not _column(_metrics(out), "train/data_time")
 
 
@@ -305,8 +301,6 @@ def _watch_cuda_waits(monkeypatch) -> dict[str, list]:
 
 def _cuda_fit(tmp_path, net, delay: float, accumulate: int = 1) -> tuple[list[float], pl.Trainer]:
     """3 batches x 2 epochs on the last CUDA device (not device 0 where there are several)."""
-    from test_classifier import collate
-
     loader = DataLoader(_SlowSquares(12, delay=delay), batch_size=4, collate_fn=collate)
     trainer = pl.Trainer(
         default_root_dir=tmp_path,
