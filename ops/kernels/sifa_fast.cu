@@ -196,6 +196,27 @@ VMM_INLINE sifa_lane_group sifa_group_of_thread(int lanes) {
     return g;
 }
 
+// The group dot of tap t: Σ_{c∈g} x[c] · S_t(kv)[c] over the group's channels [c_group, c_group + per_group)
+// at the point whose channels start at map_base, each lane taking its V channels of every step, then summed
+// over the lane group (every lane gets the sum). The forward's correlation (x = q) and the backward's
+// aggregation d attn (x = Ō) share it. No shortcut for taps off the map: x · 0 must stay NaN for a NaN/Inf x.
+template <int V, typename T, typename A, typename I>
+VMM_INLINE A sifa_fast_group_dot(const T* __restrict__ x, const T* __restrict__ kv, const sifa_fast_tap<A, I>& t,
+                                 I map_base, I c_group, I per_group, I steps, I step, I lane_ch, I channels, I width,
+                                 const sifa_lane_group& lg, int lanes) {
+    A dot = (A)0;
+    for (I s = 0; s < steps; ++s) {
+        const I j = s * step + lane_ch;
+        if (j >= per_group) break;
+        A xv[V], v00[V], v01[V], v10[V], v11[V];
+        sifa_load<V>(x, map_base + c_group + j, xv);
+        sifa_fast_corners<V>(kv, t, channels, width, c_group + j, v00, v01, v10, v11);
+#pragma unroll
+        for (int v = 0; v < V; ++v) dot += xv[v] * sifa_fast_blend(t, v00[v], v01[v], v10[v], v11[v]);
+    }
+    return sifa_group_sum(dot, lg.mask, lanes);
+}
+
 template <typename T, int V, typename I>
 VMM_INLINE void sifa_fast_forward_body(const T* __restrict__ q, const T* __restrict__ kv, const T* __restrict__ offset,
                                        T* __restrict__ attn, T* __restrict__ out, I n_points, I channels, I groups,
@@ -278,18 +299,8 @@ VMM_INLINE void sifa_fast_forward_body(const T* __restrict__ q, const T* __restr
                     for (I kw = 0; kw < ksize; ++kw, ++k) {
                         const sifa_fast_tap<A, I> t =
                             sifa_fast_tap_at<T, A, I>(offset, p, h, w, kh, kw, k, kk, dil, pad, height, width);
-                        A dot = (A)0;
-                        // No shortcut for points off the map: q · 0 must stay NaN for a NaN/Inf q.
-                        for (I s = 0; s < steps; ++s) {
-                            const I j = s * step + lane_ch;
-                            if (j >= per_group) break;
-                            A qv[V], v00[V], v01[V], v10[V], v11[V];
-                            sifa_load<V>(q, map_base + c_group + j, qv);
-                            sifa_fast_corners<V>(kv, t, channels, width, c_group + j, v00, v01, v10, v11);
-#pragma unroll
-                            for (int v = 0; v < V; ++v) dot += qv[v] * sifa_fast_blend(t, v00[v], v01[v], v10[v], v11[v]);
-                        }
-                        dot = sifa_group_sum(dot, lg.mask, lanes);
+                        const A dot = sifa_fast_group_dot<V>(q, kv, t, map_base, c_group, per_group, steps, step,
+                                                             lane_ch, channels, width, lg, lanes);
                         if (lg.lane == 0) vmm_store(attn + a_base + k, dot * (A)scale_corr);
                     }
                 }
@@ -400,17 +411,8 @@ VMM_INLINE void sifa_fast_backward_body(const T* __restrict__ q, const T* __rest
                     for (I kw = 0; kw < ksize; ++kw, ++k) {
                         const sifa_fast_tap<A, I> t =
                             sifa_fast_tap_at<T, A, I>(offset, p, h, w, kh, kw, k, kk, dil, pad, height, width);
-                        A dot = (A)0;
-                        for (I s = 0; s < steps; ++s) {
-                            const I j = s * step + lane_ch;
-                            if (j >= per_group) break;
-                            A gov[V], v00[V], v01[V], v10[V], v11[V];
-                            sifa_load<V>(grad_out, map_base + c_group + j, gov);
-                            sifa_fast_corners<V>(kv, t, channels, width, c_group + j, v00, v01, v10, v11);
-#pragma unroll
-                            for (int v = 0; v < V; ++v) dot += gov[v] * sifa_fast_blend(t, v00[v], v01[v], v10[v], v11[v]);
-                        }
-                        dot = sifa_group_sum(dot, lg.mask, lanes);
+                        const A dot = sifa_fast_group_dot<V>(grad_out, kv, t, map_base, c_group, per_group, steps,
+                                                             step, lane_ch, channels, width, lg, lanes);
                         if (lg.lane == 0) abar[a_base + k] = has_gattn ? dot + vmm_load(grad_attn, a_base + k) : dot;
                     }
                 }
@@ -431,18 +433,8 @@ VMM_INLINE void sifa_fast_backward_body(const T* __restrict__ q, const T* __rest
                         // aggregation's: the forward attn.
                         A abar_k = (A)0;
                         if (one_pass) {  // phase A for this tap (s0 is 0: one pass)
-                            A dot = (A)0;
-#pragma unroll
-                            for (int u = 0; u < SIFA_FAST_MAX_STEPS; ++u) {
-                                const I j = (I)u * step + lane_ch;
-                                if (u >= steps || j >= per_group) break;
-                                A gov[V], v00[V], v01[V], v10[V], v11[V];
-                                sifa_load<V>(grad_out, map_base + c_group + j, gov);
-                                sifa_fast_corners<V>(kv, t, channels, width, c_group + j, v00, v01, v10, v11);
-#pragma unroll
-                                for (int v = 0; v < V; ++v) dot += gov[v] * sifa_fast_blend(t, v00[v], v01[v], v10[v], v11[v]);
-                            }
-                            dot = sifa_group_sum(dot, lg.mask, lanes);
+                            const A dot = sifa_fast_group_dot<V>(grad_out, kv, t, map_base, c_group, per_group, steps,
+                                                                 step, lane_ch, channels, width, lg, lanes);
                             abar_k = has_gattn ? dot + vmm_load(grad_attn, a_base + k) : dot;
                             if (write_abar && lg.lane == 0) abar[a_base + k] = abar_k;
                         } else if (has_q) {
