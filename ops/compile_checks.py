@@ -18,7 +18,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from .kernel_loader import CTYPES, KernelSource, expand_includes
+from .kernel_files import CTYPES, expand_includes
+from .kernel_loader import KernelSource
 
 # ----------------------------------------------------------------------------- nvcc compile check
 

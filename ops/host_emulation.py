@@ -15,7 +15,7 @@ a CPU backend: the references are that.
 
 **Running an op's kernels on the CPU** (docs/architecture.md §6): inside
 :func:`kernel_host_emulation` the ops and modules accept a fourth backend, ``"emulated"``, which
-runs their kernel path (the same autograd Functions and launches as ``"cupy"``) on CPU tensors::
+runs their kernel path (the same custom ops and launches as ``"cupy"``) on CPU tensors::
 
     import ops
 
@@ -40,15 +40,21 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from .kernel_loader import KERNEL_DIR, KernelSource, expand_includes
+# kernel_host_emulation and host_emulation_enabled live in ops.backends (which decides what runs);
+# they stay importable from here, where the emulation they enable is.
+from .backends import host_emulation_enabled, kernel_host_emulation  # noqa: F401
+from .kernel_files import KERNEL_DIR, expand_includes
 from .validation import BackendUnavailableError
+
+if TYPE_CHECKING:  # annotations only: ops.kernel_loader imports this module to run CPU launches
+    from .kernel_loader import KernelSource
 
 EMULATION_HEADER = KERNEL_DIR / "host_emulation.h"
 
@@ -61,29 +67,6 @@ class EmulatedKernelError(RuntimeError):
     operation, a shuffle from a lane outside the mask, a failed ``VMM_EMU_CHECK`` (e.g. a misaligned
     vector load), a write outside the launch's dynamic shared memory, a block of more than 1024 threads, a
     grid with a zero dimension."""
-
-
-_depth_lock = threading.Lock()
-_enabled_depth = 0
-
-
-@contextmanager
-def kernel_host_emulation() -> Iterator[None]:
-    """Within this context the ops accept ``backend="emulated"``: their CUDA kernels run on CPU
-    tensors through host emulation (tests only; see the module docstring). Nests; process-wide."""
-    global _enabled_depth
-    with _depth_lock:
-        _enabled_depth += 1
-    try:
-        yield
-    finally:
-        with _depth_lock:
-            _enabled_depth -= 1
-
-
-def host_emulation_enabled() -> bool:
-    """Whether a :func:`kernel_host_emulation` context is active."""
-    return _enabled_depth > 0
 
 
 _emulated_libs: dict[tuple[str, str], ctypes.CDLL] = {}

@@ -1,4 +1,9 @@
-"""The kernel registry and launch (runtime): the CUDA kernels in ``ops/kernels`` and the backend rule.
+"""The kernel registry and launch (runtime): the CUDA kernels in ``ops/kernels``.
+
+Which backend and which kernel variant run is decided in :mod:`ops.backends`; the names
+:func:`use_kernels`, :func:`kernel_variant`, :func:`use_kernel_variant`, :data:`KERNEL_VARIANTS`,
+:data:`DEFAULT_KERNEL_VARIANT` and :func:`cupy_available` stay importable from here. The files, their
+template types and :func:`expand_includes` live in :mod:`ops.kernel_files`.
 
 One kernel source serves three ways of running it, each in its own module:
 
@@ -27,37 +32,26 @@ Python ``int`` as ``long long`` (``vmm_i64``), a Python ``float`` as ``double``;
 
 from __future__ import annotations
 
-import os
-import re
 import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .cuda_target import check_cuda_target
-from .validation import (
-    EMULATED_BACKEND,
-    BackendError,
-    BackendUnavailableError,
-    OpArgumentError,
-    OpDeviceError,
-    OpDtypeError,
-    check_backend,
+from . import host_emulation
+from .backends import (  # noqa: F401  (re-exported: the names' earlier home, used by benchmarks and tests)
+    DEFAULT_KERNEL_VARIANT,
+    KERNEL_VARIANTS,
+    cupy_available,
+    kernel_variant,
+    use_kernel_variant,
+    use_kernels,
 )
-
-KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
-
-#: torch dtype -> C++ storage type used as the kernels' template argument.
-CTYPES: dict[torch.dtype, str] = {
-    torch.float32: "float",
-    torch.float64: "double",
-    torch.float16: "vmm_half",
-    torch.bfloat16: "vmm_bfloat16",
-}
+from .cuda_target import check_cuda_target
+from .kernel_files import CTYPES, KERNEL_DIR, ctype_of, expand_includes  # noqa: F401  (re-exported)
+from .validation import BackendUnavailableError, OpArgumentError, OpDeviceError
 
 DEFAULT_THREADS = 256
 #: The most dynamic shared memory a launch may ask for: 48 KiB per block, static shared memory included,
@@ -69,45 +63,6 @@ MAX_BLOCKS = 65535
 
 _REGISTRY: dict[str, KernelSource] = {}
 _lock = threading.Lock()
-
-
-def ctype_of(dtype: torch.dtype) -> str:
-    """The kernels' template argument for ``dtype``; OpDtypeError (a TypeError) for anything but the four
-    float types."""
-    try:
-        return CTYPES[dtype]
-    except KeyError:
-        supported = ", ".join(str(d) for d in CTYPES)
-        raise OpDtypeError(f"CUDA kernels support dtypes {supported}; got {dtype}") from None
-
-
-def expand_includes(path: Path, _seen: set[Path] | None = None, line_markers: bool = False) -> str:
-    """The source of ``path`` with its local ``#include "..."`` lines inlined (once each).
-
-    Inlining makes the text handed to NVRTC self-contained, so CuPy's on-disk cache (keyed by the
-    source text) can never serve a module built from an older header. ``line_markers`` adds ``#line``
-    directives, so compiler messages and ``__LINE__`` / ``__FILE__`` name the original files (the host
-    emulation's error messages use them).
-    """
-    seen = set() if _seen is None else _seen
-    out = [f'#line 1 "{path.name}"'] if line_markers else []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        m = re.match(r'\s*#\s*include\s+"([^"]+)"', line)
-        if m:
-            inc = (path.parent / m.group(1)).resolve()
-            if inc not in seen:
-                seen.add(inc)
-                out.append(expand_includes(inc, seen, line_markers))
-                if line_markers:
-                    out.append(f'#line {number + 1} "{path.name}"')
-            continue
-        if re.match(r"\s*#\s*pragma\s+once\b", line):
-            out.append("")  # inlined once already; in the single inlined text it would only draw a warning
-            continue
-        if re.match(r"\s*#\s*include\s*<", line):
-            raise ValueError(f"{path.name}: system includes are not available to NVRTC: {line.strip()!r}")
-        out.append(line)
-    return "\n".join(out) + "\n"
 
 
 def grid_for(numel: int, threads: int = DEFAULT_THREADS) -> tuple[int, int, int]:
@@ -185,72 +140,9 @@ class KernelSource:
         if device.type == "cuda":
             _launch_cupy(self, kernel, ctype, device, grid, block, args, shared_mem)
         elif device.type == "cpu":
-            from .host_emulation import launch_emulated  # test support, loaded only when a CPU launch happens
-
-            launch_emulated(self, kernel, ctype, grid, block, args, shared_mem)
+            host_emulation.launch_emulated(self, kernel, ctype, grid, block, args, shared_mem)
         else:
             raise OpDeviceError(f"kernel {kernel}: tensors on {device}; CUDA kernels run on cuda (or cpu, emulated)")
-
-
-def use_kernels(backend: str, t: torch.Tensor) -> bool:
-    """Whether an op called with ``backend`` runs the CUDA kernels for tensors like ``t``: "torch" never,
-    "auto" for CUDA tensors when CuPy imports, "cupy" always (a clear error when it cannot). The one
-    place this rule lives (docs/architecture.md §3.1).
-
-    "emulated" (tests only, accepted inside :func:`ops.kernel_host_emulation`): the kernels on CPU
-    tensors through host emulation.
-    """
-    backend = check_backend(backend)
-    if backend == "torch":
-        return False
-    if backend == "auto":
-        return t.device.type == "cuda" and cupy_available()
-    if backend == EMULATED_BACKEND:
-        if t.device.type != "cpu":
-            raise BackendError(f"backend 'emulated' runs the kernels on CPU tensors, got tensors on {t.device}")
-        return True
-    if t.device.type != "cuda":
-        raise BackendError(f"backend 'cupy' needs CUDA tensors, got tensors on {t.device}")
-    if not cupy_available():
-        raise BackendUnavailableError(
-            "backend 'cupy' needs CuPy: pip install 'video-motion-modules[cuda12]' (or [cuda13])"
-        )
-    return True
-
-
-#: The kernel implementations an op can run (docs/architecture.md §6): "simple" (one thread per output
-#: element, no cooperation: the kernels verified on a GPU, an H200, before tvl1.cu took reciprocals) and
-#: "fast" (the bandwidth-minded kernels: shared memory, warp shuffles, channels-last / whole-plane mappings;
-#: checked by nvcc/NVRTC and in host emulation, never launched on a GPU yet).
-KERNEL_VARIANTS = ("simple", "fast")
-#: The default: the variant that has run on a GPU. "fast" becomes the default once a recorded GPU run
-#: (benchmarks/gpu_suite.sh, the device named in benchmarks/RESULTS.md) shows it passing its GPU tests.
-DEFAULT_KERNEL_VARIANT = "simple"
-_variant_override: list[str] = []
-
-
-def kernel_variant() -> str:
-    """Which kernel implementation the ops launch: the innermost :func:`use_kernel_variant`, else the
-    environment variable ``VMM_KERNELS`` (``simple`` or ``fast``), else :data:`DEFAULT_KERNEL_VARIANT`."""
-    if _variant_override:
-        return _variant_override[-1]
-    value = os.environ.get("VMM_KERNELS", "").strip().lower() or DEFAULT_KERNEL_VARIANT
-    if value not in KERNEL_VARIANTS:
-        raise OpArgumentError(f"VMM_KERNELS must be one of {KERNEL_VARIANTS}, got {value!r}")
-    return value
-
-
-@contextmanager
-def use_kernel_variant(variant: str) -> Iterator[None]:
-    """Within this context the ops launch the ``variant`` kernels ("fast" or "simple"); for tests and
-    benchmarks that compare the two. Process-wide, nests."""
-    if variant not in KERNEL_VARIANTS:
-        raise OpArgumentError(f"kernel variant must be one of {KERNEL_VARIANTS}, got {variant!r}")
-    _variant_override.append(variant)
-    try:
-        yield
-    finally:
-        _variant_override.pop()
 
 
 def registered_sources() -> dict[str, KernelSource]:
@@ -264,23 +156,6 @@ _cupy_modules: dict[tuple[str, str, int], object] = {}
 _cupy_kernels: dict[tuple[str, str, str, int], object] = {}
 _cupy_streams: dict[tuple[int, int], object] = {}
 _cupy_block_limits: dict[int, int] = {}
-
-
-def _constant_under_compile(fn):
-    # torch.compile calls fn at trace time and bakes the result in, rather than tracing an import
-    # inside the graph (torch.compiler.assume_constant_result; absent on very old torch).
-    marker = getattr(getattr(torch, "compiler", None), "assume_constant_result", None)
-    return marker(fn) if marker is not None else fn
-
-
-@_constant_under_compile
-def cupy_available() -> bool:
-    """Whether CuPy imports (constant within a compiled graph)."""
-    try:
-        import cupy  # noqa: F401
-    except Exception:
-        return False
-    return True
 
 
 def _cupy_function(src: KernelSource, kernel: str, ctype: str, device_index: int):

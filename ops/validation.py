@@ -9,14 +9,16 @@ subclass of :class:`OpError` and of the built-in type the ops raised before thes
 * :class:`OpDtypeError` (ValueError and TypeError): a tensor of the wrong dtype, or not the dtype of
   its partner tensors or of the module's parameters.
 * :class:`OpDeviceError` (ValueError): tensors on different devices.
-* :class:`OpArgumentError` (ValueError): a non-tensor argument of the wrong type or value
-  (kernel_size, n_iter, a flag), or a non-tensor where a tensor is due.
+* :class:`OpArgumentError` (ValueError): a non-tensor argument of the wrong value (kernel_size,
+  n_iter, a choice among names); of the wrong type (a float for an int, an int for a flag, a
+  non-tensor where a tensor is due) it is :class:`OpArgumentTypeError`, also a TypeError.
 * :class:`BackendError` (ValueError): an unknown backend, or one that cannot run these tensors
   ("cupy" on CPU tensors, "emulated" outside :func:`ops.kernel_host_emulation`).
 * :class:`BackendUnavailableError` (BackendError and RuntimeError): the backend's software is
   missing (CuPy, or a C++ compiler for host emulation).
 
-Kept free of op-specific knowledge so every op and network can use it.
+Kept free of op-specific knowledge, and a leaf of the package (it imports nothing from ``ops``), so
+every op and network can use it. Backend names and the backend rule live in :mod:`ops.backends`.
 """
 
 from __future__ import annotations
@@ -46,6 +48,11 @@ class OpArgumentError(OpError, ValueError):
     something that is not a tensor was passed for a tensor."""
 
 
+class OpArgumentTypeError(OpArgumentError, TypeError):
+    """A non-tensor argument has the wrong type (a float or a bool for an int, an int for a bool), or
+    something that is not a tensor was passed for a tensor."""
+
+
 class BackendError(OpError, ValueError):
     """``backend`` is not a known name, or the named backend cannot run these tensors."""
 
@@ -58,37 +65,12 @@ class BackendUnavailableError(BackendError, RuntimeError):
 #: Floating dtypes every op accepts (the CUDA kernels are instantiated for exactly these).
 FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-#: The ``backend`` argument every op takes (docs/architecture.md §3.1). A fourth value, "emulated",
-#: is accepted only inside :func:`ops.kernel_host_emulation` (test support, see ops/host_emulation.py).
-BACKENDS: tuple[str, ...] = ("auto", "torch", "cupy")
-
-#: The test-only backend that runs the CUDA kernels on CPU tensors through host emulation.
-EMULATED_BACKEND = "emulated"
-
-
-def check_backend(backend: object) -> str:
-    """``backend`` itself when it is one of :data:`BACKENDS` (or "emulated" while host emulation is
-    enabled), else :class:`BackendError`."""
-    if backend in BACKENDS:
-        return backend  # type: ignore[return-value]
-    if backend == EMULATED_BACKEND:
-        from .host_emulation import host_emulation_enabled
-
-        if host_emulation_enabled():
-            return backend
-        raise BackendError(
-            "backend 'emulated' runs the CUDA kernels on the CPU for tests only; it is accepted inside "
-            "`with ops.kernel_host_emulation():` (see ops/host_emulation.py). Users want one of "
-            f"{BACKENDS}"
-        )
-    raise BackendError(f"backend must be one of {BACKENDS}, got {backend!r}")
-
 
 def check_tensor(name: str, t: object, *, ndim: int, layout: str) -> torch.Tensor:
     """``t`` must be a floating tensor with ``ndim`` dimensions; ``layout`` (e.g. "[B,C,H,W]") goes in
     the message."""
     if not isinstance(t, torch.Tensor):
-        raise OpArgumentError(f"{name} must be a torch.Tensor {layout}, got {type(t).__name__}")
+        raise OpArgumentTypeError(f"{name} must be a torch.Tensor {layout}, got {type(t).__name__}")
     if t.dim() != ndim:
         raise OpShapeError(f"{name} must be {ndim}-D {layout}, got shape {tuple(t.shape)}")
     if t.dtype not in FLOAT_DTYPES:
@@ -117,7 +99,7 @@ def check_shape(name: str, t: torch.Tensor, expected: tuple[int, ...], layout: s
 def check_int(name: str, value: object, *, minimum: int, odd: bool = False) -> int:
     """``value`` must be an int (not bool) >= ``minimum`` (and odd when ``odd``)."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise OpArgumentError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+        raise OpArgumentTypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value < minimum:
         raise OpArgumentError(f"{name} must be >= {minimum}, got {value}")
     if odd and value % 2 == 0:
@@ -128,21 +110,20 @@ def check_int(name: str, value: object, *, minimum: int, odd: bool = False) -> i
 def check_bool(name: str, value: object) -> bool:
     """``value`` must be a bool."""
     if not isinstance(value, bool):
-        raise OpArgumentError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+        raise OpArgumentTypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_choice(name: str, value: object, choices: tuple[object, ...]) -> object:
+    """``value`` must be one of ``choices`` (a bool never counts as the int it equals)."""
+    if isinstance(value, bool) or value not in choices:
+        raise OpArgumentError(f"{name} must be one of {list(choices)}, got {value!r}")
     return value
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
     """The autocast dtype for ``device_type`` when autocast is on there, else None."""
-    try:  # torch >= 2.4
-        enabled = torch.is_autocast_enabled(device_type)
-        return torch.get_autocast_dtype(device_type) if enabled else None
-    except (TypeError, AttributeError):  # older torch: per-device functions, CPU and CUDA only
-        if device_type == "cuda" and torch.is_autocast_enabled():
-            return torch.get_autocast_gpu_dtype()
-        if device_type == "cpu" and torch.is_autocast_cpu_enabled():
-            return torch.get_autocast_cpu_dtype()
-        return None
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
 #: The dtypes autocast casts between (a float64 input or module is left alone by it).

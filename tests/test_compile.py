@@ -1,6 +1,6 @@
 """torch.compile, torch.export and FakeTensor tracing of the ops (docs/architecture.md §3.1).
 
-The kernel paths are ``torch.library`` custom ops (``vmm::*``, ops/library.py) from torch 2.4 on. On CPU
+The kernel paths are ``torch.library`` custom ops (``vmm::*``, ops/library.py). On CPU
 they run through host emulation (``backend="emulated"`` inside :func:`ops.kernel_host_emulation`), so
 these tests exercise the registration, the fake implementations and the autograd wiring without a GPU;
 the ``gpu`` variants run the same checks on the CuPy kernels. The reference backend ("torch") is plain
@@ -24,9 +24,6 @@ import torch
 from torch import nn
 
 import ops
-from ops.library import CUSTOM_OPS, FUNCTION_NAMES
-
-needs_custom_ops = pytest.mark.skipif(not CUSTOM_OPS, reason="torch.library.custom_op needs torch >= 2.4")
 
 
 @pytest.fixture(autouse=True)
@@ -115,14 +112,12 @@ def assert_same(got, expected, tol=1e-10):
 # ------------------------------------------------------------------------------------ registration
 
 
-@needs_custom_ops
 def test_custom_ops_are_registered_in_the_vmm_namespace():
     for name in ("deform_correlation", "deform_aggregation", "deform_attention", "tvl1_iterations"):
         assert hasattr(torch.ops.vmm, name), name
         assert hasattr(torch.ops.vmm, f"{name}_backward"), name
 
 
-@needs_custom_ops
 def test_custom_ops_refuse_cpu_tensors_outside_host_emulation():
     query, kv, offset, window = sifa_inputs()
     with pytest.raises(ops.BackendError, match="kernel_host_emulation"):
@@ -140,7 +135,6 @@ def test_custom_ops_refuse_cpu_tensors_outside_host_emulation():
         torch.ops.vmm.deform_attention_backward(kv, attn, query, kv, offset, attn, 3, 1, 2, [True, True, True])
 
 
-@needs_custom_ops
 def test_emulated_ops_run_the_custom_ops(emulation):
     from ops.library import is_kernel_node
 
@@ -168,7 +162,6 @@ def _sifa_op_samples():
     }
 
 
-@needs_custom_ops
 @pytest.mark.parametrize("name", ["deform_correlation", "deform_aggregation", "deform_attention"])
 @pytest.mark.parametrize("requires_grad", [False, True])
 def test_opcheck_sifa_ops(emulation, name, requires_grad):
@@ -177,7 +170,6 @@ def test_opcheck_sifa_ops(emulation, name, requires_grad):
     torch.library.opcheck(getattr(torch.ops.vmm, name), tuple(tensors))
 
 
-@needs_custom_ops
 def test_opcheck_sifa_backward_ops(emulation):
     query, kv, offset, _ = sifa_inputs(batch=1, height=3, width=4)
     attn = torch.randn(1, 18, 3, 4, dtype=torch.float64)
@@ -201,13 +193,11 @@ def _tvl1_sample(requires_grad, keep, n_iter=5):
     return (*tensors, n_iter, keep)
 
 
-@needs_custom_ops
 @pytest.mark.parametrize(("requires_grad", "keep"), [(False, False), (False, True), (True, True)])
 def test_opcheck_tvl1_ops(emulation, requires_grad, keep):
     torch.library.opcheck(torch.ops.vmm.tvl1_iterations, _tvl1_sample(requires_grad, keep))
 
 
-@needs_custom_ops
 def test_opcheck_tvl1_backward_op(emulation):
     gx, gy, rho_c, params, st, n_iter, _ = _tvl1_sample(False, True)
     _, ckpt_u, ckpt_p = torch.ops.vmm.tvl1_iterations(gx, gy, rho_c, params, st, n_iter, True)
@@ -221,7 +211,6 @@ def test_opcheck_tvl1_backward_op(emulation):
 # ---------------------------------------------------------------------------------- FakeTensor
 
 
-@needs_custom_ops
 def test_fake_tensor_mode_gives_the_shapes(emulation):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -243,7 +232,6 @@ def test_fake_tensor_mode_gives_the_shapes(emulation):
 # ---------------------------------------------------------------- graph capture (fast backend)
 
 
-@needs_custom_ops
 @pytest.mark.parametrize("correlation_features", [False, True])
 def test_compile_captures_the_sifa_block_in_one_graph_with_the_custom_op(emulation, correlation_features):
     block = sifa_block("emulated", correlation_features)
@@ -255,7 +243,6 @@ def test_compile_captures_the_sifa_block_in_one_graph_with_the_custom_op(emulati
     assert recorder.calls("deform_attention") == 1, recorder.targets()
 
 
-@needs_custom_ops
 def test_compile_captures_flow_layer_in_one_graph_with_the_custom_op(emulation):
     layer = flow_layer("emulated")
     x = clip(2)
@@ -266,7 +253,6 @@ def test_compile_captures_flow_layer_in_one_graph_with_the_custom_op(emulation):
     assert recorder.calls("tvl1_iterations") == 1, recorder.targets()
 
 
-@needs_custom_ops
 @pytest.mark.parametrize("op", ["deform_correlation", "deform_aggregation"])
 def test_compile_aot_eager_traces_each_sifa_op_forward_and_backward(emulation, op):
     # aot_eager: AOTAutograd traces the joint forward/backward graph through the fake impls and the
@@ -306,7 +292,6 @@ def test_compile_fullgraph_reference_backend_matches_eager(module):
     assert_same(outputs_and_grads(compiled, x), outputs_and_grads(model, x), tol=1e-9)
 
 
-@needs_custom_ops
 @pytest.mark.slow
 @pytest.mark.parametrize("module", ["sifa", "sifa_features", "flow"])
 def test_compile_fullgraph_emulated_kernels_match_eager(emulation, module):
@@ -321,7 +306,6 @@ def test_compile_fullgraph_emulated_kernels_match_eager(emulation, module):
 # ------------------------------------------------------------------------------------ torch.export
 
 
-@needs_custom_ops
 @pytest.mark.parametrize("module", ["sifa", "flow"])
 def test_export_keeps_the_custom_op_as_one_node(emulation, module):
     model, x, name = (
@@ -339,7 +323,6 @@ def test_export_keeps_the_custom_op_as_one_node(emulation, module):
 # ------------------------------------------------------------------------------- GPU (CuPy)
 
 
-@needs_custom_ops
 @pytest.mark.gpu
 @pytest.mark.parametrize("module", ["sifa", "sifa_features", "flow"])
 def test_cupy_compile_fullgraph_matches_eager(module):
@@ -358,7 +341,6 @@ def test_cupy_compile_fullgraph_matches_eager(module):
     assert_same(outputs_and_grads(compiled, x), outputs_and_grads(model, x), tol=1e-9)
 
 
-@needs_custom_ops
 @pytest.mark.gpu
 def test_cupy_export_and_fake_tensors():
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -376,7 +358,7 @@ def test_cupy_export_and_fake_tensors():
 
 def test_backend_rule_traces_without_graph_break():
     # "auto" asks whether CuPy imports: a constant at trace time, not an import traced into the graph
-    from ops.kernel_loader import cupy_available
+    from ops.backends import cupy_available
 
     def fn(x):
         return x + 1 if cupy_available() else x - 1
@@ -385,37 +367,6 @@ def test_backend_rule_traces_without_graph_break():
     torch.testing.assert_close(torch.compile(fn, backend="eager", fullgraph=True)(x), fn(x))
 
 
-@pytest.mark.parametrize("module", ["sifa", "flow"])
-def test_autograd_function_fallback_matches_the_custom_ops(emulation, monkeypatch, module):
-    # torch < 2.4 runs the kernels through autograd Functions; force that path here and compare it with
-    # the custom ops (values and gradients; both run the same kernels)
-    import ops.repflow.kernels as tvl1_kernels
-    import ops.sifa.kernels as sifa_kernels
-
-    model, x = (sifa_block("emulated", True), clip(4)) if module == "sifa" else (flow_layer("emulated"), clip(2))
-    expected = outputs_and_grads(model, x)
-    monkeypatch.setattr(sifa_kernels, "CUSTOM_OPS", False)
-    monkeypatch.setattr(tvl1_kernels, "CUSTOM_OPS", False)
-    y = model(x.clone().requires_grad_())
-    names = [type(n).__name__ for n in _graph_nodes(y.grad_fn)]
-    function = FUNCTION_NAMES["deform_attention" if module == "sifa" else "tvl1_iterations"]
-    assert any(name.startswith(function) for name in names), names
-    assert not any("GeneratedBackwardFor_vmm" in name for name in names), names
-    assert_same(outputs_and_grads(model, x), expected, tol=1e-12)
-
-
-def _graph_nodes(root):
-    seen, stack = [], [root]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.append(node)
-        stack.extend(fn for fn, _ in node.next_functions)
-    return seen
-
-
-@needs_custom_ops
 @pytest.mark.parametrize("module", ["sifa", "flow"])
 def test_aot_autograd_graphs_hold_the_forward_and_backward_ops(emulation, module):
     # AOTAutograd splits the captured graph into forward and backward graphs: each kernel call is one
@@ -446,7 +397,6 @@ def test_aot_autograd_graphs_hold_the_forward_and_backward_ops(emulation, module
     assert backward.calls(op) == 0  # the backward does not rerun the forward op
 
 
-@needs_custom_ops
 @pytest.mark.parametrize("module", ["sifa", "flow"])
 def test_compile_dynamic_shapes_one_graph_for_several_clip_sizes(emulation, module):
     # dynamic=True: the fake implementations see symbolic sizes; one graph serves both clip sizes

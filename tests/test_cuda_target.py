@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from ops.backends import DEFAULT_KERNEL_VARIANT, kernel_variant, use_kernel_variant
 from ops.cuda_target import UnsupportedGPUError, check_cuda_target, nvrtc_max_arch
-from ops.kernel_loader import DEFAULT_KERNEL_VARIANT, check_block_size, kernel_variant, use_kernel_variant
+from ops.kernel_loader import check_block_size
 from ops.validation import OpArgumentError
 
 

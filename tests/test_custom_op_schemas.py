@@ -1,4 +1,4 @@
-"""The ``vmm::*`` custom ops register on every torch that has ``torch.library.custom_op`` (>= 2.4).
+"""The ``vmm::*`` custom ops register on every supported torch (>= 2.4, the first with ``torch.library.custom_op``).
 
 torch 2.4 reads a custom op's schema from its type annotations only when they are real types: the
 kernels modules use postponed annotations (``from __future__ import annotations``, so every
@@ -13,13 +13,8 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 import torch
 from helpers import REPO_ROOT
-
-from ops.library import CUSTOM_OPS
-
-pytestmark = pytest.mark.skipif(not CUSTOM_OPS, reason="torch.library.custom_op needs torch >= 2.4")
 
 # torch 2.4.0's infer_schema compared each annotation against a table of types, so a string (a
 # postponed annotation) was "unsupported" and custom_op raised ValueError when the module was imported.

@@ -300,7 +300,7 @@ def test_source_files_load_under_an_ascii_locale(tmp_path):
 
     code = (
         "import torch, ops\n"
-        "from ops.kernel_loader import use_kernel_variant\n"
+        "from ops.backends import use_kernel_variant\n"
         "for variant in ('simple', 'fast'):\n"
         "    with ops.kernel_host_emulation(), use_kernel_variant(variant):\n"
         "        ops.SIFA(4, backend='emulated')(torch.randn(1, 4, 2, 5, 5))\n"

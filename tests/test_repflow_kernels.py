@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import ops
-from ops.kernel_loader import KERNEL_VARIANTS, use_kernel_variant
-from ops.library import CUSTOM_OPS, is_kernel_node
+from ops.backends import KERNEL_VARIANTS, use_kernel_variant
+from ops.library import is_kernel_node
 from ops.repflow import FlowStencils, default_stencils
 from ops.repflow.kernels import segment_length
 from ops.repflow.modules import FCFBlock, FlowLayer
@@ -262,9 +262,8 @@ def test_checkpoints_grow_like_sqrt_n_iter_and_not_without_grad():
         while not is_kernel_node(node, "tvl1_iterations"):
             node = node.next_functions[0][0]
         seg = segment_length(n_iter)
-        # the checkpoints [S,B,2C,H,W] and [S,B,4C,H,W]: outputs of the custom op saved for its backward,
-        # or held on the Function's ctx (torch < 2.4)
-        ckpt_u, ckpt_p = node.saved_tensors[-2:] if CUSTOM_OPS else node.checkpoints
+        # the checkpoints [S,B,2C,H,W] and [S,B,4C,H,W]: outputs of the custom op saved for its backward
+        ckpt_u, ckpt_p = node.saved_tensors[-2:]
         assert ckpt_u.shape[0] == ckpt_p.shape[0] == math.ceil(n_iter / seg) - 1 <= math.isqrt(n_iter) + 1
         assert ckpt_u.shape[2] == 2 and ckpt_p.shape[2] == 4
     with torch.no_grad():

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.sifa import CASES, TOL, cotangent, nan_cases, random_inputs
 
 import ops
-from ops.kernel_loader import use_kernel_variant
+from ops.backends import use_kernel_variant
 from ops.library import is_kernel_node
-from ops.sifa.kernels import MIN_CHUNK, correlate, offset_grad, split_channels
 from ops.sifa.reference import (
     deform_aggregation_reference,
     deform_attention_reference,
     deform_correlation_reference,
 )
+from ops.sifa.simple_kernels import MIN_CHUNK, correlate, offset_grad, split_channels
 
 
 @pytest.fixture(autouse=True)
@@ -49,53 +50,16 @@ def attention_emulated(*args, **kwargs):
     return ops.deform_attention(*args, **kwargs, backend="emulated")
 
 
-CASES = [  # (C, groups, kernel_size, dilation)
-    (4, 1, 3, 1),
-    (4, 2, 3, 1),
-    (6, 3, 3, 2),
-    (3, 1, 1, 1),
-    (2, 2, 5, 1),
-]
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-
-
-def fractional_offsets(batch, kernel_size, height, width, spread=2, dtype=torch.float64, device="cpu"):
-    """Offsets with fractional part in [0.2, 0.8]: sample points away from the integer coordinates where
-    bilinear interpolation is not differentiable (and where two correct implementations may pick
-    different one-sided derivatives). ``spread`` 6 on a small map pushes points partly and wholly off it."""
-    shape = (batch, 2 * kernel_size**2, height, width)
-    whole = torch.randint(-spread, spread + 1, shape)
-    return (whole + 0.2 + 0.6 * torch.rand(shape, dtype=torch.float64)).to(dtype=dtype, device=device)
-
-
-def random_inputs(
-    channels, groups, kernel_size, batch=2, height=4, width=5, spread=2, dtype=torch.float64, device="cpu"
-):
-    def rnd(*shape):
-        return torch.randn(*shape, dtype=torch.float64).to(dtype=dtype, device=device)
-
-    query = rnd(batch, channels, height, width)
-    key = rnd(batch, channels, height, width)
-    offset = fractional_offsets(batch, kernel_size, height, width, spread, dtype, device)
-    attn = rnd(batch, groups * kernel_size**2, height, width)
-    return query, key, offset, attn
-
-
 def both_ops(fns, query, key, offset, attn, window):
     """Outputs and all six input gradients of both ops through ``fns`` = (correlation, aggregation)."""
     corr_fn, agg_fn = fns
     inputs = [t.detach().clone().requires_grad_() for t in (query, key, offset, attn)]
     q, k, o, a = inputs
     out_c = corr_fn(q, k, o, *window)
-    g_c = torch.autograd.grad(out_c, (q, k, o), _cotangent(out_c))
+    g_c = torch.autograd.grad(out_c, (q, k, o), cotangent(out_c))
     out_a = agg_fn(k, a, o, *window)
-    g_a = torch.autograd.grad(out_a, (k, a, o), _cotangent(out_a))
+    g_a = torch.autograd.grad(out_a, (k, a, o), cotangent(out_a))
     return (out_c, *g_c, out_a, *g_a)
-
-
-def _cotangent(t: torch.Tensor) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(t.numel())
-    return torch.randn(t.shape, generator=gen, dtype=torch.float64).to(dtype=t.dtype, device=t.device)
 
 
 KERNELS = (correlation_emulated, aggregation_emulated)
@@ -172,10 +136,10 @@ def test_emulated_kernels_non_contiguous_inputs_and_partial_gradients():
     expected = deform_correlation_reference(q_nc.contiguous(), k_nc.detach().contiguous(), o_nc.contiguous(), 3, 1, 1)
     torch.testing.assert_close(out, expected)
     # only key requires grad: the Function must return None for the others and a correct d key
-    (g_key,) = torch.autograd.grad(out, (k_nc,), _cotangent(out))
+    (g_key,) = torch.autograd.grad(out, (k_nc,), cotangent(out))
     k_ref = k_nc.detach().clone().requires_grad_()
     ref = deform_correlation_reference(q_nc, k_ref, o_nc, 3, 1, 1)
-    (g_ref,) = torch.autograd.grad(ref, (k_ref,), _cotangent(ref))
+    (g_ref,) = torch.autograd.grad(ref, (k_ref,), cotangent(ref))
     torch.testing.assert_close(g_key, g_ref)
 
 
@@ -194,7 +158,7 @@ def fused_step(fn, query, kv, offset, window):
     """Output and the gradients w.r.t. query, kv and offset of the fused SIFA step ``fn``."""
     q, k, o = (t.detach().clone().requires_grad_() for t in (query, kv, offset))
     out = fn(q, k, o, *window)
-    return (out, *torch.autograd.grad(out, (q, k, o), _cotangent(out)))
+    return (out, *torch.autograd.grad(out, (q, k, o), cotangent(out)))
 
 
 @pytest.mark.parametrize(("channels", "groups", "kernel_size", "dilation"), CASES)
@@ -250,7 +214,7 @@ def test_split_channels_heuristic():
 
 def test_backend_auto_uses_reference_on_cpu():
     # On CPU "auto" is the differentiable reference: its graph has no kernel Function in it (also while
-    # host emulation is enabled); "emulated" runs the kernels' custom op (Function on torch < 2.4).
+    # host emulation is enabled); "emulated" runs the kernels' custom op.
     query, key, offset, _ = random_inputs(2, 1, 3)
     attn = ops.deform_correlation(query.requires_grad_(), key, offset)
     assert not is_kernel_node(attn.grad_fn, "deform_correlation")
@@ -266,7 +230,7 @@ def fused_with_attn(fn, query, kv, offset, window, use=("out", "attn")):
     q, k, o = (t.detach().clone().requires_grad_() for t in (query, kv, offset))
     out, attn = fn(q, k, o, *window, return_attn=True)
     used = [t for name, t in (("out", out), ("attn", attn)) if name in use]
-    loss = sum((t.double() * _cotangent(t).double()).sum() for t in used)
+    loss = sum((t.double() * cotangent(t).double()).sum() for t in used)
     return (out, attn, *torch.autograd.grad(loss, (q, k, o)))
 
 
@@ -326,23 +290,7 @@ def test_emulated_fused_attention_with_attn_non_contiguous_and_batch_zero():
 # ------------------------------------------------------------------------------- NaN / Inf (docs/sifa.md §1)
 
 
-def _nan_cases():
-    """(name, tensor to corrupt, index, value): NaN and ±Inf in every input, at sample points on the map and
-    off it (the offsets of pixel (1, 1) move the taps there)."""
-    cases = []
-    for value in (float("nan"), float("inf"), float("-inf")):
-        tag = {True: "nan", False: "inf" if value > 0 else "-inf"}[value != value]
-        cases += [
-            (f"query {tag}", "query", (0, 1, 1, 1), value),
-            (f"key {tag}", "key", (1, 2, 2, 3), value),
-            (f"attn {tag}", "attn", (0, 4, 1, 1), value),
-            (f"offset dy {tag}", "offset", (0, 2, 1, 1), value),
-            (f"offset dx {tag}", "offset", (1, 9, 2, 2), value),
-        ]
-    return cases
-
-
-@pytest.mark.parametrize(("name", "which", "index", "value"), _nan_cases(), ids=lambda v: str(v))
+@pytest.mark.parametrize(("name", "which", "index", "value"), nan_cases(), ids=lambda v: str(v))
 @pytest.mark.parametrize("off_map", [False, True])
 def test_emulated_kernels_and_reference_agree_on_nan_and_inf(name, which, index, value, off_map):
     # One policy for both backends: NaN/Inf propagate as IEEE arithmetic on the bilinear formula (the
@@ -531,7 +479,7 @@ def test_cupy_fused_attention_with_attn_matches_reference(dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("name", "which", "index", "value"), _nan_cases(), ids=lambda v: str(v))
+@pytest.mark.parametrize(("name", "which", "index", "value"), nan_cases(), ids=lambda v: str(v))
 def test_cupy_and_torch_on_cuda_follow_the_nan_policy(name, which, index, value):
     # The CPU reference defines the policy; the kernels on a GPU give its values and gradients, and the torch
     # backend on CUDA (grid_sample's CUDA kernel underneath) gives its values.

@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..kernel_loader import use_kernels
+from ..backends import use_kernels
 from ..validation import (
     FLOAT_DTYPES,
     OpArgumentError,

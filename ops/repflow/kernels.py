@@ -1,5 +1,5 @@
-"""The TV-L1 kernels as a torch custom op (an autograd Function before torch 2.4) with a hand-written
-backward, in two variants (``ops.kernel_loader.kernel_variant()``, docs/architecture.md §6):
+"""The TV-L1 kernels as a torch custom op with a hand-written backward, in two variants
+(``ops.backends.kernel_variant()``, docs/architecture.md §6):
 
 * **fast** (opt-in until it has run on a GPU; ``kernels/tvl1_plane.cu``): one thread block per
   ``(b, c)`` plane runs all n_iter iterations in one launch, the plane's state in registers and shared
@@ -13,8 +13,9 @@ backward, in two variants (``ops.kernel_loader.kernel_variant()``, docs/architec
 
 The image gradient, ``rho_c = i1 - i0`` and the scalars ``(|θ|+ε, λ(|θ|+ε), τ/(|θ|+ε))`` are computed
 by torch once per call (cheap, and autograd takes them back to i0, i1, the image stencils and θ, λ,
-τ); the n_iter iterations run in the custom op ``vmm::tvl1_iterations`` (torch >= 2.4, see
-ops/library.py; :class:`TVL1Iterations` on older torch), which picks the variant at each call.
+τ); the n_iter iterations run in the custom op ``vmm::tvl1_iterations`` (see ops/library.py), which
+picks the variant at each call (:func:`tvl1_path`): :func:`plane_forward` / :func:`plane_backward` or
+:func:`simple_forward` / :func:`simple_backward`.
 
 Memory: the forward keeps only the state ``(u, p)`` (6 maps of ``[B,C,H,W]``) every
 ``L = ceil(sqrt(n_iter))`` iterations, plus gx, gy, rho_c (both variants write the same checkpoints,
@@ -37,13 +38,12 @@ kernels): same values, and NaN at the same places, forward and backward.
 from __future__ import annotations
 
 import math
-from collections import Counter
 
 import torch
 from torch import Tensor
 
-from ..kernel_loader import KernelSource, kernel_variant, max_active_blocks_per_sm
-from ..library import CUSTOM_OPS, check_kernel_device
+from ..backends import check_kernel_device, kernel_variant
+from ..kernel_loader import KernelSource, max_active_blocks_per_sm
 from ..validation import check_int
 from .reference import EPS, image_gradient
 
@@ -70,10 +70,6 @@ PLANE_PIXELS_PER_THREAD = {
 #: Under host emulation the grid is EMULATED_PLANE_BLOCKS, so the tests exercise the block-stride loop
 #: over planes.
 EMULATED_PLANE_BLOCKS = 2
-
-#: How many times each kernel path ran in this process ("forward:plane", "forward:simple",
-#: "backward:plane", "backward:simple"): lets tests and benchmarks check which path a call took.
-path_counts: Counter[str] = Counter()
 
 #: Pixels summed per thread in the adjoint kernels' per-channel reductions (acc holds numel / strip
 #: slots): up to MAX_STRIP, but never so many that fewer than MIN_THREADS threads run.
@@ -293,9 +289,11 @@ def plane_blocks(
     return max(1, min(planes, resident_blocks("tvl1_plane_backward", dtype, device, threads, pixels)))
 
 
-def _plane_forward(
+def plane_forward(
     gx: Tensor, gy: Tensor, rho_c: Tensor, params: Tensor, st: Tensor, n_iter: int, steps: list[int]
 ) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`tvl1_forward` on the fast kernel (tvl1_plane.cu): one block per plane, all iterations in
+    one launch, checkpoints after the iterations ``steps``."""
     b, c, h, w = gx.shape
     u = gx.new_empty((b, 2 * c, h, w))
     ckpt_u = gx.new_empty((len(steps), b, 2 * c, h, w))
@@ -306,11 +304,10 @@ def _plane_forward(
     shared = plane_shared_bytes("tvl1_plane_forward", h * w, gx.dtype)
     block = (threads, 1, 1)
     TVL1_PLANE_SOURCE.launch("tvl1_plane_forward", args, dtype=gx.dtype, grid=grid, block=block, shared_mem=shared)
-    path_counts["forward:plane"] += 1
     return u, ckpt_u, ckpt_p
 
 
-def _plane_backward(
+def plane_backward(
     grad_u: Tensor,
     gx: Tensor,
     gy: Tensor,
@@ -321,6 +318,7 @@ def _plane_backward(
     ckpt_p: Tensor,
     n_iter: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`tvl1_backward` on the fast kernel (tvl1_plane.cu): the whole reverse sweep in one launch."""
     b, c, h, w = gx.shape
     seg = segment_length(n_iter)
     threads = plane_threads(h * w, gx.dtype, "tvl1_plane_backward")
@@ -333,7 +331,6 @@ def _plane_backward(
     shared = plane_shared_bytes("tvl1_plane_backward", h * w, gx.dtype)
     grid, block = (blocks, 1, 1), (threads, 1, 1)
     TVL1_PLANE_SOURCE.launch("tvl1_plane_backward", args, dtype=gx.dtype, grid=grid, block=block, shared_mem=shared)
-    path_counts["backward:plane"] += 1
     return (ggx, ggy, grho, *_parameter_gradients(acc.view(ACC_ROWS, b, c).sum(dim=1), params, st))
 
 
@@ -363,8 +360,15 @@ def tvl1_forward(
     check_int("n_iter", n_iter, minimum=1)
     steps = checkpoint_steps(n_iter) if keep else []
     if tvl1_path(gx.dtype, gx.shape[2], gx.shape[3]) == "plane":
-        return _plane_forward(gx, gy, rho_c, params, st, n_iter, steps)
-    path_counts["forward:simple"] += 1
+        return plane_forward(gx, gy, rho_c, params, st, n_iter, steps)
+    return simple_forward(gx, gy, rho_c, params, st, n_iter, steps)
+
+
+def simple_forward(
+    gx: Tensor, gy: Tensor, rho_c: Tensor, params: Tensor, st: Tensor, n_iter: int, steps: list[int]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`tvl1_forward` on the simple kernels (tvl1.cu): one launch per iteration, checkpoints after
+    the iterations ``steps``."""
     run = _Launcher(gx, gy, rho_c, params, st)
     slot = {k: i for i, k in enumerate(steps)}
     ckpt_u = gx.new_empty((len(steps), run.b, 2 * run.c, run.h, run.w))
@@ -404,8 +408,23 @@ def tvl1_backward(
     kernels: :func:`tvl1_path`."""
     check_int("n_iter", n_iter, minimum=1)  # as in tvl1_forward
     if tvl1_path(gx.dtype, gx.shape[2], gx.shape[3]) == "plane":
-        return _plane_backward(grad_u, gx, gy, rho_c, params, st, ckpt_u, ckpt_p, n_iter)
-    path_counts["backward:simple"] += 1
+        return plane_backward(grad_u, gx, gy, rho_c, params, st, ckpt_u, ckpt_p, n_iter)
+    return simple_backward(grad_u, gx, gy, rho_c, params, st, ckpt_u, ckpt_p, n_iter)
+
+
+def simple_backward(
+    grad_u: Tensor,
+    gx: Tensor,
+    gy: Tensor,
+    rho_c: Tensor,
+    params: Tensor,
+    st: Tensor,
+    ckpt_u: Tensor,
+    ckpt_p: Tensor,
+    n_iter: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`tvl1_backward` on the simple kernels (tvl1.cu): two launches per iteration, each state
+    recomputed from its segment's checkpoint."""
     run = _Launcher(gx, gy, rho_c, params, st)
     seg = segment_length(n_iter)
     checkpoints = {k: (ckpt_u[i], ckpt_p[i]) for i, k in enumerate(checkpoint_steps(n_iter))}
@@ -435,103 +454,81 @@ def tvl1_backward(
     return (ggx, ggy, grho, *_parameter_gradients(sums, params, st))
 
 
-class TVL1Iterations(torch.autograd.Function):
-    """``n_iter`` fused TV-L1 iterations: ``(gx, gy, rho_c, params [3], st [C,8]) -> u [B,2C,H,W]``; the path
-    on torch without ``torch.library.custom_op`` (eager only; see ``vmm::tvl1_iterations`` below).
+# ------------------------------------------------------------------------- torch.library custom op
 
-    All tensors contiguous, on one device, in the compute dtype (float32 or float64). ``params`` is
-    ``(θ_e, λθ_e, τ/θ_e)``; ``st`` holds per channel the forward-difference taps (x then y) and the
-    divergence taps (x then y).
-    """
-
-    @staticmethod
-    def forward(
-        ctx, gx: Tensor, gy: Tensor, rho_c: Tensor, params: Tensor, st: Tensor, n_iter: int, keep: bool
-    ) -> Tensor:
-        """``keep``: store what backward needs (False under no_grad or when nothing requires grad)."""
-        u, ckpt_u, ckpt_p = tvl1_forward(gx, gy, rho_c, params, st, n_iter, keep)
-        if keep:
-            ctx.save_for_backward(gx, gy, rho_c, params, st)
-            # Intermediate tensors (not inputs or outputs) may live on ctx. They stay until the graph is
-            # freed: backward reads them in reverse order and may be called again under retain_graph.
-            ctx.checkpoints = (ckpt_u, ckpt_p)
-            ctx.n_iter = n_iter
-        return u
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_u: Tensor):
-        grads = tvl1_backward(grad_u, *ctx.saved_tensors, *ctx.checkpoints, ctx.n_iter)
-        return (*grads, None, None)
+# Schemas are given, not inferred: torch 2.4 / 2.5 cannot read them from this module's postponed
+# annotations (strings) nor from list[bool] / Tensor | None (tests/test_custom_op_schemas.py).
+# One node each for torch.compile / torch.export (docs/architecture.md §3.1; ops/library.py). The
+# checkpoints are outputs of the forward op (custom ops keep no hidden state), not differentiable.
 
 
-if CUSTOM_OPS:
-    # Schemas are given, not inferred: torch 2.4 / 2.5 cannot read them from this module's postponed
-    # annotations (strings) nor from list[bool] / Tensor | None (tests/test_custom_op_schemas.py).
-    # One node each for torch.compile / torch.export (docs/architecture.md §3.1; ops/library.py). The
-    # checkpoints are outputs of the forward op (custom ops keep no hidden state), not differentiable.
+@torch.library.custom_op(
+    "vmm::tvl1_iterations",
+    mutates_args=(),
+    schema=(
+        "(Tensor gx, Tensor gy, Tensor rho_c, Tensor params, Tensor st, SymInt n_iter, "
+        "bool keep) -> (Tensor, Tensor, Tensor)"
+    ),
+)
+def _tvl1_op(
+    gx: Tensor, gy: Tensor, rho_c: Tensor, params: Tensor, st: Tensor, n_iter: int, keep: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    check_kernel_device("tvl1_iterations", gx)
+    return tvl1_forward(gx, gy, rho_c, params, st, n_iter, keep)
 
-    @torch.library.custom_op(
-        "vmm::tvl1_iterations",
-        mutates_args=(),
-        schema=(
-            "(Tensor gx, Tensor gy, Tensor rho_c, Tensor params, Tensor st, SymInt n_iter, "
-            "bool keep) -> (Tensor, Tensor, Tensor)"
-        ),
-    )
-    def _tvl1_op(
-        gx: Tensor, gy: Tensor, rho_c: Tensor, params: Tensor, st: Tensor, n_iter: int, keep: bool
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        check_kernel_device("tvl1_iterations", gx)
-        return tvl1_forward(gx, gy, rho_c, params, st, n_iter, keep)
 
-    @_tvl1_op.register_fake
-    def _(gx, gy, rho_c, params, st, n_iter, keep):
-        b, c, h, w = gx.shape
-        n = len(checkpoint_steps(n_iter)) if keep else 0
-        return gx.new_empty((b, 2 * c, h, w)), gx.new_empty((n, b, 2 * c, h, w)), gx.new_empty((n, b, 4 * c, h, w))
+@_tvl1_op.register_fake
+def _(gx, gy, rho_c, params, st, n_iter, keep):
+    b, c, h, w = gx.shape
+    n = len(checkpoint_steps(n_iter)) if keep else 0
+    return gx.new_empty((b, 2 * c, h, w)), gx.new_empty((n, b, 2 * c, h, w)), gx.new_empty((n, b, 4 * c, h, w))
 
-    @torch.library.custom_op(
-        "vmm::tvl1_iterations_backward",
-        mutates_args=(),
-        schema=(
-            "(Tensor grad_u, Tensor gx, Tensor gy, Tensor rho_c, Tensor params, Tensor st, Tensor ckpt_u, "
-            "Tensor ckpt_p, SymInt n_iter) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
-        ),
-    )
-    def _tvl1_backward_op(
-        grad_u: Tensor,
-        gx: Tensor,
-        gy: Tensor,
-        rho_c: Tensor,
-        params: Tensor,
-        st: Tensor,
-        ckpt_u: Tensor,
-        ckpt_p: Tensor,
-        n_iter: int,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        check_kernel_device("tvl1_iterations_backward", gx)
-        return tvl1_backward(grad_u, gx, gy, rho_c, params, st, ckpt_u, ckpt_p, n_iter)
 
-    @_tvl1_backward_op.register_fake
-    def _(grad_u, gx, gy, rho_c, params, st, ckpt_u, ckpt_p, n_iter):
-        like = (gx, gy, rho_c, params, st)
-        return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in like)
+@torch.library.custom_op(
+    "vmm::tvl1_iterations_backward",
+    mutates_args=(),
+    schema=(
+        "(Tensor grad_u, Tensor gx, Tensor gy, Tensor rho_c, Tensor params, Tensor st, Tensor ckpt_u, "
+        "Tensor ckpt_p, SymInt n_iter) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
+)
+def _tvl1_backward_op(
+    grad_u: Tensor,
+    gx: Tensor,
+    gy: Tensor,
+    rho_c: Tensor,
+    params: Tensor,
+    st: Tensor,
+    ckpt_u: Tensor,
+    ckpt_p: Tensor,
+    n_iter: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    check_kernel_device("tvl1_iterations_backward", gx)
+    return tvl1_backward(grad_u, gx, gy, rho_c, params, st, ckpt_u, ckpt_p, n_iter)
 
-    def _tvl1_setup(ctx, inputs, output) -> None:
-        gx, gy, rho_c, params, st, n_iter, keep = inputs
-        _, ckpt_u, ckpt_p = output
-        ctx.mark_non_differentiable(ckpt_u, ckpt_p)
-        ctx.save_for_backward(gx, gy, rho_c, params, st, ckpt_u, ckpt_p)
-        ctx.n_iter, ctx.keep = n_iter, keep
 
-    def _tvl1_grad(ctx, grad_u, _grad_ckpt_u, _grad_ckpt_p):
-        if not ctx.keep:
-            raise RuntimeError("vmm::tvl1_iterations was run with keep=False: it saved no checkpoints to backward")
-        grads = torch.ops.vmm.tvl1_iterations_backward(grad_u, *ctx.saved_tensors, ctx.n_iter)
-        return (*grads, None, None)
+@_tvl1_backward_op.register_fake
+def _(grad_u, gx, gy, rho_c, params, st, ckpt_u, ckpt_p, n_iter):
+    like = (gx, gy, rho_c, params, st)
+    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in like)
 
-    _tvl1_op.register_autograd(_tvl1_grad, setup_context=_tvl1_setup)
+
+def _tvl1_setup(ctx, inputs, output) -> None:
+    gx, gy, rho_c, params, st, n_iter, keep = inputs
+    _, ckpt_u, ckpt_p = output
+    ctx.mark_non_differentiable(ckpt_u, ckpt_p)
+    ctx.save_for_backward(gx, gy, rho_c, params, st, ckpt_u, ckpt_p)
+    ctx.n_iter, ctx.keep = n_iter, keep
+
+
+def _tvl1_grad(ctx, grad_u, _grad_ckpt_u, _grad_ckpt_p):
+    if not ctx.keep:
+        raise RuntimeError("vmm::tvl1_iterations was run with keep=False: it saved no checkpoints to backward")
+    grads = torch.ops.vmm.tvl1_iterations_backward(grad_u, *ctx.saved_tensors, ctx.n_iter)
+    return (*grads, None, None)
+
+
+_tvl1_op.register_autograd(_tvl1_grad, setup_context=_tvl1_setup)
 
 
 def tvl1_fused(
@@ -554,6 +551,4 @@ def tvl1_fused(
     st = torch.cat([fx, fy, dx, dy], dim=1).contiguous()
     inputs = (gx.contiguous(), gy.contiguous(), rho_c.contiguous(), params, st)
     keep = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
-    if CUSTOM_OPS:
-        return torch.ops.vmm.tvl1_iterations(*inputs, n_iter, keep)[0]
-    return TVL1Iterations.apply(*inputs, n_iter, keep)
+    return torch.ops.vmm.tvl1_iterations(*inputs, n_iter, keep)[0]

@@ -8,11 +8,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..backends import check_backend
 from ..validation import (
     OpArgumentError,
     OpDtypeError,
     OpShapeError,
-    check_backend,
     check_bool,
     check_input_dtype,
     check_int,

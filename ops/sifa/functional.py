@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernel_loader import use_kernels
+from ..backends import use_kernels
 from ..validation import OpArgumentError, check_bool, check_int, check_same_dtype_device, check_shape, check_tensor
 from .kernels import deform_aggregation_kernels, deform_attention_kernels, deform_correlation_kernels
 from .reference import deform_aggregation_reference, deform_attention_reference, deform_correlation_reference

@@ -6,11 +6,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernel_loader import kernel_variant, use_kernels
+from ..backends import check_backend, kernel_variant, use_kernels
 from ..validation import (
     OpArgumentError,
     OpShapeError,
-    check_backend,
     check_bool,
     check_input_dtype,
     check_int,
