@@ -28,6 +28,7 @@ DOC_NAMES = (
     "kernels",
     "reliability",
     "benchmarks",
+    "scale",
     "DESIGN",
 )
 #: The files the docs must provide (their section numbers are what code and the README cite).
@@ -42,6 +43,7 @@ REQUIRED_DOCS = (
     "kernels.md",
     "reliability.md",
     "benchmarks.md",
+    "scale.md",
 )
 
 _SECTION = r"\d+(?:\.\d+)*"
