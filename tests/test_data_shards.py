@@ -20,9 +20,9 @@ from helpers.frames import write_jpeg_folder, write_webm
 from helpers.shards import cut_shard, read_batches, serve_directory, write_shard_set
 
 from datamodules import RawFrameListDataModule, ShardedVideoDataModule, TooMuchBadData, VideoListDataModule
+from datamodules.encode import write_video
 from datamodules.prepare import prepare_dataset
 from datamodules.sharded import ShardFormatError, ShardLoader, ShardStream
-from datamodules.synthetic import write_video
 
 SETTINGS = dict(
     batch_size=2,
