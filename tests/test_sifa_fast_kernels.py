@@ -16,9 +16,9 @@ import torch
 from helpers.sifa import CASES, TOL, cotangent, nan_cases, random_inputs
 
 import ops
+from ops.backends import use_kernel_variant
 from ops.host_emulation import host_has_fma
-from ops.kernel_loader import use_kernel_variant
-from ops.library import CUSTOM_OPS
+from ops.sifa import fast_kernels as fk
 from ops.sifa import kernels as sk
 from ops.sifa.reference import (
     deform_aggregation_reference,
@@ -65,14 +65,14 @@ def fast_results(query, kv, offset, attn, window, plan, needs=ALL):
     scale = groups / query.shape[1]
     cot_attn, cot_out = cotangent(attn), cotangent(kv)
     args = (kernel_size, dilation, groups)
-    res = {"corr attn": sk.fast_forward(query, kv, offset, None, *args, scale, None, plan)[1]}
-    res["agg out"] = sk.fast_forward(None, kv, offset, attn, *args, 1.0, 1.0, plan)[0]
-    res["step out"], res["step attn"] = sk.fast_forward(query, kv, offset, None, *args, scale, 1.0, plan)
+    res = {"corr attn": fk.fast_forward(query, kv, offset, None, *args, scale, None, plan)[1]}
+    res["agg out"] = fk.fast_forward(None, kv, offset, attn, *args, 1.0, 1.0, plan)[0]
+    res["step out"], res["step attn"] = fk.fast_forward(query, kv, offset, None, *args, scale, 1.0, plan)
     need_q, need_kv, need_off = needs
-    grads = sk.fast_backward(query, kv, offset, None, None, cot_attn, *args, (*needs, False), scale, plan)
+    grads = fk.fast_backward(query, kv, offset, None, None, cot_attn, *args, (*needs, False), scale, plan)
     res.update(zip(("corr d query", "corr d key", "corr d offset"), grads[:3], strict=True))
     agg_needs = (False, need_kv, need_off, need_q)  # d attn stands in for d query
-    grads = sk.fast_backward(None, kv, offset, attn, cot_out, None, *args, agg_needs, 1.0, plan)
+    grads = fk.fast_backward(None, kv, offset, attn, cot_out, None, *args, agg_needs, 1.0, plan)
     res.update(zip(("agg d value", "agg d offset", "agg d attn"), grads[1:], strict=True))
     for used, (g_out, g_attn) in {
         "both": (cot_out, cot_attn),
@@ -80,7 +80,7 @@ def fast_results(query, kv, offset, attn, window, plan, needs=ALL):
         "attn": (None, cot_attn),
     }.items():
         a = attn if g_out is not None else None
-        grads = sk.fast_backward(query, kv, offset, a, g_out, g_attn, *args, (*needs, False), scale, plan)
+        grads = fk.fast_backward(query, kv, offset, a, g_out, g_attn, *args, (*needs, False), scale, plan)
         res.update(
             zip((f"step[{used}] d query", f"step[{used}] d kv", f"step[{used}] d offset"), grads[:3], strict=True)
         )
@@ -226,7 +226,7 @@ PLANS = [  # (lanes, vectorize, index32): the automatic plan's alternatives
 def test_every_launch_plan_gives_the_same_results(plan, channels, groups, kernel_size, dilation):
     query, kv, offset, attn = random_inputs(channels, groups, kernel_size, spread=4)
     window = (kernel_size, dilation, groups)
-    expected = fast_results(query, kv, offset, attn, window, sk.DEFAULT_PLAN)
+    expected = fast_results(query, kv, offset, attn, window, fk.DEFAULT_PLAN)
     assert_same_results(fast_results(query, kv, offset, attn, window, plan), expected, 1e-12, what=f"{plan}: ")
     with use_kernel_variant("simple"):
         simple = op_results(query, kv, offset, attn, window)
@@ -236,20 +236,20 @@ def test_every_launch_plan_gives_the_same_results(plan, channels, groups, kernel
 def test_fast_plan_choices():
     x = torch.zeros(2, 64, 3, 3).contiguous(memory_format=torch.channels_last)
     shape = (2, 64, 1, 3, 3, 3, 1)
-    assert sk.fast_plan((x,), shape) == (16, True, True)  # 64 floats: 16 lanes of float4
-    assert sk.fast_plan((x.double(),), shape) == (32, True, True)
-    assert sk.fast_plan((x,), (2, 64, 4, 3, 3, 3, 1)) == (4, True, True)  # groups of 16
-    assert sk.fast_plan((x,), (2, 64, 32, 3, 3, 3, 1)) == (2, False, True)  # groups of 2: no float4
-    assert sk.fast_plan((x.half(),), (2, 64, 1, 3, 3, 3, 1)) == (8, True, True)
-    assert sk.fast_plan((x,), shape, (None, False, None)) == (32, False, True)
+    assert fk.fast_plan((x,), shape) == (16, True, True)  # 64 floats: 16 lanes of float4
+    assert fk.fast_plan((x.double(),), shape) == (32, True, True)
+    assert fk.fast_plan((x,), (2, 64, 4, 3, 3, 3, 1)) == (4, True, True)  # groups of 16
+    assert fk.fast_plan((x,), (2, 64, 32, 3, 3, 3, 1)) == (2, False, True)  # groups of 2: no float4
+    assert fk.fast_plan((x.half(),), (2, 64, 1, 3, 3, 3, 1)) == (8, True, True)
+    assert fk.fast_plan((x,), shape, (None, False, None)) == (32, False, True)
     # a storage offset of one element: not 16-byte aligned, scalar loads
     shifted = torch.zeros(x.numel() + 1)[1:].view(2, 3, 3, 64).permute(0, 3, 1, 2)
     assert shifted.is_contiguous(memory_format=torch.channels_last) and shifted.data_ptr() % 16 != 0
-    assert sk.fast_plan((x, shifted), shape) == (32, False, True)
+    assert fk.fast_plan((x, shifted), shape) == (32, False, True)
     # indices past 2^31 - 1 take the 64-bit path
-    assert sk.fast_plan((x,), (1 << 15, 256, 1, 16, 16, 3, 1))[2] is False
+    assert fk.fast_plan((x,), (1 << 15, 256, 1, 16, 16, 3, 1))[2] is False
     with pytest.raises(ops.OpArgumentError, match="lanes"):
-        sk.fast_plan((x,), shape, (3, True, None))
+        fk.fast_plan((x,), shape, (3, True, None))
 
 
 def _misaligned_like(t: torch.Tensor) -> torch.Tensor:
@@ -282,14 +282,14 @@ def test_emulation_refuses_a_misaligned_vector_load():
     attn = torch.empty(2, 1, 4, 5).contiguous(memory_format=torch.channels_last)
     out = torch.empty_like(kv, memory_format=torch.channels_last)
     geometry = (2 * 4 * 5, 8, 1, 4, 5, 1, 1)
-    args = (query, kv, offset, attn, out, *geometry, sk.FAST_CORR | sk.FAST_AGG, 0.125, 1.0, 2)
+    args = (query, kv, offset, attn, out, *geometry, fk.FAST_CORR | fk.FAST_AGG, 0.125, 1.0, 2)
     with pytest.raises(EmulatedKernelError, match="misaligned"):
-        sk.FAST_SOURCE.launch("sifa_fast_forward_v32", args, dtype=torch.float32, grid=(1, 1, 1), block=(256, 1, 1))
+        fk.FAST_SOURCE.launch("sifa_fast_forward_v32", args, dtype=torch.float32, grid=(1, 1, 1), block=(256, 1, 1))
 
 
 def grid_stride_trips(n_points: int, lanes: int, blocks: int) -> list[int]:
     """How many grid-stride iterations each lane group of block 0 runs (the kernels' loop over points)."""
-    per_block = sk.FAST_THREADS // lanes
+    per_block = fk.FAST_THREADS // lanes
     return [len(range(slot, n_points, blocks * per_block)) for slot in range(per_block)]
 
 
@@ -298,7 +298,7 @@ def test_lane_groups_of_one_warp_with_different_trip_counts(plan, monkeypatch):
     # A one-block grid (MAX_BLOCKS = 1): every lane group walks several points, and the groups of one warp
     # leave the grid-stride loop at different iterations, so each shuffle and __syncwarp must name its
     # group's lanes only (a wider mask would wait for lanes that have left: divergent, caught here).
-    monkeypatch.setattr(sk, "MAX_BLOCKS", 1)
+    monkeypatch.setattr(fk, "MAX_BLOCKS", 1)
     query, kv, offset, attn = random_inputs(12, 2, 3, batch=1, height=5, width=15, spread=4)
     lanes = plan[0]
     trips = grid_stride_trips(5 * 15, lanes, 1)
@@ -316,11 +316,11 @@ def test_block_size_fits_the_kernels_launch_bounds():
     # ("too many resources requested"), which emulation does not check; lane groups must not straddle warps.
     import re
 
-    bounds = re.findall(r"__launch_bounds__\((\d+),\s*(\d+)\)", sk.FAST_SOURCE.path.read_text(encoding="utf-8"))
+    bounds = re.findall(r"__launch_bounds__\((\d+),\s*(\d+)\)", fk.FAST_SOURCE.path.read_text(encoding="utf-8"))
     assert len(bounds) == 2
     for max_threads, _ in bounds:
-        assert sk.FAST_THREADS <= int(max_threads)
-    assert sk.FAST_THREADS % 32 == 0
+        assert fk.FAST_THREADS <= int(max_threads)
+    assert fk.FAST_THREADS % 32 == 0
 
 
 # --------------------------------------------------------------------------------------- memory formats
@@ -367,7 +367,6 @@ def test_public_ops_with_channels_last_and_non_contiguous_inputs():
             torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12, msg=lambda m, n=f"{layout} {name}": f"{n}: {m}")
 
 
-@pytest.mark.skipif(not CUSTOM_OPS, reason="torch.library.custom_op needs torch >= 2.4")
 @pytest.mark.parametrize("variant", ["fast", "simple"])
 @pytest.mark.parametrize(
     ("channels", "groups", "size", "layout"),
@@ -465,7 +464,7 @@ def test_fast_kernels_do_not_depend_on_the_thread_order(order, monkeypatch):
     # Only d kv (atomicAdd: the order of the additions follows the threads') may differ in the last bits.
     query, kv, offset, attn = random_inputs(12, 2, 3, spread=4)
     runs = [
-        (sk.DEFAULT_PLAN, ALL),  # one pass
+        (fk.DEFAULT_PLAN, ALL),  # one pass
         ((2, False, True), ALL),  # 3 steps of 2 lanes per group of 6: two passes
         ((2, False, True), (True, False, False)),
         ((2, True, False), (True, True, False)),
@@ -523,7 +522,7 @@ def test_cupy_fast_matches_simple_and_reference(dtype, channels, groups, layout)
 def test_cupy_fast_launch_plans(plan):
     query, kv, offset, attn = _cuda_case(torch.float32, 48, 2)
     window = (3, 2, 2)
-    expected = fast_results(query, kv, offset, attn, window, sk.DEFAULT_PLAN)
+    expected = fast_results(query, kv, offset, attn, window, fk.DEFAULT_PLAN)
     assert_same_results(fast_results(query, kv, offset, attn, window, plan), expected, 1e-5)
 
 
@@ -531,7 +530,7 @@ def two_pass_and_grid_stride_case(dtype, channels, groups, plan, blocks, device,
     """fast_results with ``plan`` on a grid of at most ``blocks`` blocks (None: as launched) against the
     simple kernels: as accurate, or equal to 1e-10 in float64."""
     if blocks is not None:
-        monkeypatch.setattr(sk, "MAX_BLOCKS", blocks)
+        monkeypatch.setattr(fk, "MAX_BLOCKS", blocks)
     query, kv, offset, attn = random_inputs(
         channels, groups, 3, batch=3, height=9, width=11, spread=4, dtype=dtype, device=device
     )
@@ -547,8 +546,8 @@ def two_pass_and_grid_stride_case(dtype, channels, groups, plan, blocks, device,
 
 
 TWO_PASS_CASES = [  # (dtype, channels, groups, plan, blocks)
-    (torch.float32, 512, 1, sk.DEFAULT_PLAN, None),  # 32 lanes of float4, 4 steps: attn / Ā read back (__syncwarp)
-    (torch.float16, 1024, 1, sk.DEFAULT_PLAN, None),  # 32 lanes of 8 halves, 4 steps
+    (torch.float32, 512, 1, fk.DEFAULT_PLAN, None),  # 32 lanes of float4, 4 steps: attn / Ā read back (__syncwarp)
+    (torch.float16, 1024, 1, fk.DEFAULT_PLAN, None),  # 32 lanes of 8 halves, 4 steps
     (torch.float32, 96, 2, (4, True, None), 2),  # 8 groups a warp, 3 steps each; 297 points, 2 blocks of 64 groups
     (torch.float64, 24, 3, (8, True, None), 1),  # 4 groups a warp, 4 steps of one double2; one block
     (torch.bfloat16, 256, 1, (8, True, False), 1),  # the 64-bit vector build (ptxas spills in it), 4 steps

@@ -13,14 +13,14 @@ import torch
 from helpers.sifa import CASES, TOL, cotangent, nan_cases, random_inputs
 
 import ops
-from ops.kernel_loader import use_kernel_variant
+from ops.backends import use_kernel_variant
 from ops.library import is_kernel_node
-from ops.sifa.kernels import MIN_CHUNK, correlate, offset_grad, split_channels
 from ops.sifa.reference import (
     deform_aggregation_reference,
     deform_attention_reference,
     deform_correlation_reference,
 )
+from ops.sifa.simple_kernels import MIN_CHUNK, correlate, offset_grad, split_channels
 
 
 @pytest.fixture(autouse=True)
@@ -214,7 +214,7 @@ def test_split_channels_heuristic():
 
 def test_backend_auto_uses_reference_on_cpu():
     # On CPU "auto" is the differentiable reference: its graph has no kernel Function in it (also while
-    # host emulation is enabled); "emulated" runs the kernels' custom op (Function on torch < 2.4).
+    # host emulation is enabled); "emulated" runs the kernels' custom op.
     query, key, offset, _ = random_inputs(2, 1, 3)
     attn = ops.deform_correlation(query.requires_grad_(), key, offset)
     assert not is_kernel_node(attn.grad_fn, "deform_correlation")
