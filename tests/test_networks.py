@@ -713,3 +713,32 @@ def test_networks_raise_the_ops_error_types():
         net(torch.zeros(1, 3, 4, 32))
     with pytest.raises(ops.OpDtypeError, match="floating-point"):
         net(torch.zeros(1, 3, 4, 32, 32, dtype=torch.int64))
+
+
+def test_networks_and_ops_reject_the_same_bad_arguments_alike():
+    """The networks check their arguments with ops' helpers and backend names: the same mistake raises the
+    same exception type from a network as from the op or module it configures, with the argument's name."""
+    import ops
+    from lightning_modules.networks import FCFR2Plus1D, SIFAResNet
+
+    assert ops.BACKENDS == ("auto", "torch", "cupy")
+    cases = [
+        (lambda: SIFAResNet(K, depth=18, backend="numpy"), lambda: ops.SIFA(4, backend="numpy"), ops.BackendError),
+        (lambda: FCFR2Plus1D(K, depth=18, backend="cuda"), lambda: ops.FlowLayer(2, backend="cuda"), ops.BackendError),
+        (lambda: FCFR2Plus1D(K, depth=18, fcf_n_iter=2.0), lambda: ops.FlowLayer(2, n_iter=2.0), TypeError),
+        (lambda: SIFAResNet(K, depth=18, sifa_kernel_size=4), lambda: ops.SIFA(4, kernel_size=4), ops.OpArgumentError),
+        (lambda: SIFAResNet(K, depth=18, dual_path=1), lambda: ops.SIFA(4, correlation_features=1), TypeError),
+    ]
+    for network_call, op_call, kind in cases:
+        errors = []
+        for call in (network_call, op_call):
+            with pytest.raises(kind) as info:
+                call()
+            errors.append(info.value)
+        assert type(errors[0]) is type(errors[1]), errors
+        assert isinstance(errors[0], ops.OpError), errors
+    # "emulated" is the ops' test backend: a network accepts it where the ops do, inside host emulation
+    with pytest.raises(ops.BackendError, match="kernel_host_emulation"):
+        SIFAResNet(K, depth=18, backend="emulated")
+    with ops.kernel_host_emulation():
+        SIFAResNet(K, depth=18, width_mult=NARROW, backend="emulated")

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ops.validation import OpArgumentError, OpDtypeError, OpShapeError
+from ops.validation import OpArgumentError, OpArgumentTypeError, OpDtypeError, OpShapeError, check_bool, check_int
 
 from .blocks import BasicBlock, Block, Bottleneck, MotionFactory, bn3d, conv3d, make_layer
 
@@ -28,27 +28,10 @@ BASE_PLANES = (64, 128, 256, 512)
 STEM_CHANNELS = 64
 
 
-def check_choice(name: str, value: object, choices: Sequence[object]) -> None:
-    if isinstance(value, bool) or value not in choices:
-        raise OpArgumentError(f"{name}: expected one of {list(choices)}, got {value!r}")
-
-
-def check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise OpArgumentError(f"{name}: expected an int >= {minimum}, got {value}")
-
-
-def check_bool(name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
-
-
 def check_stages(name: str, stages: object) -> tuple[int, ...]:
     """A collection of distinct stage numbers in 1..4, returned sorted."""
     if isinstance(stages, (str, bytes)) or not isinstance(stages, Sequence):
-        raise TypeError(f"{name}: expected a sequence of stage numbers in 1..4, got {stages!r}")
+        raise OpArgumentTypeError(f"{name}: expected a sequence of stage numbers in 1..4, got {stages!r}")
     out = tuple(stages)
     if any(isinstance(s, bool) or s not in (1, 2, 3, 4) for s in out) or len(set(out)) != len(out):
         raise OpArgumentError(f"{name}: expected distinct stage numbers in 1..4 (layer1..layer4), got {list(out)}")
@@ -119,8 +102,8 @@ class VideoResNet(nn.Module):
         correlation_branch: bool = False,
     ) -> None:
         super().__init__()
-        check_int("num_classes", num_classes, 1)
-        check_int("in_channels", in_channels, 1)
+        check_int("num_classes", num_classes, minimum=1)
+        check_int("in_channels", in_channels, minimum=1)
         if isinstance(width_mult, bool) or not isinstance(width_mult, (int, float)) or not width_mult > 0:
             raise OpArgumentError(f"width_mult: expected a float > 0, got {width_mult!r}")
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
@@ -180,7 +163,8 @@ class VideoResNet(nn.Module):
     # -- forward -------------------------------------------------------------------------------------
     def _check_input(self, x: Tensor) -> None:
         if not isinstance(x, Tensor):
-            raise TypeError(f"x: expected a torch.Tensor [N,{self.in_channels},T,H,W], got {type(x).__name__}")
+            layout = f"[N,{self.in_channels},T,H,W]"
+            raise OpArgumentTypeError(f"x: expected a torch.Tensor {layout}, got {type(x).__name__}")
         if x.ndim != 5 or x.shape[1] != self.in_channels:
             raise OpShapeError(f"x: expected shape [N,{self.in_channels},T,H,W], got {list(x.shape)}")
         if not x.is_floating_point():

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 from torch import Tensor, nn
 
-from ops.validation import OpArgumentError
+from ops.backends import Backend, check_backend
+from ops.validation import OpArgumentError, check_bool, check_choice, check_int
 
 from .base import (
     FLOW_GROUP,
     VideoResNet,
-    check_bool,
-    check_choice,
-    check_int,
     check_stages,
     flow_layer_parameters,
 )
@@ -66,16 +63,16 @@ class FCFR2Plus1D(VideoResNet):
         dropout: float = 0.5,
         zero_init_residual: bool = True,
         pretrained: str | None = None,
-        backend: Literal["auto", "torch", "cupy"] = "auto",
+        backend: Backend = "auto",
     ) -> None:
         check_choice("depth", depth, FCF_DEPTHS)
         check_pretrained_path(pretrained)
         check_bool("temporal", temporal)
         check_bool("fcf", fcf)
         stages = check_stages("fcf_stages", fcf_stages)
-        check_int("fcf_bottleneck", fcf_bottleneck, 1)
-        check_int("fcf_n_iter", fcf_n_iter, 1)
-        check_choice("backend", backend, ("auto", "torch", "cupy"))
+        check_int("fcf_bottleneck", fcf_bottleneck, minimum=1)
+        check_int("fcf_n_iter", fcf_n_iter, minimum=1)
+        check_backend(backend)
         learnable = tuple(fcf_learnable)
         if len(learnable) != 5 or not all(isinstance(v, bool) for v in learnable):
             raise OpArgumentError(

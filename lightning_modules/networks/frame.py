@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from ops.validation import OpArgumentError
+from ops.validation import check_choice
 
 from .fcf_r2plus1d import FCFR2Plus1D
 from .sifa_resnet import SIFAResNet
@@ -30,8 +30,7 @@ def frame_resnet(
     all three arms.
     With the same seed the three arms start from identical backbone weights.
     """
-    if motion not in MOTIONS:
-        raise OpArgumentError(f"motion: expected one of {list(MOTIONS)}, got {motion!r}")
+    check_choice("motion", motion, MOTIONS)
     no_sifa = ("sifa_", "correlation_features")
     drop = ("fcf_",) if motion == "sifa" else no_sifa if motion == "fcf" else (*no_sifa, "fcf_")
     kwargs = {k: v for k, v in kwargs.items() if not k.startswith(drop)}

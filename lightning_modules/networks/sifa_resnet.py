@@ -7,9 +7,10 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-from ops.validation import OpArgumentError
+from ops.backends import Backend, check_backend
+from ops.validation import check_bool, check_choice, check_int
 
-from .base import RESNET_SPECS, VideoResNet, check_bool, check_choice, check_int, check_stages
+from .base import RESNET_SPECS, VideoResNet, check_stages
 from .blocks import MotionFactory, build_forked, make_layer
 from .pretrained import check_pretrained_path, load_pretrained_2d
 
@@ -83,12 +84,12 @@ class SIFAResNet(VideoResNet):
         dropout: float = 0.5,
         zero_init_residual: bool = True,
         pretrained: str | None = None,
-        backend: Literal["auto", "torch", "cupy"] = "auto",
+        backend: Backend = "auto",
     ) -> None:
         check_choice("depth", depth, tuple(RESNET_SPECS))
         check_pretrained_path(pretrained)
-        check_int("stem_temporal_kernel", stem_temporal_kernel, 1)
-        check_int("stem_temporal_stride", stem_temporal_stride, 1)
+        check_int("stem_temporal_kernel", stem_temporal_kernel, minimum=1)
+        check_int("stem_temporal_stride", stem_temporal_stride, minimum=1)
         for name, value in (
             ("sifa", sifa),
             ("correlation_features", correlation_features),
@@ -97,14 +98,12 @@ class SIFAResNet(VideoResNet):
         ):
             check_bool(name, value)
         stages = check_stages("sifa_stages", sifa_stages)
-        check_int("sifa_kernel_size", sifa_kernel_size, 1)
-        if sifa_kernel_size % 2 == 0:
-            raise OpArgumentError(f"sifa_kernel_size: expected an odd int, got {sifa_kernel_size}")
-        check_int("sifa_dilation", sifa_dilation, 1)
-        check_int("sifa_groups", sifa_groups, 1)
-        check_int("gc_reduction", gc_reduction, 1)
+        check_int("sifa_kernel_size", sifa_kernel_size, minimum=1, odd=True)
+        check_int("sifa_dilation", sifa_dilation, minimum=1)
+        check_int("sifa_groups", sifa_groups, minimum=1)
+        check_int("gc_reduction", gc_reduction, minimum=1)
         check_choice("sifa_offset_init", sifa_offset_init, ("zeros", "kaiming", "default"))
-        check_choice("backend", backend, ("auto", "torch", "cupy"))
+        check_backend(backend)
 
         sifa_factory = (
             _sifa_factory(sifa_kernel_size, sifa_dilation, sifa_groups, sifa_offset_init, backend) if sifa else None
