@@ -6,6 +6,7 @@ conftest or another test module for it).
 - `helpers.cli`: the tiny synthetic-set configs and `run_vmm` for end-to-end `vmm` runs.
 - `helpers.classifier`: a tiny Conv3d classifier, moving-square clips and a CPU Lightning Trainer.
 - `helpers.frames`: frame-folder writers and readers (JPEG/PNG trees, Something-Something layouts).
+- `helpers.sifa`: inputs, tolerances and NaN/Inf cases for SIFA's kernel tests.
 - `helpers.ddp`: a 2-process gloo fit + test of a datamodule under a recording module.
 """
 
