@@ -315,10 +315,20 @@ def _sample_json(key: int, record: VideoRecord, info: dict, class_names: Sequenc
     return sample
 
 
-def _tar_size(sample: _Sample) -> int:
-    """Bytes the sample's members take in a tar: one header block each, data padded to blocks."""
-    sizes = [len(m) if isinstance(m, bytes) else os.path.getsize(m) for _, m in sample.members]
-    return sum(_BLOCK + -(-s // _BLOCK) * _BLOCK for s in sizes) + 2 * _BLOCK  # + the .json
+def _sample_json_bytes(sample_json: dict) -> bytes:
+    return json.dumps(sample_json, ensure_ascii=False).encode("utf-8")
+
+
+def _tar_size(sample: _Sample, json_bytes: int) -> int:
+    """Bytes the sample takes in a tar: a header block per member, data padded to whole blocks."""
+    sizes = [json_bytes] + [len(m) if isinstance(m, bytes) else os.path.getsize(m) for _, m in sample.members]
+    return sum(_BLOCK + -(-s // _BLOCK) * _BLOCK for s in sizes)
+
+
+def _shard_file_size(member_bytes: int) -> int:
+    """Size of a tar holding `member_bytes` of headers and data: two zero blocks end it, and
+    tarfile pads the file to a whole record (20 blocks)."""
+    return -(-(member_bytes + 2 * _BLOCK) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
 
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
@@ -334,7 +344,7 @@ def _write_shard(path: Path, samples: list[tuple[int, dict, _Sample]]) -> int:
     with open(tmp, "wb") as fh:
         with tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for key, sample_json, sample in samples:
-                data = json.dumps(sample_json, ensure_ascii=False).encode("utf-8")
+                data = _sample_json_bytes(sample_json)
                 tar.addfile(_tarinfo(f"{key:09d}.json", len(data)), io.BytesIO(data))
                 for ext, content in sample.members:
                     name = f"{key:09d}.{ext}"
@@ -699,10 +709,11 @@ def _prepare_split(dm, split, root, state, layout, job, shard_size_mb, class_nam
                 next_key += 1
                 bad, unit_start = [], i + 1
             else:
-                size = _tar_size(sample)
-                if current and current_bytes + size > limit:
+                sample_json = _sample_json(next_key, record, sample.info, class_names)
+                size = _tar_size(sample, len(_sample_json_bytes(sample_json)))
+                if current and _shard_file_size(current_bytes + size) > limit:
                     close_shard(i)
-                current.append((next_key, _sample_json(next_key, record, sample.info, class_names), sample))
+                current.append((next_key, sample_json, sample))
                 current_bytes += size
                 next_key += 1
             if bar is not None:

@@ -99,7 +99,7 @@ def _shard_bytes(root: Path) -> dict[str, bytes]:
 def test_shards_of_a_folder_layout(folder_root, tmp_path):
     dm = VideoFolderDataModule(root=str(folder_root))
     out = tmp_path / "shards"
-    meta = prepare_dataset(dm, out, short_side=32, shard_size_mb=0.012, num_workers=0, progress=False)
+    meta = prepare_dataset(dm, out, short_side=32, shard_size_mb=0.021, num_workers=0, progress=False)
 
     assert read_meta(out) == json.loads((out / "meta.json").read_text(encoding="utf-8")) == meta
     assert meta["format"] == "vmm-shards" and meta["format_version"] == 1 and meta["layout"] == "shards"
@@ -114,11 +114,13 @@ def test_shards_of_a_folder_layout(folder_root, tmp_path):
     [(bad_path, reason)] = train["bad"]
     assert bad_path.endswith("e_corrupt.mp4") and reason
     assert len(train["shards"]) >= 2  # shard_size_mb forces several
+    assert any(s["num_samples"] > 1 for s in train["shards"])
     assert [s["first_key"] for s in train["shards"]] == np.cumsum([0] + [s["num_samples"] for s in train["shards"]])[
         :-1
     ].tolist()
     for s in train["shards"]:
         assert (out / "train" / s["name"]).stat().st_size == s["bytes"]
+        assert s["bytes"] <= 21_000 or s["num_samples"] == 1  # shard_size_mb in 10^6 bytes, a bound
     assert not list(out.rglob("*.tmp"))
 
     samples = _samples(out, "train")
