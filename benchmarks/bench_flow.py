@@ -7,7 +7,7 @@ best (image stencils fixed, the rest learnable), so the backward produces every 
 trains with.
 
 CUDA (when available): the reference and each kernel variant of --kernels (default: fast and simple,
-ops.kernel_loader.use_kernel_variant; the fast variant falls back to the simple kernels for planes
+ops.backends.use_kernel_variant; the fast variant falls back to the simple kernels for planes
 over 1024 float32 pixels, the "path" column says which ran) in this process on the same inputs; times
 from CUDA events (median of --iters after --warmup), peak memory of forward+backward above what the
 inputs occupy (torch.cuda.max_memory_allocated), and the ratios torch/kernels. The forward is also

@@ -8,7 +8,7 @@ layer2 C=128 at 28², layer3 C=256 at 14², layer4 C=512 at 7², N = 8 and 32 cl
 CUDA (when available): the reference ("torch") and the kernels ("cupy"), and the SIFA block's fused
 paths of both ("torch-fused", "cupy-fused": ``ops.sifa.deform_attention``) run in this process on
 the same inputs; the kernels once per variant of --kernels ("cupy:fast", "cupy:simple", ...;
-ops.kernel_loader.use_kernel_variant). Times from CUDA events (median of --iters after --warmup), peak
+ops.backends.use_kernel_variant). Times from CUDA events (median of --iters after --warmup), peak
 memory of the step above what the inputs occupy (torch.cuda.max_memory_allocated), and the ratios
 reference/kernels (torch/cupy and torch-fused/cupy-fused per variant) and simple/fast. --layout: the
 inputs' memory format, "block" (default) as the SIFA block hands them over (NCHW to the reference,

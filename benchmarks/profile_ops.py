@@ -20,7 +20,7 @@ run under autocast, as in a mixed-precision network.
     PYTHONPATH=. python benchmarks/profile_ops.py [--dtypes float32 float16] [--cases sifa flow]
                                                   [--kernels fast simple] [--iters 10] [--warmup 3]
                                                   [--bandwidth-gbs X]
-Each case runs once per kernel variant (ops.kernel_loader.use_kernel_variant: the fast kernels and the
+Each case runs once per kernel variant (ops.backends.use_kernel_variant: the fast kernels and the
 simple ones they replace), so the two are compared in one run.
 Needs a CUDA device and CuPy; exits with an error otherwise.
 """
