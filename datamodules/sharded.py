@@ -352,9 +352,15 @@ class ShardStream(IterableDataset):
         shards = split_meta.get("shards")
         if not isinstance(shards, list):
             raise ShardFormatError(f"meta.json: split {split!r} lists no shards")
-        self.shards = [
-            (shard_location(root, f"{split}/{s['name']}"), int(s["first_key"]), int(s["num_samples"])) for s in shards
-        ]
+        try:
+            self.shards = [
+                (shard_location(root, f"{split}/{s['name']}"), int(s["first_key"]), int(s["num_samples"]))
+                for s in shards
+            ]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ShardFormatError(
+                f"meta.json: split {split!r} has a shard entry without a name, first_key or num_samples ({exc!r})"
+            ) from None
         self.num_samples = sum(n for _, _, n in self.shards)
         self.clip, self.transform, self.batch_size = clip, transform, batch_size
         self.test_clips = test_clips if mode == "test" else 1
@@ -463,7 +469,7 @@ class ShardStream(IterableDataset):
 
     def _train_item(self, draws: _ShuffleBuffer, epoch: int, worker: int) -> dict:
         bad: list[int] = []
-        for attempt in range(self.max_retries + 1):
+        for _ in range(self.max_retries + 1):
             sample = draws.pop()
             if sample is None:
                 raise TooMuchBadData(
@@ -485,7 +491,6 @@ class ShardStream(IterableDataset):
                         f"{len(self._bad)} of the {len(self._tried)} samples tried in this process could not be "
                         f"decoded (more than max_bad_fraction={self.max_bad_fraction}); last: {exc}"
                     ) from None
-            del attempt
         raise TooMuchBadData(
             f"{self.max_retries + 1} samples in a row could not be decoded (max_retries={self.max_retries}); "
             f"most of the data may be unreadable. Last: key {bad[-1]} of {self.split}"
