@@ -23,6 +23,7 @@ from helpers.frames import write_jpeg_folder
 from PIL import Image
 
 from datamodules import (
+    KineticsDataModule,
     PrepareError,
     RawFrameListDataModule,
     ShardedVideoDataModule,
@@ -403,3 +404,29 @@ def test_shards_read_back_by_the_sharded_datamodule(folder_root, tmp_path):
     labels = [label for b in batches for label in b["label"].tolist()]
     assert labels == [r.label for r in source.records("test")]
     assert all(b["video"].shape[1:] == (3, 4, 32, 32) for b in batches)
+
+
+def test_untrimmed_kinetics_videos_keep_only_their_window(tmp_path):
+    root = tmp_path / "k"
+    _clip(root / "videos" / "yt1.mp4", 3, frames=30, fps=10)  # 3 s, untrimmed
+    (root / "annotations").mkdir()
+    csv = "label,youtube_id,time_start,time_end,split\nwave,yt1,0.5,1.5,train\n"
+    (root / "annotations" / "train.csv").write_text(csv, encoding="utf-8")
+    dm = KineticsDataModule(root=str(root), video_dir=str(root / "videos"), test_csv="train.csv")
+    meta = prepare_dataset(dm, tmp_path / "cut", short_side=32, num_workers=0, progress=False, splits=["train"])
+    members = _samples(tmp_path / "cut", "train")[0]
+    info = json.loads(members["json"])
+    assert info["num_frames"] == 10 and info["duration"] == pytest.approx(1.0) and "start" not in info
+    index = build_index(_decoded_file(members["mp4"], tmp_path, "cut.mp4"))
+    np.testing.assert_allclose(index.times(range(index.num_frames)), np.arange(10) / 10, atol=1e-3)
+    assert meta["classes"] == ["wave"]
+
+    prepare_dataset(dm, tmp_path / "raw", short_side=0, num_workers=0, progress=False, splits=["train"])
+    members = _samples(tmp_path / "raw", "train")[0]
+    info = json.loads(members["json"])
+    assert members["mp4"] == (root / "videos" / "yt1.mp4").read_bytes()  # the whole file, and its window:
+    assert (info["start"], info["end"], info["num_frames"]) == (0.5, 1.5, 10)
+
+    meta = prepare_dataset(dm, tmp_path / "files", format="files", short_side=32, num_workers=0, progress=False)
+    assert meta["splits"]["train"]["files"] == ["yt1_0.5-1.5.mp4"]
+    assert build_index(tmp_path / "files" / "train" / "yt1_0.5-1.5.mp4").num_frames == 10
