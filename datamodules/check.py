@@ -1,9 +1,8 @@
 """Dataset check: decode every video of a DataModule once, in parallel, and report what was found.
 
     vmm check-data --config configs/some.yaml [--splits [train, val]] [--num_workers 4] [--write_clean_list clean.txt]
-    python -m datamodules.check --config configs/some.yaml [--splits train val] [--num-workers 4]
 
-read the `data:` section (class_path + init_args) of a vmm config. A file listed in several
+reads the `data:` section (class_path + init_args) of a vmm config. A file listed in several
 splits is decoded once. From code: `check_datamodule(dm, num_workers=...)` returns a
 DataCheckReport and prints its table; `write_clean_lists(dm, report, path)` writes each checked
 split's annotation list without its bad entries.
@@ -11,8 +10,6 @@ split's annotation list without its bad entries.
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import os
 import statistics
 import sys
@@ -35,8 +32,6 @@ __all__ = [
     "SplitReport",
     "check_datamodule",
     "clean_list_files",
-    "load_datamodule",
-    "main",
     "write_clean_lists",
 ]
 
@@ -278,36 +273,3 @@ def write_clean_lists(dm: VideoDataModule, report: DataCheckReport, path: str | 
         atomic_write_text(file, "".join(lines))  # a reader never sees half a list
         written.append(file)
     return written
-
-
-def load_datamodule(config: str | Path) -> VideoDataModule:
-    """Instantiate the `data:` section (class_path + init_args) of a vmm YAML config."""
-    import yaml
-
-    with open(config, encoding="utf-8") as fh:
-        cfg = yaml.safe_load(fh) or {}
-    data = cfg.get("data")
-    if not isinstance(data, dict) or "class_path" not in data:
-        raise ValueError(f"config: {config} has no 'data:' section with a class_path")
-    class_path = data["class_path"]
-    module_name, _, cls_name = class_path.rpartition(".")
-    cls = getattr(importlib.import_module(module_name or "datamodules"), cls_name)
-    return cls(**(data.get("init_args") or {}))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m datamodules.check", description=__doc__.splitlines()[0])
-    ap.add_argument("--config", required=True, help="vmm YAML config with a data: section")
-    ap.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS)
-    ap.add_argument("--num-workers", type=int, default=2)
-    ap.add_argument("--decoder-threads", type=int, default=1)
-    args = ap.parse_args(argv)
-    dm = load_datamodule(args.config)
-    report = check_datamodule(
-        dm, splits=args.splits, num_workers=args.num_workers, decoder_threads=args.decoder_threads
-    )
-    return 0 if report.ok else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

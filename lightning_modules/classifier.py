@@ -12,12 +12,10 @@ ops: the network names its own parameter groups (`lightning_modules.networks.par
 from __future__ import annotations
 
 import math
-import time
 import warnings
-from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import PurePath
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -76,10 +74,6 @@ class VideoClassifier(pl.LightningModule):
             batch (0 = off); `mix_prob`: probability that a clip is mixed; `mix_switch_prob`: CutMix
             instead of mixup when both are on. Targets become class probabilities (every head's
             loss uses them); `train/top1` is then measured against each clip's dominant class.
-        log_data_time: log `train/data_time`, the share of training time spent waiting for the
-            loader (between the end of one step and the start of the next, batch transfer
-            included). On CUDA it is timed on the device with events, never blocking the host, and
-            logged when the device has finished the step, usually one or two steps late.
     """
 
     def __init__(
@@ -111,7 +105,6 @@ class VideoClassifier(pl.LightningModule):
         cutmix_alpha: float = 0.0,
         mix_prob: float = 1.0,
         mix_switch_prob: float = 0.5,
-        log_data_time: bool = True,
     ) -> None:
         super().__init__()
         with warnings.catch_warnings():
@@ -142,7 +135,7 @@ class VideoClassifier(pl.LightningModule):
         self._init_run_state()
 
     def _init_run_state(self) -> None:
-        """State that a run fills in (evaluation results, lr scaling, timers); none is a hyperparameter."""
+        """State that a run fills in (evaluation results, lr scaling); none is a hyperparameter."""
         self._eval: EvalAccumulator | None = None
         self.last_eval: dict[str, EvalResult] = {}
         # Set when a checkpoint's classes are the datamodule's in another order: output column j
@@ -152,10 +145,6 @@ class VideoClassifier(pl.LightningModule):
         self.lr_scale = 1.0  # set at fit start from base_batch_size and the actual global batch
         self._peak_lrs: list[float] = []
         self._augment_seed = 0
-        # `train/data_time`: host clock on CPU, device events on CUDA.
-        self._step_end: float | None = None
-        self._step_start: float | None = None
-        self._device_steps = _StepEventQueue()
 
     # ---------------------------------------------------------------- data on the device
 
@@ -272,7 +261,6 @@ class VideoClassifier(pl.LightningModule):
             )
 
     def on_train_start(self) -> None:
-        self._device_steps = _StepEventQueue()  # no events of an earlier fit
         # A resumed run restored the schedule of its checkpoint, whose peak lr may have been scaled
         # for another global batch: re-apply this run's scaled peaks.
         if self.hparams.base_batch_size is None or not self._peak_lrs:
@@ -284,59 +272,6 @@ class VideoClassifier(pl.LightningModule):
                 for group, peak, fn in zip(sched.optimizer.param_groups, self._peak_lrs, sched.lr_lambdas, strict=True):
                     group["initial_lr"] = peak
                     group["lr"] = peak * fn(sched.last_epoch)
-
-    # ---------------------------------------------------------------- input-bound monitor
-
-    def on_train_epoch_start(self) -> None:
-        # Each epoch's first step waits from here, not from the last step of the previous epoch
-        # (that gap holds validation and checkpointing).
-        if not self.hparams.log_data_time:
-            return
-        if self.device.type == "cuda":
-            self._device_steps.restart(self._record_cuda_event())
-        else:
-            self._step_end = time.perf_counter()
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        # Called after the batch is on the device (its transfer falls in the wait) and before the
-        # step's work is enqueued.
-        if not self.hparams.log_data_time:
-            return
-        if self.device.type == "cuda":
-            self._device_steps.step_started(self._record_cuda_event())
-        else:
-            self._step_start = time.perf_counter()
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Log `train/data_time`: loader wait / (loader wait + step), a share in [0, 1], per micro-batch.
-
-        CPU: this step, timed by the host clock (the work is synchronous). CUDA: timed on the device
-        by events on the current stream and read without blocking the host (`_StepEventQueue`), so
-        the value logged is that of the newest step the device has finished, usually one or two
-        steps behind; nothing is logged while none has (the first step of a run, typically).
-        """
-        if not self.hparams.log_data_time:
-            return
-        if self.device.type == "cuda":
-            self._device_steps.step_ended(self._record_cuda_event())
-            share = self._device_steps.newest_share()
-            if share is None:
-                return
-        else:
-            if self._step_start is None or self._step_end is None:
-                return
-            now = time.perf_counter()
-            share = _wait_share(self._step_start - self._step_end, now - self._step_start)
-            self._step_end = now
-        # A CPU tensor: `self.log` turns a Python number into a tensor on the module's device, a
-        # blocking host-to-device copy on CUDA.
-        self.log("train/data_time", torch.tensor(share), on_step=True, on_epoch=False, batch_size=1)
-
-    def _record_cuda_event(self) -> torch.cuda.Event:
-        """A timing event recorded on the module's device's current stream (the step's stream)."""
-        event = torch.cuda.Event(enable_timing=True)
-        event.record(torch.cuda.current_stream(self.device))
-        return event
 
     # ---------------------------------------------------------------- validation / test
 
@@ -649,78 +584,3 @@ def _warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float, cosine
         return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
-
-
-class _TimingEvent(Protocol):
-    """What `_StepEventQueue` needs of an event (torch.cuda.Event with enable_timing=True has it)."""
-
-    def query(self) -> bool: ...
-
-    def elapsed_time(self, end_event: Any) -> float: ...
-
-
-def _wait_share(wait: float, step: float) -> float:
-    """`train/data_time` of one step: the wait for its input over wait + step, in [0, 1] (negative clock
-    differences count as 0)."""
-    wait, step = max(0.0, wait), max(0.0, step)
-    return wait / max(wait + step, 1e-12)
-
-
-class _StepEventQueue:
-    """`train/data_time` of steps timed by device events, read without ever blocking the host.
-
-    Per step, three events recorded in stream order: the previous step's end (or the epoch start, see
-    `restart`), this step's start (batch already on the device, no step work enqueued yet) and its
-    end. On the device timeline, previous end -> start is the time the stream sat idle waiting for
-    the host (loader, batch transfer, host overhead) and start -> end the step's device time;
-    data_time = idle / (idle + step). A step's events complete when the device gets to them, so
-    `newest_share` polls them with `query()` (non-blocking), oldest step first, and returns the
-    newest step whose three events have all completed; `elapsed_time` is only ever called on
-    completed events. At most `capacity` steps wait to complete; a step ended while the queue is
-    full is not measured (the host that far ahead is rare; dropping the newest rather than the
-    oldest keeps measurements coming).
-
-    The events are not copied: a copy (deepcopy, pickle) of the queue starts empty.
-    """
-
-    def __init__(self, capacity: int = 8) -> None:
-        if capacity < 1:
-            raise ValueError(f"capacity must be >= 1, got {capacity}")
-        self.capacity = capacity
-        self._pending: deque[tuple[_TimingEvent, _TimingEvent, _TimingEvent]] = deque()
-        self._previous_end: _TimingEvent | None = None
-        self._start: _TimingEvent | None = None
-
-    def __len__(self) -> int:
-        """Steps ended and not yet read."""
-        return len(self._pending)
-
-    def restart(self, mark: _TimingEvent | None) -> None:
-        """The next step's idle time counts from `mark` (recorded now) instead of the last step's end;
-        None: the next step is not measured. Steps already ended stay in the queue."""
-        self._previous_end = mark
-        self._start = None
-
-    def step_started(self, start: _TimingEvent) -> None:
-        self._start = start
-
-    def step_ended(self, end: _TimingEvent) -> None:
-        if self._start is not None and self._previous_end is not None and len(self._pending) < self.capacity:
-            self._pending.append((self._previous_end, self._start, end))
-        self._previous_end, self._start = end, None
-
-    def newest_share(self) -> float | None:
-        """data_time of the newest completed step, dropping it and every older one; None if none completed."""
-        newest = None
-        while self._pending and all(event.query() for event in self._pending[0]):
-            newest = self._pending.popleft()
-        if newest is None:
-            return None
-        previous_end, start, end = newest
-        return _wait_share(previous_end.elapsed_time(start), start.elapsed_time(end))
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"capacity": self.capacity}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["capacity"])

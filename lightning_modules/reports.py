@@ -6,6 +6,7 @@
   `score_dump`), and adds the confusion figure to loggers that take figures (TensorBoard).
 - `PredictionWriter`: merges `VideoClassifier.predict_step` outputs per video and writes the
   top-k classes as JSON.
+- `fuse_scores`: the weighted mean of several models' score dumps (`vmm fuse-scores`).
 
 Every file is written atomically (`lightning_modules.io`), by global rank 0 only. Nothing is written
 when the Trainer has no logger (its log directory would be the working directory). The module
@@ -24,8 +25,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
 
-from .evaluation import EvalResult, average_views, gather_objects
-from .io import atomic_write_json, atomic_write_text, atomic_writer, check_readable_file
+from .evaluation import EvalResult, average_views, gather_objects, video_metrics
+from .io import atomic_write_json, atomic_write_text, atomic_writer, check_readable_file, check_writable_file
 
 __all__ = [
     "MAX_SCORE_FILE_BYTES",
@@ -33,6 +34,7 @@ __all__ = [
     "PredictionWriter",
     "TestReportWriter",
     "confusion_figure",
+    "fuse_scores",
     "read_score_dump",
     "score_dump",
     "write_test_report",
@@ -157,6 +159,88 @@ def read_score_dump(path: str | Path) -> dict[str, Any]:
         "probs": torch.tensor([v["probs"] for v in videos], dtype=torch.float32).reshape(len(videos), len(names)),
         "names": [v.get("name") for v in videos],
     }
+
+
+def fuse_scores(
+    dumps: Sequence[str | Path], weights: Sequence[float] | None = None, output: str | Path | None = None
+) -> dict[str, Any]:
+    """Fuse per-video score dumps (`scores_test.json` of `vmm test`, `score_dump`)
+    of two or more models on the same split: the fused probabilities of a video are the weighted
+    mean of its probabilities in each dump (weights default to equal; they need not sum to 1).
+
+    Videos are matched by `video_id`; their labels and (where both are known) names must agree, and
+    so must the class names. A video missing from some dump (it failed to decode there) is left
+    out and counted. Prints top-1 / top-5 / mean-class accuracy of each dump and of the fused
+    scores over the common videos when every label is known (>= 0), and writes the fused dump
+    (same format, plus `fused_from` and `metrics`) to `output` when given. Returns that dump.
+    """
+    if isinstance(dumps, str | Path) or len(dumps) < 2:
+        raise ValueError(f"dumps: expected at least two score files, got {dumps!r}")
+    weights = [1.0] * len(dumps) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(dumps) or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(
+            f"weights: expected {len(dumps)} non-negative numbers (one per dump) with a positive sum, got {weights}"
+        )
+    if output is not None:
+        check_writable_file(output, "--output")
+    read = [read_score_dump(d) for d in dumps]
+    names = read[0]["class_names"]
+    for d, r in zip(dumps[1:], read[1:], strict=True):
+        if r["class_names"] != names:
+            raise ValueError(f"{d}: class_names differ from {dumps[0]}'s (the dumps must come from the same classes)")
+    common = sorted(set.intersection(*(set(r["ids"].tolist()) for r in read)))
+    if not common:
+        raise ValueError(f"the dumps {[str(d) for d in dumps]} have no video_id in common (not the same split?)")
+    rows = [{v: i for i, v in enumerate(r["ids"].tolist())} for r in read]
+    ids = torch.tensor(common, dtype=torch.int64)
+    picked = [torch.tensor([row[v] for v in common], dtype=torch.int64) for row in rows]
+    labels = read[0]["labels"][picked[0]]
+    video_names = [read[0]["names"][i] for i in picked[0].tolist()]
+    for d, r, p in zip(dumps[1:], read[1:], picked[1:], strict=True):
+        if not torch.equal(r["labels"][p], labels):
+            raise ValueError(f"{d}: the labels of the common videos differ from {dumps[0]}'s")
+        other = [r["names"][i] for i in p.tolist()]
+        clash = [v for v, a, b in zip(common, video_names, other, strict=True) if a and b and a != b]
+        if clash:
+            raise ValueError(f"{d}: video ids {clash[:5]} name other files than in {dumps[0]} (not the same split?)")
+        video_names = [a or b for a, b in zip(video_names, other, strict=True)]
+    total = sum(weights)
+    fused = sum((w / total) * r["probs"][p] for w, r, p in zip(weights, read, picked, strict=True))
+    left_out = sorted(set().union(*(set(r["ids"].tolist()) for r in read)) - set(common))
+    excluded = sorted(set().union(*(set(r.get("excluded_video_ids") or []) for r in read)) | set(left_out))
+    labelled = bool(len(labels)) and bool((labels >= 0).all())
+    k = len(names)
+    lines = []
+    metrics = None
+    if labelled:
+        for d, r, p in zip(dumps, read, picked, strict=True):
+            lines.append((str(d), video_metrics(r["probs"][p], labels, k)))
+        metrics = video_metrics(fused, labels, k)
+        lines.append((f"fused (weights {', '.join(f'{w:g}' for w in weights)})", metrics))
+        width = max(len(n) for n, _ in lines)
+        for name, m in lines:
+            print(
+                f"{name:<{width}}  top-1 {100 * m['top1']:5.1f}%  top-5 {100 * m['top5']:5.1f}%  "
+                f"mean-class {100 * m['mean_class']:5.1f}%"
+            )
+    print(f"{len(common)} videos fused" + (f"; {len(left_out)} not in every dump, left out" if left_out else ""))
+    result = {
+        "format": SCORE_FORMAT,
+        "split": read[0].get("split"),
+        "class_names": list(names),
+        "num_classes": k,
+        "fused_from": [{"path": str(d), "weight": w} for d, w in zip(dumps, weights, strict=True)],
+        "metrics": metrics,
+        "videos": [
+            {"video_id": v, "name": n, "label": y, "probs": p}
+            for v, n, y, p in zip(ids.tolist(), video_names, labels.tolist(), fused.tolist(), strict=True)
+        ],
+        "excluded_video_ids": excluded,
+    }
+    if output is not None:
+        atomic_write_json(output, result)
+        print(f"fused scores written to {output}")
+    return result
 
 
 def write_test_report(

@@ -94,6 +94,14 @@ def test_demo_trains_tests_and_reports(demo):
     assert ckpt[PREDICT_SETTINGS_KEY]["num_frames"] == 8 and ckpt[PREDICT_SETTINGS_KEY]["test_clips"] == 2
 
 
+def test_vmm_installs_the_data_time_monitor(demo):
+    import csv
+
+    with open(demo["log_dir"] / "metrics.csv", encoding="utf-8") as fh:
+        shares = [float(r["train/data_time"]) for r in csv.DictReader(fh) if r.get("train/data_time")]
+    assert len(shares) == 6 and all(0.0 <= s <= 1.0 for s in shares), shares  # every step of the 1 epoch
+
+
 def test_validate_and_test_reproduce_the_demo_metrics(demo):
     args = ["--config", str(demo["cfg"]), "--ckpt_path", str(demo["best"])]
     val = _cli(["validate", *args]).model.last_eval["val"]
@@ -206,8 +214,7 @@ def test_fcf_network_flow_lr_scale(demo, tmp_path):
 
 
 def test_check_data_command(demo, capsys):
-    with pytest.warns(FutureWarning, match="--num-workers is deprecated"):
-        main(["check-data", "--config", str(demo["cfg"]), "--num-workers", "0", "--splits", "test"])
+    main(["check-data", "--config", str(demo["cfg"]), "--num_workers", "0", "--splits", "[test]"])
     out = capsys.readouterr().out
     assert "12" in out and "checked 12 distinct videos" in out
 

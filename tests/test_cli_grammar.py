@@ -1,5 +1,5 @@
-"""One `vmm` grammar: check-data through the same parser as fit/test, layered configs and
-num_classes, predict's path expansion, deprecated spellings, and fusing score dumps.
+"""One `vmm` grammar: check-data with the same data section as fit/test, layered configs and
+num_classes, predict's path expansion, and fusing score dumps.
 
 Fast: no network is trained here (the CLI runs that train are in test_cli.py).
 """
@@ -78,18 +78,6 @@ def test_check_data_takes_a_full_run_config_and_the_shared_overrides(tmp_path, s
         warnings.simplefilter("ignore")
         main(args)
     assert exc.value.code == 1  # the zero-byte file
-
-
-def test_check_data_old_spellings_still_work_with_a_deprecation(tmp_path, shared_videos):
-    cfg = _video_list_config(tmp_path, shared_videos)
-    with pytest.warns(FutureWarning) as record:
-        cli = _cli(["check-data", "--config", str(cfg), "--num-workers", "0", "--splits", "train", "val"])
-    messages = [str(w.message) for w in record if w.category is FutureWarning]
-    assert any("vmm check-data: --num-workers is deprecated, use --num_workers" in m for m in messages)
-    assert any("--splits train val is deprecated, use --splits [train, val]" in m for m in messages)
-    # val falls back to the test list, which holds the zero-byte file
-    assert list(cli.check_report.splits) == ["train", "val"] and cli.check_report.splits["train"].readable == 2
-    assert not cli.check_report.ok
 
 
 def test_explicit_num_classes_that_disagrees_with_the_data_is_an_error(tmp_path, shared_videos):

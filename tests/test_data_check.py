@@ -8,7 +8,7 @@ import os
 import pytest
 
 from datamodules import VideoListDataModule
-from datamodules.check import check_datamodule, load_datamodule, main
+from datamodules.check import check_datamodule
 
 
 def _write_list(tmp_path, shared_videos):
@@ -39,26 +39,6 @@ def test_check_datamodule_reports_bad_files_durations_and_rates(tmp_path, shared
     text = out.getvalue()
     assert "unreadable videos (1)" in text and "zero-byte file" in text
     assert "unusable entries (1)" in text and "missing.mp4: file not found" in text
-
-
-def test_check_command_line_reads_the_data_section(tmp_path, shared_videos, capsys):
-    lst = _write_list(tmp_path, shared_videos)
-    cfg = tmp_path / "config.yaml"
-    cfg.write_text(
-        "trainer:\n  max_epochs: 1\nmodel:\n  class_path: something.Else\n"
-        f"data:\n  class_path: datamodules.VideoListDataModule\n  init_args:\n"
-        f"    root: {shared_videos}\n    train_list: {lst}\n    batch_size: 2\n",
-        encoding="utf-8",
-    )
-    assert isinstance(load_datamodule(cfg), VideoListDataModule)
-    # The `python -m datamodules.check` entry point, run in-process (a subprocess would spend
-    # seconds importing torch for no extra coverage).
-    assert main(["--config", str(cfg), "--num-workers", "1"]) == 1  # unreadable files found
-    printed = capsys.readouterr().out
-    assert "train" in printed and "missing.mp4: file not found" in printed
-    (tmp_path / "bad.yaml").write_text("model: {}\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="no 'data:' section"):
-        load_datamodule(tmp_path / "bad.yaml")
 
 
 def _shared_split_lists(tmp_path):

@@ -507,12 +507,12 @@ def test_file_predict_checks_output_and_top_k_before_inference(sigterm_fit, tmp_
     for bad in ("0", "-2"):
         with pytest.raises(ValueError, match=rf"top_k must be an integer >= 1, got {bad}"):
             main(["predict", "--ckpt_path", str(ckpt), str(video), "--top_k", bad])
-    with pytest.raises(ValueError, match=r"output must be a file path, got the existing directory"):
-        main(["predict", "--ckpt_path", str(ckpt), str(video), "--output", str(tmp_path)])
+    with pytest.raises(ValueError, match=r"--predictions must be a file path, got the existing directory"):
+        main(["predict", "--ckpt_path", str(ckpt), str(video), "--predictions", str(tmp_path)])
     a_file = tmp_path / "a_file"
     a_file.write_text("", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"output: cannot write .*a_file/p\.json.*is not writable"):
-        main(["predict", "--ckpt_path", str(ckpt), str(video), "--output", str(a_file / "p.json")])
+    with pytest.raises(ValueError, match=r"--predictions: cannot write .*a_file/p\.json.*is not writable"):
+        main(["predict", "--ckpt_path", str(ckpt), str(video), "--predictions", str(a_file / "p.json")])
     with pytest.raises(ValueError, match=r"--predictions must be a file path, got the existing directory"):
         main(["predict", "--config", str(sigterm_fit["cfg"]), "--ckpt_path", str(ckpt), "--predictions", str(tmp_path)])
     assert list(tmp_path.glob("*.json")) == []

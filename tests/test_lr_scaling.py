@@ -1,5 +1,5 @@
 """Recipes that move between machines: `base_batch_size` (linear lr scaling to the actual global
-batch) and the `train/data_time` input-bound monitor, in real Trainer runs; the scaling also in
+batch) and the `train/data_time` input-bound monitor (`DataTimeMonitor`), in real Trainer runs; the scaling also in
 real 2-process DDP (gloo) against 1 process through the `vmm` CLI.
 """
 
@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 import ops
 from lightning_modules import VideoClassifier
-from lightning_modules.classifier import _StepEventQueue
+from lightning_modules.callbacks import DataTimeMonitor, _StepEventQueue
 
 
 def _metrics(log_dir: Path) -> list[dict[str, str]]:
@@ -123,7 +123,7 @@ def test_data_time_is_logged_in_unit_range_and_sees_a_slow_loader(tmp_path):
         loader = DataLoader(_SlowSquares(12, delay=delay), batch_size=4, collate_fn=collate)
         model = VideoClassifier(TinyNet(2), lr=0.1)
         out = tmp_path / name
-        trainer = lightning_cpu_trainer(out, max_epochs=2, enable_checkpointing=False)
+        trainer = lightning_cpu_trainer(out, max_epochs=2, enable_checkpointing=False, callbacks=[DataTimeMonitor()])
         trainer.fit(model, train_dataloaders=loader)
         shares[name] = _column(_metrics(out), "train/data_time")
         assert len(shares[name]) == 6  # every step of both epochs
@@ -131,7 +131,7 @@ def test_data_time_is_logged_in_unit_range_and_sees_a_slow_loader(tmp_path):
     # 4 items x 250 ms per batch against a tiny Conv3d step (tens of ms, more on a busy machine).
     mean = {name: sum(v) / len(v) for name, v in shares.items()}
     assert mean["slow"] > 0.5 and mean["slow"] > mean["fast"] + 0.2, shares
-    model = VideoClassifier(TinyNet(2), log_data_time=False)
+    model = VideoClassifier(TinyNet(2))  # a Trainer without the monitor
     out = tmp_path / "off"
     lightning_cpu_trainer(out, max_epochs=1, enable_checkpointing=False).fit(model, train_dataloaders=loader)
     assert not _column(_metrics(out), "train/data_time")
@@ -271,7 +271,7 @@ class _DeviceBoundNet(TinyNet):
 
 
 def _watch_cuda_waits(monkeypatch) -> dict[str, list]:
-    """Wrap the CUDA calls that block the host, recording those made from the classifier module,
+    """Wrap the CUDA calls that block the host, recording those made from the callbacks module,
     and `Event.elapsed_time`, recording whether both events had completed and their devices."""
     seen = {"blocking": [], "elapsed": []}
 
@@ -279,7 +279,7 @@ def _watch_cuda_waits(monkeypatch) -> dict[str, list]:
         original = getattr(owner, name)
 
         def wrapper(*args, **kw):
-            if sys._getframe(1).f_globals.get("__name__") == "lightning_modules.classifier":
+            if sys._getframe(1).f_globals.get("__name__") == "lightning_modules.callbacks":
                 seen["blocking"].append(f"{getattr(owner, '__name__', owner)}.{name}")
             return original(*args, **kw)
 
@@ -312,6 +312,7 @@ def _cuda_fit(tmp_path, net, delay: float, accumulate: int = 1) -> tuple[list[fl
         enable_model_summary=False,
         enable_checkpointing=False,
         log_every_n_steps=1,
+        callbacks=[DataTimeMonitor()],
     )
     trainer.fit(VideoClassifier(net, lr=0.1), train_dataloaders=loader)
     return _column(_metrics(tmp_path), "train/data_time"), trainer
@@ -338,16 +339,16 @@ def test_data_time_on_cuda_never_waits_for_the_device(tmp_path, monkeypatch):
     """With ~100 ms of GPU work still queued when `on_train_batch_end` runs, the hook returns at
     once (a synchronising one would take the 100 ms), and the share is low: the step is device-bound."""
     seen = _watch_cuda_waits(monkeypatch)
-    hook = VideoClassifier.on_train_batch_end
+    hook = DataTimeMonitor.on_train_batch_end
     calls = []  # (stream busy at entry, seconds in the hook)
 
-    def timed_hook(self, *args, **kw):
-        busy = not torch.cuda.current_stream(self.device).query()
+    def timed_hook(self, trainer, pl_module, *args, **kw):
+        busy = not torch.cuda.current_stream(pl_module.device).query()
         begin = time.perf_counter()
-        hook(self, *args, **kw)
+        hook(self, trainer, pl_module, *args, **kw)
         calls.append((busy, time.perf_counter() - begin))
 
-    monkeypatch.setattr(VideoClassifier, "on_train_batch_end", timed_hook)
+    monkeypatch.setattr(DataTimeMonitor, "on_train_batch_end", timed_hook)
     # 2e8 cycles: ~100 ms at the ~2 GHz of current data-centre GPUs, in the backward of every step.
     shares, _ = _cuda_fit(tmp_path, _DeviceBoundNet(2, cycles=200_000_000), delay=0.0)
     busy_times = sorted(seconds for busy, seconds in calls if busy)
