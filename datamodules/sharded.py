@@ -526,7 +526,14 @@ class ShardStream(IterableDataset):
         data = sample.members.get(str(info.get("member")))
         if data is None:
             raise VideoDecodeError(name, f"no video member .{info.get('member')}")
-        return info, VideoReader(data, threads=self.clip.decoder_threads, name=name)
+        reader = VideoReader(data, threads=self.clip.decoder_threads, name=name)
+        start, end = info.get("start"), info.get("end")
+        if start is not None or end is not None:
+            # An untrimmed video packed unchanged: only its time window is the sample.
+            if reader.window(start, end).num_frames == 0:
+                reader.close()
+                raise VideoDecodeError(name, f"no frames in the window [{start}, {end}) s")
+        return info, reader
 
     def _load(self, sample: _Sample | _Missing, rng: np.random.Generator, eval_mode: bool) -> dict:
         # The clip, transform and item of VideoClipDataset._load, from a shard sample's bytes.

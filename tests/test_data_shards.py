@@ -19,7 +19,14 @@ from helpers.ddp import run_datamodule_ddp
 from helpers.frames import write_jpeg_folder, write_webm
 from helpers.shards import cut_shard, read_batches, serve_directory, write_shard_set
 
-from datamodules import RawFrameListDataModule, ShardedVideoDataModule, TooMuchBadData, VideoListDataModule
+from datamodules import (
+    RawFrameListDataModule,
+    ShardedVideoDataModule,
+    TooMuchBadData,
+    VideoClipDataset,
+    VideoListDataModule,
+    VideoRecord,
+)
 from datamodules.encode import write_video
 from datamodules.prepare import prepare_dataset
 from datamodules.sharded import ShardFormatError, ShardLoader, ShardStream
@@ -161,6 +168,19 @@ def test_frame_folder_samples_decode_like_the_folder(tmp_path):
     expected = dm.predict_dataset([str(folder)])[0]  # the frame-folder reader, same test views
     assert torch.equal(batch["video"], expected["video"])
     assert batch["label"].tolist() == [1] * 6 and batch["video_id"].tolist() == [0] * 6
+
+
+def test_a_time_window_in_the_json_cuts_the_packed_video(shared_videos, tmp_path):
+    clip = str(shared_videos / "kinetics_arm_wrestling.mp4")  # 10 s at 28 fps
+    write_shard_set(tmp_path, {"test": [(clip, 1, 2.0, 5.0), (clip, 0, 9.99, 20.0)]}, ["0", "1"])
+    dm = _shard_dm(tmp_path, test_batch_size=1)
+    dm.setup("test")
+    windowed, empty = _batches(dm.test_dataloader())
+    reference = VideoClipDataset(
+        [VideoRecord(clip, 1, 2.0, 5.0)], mode="test", clip=dm.clip, transform=dm.test_transform, test_clips=2
+    )[0]
+    assert torch.equal(windowed["video"], reference["video"])
+    assert empty["bad_video_ids"].tolist() == [1] and empty["video"].shape[0] == 0
 
 
 def test_meta_json_is_checked(tmp_path):

@@ -39,7 +39,9 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _sample_members(key: int, path: Path, label: int, classes: Sequence[str], data: bytes | None) -> list:
+def _sample_members(
+    key: int, path: Path, label: int, classes: Sequence[str], data: bytes | None, window: tuple = ()
+) -> list:
     name = f"{key:09d}"
     info = {
         "label": label,
@@ -60,6 +62,8 @@ def _sample_members(key: int, path: Path, label: int, classes: Sequence[str], da
     else:
         ext = path.suffix.lower()[1:]
         info.update(kind="video", member=ext)
+        if window:
+            info["start"], info["end"] = window
         members = [(f"{name}.{ext}", path.read_bytes() if data is None else data)]
     return [(f"{name}.json", json.dumps(info).encode("utf-8")), *members]
 
@@ -71,7 +75,8 @@ def write_shard_set(
     samples_per_shard: int = 3,
     replace_data: dict[tuple[str, int], bytes] | None = None,
 ) -> dict:
-    """Pack `splits` ({split: [(path, label), ...]}) into shards of `samples_per_shard` samples;
+    """Pack `splits` ({split: [(path, label) or (path, label, start, end), ...]}; start / end: the
+    time window of an untrimmed video, in seconds) into shards of `samples_per_shard` samples;
     `replace_data[(split, key)]` stores those bytes as that sample's video member (a corrupt
     member). Returns the meta.json written."""
     out = Path(out)
@@ -84,10 +89,10 @@ def write_shard_set(
             chunk = entries[first : first + samples_per_shard]
             tmp = out / split / (name + ".tmp")
             with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-                for k, (path, label) in enumerate(chunk):
+                for k, (path, label, *window) in enumerate(chunk):
                     key = first + k
                     data = (replace_data or {}).get((split, key))
-                    for member, payload in _sample_members(key, Path(path), int(label), classes, data):
+                    for member, payload in _sample_members(key, Path(path), int(label), classes, data, tuple(window)):
                         _add(tar, member, payload)
             tmp.rename(out / split / name)
             shards.append(
