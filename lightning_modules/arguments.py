@@ -61,7 +61,7 @@ def debug_requested(argv: Sequence[str] = ()) -> bool:
     return "--debug" in argv or os.environ.get("VMM_DEBUG", "0").strip() not in ("", "0")
 
 
-def _parse_error_fix(message: str) -> str | None:
+def _parse_error_fix(message: str, top_level: bool = True) -> str | None:
     """A parse error as one line naming the fix; None for a multi-line report (type errors), which
     is printed as jsonargparse words it.
 
@@ -81,10 +81,11 @@ def _parse_error_fix(message: str) -> str | None:
         key, cls, names = init.groups()
         options = " ".join(f"--{key}.init_args.{n.strip()} VALUE" for n in names.split(",") if n.strip())
         return f"{cls.rpartition('.')[2]} needs {names.strip()}: give {options} (or set it in the --config file)"
-    typed = re.fullmatch(r'Parser key "([\w.]+)":\s*\n\s*([^\n]+)', message.strip())
+    # A nested parser's message becomes part of its parent's, which the rules above read as worded.
+    typed = top_level and re.fullmatch(r'Parser key "([\w.]+)":\s*\n\s*([^\n]+)', message.strip())
     if typed:  # one value of the wrong type: "--format: Expected a ... Got value: zip"
         return f"--{typed[1]}: {typed[2].strip()}"
-    missing = re.fullmatch(r"the following arguments are required: ([\w, ]+)", message.strip())
+    missing = top_level and re.fullmatch(r"the following arguments are required: ([\w, ]+)", message.strip())
     if missing:  # options of the command itself, named as they are typed
         return "the following arguments are required: " + ", ".join(f"--{n.strip()}" for n in missing[1].split(","))
     if "\n" not in message.strip():  # a one-line message needs no usage block above it
@@ -100,7 +101,7 @@ class VMMArgumentParser(LightningArgumentParser):
     vmm_command: str | None = None
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        fix = _parse_error_fix(message)
+        fix = _parse_error_fix(message, top_level=self.exit_on_error)
         if fix is None or not self.exit_on_error or debug_requested():
             super().error(message if fix is None else fix, ex)
         command = f"vmm {self.vmm_command}" if self.vmm_command else "vmm"

@@ -239,6 +239,8 @@ class VMMCLI(LightningCLI):
             callbacks.append(PredictionWriter(self.config["predict"].get("predictions")))  # checked when parsed
         return super().instantiate_trainer(callbacks=callbacks, **kwargs)
 
+    # LightningCLI runs a CLI method named like the subcommand instead of the Trainer's: not documented,
+    # but no private name; the documented hooks (before_predict) cannot change what is predicted.
     def predict(self, model: LightningModule, datamodule: LightningDataModule | None = None, **kwargs: Any) -> None:
         """`vmm predict`: the given videos (decoded with the datamodule's test views), else the
         datamodule's predict set, else its test set (`lightning_modules.predict.run_predict`)."""
