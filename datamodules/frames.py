@@ -15,6 +15,7 @@ at test (docs/data.md).
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import string
@@ -238,6 +239,11 @@ class FrameFolderReader:
     """Clip decoding from a frame folder, with the interface of `VideoReader` (context manager,
     `index.num_frames`, `decode(frame_indices, short_side=...)`). Nothing is held open.
     `decode_full_scale = True` turns the reduced-scale JPEG decoding off (for comparisons).
+
+    `images`: the frames' encoded bytes (frame i is `images[i]`; e.g. the frame members of a tar
+    shard) read instead of the folder's files; `path` then only names the video in errors, and
+    `index` (if given) must count `len(images)` frames. An empty `images` is an unreadable video
+    (VideoDecodeError).
     """
 
     def __init__(
@@ -247,9 +253,20 @@ class FrameFolderReader:
         index: FrameIndex | None = None,
         template: str = DEFAULT_TEMPLATE,
         start_index: int = 1,
+        images: Sequence[bytes] | None = None,
     ):
         self.path = str(path)
-        self.index = index if index is not None else frame_index(path, template, start_index)
+        self.images = None if images is None else list(images)
+        if self.images is None:
+            self.index = index if index is not None else frame_index(path, template, start_index)
+        elif not self.images:
+            raise VideoDecodeError(self.path, "no frame images")
+        elif index is None:
+            self.index = FrameIndex(self.path, len(self.images), template, start_index)
+        elif index.num_frames != len(self.images):
+            raise ValueError(f"index: counts {index.num_frames} frames, but images holds {len(self.images)}")
+        else:
+            self.index = index
         self.decode_full_scale = False
 
     def __enter__(self) -> FrameFolderReader:
@@ -289,8 +306,8 @@ class FrameFolderReader:
         return out
 
     def _read(self, i: int, short_side: int | None, size: tuple[int, int] | None) -> np.ndarray:
-        file = self.index.file(i)
-        name = os.path.basename(file)
+        file = self.index.file(i) if self.images is None else io.BytesIO(self.images[i])
+        name = os.path.basename(file) if self.images is None else str(i)
         try:
             with Image.open(file) as im:
                 w, h = size if size is not None else output_size(im.width, im.height, short_side)

@@ -5,6 +5,8 @@ bad-data policy (missing folder/file, empty folder, unreadable image) inside the
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +15,14 @@ from PIL import Image
 
 from datamodules import ClipSettings, ClipTransform, VideoClipDataset, VideoDecodeError
 from datamodules.decode import VideoReader
-from datamodules.frames import FrameFolderReader, FrameRecord, check_template, frame_index, probe_frame_folder
+from datamodules.frames import (
+    FrameFolderReader,
+    FrameIndex,
+    FrameRecord,
+    check_template,
+    frame_index,
+    probe_frame_folder,
+)
 
 CLIP = "h264_340x256.mp4"
 
@@ -103,6 +112,26 @@ def test_bad_frame_folders_raise_decode_errors_naming_the_folder(clip_frames, tm
     listed = frame_index(tmp_path / "absent", num_frames=8)  # a listed count is trusted, no scan
     with pytest.raises(VideoDecodeError, match="frame file missing"):
         FrameFolderReader(tmp_path / "absent", index=listed).decode([0])
+
+
+def test_frames_given_as_bytes_decode_like_the_folder_files(clip_frames, tmp_path):
+    folder = write_jpeg_folder(tmp_path / "clip", clip_frames[:6], quality=95)
+    images = [(folder / f"img_{i:05d}.jpg").read_bytes() for i in range(1, 7)]
+    want = [5, 0, 0, 3]
+    for short_side in (None, 64, 200):  # full size, DCT scaling alone, DCT scaling and a resize
+        from_bytes = FrameFolderReader("clip in memory", images=images).decode(want, short_side=short_side)
+        np.testing.assert_array_equal(from_bytes, FrameFolderReader(folder).decode(want, short_side=short_side))
+    ramp = (np.arange(16 * 24, dtype=np.uint32).reshape(16, 24) * 170).astype(np.uint16)
+    png16 = io.BytesIO()
+    Image.fromarray(ramp).save(png16, format="PNG")
+    got = FrameFolderReader("grey", images=[png16.getvalue()]).decode([0])
+    np.testing.assert_array_equal(got[0], np.repeat((ramp >> 8).astype(np.uint8)[..., None], 3, axis=-1))
+    with pytest.raises(VideoDecodeError, match=r"^clip in memory: unreadable frame 1: "):
+        FrameFolderReader("clip in memory", images=[images[0], b"not a jpeg"]).decode([1])
+    with pytest.raises(VideoDecodeError, match="^empty: no frame images"):
+        FrameFolderReader("empty", images=[])
+    with pytest.raises(ValueError, match="index: counts 3 frames, but images holds 6"):
+        FrameFolderReader("clip", images=images, index=FrameIndex("clip", 3))
 
 
 def test_clip_dataset_reads_frame_records_and_counts_bad_folders(clip_frames, tmp_path):
