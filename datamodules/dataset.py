@@ -21,8 +21,8 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler, get_worker_info
 
 from .annotations import VideoRecord, record_problem
-from .decode import IndexCache, VideoDecodeError
-from .frames import FrameIndexCache, FrameRecord, open_clip_reader, record_for_path
+from .decode import IndexCache, VideoDecodeError, VideoReader
+from .frames import FrameFolderReader, FrameIndexCache, FrameRecord, open_clip_reader, record_for_path
 from .sampling import Sampling, ShortVideo, eval_clip_indices, train_clip_indices
 from .transforms import ClipTransform
 
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 Mode = Literal["train", "val", "test"]
 
 __all__ = [
+    "ClipItems",
     "ClipSettings",
     "TooMuchBadData",
     "UnpaddedDistributedSampler",
@@ -67,7 +68,111 @@ class TooMuchBadData(RuntimeError):
     """Raised when retries are exhausted or most of the videos tried could not be decoded."""
 
 
-class VideoClipDataset(Dataset):
+class ClipItems:
+    """What the clip datasets share (`VideoClipDataset` over files, `sharded.ShardStream` over tar
+    shards): the checked settings, the item of one video from its opened reader (`_clip_item`), the
+    item of videos that could not be decoded (`_empty`), and the count of bad videos that stops a
+    run on mostly unreadable data (`_count_bad`).
+
+    mode "train": one random clip per item; mode "val": the centre clip, one view; mode "test":
+    `test_clips` clips x the transform's crops. `flip_labels` (training only): flip each clip
+    horizontally with probability 0.5 and map its label through this table (class -> class seen in
+    the mirror: left/right pairs swapped).
+    """
+
+    def __init__(
+        self,
+        mode: Mode,
+        clip: ClipSettings,
+        transform: ClipTransform,
+        test_clips: int = 1,
+        max_retries: int = 10,
+        max_bad_fraction: float = 0.5,
+        flip_labels: Sequence[int] | None = None,
+    ):
+        if mode not in ("train", "val", "test"):
+            raise ValueError(f"mode: expected 'train', 'val' or 'test', got {mode!r}")
+        if test_clips < 1:
+            raise ValueError(f"test_clips: expected >= 1, got {test_clips}")
+        if max_retries < 0:
+            raise ValueError(f"max_retries: expected >= 0, got {max_retries}")
+        self.mode = mode
+        self.clip = clip
+        self.transform = transform
+        self.test_clips = test_clips if mode == "test" else 1
+        self.max_retries = max_retries
+        self.max_bad_fraction = max_bad_fraction
+        self.flip_labels = None if flip_labels is None or mode != "train" else [int(k) for k in flip_labels]
+        self._tried: set[int] = set()  # distinct videos this process tried, and those that failed
+        self._bad: set[int] = set()
+
+    @property
+    def views_per_video(self) -> int:
+        return self.test_clips * (self.transform.num_crops if self.mode == "test" else 1)
+
+    def sample_shape(self) -> tuple[int, int, int, int]:
+        """(3, T, H, W) of a sample; H = W = 0 when crop_size is None (size depends on the video)."""
+        c = self.transform.crop_size or 0
+        return 3, self.clip.num_frames, c, c
+
+    def _clip_item(
+        self,
+        reader: VideoReader | FrameFolderReader,
+        label: int,
+        video_id: int,
+        rng: np.random.Generator,
+        eval_mode: bool,
+    ) -> dict[str, torch.Tensor]:
+        # `reader` is closed once the frames are decoded. `rng` draws, in order, the clip, the
+        # decode size, the transform and the flip: the same draws give the same item from any source.
+        c = self.clip
+        with reader:
+            n = reader.index.num_frames
+            if eval_mode:
+                clips = eval_clip_indices(
+                    n, c.num_frames, c.frame_interval, self.test_clips, sampling=c.sampling, short_video=c.short_video
+                )
+            else:
+                clips = train_clip_indices(
+                    n, c.num_frames, c.frame_interval, rng, sampling=c.sampling, short_video=c.short_video
+                )[None]
+            short_side = self.transform.decode_short_side(rng)
+            frames = reader.decode(clips.reshape(-1), short_side=short_side)
+        frames = frames.reshape(clips.shape[0], clips.shape[1], *frames.shape[1:])
+        views = [v for k in range(clips.shape[0]) for v in self.transform(frames[k], rng)]
+        if self.flip_labels is not None and not eval_mode and rng.random() < 0.5:
+            views = [x.flip(-1) for x in views]  # [3,T,H,W]: mirror the width
+            label = self.flip_labels[label]
+        v = len(views)
+        return {
+            "video": torch.stack(views),
+            "label": torch.full((v,), label, dtype=torch.int64),
+            "video_id": torch.full((v,), video_id, dtype=torch.int64),
+            "view": torch.arange(v, dtype=torch.int64),
+            "bad_video_ids": torch.empty(0, dtype=torch.int64),
+        }
+
+    def _empty(self, bad: list[int]) -> dict[str, torch.Tensor]:
+        return {
+            "video": torch.empty((0, *self.sample_shape()), dtype=torch.uint8),
+            "label": torch.empty(0, dtype=torch.int64),
+            "video_id": torch.empty(0, dtype=torch.int64),
+            "view": torch.empty(0, dtype=torch.int64),
+            "bad_video_ids": torch.tensor(bad, dtype=torch.int64),
+        }
+
+    def _count_bad(self, video_id: int, exc: VideoDecodeError) -> None:
+        """Count a video that failed in training; TooMuchBadData once 8 distinct videos failed in
+        this process and they are more than `max_bad_fraction` of the distinct videos tried."""
+        self._bad.add(video_id)
+        if len(self._bad) >= 8 and len(self._bad) > self.max_bad_fraction * len(self._tried):
+            raise TooMuchBadData(
+                f"{len(self._bad)} of the {len(self._tried)} videos tried in this process could not be "
+                f"decoded (more than max_bad_fraction={self.max_bad_fraction}); last: {exc}"
+            ) from None
+
+
+class VideoClipDataset(ClipItems, Dataset):
     """Clips of `records` for one split.
 
     mode "train": one random clip per item (random crop/flip/scale from `transform`); a video that
@@ -97,39 +202,16 @@ class VideoClipDataset(Dataset):
         index_cache_size: int = 256,
         flip_labels: Sequence[int] | None = None,
     ):
-        if mode not in ("train", "val", "test"):
-            raise ValueError(f"mode: expected 'train', 'val' or 'test', got {mode!r}")
-        if test_clips < 1:
-            raise ValueError(f"test_clips: expected >= 1, got {test_clips}")
-        if max_retries < 0:
-            raise ValueError(f"max_retries: expected >= 0, got {max_retries}")
+        super().__init__(mode, clip, transform, test_clips, max_retries, max_bad_fraction, flip_labels)
         self.records = list(records)
-        self.mode = mode
-        self.clip = clip
-        self.transform = transform
-        self.test_clips = test_clips if mode == "test" else 1
-        self.max_retries = max_retries
-        self.max_bad_fraction = max_bad_fraction
-        self.flip_labels = None if flip_labels is None or mode != "train" else [int(k) for k in flip_labels]
         self._cache = IndexCache(index_cache_size)
         self._frame_cache = FrameIndexCache(index_cache_size)
         # Entries found unusable when the split was listed were reported then (VideoDataModule).
         self._reported: set[str] = {r.path for r in self.records if r.problem is not None}
         self._visits: dict[int, int] = {}
-        self._tried: set[int] = set()  # distinct videos this process tried, and those that failed
-        self._bad: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.records)
-
-    @property
-    def views_per_video(self) -> int:
-        return self.test_clips * (self.transform.num_crops if self.mode == "test" else 1)
-
-    def sample_shape(self) -> tuple[int, int, int, int]:
-        """(3, T, H, W) of a sample; H = W = 0 when crop_size is None (size depends on the video)."""
-        c = self.transform.crop_size or 0
-        return 3, self.clip.num_frames, c, c
 
     # -- randomness -----------------------------------------------------------------------------
     @staticmethod
@@ -168,14 +250,9 @@ class VideoClipDataset(Dataset):
                 item["bad_video_ids"] = torch.tensor(bad, dtype=torch.int64)
                 return item
             except VideoDecodeError as exc:
-                self._bad.add(current)
                 self._report(exc)
                 bad.append(current)
-                if len(self._bad) >= 8 and len(self._bad) > self.max_bad_fraction * len(self._tried):
-                    raise TooMuchBadData(
-                        f"{len(self._bad)} of the {len(self._tried)} videos tried in this process could not be "
-                        f"decoded (more than max_bad_fraction={self.max_bad_fraction}); last: {exc}"
-                    ) from None
+                self._count_bad(current, exc)
                 current = int(rng.integers(0, len(self.records)))
         raise TooMuchBadData(
             f"{self.max_retries + 1} videos in a row could not be decoded while loading item {index} "
@@ -187,15 +264,6 @@ class VideoClipDataset(Dataset):
         if exc.path not in self._reported:
             self._reported.add(exc.path)
             log.warning("skipping unreadable video %s: %s", exc.path, exc.reason)
-
-    def _empty(self, bad: list[int]) -> dict[str, torch.Tensor]:
-        return {
-            "video": torch.empty((0, *self.sample_shape()), dtype=torch.uint8),
-            "label": torch.empty(0, dtype=torch.int64),
-            "video_id": torch.empty(0, dtype=torch.int64),
-            "view": torch.empty(0, dtype=torch.int64),
-            "bad_video_ids": torch.tensor(bad, dtype=torch.int64),
-        }
 
     def _index(self, record: VideoRecord):
         # Checked before anything opens the path: opening a FIFO would block this worker forever.
@@ -213,34 +281,8 @@ class VideoClipDataset(Dataset):
 
     def _load(self, vid: int, rng: np.random.Generator, eval_mode: bool) -> dict[str, torch.Tensor]:
         record = self.records[vid]
-        c = self.clip
-        index = self._index(record)
-        n = index.num_frames
-        if eval_mode:
-            clips = eval_clip_indices(
-                n, c.num_frames, c.frame_interval, self.test_clips, sampling=c.sampling, short_video=c.short_video
-            )
-        else:
-            clips = train_clip_indices(
-                n, c.num_frames, c.frame_interval, rng, sampling=c.sampling, short_video=c.short_video
-            )[None]
-        short_side = self.transform.decode_short_side(rng)
-        with open_clip_reader(record, index, threads=c.decoder_threads) as reader:
-            frames = reader.decode(clips.reshape(-1), short_side=short_side)
-        frames = frames.reshape(clips.shape[0], clips.shape[1], *frames.shape[1:])
-        views = [v for k in range(clips.shape[0]) for v in self.transform(frames[k], rng)]
-        label = record.label
-        if self.flip_labels is not None and not eval_mode and rng.random() < 0.5:
-            views = [x.flip(-1) for x in views]  # [3,T,H,W]: mirror the width
-            label = self.flip_labels[label]
-        v = len(views)
-        return {
-            "video": torch.stack(views),
-            "label": torch.full((v,), label, dtype=torch.int64),
-            "video_id": torch.full((v,), vid, dtype=torch.int64),
-            "view": torch.arange(v, dtype=torch.int64),
-            "bad_video_ids": torch.empty(0, dtype=torch.int64),
-        }
+        reader = open_clip_reader(record, self._index(record), threads=self.clip.decoder_threads)
+        return self._clip_item(reader, record.label, vid, rng, eval_mode)
 
 
 class VideoFilesDataset(VideoClipDataset):

@@ -49,7 +49,6 @@ the ranks met no bad or missing sample in that epoch (a bad sample costs its ran
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -65,15 +64,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .annotations import VideoRecord
 from .base import SPLITS, VideoDataModule
-from .dataset import ClipSettings, TooMuchBadData, collate_clips
-from .decode import VideoDecodeError, VideoReader, output_size
-from .frames import FrameFolderReader, FrameIndex
-from .sampling import eval_clip_indices, train_clip_indices
+from .dataset import ClipItems, ClipSettings, TooMuchBadData, collate_clips
+from .decode import VideoDecodeError, VideoReader
+from .frames import FrameFolderReader
 from .transforms import ClipTransform
 
 log = logging.getLogger(__name__)
@@ -286,40 +283,10 @@ def _read_segment(segment: _Segment, json_only: bool = False) -> Iterator[_Sampl
             yield _Missing(k, f"not read from {segment.location}: {reason}")
 
 
-# -- in-memory frames ---------------------------------------------------------------------------------
-
-_GREY_16 = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-
-
-class _MemberFrameReader(FrameFolderReader):
-    """`FrameFolderReader` over a shard sample's frame members (bytes) instead of a folder."""
-
-    def __init__(self, name: str, frames: list[bytes]):
-        super().__init__(name, index=FrameIndex(name, len(frames), "f{:06d}", 0))
-        self.frames = frames
-
-    def _read(self, i: int, short_side: int | None, size: tuple[int, int] | None) -> np.ndarray:
-        try:
-            with Image.open(io.BytesIO(self.frames[i])) as im:
-                w, h = size if size is not None else output_size(im.width, im.height, short_side)
-                if (w, h) != im.size:
-                    im.draft("RGB", (w, h))
-                if im.mode in _GREY_16:  # 16-bit grey keeps its high byte, as for frame folders
-                    values = np.asarray(im).astype(np.uint32) >> 8
-                    rgb = Image.fromarray(values.astype(np.uint8)).convert("RGB")
-                else:
-                    rgb = im.convert("RGB")
-                if rgb.size != (w, h):
-                    rgb = rgb.resize((w, h), Image.Resampling.BILINEAR)
-                return np.asarray(rgb, dtype=np.uint8)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-            raise VideoDecodeError(self.path, f"unreadable frame {i}: {exc}") from None
-
-
 # -- the dataset ------------------------------------------------------------------------------------------
 
 
-class ShardStream(IterableDataset):
+class ShardStream(ClipItems, IterableDataset):
     """The samples of one split of a shard set, for one rank (`world`, `rank`): the training share
     or the evaluation keys of the module docstring, as items of `VideoClipDataset` (plus, in
     training, `_worker` and `_pops` tags that `ShardLoader` removes). `len()` is the number of items
@@ -344,11 +311,10 @@ class ShardStream(IterableDataset):
         max_bad_fraction: float = 0.5,
         flip_labels: list[int] | None = None,
     ):
-        if mode not in ("train", "val", "test"):
-            raise ValueError(f"mode: expected 'train', 'val' or 'test', got {mode!r}")
+        super().__init__(mode, clip, transform, test_clips, max_retries, max_bad_fraction, flip_labels)
         if not 0 <= rank < world:
             raise ValueError(f"rank: expected 0 <= rank < world ({world}), got {rank}")
-        self.root, self.split, self.mode = root, split, mode
+        self.root, self.split = root, split
         shards = split_meta.get("shards")
         if not isinstance(shards, list):
             raise ShardFormatError(f"meta.json: split {split!r} lists no shards")
@@ -362,17 +328,12 @@ class ShardStream(IterableDataset):
                 f"meta.json: split {split!r} has a shard entry without a name, first_key or num_samples ({exc!r})"
             ) from None
         self.num_samples = sum(n for _, _, n in self.shards)
-        self.clip, self.transform, self.batch_size = clip, transform, batch_size
-        self.test_clips = test_clips if mode == "test" else 1
+        self.batch_size = batch_size
         self.world, self.rank, self.seed = world, rank, int(seed)
         self.shuffle_buffer = max(1, int(shuffle_buffer))
-        self.max_retries, self.max_bad_fraction = max_retries, max_bad_fraction
-        self.flip_labels = flip_labels if mode == "train" else None
         self.epoch = 0
         self.resume: dict[int, tuple[int, int]] | None = None  # worker -> (batches done, buffer pops)
         self._reported: set[int] = set()
-        self._tried: set[int] = set()
-        self._bad: set[int] = set()
 
     # -- shares ---------------------------------------------------------------------------------------
     def rank_range(self) -> tuple[int, int]:
@@ -483,14 +444,9 @@ class ShardStream(IterableDataset):
                 item["bad_video_ids"] = torch.tensor(bad, dtype=torch.int64)
                 return item
             except VideoDecodeError as exc:
-                self._bad.add(sample.key)
                 self._report(sample.key, exc)
                 bad.append(sample.key)
-                if len(self._bad) >= 8 and len(self._bad) > self.max_bad_fraction * len(self._tried):
-                    raise TooMuchBadData(
-                        f"{len(self._bad)} of the {len(self._tried)} samples tried in this process could not be "
-                        f"decoded (more than max_bad_fraction={self.max_bad_fraction}); last: {exc}"
-                    ) from None
+                self._count_bad(sample.key, exc)
         raise TooMuchBadData(
             f"{self.max_retries + 1} samples in a row could not be decoded (max_retries={self.max_retries}); "
             f"most of the data may be unreadable. Last: key {bad[-1]} of {self.split}"
@@ -500,16 +456,6 @@ class ShardStream(IterableDataset):
         if key not in self._reported:
             self._reported.add(key)
             log.warning("skipping unreadable video %s (%s key %d): %s", exc.path, self.split, key, exc.reason)
-
-    def _empty(self, bad: list[int]) -> dict:
-        c = self.transform.crop_size or 0
-        return {
-            "video": torch.empty((0, 3, self.clip.num_frames, c, c), dtype=torch.uint8),
-            "label": torch.empty(0, dtype=torch.int64),
-            "video_id": torch.empty(0, dtype=torch.int64),
-            "view": torch.empty(0, dtype=torch.int64),
-            "bad_video_ids": torch.tensor(bad, dtype=torch.int64),
-        }
 
     def _reader(self, sample: _Sample | _Missing):
         if isinstance(sample, _Missing):
@@ -522,7 +468,7 @@ class ShardStream(IterableDataset):
             frames = sorted(s for s in sample.members if s.startswith("f") and s[1:7].isdigit())
             if not frames:
                 raise VideoDecodeError(name, "no frame members")
-            return info, _MemberFrameReader(name, [sample.members[s] for s in frames])
+            return info, FrameFolderReader(name, images=[sample.members[s] for s in frames])
         data = sample.members.get(str(info.get("member")))
         if data is None:
             raise VideoDecodeError(name, f"no video member .{info.get('member')}")
@@ -536,35 +482,8 @@ class ShardStream(IterableDataset):
         return info, reader
 
     def _load(self, sample: _Sample | _Missing, rng: np.random.Generator, eval_mode: bool) -> dict:
-        # The clip, transform and item of VideoClipDataset._load, from a shard sample's bytes.
-        c = self.clip
         info, reader = self._reader(sample)
-        with reader:
-            n = reader.index.num_frames
-            if eval_mode:
-                clips = eval_clip_indices(
-                    n, c.num_frames, c.frame_interval, self.test_clips, sampling=c.sampling, short_video=c.short_video
-                )
-            else:
-                clips = train_clip_indices(
-                    n, c.num_frames, c.frame_interval, rng, sampling=c.sampling, short_video=c.short_video
-                )[None]
-            short_side = self.transform.decode_short_side(rng)
-            frames = reader.decode(clips.reshape(-1), short_side=short_side)
-        frames = frames.reshape(clips.shape[0], clips.shape[1], *frames.shape[1:])
-        views = [v for k in range(clips.shape[0]) for v in self.transform(frames[k], rng)]
-        label = int(info.get("label", -1))
-        if self.flip_labels is not None and not eval_mode and rng.random() < 0.5:
-            views = [x.flip(-1) for x in views]
-            label = self.flip_labels[label]
-        v = len(views)
-        return {
-            "video": torch.stack(views),
-            "label": torch.full((v,), label, dtype=torch.int64),
-            "video_id": torch.full((v,), sample.key, dtype=torch.int64),
-            "view": torch.arange(v, dtype=torch.int64),
-            "bad_video_ids": torch.empty(0, dtype=torch.int64),
-        }
+        return self._clip_item(reader, int(info.get("label", -1)), sample.key, rng, eval_mode)
 
 
 class _ShuffleBuffer:
