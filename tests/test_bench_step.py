@@ -70,6 +70,7 @@ def test_gpu_suite_script_parses_and_profile_ops_needs_a_gpu(capsys):
     assert "needs a CUDA device and CuPy" in str(exc.value.code)
 
 
+@pytest.mark.slow
 def test_sanitize_kernels_runs_every_kernel_path_through_host_emulation(capsys):
     # The compute-sanitizer workload of gpu_suite.sh: on CPU the same cases run through host emulation, so
     # the script stays runnable for the GPU session that needs it.

@@ -152,6 +152,7 @@ def _run_probe(tmp_path, *extra):
     return res
 
 
+@pytest.mark.slow
 def test_probe_runs_direction_with_pairs_and_pretraining(tmp_path, capsys):
     res = _run_probe(
         tmp_path, "--num-classes", "4", "--arms", "plain", "sifa", "--pretrain-epochs", "1", "--freeze-backbone"
@@ -174,6 +175,7 @@ def test_probe_runs_coherence(tmp_path, capsys):
         motion_probe.main(["--task", "coherence", "--num-classes", "4"])
 
 
+@pytest.mark.slow
 def test_probe_learning_curve_tests_at_the_chosen_epochs(tmp_path, capsys):
     res = _run_probe(tmp_path, "--num-classes", "2", "--arms", "plain", "--epochs", "4", "--curve-every", "2")
     (r,) = res["results"]

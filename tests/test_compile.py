@@ -428,6 +428,7 @@ def ptxas_spills(report: str) -> dict[tuple[str, str, str], tuple[int, int]]:
     return spills
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 def test_tvl1_plane_kernels_float32_builds_do_not_spill():
     # The backward's blocks (TVL1_PLANE_BACKWARD_THREADS) leave 128 registers per thread for two float

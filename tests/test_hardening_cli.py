@@ -286,6 +286,7 @@ _DISK_FULL_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_disk_full_leaves_reports_and_checkpoints_intact(tmp_path):
     script = tmp_path / "disk_full.py"
     script.write_text(_DISK_FULL_SCRIPT.format(tests=str(REPO_ROOT / "tests")), encoding="utf-8")

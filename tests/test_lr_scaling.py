@@ -117,6 +117,7 @@ class _SlowSquares(MovingSquare):
         return super().__getitem__(i)
 
 
+@pytest.mark.slow
 def test_data_time_is_logged_in_unit_range_and_sees_a_slow_loader(tmp_path):
     shares = {}
     for name, delay in (("fast", 0.0), ("slow", 0.25)):

@@ -65,7 +65,9 @@ def n_params(net: nn.Module) -> int:
 # -- shapes --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("builder", [sifa_resnet18, sifa_resnet34, sifa_resnet50, sifa_resnet101])
+@pytest.mark.parametrize(
+    "builder", [sifa_resnet18, sifa_resnet34, sifa_resnet50, pytest.param(sifa_resnet101, marks=pytest.mark.slow)]
+)
 def test_sifa_resnet_shapes_every_depth(builder):
     net = builder(K, width_mult=NARROW).eval()
     x = torch.randn(1, 3, 8, 32, 32)
@@ -486,6 +488,7 @@ def test_inflated_stem_reads_frame_2_of_each_group_of_4():
         torch.testing.assert_close(net4.forward_heads(x)[0], net1.forward_heads(x[:, :, 2::4])[0])
 
 
+@pytest.mark.slow
 def test_r2plus1d50_inflation_equals_the_2d_net_per_frame(tmp_path):
     """Centre inflation of the (3,7,7) stem and the temporal (3,1,1) conv1: the inflated (2+1)D-50 computes
     the 2D ResNet-50 frame by frame at init."""

@@ -189,7 +189,7 @@ def test_fast_matches_simple_and_reference_low_precision(dtype, channels):
 
 
 @pytest.mark.skipif(not host_has_fma(), reason="this CPU has no FMA instructions")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.float16, marks=pytest.mark.slow)])
 def test_fast_and_simple_as_accurate_in_an_fma_build(dtype, monkeypatch):
     # nvcc and NVRTC contract a * b + c into FMAs; the default emulation build (GCC, one expression at a
     # time) mostly does not. The same accuracy criteria hold for the kernels built as a GPU rounds.
