@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from . import host_emulation
-from .backends import (  # noqa: F401  (re-exported: the names' earlier home, used by benchmarks and tests)
+from .backends import (  # noqa: F401  (re-exported for benchmarks and tests that import them from here)
     DEFAULT_KERNEL_VARIANT,
     KERNEL_VARIANTS,
     cupy_available,

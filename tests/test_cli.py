@@ -194,8 +194,7 @@ def test_fcf_network_flow_lr_scale(demo, tmp_path):
     """FCF-(2+1)D with flow parameters at 0.01x lr, trained through the CLI.
 
     float32: under bf16 autocast on the CPU this tiny net (2x2 maps after layer2) gave a NaN training loss
-    in some runs of the same seed on the 2-core dev machine (AVX-512), at the session's starting commit
-    too; see benchmarks/RESULTS.md, "Known problems"."""
+    in some runs of the same seed on the 2-core dev machine (AVX-512); see benchmarks/RESULTS.md, "Known problems"."""
     cfg = tiny_config(
         demo["root"],
         tmp_path,

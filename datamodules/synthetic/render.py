@@ -7,8 +7,8 @@ centre, angle and scale at t_mid = (T-1)/2 are drawn from distributions that do 
 class, and the class sets only the sign/direction of the velocity. Reversing a class-2i clip in
 time therefore gives a clip with exactly the distribution of class 2i+1, so any order-blind model
 (one that sees the clip's frames as an unordered set) is capped at 1/2: at best it tells the pair,
-never the member (`ORDER_BLIND_CEILING`; docs/synthetic_motion.md §3: an earlier note said 2/K, the
-same only for K = 4 — for K = 8, chance is 12.5% and the ceiling 50%). Translation wraps around the frame
+never the member (`ORDER_BLIND_CEILING`; docs/synthetic_motion.md §3; for K = 8, chance is 12.5% and the
+ceiling 50%). Translation wraps around the frame
 (torus), so the region an object visits does not depend on the direction either. Appearance
 (background texture, object shape, size, colour and texture) is drawn independently of the class.
 
@@ -100,8 +100,8 @@ class SyntheticSpec:
 
     speed_range: pixels per frame at the stored resolution (translation speed; the same speed at
     the object's rim for rotation; a quarter of it, capped at a 3x total zoom, for zoom).
-    task: "direction", "coherence" or "appearance" (module docstring); the default keeps the
-    digest of earlier versions, so their caches stay valid.
+    task: "direction", "coherence" or "appearance" (module docstring); the default task is left out of
+    the digest, so caches written before the field existed stay valid.
     """
 
     num_classes: int = 8
@@ -149,7 +149,7 @@ class SyntheticSpec:
 
     def digest(self) -> str:
         fields = asdict(self)
-        if fields["task"] == "direction":  # added later: the default leaves earlier digests unchanged
+        if fields["task"] == "direction":  # left out for the default, so existing caches keep their key
             del fields["task"]
         blob = json.dumps({"version": _FORMAT_VERSION, **fields}, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:12]

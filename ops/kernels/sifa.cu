@@ -1,6 +1,6 @@
 // SIFA's deformable correlation / aggregation (docs/sifa.md §1): forward and backward as four kernels.
-// The "simple" kernel variant (ops.kernel_loader.kernel_variant): verified on a GPU, kept as the second
-// implementation that sifa_fast.cu (the default, channels-last) is tested against.
+// The "simple" kernel variant (ops.backends.kernel_variant), the default on CUDA: verified on a GPU; the
+// channels-last sifa_fast.cu (opt-in) is tested against it.
 //
 // Notation shared by every kernel: maps are contiguous [B, C, H, W]; attention-like tensors A are
 // [B, G·K², H, W]; offsets are [B, 2K², H, W] with Δy at channel 2k and Δx at 2k+1 (DCN layout).
