@@ -6,7 +6,7 @@ architecture, so an NVRTC older than the GPU gives a module that cannot load, re
 terms that do not name the fix. The floors below are the ones the kernels need; each refusal is one
 line that names what to change. Pure functions of their arguments, so they are tested without a GPU.
 
-Floors (docs/kernels.md, supported GPUs):
+Floors (docs/kernels.md §3, GPU support):
 
 * float64 SIFA kernels need sm_60: their backward adds into ``double`` with ``atomicAdd``.
 * the fast variant needs sm_70: its warp code uses ``__shfl_*_sync`` / ``__syncwarp`` with independent
