@@ -1,12 +1,13 @@
 """PyAV encoding: writing uint8 RGB frames to a video file, and picking an H.264 encoder that works.
 
 The writer behind the synthetic dataset (`datamodules.synthetic`), the prepared-dataset re-encoder
-(`datamodules.prepare`) and the tests' video files. Encoding runs on one thread, so the same frames
-and settings give the same stream.
+(`datamodules.prepare`) and the tests' video files. Encoding runs on one thread and, for x264, without
+its AVX-512 code (`x264_cpu_flags`), so the same frames and settings give the same stream on every run.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 # In order of preference: libx264 ships in PyAV's PyPI wheels; the others appear in system FFmpeg builds.
 H264_ENCODERS = ("libx264", "libopenh264", "h264")
 
-__all__ = ["H264_ENCODERS", "pick_encoder", "write_video"]
+__all__ = ["H264_ENCODERS", "pick_encoder", "write_video", "x264_asm_option", "x264_cpu_flags"]
 
 
 def pick_encoder(preferred: tuple[str, ...] = H264_ENCODERS) -> str:
@@ -103,9 +104,54 @@ def _check_video_input(frames: np.ndarray, pts_ms: np.ndarray | None) -> None:
 def _encoder_options(name: str, lossless: bool, crf: int) -> dict[str, str] | None:
     """FFmpeg options for encoder `name` (None: the encoder's defaults)."""
     if lossless:
-        return {"qp": "0", "preset": "veryfast"}
+        return {"qp": "0", "preset": "veryfast", **x264_asm_option()}
     if name == "libx264":
-        return {"crf": str(crf), "preset": "veryfast"}
+        return {"crf": str(crf), "preset": "veryfast", **x264_asm_option()}
     if name == "mpeg4":
         return {"qscale": "2"}
     return None
+
+
+# /proc/cpuinfo flag -> x264's name for the instruction set (each a superset of those before it).
+_X264_CPU_NAMES = (
+    ("sse2", "SSE2"),
+    ("sse2", "SSE2Fast"),
+    ("pni", "SSE3"),
+    ("ssse3", "SSSE3"),
+    ("sse4_1", "SSE4"),
+    ("sse4_2", "SSE4.2"),
+    ("avx", "AVX"),
+    ("fma", "FMA3"),
+    ("bmi1", "BMI1"),
+    ("bmi2", "BMI2"),
+    ("avx2", "AVX2"),
+    ("abm", "LZCNT"),
+)
+
+
+@functools.cache
+def x264_cpu_flags() -> str | None:
+    """x264's `asm` setting: on an x86 CPU with AVX-512, every instruction set it has except
+    AVX-512; None elsewhere (x264's own detection).
+
+    Why: x264's AVX-512 code gave a different stream from run to run for the same frames and
+    settings (an Intel Xeon VM; never with AVX2 or plain C), so neither cached datasets nor
+    prepared shards were reproducible; AVX2 encodes as fast there.
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            line = next((ln for ln in fh if ln.startswith("flags")), "")
+    except OSError:
+        return None
+    flags = set(line.partition(":")[2].split())
+    if "avx512f" not in flags:
+        return None
+    names = ["MMX2", "SSE"] + [name for flag, name in _X264_CPU_NAMES if flag in flags]
+    return ",".join(dict.fromkeys(names)) + ",Cache64"
+
+
+def x264_asm_option() -> dict[str, str]:
+    """The FFmpeg option that applies `x264_cpu_flags` to a libx264 / libx264rgb stream ({} where
+    x264's own detection is kept)."""
+    cpu = x264_cpu_flags()
+    return {} if cpu is None else {"x264-params": f"asm={cpu}"}

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import functools
 import hashlib
 import importlib.metadata
 import inspect
@@ -73,7 +72,7 @@ import av
 from .annotations import VideoRecord
 from .base import SPLITS, VideoDataModule
 from .decode import VideoDecodeError, VideoReader, build_index, output_size
-from .encode import pick_encoder
+from .encode import pick_encoder, x264_asm_option
 from .frames import FrameRecord, frame_index, probe_frame_folder
 from .safe_io import atomic_write_json
 
@@ -86,7 +85,6 @@ __all__ = [
     "PRESET",
     "PrepareError",
     "even_size",
-    "x264_cpu_flags",
     "prepare_dataset",
     "read_meta",
     "reencode_video",
@@ -246,49 +244,10 @@ def even_size(width: int, height: int, short_side: int) -> tuple[int, int]:
 
 def _encoder_options(encoder: str, crf: int) -> dict[str, str]:
     if encoder == "libx264":
-        options = {"crf": str(crf), "preset": PRESET}
-        cpu = x264_cpu_flags()
-        if cpu is not None:
-            options["x264-params"] = f"asm={cpu}"
-        return options
+        return {"crf": str(crf), "preset": PRESET, **x264_asm_option()}
     if encoder == "mpeg4":
         return {"qscale": "3"}
     return {}
-
-
-# /proc/cpuinfo flag -> x264's name for the instruction set (each a superset of those before it).
-_X264_CPU_NAMES = (
-    ("sse2", "SSE2"),
-    ("sse2", "SSE2Fast"),
-    ("pni", "SSE3"),
-    ("ssse3", "SSSE3"),
-    ("sse4_1", "SSE4"),
-    ("sse4_2", "SSE4.2"),
-    ("avx", "AVX"),
-    ("fma", "FMA3"),
-    ("bmi1", "BMI1"),
-    ("bmi2", "BMI2"),
-    ("avx2", "AVX2"),
-    ("abm", "LZCNT"),
-)
-
-
-@functools.cache
-def x264_cpu_flags() -> str | None:
-    """x264's `asm` setting: on an x86 CPU with AVX-512, every instruction set it has except
-    AVX-512 (None elsewhere: x264's own detection). x264's AVX-512 code gave a different
-    bitstream from run to run for the same frames on the development machine (an Intel Xeon VM;
-    never with AVX2 or plain C), which would break byte-identical shards; AVX2 is as fast there."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            line = next((ln for ln in fh if ln.startswith("flags")), "")
-    except OSError:
-        return None
-    flags = set(line.partition(":")[2].split())
-    if "avx512f" not in flags:
-        return None
-    names = ["MMX2", "SSE"] + [name for flag, name in _X264_CPU_NAMES if flag in flags]
-    return ",".join(dict.fromkeys(names)) + ",Cache64"
 
 
 def _extension(path: str) -> str:
