@@ -40,12 +40,13 @@ video is bad raises PrepareError after the other splits are done.
 
 Parallel and resumable: `num_workers` processes decode and encode; the parent writes every shard
 or file in record order, so the output is byte-identical for any worker count. A shard (or file)
-is written to `<name>.tmp` in its own folder, fsync-ed and renamed, then logged in
-`<output>/.prepare/<split>.jsonl`; a rerun with the same settings skips what the log lists (and
-rewrites anything missing or of another size); other settings raise PrepareError naming the
-setting. Shards are written with the standard library's `tarfile` rather than `webdataset`'s
-TarWriter: the header fields are fixed here (mtime 0, owner 0, mode 0644) so shards are
-reproducible, and preparing needs no extra package (`pip install .[shards]` is for reading).
+is written atomically (`safe_io.atomic_writer`: a temporary `.<name>.*.tmp` in its own folder,
+fsync-ed and renamed), then logged in `<output>/.prepare/<split>.jsonl`; a rerun with the same
+settings deletes the temporaries of a killed run, skips what the log lists (and rewrites anything
+missing or of another size); other settings raise PrepareError naming the setting. Shards are
+written with the standard library's `tarfile` rather than `webdataset`'s TarWriter: the header
+fields are fixed here (mtime 0, owner 0, mode 0644) so shards are reproducible, and preparing needs
+no extra package (`pip install .[shards]` is for reading).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ import io
 import json
 import multiprocessing
 import os
+import shutil
 import sys
 import tarfile
 import time
@@ -74,7 +76,7 @@ from .base import SPLITS, VideoDataModule
 from .decode import VideoDecodeError, VideoReader, build_index, output_size
 from .encode import pick_encoder, x264_asm_option
 from .frames import FrameRecord, frame_index, probe_frame_folder
-from .safe_io import atomic_write_json
+from .safe_io import atomic_write_json, atomic_writer
 
 __all__ = [
     "DEFAULT_CRF",
@@ -298,9 +300,8 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
 
 
 def _write_shard(path: Path, samples: list[tuple[int, dict, _Sample]]) -> int:
-    """Write the shard to `<path>.tmp`, fsync, rename to `path`; returns its size in bytes."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
+    """Write the shard atomically (`safe_io.atomic_writer`); returns its size in bytes."""
+    with atomic_writer(path, "wb") as fh:
         with tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for key, sample_json, sample in samples:
                 data = _sample_json_bytes(sample_json)
@@ -312,37 +313,18 @@ def _write_shard(path: Path, samples: list[tuple[int, dict, _Sample]]) -> int:
                     else:
                         with open(content, "rb") as src:
                             tar.addfile(_tarinfo(name, os.fstat(src.fileno()).st_size), src)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
     return path.stat().st_size
 
 
-def _write_file(path: Path, content: bytes | str) -> int:
-    """One output file (re-encoded bytes, or a copy of a source file), via `<path>.tmp` and a rename."""
+def _write_file(path: Path, content: bytes | str) -> None:
+    """One output file (re-encoded bytes, or a copy of a source file), written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
+    with atomic_writer(path, "wb") as fh:
         if isinstance(content, bytes):
             fh.write(content)
         else:
             with open(content, "rb") as src:
-                while chunk := src.read(1 << 20):
-                    fh.write(chunk)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return path.stat().st_size
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+                shutil.copyfileobj(src, fh, 1 << 20)
 
 
 # -- the progress log -----------------------------------------------------------------------------
@@ -375,11 +357,9 @@ class _Log:
         return parsed[1:]
 
     def rewrite(self, entries: list[dict]) -> None:
-        with open(self.path, "w", encoding="utf-8") as fh:
+        with atomic_writer(self.path, "w") as fh:
             for entry in [self.header, *entries]:
                 fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
 
     def append(self, entry: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as fh:
@@ -770,7 +750,6 @@ def _write_files(target: Path, sample: _Sample) -> None:
         return
     [(_, content)] = sample.members
     _write_file(target, content)
-    _fsync_dir(target.parent)
 
 
 def _source(dm: VideoDataModule, source_config: dict | None) -> dict:

@@ -273,7 +273,8 @@ def test_rerun_skips_finished_shards_and_redoes_missing_ones(folder_root, tmp_pa
     first = out / "train" / "shard-000000.tar"
     stamp = first.stat().st_mtime_ns
     (out / "train" / "shard-000001.tar").unlink()
-    (out / "train" / "shard-000002.tar.tmp").write_bytes(b"half a shard from a killed run")
+    # safe_io's temporary of a write killed part way (atomic_writer names them `.<name>.<random>.tmp`)
+    (out / "train" / ".shard-000002.tar.k3j9x0a1.tmp").write_bytes(b"half a shard from a killed run")
     (out / "meta.json").unlink()
 
     meta = prepare_dataset(dm, out, **kw)
