@@ -20,7 +20,8 @@ import os
 import re
 import string
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -305,26 +306,59 @@ class FrameFolderReader:
         assert out is not None
         return out
 
-    def _read(self, i: int, short_side: int | None, size: tuple[int, int] | None) -> np.ndarray:
+    @contextmanager
+    def _image(self, i: int) -> Iterator[Image.Image]:
+        # Frame i's image, opened; a missing file or an unreadable image (also found while the
+        # caller decodes it) is a VideoDecodeError naming the video and the frame.
         file = self.index.file(i) if self.images is None else io.BytesIO(self.images[i])
         name = os.path.basename(file) if self.images is None else str(i)
         try:
             with Image.open(file) as im:
-                w, h = size if size is not None else output_size(im.width, im.height, short_side)
-                if (w, h) != im.size and not self.decode_full_scale:
-                    # JPEG: decode at the smallest DCT scale (1, 1/2, 1/4, 1/8) still >= (w, h);
-                    # other formats ignore the request.
-                    im.draft("RGB", (w, h))
-                rgb = _to_rgb(im)
-                if rgb.size != (w, h):
-                    rgb = rgb.resize((w, h), _RESAMPLE)
-                return np.asarray(rgb, dtype=np.uint8)
+                yield im
         except FileNotFoundError:
             raise VideoDecodeError(
                 self.path, f"frame file missing: {name} (frame {i} of {self.index.num_frames})"
             ) from None
         except _IMAGE_ERRORS as exc:
             raise VideoDecodeError(self.path, f"unreadable frame {name}: {exc}") from None
+
+    def _read(self, i: int, short_side: int | None, size: tuple[int, int] | None) -> np.ndarray:
+        with self._image(i) as im:
+            w, h = size if size is not None else output_size(im.width, im.height, short_side)
+            if (w, h) != im.size and not self.decode_full_scale:
+                # JPEG: decode at the smallest DCT scale (1, 1/2, 1/4, 1/8) still >= (w, h);
+                # other formats ignore the request.
+                im.draft("RGB", (w, h))
+            rgb = _to_rgb(im)
+            if rgb.size != (w, h):
+                rgb = rgb.resize((w, h), _RESAMPLE)
+            return np.asarray(rgb, dtype=np.uint8)
+
+    def probe(self) -> dict:
+        """Read every frame once and report what was found (the frame counterpart of
+        `decode.probe_full_decode`; "duration" and "fps" are None: frames carry no timing; width
+        and height are the most common frame size). Raises VideoDecodeError for a missing or
+        unreadable frame."""
+        sizes: dict[tuple[int, int], int] = {}
+        kind = "?"
+        for i in range(self.index.num_frames):
+            with self._image(i) as im:
+                kind = im.format or kind
+                sizes[im.size] = sizes.get(im.size, 0) + 1
+                # The whole entropy-coded stream is still read at 1/8 scale: truncation is found, faster.
+                im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+                im.load()
+                _to_rgb(im)
+        width, height = max(sizes, key=sizes.get)
+        return {
+            "frames": self.index.num_frames,
+            "index_frames": self.index.num_frames,
+            "duration": None,
+            "fps": None,
+            "width": width,
+            "height": height,
+            "codec": kind.lower(),
+        }
 
 
 def record_for_path(path: str | os.PathLike, label: int = -1) -> VideoRecord:
@@ -350,34 +384,8 @@ def open_clip_reader(
 
 
 def probe_frame_folder(record: FrameRecord) -> dict:
-    """Read every frame of a frame folder once and report what was found (the frame-folder
-    counterpart of `decode.probe_full_decode`; "duration" and "fps" are None: folders carry no
-    timing). Raises VideoDecodeError for a missing/empty folder or a missing/unreadable frame.
+    """Read every frame of a frame folder once and report what was found (`FrameFolderReader.probe`).
+    Raises VideoDecodeError for a missing/empty folder or a missing/unreadable frame.
     """
     index = frame_index(record.path, record.template, record.start_index, record.num_frames, record.offset)
-    sizes: dict[tuple[int, int], int] = {}
-    kind = "?"
-    for i in range(index.num_frames):
-        file = index.file(i)
-        try:
-            with Image.open(file) as im:
-                kind = im.format or kind
-                sizes[im.size] = sizes.get(im.size, 0) + 1
-                # The whole entropy-coded stream is still read at 1/8 scale: truncation is found, faster.
-                im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
-                im.load()
-                _to_rgb(im)
-        except FileNotFoundError:
-            raise VideoDecodeError(record.path, f"frame file missing: {os.path.basename(file)}") from None
-        except _IMAGE_ERRORS as exc:
-            raise VideoDecodeError(record.path, f"unreadable frame {os.path.basename(file)}: {exc}") from None
-    width, height = max(sizes, key=sizes.get)
-    return {
-        "frames": index.num_frames,
-        "index_frames": index.num_frames,
-        "duration": None,
-        "fps": None,
-        "width": width,
-        "height": height,
-        "codec": kind.lower(),
-    }
+    return FrameFolderReader(record.path, index=index).probe()
