@@ -6,6 +6,11 @@ reads the `data:` section (class_path + init_args) of a vmm config. A file liste
 splits is decoded once. From code: `check_datamodule(dm, num_workers=...)` returns a
 DataCheckReport and prints its table; `write_clean_lists(dm, report, path)` writes each checked
 split's annotation list without its bad entries.
+
+For a shard set (ShardedVideoDataModule) every packed sample is decoded once from its shard, one
+shard per work item: the videos of the report are the samples of each split, named
+"<split> key <key> (<recorded source path>)"; a sample its shard does not hold (cut short,
+unreachable) is unreadable. A shard set has no lists to clean.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from .annotations import VideoRecord
 from .base import SPLITS, VideoDataModule
 from .decode import VideoDecodeError, probe_full_decode
 from .frames import FrameRecord, probe_frame_folder
+from .sharded import ShardedVideoDataModule, probe_shard
 
 __all__ = [
     "DataCheckReport",
@@ -156,6 +162,45 @@ def _identity(batch):
     return batch
 
 
+class _ShardProbeDataset(Dataset):
+    def __init__(self, shards: Sequence[tuple[str, str, int, int]], threads: int):
+        self.shards = list(shards)  # (split, location, first_key, count)
+        self.threads = threads
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def __getitem__(self, i: int) -> tuple[str, list]:
+        split, location, first_key, count = self.shards[i]
+        return split, probe_shard(location, split, first_key, count, threads=self.threads)
+
+
+def _check_shards(
+    dm: ShardedVideoDataModule, splits: Sequence[str], num_workers: int, decoder_threads: int
+) -> tuple[dict[str, SplitReport], dict[str, tuple[dict | None, str | None]]]:
+    # Every packed sample decoded once (a split the shard set lacks may fall back to another: its
+    # shards are read once), one shard per work item; samples are named by split and key.
+    names = {split: dm.shard_list(split) for split in dict.fromkeys(splits) if dm.has_split(split)}
+    shards = {(name, loc, first, count) for name, listed in names.values() for loc, first, count in listed}
+    loader = DataLoader(
+        _ShardProbeDataset(sorted(shards), decoder_threads),
+        batch_size=1,
+        num_workers=num_workers,
+        collate_fn=_identity,
+    )
+    samples: dict[str, list[tuple[int, str, dict | None, str | None]]] = {}
+    for [(name, probed)] in loader:
+        samples.setdefault(name, []).extend(probed)
+    reports: dict[str, SplitReport] = {}
+    for split, (name, _) in names.items():
+        report = SplitReport(split, videos=len(samples.get(name, [])))
+        for _, where, info, reason in sorted(samples.get(name, [])):
+            _count(report, where, info, reason)
+        reports[split] = report
+    found = {where: (info, reason) for probed in samples.values() for _, where, info, reason in probed}
+    return reports, found
+
+
 def check_datamodule(
     dm: VideoDataModule,
     *,
@@ -168,10 +213,25 @@ def check_datamodule(
     """Decode every video of `splits` once (`num_workers` processes) and report unreadable files,
     durations and frame rates. Entries known to be unusable from the listing (`dm.unusable`:
     missing, dangling links, FIFOs, ...) are listed and never opened. Splits the layout does not
-    have are skipped. Prints the table to `out` (default: sys.stdout) unless `print_table` is False."""
+    have are skipped. For a ShardedVideoDataModule every packed sample is decoded from its shard
+    (module docstring). Prints the table to `out` (default: sys.stdout) unless `print_table` is False."""
     if not isinstance(dm, VideoDataModule):
         raise TypeError(f"dm: expected a datamodules.VideoDataModule, got {type(dm).__name__}")
     t0 = time.perf_counter()
+    if isinstance(dm, ShardedVideoDataModule):
+        reports, found = _check_shards(dm, splits, num_workers, decoder_threads)
+    else:
+        reports, found = _check_files(dm, splits, num_workers, decoder_threads)
+    probed = {path: info for path, (info, _) in found.items() if info is not None}
+    result = DataCheckReport(reports, time.perf_counter() - t0, decoded=len(found), probed=probed)
+    if print_table:
+        print(result.table(), file=out if out is not None else sys.stdout)
+    return result
+
+
+def _check_files(
+    dm: VideoDataModule, splits: Sequence[str], num_workers: int, decoder_threads: int
+) -> tuple[dict[str, SplitReport], dict[str, tuple[dict | None, str | None]]]:
     if hasattr(dm, "prepare_data"):
         dm.prepare_data()
     split_records = {split: dm.records(split) for split in dict.fromkeys(splits) if dm.has_split(split)}
@@ -189,21 +249,20 @@ def check_datamodule(
         report = SplitReport(split, videos=len({r.path for r in records}))
         report.unusable = sorted({(r.path, r.problem) for r in records if r.problem is not None})
         for path in sorted({r.path for r in records if r.problem is None}):
-            info, reason = found[path]
-            if info is None:
-                report.unreadable.append((path, reason))
-                continue
-            report.readable += 1
-            if info["duration"] is not None:  # frame folders carry no timing
-                report.durations.append(info["duration"])
-                report.fps.append(info["fps"])
-            report.frames.append(info["frames"])
+            _count(report, path, *found[path])
         reports[split] = report
-    probed = {path: info for path, (info, _) in found.items() if info is not None}
-    result = DataCheckReport(reports, time.perf_counter() - t0, decoded=len(found), probed=probed)
-    if print_table:
-        print(result.table(), file=out if out is not None else sys.stdout)
-    return result
+    return reports, found
+
+
+def _count(report: SplitReport, name: str, info: dict | None, reason: str | None) -> None:
+    if info is None:
+        report.unreadable.append((name, reason))
+        return
+    report.readable += 1
+    if info["duration"] is not None:  # frame folders carry no timing
+        report.durations.append(info["duration"])
+        report.fps.append(info["fps"])
+    report.frames.append(info["frames"])
 
 
 def clean_list_files(dm: VideoDataModule, splits: Sequence[str], path: str | os.PathLike) -> dict[str, Path]:
@@ -214,6 +273,11 @@ def clean_list_files(dm: VideoDataModule, splits: Sequence[str], path: str | os.
     before anything is decoded."""
     from .safe_io import check_writable_file  # the writer's own checks (see write_clean_lists)
 
+    if isinstance(dm, ShardedVideoDataModule):
+        raise ValueError(
+            "write_clean_list: a shard set has no annotation lists to clean; write clean lists from the "
+            "datamodule that was packed (or prepare the shards again from it)"
+        )
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"write_clean_list: expected a file path, got the existing folder {str(path)!r}")

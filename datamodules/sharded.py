@@ -69,7 +69,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .annotations import VideoRecord
 from .base import SPLITS, VideoDataModule
 from .dataset import ClipItems, ClipSettings, TooMuchBadData, collate_clips
-from .decode import VideoDecodeError, VideoReader
+from .decode import VideoDecodeError, VideoReader, probe_full_decode
 from .frames import FrameFolderReader
 from .transforms import ClipTransform
 
@@ -85,6 +85,7 @@ __all__ = [
     "ShardLoader",
     "ShardStream",
     "ShardedVideoDataModule",
+    "probe_shard",
     "read_shard_meta",
     "shard_location",
 ]
@@ -283,6 +284,68 @@ def _read_segment(segment: _Segment, json_only: bool = False) -> Iterator[_Sampl
             yield _Missing(k, f"not read from {segment.location}: {reason}")
 
 
+# -- a sample's video ------------------------------------------------------------------------------------
+
+
+def _sample_data(sample: _Sample | _Missing, split: str) -> tuple[dict, str, bytes | list[bytes]]:
+    """(json, name, data) of a sample: data is the video member's bytes, or the frame members'
+    bytes in frame order; name is the recorded source path. VideoDecodeError when the sample is
+    missing or lacks its json or its video / frame members."""
+    if isinstance(sample, _Missing):
+        raise VideoDecodeError(f"{split} key {sample.key}", sample.reason)
+    info = sample.info()
+    if info is None:
+        raise VideoDecodeError(f"{split} key {sample.key}", "no readable json member")
+    name = str(info.get("source") or f"{split} key {sample.key}")
+    if info.get("kind") == "frames":
+        frames = sorted(s for s in sample.members if s.startswith("f") and s[1:7].isdigit())
+        if not frames:
+            raise VideoDecodeError(name, "no frame members")
+        return info, name, [sample.members[s] for s in frames]
+    data = sample.members.get(str(info.get("member")))
+    if data is None:
+        raise VideoDecodeError(name, f"no video member .{info.get('member')}")
+    return info, name, data
+
+
+def _video_reader(data: bytes, info: dict, name: str, threads: int) -> VideoReader:
+    reader = VideoReader(data, threads=threads, name=name)
+    start, end = info.get("start"), info.get("end")
+    if start is not None or end is not None:
+        # An untrimmed video packed unchanged: only its time window is the sample.
+        if reader.window(start, end).num_frames == 0:
+            reader.close()
+            raise VideoDecodeError(name, f"no frames in the window [{start}, {end}) s")
+    return reader
+
+
+def probe_shard(
+    location: str, split: str, first_key: int, count: int, threads: int = 1
+) -> list[tuple[int, str, dict | None, str | None]]:
+    """Decode every sample of one shard of `split` fully once (`vmm check-data`): per key in
+    [first_key, first_key + count), (key, name, what decoding found, None) or (key, name, None,
+    reason) for a sample that does not decode, has an empty time window, or that the shard does
+    not hold (cut short, unreachable). name: "<split> key <key> (<recorded source>)". What was
+    found is `probe_full_decode`'s dict (the whole packed video) or `FrameFolderReader.probe`'s."""
+    found: dict[int, tuple[int, str, dict | None, str | None]] = {}
+    for sample in _read_segment(_Segment(location, first_key, 0, count)):
+        name = f"{split} key {sample.key}"
+        try:
+            info, source, data = _sample_data(sample, split)
+            name = f"{name} ({source})"
+            if isinstance(data, list):
+                result = FrameFolderReader(source, images=data).probe()
+            else:
+                _video_reader(data, info, source, threads).close()
+                # a memoryview: probe_full_decode's errors then name "<memory ...>", not the bytes
+                result = probe_full_decode(memoryview(data), threads=threads)
+            found[sample.key] = (sample.key, name, result, None)
+        except VideoDecodeError as exc:
+            found[sample.key] = (sample.key, name, None, exc.reason)
+    keys = range(first_key, first_key + count)
+    return [found.get(k) or (k, f"{split} key {k}", None, "not in its shard") for k in keys]
+
+
 # -- the dataset ------------------------------------------------------------------------------------------
 
 
@@ -458,28 +521,10 @@ class ShardStream(ClipItems, IterableDataset):
             log.warning("skipping unreadable video %s (%s key %d): %s", exc.path, self.split, key, exc.reason)
 
     def _reader(self, sample: _Sample | _Missing):
-        if isinstance(sample, _Missing):
-            raise VideoDecodeError(f"{self.split} key {sample.key}", sample.reason)
-        info = sample.info()
-        if info is None:
-            raise VideoDecodeError(f"{self.split} key {sample.key}", "no readable json member")
-        name = str(info.get("source") or f"{self.split} key {sample.key}")
-        if info.get("kind") == "frames":
-            frames = sorted(s for s in sample.members if s.startswith("f") and s[1:7].isdigit())
-            if not frames:
-                raise VideoDecodeError(name, "no frame members")
-            return info, FrameFolderReader(name, images=[sample.members[s] for s in frames])
-        data = sample.members.get(str(info.get("member")))
-        if data is None:
-            raise VideoDecodeError(name, f"no video member .{info.get('member')}")
-        reader = VideoReader(data, threads=self.clip.decoder_threads, name=name)
-        start, end = info.get("start"), info.get("end")
-        if start is not None or end is not None:
-            # An untrimmed video packed unchanged: only its time window is the sample.
-            if reader.window(start, end).num_frames == 0:
-                reader.close()
-                raise VideoDecodeError(name, f"no frames in the window [{start}, {end}) s")
-        return info, reader
+        info, name, data = _sample_data(sample, self.split)
+        if isinstance(data, list):
+            return info, FrameFolderReader(name, images=data)
+        return info, _video_reader(data, info, name, self.clip.decoder_threads)
 
     def _load(self, sample: _Sample | _Missing, rng: np.random.Generator, eval_mode: bool) -> dict:
         info, reader = self._reader(sample)
@@ -699,6 +744,11 @@ class ShardedVideoDataModule(VideoDataModule):
         if split not in SPLITS:
             raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
         return self._split_meta(split) is not None
+
+    def shard_list(self, split: str) -> tuple[str, list[tuple[str, int, int]]]:
+        """`split`'s name in the shard set (val falls back to test, test to val) and its shards as
+        (location, first_key, num_samples)."""
+        return self._split_name(split), self._stream(split, "test", world=1, rank=0).shards
 
     def _load_split(self, split: str) -> list[VideoRecord] | None:
         # One record per packed sample (path: the source path the packer recorded), read from the

@@ -5,6 +5,8 @@ test writer (helpers.shards): exactly 3 samples per shard, and corrupt members o
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 import logging
 import shutil
@@ -27,6 +29,7 @@ from datamodules import (
     VideoListDataModule,
     VideoRecord,
 )
+from datamodules.check import check_datamodule, clean_list_files
 from datamodules.encode import write_video
 from datamodules.prepare import prepare_dataset
 from datamodules.sharded import ShardFormatError, ShardLoader, ShardStream
@@ -336,6 +339,37 @@ def test_a_split_of_unreadable_shards_raises_too_much_bad_data(tiny, tmp_path):
     dm.setup("fit")
     with pytest.raises(TooMuchBadData):
         _batches(dm.train_dataloader())
+
+
+def test_check_data_decodes_every_packed_sample_and_counts_the_bad_ones_per_split(tiny, tmp_path):
+    entries = tiny["entries"]
+    rng = np.random.default_rng(5)
+    folder = write_jpeg_folder(
+        tmp_path / "frames", [rng.integers(0, 256, (30, 44, 3), dtype=np.uint8) for _ in range(5)]
+    )
+    write_shard_set(
+        tmp_path / "shards",
+        {"train": entries, "test": [*entries, (str(folder), 1)]},
+        ["0", "1"],
+        replace_data={("train", 4): b"\x00not a video" * 50},
+    )
+    cut_shard(tmp_path / "shards" / "test" / "shard-000002.tar", "000000007.mp4")  # keys 6, 7, 8: 7 and 8 lost
+    dm = _shard_dm(tmp_path / "shards")
+    out = io.StringIO()
+    report = check_datamodule(dm, splits=["train", "val", "test"], num_workers=0, out=out)
+    train, val, test = (report.splits[s] for s in ("train", "val", "test"))
+    assert (train.videos, train.readable) == (10, 9) and train.frames == [8] * 9
+    assert [(where, reason.startswith("cannot open container")) for where, reason in train.unreadable] == [
+        (f"train key 4 ({entries[4][0]})", True)
+    ]
+    assert (test.videos, test.readable) == (11, 9) and sorted(test.frames) == [5] + [8] * 8  # the frame sample: 5
+    assert [where for where, _ in test.unreadable] == ["test key 7", "test key 8"]
+    assert all("not read from" in reason for _, reason in test.unreadable)
+    assert val == dataclasses.replace(test, split="val")  # val falls back to test: its shards are read once
+    assert report.decoded == 21 and not report.ok
+    assert "unreadable videos (3)" in out.getvalue()
+    with pytest.raises(ValueError, match="write_clean_list: a shard set has no annotation lists"):
+        clean_list_files(dm, ["train"], tmp_path / "clean.txt")
 
 
 # -- DDP, SIGTERM and the CLI -------------------------------------------------------------------------------------
