@@ -56,7 +56,7 @@ def _textured_motion(num_frames: int, width: int, height: int, seed: int) -> np.
     return np.stack([np.clip(texture[y : y + height, x : x + width], 0, 255) for y, x in path]).astype(np.uint8)
 
 
-@pytest.mark.slow  # two fresh processes, three encodes each: over 10 s of CPU
+@pytest.mark.slow  # two fresh interpreters and six encodes
 @pytest.mark.skipif(
     not _has_avx512(),
     reason="x264's run-to-run differences came from its AVX-512 code; this CPU has no AVX-512",
