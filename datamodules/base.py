@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 
 import lightning as L
@@ -23,9 +24,31 @@ from .transforms import ClipTransform, TrainCrop
 
 log = logging.getLogger(__name__)
 
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one, else all)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no sched_getaffinity (macOS, Windows)
+        return os.cpu_count() or 1
+
+
+_lowered_workers: set[tuple[int, int]] = set()  # (configured, used) already reported by this process
+
+
+def fitted_num_workers(configured: int, report: bool = True) -> int:
+    """`configured` DataLoader workers, at most one per usable CPU: more only contend for the same
+    cores (and torch warns about it). Reported once per process and value when lowered."""
+    used = min(configured, usable_cpus())
+    if used < configured and report and (configured, used) not in _lowered_workers:
+        _lowered_workers.add((configured, used))
+        log.warning(f"num_workers {configured} lowered to {used}: the CPUs this process may use")
+    return used
+
+
 SPLITS = ("train", "val", "test")
 
-__all__ = ["DatasetRootError", "VideoDataModule"]
+__all__ = ["DatasetRootError", "VideoDataModule", "fitted_num_workers", "usable_cpus"]
 
 
 class DatasetRootError(FileNotFoundError):
@@ -271,7 +294,8 @@ class VideoDataModule(L.LightningDataModule):
                 self.dataset(split)
 
     def _loader(self, dataset: VideoClipDataset, batch_size: int, shuffle: bool, sampler=None) -> DataLoader:
-        workers = self.num_workers
+        trainer = self._trainer_or_none()
+        workers = fitted_num_workers(self.num_workers, report=trainer is None or trainer.is_global_zero)
         return DataLoader(
             dataset,
             batch_size=batch_size,
