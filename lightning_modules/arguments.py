@@ -7,23 +7,24 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import os
 import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from jsonargparse import ActionConfigFile
+from jsonargparse import ActionConfigFile, DefaultHelpFormatter
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from .cli import debug_requested
 from .io import ConfigError, check_yaml_expansion
 
 __all__ = [
     "PARSER_MODE",
     "VMMArgumentParser",
+    "VMMHelpFormatter",
     "check_num_classes",
     "data_parser",
     "debug_requested",
@@ -54,11 +55,6 @@ def register_parser_mode() -> None:
     from jsonargparse import set_loader
 
     set_loader(PARSER_MODE, load_yaml, exceptions=(yaml.YAMLError,))
-
-
-def debug_requested(argv: Sequence[str] = ()) -> bool:
-    """`--debug` on the command line or VMM_DEBUG set (not "0"): errors keep their traceback."""
-    return "--debug" in argv or os.environ.get("VMM_DEBUG", "0").strip() not in ("", "0")
 
 
 def _parse_error_fix(message: str, top_level: bool = True) -> str | None:
@@ -93,12 +89,60 @@ def _parse_error_fix(message: str, top_level: bool = True) -> str | None:
     return None
 
 
+# Options the parser's types require that a command line may leave out: what their help says instead.
+_NOT_ALWAYS_REQUIRED = {
+    "videos": "optional",
+    "model.net": "required unless --ckpt_path gives the checkpoint's network",
+}
+# Classes named in the "known subclasses" lists of the help; the others (every torch.nn.Module of
+# torch and torchmetrics under --model.net) are counted.
+_LISTED_PACKAGES = ("lightning_modules.", "datamodules.", "ops.", "lightning.")
+# Readable titles of the parser groups (jsonargparse takes a class's first docstring line).
+GROUP_TITLES = {
+    "trainer": "Trainer options (lightning.Trainer, --trainer.NAME VALUE)",
+    "model": "Model options (lightning_modules.VideoClassifier, --model.NAME VALUE; a network's options: "
+    "--model.net.help CLASS_PATH)",
+    "data": "Data options (--data CLASS_PATH, --data.init_args.NAME VALUE; a class's options: --data.help CLASS_PATH)",
+}
+
+
+def _listed_subclasses(match: re.Match[str]) -> str:
+    names = [n.strip() for n in match[1].split(",") if n.strip()]
+    listed = [n for n in names if n.startswith(_LISTED_PACKAGES)]
+    others = len(names) - len(listed)
+    return "known subclasses: " + ", ".join(listed + ([f"and {others} of other packages"] if others else []))
+
+
+class VMMHelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's help, with "required" only on what every command line must give, and the
+    "known subclasses" of an option limited to vmm's and Lightning's classes."""
+
+    def _get_help_string(self, action: Any) -> str:
+        text = super()._get_help_string(action)
+        instead = _NOT_ALWAYS_REQUIRED.get(action.dest)
+        if instead is not None:
+            text = text.replace("(required", f"({instead}", 1)
+        return re.sub(r"known subclasses: ([^)]*)", _listed_subclasses, text)
+
+
+def title_groups(parser: Any, titles: dict[str, str] | None = None) -> None:
+    """Give `parser`'s argument groups readable titles (`GROUP_TITLES`, then `titles`)."""
+    for key, title in {**GROUP_TITLES, **(titles or {})}.items():
+        group = parser.groups.get(key) if isinstance(getattr(parser, "groups", None), dict) else None
+        if group is not None:
+            group.title = title
+
+
 class VMMArgumentParser(LightningArgumentParser):
     """Lightning's parser; parse errors are reported as one line naming the option to give
     (`_parse_error_fix`) where they can be, without the usage block; others as jsonargparse does.
     `vmm_command` (the command's name, e.g. "check-data") starts the line."""
 
     vmm_command: str | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", VMMHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         fix = _parse_error_fix(message, top_level=self.exit_on_error)
@@ -124,6 +168,7 @@ def data_parser(command: str, description: str) -> VMMArgumentParser:
     parser.add_lightning_class_args(LightningDataModule, "data", subclass_mode=True)
     parser.add_argument("--model", type=dict | None, default=None, help=f"ignored by {command}")
     parser.add_argument("--trainer", type=dict | None, default=None, help=f"ignored by {command}")
+    title_groups(parser)
     return parser
 
 

@@ -3,6 +3,8 @@
 - `StoreDataConfig` (every command): the datamodule's config and test views in every checkpoint
   (for `vmm predict` on files).
 - `InterruptCheckpoint` (fit, demo): `interrupted.ckpt` on SIGTERM / Ctrl+C during a single-process fit.
+- `TestRunSummary` (test, demo): prints how many views of each video the test averages, and how to
+  lower it, before testing; the report files written, after.
 - `DataTimeMonitor` (fit, demo): logs `train/data_time`, the share of training time spent waiting for
   the loader. In Python, pass `callbacks=[DataTimeMonitor()]` to a plain Trainer.
 
@@ -23,7 +25,15 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from .trainer import INTERRUPTED_CKPT
 
-__all__ = ["DATA_CONFIG_KEY", "PREDICT_SETTINGS_KEY", "DataTimeMonitor", "InterruptCheckpoint", "StoreDataConfig"]
+__all__ = [
+    "DATA_CONFIG_KEY",
+    "PREDICT_SETTINGS_KEY",
+    "TEST_REPORT_FILES",
+    "DataTimeMonitor",
+    "InterruptCheckpoint",
+    "StoreDataConfig",
+    "TestRunSummary",
+]
 
 # Checkpoint keys: the datamodule's config (class_path + init_args) and its test-view settings.
 DATA_CONFIG_KEY = "vmm_data_config"
@@ -43,6 +53,57 @@ class StoreDataConfig(Callback):
         settings = getattr(trainer.datamodule, "test_settings", None)
         if isinstance(settings, dict):
             checkpoint[PREDICT_SETTINGS_KEY] = dict(settings)
+
+
+# The files of `reports.write_test_report`, in the order the summary names them.
+TEST_REPORT_FILES = ("test_results.json", "scores_test.json", "confusion_matrix_test.csv", "confusion_matrix_test.png")
+
+
+class TestRunSummary(Callback):
+    """Prints, before testing, how many videos are tested with how many views each (`test_clips` x
+    `test_crops` of the datamodule: the paper protocols' 10 x 3 takes minutes on a CPU) and the
+    options that lower it; after testing, the paths of the report files this run wrote."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+    def __init__(self) -> None:
+        self._started = 0.0
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._started = time.time()
+        if not trainer.is_global_zero:
+            return
+        loaders = trainer.test_dataloaders
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
+        dataset = getattr(loader, "dataset", None)
+        try:
+            videos = f"{len(dataset)} videos"  # type: ignore[arg-type]
+        except TypeError:  # a stream (shards) has no length
+            videos = "the test videos"
+        settings = getattr(trainer.datamodule, "test_settings", None)
+        if not isinstance(settings, dict) or "test_clips" not in settings or "test_crops" not in settings:
+            return
+        clips, crops = settings["test_clips"], settings["test_crops"]
+        line = f"[vmm] testing {videos} x {clips * crops} views each ({clips} clips x {crops} crops"
+        if clips * crops > 1:
+            line += (
+                ": data.init_args.test_clips x test_crops; fewer views test faster, less accurately: "
+                "--data.init_args.test_clips 1 --data.init_args.test_crops 1"
+            )
+        print(line + ")", flush=True)
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
+        if not trainer.is_global_zero or not trainer.loggers or not log_dir:
+            return
+        written = []
+        for name in TEST_REPORT_FILES:
+            path = Path(log_dir) / name
+            # 1 s of slack: a file system's mtime may be coarser than time.time()
+            if path.is_file() and path.stat().st_mtime >= self._started - 1.0:
+                written.append(str(path))
+        if written:
+            print("[vmm] test report written: " + ", ".join(written), flush=True)
 
 
 class InterruptCheckpoint(Callback):

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from lightning.pytorch import LightningDataModule
 
-from .arguments import data_parser, parse_data_section
+from .arguments import data_parser, parse_data_section, title_groups
 
 __all__ = ["CHECK_DATA", "DATA_COMMANDS", "PREPARE", "DataCommandRun", "check_data", "prepare", "run_data_command"]
 
@@ -123,6 +123,7 @@ def prepare(
 def _check_data_main(argv: Sequence[str]) -> DataCommandRun:
     parser = data_parser(CHECK_DATA, "Decode every video of the datamodule once and list the unreadable ones.")
     parser.add_function_arguments(check_data, skip={"datamodule"})
+    title_groups(parser, {"check_data": "check-data options"})
     for i, arg in enumerate(argv):  # "--splits" before another option parses as no list at all
         if arg == "--splits" and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
             raise ValueError("--splits: expected one or more of train, val, test (e.g. --splits [train, val])")
@@ -134,6 +135,7 @@ def _check_data_main(argv: Sequence[str]) -> DataCommandRun:
 def _prepare_main(argv: Sequence[str]) -> DataCommandRun:
     parser = data_parser(PREPARE, "Write the datamodule's videos, resized, as tar shards or files, with a meta.json.")
     parser.add_function_arguments(prepare, skip={"datamodule", "source_config"})
+    title_groups(parser, {"prepare": "prepare options"})
     config, datamodule = parse_data_section(parser, argv)
     source = yaml.safe_load(parser.dump(config))["data"]  # as the config spells it, for meta.json
     options = {k: config.get(k) for k in ("output", "format", "short_side", "shard_size_mb", "num_workers", "splits")}

@@ -62,18 +62,22 @@ class VMMTrainer(Trainer):
         super().__init__(*args, plugins=plugin_list, **kwargs)
 
     def fit(self, *args: Any, **kwargs: Any) -> None:
+        """Lightning's `Trainer.fit`, ending with the shell's exit status after SIGTERM or SIGINT."""
         with _signal_exit_status("fit"):
             super().fit(*args, **kwargs)
 
     def validate(self, *args: Any, **kwargs: Any) -> Any:
+        """Lightning's `Trainer.validate`, ending with the shell's exit status after SIGTERM or SIGINT."""
         with _signal_exit_status("validate"):
             return super().validate(*args, **kwargs)
 
     def test(self, *args: Any, **kwargs: Any) -> Any:
+        """Lightning's `Trainer.test`, ending with the shell's exit status after SIGTERM or SIGINT."""
         with _signal_exit_status("test"):
             return super().test(*args, **kwargs)
 
     def predict(self, *args: Any, **kwargs: Any) -> Any:
+        """Lightning's `Trainer.predict`, ending with the shell's exit status after SIGTERM or SIGINT."""
         with _signal_exit_status("predict"):
             return super().predict(*args, **kwargs)
 

@@ -101,8 +101,10 @@ def test_check_data_help_lists_its_options(capsys):
     for option in ("--data", "--write_clean_list", "--num_workers", "--splits", "--config"):
         assert option in out
     assert "--predictions" not in out and "--top_k" not in out  # prediction's options stay on predict
+    main(["fit", "--help"])  # the command's own options: printed without building the parser
+    assert "--predictions" not in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        main(["fit", "--help"])
+        main(["fit", "--help-all"])
     assert "--predictions" not in capsys.readouterr().out
 
 
