@@ -31,6 +31,8 @@ or one that cannot be opened keeps the samples read before the cut; the rest of 
 missing (a warning names the shard and the count) and is handled like bad videos, so the number of
 batches stays the one Lightning was told: a training worker whose share came up short reads on
 past its end, in the epoch's order (wrapping around), for replacements.
+`vmm check-data` (datamodules.check) decodes every sample of the checked splits from its shard
+(`probe_shard`) and counts the bad and missing ones per split.
 
 Mid-epoch resume. The training position is (epoch, batches done, and for each DataLoader worker
 its batches done and the samples taken from its shuffle buffer). It is saved in every checkpoint
@@ -336,7 +338,7 @@ def probe_shard(
             if isinstance(data, list):
                 result = FrameFolderReader(source, images=data).probe()
             else:
-                _video_reader(data, info, source, threads).close()
+                _video_reader(data, info, source, threads).close()  # an empty time window is a bad sample
                 # a memoryview: probe_full_decode's errors then name "<memory ...>", not the bytes
                 result = probe_full_decode(memoryview(data), threads=threads)
             found[sample.key] = (sample.key, name, result, None)
