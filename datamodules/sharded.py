@@ -103,7 +103,7 @@ def _webdataset():
     except ImportError:
         raise ImportError(
             "ShardedVideoDataModule needs the webdataset package to read tar shards: "
-            "pip install 'vmm[shards]' (or pip install webdataset)"
+            "pip install -e '.[shards]' in a vmm checkout, or pip install webdataset"
         ) from None
     return webdataset
 
