@@ -80,6 +80,7 @@ NOISE = (
 )
 
 
+@pytest.mark.slow  # a `vmm fit` and a `vmm test` of the tiny network, each a fresh process
 def test_fit_and_test_print_vmm_messages_without_third_party_noise(tmp_path):
     root = tmp_path / "data"
     generate_tiny_dataset(root)
