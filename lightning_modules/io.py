@@ -17,12 +17,14 @@ their pretrained weights with it) and is re-exported here.
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import get_filesystem
 
 # The writers and readers live with the data layer, the lowest one both sides import.
 from datamodules.safe_io import (
@@ -128,6 +130,19 @@ def load_vmm_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> d
     return load_checkpoint_file(path, map_location, require=_is_lightning_checkpoint)
 
 
+# Lightning >= 2.6 takes weights_only in TorchCheckpointIO.load_checkpoint; 2.5 always loads unrestricted.
+_LIGHTNING_LOADS_WEIGHTS_ONLY = "weights_only" in inspect.signature(TorchCheckpointIO.load_checkpoint).parameters
+
+
+def _load_remote_weights_only(path: str, map_location: Any) -> dict[str, Any]:
+    """A checkpoint at an fsspec URL, read as Lightning reads one, with torch.load(weights_only=True)."""
+    fs = get_filesystem(path)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"Checkpoint file not found: {path}")
+    with fs.open(path, "rb") as f:
+        return torch.load(f, map_location=map_location, weights_only=True)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoint IO that writes atomically in the target's directory and loads safely.
 
@@ -150,7 +165,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if map_location is None:
             map_location = "cpu"
         if "://" in str(path):
-            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+            if _LIGHTNING_LOADS_WEIGHTS_ONLY:
+                return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+            return _load_remote_weights_only(path, map_location)
         if not Path(path).exists():
             raise FileNotFoundError(f"Checkpoint file not found: {path}")
         return load_vmm_checkpoint(path, map_location=map_location)
