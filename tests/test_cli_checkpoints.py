@@ -1,4 +1,4 @@
-"""Hostile and careless inputs to the module and the CLI (issue 14): untrusted checkpoints, class
+"""Checkpoints and `vmm` runs under hostile and careless input: untrusted checkpoints, class
 order, mean-class accuracy, signals and exit statuses, --ckpt_path against the configuration,
 atomic report/checkpoint files, an all-unreadable test split, `vmm predict` arguments.
 

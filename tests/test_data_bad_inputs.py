@@ -1,6 +1,6 @@
-"""Data-side hardening: entries that cannot be used are counted and reported (never silently dropped,
+"""Bad data inputs: entries that cannot be used are counted and reported (never silently dropped,
 never opened), list-file encodings, crop_size None with mixed aspect ratios. The synthetic cache's
-hardening is tested in test_data_synthetic.py."""
+bad inputs are tested in test_data_synthetic.py."""
 
 from __future__ import annotations
 
