@@ -203,19 +203,21 @@ class VMMCLI(LightningCLI):
             )
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        _check_data_num_classes(self.config[self.subcommand], self.datamodule)
+        # run=False builds one parser without subcommands: its config is the command's
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        _check_data_num_classes(config, self.datamodule)
         if self._file_predict:
             self.save_config_callback = None  # no log directory: config.yaml would land in the cwd
         dump = yaml.safe_load(self.parser.dump(self.config, skip_link_targets=False, skip_none=False, format="yaml"))
         callbacks = list(_section(self.config_init, self.subcommand, "trainer", {}).get("callbacks") or [])
-        callbacks.append(StoreDataConfig(dump[self.subcommand].get("data")))
+        callbacks.append(StoreDataConfig((dump[self.subcommand] if self.subcommand else dump).get("data")))
         if self.subcommand in ("fit", "demo"):
             callbacks.append(InterruptCheckpoint())
             if not any(isinstance(cb, DataTimeMonitor) for cb in callbacks):
                 callbacks.append(DataTimeMonitor())  # train/data_time
         if not any(isinstance(cb, TestReportWriter) for cb in callbacks):
             callbacks.append(TestReportWriter())  # test_results.json, confusion matrix, scores_test.json
-        if self.subcommand in ("test", "demo"):
+        if self.subcommand in ("test", "demo", None):
             callbacks.append(TestRunSummary())  # after TestReportWriter: names the files it wrote
         if self.subcommand == "predict":
             callbacks.append(PredictionWriter(self.config["predict"].get("predictions")))  # checked when parsed
