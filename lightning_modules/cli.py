@@ -7,7 +7,10 @@
     vmm prepare --config configs/<net>_<dataset>.yaml --output /data/prepared [--format shards|files]
     vmm fuse-scores a/scores_test.json b/scores_test.json [--weights 0.5 0.5] [--output fused.json]
 
-The Trainer commands (fit, validate, test, predict, demo) are one LightningCLI, `VMMCLI`; the data
+`main` looks at the command before importing torch or Lightning: `vmm --help`, a command's `--help`
+and `fuse-scores` start at once; the names below that need them (`VMMCLI`, `VMMTrainer`, ...) are
+imported on first use. The Trainer commands (fit, validate, test, predict, demo) are one LightningCLI,
+`VMMCLI` (`lightning_modules.trainer_cli`); the data
 commands (check-data, prepare) are small programs with the same data section (`lightning_modules.data_commands`),
 so options are spelled alike everywhere (`--data.init_args.root`) and a config's overrides apply to
 every command. The model is always `VideoClassifier`; the network (`--model.net`) and the datamodule
