@@ -69,7 +69,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .annotations import VideoRecord
-from .base import SPLITS, VideoDataModule
+from .base import SPLITS, VideoDataModule, fitted_num_workers
 from .dataset import ClipItems, ClipSettings, TooMuchBadData, collate_clips
 from .decode import VideoDecodeError, VideoReader, probe_full_decode
 from .frames import FrameFolderReader
@@ -853,7 +853,7 @@ class ShardedVideoDataModule(VideoDataModule):
     def train_dataloader(self) -> ShardLoader:
         loader = ShardLoader(
             self.stream("train"),
-            num_workers=self.num_workers,
+            num_workers=fitted_num_workers(self.num_workers),
             pin_memory=self.pin_memory,
             epoch_source=self._epoch,
             consumed_source=self._consumed,
@@ -878,7 +878,7 @@ class ShardedVideoDataModule(VideoDataModule):
 
     def _eval_loader(self, split: str) -> DataLoader:
         ds = self.stream(split)
-        workers = self.num_workers
+        workers = fitted_num_workers(self.num_workers)
         return DataLoader(
             ds,
             batch_size=ds.batch_size,
