@@ -20,15 +20,20 @@ from motion_probe import binomial_sd
 from datamodules.synthetic import ORDER_BLIND_CEILING
 
 
-def load_curves(paths: list[Path]) -> dict[tuple[str, int], dict[str, list[list[dict]]]]:
-    """{(task, K): {arm: [curve of one run, ...]}} from probe JSON files; runs without a curve are skipped."""
+def load_curves(
+    paths: list[Path], split_by: tuple[str, ...] = ()
+) -> dict[tuple[str, int], dict[str, list[list[dict]]]]:
+    """{(task, K): {line label: [curve of one run, ...]}} from probe JSON files; runs without a curve are
+    skipped. A line is an arm, or with `split_by` an arm and the values of those probe arguments (so
+    runs of one arm at two learning rates are two lines, not one band)."""
     panels: dict[tuple[str, int], dict[str, list[list[dict]]]] = defaultdict(lambda: defaultdict(list))
     for path in paths:
         data = json.loads(path.read_text(encoding="utf-8"))
         key = (data["task"], int(data["num_classes"]))
         for result in data["results"]:
             if result.get("curve"):
-                panels[key][result["arm"]].append(result["curve"])
+                label = ", ".join([result["arm"], *(f"{name} {data['args'][name]}" for name in split_by)])
+                panels[key][label].append(result["curve"])
     return panels
 
 
@@ -76,8 +81,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("runs", nargs="+", type=Path, help="motion_probe.py --json files")
     ap.add_argument("--out", type=Path, default=Path("docs/learning_curves.png"))
     ap.add_argument("--test-videos", type=int, default=128, help="test videos per run (for the 3 s.d. line)")
+    ap.add_argument(
+        "--split-by",
+        nargs="+",
+        default=[],
+        help="probe arguments (as in the JSON's args, e.g. lr) that make separate lines",
+    )
     args = ap.parse_args(argv)
-    panels = load_curves(args.runs)
+    for name in args.split_by:
+        missing = [str(p) for p in args.runs if name not in json.loads(p.read_text(encoding="utf-8"))["args"]]
+        if missing:
+            ap.error(f"--split-by {name}: no such probe argument in {', '.join(missing)}")
+    panels = load_curves(args.runs, tuple(args.split_by))
     if not panels:
         ap.error("no run in these files has a curve (run motion_probe.py with --curve-every N)")
     plot(panels, args.out, args.test_videos)

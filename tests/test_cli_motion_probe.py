@@ -206,3 +206,26 @@ def test_plot_curves_draws_mean_and_spread_over_runs(tmp_path):
     out = tmp_path / "curves.png"
     assert plot_curves.main([*map(str, paths), "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_curves_split_by_an_argument_draws_one_line_per_value(tmp_path):
+    def run(lr, shift):
+        curve = [{"epoch": e, "step": 10 * e, "top1": 0.5 + 0.05 * e + shift} for e in (1, 2)]
+        return {
+            "task": "direction",
+            "num_classes": 2,
+            "args": {"lr": lr},
+            "results": [{"arm": "sifa-corr", "curve": curve}],
+        }
+
+    paths = []
+    for i, (lr, shift) in enumerate(((1e-3, 0.1), (1e-3, 0.0), (3e-3, 0.0))):
+        path = tmp_path / f"run{i}.json"
+        path.write_text(json.dumps(run(lr, shift)), encoding="utf-8")
+        paths.append(path)
+    lines = plot_curves.load_curves(paths, ("lr",))[("direction", 2)]
+    assert sorted(lines) == ["sifa-corr, lr 0.001", "sifa-corr, lr 0.003"]
+    assert len(lines["sifa-corr, lr 0.001"]) == 2 and len(lines["sifa-corr, lr 0.003"]) == 1
+    assert list(plot_curves.load_curves(paths)[("direction", 2)]) == ["sifa-corr"]  # one band without it
+    with pytest.raises(SystemExit):
+        plot_curves.main([*map(str, paths), "--split-by", "warmup", "--out", str(tmp_path / "x.png")])
