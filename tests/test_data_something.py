@@ -408,7 +408,7 @@ def test_vmm_fit_and_test_on_frame_trees(clips, tmp_path, layout):
         if layout == "ssv1":  # `vmm predict` on frame folders: the template is read from the file names
             folders = [root / "20bn-something-something-v1" / i for i in ids["validation"]]
             out = tmp_path / "folders.json"
-            main(["predict", "--ckpt_path", str(best), *map(str, folders), "--output", str(out)])
+            main(["predict", "--ckpt_path", str(best), *map(str, folders), "--predictions", str(out)])
             result = json.loads(out.read_text(encoding="utf-8"))
             assert [p["video"] for p in result["predictions"]] == [str(folders[0]), str(folders[2])]
             assert all(p["views"] == 2 for p in result["predictions"])  # the checkpoint's 2 clips x 1 crop
