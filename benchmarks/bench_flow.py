@@ -48,7 +48,6 @@ from cuda_timing import cuda_peak_bytes, cuda_time_ms, measure_bandwidth_gbs
 
 import ops
 from ops.kernel_loader import KERNEL_VARIANTS, use_kernel_variant
-from ops.library import is_kernel_node
 from ops.repflow.kernels import segment_length, tvl1_path
 from ops.repflow.modules import FlowLayer
 
@@ -178,7 +177,7 @@ def _run_cuda(args, dtype: torch.dtype) -> list[dict]:
 def stored_maps(n_iter, kernels, pairs=2, size=8):
     """[B,C,H,W] maps (B = frame pairs) one tvl1_flow call with FlowLayer's learnable parameters keeps
     for its backward: distinct tensors autograd saves (the inputs excluded) plus the fused kernels'
-    checkpoints (saved by the custom op; on the Function's context before torch 2.4)."""
+    checkpoints (saved by the custom op, so the pack hook sees them)."""
     layer = FlowLayer(CHANNELS, n_iter)
     i0 = torch.randn(pairs, CHANNELS, size, size, requires_grad=True) * 50
     i1 = torch.randn(pairs, CHANNELS, size, size, requires_grad=True) * 50
@@ -192,19 +191,7 @@ def stored_maps(n_iter, kernels, pairs=2, size=8):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = layer_flow(layer, i0, i1, n_iter, kernels)
-    stack, visited = [out.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in visited:
-            continue
-        visited.add(node)
-        # torch < 2.4: the checkpoints are held on the Function's ctx, not saved (the custom op saves them,
-        # so the pack hook above counts them)
-        if is_kernel_node(node, "tvl1_iterations") and hasattr(node, "checkpoints"):
-            for t in node.checkpoints:
-                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        stack.extend(fn for fn, _ in node.next_functions)
+        layer_flow(layer, i0, i1, n_iter, kernels)
     return sum(seen.values()) / (pairs * CHANNELS * size * size * 4)
 
 
