@@ -73,12 +73,13 @@ from .base import SPLITS, VideoDataModule, fitted_num_workers
 from .dataset import ClipItems, ClipSettings, TooMuchBadData, collate_clips
 from .decode import VideoDecodeError, VideoReader, probe_full_decode
 from .frames import FrameFolderReader
+from .prepare import FORMAT, FORMAT_VERSION
 from .transforms import ClipTransform
 
 log = logging.getLogger(__name__)
 
-SHARD_FORMAT = "vmm-shards"
-SHARD_FORMAT_VERSION = 1
+# The format the packer writes, named by the packer.
+SHARD_FORMAT, SHARD_FORMAT_VERSION = FORMAT, FORMAT_VERSION
 
 __all__ = [
     "SHARD_FORMAT",
