@@ -85,8 +85,8 @@ def build_net(arm: str, num_classes: int, args: argparse.Namespace) -> torch.nn.
             stem_temporal_kernel=args.stem_temporal,
             stem_temporal_stride=args.stem_temporal,
             sifa=arm != "plain",
-            global_context=False,
-            dual_path=False,
+            global_context=arm != "plain" and getattr(args, "sifa_net", False),
+            dual_path=arm != "plain" and getattr(args, "sifa_net", False),
             sifa_stages=tuple(args.sifa_stages),
             sifa_dilation=args.sifa_dilation,
             **extra,
@@ -189,6 +189,7 @@ def fit_and_test(
         lr=args.lr,
         weight_decay=args.weight_decay,
         warmup_epochs=args.warmup,
+        scheduler=getattr(args, "scheduler", "cosine"),
         min_lr=args.lr * 0.01,
         flow_lr_scale=flow_lr_scale,
     )
@@ -373,6 +374,12 @@ def main(argv: list[str] | None = None) -> dict:
         "stem itself see frame order",
     )
     p.add_argument(
+        "--sifa-net",
+        action="store_true",
+        help="the SIFA arms as released (global context and dual path on); with --stem-temporal 4 this is "
+        "SIFA-Net, and the plain arm C2D with the same stem",
+    )
+    p.add_argument(
         "--pretrain-epochs",
         type=int,
         default=0,
@@ -399,6 +406,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--warmup", type=float, default=1.0, help="warm-up epochs")
+    p.add_argument(
+        "--scheduler",
+        default="cosine",
+        choices=("cosine", "constant"),
+        help="after the warm-up: cosine to lr/100, or the peak lr throughout",
+    )
     p.add_argument("--flow-lr-scale", type=float, default=1.0, help="lr factor of FlowLayer parameters (fcf arm)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=2)
@@ -458,7 +471,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"budget: {args.epochs} epochs x {k * args.train_per_class} clips of {args.frames} frames "
         f"(interval {interval}, speed {speed[0]:g}-{speed[1]:g} px/stored frame) at {args.crop}², per-frame 2D "
-        f"ResNet-{args.depth} x{args.width}, {args.optimizer} lr {args.lr}{pre}"
+        f"ResNet-{args.depth} x{args.width} (temporal stem {args.stem_temporal}"
+        f"{', SIFA arms with global context and dual path' if args.sifa_net else ''}), {args.optimizer} lr {args.lr} "
+        f"{args.scheduler}, batch {args.batch_size}{pre}"
     )
     print(
         "| arm | test top-1 | ± s.d. | chance | ceiling | (top-1 − ceiling) / s.d. at ceiling | last train loss "
