@@ -1,7 +1,7 @@
 """Learning curves from motion-probe runs: test top-1 against optimiser steps, mean and spread over seeds.
 
 Reads the ``--json`` files of ``motion_probe.py --curve-every N`` runs (any number: seeds, arms, tasks) and
-draws one panel per (task, classes) with one line per arm: the mean over the runs of that arm, a band
+draws one panel per (task, classes, temporal stem) with one line per arm: the mean over the runs of that arm, a band
 from the lowest to the highest run, the order-blind ceiling and ceiling + 3 s.d. (the "learned frame
 order beyond doubt" line), and chance.
 
@@ -19,21 +19,45 @@ from motion_probe import binomial_sd
 
 from datamodules.synthetic import ORDER_BLIND_CEILING
 
+ARM_NAMES = {
+    "plain": "plain (order-blind)",
+    "sifa": "SIFA (paper's block)",
+    "sifa-corr": "SIFA + correlation branch",
+    "fcf": "FCF",
+}
+
+
+def line_label(arm: str, args: dict, split_by: tuple[str, ...] = ()) -> str:
+    """What a run's line is called: the arm as the probe built it, then the `split_by` arguments' values."""
+    stem = int(args.get("stem_temporal", 1))
+    if arm == "plain" and stem > 1:
+        name = f"C2D (temporal stem {stem})"
+    elif args.get("sifa_net") and arm in ("sifa", "sifa-corr"):
+        name = "SIFA-Net" + (" + correlation branch" if arm == "sifa-corr" else "")
+    else:
+        name = ARM_NAMES.get(arm, arm)
+    return ", ".join([name, *(f"{key} {args[key]}" for key in split_by)])
+
+
+def panel_key(data: dict) -> tuple[str, int, int]:
+    """Runs share a panel when task, classes and temporal stem agree (a stem that sees frame order is
+    another comparison, not another line beside the per-frame arms)."""
+    return data["task"], int(data["num_classes"]), int(data.get("args", {}).get("stem_temporal", 1))
+
 
 def load_curves(
     paths: list[Path], split_by: tuple[str, ...] = ()
-) -> dict[tuple[str, int], dict[str, list[list[dict]]]]:
-    """{(task, K): {line label: [curve of one run, ...]}} from probe JSON files; runs without a curve are
-    skipped. A line is an arm, or with `split_by` an arm and the values of those probe arguments (so
-    runs of one arm at two learning rates are two lines, not one band)."""
-    panels: dict[tuple[str, int], dict[str, list[list[dict]]]] = defaultdict(lambda: defaultdict(list))
+) -> dict[tuple[str, int, int], dict[str, list[list[dict]]]]:
+    """{(task, K, temporal stem): {line label: [curve of one run, ...]}} from probe JSON files; runs without
+    a curve are skipped. A line is an arm, or with `split_by` an arm and the values of those probe
+    arguments (so runs of one arm at two learning rates are two lines, not one band)."""
+    panels: dict[tuple[str, int, int], dict[str, list[list[dict]]]] = defaultdict(lambda: defaultdict(list))
     for path in paths:
         data = json.loads(path.read_text(encoding="utf-8"))
-        key = (data["task"], int(data["num_classes"]))
         for result in data["results"]:
             if result.get("curve"):
-                label = ", ".join([result["arm"], *(f"{name} {data['args'][name]}" for name in split_by)])
-                panels[key][label].append(result["curve"])
+                label = line_label(result["arm"], data.get("args", {}), split_by)
+                panels[panel_key(data)][label].append(result["curve"])
     return panels
 
 
@@ -53,7 +77,7 @@ def plot(panels, out: Path, test_videos: int) -> None:
     keys = sorted(panels)
     fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4.2), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
-        task, k = key
+        task, k, stem = key
         ceiling = ORDER_BLIND_CEILING
         sd = binomial_sd(ceiling, test_videos)
         for arm, runs in sorted(panels[key].items()):
@@ -64,7 +88,7 @@ def plot(panels, out: Path, test_videos: int) -> None:
         ax.axhline(100 * (ceiling + 3 * sd), color="k", lw=1, ls=":", label=f"ceiling + 3 s.d. ({test_videos} videos)")
         if k > 2:
             ax.axhline(100 / k, color="grey", lw=1, ls="-.", label="chance")
-        ax.set_title(f"{task}, K = {k}")
+        ax.set_title(f"{task}, K = {k}" + (f", temporal stem {stem}" if stem > 1 else ""))
         ax.set_xlabel("optimiser steps")
         ax.set_ylabel("test top-1 (%)")
         ax.set_ylim(0, 100)

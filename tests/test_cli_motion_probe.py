@@ -200,7 +200,7 @@ def test_plot_curves_draws_mean_and_spread_over_runs(tmp_path):
         path.write_text(json.dumps(run(shift)), encoding="utf-8")
         paths.append(path)
     panels = plot_curves.load_curves(paths)
-    steps, mean, low, high = plot_curves.summarise(panels[("direction", 2)]["sifa-corr"])
+    steps, mean, low, high = plot_curves.summarise(panels[("direction", 2, 1)]["SIFA + correlation branch"])
     assert steps == [20, 40, 60] and low[0] < mean[0] < high[0]
     assert abs(mean[2] - 0.8) < 1e-9
     out = tmp_path / "curves.png"
@@ -223,9 +223,30 @@ def test_plot_curves_split_by_an_argument_draws_one_line_per_value(tmp_path):
         path = tmp_path / f"run{i}.json"
         path.write_text(json.dumps(run(lr, shift)), encoding="utf-8")
         paths.append(path)
-    lines = plot_curves.load_curves(paths, ("lr",))[("direction", 2)]
-    assert sorted(lines) == ["sifa-corr, lr 0.001", "sifa-corr, lr 0.003"]
-    assert len(lines["sifa-corr, lr 0.001"]) == 2 and len(lines["sifa-corr, lr 0.003"]) == 1
-    assert list(plot_curves.load_curves(paths)[("direction", 2)]) == ["sifa-corr"]  # one band without it
+    lines = plot_curves.load_curves(paths, ("lr",))[("direction", 2, 1)]
+    corr = "SIFA + correlation branch"
+    assert sorted(lines) == [f"{corr}, lr 0.001", f"{corr}, lr 0.003"]
+    assert len(lines[f"{corr}, lr 0.001"]) == 2 and len(lines[f"{corr}, lr 0.003"]) == 1
+    assert list(plot_curves.load_curves(paths)[("direction", 2, 1)]) == [corr]  # one band without it
     with pytest.raises(SystemExit):
         plot_curves.main([*map(str, paths), "--split-by", "warmup", "--out", str(tmp_path / "x.png")])
+
+
+def test_plot_curves_puts_a_temporal_stem_in_its_own_panel_with_the_networks_names(tmp_path):
+    curve = [{"epoch": 1, "step": 10, "top1": 0.6}]
+    runs = [
+        ({"stem_temporal": 1}, "plain"),
+        ({"stem_temporal": 1}, "sifa"),
+        ({"stem_temporal": 4, "sifa_net": True}, "plain"),
+        ({"stem_temporal": 4, "sifa_net": True}, "sifa-corr"),
+    ]
+    paths = []
+    for i, (args, arm) in enumerate(runs):
+        path = tmp_path / f"run{i}.json"
+        data = {"task": "direction", "num_classes": 2, "args": args, "results": [{"arm": arm, "curve": curve}]}
+        path.write_text(json.dumps(data), encoding="utf-8")
+        paths.append(path)
+    panels = plot_curves.load_curves(paths)
+    assert sorted(panels) == [("direction", 2, 1), ("direction", 2, 4)]
+    assert sorted(panels[("direction", 2, 1)]) == ["SIFA (paper's block)", "plain (order-blind)"]
+    assert sorted(panels[("direction", 2, 4)]) == ["C2D (temporal stem 4)", "SIFA-Net + correlation branch"]
