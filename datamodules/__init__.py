@@ -23,7 +23,7 @@ from .layouts import (
     VideoFolderDataModule,
     VideoListDataModule,
 )
-from .prepare import PrepareError, prepare_dataset, read_meta
+from .prepare import PrepareError, check_meta, prepare_dataset, read_meta
 from .rawframes import RawFrameListDataModule
 from .sharded import ShardedVideoDataModule, ShardLoader, ShardStream
 from .something import SomethingSomethingV1DataModule, SomethingSomethingV2DataModule
@@ -61,6 +61,7 @@ __all__ = [
     "VideoReader",
     "VideoRecord",
     "build_index",
+    "check_meta",
     "collate_clips",
     "decode_frames",
     "frame_index",

@@ -88,6 +88,7 @@ __all__ = [
     "PrepareError",
     "even_size",
     "prepare_dataset",
+    "check_meta",
     "read_meta",
     "reencode_video",
 ]
@@ -777,27 +778,46 @@ def _vmm_version() -> str:
 
 # -- reading meta.json -----------------------------------------------------------------------------
 def read_meta(root: str | os.PathLike) -> dict:
-    """`<root>/meta.json` of a prepared dataset, checked: format, version, layout, settings and
-    each split's shards or files. FileNotFoundError when there is none (not prepared, or not
-    finished); PrepareError naming the file and the field for a malformed one."""
+    """`<root>/meta.json` of a prepared dataset, checked by `check_meta`. FileNotFoundError when there
+    is none (not prepared, or not finished); PrepareError naming the file and the field for a
+    malformed one."""
     file = Path(root).expanduser() / "meta.json"
     try:
         meta = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise PrepareError(f"{file}: not valid JSON ({exc})") from None
+    return check_meta(meta, str(file))
+
+
+def check_meta(meta: object, source: str, *, layout: str | None = None, error: type[Exception] = PrepareError) -> dict:
+    """`meta` (a parsed meta.json) checked field by field: format, version, layout (`layout` when
+    given), classes, settings, and each split's counts with its shard entries (name, first_key,
+    num_samples) or files. Raises `error("<source>: <field>: <what>")` at the first wrong field; the
+    one checker of the file for whoever reads it (the prepare run resuming, the sharded datamodule)."""
 
     def need(cond: bool, what: str) -> None:
         if not cond:
-            raise PrepareError(f"{file}: {what}")
+            raise error(f"{source}: {what}")
 
     need(isinstance(meta, dict), "expected a JSON object")
-    need(meta.get("format") == FORMAT, f"format: expected {FORMAT!r}, got {meta.get('format')!r}")
+    need(
+        meta.get("format") == FORMAT,
+        f"format: expected {FORMAT!r} (the output of vmm prepare), got {meta.get('format')!r}",
+    )
     need(
         meta.get("format_version") == FORMAT_VERSION,
         f"format_version: expected {FORMAT_VERSION}, got {meta.get('format_version')!r} (written by another vmm)",
     )
     need(meta.get("layout") in LAYOUTS, f"layout: expected one of {LAYOUTS}, got {meta.get('layout')!r}")
-    need(isinstance(meta.get("classes"), list), "classes: expected a list of class names")
+    if layout is not None:
+        need(
+            meta["layout"] == layout,
+            f"layout: expected {layout!r} (vmm prepare --format {layout}), got {meta['layout']!r}",
+        )
+    need(
+        isinstance(meta.get("classes"), list) and all(isinstance(c, str) for c in meta["classes"]),
+        "classes: expected a list of class names",
+    )
     settings = meta.get("settings")
     need(isinstance(settings, dict), "settings: expected an object")
     for name in ("short_side", "codec", "gop", "crf", "shard_size_mb"):
@@ -810,8 +830,17 @@ def read_meta(root: str | os.PathLike) -> dict:
         need(isinstance(info, dict), f"splits.{split}: expected an object")
         for name in ("num_samples", "num_bad", "bad", listing):
             need(name in info, f"splits.{split}.{name}: missing")
+        need(isinstance(info[listing], list), f"splits.{split}.{listing}: expected a list")
         if listing == "shards":
-            counted = sum(s.get("num_samples", 0) for s in info["shards"])
+            for i, shard in enumerate(info["shards"]):
+                need(
+                    isinstance(shard, dict)
+                    and isinstance(shard.get("name"), str)
+                    and all(type(shard.get(k)) is int and shard[k] >= 0 for k in ("first_key", "num_samples")),
+                    f"splits.{split}.shards[{i}]: expected a name and non-negative integers first_key and "
+                    f"num_samples, got {shard!r}",
+                )
+            counted = sum(s["num_samples"] for s in info["shards"])
             need(
                 counted == info["num_samples"],
                 f"splits.{split}: shards hold {counted} samples, not {info['num_samples']}",

@@ -73,7 +73,7 @@ from .base import SPLITS, VideoDataModule, fitted_num_workers
 from .dataset import ClipItems, ClipSettings, TooMuchBadData, collate_clips
 from .decode import VideoDecodeError, VideoReader, probe_full_decode
 from .frames import FrameFolderReader
-from .prepare import FORMAT, FORMAT_VERSION
+from .prepare import FORMAT, FORMAT_VERSION, check_meta
 from .transforms import ClipTransform
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ def _read_bytes(location: str, timeout: float) -> bytes:
 
 
 def read_shard_meta(root: str, timeout: float = 60.0) -> dict:
-    """`root`'s meta.json, checked to be a vmm shard set (format "vmm-shards", version 1)."""
+    """`root`'s meta.json, checked to be a vmm shard set (`prepare.check_meta`, layout "shards")."""
     location = shard_location(root, "meta.json")
     try:
         meta = json.loads(_read_bytes(location, timeout).decode("utf-8"))
@@ -152,21 +152,7 @@ def read_shard_meta(root: str, timeout: float = 60.0) -> dict:
         ) from None
     except (OSError, urllib.error.URLError, ValueError) as exc:
         raise ShardFormatError(f"root: cannot read {location}: {exc}") from None
-    if not isinstance(meta, dict) or meta.get("format") != SHARD_FORMAT:
-        raise ShardFormatError(f"root: {location} is not a vmm shard set (expected format {SHARD_FORMAT!r})")
-    if meta.get("format_version") != SHARD_FORMAT_VERSION:
-        raise ShardFormatError(
-            f"root: {location} has format_version {meta.get('format_version')!r}; this vmm reads version "
-            f"{SHARD_FORMAT_VERSION}"
-        )
-    if meta.get("layout") != "shards":
-        raise ShardFormatError(
-            f"root: {location} describes layout {meta.get('layout')!r}; ShardedVideoDataModule reads layout "
-            "'shards' (prepare with --format shards)"
-        )
-    if not isinstance(meta.get("classes"), list) or not isinstance(meta.get("splits"), dict):
-        raise ShardFormatError(f"root: {location} lacks 'classes' or 'splits'")
-    return meta
+    return check_meta(meta, f"root: {location}", layout="shards", error=ShardFormatError)
 
 
 # -- reading shards ---------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from datamodules import (
     VideoListDataModule,
     VideoReader,
     build_index,
+    check_meta,
     prepare_dataset,
     read_meta,
 )
@@ -383,6 +384,32 @@ def test_read_meta_names_what_is_wrong(tmp_path):
     (tmp_path / "meta.json").write_text(json.dumps({"format": "vmm-shards", "format_version": 9}), encoding="utf-8")
     with pytest.raises(PrepareError, match=r"meta.json: format_version: expected 1, got 9"):
         read_meta(tmp_path)
+    good = {
+        "format": "vmm-shards",
+        "format_version": 1,
+        "layout": "shards",
+        "classes": ["a"],
+        "settings": {"short_side": 32, "codec": "h264", "gop": 16, "crf": 23, "shard_size_mb": 8},
+        "splits": {
+            "train": {
+                "num_samples": 2,
+                "num_bad": 0,
+                "bad": [],
+                "shards": [{"name": "shard-000000.tar", "first_key": 0, "num_samples": 2}],
+            }
+        },
+    }
+    assert check_meta(good, "meta.json") is good
+    bad_shard = json.loads(json.dumps(good))
+    bad_shard["splits"]["train"]["shards"][0]["first_key"] = "0"
+    with pytest.raises(PrepareError, match=r"meta.json: splits.train.shards\[0\]: expected a name and non-negative"):
+        check_meta(bad_shard, "meta.json")
+    miscounted = json.loads(json.dumps(good))
+    miscounted["splits"]["train"]["num_samples"] = 3
+    with pytest.raises(PrepareError, match=r"splits.train: shards hold 2 samples, not 3"):
+        check_meta(miscounted, "meta.json")
+    with pytest.raises(ValueError, match=r"root: x: layout: expected 'files'"):
+        check_meta(good, "root: x", layout="files", error=ValueError)
 
 
 def test_shards_read_back_by_the_sharded_datamodule(folder_root, tmp_path):

@@ -190,7 +190,7 @@ def test_meta_json_is_checked(tmp_path):
     with pytest.raises(ShardFormatError, match="meta.json not found"):
         _ = _shard_dm(tmp_path).class_names
     (tmp_path / "meta.json").write_text(json.dumps({"format": "other"}), encoding="utf-8")
-    with pytest.raises(ShardFormatError, match="not a vmm shard set"):
+    with pytest.raises(ShardFormatError, match="format: expected .vmm-shards. \\(the output of vmm prepare\\)"):
         _ = _shard_dm(tmp_path).class_names
     with pytest.raises(ValueError, match="shuffle_buffer"):
         _shard_dm(tmp_path, shuffle_buffer=0)
