@@ -23,12 +23,12 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from .reports import TestReportWriter
 from .trainer import INTERRUPTED_CKPT
 
 __all__ = [
     "DATA_CONFIG_KEY",
     "PREDICT_SETTINGS_KEY",
-    "TEST_REPORT_FILES",
     "DataTimeMonitor",
     "InterruptCheckpoint",
     "StoreDataConfig",
@@ -55,22 +55,15 @@ class StoreDataConfig(Callback):
             checkpoint[PREDICT_SETTINGS_KEY] = dict(settings)
 
 
-# The files of `reports.write_test_report`, in the order the summary names them.
-TEST_REPORT_FILES = ("test_results.json", "scores_test.json", "confusion_matrix_test.csv", "confusion_matrix_test.png")
-
-
 class TestRunSummary(Callback):
     """Prints, before testing, how many videos are tested with how many views each (`test_clips` x
     `test_crops` of the datamodule: the paper protocols' 10 x 3 takes minutes on a CPU) and the
-    options that lower it; after testing, the paths of the report files this run wrote."""
+    options that lower it; after testing, the paths of the report files that the trainer's
+    `reports.TestReportWriter` wrote (it must come before this callback in the list)."""
 
     __test__ = False  # not a pytest test class, despite the name
 
-    def __init__(self) -> None:
-        self._started = 0.0
-
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._started = time.time()
         if not trainer.is_global_zero:
             return
         loaders = trainer.test_dataloaders
@@ -93,15 +86,9 @@ class TestRunSummary(Callback):
         print(line + ")", flush=True)
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
-        if not trainer.is_global_zero or not trainer.loggers or not log_dir:
+        if not trainer.is_global_zero:
             return
-        written = []
-        for name in TEST_REPORT_FILES:
-            path = Path(log_dir) / name
-            # 1 s of slack: a file system's mtime may be coarser than time.time()
-            if path.is_file() and path.stat().st_mtime >= self._started - 1.0:
-                written.append(str(path))
+        written = [str(p) for cb in trainer.callbacks if isinstance(cb, TestReportWriter) for p in cb.written]
         if written:
             print("[vmm] test report written: " + ", ".join(written), flush=True)
 

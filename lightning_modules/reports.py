@@ -249,13 +249,15 @@ def write_test_report(
     class_names: list[str],
     video_names: Sequence[str] | None = None,
     figure: Any = None,
-) -> None:
+) -> list[Path]:
     """Write `test_results.json`, `confusion_matrix_test.csv` / `.png` and `scores_test.json` into
     `log_dir` (created if missing), each atomically: a failed write leaves an older file whole.
-    `figure`: the confusion-matrix figure when the caller has drawn it already (else drawn here)."""
+    `figure`: the confusion-matrix figure when the caller has drawn it already (else drawn here).
+    Returns the files written (the PNG only where matplotlib drew it)."""
     out = Path(log_dir)
     out.mkdir(parents=True, exist_ok=True)
     # Strict JSON: undefined metrics are null, never NaN.
+    written = [out / "test_results.json", out / "scores_test.json", out / "confusion_matrix_test.csv"]
     atomic_write_json(out / "test_results.json", dict(res))
     rows = [",".join(["true\\pred", *class_names])]
     rows += [",".join([class_names[i], *map(str, r.tolist())]) for i, r in enumerate(res.confusion)]
@@ -264,7 +266,9 @@ def write_test_report(
     if fig is not None:
         with atomic_writer(out / "confusion_matrix_test.png", "wb") as f:
             fig.savefig(f, format="png", dpi=100)
+        written.append(out / "confusion_matrix_test.png")
     atomic_write_json(out / "scores_test.json", score_dump(res, class_names, video_names))
+    return written
 
 
 def _test_video_names(trainer: Trainer) -> list[str] | None:
@@ -285,17 +289,20 @@ class TestReportWriter(Callback):
     test videos could not be used, and adds the confusion figure to every logger whose experiment
     has `add_figure` (TensorBoard). Runs at `on_test_end`, after the module has computed the
     result (`on_test_epoch_end`) and before it fails a test with no usable video, so that report
-    (metrics null) is still written.
+    (metrics null) is still written. `written` lists the files of the latest test (empty when it
+    wrote none).
     """
 
     __test__ = False  # not a pytest test class, despite the name
 
     def __init__(self) -> None:
         self._before: Any = None
+        self.written: list[Path] = []
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # A result from an earlier run is never reported again (a failed epoch computes none).
         self._before = getattr(pl_module, "last_eval", {}).get("test")
+        self.written = []
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         res = getattr(pl_module, "last_eval", {}).get("test")
@@ -318,7 +325,7 @@ class TestReportWriter(Callback):
                 add_figure("test/confusion_matrix", fig, global_step=trainer.global_step)
         # Without a logger, log_dir is the working directory: report on stdout only, write no files.
         if trainer.loggers and log_dir:
-            write_test_report(res, log_dir, names, _test_video_names(trainer), figure=fig)
+            self.written = write_test_report(res, log_dir, names, _test_video_names(trainer), figure=fig)
 
 
 class PredictionWriter(BasePredictionWriter):

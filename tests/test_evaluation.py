@@ -242,13 +242,14 @@ def test_report_writer_writes_each_result_once_and_only_with_a_logger(tmp_path, 
         "test_results.json",
     ]
     assert "1 test video(s) could not be used" in capsys.readouterr().out
+    assert sorted(p.name for p in writer.written) == written  # what it wrote, handed to the summary
     assert json.loads((log_dir / "scores_test.json").read_text(encoding="utf-8"))["class_names"] == ["a", "b", "c"]
     # A later test run that computed no result (it failed) does not report the old one again.
     for p in log_dir.iterdir():
         p.unlink()
     writer.on_test_start(trainer, module)
     writer.on_test_end(trainer, module)
-    assert list(log_dir.iterdir()) == []
+    assert list(log_dir.iterdir()) == [] and writer.written == []
     # Without a logger the log directory is the working directory: no file at all.
     monkeypatch.chdir(tmp_path / "logs")
     bare = Trainer(logger=False, default_root_dir=tmp_path / "logs", **kw)
@@ -256,3 +257,35 @@ def test_report_writer_writes_each_result_once_and_only_with_a_logger(tmp_path, 
     module.last_eval["test"] = acc.compute(num_classes=3)
     writer.on_test_end(bare, module)
     assert not list((tmp_path / "logs").glob("*.json")) and list(log_dir.iterdir()) == []
+
+
+def test_run_summary_names_the_files_the_report_writer_wrote(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_modules.callbacks import TestRunSummary
+    from lightning_modules.reports import TestReportWriter
+
+    acc = EvalAccumulator()
+    _fill(acc, list(range(len(_CLIPS))))
+    module = SimpleNamespace(last_eval={}, class_names=["a", "b", "c"])
+    writer, summary = TestReportWriter(), TestRunSummary()
+    kw = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "enable_model_summary": False}
+    trainer = Trainer(logger=CSVLogger(tmp_path / "logs"), callbacks=[writer, summary], **kw)
+    # A stale report file of an earlier run in the same folder is not named.
+    log_dir = tmp_path / "logs" / "lightning_logs" / "version_0"
+    log_dir.mkdir(parents=True)
+    (log_dir / "stale_report.json").write_text("{}", encoding="utf-8")
+    writer.on_test_start(trainer, module)
+    module.last_eval["test"] = acc.compute(num_classes=3)
+    writer.on_test_end(trainer, module)
+    summary.on_test_end(trainer, module)
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[vmm] test report written: ")]
+    assert line.split(": ", 1)[1].split(", ") == [str(p) for p in writer.written]
+    assert "stale_report.json" not in line
+    writer.on_test_start(trainer, module)  # a failed test run writes nothing, and nothing is named
+    writer.on_test_end(trainer, module)
+    summary.on_test_end(trainer, module)
+    assert "test report written" not in capsys.readouterr().out
