@@ -186,6 +186,30 @@ _COMMAND_HELP = {
             ("--ckpt_path CKPT", "resume training from this checkpoint"),
         ],
     ),
+    "check-data": (
+        "vmm check-data --config CONFIG [options]",
+        "Decode every video of the datamodule once and list the unreadable or unusable ones with per-split "
+        "counts, durations and frame rates; exits with status 1 when it lists any.",
+        [
+            ("--splits [train, val]", "the splits to check (default: every split the layout has)"),
+            ("--num_workers N", "decoding processes (default: the datamodule's)"),
+            ("--write_clean_list FILE", "also write each split's list without its bad entries (clean_train.txt, ...)"),
+        ],
+    ),
+    "prepare": (
+        "vmm prepare --config CONFIG --output DIR [options]",
+        "Write the datamodule's videos, resized and re-encoded, as tar shards (read by "
+        "datamodules.ShardedVideoDataModule) or as a tree of files, with a meta.json; a second run with the "
+        "same settings resumes.",
+        [
+            ("--output DIR", "the folder to write (required)"),
+            ("--format shards|files", "tar shards per split (default) or a tree of files"),
+            ("--short_side PIXELS", "even pixels of the re-encoded short side (default 320; 0 keeps the bytes)"),
+            ("--shard_size_mb MB", "size of a shard (default 256)"),
+            ("--num_workers N", "processes that decode and encode (default: min(CPUs, 8))"),
+            ("--splits [train]", "the splits to write (default: every split the layout has)"),
+        ],
+    ),
 }
 _COMMON_OPTIONS = [
     ("-c, --config CONFIG", "a YAML configuration (configs/*.yaml); repeatable, later files override"),
@@ -206,6 +230,12 @@ _COMMON_OPTIONS = [
 ]
 
 
+# The data commands build a datamodule only: no model, no Trainer.
+_DATA_COMMON_OPTIONS = [
+    opt for opt in _COMMON_OPTIONS if not opt[0].startswith(("--model", "--trainer", "--seed", "--print_config"))
+]
+_DATA_COMMON_OPTIONS[-1] = (HELP_ALL, "every option, with types and defaults (the command's, the datamodule's)")
+
 _HELP_WIDTH = 100
 
 
@@ -223,13 +253,15 @@ def _option_lines(options: list[tuple[str, str]]) -> list[str]:
 
 
 def command_help(command: str) -> str:
-    """`vmm <command> --help` of a Trainer command: its usage, what it does, its own options, the
-    options every command shares, and how to list every option."""
+    """`vmm <command> --help`: its usage, what it does, its own options, the options it shares with
+    the other commands, and how to list every option."""
     usage, description, own = _COMMAND_HELP[command]
+    data_only = command in DATA_COMMAND_NAMES
     lines = [f"usage: {usage}", "", textwrap.fill(description, _HELP_WIDTH), ""]
     lines += [f"{command} options:", *_option_lines(own), ""]
-    lines += ["common options:", *_option_lines(_COMMON_OPTIONS), ""]
-    lines.append(f"Every option (Lightning's Trainer, the model, the datamodule): vmm {command} {HELP_ALL}")
+    lines += ["common options:", *_option_lines(_DATA_COMMON_OPTIONS if data_only else _COMMON_OPTIONS), ""]
+    what = "its own, the datamodule's" if data_only else "Lightning's Trainer, the model, the datamodule"
+    lines.append(f"Every option ({what}): vmm {command} {HELP_ALL}")
     return "\n".join(lines) + "\n"
 
 
@@ -358,17 +390,17 @@ def _main(argv: list[str]) -> None:
     if argv[0] not in COMMANDS and not argv[0].startswith("-"):
         sys.stderr.write(f"{_USAGE}vmm: error: unknown command {argv[0]!r}; the commands: {', '.join(COMMANDS)}\n")
         raise SystemExit(2)
+    if argv[0] in _COMMAND_HELP and {"-h", "--help"} & set(argv[1:]):
+        print(command_help(argv[0]), end="")
+        return
+    if HELP_ALL in argv[1:]:
+        argv = [a if a != HELP_ALL else "--help" for a in argv]
     if argv[0] in DATA_COMMAND_NAMES:
         from .data_commands import run_data_command
 
         if not run_data_command(argv[0], argv[1:]).ok:
             raise SystemExit(1)  # check-data found unreadable or unusable entries
         return
-    if argv[0] in _COMMAND_HELP and {"-h", "--help"} & set(argv[1:]):
-        print(command_help(argv[0]), end="")
-        return
-    if HELP_ALL in argv[1:]:
-        argv = [a if a != HELP_ALL else "--help" for a in argv]
     from .trainer_cli import VMMCLI
 
     VMMCLI(args=argv)
