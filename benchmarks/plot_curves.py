@@ -6,6 +6,7 @@ from the lowest to the highest run, the order-blind ceiling and ceiling + 3 s.d.
 order beyond doubt" line), and chance.
 
     python benchmarks/plot_curves.py runs/probe_*.json --out docs/learning_curves.png
+    python benchmarks/plot_curves.py runs/probe_*.json --split-by lr --table --no-figure
 """
 
 from __future__ import annotations
@@ -68,6 +69,39 @@ def summarise(runs: list[list[dict]]) -> tuple[list[int], list[float], list[floa
     return common, [sum(v) / len(v) for v in by_step], [min(v) for v in by_step], [max(v) for v in by_step]
 
 
+def first_step_past(run: list[dict], level: float) -> int | None:
+    """The first measured step at which a run's test top-1 exceeds `level` (None: never)."""
+    return next((p["step"] for p in sorted(run, key=lambda p: p["step"]) if p["top1"] > level), None)
+
+
+def table(panels, test_videos: int) -> str:
+    """Markdown, a table per panel: each line's mean test top-1 (lowest-highest run) at every step all
+    its runs measured, and each run's first step past ceiling + 3 s.d. (the learning-speed figure)."""
+    level = ORDER_BLIND_CEILING + 3 * binomial_sd(ORDER_BLIND_CEILING, test_videos)
+    out = []
+    for key in sorted(panels):
+        task, k, stem = key
+        lines = sorted(panels[key].items())
+        steps = sorted({s for _, runs in lines for s in summarise(runs)[0]})
+        out.append(
+            f"{task}, K = {k}" + (f", temporal stem {stem}" if stem > 1 else "") + ": test top-1 %, mean (range)"
+        )
+        out.append("")
+        out.append(
+            "| line | runs | " + " | ".join(f"step {s}" for s in steps) + f" | first step > {100 * level:.1f}% |"
+        )
+        out.append("| --- | --- |" + " --- |" * (len(steps) + 1))
+        for label, runs in lines:
+            at = {s: (m, lo, hi) for s, m, lo, hi in zip(*summarise(runs), strict=True)}
+            cells = [
+                f"{100 * at[s][0]:.1f} ({100 * at[s][1]:.0f}-{100 * at[s][2]:.0f})" if s in at else "" for s in steps
+            ]
+            firsts = ", ".join(str(first_step_past(run, level) or "never") for run in runs)
+            out.append(f"| {label} | {len(runs)} | " + " | ".join(cells) + f" | {firsts} |")
+        out.append("")
+    return "\n".join(out)
+
+
 def plot(panels, out: Path, test_videos: int) -> None:
     import matplotlib
 
@@ -111,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="probe arguments (as in the JSON's args, e.g. lr) that make separate lines",
     )
+    ap.add_argument("--table", action="store_true", help="also print the curves as markdown tables")
+    ap.add_argument("--no-figure", action="store_true", help="draw nothing (with --table: the tables only)")
     args = ap.parse_args(argv)
     for name in args.split_by:
         missing = [str(p) for p in args.runs if name not in json.loads(p.read_text(encoding="utf-8"))["args"]]
@@ -119,8 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     panels = load_curves(args.runs, tuple(args.split_by))
     if not panels:
         ap.error("no run in these files has a curve (run motion_probe.py with --curve-every N)")
-    plot(panels, args.out, args.test_videos)
-    print(f"wrote {args.out}")
+    if args.table:
+        print(table(panels, args.test_videos))
+    if not args.no_figure:
+        plot(panels, args.out, args.test_videos)
+        print(f"wrote {args.out}")
     return 0
 
 

@@ -250,3 +250,18 @@ def test_plot_curves_puts_a_temporal_stem_in_its_own_panel_with_the_networks_nam
     assert sorted(panels) == [("direction", 2, 1), ("direction", 2, 4)]
     assert sorted(panels[("direction", 2, 1)]) == ["SIFA (paper's block)", "plain (order-blind)"]
     assert sorted(panels[("direction", 2, 4)]) == ["C2D (temporal stem 4)", "SIFA-Net + correlation branch"]
+
+
+def test_plot_curves_table_gives_mean_range_and_each_runs_first_step_past_the_line(tmp_path, capsys):
+    runs = [[0.5, 0.70, 0.9], [0.5, 0.55, 0.8]]  # 128 videos: the line is 63.3%
+    paths = []
+    for i, top1s in enumerate(runs):
+        curve = [{"epoch": e, "step": 80 * e, "top1": t} for e, t in enumerate(top1s, start=1)]
+        path = tmp_path / f"run{i}.json"
+        data = {"task": "direction", "num_classes": 2, "args": {}, "results": [{"arm": "fcf", "curve": curve}]}
+        path.write_text(json.dumps(data), encoding="utf-8")
+        paths.append(path)
+    assert plot_curves.main([*map(str, paths), "--table", "--no-figure"]) == 0
+    text = capsys.readouterr().out
+    assert "| FCF | 2 | 50.0 (50-50) | 62.5 (55-70) | 85.0 (80-90) | 160, 240 |" in text
+    assert "first step > 63.3%" in text and "wrote" not in text
