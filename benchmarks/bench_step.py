@@ -3,7 +3,9 @@
 Pairs (candidate vs baseline, everything else equal; docs/sifa.md §3, docs/repflow.md §3):
 
 - ``sifa``: SIFA-ResNet-50 vs C2D-ResNet-50, clips of 16×224², batch 8;
-- ``fcf``: FCF-(2+1)D-50 vs (2+1)D-50, clips of 16×112², batch 8.
+- ``fcf``: FCF-(2+1)D-50 vs (2+1)D-50, clips of 16×112², batch 8;
+- ``sifa-corr``: SIFA-ResNet-50 with its correlation branches (``correlation_features=True``,
+  docs/sifa.md §5) vs the paper's SIFA-ResNet-50, clips of 16×224², batch 8.
 
 Each is timed in float32 ("fp32") and under bfloat16 autocast ("bf16-mixed": float32 weights and
 optimizer, as Lightning's ``precision="bf16-mixed"``), and in the contiguous (NCTHW) and
@@ -59,11 +61,20 @@ class Pair:
     baseline: str
     frames: int
     size: int
+    candidate_kwargs: tuple[tuple[str, object], ...] = ()  # the candidate's switches beyond the builder's
 
 
 PAIRS = {
     "sifa": Pair("sifa", "sifa_resnet50", "c2d_resnet50", frames=16, size=224),
     "fcf": Pair("fcf", "fcf_r2plus1d_50", "r2plus1d_50", frames=16, size=112),
+    "sifa-corr": Pair(
+        "sifa-corr",
+        "sifa_resnet50",
+        "sifa_resnet50",
+        frames=16,
+        size=224,
+        candidate_kwargs=(("correlation_features", True),),
+    ),
 }
 
 #: Keyword arguments of the builders at --tiny: same depth-50 structure, width 1/8, a short flow.
@@ -98,6 +109,7 @@ class StepResult:
     overhead_paired: float  # median over rounds of candidate / baseline, minus 1
     candidate_peak_mib: float | None = None
     baseline_peak_mib: float | None = None
+    width_mult: float = 1.0
 
 
 class Trainer:
@@ -168,14 +180,18 @@ def run_pair(
 ) -> StepResult:
     """Build baseline and candidate, warm both up, then time them interleaved."""
     batch = TINY_BATCH if args.tiny else args.batch
-    size = TINY_SIZE if args.tiny else pair.size
+    size = TINY_SIZE if args.tiny else (args.size or pair.size)
+    width = {"width_mult": args.width} if getattr(args, "width", None) is not None else {}
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 3, pair.frames, size, size, generator=gen).to(device)
     y = torch.randint(0, NUM_CLASSES, (batch,), generator=gen).to(device)
     fmt = MEMORY_FORMATS[memory_format]
     trainers = {
-        role: Trainer(name, TINY_KWARGS[name] if args.tiny else {}, x, y, precision, fmt)
-        for role, name in (("baseline", pair.baseline), ("candidate", pair.candidate))
+        role: Trainer(name, {**(TINY_KWARGS[name] if args.tiny else width), **extra}, x, y, precision, fmt)
+        for role, name, extra in (
+            ("baseline", pair.baseline, {}),
+            ("candidate", pair.candidate, dict(pair.candidate_kwargs)),
+        )
     }
     for _ in range(args.warmup):
         for t in trainers.values():
@@ -204,6 +220,7 @@ def run_pair(
         baseline_clips_per_s=batch / (base * 1e-3),
         overhead=cand / base - 1,
         overhead_paired=paired - 1,
+        width_mult=TINY_KWARGS[pair.baseline]["width_mult"] if args.tiny else (args.width or 1.0),
     )
     if device.type == "cuda":
         result.candidate_peak_mib = peak_mib(trainers["candidate"])
@@ -237,14 +254,14 @@ def format_row(r: StepResult) -> str:
     if r.candidate_peak_mib is not None:
         peak = f"{r.baseline_peak_mib:>10.0f}{r.candidate_peak_mib:>10.0f}"
     return (
-        f"{r.pair:<5}{r.precision:<11}{r.memory_format:<14}{r.baseline_ms:>10.2f}{r.candidate_ms:>10.2f}"
+        f"{r.pair:<10}{r.precision:<11}{r.memory_format:<14}{r.baseline_ms:>10.2f}{r.candidate_ms:>10.2f}"
         f"{r.baseline_clips_per_s:>10.1f}{r.candidate_clips_per_s:>10.1f}{r.overhead:>+10.1%}{r.overhead_paired:>+10.1%}"
         f"{peak}"
     )
 
 
 HEADER = (
-    f"{'pair':<5}{'precision':<11}{'format':<14}{'base ms':>10}{'cand ms':>10}{'base c/s':>10}{'cand c/s':>10}"
+    f"{'pair':<10}{'precision':<11}{'format':<14}{'base ms':>10}{'cand ms':>10}{'base c/s':>10}{'cand c/s':>10}"
     f"{'overhead':>10}{'paired':>10}"
 )
 
@@ -264,6 +281,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps of each network first")
     ap.add_argument("--batch", type=int, default=8, help="clips per step (ignored with --tiny)")
     ap.add_argument("--tiny", action="store_true", help="width 1/16, 16x16^2 clips, batch 2: a CPU smoke run")
+    ap.add_argument("--size", type=int, default=None, help="clip height = width (default: the pair's)")
+    ap.add_argument("--width", type=float, default=None, help="width multiplier of both networks (default 1)")
     ap.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here as JSON")
     args = ap.parse_args(argv)
@@ -278,8 +297,15 @@ def main(argv: list[str] | None = None) -> dict:
         device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: CUDA is not available")
-    if device.type == "cpu" and not args.tiny:
-        ap.error("no CUDA device: the full sizes need a GPU (use --tiny for a CPU smoke run)")
+    if args.tiny and (args.size is not None or args.width is not None):
+        ap.error("--tiny fixes the size and width; give --size / --width without it")
+    if (args.size is not None and args.size < 8) or (args.width is not None and args.width <= 0):
+        ap.error(f"--size >= 8 and --width > 0 expected, got {args.size}, {args.width}")
+    if device.type == "cpu" and not args.tiny and args.size is None:
+        ap.error(
+            "no CUDA device: the full sizes need a GPU (use --tiny for a CPU smoke run, or a smaller "
+            "--size and --width for a CPU measurement)"
+        )
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     formats = args.memory_formats or (list(MEMORY_FORMATS) if device.type == "cuda" else ["contiguous"])
@@ -301,7 +327,7 @@ def main(argv: list[str] | None = None) -> dict:
                     r = run_pair(PAIRS[name], precision, fmt, args, device)
                 except Exception as exc:  # reported below and in the exit status
                     errors.append({"pair": name, "precision": precision, "memory_format": fmt, "error": repr(exc)})
-                    print(f"{name:<5}{precision:<11}{fmt:<14}FAILED: {exc!r}", flush=True)
+                    print(f"{name:<10}{precision:<11}{fmt:<14}FAILED: {exc!r}", flush=True)
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
                     continue

@@ -29,12 +29,13 @@ def test_tiny_train_step_run_reports_every_field(tmp_path, capsys):
     assert report["tiny"] is True and report["environment"]["motion_ops"] == "torch reference"
     assert report["errors"] == []
     rows = report["results"]
-    assert {(r["pair"], r["precision"]) for r in rows} == {(p, "fp32") for p in ("sifa", "fcf")}
+    assert {(r["pair"], r["precision"]) for r in rows} == {(p, "fp32") for p in ("sifa", "fcf", "sifa-corr")}
     for r in rows:
         assert r["memory_format"] == "contiguous"  # the CPU default; CUDA times both formats
         assert (r["candidate"], r["baseline"]) == {
             "sifa": ("sifa_resnet50", "c2d_resnet50"),
             "fcf": ("fcf_r2plus1d_50", "r2plus1d_50"),
+            "sifa-corr": ("sifa_resnet50", "sifa_resnet50"),  # with and without the correlation branches
         }[r["pair"]]
         assert r["batch"] == bench_step.TINY_BATCH and r["size"] == bench_step.TINY_SIZE and r["frames"] == 16
         for role in ("candidate", "baseline"):
@@ -43,6 +44,7 @@ def test_tiny_train_step_run_reports_every_field(tmp_path, capsys):
         assert r["overhead"] == pytest.approx(r["candidate_ms"] / r["baseline_ms"] - 1)
         assert math.isfinite(r["overhead_paired"])
         assert r["candidate_peak_mib"] is None  # CUDA only
+        assert r["width_mult"] == 0.0625
     assert "overhead" in printed and "paired" in printed and "not a benchmark" in printed
     assert printed.count("contiguous") >= len(rows)
 
@@ -54,6 +56,8 @@ def test_full_size_without_a_gpu_is_refused_clearly(capsys):
         bench_step.main(["--pairs", "sifa"])
     assert exc.value.code == 2
     assert "no CUDA device" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_step.main(["--tiny", "--size", "32"])
 
 
 def test_gpu_suite_script_parses_and_profile_ops_needs_a_gpu(capsys):
