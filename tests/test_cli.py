@@ -189,15 +189,14 @@ def test_resume_restores_step_and_optimizer_state(demo, tmp_path):
     assert cli.trainer.global_step == 8  # + 2 batches of the second epoch
 
 
-def test_fcf_network_flow_lr_scale(demo, tmp_path):
-    """FCF-(2+1)D with flow parameters at 0.01x lr, trained through the CLI.
-
-    float32: under bf16 autocast on the CPU this tiny net (2x2 maps after layer2) gave a NaN training loss
-    in some runs of the same seed on the 2-core dev machine (AVX-512); see benchmarks/RESULTS.md, "Known problems"."""
+def test_fcf_network_bf16_mixed_on_cpu(demo, tmp_path):
+    """FCF-(2+1)D with flow parameters at 0.01x lr, trained through the CLI under bf16 autocast on the
+    CPU (this tiny net's last stage has maps smaller than its kernels: networks.blocks.GuardedConv3d)."""
     cfg = tiny_config(
         demo["root"],
         tmp_path,
         net=TINY_FCF,
+        precision="bf16-mixed",
         max_epochs=1,
         limit_train_batches=2,
         limit_val_batches=1,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -745,3 +746,46 @@ def test_networks_and_ops_reject_the_same_bad_arguments_alike():
         SIFAResNet(K, depth=18, backend="emulated")
     with ops.kernel_host_emulation():
         SIFAResNet(K, depth=18, width_mult=NARROW, backend="emulated")
+
+
+@pytest.mark.parametrize("frames, kernel", [(2, 3), (4, 5), (3, 3)])
+def test_temporal_conv_weight_gradient_is_right_under_cpu_bfloat16_autocast(frames, kernel):
+    # torch's CPU bfloat16 conv3d gives a wrong weight gradient (NaN or ~1e37) for fewer frames than
+    # the temporal kernel; GuardedConv3d computes those in float32. Compared with a float64 reference.
+    from lightning_modules.networks.blocks import conv3d
+
+    torch.manual_seed(0)
+    conv = conv3d(48, 32, (kernel, 1, 1))
+    x = torch.randn(4, 48, frames, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv(x)
+    assert y.dtype == torch.bfloat16  # what autocast would have returned
+    y.float().square().sum().backward()
+    ref = conv.weight.detach().double().requires_grad_()
+    torch.nn.functional.conv3d(x.double(), ref, padding=conv.padding).square().sum().backward()
+    scale = ref.grad.abs().max()
+    assert torch.isfinite(conv.weight.grad).all()
+    assert (conv.weight.grad.double() - ref.grad).abs().max() < 0.05 * scale
+
+
+def test_strided_conv_on_a_one_pixel_map_under_cpu_bfloat16_keeps_the_heap_whole():
+    # torch's CPU bfloat16 conv3d backward, 3x3 kernel at stride 2 on a 1x1 map, corrupts the heap
+    # (abort, bus error or segfault with glibc's heap checks on); GuardedConv3d runs it in float32.
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from lightning_modules.networks.blocks import conv3d\n"
+        "conv = conv3d(16, 16, (1, 3, 3), stride=(1, 2, 2))\n"
+        "for _ in range(30):\n"
+        "    x = torch.randn(2, 16, 4, 1, 1, requires_grad=True)\n"
+        "    with torch.autocast('cpu', dtype=torch.bfloat16):\n"
+        "        y = conv(x)\n"
+        "    assert y.dtype == torch.bfloat16\n"
+        "    y.float().sum().backward()\n"
+        "assert torch.isfinite(conv.weight.grad).all()\n"
+    )
+    env = {**os.environ, "MALLOC_CHECK_": "3"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode("utf-8", "replace")[-2000:]

@@ -20,20 +20,51 @@ from torch import Tensor, nn
 MotionFactory = Callable[[int], nn.Module]
 
 
+def _cpu_bfloat16(x: Tensor) -> bool:
+    """Whether a conv on `x` runs in bfloat16 on the CPU (a bfloat16 input, or CPU autocast to bfloat16)."""
+    if x.device.type != "cpu":
+        return False
+    return x.dtype == torch.bfloat16 or (
+        torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    )
+
+
+class GuardedConv3d(nn.Conv3d):
+    """`nn.Conv3d` that runs in float32 where torch's CPU bfloat16 conv goes wrong.
+
+    Measured on torch 2.13.0+cpu (docs/reliability.md): with an input smaller than the kernel along
+    a dimension, torch's oneDNN bfloat16 conv3d on the CPU can return a wrong weight gradient (NaN, or
+    entries near 1e37, differing from run to run: 2 frames into a (3, 1, 1) conv, as in the last
+    stage of a (2+1)D ResNet on 16-frame clips) or corrupt the heap in its backward (a 1×1 map into
+    a 3×3 conv at stride 2: abort, bus error or segfault). Such a call computes in float32 and
+    returns bfloat16, as autocast would; every other call, and every call on a GPU, is
+    `nn.Conv3d`'s own.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if any(n < k for n, k in zip(x.shape[2:], self.kernel_size, strict=True)) and _cpu_bfloat16(x):
+            with torch.autocast("cpu", enabled=False):
+                bias = None if self.bias is None else self.bias.float()
+                y = self._conv_forward(x.float(), self.weight.float(), bias)
+            return y.to(torch.bfloat16)
+        return super().forward(x)
+
+
 def conv3d(
     in_channels: int,
     out_channels: int,
     kernel: tuple[int, int, int],
     stride: tuple[int, int, int] = (1, 1, 1),
     padding: tuple[int, int, int] | None = None,
-) -> nn.Conv3d:
-    """Bias-free conv, Kaiming-normal (fan_out) initialised as in torchvision's ResNet.
+) -> GuardedConv3d:
+    """Bias-free conv, Kaiming-normal (fan_out) initialised as in torchvision's ResNet (a
+    `GuardedConv3d`: right under CPU bfloat16 for inputs smaller than its kernel).
 
     `padding=None` pads every dimension by `k // 2` ("same" for odd kernels at stride 1).
     """
     if padding is None:
         padding = tuple(k // 2 for k in kernel)
-    conv = nn.Conv3d(in_channels, out_channels, kernel, stride=stride, padding=padding, bias=False)
+    conv = GuardedConv3d(in_channels, out_channels, kernel, stride=stride, padding=padding, bias=False)
     nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
     return conv
 
