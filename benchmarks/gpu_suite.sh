@@ -169,6 +169,12 @@ run_step "per-kernel profile (profile_ops.py)" 75 - \
 run_step "train step (bench_step.py)" 150 - \
     bash -c 'cd benchmarks && exec "$0" bench_step.py --device cuda --json "$1"' "$py" "$step_json"
 
+# What SIFA's correlation branches (docs/sifa.md §5) cost per training step, in the configuration the
+# step above finds fastest for SIFA-R50.
+run_step "train step, SIFA-R50 with correlation branches (bench_step.py --pairs sifa-corr)" 60 - \
+    bash -c 'cd benchmarks && exec "$0" bench_step.py --device cuda --pairs sifa-corr --precisions bf16-mixed \
+        --memory-formats channels_last --json "$1"' "$py" "${step_json%.json}-corr.json"
+
 log ""
 log "== summary ($((SECONDS - suite_start)) s, budget ${budget} s; results in $results)"
 for line in "${summary[@]}"; do

@@ -20,7 +20,7 @@ def test_tiny_train_step_run_reports_every_field(tmp_path, capsys):
     # 12 optimizer steps of depth-50 networks at width 1/16 (maps of 1x1 and 2 frames in their last
     # stages, where torch's CPU bfloat16 conv needs networks.blocks.GuardedConv3d).
     out_json = tmp_path / "step.json"
-    argv = ["--tiny", "--device", "cpu", "--iters", "1", "--warmup", "0"]
+    argv = ["--tiny", "--device", "cpu", "--iters", "1", "--warmup", "0", "--pairs", "sifa", "fcf", "sifa-corr"]
     argv += ["--json", str(out_json)]
     report = bench_step.main(argv)
     printed = capsys.readouterr().out
