@@ -227,6 +227,7 @@ def fit_and_test(
         "train_loss_per_epoch": epoch_loss.history,
         "curve": curve.points,
         "train_seconds": train_s,
+        "final_lr": float(trainer.optimizers[0].param_groups[0]["lr"]),
         "confusion": res.confusion.long().tolist(),
     }
 

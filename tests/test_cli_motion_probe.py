@@ -265,3 +265,26 @@ def test_plot_curves_table_gives_mean_range_and_each_runs_first_step_past_the_li
     text = capsys.readouterr().out
     assert "| FCF | 2 | 50.0 (50-50) | 62.5 (55-70) | 85.0 (80-90) | 160, 240 |" in text
     assert "first step > 63.3%" in text and "wrote" not in text
+
+
+def test_sifa_net_option_builds_sifa_net_against_c2d_with_the_same_stem():
+    args = argparse.Namespace(**{**vars(ARGS), "stem_temporal": 4, "sifa_net": True})
+    sifa_net = motion_probe.build_net("sifa-corr", 2, args)
+    c2d = motion_probe.build_net("plain", 2, args)
+    for net in (sifa_net, c2d):
+        assert net.conv1.kernel_size[0] == 4 and net.conv1.stride[0] == 4
+    assert sifa_net.dual_path and any(getattr(b, "gc", None) is not None for b in sifa_net.modules())
+    assert not c2d.dual_path and all(getattr(b, "gc", None) is None for b in c2d.modules())
+    per_frame = motion_probe.build_net("sifa", 2, ARGS)  # without the option: the probe's per-frame arm
+    assert not per_frame.dual_path and all(getattr(b, "gc", None) is None for b in per_frame.modules())
+
+
+@pytest.mark.slow
+def test_probe_scheduler_option_reaches_the_classifier(tmp_path):
+    common = ("--num-classes", "2", "--arms", "plain", "--lr", "0.002", "--warmup", "0", "--epochs", "2")
+    (constant,) = _run_probe(tmp_path, *common, "--scheduler", "constant")["results"]
+    (cosine,) = _run_probe(tmp_path, *common)["results"]
+    assert constant["final_lr"] == pytest.approx(0.002)
+    assert cosine["final_lr"] < 0.002 * 0.1  # decayed towards lr / 100
+    with pytest.raises(SystemExit):
+        motion_probe.main(["--scheduler", "linear"])
