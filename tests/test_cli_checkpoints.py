@@ -378,6 +378,10 @@ def sigterm_fit(tmp_path_factory):
     return {"proc": proc, "stdout": stdout, "ckpt_dir": ckpt_dir, "cfg": cfg, "root": root, "out": out}
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _run_until_checkpoint(args: list[str], cwd: Path, sig: int) -> tuple[subprocess.Popen, str]:
     """Start `vmm <args>`, wait for the first last.ckpt, let a few steps run, send `sig`, wait."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
@@ -385,6 +389,9 @@ def _run_until_checkpoint(args: list[str], cwd: Path, sig: int) -> tuple[subproc
         [*VMM_COMMAND, *args],
         cwd=cwd,
         env=env,
+        # A shell without job control starts background jobs with SIGINT ignored, and Python keeps an
+        # ignored SIGINT: a suite run as `make test &` from a script would hand vmm a Ctrl+C it ignores.
+        preexec_fn=_default_sigint,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
