@@ -47,16 +47,17 @@ def panel_key(data: dict) -> tuple[str, int, int]:
 
 
 def load_curves(
-    paths: list[Path], split_by: tuple[str, ...] = ()
+    paths: list[Path], split_by: tuple[str, ...] = (), arms: tuple[str, ...] | None = None
 ) -> dict[tuple[str, int, int], dict[str, list[list[dict]]]]:
     """{(task, K, temporal stem): {line label: [curve of one run, ...]}} from probe JSON files; runs without
     a curve are skipped. A line is an arm, or with `split_by` an arm and the values of those probe
-    arguments (so runs of one arm at two learning rates are two lines, not one band)."""
+    arguments (so runs of one arm at two learning rates are two lines, not one band). `arms`: only
+    these probe arms (default: all)."""
     panels: dict[tuple[str, int, int], dict[str, list[list[dict]]]] = defaultdict(lambda: defaultdict(list))
     for path in paths:
         data = json.loads(path.read_text(encoding="utf-8"))
         for result in data["results"]:
-            if result.get("curve"):
+            if result.get("curve") and (arms is None or result["arm"] in arms):
                 label = line_label(result["arm"], data.get("args", {}), split_by)
                 panels[panel_key(data)][label].append(result["curve"])
     return panels
@@ -102,6 +103,29 @@ def table(panels, test_videos: int) -> str:
     return "\n".join(out)
 
 
+# One colour per network across panels; the runs' other settings (--split-by) change the line style.
+COLOURS = {
+    "plain (order-blind)": "tab:grey",
+    "C2D": "tab:grey",  # C2D (temporal stem N)
+    "SIFA (paper's block)": "tab:orange",
+    "SIFA-Net": "tab:orange",
+    "SIFA-Net + correlation branch": "tab:red",
+    "SIFA + correlation branch": "tab:red",
+    "FCF": "tab:blue",
+}
+STYLES = ("-", "--", ":", "-.")
+
+
+def line_style(label: str, seen: dict[str, list[str]]) -> tuple[str | None, str]:
+    """(colour, line style) of a line: the colour of its network, a new style for each other setting."""
+    name, _, rest = label.partition(", ")
+    colour = COLOURS.get(name, COLOURS.get(name.split(" ")[0]))
+    variants = seen.setdefault(name, [])
+    if rest not in variants:
+        variants.append(rest)
+    return colour, STYLES[variants.index(rest) % len(STYLES)]
+
+
 def plot(panels, out: Path, test_videos: int) -> None:
     import matplotlib
 
@@ -109,28 +133,36 @@ def plot(panels, out: Path, test_videos: int) -> None:
     import matplotlib.pyplot as plt
 
     keys = sorted(panels)
-    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4.2), squeeze=False)
-    for ax, key in zip(axes[0], keys, strict=True):
+    cols = min(2, len(keys))
+    rows = (len(keys) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(7 * cols, 4.6 * rows), squeeze=False)
+    for ax in axes.flat[len(keys) :]:
+        ax.set_visible(False)
+    for ax, key in zip(axes.flat, keys, strict=False):
         task, k, stem = key
         ceiling = ORDER_BLIND_CEILING
         sd = binomial_sd(ceiling, test_videos)
+        seen: dict[str, list[str]] = {}
         for arm, runs in sorted(panels[key].items()):
             steps, mean, low, high = summarise(runs)
-            (line,) = ax.plot(steps, [100 * m for m in mean], marker="o", ms=3, label=f"{arm} ({len(runs)} runs)")
-            ax.fill_between(steps, [100 * v for v in low], [100 * v for v in high], color=line.get_color(), alpha=0.2)
+            colour, style = line_style(arm, seen)
+            (line,) = ax.plot(
+                steps, [100 * m for m in mean], marker="o", ms=3, ls=style, color=colour, label=f"{arm} ({len(runs)})"
+            )
+            ax.fill_between(steps, [100 * v for v in low], [100 * v for v in high], color=line.get_color(), alpha=0.15)
         ax.axhline(100 * ceiling, color="k", lw=1, ls="--", label="order-blind ceiling")
         ax.axhline(100 * (ceiling + 3 * sd), color="k", lw=1, ls=":", label=f"ceiling + 3 s.d. ({test_videos} videos)")
         if k > 2:
             ax.axhline(100 / k, color="grey", lw=1, ls="-.", label="chance")
         ax.set_title(f"{task}, K = {k}" + (f", temporal stem {stem}" if stem > 1 else ""))
         ax.set_xlabel("optimiser steps")
-        ax.set_ylabel("test top-1 (%)")
+        ax.set_ylabel("test top-1 (%), mean and range of runs")
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=100)
     plt.close(fig)
 
 
@@ -145,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="probe arguments (as in the JSON's args, e.g. lr) that make separate lines",
     )
+    ap.add_argument("--arms", nargs="+", default=None, help="only these probe arms (default: every arm in the files)")
     ap.add_argument("--table", action="store_true", help="also print the curves as markdown tables")
     ap.add_argument("--no-figure", action="store_true", help="draw nothing (with --table: the tables only)")
     args = ap.parse_args(argv)
@@ -152,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         missing = [str(p) for p in args.runs if name not in json.loads(p.read_text(encoding="utf-8"))["args"]]
         if missing:
             ap.error(f"--split-by {name}: no such probe argument in {', '.join(missing)}")
-    panels = load_curves(args.runs, tuple(args.split_by))
+    panels = load_curves(args.runs, tuple(args.split_by), tuple(args.arms) if args.arms else None)
     if not panels:
         ap.error("no run in these files has a curve (run motion_probe.py with --curve-every N)")
     if args.table:

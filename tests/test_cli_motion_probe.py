@@ -250,6 +250,8 @@ def test_plot_curves_puts_a_temporal_stem_in_its_own_panel_with_the_networks_nam
     assert sorted(panels) == [("direction", 2, 1), ("direction", 2, 4)]
     assert sorted(panels[("direction", 2, 1)]) == ["SIFA (paper's block)", "plain (order-blind)"]
     assert sorted(panels[("direction", 2, 4)]) == ["C2D (temporal stem 4)", "SIFA-Net + correlation branch"]
+    only = plot_curves.load_curves(paths, arms=("plain",))
+    assert [list(lines) for _, lines in sorted(only.items())] == [["plain (order-blind)"], ["C2D (temporal stem 4)"]]
 
 
 def test_plot_curves_table_gives_mean_range_and_each_runs_first_step_past_the_line(tmp_path, capsys):
