@@ -143,9 +143,11 @@ def plot(panels, out: Path, test_videos: int) -> None:
         ceiling = ORDER_BLIND_CEILING
         sd = binomial_sd(ceiling, test_videos)
         seen: dict[str, list[str]] = {}
+        one_network = len({label.partition(", ")[0] for label in panels[key]}) == 1
         for arm, runs in sorted(panels[key].items()):
             steps, mean, low, high = summarise(runs)
-            colour, style = line_style(arm, seen)
+            # one network in the panel: its settings get a colour each instead
+            colour, style = (None, "-") if one_network else line_style(arm, seen)
             (line,) = ax.plot(
                 steps, [100 * m for m in mean], marker="o", ms=3, ls=style, color=colour, label=f"{arm} ({len(runs)})"
             )
