@@ -94,13 +94,16 @@ def test_explicit_num_classes_that_disagrees_with_the_data_is_an_error(tmp_path,
 
 
 def test_check_data_help_lists_its_options(capsys):
+    main(["check-data", "--help"])  # the short help: printed without building the parser
+    short = capsys.readouterr().out
     with pytest.raises(SystemExit) as exc:
-        main(["check-data", "--help"])
+        main(["check-data", "--help-all"])
     assert exc.value.code == 0
-    out = capsys.readouterr().out
-    for option in ("--data", "--write_clean_list", "--num_workers", "--splits", "--config"):
-        assert option in out
-    assert "--predictions" not in out and "--top_k" not in out  # prediction's options stay on predict
+    full = capsys.readouterr().out
+    for out in (short, full):
+        for option in ("--data", "--write_clean_list", "--num_workers", "--splits", "--config"):
+            assert option in out
+        assert "--predictions" not in out and "--top_k" not in out  # prediction's options stay on predict
     main(["fit", "--help"])  # the command's own options: printed without building the parser
     assert "--predictions" not in capsys.readouterr().out
     with pytest.raises(SystemExit):
