@@ -42,7 +42,8 @@ class GuardedConv3d(nn.Conv3d):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if any(n < k for n, k in zip(x.shape[2:], self.kernel_size, strict=True)) and _cpu_bfloat16(x):
+        # the device test first: on a GPU this costs one attribute read per call
+        if _cpu_bfloat16(x) and any(n < k for n, k in zip(x.shape[2:], self.kernel_size, strict=True)):
             with torch.autocast("cpu", enabled=False):
                 bias = None if self.bias is None else self.bias.float()
                 y = self._conv_forward(x.float(), self.weight.float(), bias)
