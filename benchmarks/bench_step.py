@@ -181,13 +181,14 @@ def run_pair(
     """Build baseline and candidate, warm both up, then time them interleaved."""
     batch = TINY_BATCH if args.tiny else args.batch
     size = TINY_SIZE if args.tiny else (args.size or pair.size)
-    width = {"width_mult": args.width} if getattr(args, "width", None) is not None else {}
+    width_mult = TINY_KWARGS[pair.baseline]["width_mult"] if args.tiny else (args.width or 1.0)
+    sized = {"width_mult": width_mult}
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 3, pair.frames, size, size, generator=gen).to(device)
     y = torch.randint(0, NUM_CLASSES, (batch,), generator=gen).to(device)
     fmt = MEMORY_FORMATS[memory_format]
     trainers = {
-        role: Trainer(name, {**(TINY_KWARGS[name] if args.tiny else width), **extra}, x, y, precision, fmt)
+        role: Trainer(name, {**(TINY_KWARGS[name] if args.tiny else sized), **extra}, x, y, precision, fmt)
         for role, name, extra in (
             ("baseline", pair.baseline, {}),
             ("candidate", pair.candidate, dict(pair.candidate_kwargs)),
@@ -220,7 +221,7 @@ def run_pair(
         baseline_clips_per_s=batch / (base * 1e-3),
         overhead=cand / base - 1,
         overhead_paired=paired - 1,
-        width_mult=TINY_KWARGS[pair.baseline]["width_mult"] if args.tiny else (args.width or 1.0),
+        width_mult=width_mult,
     )
     if device.type == "cuda":
         result.candidate_peak_mib = peak_mib(trainers["candidate"])

@@ -75,6 +75,7 @@ def build_net(arm: str, num_classes: int, args: argparse.Namespace) -> torch.nn.
         "zero_init_residual": not getattr(args, "no_zero_init_residual", False),
     }
     if arm in ("plain", "sifa", "sifa-corr"):
+        as_released = arm != "plain" and getattr(args, "sifa_net", False)  # SIFA-Net's two other parts
         extra = {}
         if arm == "sifa-corr":
             if not has_correlation_features():
@@ -85,8 +86,8 @@ def build_net(arm: str, num_classes: int, args: argparse.Namespace) -> torch.nn.
             stem_temporal_kernel=args.stem_temporal,
             stem_temporal_stride=args.stem_temporal,
             sifa=arm != "plain",
-            global_context=arm != "plain" and getattr(args, "sifa_net", False),
-            dual_path=arm != "plain" and getattr(args, "sifa_net", False),
+            global_context=as_released,
+            dual_path=as_released,
             sifa_stages=tuple(args.sifa_stages),
             sifa_dilation=args.sifa_dilation,
             **extra,

@@ -70,6 +70,16 @@ def summarise(runs: list[list[dict]]) -> tuple[list[int], list[float], list[floa
     return common, [sum(v) / len(v) for v in by_step], [min(v) for v in by_step], [max(v) for v in by_step]
 
 
+def panel_title(key: tuple[str, int, int]) -> str:
+    task, k, stem = key
+    return f"{task}, K = {k}" + (f", temporal stem {stem}" if stem > 1 else "")
+
+
+def network_of(label: str) -> str:
+    """The network part of a line label (before the --split-by settings)."""
+    return label.partition(", ")[0]
+
+
 def first_step_past(run: list[dict], level: float) -> int | None:
     """The first measured step at which a run's test top-1 exceeds `level` (None: never)."""
     return next((p["step"] for p in sorted(run, key=lambda p: p["step"]) if p["top1"] > level), None)
@@ -81,19 +91,17 @@ def table(panels, test_videos: int) -> str:
     level = ORDER_BLIND_CEILING + 3 * binomial_sd(ORDER_BLIND_CEILING, test_videos)
     out = []
     for key in sorted(panels):
-        task, k, stem = key
         lines = sorted(panels[key].items())
-        steps = sorted({s for _, runs in lines for s in summarise(runs)[0]})
-        out.append(
-            f"{task}, K = {k}" + (f", temporal stem {stem}" if stem > 1 else "") + ": test top-1 %, mean (range)"
-        )
+        summaries = {label: summarise(runs) for label, runs in lines}
+        steps = sorted({s for summary in summaries.values() for s in summary[0]})
+        out.append(f"{panel_title(key)}: test top-1 %, mean (range)")
         out.append("")
         out.append(
             "| line | runs | " + " | ".join(f"step {s}" for s in steps) + f" | first step > {100 * level:.1f}% |"
         )
         out.append("| --- | --- |" + " --- |" * (len(steps) + 1))
         for label, runs in lines:
-            at = {s: (m, lo, hi) for s, m, lo, hi in zip(*summarise(runs), strict=True)}
+            at = {s: (m, lo, hi) for s, m, lo, hi in zip(*summaries[label], strict=True)}
             cells = [
                 f"{100 * at[s][0]:.1f} ({100 * at[s][1]:.0f}-{100 * at[s][2]:.0f})" if s in at else "" for s in steps
             ]
@@ -118,7 +126,7 @@ STYLES = ("-", "--", ":", "-.")
 
 def line_style(label: str, seen: dict[str, list[str]]) -> tuple[str | None, str]:
     """(colour, line style) of a line: the colour of its network, a new style for each other setting."""
-    name, _, rest = label.partition(", ")
+    name, rest = network_of(label), label.partition(", ")[2]
     colour = COLOURS.get(name, COLOURS.get(name.split(" ")[0]))
     variants = seen.setdefault(name, [])
     if rest not in variants:
@@ -139,11 +147,11 @@ def plot(panels, out: Path, test_videos: int) -> None:
     for ax in axes.flat[len(keys) :]:
         ax.set_visible(False)
     for ax, key in zip(axes.flat, keys, strict=False):
-        task, k, stem = key
+        k = key[1]
         ceiling = ORDER_BLIND_CEILING
         sd = binomial_sd(ceiling, test_videos)
         seen: dict[str, list[str]] = {}
-        one_network = len({label.partition(", ")[0] for label in panels[key]}) == 1
+        one_network = len({network_of(label) for label in panels[key]}) == 1
         for arm, runs in sorted(panels[key].items()):
             steps, mean, low, high = summarise(runs)
             # one network in the panel: its settings get a colour each instead
@@ -156,7 +164,7 @@ def plot(panels, out: Path, test_videos: int) -> None:
         ax.axhline(100 * (ceiling + 3 * sd), color="k", lw=1, ls=":", label=f"ceiling + 3 s.d. ({test_videos} videos)")
         if k > 2:
             ax.axhline(100 / k, color="grey", lw=1, ls="-.", label="chance")
-        ax.set_title(f"{task}, K = {k}" + (f", temporal stem {stem}" if stem > 1 else ""))
+        ax.set_title(panel_title(key))
         ax.set_xlabel("optimiser steps")
         ax.set_ylabel("test top-1 (%), mean and range of runs")
         ax.set_ylim(0, 100)

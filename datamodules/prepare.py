@@ -86,9 +86,9 @@ __all__ = [
     "LAYOUTS",
     "PRESET",
     "PrepareError",
+    "check_meta",
     "even_size",
     "prepare_dataset",
-    "check_meta",
     "read_meta",
     "reencode_video",
 ]

@@ -232,9 +232,10 @@ _COMMON_OPTIONS = [
 
 # The data commands build a datamodule only: no model, no Trainer.
 _DATA_COMMON_OPTIONS = [
-    opt for opt in _COMMON_OPTIONS if not opt[0].startswith(("--model", "--trainer", "--seed", "--print_config"))
+    (name, "every option, with types and defaults (the command's, the datamodule's)" if name == HELP_ALL else text)
+    for name, text in _COMMON_OPTIONS
+    if not name.startswith(("--model", "--trainer", "--seed", "--print_config"))
 ]
-_DATA_COMMON_OPTIONS[-1] = (HELP_ALL, "every option, with types and defaults (the command's, the datamodule's)")
 
 _HELP_WIDTH = 100
 

@@ -256,18 +256,22 @@ def write_test_report(
     Returns the files written (the PNG only where matplotlib drew it)."""
     out = Path(log_dir)
     out.mkdir(parents=True, exist_ok=True)
+    results, scores, matrix_csv, matrix_png = (
+        out / name
+        for name in ("test_results.json", "scores_test.json", "confusion_matrix_test.csv", "confusion_matrix_test.png")
+    )
+    written = [results, scores, matrix_csv]
     # Strict JSON: undefined metrics are null, never NaN.
-    written = [out / "test_results.json", out / "scores_test.json", out / "confusion_matrix_test.csv"]
-    atomic_write_json(out / "test_results.json", dict(res))
+    atomic_write_json(results, dict(res))
     rows = [",".join(["true\\pred", *class_names])]
     rows += [",".join([class_names[i], *map(str, r.tolist())]) for i, r in enumerate(res.confusion)]
-    atomic_write_text(out / "confusion_matrix_test.csv", "\n".join(rows) + "\n")
+    atomic_write_text(matrix_csv, "\n".join(rows) + "\n")
     fig = confusion_figure(res.confusion, class_names) if figure is None else figure
     if fig is not None:
-        with atomic_writer(out / "confusion_matrix_test.png", "wb") as f:
+        with atomic_writer(matrix_png, "wb") as f:
             fig.savefig(f, format="png", dpi=100)
-        written.append(out / "confusion_matrix_test.png")
-    atomic_write_json(out / "scores_test.json", score_dump(res, class_names, video_names))
+        written.append(matrix_png)
+    atomic_write_json(scores, score_dump(res, class_names, video_names))
     return written
 
 
